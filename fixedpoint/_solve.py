@@ -1,0 +1,211 @@
+"""The one iteration loop shared by every solver.
+
+A solver is a small object with three methods (optimistix style):
+
+- ``init(x, fx, g, gnorm) -> state``: a state from the first evaluated pair;
+- ``step(fn, state, active) -> (x_next, state)``: the next iterate to evaluate
+  (it may call ``fn`` itself, e.g. for Jacobian-vector products);
+- ``update(state, x, fx, g, gnorm) -> state``: absorb the evaluated pair.
+
+The loop in :func:`solve` owns everything else: evaluating ``f``, residuals in
+the stopping measure, per-sample stopping and freezing, the best iterate per
+sample, the non-finite check, the trace, the status and the :class:`Solution`.
+All tensors inside the loop are flattened to ``(B, D)``.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor
+
+__all__ = ["Solution", "Solver", "Status", "solve"]
+
+
+class Status(enum.IntEnum):
+    """Why a sample stopped iterating (stored per sample in ``Solution.status``)."""
+
+    CONVERGED = 0  #: residual <= tol
+    MAX_ITER = 1  #: max_iter reached without converging
+    DIVERGED = 2  #: ||f(x) - x|| grew beyond ``divergence`` times its start
+    NONFINITE = 3  #: f produced NaN/Inf; the sample keeps its last finite iterate
+
+
+@dataclass
+class Solution:
+    """What every solver returns. Per-sample fields have the batch as first dimension."""
+
+    x: Tensor  # (B, ...) best iterate per sample (lowest residual), dtype of x0
+    residual: Tensor  # (B,) residual of x in the stopping measure
+    nsteps: Tensor  # (B,) iterations each sample used before it stopped
+    status: Tensor  # (B,) int64 codes of Status
+    trace: Tensor  # (n, B) residual after every iteration; NaN once a sample has stopped
+    nfev: int  # calls of f, including those a solver makes for Jacobian-vector products
+
+    @property
+    def converged(self) -> Tensor:
+        """(B,) bool, status == CONVERGED."""
+        return self.status == Status.CONVERGED
+
+    def statuses(self) -> list[Status]:
+        """The per-sample status as a list of :class:`Status` members."""
+        return [Status(int(s)) for s in self.status.tolist()]
+
+    def __repr__(self) -> str:
+        counts = {s.name: int((self.status == s).sum()) for s in Status}
+        counts = {k: v for k, v in counts.items() if v}
+        return (
+            f"Solution(x={tuple(self.x.shape)} {self.x.dtype}, status={counts}, "
+            f"max residual={self.residual.max().item():.3g}, "
+            f"max nsteps={int(self.nsteps.max())}, nfev={self.nfev})"
+        )
+
+
+class Solver(Protocol):
+    """The three methods the loop calls; see the module docstring."""
+
+    def init(self, x: Tensor, fx: Tensor, g: Tensor, gnorm: Tensor) -> Any: ...
+
+    def step(self, fn: Callable[[Tensor], Tensor], state: Any, active: Tensor) -> tuple[Tensor, Any]: ...
+
+    def update(self, state: Any, x: Tensor, fx: Tensor, g: Tensor, gnorm: Tensor) -> Any: ...
+
+
+def stat_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Precision for norms, Gram matrices and small solves: fp64 for fp64 data, else fp32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def row_norms(v: Tensor, dtype: torch.dtype) -> Tensor:
+    """(B, D) -> (B,) Euclidean norms accumulated in ``dtype``."""
+    return torch.linalg.vector_norm(v, dim=1, dtype=dtype)
+
+
+class _CountedMap:
+    """f on flat (B, D) tensors: reshapes to the user's shape, checks it, counts calls."""
+
+    def __init__(self, f: Callable[[Tensor], Tensor], shape: torch.Size):
+        self.f, self.shape, self.calls = f, shape, 0
+
+    def __call__(self, z: Tensor) -> Tensor:
+        self.calls += 1
+        out = self.f(z.view(self.shape))
+        if not isinstance(out, Tensor):
+            raise TypeError(f"f must return a tensor, got {type(out).__name__}")
+        if out.shape != self.shape:
+            raise ValueError(
+                f"f changed the shape: input {tuple(self.shape)}, output {tuple(out.shape)}; "
+                "f must map a batch to the same shape"
+            )
+        return out.reshape(z.shape).to(z.dtype)
+
+
+def check_positive(name: str, value: float) -> None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0 or not math.isfinite(value):
+        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+
+
+def check_int(name: str, value: int, minimum: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+def check_interval(name: str, value: float, low: float, high: float) -> None:
+    """low < value <= high."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not low < value <= high:
+        raise ValueError(f"{name} must be in ({low}, {high}], got {value!r}")
+
+
+def solve(
+    solver: Solver,
+    f: Callable[[Tensor], Tensor],
+    x0: Tensor,
+    *,
+    tol: float,
+    max_iter: int,
+    stop: str,
+    divergence: float | None,
+) -> Solution:
+    """Run ``solver`` on z = f(z) from ``x0`` (B, ...) and return the :class:`Solution`."""
+    if not callable(f):
+        raise TypeError(f"f must be callable, got {type(f).__name__}")
+    if not isinstance(x0, Tensor):
+        raise TypeError(f"x0 must be a torch.Tensor, got {type(x0).__name__}")
+    if not x0.is_floating_point():
+        raise TypeError(f"x0 must be a floating-point tensor, got dtype {x0.dtype}")
+    if x0.ndim < 1 or x0.shape[0] == 0 or x0.numel() == 0:
+        raise ValueError(f"x0 must have a non-empty leading batch dimension, got shape {tuple(x0.shape)}")
+    check_positive("tol", tol)
+    check_int("max_iter", max_iter, 1)
+    if stop not in ("rel", "abs"):
+        raise ValueError(f"stop must be 'rel' or 'abs', got {stop!r}")
+    if divergence is not None and (not isinstance(divergence, (int, float)) or not divergence > 1):
+        raise ValueError(f"divergence must be a number > 1 or None, got {divergence!r}")
+
+    with torch.no_grad():
+        return _loop(solver, f, x0.detach(), tol=tol, max_iter=max_iter, stop=stop, divergence=divergence)
+
+
+def _loop(solver: Solver, f, x0: Tensor, *, tol, max_iter, stop, divergence) -> Solution:
+    batch = x0.shape[0]
+    sdt = stat_dtype(x0.dtype)
+    fn = _CountedMap(f, x0.shape)
+    x = x0.reshape(batch, -1).clone()  # (B, D)
+
+    def measure(x: Tensor, fx: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """g = f(x) - x, ||g||, the residual in the stopping measure, and finiteness, per sample."""
+        g = fx - x  # (B, D)
+        gnorm = row_norms(g, sdt)  # (B,)
+        fnorm = row_norms(fx, sdt)  # (B,)
+        res = gnorm if stop == "abs" else gnorm / fnorm.clamp_min(torch.finfo(sdt).tiny)
+        finite = torch.isfinite(gnorm) & torch.isfinite(fnorm)
+        return g, gnorm, res, finite
+
+    fx = fn(x)
+    g, gnorm, res, finite = measure(x, fx)
+    status = torch.full((batch,), Status.MAX_ITER, dtype=torch.long, device=x.device)
+    status = torch.where(finite, status, Status.NONFINITE)
+    status = torch.where(finite & (res <= tol), Status.CONVERGED, status)
+    active = status == Status.MAX_ITER  # (B,) still iterating
+    best_x, best_res = x.clone(), res.clone()  # NaN residual for a non-finite start
+    gnorm0 = gnorm
+    nsteps = torch.zeros(batch, dtype=torch.long, device=x.device)
+    trace = torch.full((max_iter, batch), float("nan"), dtype=sdt, device=x.device)
+
+    state = solver.init(x, fx, g, gnorm)
+    n = 0
+    while n < max_iter and bool(active.any()):
+        x_next, state = solver.step(fn, state, active)
+        x = torch.where(active[:, None], x_next, best_x)  # stopped samples sit at their best iterate
+        fx = fn(x)
+        g, gnorm, res, finite = measure(x, fx)
+        trace[n] = torch.where(active, res, torch.nan)
+        n += 1
+        nsteps += active.long()
+
+        bad = active & ~finite
+        done = active & finite & (res <= tol)
+        improved = active & finite & ~(res >= best_res)  # also true where best_res is NaN
+        best_x = torch.where(improved[:, None], x, best_x)
+        best_res = torch.where(improved, res, best_res)
+        status = torch.where(bad, Status.NONFINITE, status)
+        status = torch.where(done, Status.CONVERGED, status)
+        if divergence is not None:
+            blown = active & finite & ~done & (gnorm > divergence * gnorm0)
+            status = torch.where(blown, Status.DIVERGED, status)
+        active = active & (status == Status.MAX_ITER)
+        state = solver.update(state, x, fx, g, gnorm)
+
+    return Solution(
+        x=best_x.view(x0.shape),
+        residual=best_res,
+        nsteps=nsteps,
+        status=status,
+        trace=trace[:n],
+        nfev=fn.calls,
+    )

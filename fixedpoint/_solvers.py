@@ -1,0 +1,329 @@
+"""Picard, Anderson and Broyden as small solver objects run by the shared loop.
+
+Newton-Krylov lives in ``_newton.py``. Every public function is a thin wrapper:
+it checks its own options, builds the solver object and hands it to
+:func:`fixedpoint._solve.solve`. Tensors are flat: (B, D).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+import torch
+from torch import Tensor
+
+from ._solve import Solution, check_int, check_interval, check_positive, row_norms, solve, stat_dtype
+
+__all__ = ["picard", "anderson", "broyden"]
+
+Map = Callable[[Tensor], Tensor]
+
+
+def _common_doc(fn):
+    fn.__doc__ = fn.__doc__.replace(
+        "{common}",
+        """f: maps a batch (B, ...) to the same shape; the first dimension is the batch.
+        x0: (B, ...) floating-point start. Low precision stays low precision in
+            storage; norms and small solves run in fp32 (fp64 for fp64 input).
+        tol: stop a sample when its residual is <= tol.
+        max_iter: at most this many iterations (one call of f each, for Newton
+            plus its Jacobian-vector products).
+        stop: "rel" measures ||f(x) - x|| / ||f(x)||, "abs" measures ||f(x) - x||.
+        divergence: a sample whose ||f(x) - x|| exceeds this factor times its
+            start is stopped as DIVERGED (None disables the check).""",
+    )
+    return fn
+
+
+# ----------------------------------------------------------------------------- Picard
+
+
+@dataclass
+class _PicardState:
+    x: Tensor  # (B, D)
+    g: Tensor  # (B, D) f(x) - x
+
+
+@dataclass(frozen=True)
+class Picard:
+    beta: float = 1.0
+
+    def init(self, x, fx, g, gnorm):
+        return _PicardState(x, g)
+
+    def step(self, fn, state, active):
+        return state.x + self.beta * state.g, state
+
+    def update(self, state, x, fx, g, gnorm):
+        return _PicardState(x, g)
+
+
+@_common_doc
+def picard(
+    f: Map,
+    x0: Tensor,
+    *,
+    tol: float = 1e-4,
+    max_iter: int = 50,
+    stop: str = "rel",
+    divergence: float | None = 1e6,
+    beta: float = 1.0,
+) -> Solution:
+    """Plain fixed-point iteration x <- (1 - beta) x + beta f(x).
+
+    Args:
+        {common}
+        beta: damping in (0, 2]; 1 is undamped iteration.
+    """
+    check_interval("beta", beta, 0.0, 2.0)
+    return solve(Picard(beta), f, x0, tol=tol, max_iter=max_iter, stop=stop, divergence=divergence)
+
+
+# ----------------------------------------------------------------------------- Anderson
+
+
+@dataclass
+class _AndersonState:
+    X: Tensor  # (B, m, D) past iterates (ring buffer, slot = count % m)
+    G: Tensor  # (B, m, D) their residuals f(x) - x
+    gram: Tensor  # (B, m, m) G G^T in fp32/fp64, updated one row per iteration
+    valid: Tensor  # (B, m) bool: slot holds a pair of the current history
+    count: int  # pairs written so far
+    last: Tensor  # (B,) slot of each sample's newest pair in its history
+    gnorm: Tensor  # (B,) ||g|| of that pair
+    restarts: Tensor  # (B,) history restarts per sample
+
+
+@dataclass(frozen=True)
+class Anderson:
+    m: int = 5
+    beta: float = 1.0
+    ridge: float = 1e-6
+    max_coeff: float = 1e4
+    growth: float = 1e2
+
+    def init(self, x, fx, g, gnorm):
+        batch, dim = x.shape
+        sdt = stat_dtype(x.dtype)
+        state = _AndersonState(
+            X=x.new_zeros(batch, self.m, dim),
+            G=x.new_zeros(batch, self.m, dim),
+            gram=x.new_zeros(batch, self.m, self.m, dtype=sdt),
+            valid=torch.zeros(batch, self.m, dtype=torch.bool, device=x.device),
+            count=0,
+            last=torch.zeros(batch, dtype=torch.long, device=x.device),
+            gnorm=gnorm,
+            restarts=torch.zeros(batch, dtype=torch.long, device=x.device),
+        )
+        return self._write(state, x, g, gnorm, keep_new=True)
+
+    def _write(self, state: _AndersonState, x, g, gnorm, keep_new) -> _AndersonState:
+        """Store (x, g) in the next slot and fill that slot's row and column of the Gram matrix.
+
+        ``keep_new`` (bool or (B,) bool) says for which samples the new pair joins the history.
+        """
+        slot = state.count % self.m
+        state.X[:, slot] = x
+        state.G[:, slot] = g
+        sdt = state.gram.dtype
+        row = torch.bmm(state.G.to(sdt), g.to(sdt).unsqueeze(2)).squeeze(2)  # (B, m)
+        state.gram[:, slot, :] = row
+        state.gram[:, :, slot] = row
+        state.valid[:, slot] = keep_new
+        last = torch.where(torch.as_tensor(keep_new, device=x.device), slot, state.last)
+        return replace(state, count=state.count + 1, last=last, gnorm=gnorm)
+
+    def _is_last(self, state: _AndersonState) -> Tensor:
+        """(B, m) one-hot of each sample's newest pair."""
+        return torch.arange(self.m, device=state.last.device) == state.last[:, None]
+
+    def coefficients(self, state: _AndersonState) -> Tensor:
+        """Mixing weights alpha (B, m), sum 1, minimising ||sum_i alpha_i g_i|| with a relative ridge.
+
+        The Gram matrix is scaled to unit diagonal before the ridge is added, so
+        the ridge is relative to the residuals' size at every tolerance.
+        """
+        valid = state.valid
+        gram = state.gram.double()
+        diag = torch.diagonal(gram, dim1=1, dim2=2)  # (B, m)
+        scale = torch.where(valid & (diag > 0), diag.clamp_min(1e-300).rsqrt(), 0.0)  # (B, m)
+        eye = torch.eye(self.m, dtype=gram.dtype, device=gram.device)
+        normed = scale[:, :, None] * gram * scale[:, None, :]
+        normed = normed + eye * torch.where(scale > 0, self.ridge, 1.0)[:, None, :]
+        y, _ = torch.linalg.solve_ex(normed, scale)  # no error check, no host sync
+        w = scale * y
+        alpha = w / w.sum(dim=1, keepdim=True)
+        return alpha.to(state.gram.dtype)
+
+    def step(self, fn, state, active):
+        alpha = self.coefficients(state)  # (B, m)
+        coeff_size = alpha.abs().sum(dim=1)
+        ill = ~torch.isfinite(coeff_size) | (coeff_size > self.max_coeff)  # (B,) restart these
+        is_last = self._is_last(state)
+        alpha = torch.where(ill[:, None], is_last.to(alpha.dtype), alpha)  # restart: a damped step
+        a = alpha.to(state.X.dtype).unsqueeze(1)  # (B, 1, m)
+        x_next = torch.bmm(a, state.X).squeeze(1) + self.beta * torch.bmm(a, state.G).squeeze(1)
+        state.valid &= ~ill[:, None] | is_last
+        return x_next, replace(state, restarts=state.restarts + ill.long())
+
+    def update(self, state, x, fx, g, gnorm):
+        # A step that blew the residual up: restart from the pair it came from (needs m > 1).
+        blown = ~(gnorm <= self.growth * state.gnorm) & (self.m > 1)  # (B,)
+        state.valid &= ~blown[:, None] | self._is_last(state)
+        state = self._write(state, x, g, torch.where(blown, state.gnorm, gnorm), keep_new=~blown)
+        return replace(state, restarts=state.restarts + blown.long())
+
+
+@_common_doc
+def anderson(
+    f: Map,
+    x0: Tensor,
+    *,
+    tol: float = 1e-4,
+    max_iter: int = 50,
+    stop: str = "rel",
+    divergence: float | None = 1e6,
+    m: int = 5,
+    beta: float = 1.0,
+    ridge: float = 1e-6,
+    max_coeff: float = 1e4,
+    growth: float = 1e2,
+) -> Solution:
+    """Anderson acceleration (type II) with a relative ridge and restarts.
+
+    Each step mixes the last ``m`` pairs: x <- sum_i alpha_i (x_i + beta g_i)
+    with g_i = f(x_i) - x_i and alpha minimising ||sum_i alpha_i g_i|| subject
+    to sum_i alpha_i = 1.
+
+    Args:
+        {common}
+        m: history size (pairs kept).
+        beta: mixing/damping in (0, 2]; 1 mixes the images f(x_i) only.
+        ridge: Tikhonov term added to the Gram matrix after scaling it to unit
+            diagonal, i.e. relative to the residuals' size.
+        max_coeff: restart a sample's history when ||alpha||_1 exceeds this
+            (the small system is ill-conditioned).
+        growth: restart a sample's history when a step multiplies ||f(x) - x||
+            by more than this.
+    """
+    check_int("m", m, 1)
+    check_interval("beta", beta, 0.0, 2.0)
+    check_positive("ridge", ridge)
+    check_positive("max_coeff", max_coeff)
+    check_positive("growth", growth)
+    solver = Anderson(m=m, beta=beta, ridge=ridge, max_coeff=max_coeff, growth=growth)
+    return solve(solver, f, x0, tol=tol, max_iter=max_iter, stop=stop, divergence=divergence)
+
+
+# ----------------------------------------------------------------------------- Broyden
+
+
+@dataclass
+class _BroydenState:
+    x: Tensor  # (B, D) current iterate
+    g: Tensor  # (B, D) f(x) - x
+    gnorm: Tensor  # (B,)
+    U: Tensor  # (B, m, D) inverse Jacobian H = -I + sum_i u_i v_i^T
+    V: Tensor  # (B, m, D)
+    count: int  # rank-one terms in use (slots 0..count-1)
+    restarts: Tensor  # (B,)
+
+
+def _reduce_rank(U: Tensor, V: Tensor, rank: int) -> int:
+    """Replace U^T V (B, D, D), stored as (B, m, D) factors, by its best rank-``rank`` part, in place.
+
+    The singular value decomposition of the small core of two thin QR factorisations
+    (Broyden rank reduction, van de Rotten and Verduyn Lunel 2005). Returns ``rank``.
+    """
+    sdt = stat_dtype(U.dtype)
+    qu, ru = torch.linalg.qr(U.to(sdt).transpose(1, 2))  # (B, D, m), (B, m, m)
+    qv, rv = torch.linalg.qr(V.to(sdt).transpose(1, 2))
+    p, sv, rt = torch.linalg.svd(ru @ rv.transpose(1, 2))  # core (B, m, m)
+    U.zero_()
+    V.zero_()
+    U[:, :rank] = ((qu @ p[:, :, :rank]) * sv[:, None, :rank]).transpose(1, 2).to(U.dtype)
+    V[:, :rank] = (qv @ rt.transpose(1, 2)[:, :, :rank]).transpose(1, 2).to(V.dtype)
+    return rank
+
+
+@dataclass(frozen=True)
+class Broyden:
+    m: int = 20
+    growth: float = 1e2
+
+    def init(self, x, fx, g, gnorm):
+        batch, dim = x.shape
+        zeros = x.new_zeros(batch, self.m, dim)
+        restarts = torch.zeros(batch, dtype=torch.long, device=x.device)
+        return _BroydenState(x, g, gnorm, zeros, zeros.clone(), 0, restarts)
+
+    @staticmethod
+    def _apply(state: _BroydenState, y: Tensor) -> Tensor:
+        """H y for H = -I + U^T V: (B, D) -> (B, D)."""
+        return -y + torch.bmm(torch.bmm(state.V, y.unsqueeze(2)).transpose(1, 2), state.U).squeeze(1)
+
+    @staticmethod
+    def _apply_t(state: _BroydenState, y: Tensor) -> Tensor:
+        """H^T y: (B, D) -> (B, D)."""
+        return -y + torch.bmm(torch.bmm(state.U, y.unsqueeze(2)).transpose(1, 2), state.V).squeeze(1)
+
+    def step(self, fn, state, active):
+        return state.x - self._apply(state, state.g), state
+
+    def update(self, state, x, fx, g, gnorm):
+        sdt = stat_dtype(x.dtype)
+        dx, dg = x - state.x, g - state.g  # (B, D)
+        h_dg = self._apply(state, dg)  # (B, D)
+        denom = (dx.to(sdt) * h_dg.to(sdt)).sum(dim=1)  # (B,) dx^T H dg
+        ok = torch.isfinite(denom) & (denom.abs() > 1e-12 * row_norms(dx, sdt) * row_norms(h_dg, sdt))
+        u = (dx - h_dg) / torch.where(ok, denom, 1.0).to(x.dtype)[:, None]
+        v = self._apply_t(state, dx)
+        u = torch.where(ok[:, None], u, 0.0)
+        if state.count == self.m:  # memory full: keep the dominant half of H + I
+            state.count = _reduce_rank(state.U, state.V, self.m // 2)
+        slot = state.count
+        state.U[:, slot] = u
+        state.V[:, slot] = torch.where(ok[:, None], v, 0.0)
+
+        # A step that blew the residual up: forget the Jacobian and stay at the old iterate.
+        blown = ~(gnorm <= self.growth * state.gnorm)
+        keep = ~blown[:, None, None]
+        return _BroydenState(
+            x=torch.where(blown[:, None], state.x, x),
+            g=torch.where(blown[:, None], state.g, g),
+            gnorm=torch.where(blown, state.gnorm, gnorm),
+            U=state.U * keep,
+            V=state.V * keep,
+            count=state.count + 1,
+            restarts=state.restarts + blown.long(),
+        )
+
+
+@_common_doc
+def broyden(
+    f: Map,
+    x0: Tensor,
+    *,
+    tol: float = 1e-4,
+    max_iter: int = 50,
+    stop: str = "rel",
+    divergence: float | None = 1e6,
+    m: int = 20,
+    growth: float = 1e2,
+) -> Solution:
+    """Limited-memory "good" Broyden on g(x) = f(x) - x, per sample.
+
+    The inverse Jacobian of g starts at -I (the first step is a Picard step)
+    and receives one rank-one update per iteration; at most ``m`` updates are
+    kept (a ring buffer, oldest dropped), so memory is 2 m B D, whatever max_iter.
+
+    Args:
+        {common}
+        m: rank-one updates kept.
+        growth: forget a sample's Jacobian (and stay at its last iterate) when
+            a step multiplies ||f(x) - x|| by more than this.
+    """
+    check_int("m", m, 1)
+    check_positive("growth", growth)
+    return solve(Broyden(m=m, growth=growth), f, x0, tol=tol, max_iter=max_iter, stop=stop, divergence=divergence)

@@ -1,0 +1,201 @@
+"""The robustness rules of the public contract, one test each."""
+
+import re
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from problems import ALL, linear_deq
+
+import fixedpoint
+from fixedpoint import Status
+
+SOLVERS = [getattr(fixedpoint, name) for name in ALL]
+
+
+def _poisoned(f, sample: int, after: int):
+    """f, but sample ``sample`` turns NaN from call ``after`` on."""
+    calls = [0]
+
+    def g(z):
+        calls[0] += 1
+        out = f(z)
+        if calls[0] > after:
+            out = out.clone()
+            out[sample] = float("nan")
+        return out
+
+    return g
+
+
+@pytest.mark.parametrize("solver", SOLVERS, ids=ALL)
+def test_a_nan_sample_is_nonfinite_and_leaves_the_others_alone(solver):
+    f, b, z_star = linear_deq(dim=16, batch=4, high=0.8)
+    x0 = torch.zeros_like(b)
+    clean = solver(f, x0, tol=1e-8, max_iter=300)
+    sol = solver(_poisoned(f, sample=1, after=3), x0, tol=1e-8, max_iter=300)
+    assert sol.statuses()[1] == Status.NONFINITE
+    assert torch.isfinite(sol.x[1]).all() and torch.isfinite(sol.residual[1])
+    others = [0, 2, 3]
+    assert (sol.status[others] == Status.CONVERGED).all()
+    # same iterates and step counts as without the bad sample; the loop did not wait for it
+    torch.testing.assert_close(sol.x[others], clean.x[others], rtol=0, atol=1e-12)
+    assert sol.nsteps[others].tolist() == clean.nsteps[others].tolist()
+    assert sol.trace.shape[0] == sol.nsteps[others].max()
+    assert sol.nsteps[1] < sol.nsteps[others].min()
+
+
+def test_nonfinite_sample_keeps_its_last_finite_iterate():
+    f, b, _ = linear_deq(dim=8, batch=2, high=0.5)
+    sol = fixedpoint.picard(_poisoned(f, sample=0, after=3), torch.zeros_like(b), tol=1e-12)
+    # calls 1..3 are finite: x0 -> x1 -> x2 were evaluated finitely, the 4th call (at x3) was NaN
+    x = torch.zeros_like(b)
+    for _ in range(2):
+        x = f(x)
+    torch.testing.assert_close(sol.x[0], x[0])
+    assert sol.nsteps[0] == 3
+
+
+@pytest.mark.parametrize("solver", SOLVERS, ids=ALL)
+def test_an_expanding_sample_is_diverged(solver):
+    f, b, _ = linear_deq(dim=8, batch=3, high=0.5)
+    grow = torch.tensor([1.0, 3.0, 1.0], dtype=torch.float64)[:, None]
+
+    def g(z):  # sample 1 is z -> 3 z + c far from its fixed point: it runs away
+        return torch.where(grow > 1, 3.0 * z + 1.0, f(z))
+
+    x0 = torch.zeros_like(b)
+    x0[1] = 1.0
+    sol = solver(g, x0, tol=1e-8, max_iter=200, divergence=1e3)
+    if solver is fixedpoint.picard:
+        assert sol.statuses()[1] == Status.DIVERGED
+    else:  # the others may solve the linear map z = 3 z + 1: either way it stops early
+        assert sol.statuses()[1] in (Status.DIVERGED, Status.CONVERGED)
+    assert (sol.status[[0, 2]] == Status.CONVERGED).all()
+
+
+def test_divergence_check_can_be_disabled():
+    f = lambda z: 2.0 * z + 1.0  # noqa: E731
+    sol = fixedpoint.picard(f, torch.zeros(2, 3), max_iter=30, divergence=None)
+    assert sol.statuses() == [Status.MAX_ITER] * 2
+
+
+@pytest.mark.parametrize("solver", SOLVERS, ids=ALL)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_in_low_precision_out(solver, dtype):
+    f, b, z_star = linear_deq(dim=32, batch=3, high=0.8)
+    w_b = lambda z: f(z.double()).to(z.dtype)
+    sol = solver(w_b, torch.zeros_like(b, dtype=dtype), tol=1e-2, max_iter=100)
+    assert sol.x.dtype == dtype
+    assert sol.residual.dtype == torch.float32 and sol.trace.dtype == torch.float32
+    assert sol.converged.all()
+    err = (sol.x.double() - z_star).norm(dim=1) / z_star.norm(dim=1)
+    assert err.max() < 1e-2 / (1 - 0.8) + 1e-2  # residual / (1 - contraction) + rounding
+
+
+@pytest.mark.parametrize("solver", SOLVERS, ids=ALL)
+def test_any_shape_with_leading_batch(solver):
+    f, b, z_star = linear_deq(dim=24, batch=2, high=0.8)
+    g = lambda z: f(z.reshape(2, -1)).reshape(z.shape)  # noqa: E731
+    sol = solver(g, torch.zeros(2, 2, 3, 4, dtype=torch.float64), tol=1e-10, max_iter=200)
+    assert sol.x.shape == (2, 2, 3, 4)
+    torch.testing.assert_close(sol.x.reshape(2, -1), z_star)
+
+
+@pytest.mark.parametrize("solver", SOLVERS, ids=ALL)
+def test_converged_samples_are_frozen(solver):
+    """A sample that starts at its fixed point stops at step 0 and is returned unchanged."""
+    f, b, z_star = linear_deq(dim=16, batch=3, high=0.8)
+    x0 = torch.zeros_like(b)
+    x0[2] = z_star[2]
+    sol = solver(f, x0, tol=1e-8)
+    assert sol.nsteps[2] == 0 and sol.nsteps[:2].min() > 0
+    assert torch.equal(sol.x[2], z_star[2])
+    assert torch.isnan(sol.trace[:, 2]).all()
+
+
+@pytest.mark.parametrize("solver", SOLVERS, ids=ALL)
+def test_no_autograd_graph(solver):
+    w = torch.nn.Linear(8, 8, dtype=torch.float64)
+    with torch.no_grad():
+        w.weight.mul_(0.3)
+    x0 = torch.zeros(2, 8, dtype=torch.float64, requires_grad=True)
+    sol = solver(lambda z: torch.tanh(w(z)), x0)
+    assert not sol.x.requires_grad and sol.x.grad_fn is None
+
+
+def test_misspelt_option_is_a_type_error():
+    f, b, _ = linear_deq(dim=4, batch=1)
+    with pytest.raises(TypeError, match="max_iters"):
+        fixedpoint.anderson(f, b, max_iters=10)
+    with pytest.raises(TypeError):
+        fixedpoint.picard(f, b, 1e-3)  # options are keyword-only
+
+
+@pytest.mark.parametrize(
+    "solver,option,value",
+    [
+        ("picard", "tol", 0.0),
+        ("picard", "tol", -1e-3),
+        ("anderson", "max_iter", 0),
+        ("broyden", "max_iter", 2.5),
+        ("anderson", "m", 0),
+        ("broyden", "m", 0),
+        ("anderson", "beta", 0.0),
+        ("picard", "beta", 3.0),
+        ("anderson", "ridge", -1.0),
+        ("newton", "krylov_dim", 0),
+        ("newton", "jvp", "central"),
+        ("anderson", "stop", "relative"),
+        ("picard", "divergence", 0.5),
+    ],
+)
+def test_bad_values_are_value_errors_naming_the_value(solver, option, value):
+    f, b, _ = linear_deq(dim=4, batch=1)
+    with pytest.raises(ValueError, match=rf"{option}.*{re.escape(repr(value))}"):
+        getattr(fixedpoint, solver)(f, b, **{option: value})
+
+
+@pytest.mark.parametrize("solver", SOLVERS, ids=ALL)
+def test_f_changing_shape_or_batch_is_a_value_error(solver):
+    with pytest.raises(ValueError, match=r"f changed the shape.*\(3, 4\).*\(3, 2\)"):
+        solver(lambda z: z[:, :2], torch.zeros(3, 4))
+    with pytest.raises(ValueError, match=r"\(3, 4\).*\(1, 4\)"):
+        solver(lambda z: z[:1], torch.zeros(3, 4))
+
+
+def test_bad_inputs_are_type_errors():
+    with pytest.raises(TypeError, match="callable"):
+        fixedpoint.anderson("f", torch.zeros(2, 2))
+    with pytest.raises(TypeError, match="floating"):
+        fixedpoint.anderson(lambda z: z, torch.zeros(2, 2, dtype=torch.long))
+    with pytest.raises(TypeError, match="Tensor"):
+        fixedpoint.anderson(lambda z: z, [[0.0, 1.0]])
+    with pytest.raises(ValueError, match="batch"):
+        fixedpoint.anderson(lambda z: z, torch.zeros(0, 3))
+
+
+@st.composite
+def contractions(draw):
+    """A random batched affine contraction z -> W z + b and its fixed point."""
+    dim = draw(st.integers(2, 12))
+    batch = draw(st.integers(1, 4))
+    seed = draw(st.integers(0, 2**31 - 1))
+    norm = draw(st.floats(0.05, 0.9))
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(dim, dim, generator=g, dtype=torch.float64)
+    w *= norm / torch.linalg.matrix_norm(w, ord=2)
+    b = torch.randn(batch, dim, generator=g, dtype=torch.float64)
+    z_star = torch.linalg.solve(torch.eye(dim, dtype=torch.float64) - w, b.T).T
+    return w, b, z_star
+
+
+@pytest.mark.parametrize("solver", SOLVERS, ids=ALL)
+@settings(max_examples=25, deadline=None)
+@given(problem=contractions())
+def test_random_contractions_converge_to_linalg_solve(solver, problem):
+    w, b, z_star = problem
+    sol = solver(lambda z: z @ w.T + b, torch.zeros_like(b), tol=1e-11, max_iter=500)
+    assert sol.converged.all(), sol
+    torch.testing.assert_close(sol.x, z_star, atol=1e-8, rtol=1e-8)

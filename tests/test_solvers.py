@@ -1,0 +1,130 @@
+"""Every solver on the shared problem set: answers against closed forms and scipy.optimize."""
+
+import numpy as np
+import pytest
+import scipy.optimize
+import torch
+from problems import ALL, linear_deq, per_sample_root, problem_set
+
+import fixedpoint
+from fixedpoint import Status
+
+PROBLEMS = problem_set()
+CASES = [(p, s) for p in PROBLEMS for s in ALL if s in p.solvers]
+
+
+def _error(x, solution):
+    """Per-sample ||x - x*|| / max(||x*||, 1)."""
+    diff = (x.double() - solution).flatten(1).norm(dim=1)
+    return diff / solution.flatten(1).norm(dim=1).clamp_min(1.0)
+
+
+@pytest.mark.parametrize("problem,solver", CASES, ids=[f"{p.name}-{s}" for p, s in CASES])
+def test_solution_matches_reference_float64(problem, solver):
+    sol = getattr(fixedpoint, solver)(problem.f, problem.x0, tol=1e-10, max_iter=problem.max_iter, stop=problem.stop)
+    assert sol.converged.all(), sol
+    assert _error(sol.x, problem.solution).max() < 1e-7
+    assert sol.x.shape == problem.x0.shape and sol.x.dtype == torch.float64
+
+
+@pytest.mark.parametrize("problem,solver", CASES, ids=[f"{p.name}-{s}" for p, s in CASES])
+def test_solution_matches_reference_float32(problem, solver):
+    def f32(z):
+        return problem.f(z.double()).float()
+
+    sol = getattr(fixedpoint, solver)(f32, problem.x0.float(), tol=1e-5, max_iter=problem.max_iter, stop=problem.stop)
+    assert sol.converged.all(), sol
+    assert sol.x.dtype == torch.float32
+    assert _error(sol.x, problem.solution).max() < 1e-3
+
+
+@pytest.mark.parametrize("solver", ALL)
+def test_residual_and_trace_describe_the_returned_iterate(solver):
+    problem = PROBLEMS[2]  # tanh layer
+    sol = getattr(fixedpoint, solver)(problem.f, problem.x0, tol=1e-8)
+    fx = problem.f(sol.x)
+    recomputed = (fx - sol.x).flatten(1).norm(dim=1) / fx.flatten(1).norm(dim=1)
+    torch.testing.assert_close(sol.residual, recomputed)
+    # the trace has one row per iteration; a sample's last finite entry is where it stopped
+    assert sol.trace.shape == (int(sol.nsteps.max()), problem.x0.shape[0])
+    for b in range(problem.x0.shape[0]):
+        column = sol.trace[:, b]
+        assert torch.isfinite(column[: sol.nsteps[b]]).all() and torch.isnan(column[sol.nsteps[b] :]).all()
+        assert sol.residual[b] == column[: sol.nsteps[b]].min() or sol.nsteps[b] == 0
+
+
+@pytest.mark.parametrize(
+    "ours,theirs",
+    [
+        ("anderson", scipy.optimize.anderson),
+        ("broyden", scipy.optimize.broyden1),
+        ("newton", scipy.optimize.newton_krylov),
+    ],
+)
+@pytest.mark.parametrize("index", [2, 3, 4, 6])  # tanh layer, DEQ MLP, attention, scipy F3
+def test_agrees_with_scipy_optimize(ours, theirs, index):
+    problem = PROBLEMS[index]
+    sol = getattr(fixedpoint, ours)(problem.f, problem.x0, tol=1e-11, stop="abs", max_iter=300)
+    assert sol.converged.all()
+    reference = per_sample_root(problem.f, problem.x0, lambda F, v0: theirs(F, v0, f_tol=1e-11))
+    np.testing.assert_allclose(sol.x.numpy(), reference.numpy(), atol=1e-8, rtol=1e-7)
+
+
+def test_anderson_reaches_tight_tolerance_without_stalling():
+    """A fixed absolute ridge stalls here (TorchDEQ hits its iteration cap); ours is relative."""
+    f, b, z_star = linear_deq(dim=256, batch=4)
+    sol = fixedpoint.anderson(f, torch.zeros_like(b), tol=1e-10, max_iter=400, m=10)
+    assert sol.converged.all(), sol
+    assert sol.nsteps.max() < 200
+    assert _error(sol.x, z_star).max() < 1e-8
+
+
+def test_anderson_m10_iterations_on_the_benchmark_problem():
+    f, b, _ = linear_deq(dim=256, batch=4)
+    sol = fixedpoint.anderson(
+        lambda z: f(z.double()).float(), torch.zeros_like(b).float(), tol=1e-5, max_iter=200, m=10
+    )
+    assert sol.converged.all() and sol.nsteps.max() <= 60
+
+
+def test_broyden_memory_is_bounded_and_still_converges():
+    f, b, z_star = linear_deq(dim=256, batch=4)
+    sol = fixedpoint.broyden(f, torch.zeros_like(b), tol=1e-5, max_iter=300, m=8)
+    assert sol.converged.all() and _error(sol.x, z_star).max() < 1e-3
+
+
+def test_newton_reverse_mode_jvp_matches_forward_mode():
+    problem = PROBLEMS[4]
+    fwd = fixedpoint.newton(problem.f, problem.x0, tol=1e-10, jvp="forward")
+    rev = fixedpoint.newton(problem.f, problem.x0, tol=1e-10, jvp="reverse")
+    assert rev.converged.all()
+    torch.testing.assert_close(fwd.x, rev.x, atol=1e-9, rtol=0)
+    assert rev.nfev < fwd.nfev  # one recorded call per Newton step instead of one per product
+
+
+def test_newton_takes_quadratic_steps_on_a_linear_map():
+    f, b, z_star = linear_deq(dim=64, batch=2)
+    sol = fixedpoint.newton(f, torch.zeros_like(b), tol=1e-10, krylov_dim=64, max_restarts=0, eta_max=1e-12)
+    assert sol.nsteps.max() <= 2 and _error(sol.x, z_star).max() < 1e-10
+
+
+def test_nfev_counts_every_call():
+    calls = []
+    f, b, _ = linear_deq(dim=8, batch=2)
+
+    def counted(z):
+        calls.append(1)
+        return f(z)
+
+    for solver in ALL:
+        calls.clear()
+        sol = getattr(fixedpoint, solver)(counted, torch.zeros_like(b))
+        assert sol.nfev == len(calls)
+
+
+def test_status_enum_codes():
+    assert [s.name for s in Status] == ["CONVERGED", "MAX_ITER", "DIVERGED", "NONFINITE"]
+    f, b, _ = linear_deq(dim=8, batch=2)
+    sol = fixedpoint.picard(f, torch.zeros_like(b), max_iter=2)
+    assert sol.statuses() == [Status.MAX_ITER, Status.MAX_ITER]
+    assert not sol.converged.any() and sol.nsteps.tolist() == [2, 2]

@@ -179,9 +179,11 @@ def _loop(solver: Solver, f, x0: Tensor, *, tol, max_iter, stop, divergence) -> 
 
     state = solver.init(x, fx, g, gnorm)
     n = 0
-    while n < max_iter and bool(active.any()):
+    n_active = int(active.sum())  # the loop's one host sync per iteration reads this
+    while n < max_iter and n_active:
         x_next, state = solver.step(fn, state, active)
-        x = torch.where(active[:, None], x_next, best_x)  # stopped samples sit at their best iterate
+        # stopped samples sit at their best iterate (f always sees the whole batch)
+        x = x_next if n_active == batch else torch.where(active[:, None], x_next, best_x)
         fx = fn(x)
         g, gnorm, res, finite = measure(x, fx)
         trace[n] = torch.where(active, res, torch.nan)
@@ -191,7 +193,6 @@ def _loop(solver: Solver, f, x0: Tensor, *, tol, max_iter, stop, divergence) -> 
         bad = active & ~finite
         done = active & finite & (res <= tol)
         improved = active & finite & ~(res >= best_res)  # also true where best_res is NaN
-        best_x = torch.where(improved[:, None], x, best_x)
         best_res = torch.where(improved, res, best_res)
         status = torch.where(bad, Status.NONFINITE, status)
         status = torch.where(done, Status.CONVERGED, status)
@@ -199,6 +200,8 @@ def _loop(solver: Solver, f, x0: Tensor, *, tol, max_iter, stop, divergence) -> 
             blown = active & finite & ~done & (gnorm > divergence * gnorm0)
             status = torch.where(blown, Status.DIVERGED, status)
         active = active & (status == Status.MAX_ITER)
+        n_active, n_improved = torch.stack([active.sum(), improved.sum()]).tolist()
+        best_x = x if n_improved == batch else torch.where(improved[:, None], x, best_x)
         state = solver.update(state, x, fx, g, gnorm)
 
     return Solution(

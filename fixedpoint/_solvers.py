@@ -85,8 +85,8 @@ def picard(
 
 @dataclass
 class _AndersonState:
-    X: Tensor  # (B, m, D) past iterates (ring buffer, slot = count % m)
-    G: Tensor  # (B, m, D) their residuals f(x) - x
+    F: Tensor  # (B, m, D) images f(x_i) of past iterates (ring buffer, slot = count % m)
+    G: Tensor  # (B, m, D) their residuals g_i = f(x_i) - x_i
     gram: Tensor  # (B, m, m) G G^T in fp32/fp64, updated one row per iteration
     valid: Tensor  # (B, m) bool: slot holds a pair of the current history
     count: int  # pairs written so far
@@ -107,7 +107,7 @@ class Anderson:
         batch, dim = x.shape
         sdt = stat_dtype(x.dtype)
         state = _AndersonState(
-            X=x.new_zeros(batch, self.m, dim),
+            F=x.new_zeros(batch, self.m, dim),
             G=x.new_zeros(batch, self.m, dim),
             gram=x.new_zeros(batch, self.m, self.m, dtype=sdt),
             valid=torch.zeros(batch, self.m, dtype=torch.bool, device=x.device),
@@ -116,22 +116,22 @@ class Anderson:
             gnorm=gnorm,
             restarts=torch.zeros(batch, dtype=torch.long, device=x.device),
         )
-        return self._write(state, x, g, gnorm, keep_new=True)
+        return self._write(state, fx, g, gnorm, keep_new=True)
 
-    def _write(self, state: _AndersonState, x, g, gnorm, keep_new) -> _AndersonState:
-        """Store (x, g) in the next slot and fill that slot's row and column of the Gram matrix.
+    def _write(self, state: _AndersonState, fx, g, gnorm, keep_new) -> _AndersonState:
+        """Store (f(x), g) in the next slot and fill that slot's row and column of the Gram matrix.
 
         ``keep_new`` (bool or (B,) bool) says for which samples the new pair joins the history.
         """
         slot = state.count % self.m
-        state.X[:, slot] = x
+        state.F[:, slot] = fx
         state.G[:, slot] = g
         sdt = state.gram.dtype
         row = torch.bmm(state.G.to(sdt), g.to(sdt).unsqueeze(2)).squeeze(2)  # (B, m)
         state.gram[:, slot, :] = row
         state.gram[:, :, slot] = row
         state.valid[:, slot] = keep_new
-        last = torch.where(torch.as_tensor(keep_new, device=x.device), slot, state.last)
+        last = torch.where(torch.as_tensor(keep_new, device=g.device), slot, state.last)
         return replace(state, count=state.count + 1, last=last, gnorm=gnorm)
 
     def _is_last(self, state: _AndersonState) -> Tensor:
@@ -162,8 +162,11 @@ class Anderson:
         ill = ~torch.isfinite(coeff_size) | (coeff_size > self.max_coeff)  # (B,) restart these
         is_last = self._is_last(state)
         alpha = torch.where(ill[:, None], is_last.to(alpha.dtype), alpha)  # restart: a damped step
-        a = alpha.to(state.X.dtype).unsqueeze(1)  # (B, 1, m)
-        x_next = torch.bmm(a, state.X).squeeze(1) + self.beta * torch.bmm(a, state.G).squeeze(1)
+        a = alpha.to(state.F.dtype).unsqueeze(1)  # (B, 1, m)
+        # x = sum_i alpha_i (x_i + beta g_i) = sum_i alpha_i f(x_i) + (beta - 1) sum_i alpha_i g_i
+        x_next = torch.bmm(a, state.F).squeeze(1)
+        if self.beta != 1.0:
+            x_next = x_next + (self.beta - 1.0) * torch.bmm(a, state.G).squeeze(1)
         state.valid &= ~ill[:, None] | is_last
         return x_next, replace(state, restarts=state.restarts + ill.long())
 
@@ -171,7 +174,7 @@ class Anderson:
         # A step that blew the residual up: restart from the pair it came from (needs m > 1).
         blown = ~(gnorm <= self.growth * state.gnorm) & (self.m > 1)  # (B,)
         state.valid &= ~blown[:, None] | self._is_last(state)
-        state = self._write(state, x, g, torch.where(blown, state.gnorm, gnorm), keep_new=~blown)
+        state = self._write(state, fx, g, torch.where(blown, state.gnorm, gnorm), keep_new=~blown)
         return replace(state, restarts=state.restarts + blown.long())
 
 
@@ -224,27 +227,30 @@ class _BroydenState:
     x: Tensor  # (B, D) current iterate
     g: Tensor  # (B, D) f(x) - x
     gnorm: Tensor  # (B,)
-    U: Tensor  # (B, m, D) inverse Jacobian H = -I + sum_i u_i v_i^T
+    hg: Tensor  # (B, D) H g: the step is x <- x - H g
+    U: Tensor  # (B, m, D) inverse Jacobian of g: H = -I + sum_i alive_i u_i v_i^T
     V: Tensor  # (B, m, D)
-    count: int  # rank-one terms in use (slots 0..count-1)
+    alive: Tensor  # (B, m) bool: the term belongs to this sample's current H
+    count: int  # slots in use (0..count-1)
     restarts: Tensor  # (B,)
 
 
-def _reduce_rank(U: Tensor, V: Tensor, rank: int) -> int:
-    """Replace U^T V (B, D, D), stored as (B, m, D) factors, by its best rank-``rank`` part, in place.
+def _reduce_rank(U: Tensor, V: Tensor, alive: Tensor, rank: int) -> None:
+    """Replace sum_i alive_i u_i v_i^T, stored as (B, m, D) factors, by its best rank-``rank`` part, in place.
 
     The singular value decomposition of the small core of two thin QR factorisations
-    (Broyden rank reduction, van de Rotten and Verduyn Lunel 2005). Returns ``rank``.
+    (Broyden rank reduction, van de Rotten and Verduyn Lunel 2005).
     """
     sdt = stat_dtype(U.dtype)
-    qu, ru = torch.linalg.qr(U.to(sdt).transpose(1, 2))  # (B, D, m), (B, m, m)
-    qv, rv = torch.linalg.qr(V.to(sdt).transpose(1, 2))
+    finite = lambda t: torch.nan_to_num(t.to(sdt), nan=0.0, posinf=0.0, neginf=0.0)  # noqa: E731 (stopped samples)
+    qu, ru = torch.linalg.qr((finite(U) * alive[:, :, None]).transpose(1, 2))  # (B, D, m), (B, m, m)
+    qv, rv = torch.linalg.qr(finite(V).transpose(1, 2))
     p, sv, rt = torch.linalg.svd(ru @ rv.transpose(1, 2))  # core (B, m, m)
     U.zero_()
     V.zero_()
     U[:, :rank] = ((qu @ p[:, :, :rank]) * sv[:, None, :rank]).transpose(1, 2).to(U.dtype)
     V[:, :rank] = (qv @ rt.transpose(1, 2)[:, :, :rank]).transpose(1, 2).to(V.dtype)
-    return rank
+    alive[:] = torch.arange(alive.shape[1], device=alive.device) < rank
 
 
 @dataclass(frozen=True)
@@ -255,49 +261,57 @@ class Broyden:
     def init(self, x, fx, g, gnorm):
         batch, dim = x.shape
         zeros = x.new_zeros(batch, self.m, dim)
+        alive = torch.zeros(batch, self.m, dtype=torch.bool, device=x.device)
         restarts = torch.zeros(batch, dtype=torch.long, device=x.device)
-        return _BroydenState(x, g, gnorm, zeros, zeros.clone(), 0, restarts)
+        return _BroydenState(x, g, gnorm, -g, zeros, zeros.clone(), alive, 0, restarts)
 
     @staticmethod
-    def _apply(state: _BroydenState, y: Tensor) -> Tensor:
-        """H y for H = -I + U^T V: (B, D) -> (B, D)."""
-        return -y + torch.bmm(torch.bmm(state.V, y.unsqueeze(2)).transpose(1, 2), state.U).squeeze(1)
-
-    @staticmethod
-    def _apply_t(state: _BroydenState, y: Tensor) -> Tensor:
-        """H^T y: (B, D) -> (B, D)."""
-        return -y + torch.bmm(torch.bmm(state.U, y.unsqueeze(2)).transpose(1, 2), state.V).squeeze(1)
+    def _apply(state: _BroydenState, y: Tensor, transpose: bool = False) -> Tensor:
+        """H y (or H^T y) for H = -I + sum_i alive_i u_i v_i^T: (B, D) -> (B, D), over used slots only."""
+        n = state.count
+        first, second = (state.U, state.V) if transpose else (state.V, state.U)
+        coeff = torch.bmm(first[:, :n], y.unsqueeze(2)).squeeze(2) * state.alive[:, :n]  # (B, n)
+        return torch.baddbmm(-y.unsqueeze(1), coeff.unsqueeze(1), second[:, :n]).squeeze(1)
 
     def step(self, fn, state, active):
-        return state.x - self._apply(state, state.g), state
+        return state.x - state.hg, state
 
     def update(self, state, x, fx, g, gnorm):
         sdt = stat_dtype(x.dtype)
-        dx, dg = x - state.x, g - state.g  # (B, D)
-        h_dg = self._apply(state, dg)  # (B, D)
+        dx = x - state.x  # (B, D)
+        h_g = self._apply(state, g)  # H g_new
+        h_dg = h_g - state.hg  # H (g_new - g)
+        v = self._apply(state, dx, transpose=True)  # H^T dx
         denom = (dx.to(sdt) * h_dg.to(sdt)).sum(dim=1)  # (B,) dx^T H dg
         ok = torch.isfinite(denom) & (denom.abs() > 1e-12 * row_norms(dx, sdt) * row_norms(h_dg, sdt))
         u = (dx - h_dg) / torch.where(ok, denom, 1.0).to(x.dtype)[:, None]
-        v = self._apply_t(state, dx)
-        u = torch.where(ok[:, None], u, 0.0)
-        if state.count == self.m:  # memory full: keep the dominant half of H + I
-            state.count = _reduce_rank(state.U, state.V, self.m // 2)
-        slot = state.count
-        state.U[:, slot] = u
-        state.V[:, slot] = torch.where(ok[:, None], v, 0.0)
+        # H' g_new = H g_new + u (v . g_new): the next step without another pass over U, V
+        v_g = (v.to(sdt) * g.to(sdt)).sum(dim=1)
+        hg = h_g + torch.where(ok, v_g, 0.0).to(x.dtype)[:, None] * u
 
         # A step that blew the residual up: forget the Jacobian and stay at the old iterate.
         blown = ~(gnorm <= self.growth * state.gnorm)
-        keep = ~blown[:, None, None]
-        return _BroydenState(
+        state.alive &= ~blown[:, None]
+        slot = state.count
+        state.U[:, slot] = u
+        state.V[:, slot] = v
+        state.alive[:, slot] = ok & ~blown
+        state = _BroydenState(
             x=torch.where(blown[:, None], state.x, x),
             g=torch.where(blown[:, None], state.g, g),
             gnorm=torch.where(blown, state.gnorm, gnorm),
-            U=state.U * keep,
-            V=state.V * keep,
+            hg=torch.where(blown[:, None], -state.g, hg),
+            U=state.U,
+            V=state.V,
+            alive=state.alive,
             count=state.count + 1,
             restarts=state.restarts + blown.long(),
         )
+        if state.count == self.m:  # memory full: keep the dominant half of H + I
+            _reduce_rank(state.U, state.V, state.alive, self.m // 2)
+            state.count = self.m // 2
+            state.hg = self._apply(state, state.g)
+        return state
 
 
 @_common_doc

@@ -1,0 +1,67 @@
+"""Shared pieces of the benchmark suite: a report that prints comparison tables at the end."""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+
+import pytest
+import torch
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+class Report:
+    """Rows of named tables, printed after the run (pytest_terminal_summary)."""
+
+    def __init__(self) -> None:
+        self.tables: dict[str, list[dict]] = defaultdict(list)
+        self.notes: dict[str, str] = {}
+
+    def add(self, table: str, **row) -> None:
+        self.tables[table].append(row)
+
+    def note(self, table: str, text: str) -> None:
+        self.notes[table] = text
+
+
+_REPORT = Report()
+
+
+@pytest.fixture(scope="session")
+def report() -> Report:
+    return _REPORT
+
+
+def timed(benchmark, fn, *, rounds: int = 3):
+    """Run ``fn`` under pytest-benchmark and return (its result, best seconds per call).
+
+    With --benchmark-disable the call is timed once with perf_counter.
+    """
+    start = time.perf_counter()
+    result = benchmark.pedantic(fn, rounds=rounds, iterations=1, warmup_rounds=1)
+    seconds = time.perf_counter() - start
+    stats = getattr(benchmark, "stats", None)
+    if stats is not None and getattr(stats, "stats", None) is not None:
+        seconds = stats.stats.min
+    return result, seconds
+
+
+def _format(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.3g}"
+    return str(value)
+
+
+def pytest_terminal_summary(terminalreporter):
+    for name, rows in _REPORT.tables.items():
+        columns = list(dict.fromkeys(k for row in rows for k in row))
+        cells = [[_format(row.get(c, "")) for c in columns] for row in rows]
+        widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
+        terminalreporter.write_sep("=", name)
+        terminalreporter.write_line("  ".join(c.ljust(w) for c, w in zip(columns, widths)))
+        terminalreporter.write_line("  ".join("-" * w for w in widths))
+        for r in cells:
+            terminalreporter.write_line("  ".join(v.ljust(w) for v, w in zip(r, widths)))
+        if name in _REPORT.notes:
+            terminalreporter.write_line(_REPORT.notes[name])

@@ -28,6 +28,17 @@ def _problem(kind: str, dtype=torch.float32):
     return f, b
 
 
+FAMILY = {  # which of our solvers each row is compared with
+    "picard": "picard",
+    "fixed_point_iter": "picard",
+    "anderson m=10": "anderson m=10",
+    "anderson m=5": "anderson m=5",
+    "broyden": "broyden",
+    "broyden1": "broyden",
+    "newton": "newton",
+    "newton_krylov": "newton",
+}
+
 OURS = {
     "picard": lambda f, x0: fixedpoint.picard(f, x0, tol=TOL, max_iter=2000),
     "anderson m=10": lambda f, x0: fixedpoint.anderson(f, x0, tol=TOL, max_iter=MAX_ITER, m=10),
@@ -41,12 +52,13 @@ OURS = {
 @pytest.mark.parametrize("name", list(OURS))
 def bench_fixedpoint(benchmark, report, kind, name):
     f, b = _problem(kind)
-    sol, seconds = timed(benchmark, lambda: OURS[name](f, torch.zeros_like(b)))
+    sol, seconds = timed(benchmark, lambda: OURS[name](f, torch.zeros_like(b)), rounds=5)
     report.add(
         TABLE,
         problem=kind,
         library="fixedpoint",
         solver=name,
+        family=FAMILY[name],
         iters=int(sol.nsteps.max()),
         f_calls=sol.nfev,
         converged=f"{int(sol.converged.sum())}/4",
@@ -74,13 +86,14 @@ def bench_torchdeq(benchmark, report, kind, name):
     options = {"max_iter": MAX_ITER, **TORCHDEQ[name]}
     solver = solvers.get_solver(name.split()[0])
     run = lambda: solver(f, torch.zeros_like(b), tol=TOL, stop_mode="rel", **options)  # noqa: E731
-    (z, _, info), seconds = timed(benchmark, run)
+    (z, _, info), seconds = timed(benchmark, run, rounds=5)
     rel = info["rel_lowest"]
     report.add(
         TABLE,
         problem=kind,
         library="torchdeq",
         solver=name,
+        family=FAMILY[name],
         iters=int(info["nstep"].max()),
         f_calls=int(info["nstep"].max()) + 1,
         converged=f"{int((rel <= TOL).sum())}/4",
@@ -129,6 +142,7 @@ def bench_scipy(benchmark, report, kind, name):
         problem=kind,
         library="scipy",
         solver=name,
+        family=FAMILY[name],
         iters="-",
         f_calls=max(calls),
         converged=f"{converged}/4",

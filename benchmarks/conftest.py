@@ -53,8 +53,24 @@ def _format(value) -> str:
     return str(value)
 
 
+def _with_ratios(rows: list[dict]) -> list[dict]:
+    """Rows that name a ``family`` get time and f-call ratios to fixedpoint's row of the same problem and family."""
+    base = {(r.get("problem"), r["family"]): r for r in rows if r.get("library") == "fixedpoint" and "family" in r}
+    out = []
+    for row in rows:
+        row = dict(row)
+        ref = base.get((row.get("problem"), row.pop("family", None)))
+        if ref is not None:
+            row["time_vs_ours"] = f"{row['ms'] / ref['ms']:.2f}x"
+            if isinstance(row.get("f_calls"), int):
+                row["calls_vs_ours"] = f"{row['f_calls'] / ref['f_calls']:.2f}x"
+        out.append(row)
+    return out
+
+
 def pytest_terminal_summary(terminalreporter):
     for name, rows in _REPORT.tables.items():
+        rows = _with_ratios(rows)
         columns = list(dict.fromkeys(k for row in rows for k in row))
         cells = [[_format(row.get(c, "")) for c in columns] for row in rows]
         widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]

@@ -163,17 +163,22 @@ def _loop(solver: Solver, f, x0: Tensor, *, tol, max_iter, stop, divergence) -> 
         gnorm = row_norms(g, sdt)  # (B,)
         fnorm = row_norms(fx, sdt)  # (B,)
         res = gnorm if stop == "abs" else gnorm / fnorm.clamp_min(torch.finfo(sdt).tiny)
-        finite = torch.isfinite(gnorm) & torch.isfinite(fnorm)
-        return g, gnorm, res, finite
+        return g, gnorm, res, torch.isfinite(gnorm + fnorm)
+
+    def classify(res: Tensor, gnorm: Tensor, finite: Tensor) -> Tensor:
+        """The status each sample would stop with now (MAX_ITER: keep going)."""
+        status = torch.full_like(gnorm, Status.MAX_ITER, dtype=torch.long)
+        if divergence is not None:
+            status = torch.where(gnorm > divergence * gnorm0, Status.DIVERGED, status)
+        status = torch.where(res <= tol, Status.CONVERGED, status)
+        return torch.where(finite, status, Status.NONFINITE)
 
     fx = fn(x)
     g, gnorm, res, finite = measure(x, fx)
-    status = torch.full((batch,), Status.MAX_ITER, dtype=torch.long, device=x.device)
-    status = torch.where(finite, status, Status.NONFINITE)
-    status = torch.where(finite & (res <= tol), Status.CONVERGED, status)
+    gnorm0 = gnorm
+    status = classify(res, gnorm, finite)  # (B,) int64 codes
     active = status == Status.MAX_ITER  # (B,) still iterating
     best_x, best_res = x.clone(), res.clone()  # NaN residual for a non-finite start
-    gnorm0 = gnorm
     nsteps = torch.zeros(batch, dtype=torch.long, device=x.device)
     trace = torch.full((max_iter, batch), float("nan"), dtype=sdt, device=x.device)
 
@@ -190,16 +195,10 @@ def _loop(solver: Solver, f, x0: Tensor, *, tol, max_iter, stop, divergence) -> 
         n += 1
         nsteps += active.long()
 
-        bad = active & ~finite
-        done = active & finite & (res <= tol)
+        status = torch.where(active, classify(res, gnorm, finite), status)
         improved = active & finite & ~(res >= best_res)  # also true where best_res is NaN
         best_res = torch.where(improved, res, best_res)
-        status = torch.where(bad, Status.NONFINITE, status)
-        status = torch.where(done, Status.CONVERGED, status)
-        if divergence is not None:
-            blown = active & finite & ~done & (gnorm > divergence * gnorm0)
-            status = torch.where(blown, Status.DIVERGED, status)
-        active = active & (status == Status.MAX_ITER)
+        active = status == Status.MAX_ITER
         n_active, n_improved = torch.stack([active.sum(), improved.sum()]).tolist()
         best_x = x if n_improved == batch else torch.where(improved[:, None], x, best_x)
         state = solver.update(state, x, fx, g, gnorm)

@@ -90,9 +90,10 @@ class _AndersonState:
     gram: Tensor  # (B, m, m) G G^T in fp32/fp64, updated one row per iteration
     valid: Tensor  # (B, m) bool: slot holds a pair of the current history
     count: int  # pairs written so far
-    last: Tensor  # (B,) slot of each sample's newest pair in its history
+    newest: Tensor  # (B, m) bool, one-hot: the slot of each sample's newest pair in its history
     gnorm: Tensor  # (B,) ||g|| of that pair
     restarts: Tensor  # (B,) history restarts per sample
+    eye: Tensor  # (m, m) bool identity: row k is the one-hot of slot k
 
 
 @dataclass(frozen=True)
@@ -112,16 +113,17 @@ class Anderson:
             gram=x.new_zeros(batch, self.m, self.m, dtype=sdt),
             valid=torch.zeros(batch, self.m, dtype=torch.bool, device=x.device),
             count=0,
-            last=torch.zeros(batch, dtype=torch.long, device=x.device),
+            newest=torch.zeros(batch, self.m, dtype=torch.bool, device=x.device),
             gnorm=gnorm,
             restarts=torch.zeros(batch, dtype=torch.long, device=x.device),
+            eye=torch.eye(self.m, dtype=torch.bool, device=x.device),
         )
-        return self._write(state, fx, g, gnorm, keep_new=True)
+        return self._write(state, fx, g, gnorm, keep_new=None)
 
     def _write(self, state: _AndersonState, fx, g, gnorm, keep_new) -> _AndersonState:
         """Store (f(x), g) in the next slot and fill that slot's row and column of the Gram matrix.
 
-        ``keep_new`` (bool or (B,) bool) says for which samples the new pair joins the history.
+        ``keep_new`` ((B,) bool or None for all) says for which samples the new pair joins the history.
         """
         slot = state.count % self.m
         state.F[:, slot] = fx
@@ -130,13 +132,13 @@ class Anderson:
         row = torch.bmm(state.G.to(sdt), g.to(sdt).unsqueeze(2)).squeeze(2)  # (B, m)
         state.gram[:, slot, :] = row
         state.gram[:, :, slot] = row
-        state.valid[:, slot] = keep_new
-        last = torch.where(torch.as_tensor(keep_new, device=g.device), slot, state.last)
-        return replace(state, count=state.count + 1, last=last, gnorm=gnorm)
-
-    def _is_last(self, state: _AndersonState) -> Tensor:
-        """(B, m) one-hot of each sample's newest pair."""
-        return torch.arange(self.m, device=state.last.device) == state.last[:, None]
+        if keep_new is None:
+            state.valid[:, slot] = True
+            newest = state.eye[slot].expand_as(state.newest)
+        else:
+            state.valid[:, slot] = keep_new
+            newest = torch.where(keep_new[:, None], state.eye[slot], state.newest)
+        return replace(state, count=state.count + 1, newest=newest, gnorm=gnorm)
 
     def coefficients(self, state: _AndersonState) -> Tensor:
         """Mixing weights alpha (B, m), sum 1, minimising ||sum_i alpha_i g_i|| with a relative ridge.
@@ -147,10 +149,9 @@ class Anderson:
         valid = state.valid
         gram = state.gram.double()
         diag = torch.diagonal(gram, dim1=1, dim2=2)  # (B, m)
-        scale = torch.where(valid & (diag > 0), diag.clamp_min(1e-300).rsqrt(), 0.0)  # (B, m)
-        eye = torch.eye(self.m, dtype=gram.dtype, device=gram.device)
+        scale = torch.where(valid, diag.clamp_min(1e-300).rsqrt(), 0.0)  # (B, m)
         normed = scale[:, :, None] * gram * scale[:, None, :]
-        normed = normed + eye * torch.where(scale > 0, self.ridge, 1.0)[:, None, :]
+        normed.diagonal(dim1=1, dim2=2).add_(torch.where(valid, self.ridge, 1.0))  # unused slots: alpha 0
         y, _ = torch.linalg.solve_ex(normed, scale)  # no error check, no host sync
         w = scale * y
         alpha = w / w.sum(dim=1, keepdim=True)
@@ -160,20 +161,19 @@ class Anderson:
         alpha = self.coefficients(state)  # (B, m)
         coeff_size = alpha.abs().sum(dim=1)
         ill = ~torch.isfinite(coeff_size) | (coeff_size > self.max_coeff)  # (B,) restart these
-        is_last = self._is_last(state)
-        alpha = torch.where(ill[:, None], is_last.to(alpha.dtype), alpha)  # restart: a damped step
+        alpha = torch.where(ill[:, None], state.newest.to(alpha.dtype), alpha)  # restart: a damped step
         a = alpha.to(state.F.dtype).unsqueeze(1)  # (B, 1, m)
         # x = sum_i alpha_i (x_i + beta g_i) = sum_i alpha_i f(x_i) + (beta - 1) sum_i alpha_i g_i
         x_next = torch.bmm(a, state.F).squeeze(1)
         if self.beta != 1.0:
             x_next = x_next + (self.beta - 1.0) * torch.bmm(a, state.G).squeeze(1)
-        state.valid &= ~ill[:, None] | is_last
+        state.valid &= ~ill[:, None] | state.newest
         return x_next, replace(state, restarts=state.restarts + ill.long())
 
     def update(self, state, x, fx, g, gnorm):
         # A step that blew the residual up: restart from the pair it came from (needs m > 1).
         blown = ~(gnorm <= self.growth * state.gnorm) & (self.m > 1)  # (B,)
-        state.valid &= ~blown[:, None] | self._is_last(state)
+        state.valid &= ~blown[:, None] | state.newest
         state = self._write(state, fx, g, torch.where(blown, state.gnorm, gnorm), keep_new=~blown)
         return replace(state, restarts=state.restarts + blown.long())
 

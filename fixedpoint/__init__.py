@@ -1,8 +1,35 @@
 """fixedpoint: batched fixed-point solvers z = f(z) for PyTorch, and gradients through them."""
 
+from ._backward import (
+    ConvergenceWarning,
+    GradInfo,
+    implicit,
+    jacobian_penalty,
+    jfb,
+    phantom,
+    stochastic_jfb,
+    unrolled,
+)
+from ._module import FixedPoint
 from ._newton import newton
 from ._solve import Solution, Status
 from ._solvers import anderson, broyden, picard
 
-__all__ = ["Solution", "Status", "anderson", "broyden", "newton", "picard"]
+__all__ = [
+    "ConvergenceWarning",
+    "FixedPoint",
+    "GradInfo",
+    "Solution",
+    "Status",
+    "anderson",
+    "broyden",
+    "implicit",
+    "jacobian_penalty",
+    "jfb",
+    "newton",
+    "phantom",
+    "picard",
+    "stochastic_jfb",
+    "unrolled",
+]
 __version__ = "0.1.0"

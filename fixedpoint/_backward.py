@@ -1,0 +1,281 @@
+"""Gradients through fixed points: implicit, jfb, phantom, unrolled, stochastic_jfb; jacobian_penalty.
+
+Solvers return a fixed point without a graph. Each function here takes f and a
+point and returns a tensor equal to (an application of f at) the fixed point
+that carries a graph to everything f depends on: its parameters and the
+tensors it closes over (an injection, say). Shapes: z is (B, ...), like x0.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ._newton import gmres
+from ._solve import Solution, check_int, check_interval, check_positive, row_norms, stat_dtype
+from ._solvers import anderson
+
+__all__ = [
+    "ConvergenceWarning",
+    "GradInfo",
+    "implicit",
+    "jfb",
+    "phantom",
+    "unrolled",
+    "stochastic_jfb",
+    "jacobian_penalty",
+]
+
+Map = Callable[[Tensor], Tensor]
+
+
+DEFAULT_ADJOINT_TOL = {torch.float64: 1e-8, torch.float32: 1e-6}  # half precision: 1e-2
+
+
+class ConvergenceWarning(RuntimeWarning):
+    """An adjoint (backward) solve stopped without reaching its tolerance."""
+
+
+@dataclass
+class GradInfo:
+    """Statistics a backward mode leaves for the caller (pass one in as ``info=``).
+
+    backward: the adjoint Solution of the last ``implicit`` backward pass (filled during backward).
+    no_grad_steps, grad_steps: iterations ``stochastic_jfb`` drew and ran.
+    """
+
+    backward: Solution | None = None
+    no_grad_steps: int | None = None
+    grad_steps: int | None = None
+
+
+def _check_map(f) -> None:
+    if not callable(f):
+        raise TypeError(f"f must be callable, got {type(f).__name__}")
+
+
+def _check_tensor(name: str, z) -> None:
+    if not isinstance(z, Tensor) or not z.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point torch.Tensor, got {type(z).__name__}")
+
+
+def jfb(f: Map, z: Tensor) -> Tensor:
+    """Jacobian-free backprop: one differentiable application f(z*) at the detached fixed point.
+
+    The gradient is that of one layer: it ignores the (I - J)^-1 factor, which
+    is cheap and often good enough for training (Fung et al., 2022).
+    """
+    _check_map(f)
+    _check_tensor("z", z)
+    return f(z.detach())
+
+
+def phantom(f: Map, z: Tensor, *, k: int = 5, damping: float = 0.5) -> Tensor:
+    """Phantom gradient: k damped differentiable steps z <- (1 - damping) z + damping f(z) from z*.
+
+    (Geng et al., 2021.) k = 1, damping = 1 is :func:`jfb`.
+    """
+    _check_map(f)
+    _check_tensor("z", z)
+    check_int("k", k, 1)
+    check_interval("damping", damping, 0.0, 1.0)
+    z = z.detach()
+    for _ in range(k):
+        z = (1 - damping) * z + damping * f(z) if damping != 1.0 else f(z)
+    return z
+
+
+def unrolled(f: Map, z0: Tensor, *, steps: int, damping: float = 1.0) -> Tensor:
+    """Backprop through every iteration: ``steps`` differentiable damped Picard steps from z0.
+
+    Memory grows with ``steps`` (one graph of f per step); a reference for the
+    other modes and for short solves. z0 keeps its graph, if it has one.
+    """
+    _check_map(f)
+    _check_tensor("z0", z0)
+    check_int("steps", steps, 1)
+    check_interval("damping", damping, 0.0, 1.0)
+    z = z0
+    for _ in range(steps):
+        z = (1 - damping) * z + damping * f(z) if damping != 1.0 else f(z)
+    return z
+
+
+def _check_range(name: str, value, minimum: int) -> tuple[int, int]:
+    if (
+        not isinstance(value, (tuple, list))
+        or len(value) != 2
+        or not all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+        or value[0] < minimum
+        or value[0] > value[1]
+    ):
+        raise ValueError(f"{name} must be a pair of integers (low, high) with {minimum} <= low <= high, got {value!r}")
+    return int(value[0]), int(value[1])
+
+
+def stochastic_jfb(
+    f: Map,
+    x0: Tensor,
+    *,
+    no_grad: tuple[int, int] = (0, 10),
+    with_grad: tuple[int, int] = (1, 12),
+    generator: torch.Generator | None = None,
+    info: GradInfo | None = None,
+) -> Tensor:
+    """Stochastic Jacobian-free backprop, the FPDM training scheme.
+
+    Draws n_ng uniformly from ``no_grad`` and n_g from ``with_grad`` (both
+    inclusive), runs n_ng iterations of f from x0 under no_grad, then n_g
+    iterations with gradient. x0 is detached: gradient reaches f's parameters
+    and the tensors f closes over (the injection), never x0. The counts drawn
+    are left in ``info`` (a :class:`GradInfo`). Reproducible with ``generator``.
+    """
+    _check_map(f)
+    _check_tensor("x0", x0)
+    lo_ng, hi_ng = _check_range("no_grad", no_grad, 0)
+    lo_g, hi_g = _check_range("with_grad", with_grad, 1)
+    n_ng = int(torch.randint(lo_ng, hi_ng + 1, (), generator=generator))
+    n_g = int(torch.randint(lo_g, hi_g + 1, (), generator=generator))
+    z = x0.detach()
+    with torch.no_grad():
+        for _ in range(n_ng):
+            z = f(z)
+    for _ in range(n_g):
+        z = f(z)
+    if info is not None:
+        info.no_grad_steps, info.grad_steps = n_ng, n_g
+    return z
+
+
+class _Adjoint(torch.autograd.Function):
+    """Identity on f(z*) whose backward solves u = J_f(z*)^T u + grad before passing u on.
+
+    The graph of the one call fz = f(z) is used twice: by the adjoint solve
+    (vector-Jacobian products with retain_graph) and then by autograd itself,
+    which carries u on to f's parameters and closures. Memory: one graph of f.
+    """
+
+    @staticmethod
+    def forward(ctx, fz: Tensor, z: Tensor, solve: Callable) -> Tensor:
+        ctx.fz, ctx.z, ctx.solve = fz, z, solve  # fz keeps its graph: the adjoint needs it
+        return fz.clone()
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        fz, z = ctx.fz, ctx.z
+
+        def vjp(u: Tensor) -> Tensor:
+            with torch.enable_grad():
+                return torch.autograd.grad(fz, z, u, retain_graph=True)[0]
+
+        u = ctx.solve(vjp, grad)
+        return u, None, None
+
+
+def implicit(
+    f: Map,
+    z: Tensor,
+    *,
+    solver: Callable[..., Solution] = anderson,
+    tol: float | None = None,
+    max_iter: int = 200,
+    stop: str = "rel",
+    warn: bool = True,
+    info: GradInfo | None = None,
+    **solver_options,
+) -> Tensor:
+    """Exact implicit-function-theorem gradient through the fixed point z* of f.
+
+    Returns f(z*) (equal to z* at convergence). In the backward pass the
+    adjoint equation u = J_f(z*)^T u + grad is solved with ``solver`` (any
+    fixedpoint solver; Newton's linear system goes straight to GMRES) at
+    ``tol`` / ``max_iter`` / ``stop``, with ``solver_options`` passed on (a
+    misspelt one is a TypeError when the backward runs). The defaults are
+    tight on purpose (an inaccurate adjoint is the usual reason IFT gradients
+    are wrong): ``tol=None`` means 1e-8 for fp64, 1e-6 for fp32 and 1e-2 for
+    fp16/bf16 gradients, near what each precision can reach. Memory is one
+    graph of f, whatever the forward iterations.
+
+    If the adjoint solve does not converge, a :class:`ConvergenceWarning`
+    names its residual (``warn=False`` silences it); its Solution is left in
+    ``info.backward`` either way.
+    """
+    from ._newton import newton
+
+    _check_map(f)
+    _check_tensor("z", z)
+    if not callable(solver):
+        raise TypeError(f"solver must be a fixedpoint solver function, got {type(solver).__name__}")
+    if tol is not None:
+        check_positive("tol", tol)
+    check_int("max_iter", max_iter, 1)
+
+    def solve_adjoint(vjp: Callable[[Tensor], Tensor], grad: Tensor) -> Tensor:
+        tol_ = tol if tol is not None else DEFAULT_ADJOINT_TOL.get(grad.dtype, 1e-2)
+        if solver is newton:
+            sol = _gmres_adjoint(vjp, grad, tol=tol_, max_iter=max_iter, **solver_options)
+        else:
+            sol = solver(lambda u: vjp(u) + grad, grad, tol=tol_, max_iter=max_iter, stop=stop, **solver_options)
+        if info is not None:
+            info.backward = sol
+        if warn and not bool(sol.converged.all()):
+            warnings.warn(
+                f"implicit: the adjoint solve stopped at residual {float(sol.residual.max()):.3g} "
+                f"(tol {tol_:g}) after {int(sol.nsteps.max())} iterations; gradients are approximate",
+                ConvergenceWarning,
+                stacklevel=2,
+            )
+        return sol.x
+
+    z = z.detach().requires_grad_(True)
+    with torch.enable_grad():
+        fz = f(z)
+        return _Adjoint.apply(fz, z, solve_adjoint)
+
+
+def _gmres_adjoint(vjp, grad: Tensor, *, tol: float, max_iter: int, krylov_dim: int = 20) -> Solution:
+    """(I - J^T) u = grad by GMRES(krylov_dim) with up to max_iter products; a Solution for the caller."""
+    from ._solve import Status
+
+    batch = grad.shape[0]
+    flat = grad.reshape(batch, -1)
+    sdt = stat_dtype(grad.dtype)
+    shape = grad.shape
+
+    def matvec(v: Tensor) -> Tensor:
+        v = v.to(grad.dtype)
+        return (v - vjp(v.view(shape)).reshape(batch, -1)).to(sdt)
+
+    rhs = flat.to(sdt)
+    restarts = max(max_iter // krylov_dim - 1, 0)
+    rtol = torch.full((batch,), tol, dtype=sdt, device=grad.device)
+    u = gmres(matvec, rhs, rtol=rtol, restart=min(krylov_dim, max_iter), max_restarts=restarts)
+    resid = row_norms(rhs - matvec(u), sdt) / row_norms(rhs, sdt).clamp_min(torch.finfo(sdt).tiny)
+    status = torch.where(resid <= tol, Status.CONVERGED, Status.MAX_ITER)
+    nsteps = torch.full((batch,), max_iter, dtype=torch.long, device=grad.device)
+    return Solution(u.to(grad.dtype).view(shape), resid, nsteps, status, resid[None], nfev=0)
+
+
+def jacobian_penalty(f: Map, z: Tensor, *, samples: int = 1, generator: torch.Generator | None = None) -> Tensor:
+    """Hutchinson estimate of ||J_f(z)||_F^2 / D per sample, differentiable (a DEQ regulariser).
+
+    Uses ``samples`` Gaussian probes v: E ||v^T J||^2 = ||J||_F^2. Divided by
+    the feature size D, as TorchDEQ's ``jac_reg`` is; ``.mean()`` gives its scalar.
+    Returns (B,).
+    """
+    _check_map(f)
+    _check_tensor("z", z)
+    check_int("samples", samples, 1)
+    z = z.detach().requires_grad_(True)
+    with torch.enable_grad():
+        fz = f(z)
+        total = z.new_zeros(z.shape[0])
+        for _ in range(samples):
+            v = torch.randn(z.shape, generator=generator, dtype=z.dtype).to(z.device)
+            (vj,) = torch.autograd.grad(fz, z, v, create_graph=True)
+            total = total + vj.reshape(z.shape[0], -1).pow(2).sum(dim=1)
+    return total / (samples * z[0].numel())

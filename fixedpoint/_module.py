@@ -1,0 +1,87 @@
+"""FixedPoint: an nn.Module that solves z = f(z, *inputs) and attaches a gradient."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import partial
+
+import torch
+from torch import Tensor, nn
+
+from ._backward import GradInfo, implicit
+from ._solve import Solution
+from ._solvers import anderson
+
+SolverFn = Callable[..., Solution]  # solver(f, x0) -> Solution, e.g. functools.partial(anderson, m=5)
+BackwardFn = Callable[..., Tensor]  # backward(f, z, ...) -> Tensor, e.g. jfb or partial(implicit, tol=1e-6)
+
+
+def _accepts_info(fn: Callable) -> bool:
+    import inspect
+
+    target = fn.func if isinstance(fn, partial) else fn
+    try:
+        return "info" in inspect.signature(target).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+class FixedPoint(nn.Module):
+    """A fixed-point layer: z* = f(z*, *inputs), differentiable by a chosen backward mode.
+
+    Args:
+        f: the map, called as ``f(z, *inputs)``; an nn.Module is registered as a submodule.
+        solver: forward solver in training, ``solver(g, z0) -> Solution`` (use
+            functools.partial for options). None: no forward solve in training;
+            the backward mode starts from z0 itself (``stochastic_jfb``, ``unrolled``).
+        eval_solver: solver in eval mode or without grad (default: ``solver``,
+            or ``anderson`` if that is None).
+        backward: ``backward(g, z) -> Tensor`` in training: ``implicit``
+            (default), ``jfb``, ``phantom``, ``unrolled``, ``stochastic_jfb`` or
+            a partial of one of them with its options.
+
+    After each call, ``last_solution`` holds the forward Solution (None when no
+    solver ran) and ``last_info`` the :class:`GradInfo` of the backward mode.
+    """
+
+    def __init__(
+        self,
+        f: Callable[..., Tensor],
+        *,
+        solver: SolverFn | None = anderson,
+        eval_solver: SolverFn | None = None,
+        backward: BackwardFn = implicit,
+    ) -> None:
+        super().__init__()
+        for name, fn in (("f", f), ("solver", solver), ("eval_solver", eval_solver), ("backward", backward)):
+            if fn is not None and not callable(fn):
+                raise TypeError(f"{name} must be callable, got {type(fn).__name__}")
+        if f is None:
+            raise TypeError("f must be callable, got NoneType")
+        self.f = f
+        self.solver = solver
+        self.eval_solver = eval_solver if eval_solver is not None else (solver or anderson)
+        self.backward = backward
+        self.last_solution: Solution | None = None
+        self.last_info: GradInfo | None = None
+
+    def forward(self, *inputs: Tensor, z0: Tensor | None = None) -> Tensor:
+        """Solve from ``z0`` (default zeros shaped like ``inputs[0]``); returns z* (B, ...)."""
+        if z0 is None:
+            if not inputs:
+                raise ValueError("FixedPoint needs z0 or at least one input to shape the zero start")
+            z0 = torch.zeros_like(inputs[0])
+        g = lambda z: self.f(z, *inputs)  # noqa: E731
+        if not (self.training and torch.is_grad_enabled()):
+            self.last_solution = self.eval_solver(g, z0)
+            self.last_info = None
+            return self.last_solution.x
+        start = z0
+        self.last_solution = None
+        if self.solver is not None:
+            self.last_solution = self.solver(g, z0)
+            start = self.last_solution.x
+        self.last_info = GradInfo()
+        if _accepts_info(self.backward):
+            return self.backward(g, start, info=self.last_info)
+        return self.backward(g, start)

@@ -1,0 +1,322 @@
+"""Backward modes: implicit against gradcheck and closed forms; jfb, phantom, unrolled, stochastic_jfb."""
+
+import warnings
+from functools import partial
+
+import pytest
+import torch
+from torch import nn
+
+import fixedpoint as fp
+from fixedpoint.testing import symmetric_matrix
+
+D = 64
+
+
+def _linear_deq(dtype=torch.float64):
+    """z = W z + U x, W symmetric, eigenvalues in [-0.5, 0.98]; loss = sum(c * z*)."""
+    g = torch.Generator().manual_seed(0)
+    w = symmetric_matrix(D, -0.5, 0.98, dtype=dtype)
+    u = (torch.randn(D, D, generator=g, dtype=torch.float64) / D**0.5).to(dtype).requires_grad_(True)
+    x = torch.randn(3, D, generator=g, dtype=torch.float64).to(dtype).requires_grad_(True)
+    c = torch.randn(3, D, generator=g, dtype=torch.float64).to(dtype)
+    f = lambda z: z @ w.T + x @ u.T  # noqa: E731
+    # closed form: z* = (I - W)^-1 U x, dL/dz* = c, adjoint a = (I - W)^-T c
+    a = torch.linalg.solve((torch.eye(D, dtype=torch.float64) - w.double()).T, c.double().T).T
+    exact_u = a.T @ x.detach().double()
+    exact_x = a @ u.detach().double()
+    return f, u, x, c, exact_u, exact_x
+
+
+def _rel(a, b):
+    return float((a.double() - b).norm() / b.norm())
+
+
+def _solve_and_backward(f, x, c, **options):
+    sol = fp.anderson(f, torch.zeros_like(x), tol=1e-12 if x.dtype == torch.float64 else 1e-6, max_iter=800, m=10)
+    z = fp.implicit(f, sol.x, **options)
+    (z * c).sum().backward()
+    return z
+
+
+def test_implicit_matches_closed_form_with_defaults():
+    f, u, x, c, exact_u, exact_x = _linear_deq()
+    _solve_and_backward(f, x, c)
+    assert _rel(u.grad, exact_u) <= 1e-4
+    assert _rel(x.grad, exact_x) <= 1e-4
+
+
+def test_implicit_matches_closed_form_at_tight_settings():
+    f, u, x, c, exact_u, exact_x = _linear_deq()
+    _solve_and_backward(f, x, c, tol=1e-13, max_iter=1000, m=10)
+    assert _rel(u.grad, exact_u) <= 1e-8
+    assert _rel(x.grad, exact_x) <= 1e-8
+
+
+def test_implicit_float32_defaults_are_accurate():
+    f, u, x, c, exact_u, exact_x = _linear_deq(torch.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", fp.ConvergenceWarning)
+        _solve_and_backward(f, x, c)
+    assert _rel(u.grad, exact_u) <= 1e-4
+
+
+@pytest.mark.parametrize("solver", [fp.picard, fp.anderson, fp.broyden, fp.newton], ids=lambda s: s.__name__)
+def test_implicit_with_every_adjoint_solver(solver):
+    f, u, x, c, exact_u, _ = _linear_deq()
+    options = {"max_iter": 2000} if solver is fp.picard else {}
+    _solve_and_backward(f, x, c, solver=solver, tol=1e-10, **options)
+    assert _rel(u.grad, exact_u) <= 1e-6
+
+
+def test_torchdeq_like_short_backward_is_inaccurate_and_warns():
+    """40 Picard steps (TorchDEQ's default backward) are far from converged on this problem."""
+    f, u, x, c, exact_u, _ = _linear_deq()
+    info = fp.GradInfo()
+    with pytest.warns(fp.ConvergenceWarning, match=r"residual .* after 40 iterations"):
+        _solve_and_backward(f, x, c, solver=fp.picard, max_iter=40, info=info)
+    assert _rel(u.grad, exact_u) > 0.1
+    assert info.backward is not None and not info.backward.converged.any()
+    assert info.backward.nsteps.tolist() == [40, 40, 40]
+
+
+def _tanh_deq(seed: int):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(6, 6, generator=g, dtype=torch.float64)
+    w = (0.7 * w / torch.linalg.matrix_norm(w, ord=2)).requires_grad_(True)
+    x = torch.randn(2, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    return w, x
+
+
+@pytest.mark.parametrize(
+    "make_f",
+    [
+        lambda w, x: lambda z: torch.tanh(z @ w.T + x),
+        lambda w, x: lambda z: 0.5 * torch.sin(z @ w.T) + x * torch.sigmoid(z),
+        lambda w, x: lambda z: torch.softmax(z @ w.T, dim=-1) * 2 + 0.3 * torch.tanh(x + z),
+    ],
+    ids=["tanh", "sin-sigmoid", "softmax"],
+)
+def test_implicit_gradcheck(make_f):
+    w, x = _tanh_deq(1)
+
+    def fixed_point(w, x):
+        f = make_f(w, x)
+        sol = fp.newton(f, torch.zeros_like(x), tol=1e-14, max_iter=50)
+        assert sol.converged.all()
+        return fp.implicit(f, sol.x, tol=1e-14, max_iter=500)
+
+    assert torch.autograd.gradcheck(fixed_point, (w, x), eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+def test_implicit_memory_is_one_graph_of_f():
+    """f is recorded once with grad, however many iterations the forward solve took."""
+    f, u, x, c, _, _ = _linear_deq()
+    calls = []
+
+    def counted(z):
+        calls.append(torch.is_grad_enabled())
+        return f(z)
+
+    sol = fp.picard(counted, torch.zeros_like(x), tol=1e-10, max_iter=2000)
+    assert sol.nsteps.max() > 500
+    calls.clear()
+    z = fp.implicit(counted, sol.x)
+    assert calls == [True]
+    (z * c).sum().backward()
+    assert all(not grad for grad in calls[1:])  # adjoint iterations build no graph
+
+
+def test_unrolled_converges_to_implicit():
+    f, u, x, c, exact_u, _ = _linear_deq()
+    errors = []
+    for steps in (20, 100, 1500):
+        u.grad = None
+        z = fp.unrolled(f, torch.zeros_like(x), steps=steps)
+        (z * c).sum().backward()
+        errors.append(_rel(u.grad, exact_u))
+    assert errors[0] > errors[1] > errors[2] and errors[2] < 1e-8
+
+
+def test_jfb_is_one_application_of_f():
+    f, u, x, c, _, _ = _linear_deq()
+    sol = fp.anderson(f, torch.zeros_like(x), tol=1e-12, max_iter=500, m=10)
+    z = fp.jfb(f, sol.x)
+    torch.testing.assert_close(z, f(sol.x))
+    (z * c).sum().backward()
+    torch.testing.assert_close(u.grad, c.T @ x.detach())  # dL/dU of one layer: c x^T
+    torch.testing.assert_close(x.grad, c @ u.detach())
+
+
+def test_phantom_is_k_damped_steps():
+    f, u, x, c, exact_u, _ = _linear_deq()
+    sol = fp.anderson(f, torch.zeros_like(x), tol=1e-12, max_iter=500, m=10)
+    z = fp.phantom(f, sol.x, k=3, damping=0.5)
+    expected = sol.x
+    for _ in range(3):
+        expected = 0.5 * expected + 0.5 * f(expected)
+    torch.testing.assert_close(z, expected)
+    (z * c).sum().backward()
+    grad_k3 = u.grad.clone()
+    u.grad = None
+    (fp.phantom(f, sol.x, k=60, damping=0.5) * c).sum().backward()
+    assert _rel(u.grad, exact_u) < _rel(grad_k3, exact_u)  # more steps: closer to the exact gradient
+
+
+def test_stochastic_jfb_counts_follow_ranges_and_generator():
+    f, u, x, c, _, _ = _linear_deq()
+    seen_ng, seen_g = set(), set()
+    for seed in range(60):
+        info = fp.GradInfo()
+        calls = []
+
+        def counted(z):
+            calls.append(torch.is_grad_enabled())
+            return f(z)
+
+        fp.stochastic_jfb(
+            counted,
+            x.detach(),
+            no_grad=(0, 3),
+            with_grad=(1, 2),
+            generator=torch.Generator().manual_seed(seed),
+            info=info,
+        )
+        assert 0 <= info.no_grad_steps <= 3 and 1 <= info.grad_steps <= 2
+        assert calls == [False] * info.no_grad_steps + [True] * info.grad_steps
+        again = fp.GradInfo()
+        fp.stochastic_jfb(
+            f, x.detach(), no_grad=(0, 3), with_grad=(1, 2), generator=torch.Generator().manual_seed(seed), info=again
+        )
+        assert (again.no_grad_steps, again.grad_steps) == (info.no_grad_steps, info.grad_steps)
+        seen_ng.add(info.no_grad_steps)
+        seen_g.add(info.grad_steps)
+    assert seen_ng == {0, 1, 2, 3} and seen_g == {1, 2}  # both ends of each range are drawn
+
+
+def test_stochastic_jfb_gradients_reach_parameters_and_injection():
+    f, u, x, c, _, _ = _linear_deq()
+    x0 = torch.randn(3, D, dtype=torch.float64, requires_grad=True)
+    z = fp.stochastic_jfb(f, x0, generator=torch.Generator().manual_seed(0))
+    (z * c).sum().backward()
+    assert u.grad is not None and u.grad.abs().sum() > 0
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    assert x0.grad is None  # the start is detached
+
+
+def test_jacobian_penalty_estimates_frobenius_norm():
+    w = symmetric_matrix(16, -0.5, 0.9)
+    f = lambda z: z @ w.T  # noqa: E731
+    z = torch.zeros(4, 16, dtype=torch.float64)
+    estimate = fp.jacobian_penalty(f, z, samples=400, generator=torch.Generator().manual_seed(0))
+    exact = (w**2).sum() / 16
+    assert estimate.shape == (4,)
+    torch.testing.assert_close(estimate, exact.expand(4), rtol=0.1, atol=0)
+
+
+def test_jacobian_penalty_is_differentiable():
+    w = (0.5 * torch.eye(8, dtype=torch.float64)).requires_grad_(True)
+    penalty = fp.jacobian_penalty(lambda z: torch.tanh(z @ w.T), torch.zeros(2, 8, dtype=torch.float64))
+    penalty.mean().backward()
+    assert w.grad is not None and w.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize(
+    "call,match",
+    [
+        (lambda f, z: fp.phantom(f, z, k=0), r"k.*0"),
+        (lambda f, z: fp.phantom(f, z, damping=1.5), r"damping.*1\.5"),
+        (lambda f, z: fp.unrolled(f, z, steps=0), r"steps.*0"),
+        (lambda f, z: fp.stochastic_jfb(f, z, no_grad=(5, 2)), r"no_grad.*\(5, 2\)"),
+        (lambda f, z: fp.stochastic_jfb(f, z, no_grad=(-1, 2)), r"no_grad.*\(-1, 2\)"),
+        (lambda f, z: fp.stochastic_jfb(f, z, with_grad=(0, 2)), r"with_grad.*\(0, 2\)"),
+        (lambda f, z: fp.implicit(f, z, tol=0.0), r"tol.*0\.0"),
+        (lambda f, z: fp.jacobian_penalty(f, z, samples=0), r"samples.*0"),
+    ],
+)
+def test_bad_values_are_value_errors(call, match):
+    with pytest.raises(ValueError, match=match):
+        call(lambda z: 0.5 * z, torch.zeros(2, 3))
+
+
+def test_non_callable_f_is_a_type_error():
+    for fn in (fp.jfb, fp.phantom, fp.implicit, fp.stochastic_jfb, fp.jacobian_penalty):
+        with pytest.raises(TypeError, match="callable"):
+            fn("f", torch.zeros(2, 3))
+
+
+def test_misspelt_adjoint_option_is_a_type_error():
+    f, u, x, c, _, _ = _linear_deq()
+    z = fp.implicit(f, torch.zeros_like(x), mm=3)
+    with pytest.raises(TypeError, match="mm"):
+        (z * c).sum().backward()
+
+
+class _TinyDEQ(nn.Module):
+    """A DEQ classifier: z = tanh(W z + U x), ||W||_F <= 0.9 (a contraction), then a linear head."""
+
+    def __init__(self, backward, solver):
+        super().__init__()
+        torch.manual_seed(0)
+        self.inject = nn.Linear(2, 16)
+        self.w = nn.Linear(16, 16, bias=False)
+        nn.init.normal_(self.w.weight, std=0.3 / 4)
+        self.layer = fp.FixedPoint(self.cell, solver=solver, backward=backward)
+        self.head = nn.Linear(16, 2)
+
+    def cell(self, z, x_inj):
+        w = self.w.weight
+        w = 0.9 * w / w.norm().clamp_min(1.0)
+        return torch.tanh(z @ w.T + x_inj)
+
+    def forward(self, x):
+        return self.head(self.layer(self.inject(x)))
+
+
+@pytest.mark.parametrize(
+    "backward,solver",
+    [
+        (fp.implicit, partial(fp.anderson, tol=1e-6, max_iter=60)),
+        (fp.jfb, partial(fp.anderson, tol=1e-6, max_iter=60)),
+        (partial(fp.phantom, k=3, damping=0.7), partial(fp.anderson, tol=1e-4)),
+        (partial(fp.unrolled, steps=8), None),
+        (partial(fp.stochastic_jfb, no_grad=(0, 4), with_grad=(1, 3)), None),
+    ],
+    ids=["implicit", "jfb", "phantom", "unrolled", "stochastic_jfb"],
+)
+def test_fixed_point_module_trains_a_tiny_classifier(backward, solver):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(128, 2, generator=g)
+    y = (x[:, 0] * x[:, 1] > 0).long()  # XOR-like quadrants
+    model = _TinyDEQ(backward, solver)
+    opt = torch.optim.Adam(model.parameters(), lr=0.03)
+    losses = []
+    for _ in range(60):
+        loss = nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert sum(losses[-5:]) / 5 < 0.6 * sum(losses[:5]) / 5
+    model.eval()
+    with torch.no_grad():
+        accuracy = (model(x).argmax(1) == y).float().mean()
+    assert accuracy > 0.85
+    assert model.layer.last_solution is not None and model.layer.last_solution.converged.all()
+
+
+def test_fixed_point_module_keeps_statistics():
+    model = _TinyDEQ(partial(fp.stochastic_jfb, no_grad=(2, 2), with_grad=(3, 3)), None)
+    model(torch.randn(4, 2)).sum().backward()
+    assert model.layer.last_solution is None
+    assert (model.layer.last_info.no_grad_steps, model.layer.last_info.grad_steps) == (2, 3)
+    model = _TinyDEQ(fp.implicit, fp.anderson)
+    model(torch.randn(4, 2)).sum().backward()
+    assert model.layer.last_info.backward is not None and model.layer.last_info.backward.converged.all()
+
+
+def test_fixed_point_module_rejects_bad_arguments():
+    with pytest.raises(TypeError, match="backward must be callable"):
+        fp.FixedPoint(lambda z: z, backward="implicit")
+    with pytest.raises(ValueError, match="z0"):
+        fp.FixedPoint(lambda z: z)()

@@ -170,7 +170,7 @@ def test_stochastic_jfb_counts_follow_ranges_and_generator():
         info = fp.GradInfo()
         calls = []
 
-        def counted(z):
+        def counted(z, calls=calls):
             calls.append(torch.is_grad_enabled())
             return f(z)
 

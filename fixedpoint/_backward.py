@@ -238,26 +238,29 @@ def implicit(
 
 
 def _gmres_adjoint(vjp, grad: Tensor, *, tol: float, max_iter: int, krylov_dim: int = 20) -> Solution:
-    """(I - J^T) u = grad by GMRES(krylov_dim) with up to max_iter products; a Solution for the caller."""
+    """(I - J^T) u = grad by GMRES(krylov_dim) within max_iter products; a Solution for the caller.
+
+    ``nsteps`` and ``nfev`` count the vector-Jacobian products used.
+    """
     from ._solve import Status
 
-    batch = grad.shape[0]
-    flat = grad.reshape(batch, -1)
+    batch, shape = grad.shape[0], grad.shape
     sdt = stat_dtype(grad.dtype)
-    shape = grad.shape
+    products = [0]
 
     def matvec(v: Tensor) -> Tensor:
+        products[0] += 1
         v = v.to(grad.dtype)
         return (v - vjp(v.view(shape)).reshape(batch, -1)).to(sdt)
 
-    rhs = flat.to(sdt)
-    restarts = max(max_iter // krylov_dim - 1, 0)
+    rhs = grad.reshape(batch, -1).to(sdt)
     rtol = torch.full((batch,), tol, dtype=sdt, device=grad.device)
-    u = gmres(matvec, rhs, rtol=rtol, restart=min(krylov_dim, max_iter), max_restarts=restarts)
+    restart = min(krylov_dim, max_iter)
+    u = gmres(matvec, rhs, rtol=rtol, restart=restart, max_restarts=max(max_iter // restart - 1, 0))
     resid = row_norms(rhs - matvec(u), sdt) / row_norms(rhs, sdt).clamp_min(torch.finfo(sdt).tiny)
     status = torch.where(resid <= tol, Status.CONVERGED, Status.MAX_ITER)
-    nsteps = torch.full((batch,), max_iter, dtype=torch.long, device=grad.device)
-    return Solution(u.to(grad.dtype).view(shape), resid, nsteps, status, resid[None], nfev=0)
+    nsteps = torch.full((batch,), products[0], dtype=torch.long, device=grad.device)
+    return Solution(u.to(grad.dtype).view(shape), resid, nsteps, status, resid[None], nfev=products[0])
 
 
 def jacobian_penalty(f: Map, z: Tensor, *, samples: int = 1, generator: torch.Generator | None = None) -> Tensor:

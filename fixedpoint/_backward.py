@@ -260,7 +260,8 @@ def _gmres_adjoint(vjp, grad: Tensor, *, tol: float, max_iter: int, krylov_dim: 
     resid = row_norms(rhs - matvec(u), sdt) / row_norms(rhs, sdt).clamp_min(torch.finfo(sdt).tiny)
     status = torch.where(resid <= tol, Status.CONVERGED, Status.MAX_ITER)
     nsteps = torch.full((batch,), products[0], dtype=torch.long, device=grad.device)
-    return Solution(u.to(grad.dtype).view(shape), resid, nsteps, status, resid[None], nfev=products[0])
+    u = u.to(grad.dtype).view(shape)
+    return Solution(u, grad + vjp(u), resid, nsteps, status, resid[None], nfev=products[0])
 
 
 def jacobian_penalty(f: Map, z: Tensor, *, samples: int = 1, generator: torch.Generator | None = None) -> Tensor:

@@ -40,6 +40,8 @@ class FixedPoint(nn.Module):
             (default), ``jfb``, ``phantom``, ``unrolled``, ``stochastic_jfb`` or
             a partial of one of them with its options.
 
+    Every path returns f applied at (an approximation of) the fixed point: in
+    eval, ``Solution.fx`` of the best iterate, which the solver computed anyway.
     After each call, ``last_solution`` holds the forward Solution (None when no
     solver ran) and ``last_info`` the :class:`GradInfo` of the backward mode.
     """
@@ -75,7 +77,7 @@ class FixedPoint(nn.Module):
         if not (self.training and torch.is_grad_enabled()):
             self.last_solution = self.eval_solver(g, z0)
             self.last_info = None
-            return self.last_solution.x
+            return self.last_solution.fx  # f at the best iterate, as the training modes return
         start = z0
         self.last_solution = None
         if self.solver is not None:

@@ -41,6 +41,7 @@ class Solution:
     """What every solver returns. Per-sample fields have the batch as first dimension."""
 
     x: Tensor  # (B, ...) best iterate per sample (lowest residual), dtype of x0
+    fx: Tensor  # (B, ...) f(x): one application of f beyond x, computed anyway to measure the residual
     residual: Tensor  # (B,) residual of x in the stopping measure
     nsteps: Tensor  # (B,) iterations each sample used before it stopped
     status: Tensor  # (B,) int64 codes of Status
@@ -178,7 +179,7 @@ def _loop(solver: Solver, f, x0: Tensor, *, tol, max_iter, stop, divergence) -> 
     gnorm0 = gnorm
     status = classify(res, gnorm, finite)  # (B,) int64 codes
     active = status == Status.MAX_ITER  # (B,) still iterating
-    best_x, best_res = x.clone(), res.clone()  # NaN residual for a non-finite start
+    best_x, best_fx, best_res = x.clone(), fx, res.clone()  # NaN residual for a non-finite start
     nsteps = torch.zeros(batch, dtype=torch.long, device=x.device)
     trace = torch.full((max_iter, batch), float("nan"), dtype=sdt, device=x.device)
 
@@ -200,11 +201,16 @@ def _loop(solver: Solver, f, x0: Tensor, *, tol, max_iter, stop, divergence) -> 
         best_res = torch.where(improved, res, best_res)
         active = status == Status.MAX_ITER
         n_active, n_improved = torch.stack([active.sum(), improved.sum()]).tolist()
-        best_x = x if n_improved == batch else torch.where(improved[:, None], x, best_x)
+        if n_improved == batch:
+            best_x, best_fx = x, fx
+        elif n_improved:
+            best_x = torch.where(improved[:, None], x, best_x)
+            best_fx = torch.where(improved[:, None], fx, best_fx)
         state = solver.update(state, x, fx, g, gnorm)
 
     return Solution(
         x=best_x.view(x0.shape),
+        fx=best_fx.view(x0.shape),
         residual=best_res,
         nsteps=nsteps,
         status=status,

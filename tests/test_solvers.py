@@ -43,6 +43,7 @@ def test_residual_and_trace_describe_the_returned_iterate(solver):
     problem = PROBLEMS[2]  # tanh layer
     sol = getattr(fixedpoint, solver)(problem.f, problem.x0, tol=1e-8)
     fx = problem.f(sol.x)
+    torch.testing.assert_close(sol.fx, fx)  # the image of the returned iterate, not of the last one
     recomputed = (fx - sol.x).flatten(1).norm(dim=1) / fx.flatten(1).norm(dim=1)
     torch.testing.assert_close(sol.residual, recomputed)
     # the trace has one row per iteration; a sample's last finite entry is where it stopped

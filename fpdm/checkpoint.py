@@ -1,0 +1,68 @@
+"""Checkpoints written atomically and read back with checks: never half-written, never silently replaced."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+__all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint"]
+
+FORMAT = 1
+
+
+class CheckpointError(Exception):
+    """A checkpoint that cannot be used; the message says why in one line."""
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    """Write ``state`` to ``path`` atomically: a temporary file in the same folder, fsync, then rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as fh:
+            torch.save({"format": FORMAT, **state}, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def load_checkpoint(path: Path, *, run: dict | None = None, config: dict | None = None) -> dict:
+    """Read a checkpoint; if ``run`` / ``config`` are given they must match what it was written with."""
+    path = Path(path)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:  # noqa: BLE001 (any failure to read is the same answer to the user)
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise CheckpointError(
+            f"checkpoint {path} is unreadable ({reason}); move it away to start over, or use another --out"
+        ) from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not a checkpoint of this program (format {FORMAT})")
+    for name, expected in (("run", run), ("config", config)):
+        if expected is None:
+            continue
+        saved = state.get(name, {})
+        diff = [
+            f"{key}={_show(saved.get(key))} (now {_show(expected.get(key))})"
+            for key in sorted(set(saved) | set(expected))
+            if _show(saved.get(key)) != _show(expected.get(key))
+        ]
+        if diff:
+            raise CheckpointError(
+                f"checkpoint {path} was made with {', '.join(diff)}; use the same settings to resume, or another --out"
+            )
+    return state
+
+
+def _show(value) -> str:
+    return str(list(value) if isinstance(value, tuple) else value)

@@ -1,0 +1,153 @@
+"""Datasets: built-in digits, Fashion-MNIST idx files, an image folder, VAE latent shards.
+
+Every dataset is loaded whole into memory as a :class:`ImageData`: images
+(N, C, H, W) float32 in [-1, 1] (latents: as encoded, already scaled) and
+labels (N,) int64. Names: ``digits``, ``fashion-mnist``, ``folder:PATH``,
+``latents:PATH``.
+"""
+
+from __future__ import annotations
+
+import gzip
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+__all__ = ["ImageData", "DataError", "load_dataset", "DATASETS", "FASHION_MNIST_DIR"]
+
+FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+DATASETS = ("digits", "fashion-mnist", "folder:PATH", "latents:PATH")
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+
+
+class DataError(ValueError):
+    """A dataset that cannot be loaded; the message says why and what to do, in one line."""
+
+
+@dataclass
+class ImageData:
+    images: Tensor  # (N, C, H, W) float32
+    labels: Tensor  # (N,) int64
+    num_classes: int
+    name: str
+    is_latent: bool = False  # latents are not images: no clipping to [-1, 1], decode before viewing
+
+    @property
+    def channels(self) -> int:
+        return self.images.shape[1]
+
+    @property
+    def image_size(self) -> int:
+        return self.images.shape[-1]
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+
+def load_dataset(
+    name: str, *, split: str = "train", data_dir: str | None = None, image_size: int | None = None
+) -> ImageData:
+    """Load a dataset by name (see the module docstring); ``split`` is "train" or "test"."""
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    if name == "digits":
+        return _digits(split)
+    if name == "fashion-mnist":
+        return _fashion_mnist(split, Path(data_dir) if data_dir else FASHION_MNIST_DIR)
+    if name.startswith("folder:"):
+        return _folder(Path(name[len("folder:") :]), image_size)
+    if name.startswith("latents:"):
+        return _latents(Path(name[len("latents:") :]))
+    raise DataError(f"unknown dataset {name!r}; valid: {', '.join(DATASETS)}")
+
+
+def _to_unit_range(pixels: np.ndarray, high: float) -> Tensor:
+    return torch.from_numpy(pixels.astype(np.float32) / high * 2.0 - 1.0)
+
+
+def _digits(split: str) -> ImageData:
+    """scikit-learn's 1,797 UCI 8x8 digits (values 0..16), shipped in its wheel. Test: every 5th image."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    images, labels = digits.images, digits.target
+    test = np.arange(len(labels)) % 5 == 0
+    keep = test if split == "test" else ~test
+    return ImageData(_to_unit_range(images[keep][:, None], 16.0), torch.from_numpy(labels[keep]).long(), 10, "digits")
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    with gzip.open(path, "rb") as fh:
+        data = fh.read()
+    ndim = data[3]
+    shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
+
+
+def _fashion_mnist(split: str, directory: Path) -> ImageData:
+    prefix = "train" if split == "train" else "t10k"
+    images_path = directory / f"{prefix}-images-idx3-ubyte.gz"
+    labels_path = directory / f"{prefix}-labels-idx1-ubyte.gz"
+    for path in (images_path, labels_path):
+        if not path.is_file():
+            raise DataError(
+                f"Fashion-MNIST file {path} not found: on Debian `apt-get install dataset-fashion-mnist`, "
+                "or pass --data-dir with the idx .gz files"
+            )
+    try:
+        images, labels = _read_idx(images_path), _read_idx(labels_path)
+    except (OSError, ValueError, IndexError) as err:
+        raise DataError(f"cannot read Fashion-MNIST in {directory}: {err}") from None
+    return ImageData(
+        _to_unit_range(images[:, None], 255.0), torch.from_numpy(labels.copy()).long(), 10, "fashion-mnist"
+    )
+
+
+def _folder(root: Path, image_size: int | None) -> ImageData:
+    """One subfolder per class; images are centre-cropped and resized to ``image_size`` (RGB)."""
+    from PIL import Image
+
+    if not root.is_dir():
+        raise DataError(f"image folder {root} does not exist")
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir())
+    if not classes:
+        raise DataError(f"image folder {root} has no class subfolders (expected {root}/CLASS/IMAGE.png)")
+    size = image_size or 32
+    images, labels = [], []
+    for index, cls in enumerate(classes):
+        for path in sorted((root / cls).iterdir()):
+            if path.suffix.lower() not in IMAGE_SUFFIXES:
+                continue
+            with Image.open(path) as img:
+                img = img.convert("RGB")
+                side = min(img.size)
+                left, top = (img.width - side) // 2, (img.height - side) // 2
+                img = img.crop((left, top, left + side, top + side)).resize((size, size), Image.BICUBIC)
+                images.append(np.asarray(img).transpose(2, 0, 1))
+                labels.append(index)
+    if not images:
+        raise DataError(f"image folder {root} has no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+    return ImageData(_to_unit_range(np.stack(images), 255.0), torch.tensor(labels), len(classes), f"folder:{root}")
+
+
+def _latents(root: Path) -> ImageData:
+    """Shards ``*.npz`` with ``latents`` (N, C, h, w) and ``labels`` (N,), as written by ``python -m fpdm.encode``."""
+    shards = sorted(root.glob("*.npz")) if root.is_dir() else [root]
+    if not shards or not shards[0].is_file():
+        raise DataError(f"no latent shards (*.npz) at {root}; make them with `python -m fpdm.encode`")
+    latents, labels, num_classes = [], [], 0
+    for shard in shards:
+        try:
+            with np.load(shard) as data:
+                latents.append(data["latents"].astype(np.float32))
+                labels.append(data["labels"].astype(np.int64))
+                num_classes = max(num_classes, int(data["num_classes"]) if "num_classes" in data else 0)
+        except (OSError, KeyError, ValueError) as err:
+            raise DataError(f"cannot read latent shard {shard}: {err}") from None
+    y = torch.from_numpy(np.concatenate(labels))
+    return ImageData(
+        torch.from_numpy(np.concatenate(latents)), y, max(num_classes, int(y.max()) + 1), f"latents:{root}", True
+    )

@@ -1,0 +1,262 @@
+"""Gaussian diffusion: linear schedule, q_sample, training loss, DDPM and DDIM samplers.
+
+The model is only a callable ``model(x, t, y) -> out`` with ``out`` (N, C, H, W)
+(epsilon) or (N, 2C, H, W) (epsilon and the variance interpolation of
+Improved DDPM, when the variance is learned). As in DiT (which follows
+Improved DDPM): linear betas 1e-4..0.02 over 1000 steps, epsilon MSE plus the
+variational bound term for a learned variance, and samplers over a respaced
+subset of the timesteps.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+__all__ = ["Diffusion", "ModelFn", "space_timesteps", "guided"]
+
+ModelFn = Callable[[Tensor, Tensor, Tensor], Tensor]
+
+
+def linear_betas(num_timesteps: int) -> Tensor:
+    """DiT's linear schedule, scaled so that 1000 steps give 1e-4..0.02."""
+    scale = 1000 / num_timesteps
+    return torch.linspace(scale * 1e-4, scale * 0.02, num_timesteps, dtype=torch.float64)
+
+
+def space_timesteps(num_timesteps: int, steps: int) -> list[int]:
+    """``steps`` timesteps spread evenly over [0, num_timesteps) (Improved DDPM's respacing, one section)."""
+    if not isinstance(steps, int) or not 1 <= steps <= num_timesteps:
+        raise ValueError(f"sampling steps must be an integer in [1, {num_timesteps}], got {steps!r}")
+    if steps == 1:
+        return [0]
+    stride = (num_timesteps - 1) / (steps - 1)
+    return sorted({round(i * stride) for i in range(steps)})
+
+
+def _extract(values: Tensor, t: Tensor, ndim: int) -> Tensor:
+    """values[t] as float32 shaped (N, 1, 1, ...) to broadcast over a (N, ...) tensor."""
+    out = values.to(t.device)[t].float()
+    return out.view(-1, *([1] * (ndim - 1)))
+
+
+def normal_kl(mean1: Tensor, logvar1: Tensor, mean2: Tensor, logvar2: Tensor) -> Tensor:
+    return 0.5 * (-1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2) + (mean1 - mean2) ** 2 * torch.exp(-logvar2))
+
+
+def _approx_standard_normal_cdf(x: Tensor) -> Tensor:
+    return 0.5 * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3)))
+
+
+def discretized_gaussian_log_likelihood(x: Tensor, means: Tensor, log_scales: Tensor) -> Tensor:
+    """Log-likelihood of data in [-1, 1] discretised to 256 bins (Improved DDPM's decoder term)."""
+    centered = x - means
+    inv_stdv = torch.exp(-log_scales)
+    cdf_plus = _approx_standard_normal_cdf(inv_stdv * (centered + 1.0 / 255.0))
+    cdf_min = _approx_standard_normal_cdf(inv_stdv * (centered - 1.0 / 255.0))
+    log_cdf_plus = torch.log(cdf_plus.clamp(min=1e-12))
+    log_one_minus_cdf_min = torch.log((1.0 - cdf_min).clamp(min=1e-12))
+    cdf_delta = cdf_plus - cdf_min
+    return torch.where(
+        x < -0.999,
+        log_cdf_plus,
+        torch.where(x > 0.999, log_one_minus_cdf_min, torch.log(cdf_delta.clamp(min=1e-12))),
+    )
+
+
+@dataclass
+class Diffusion:
+    """A (possibly respaced) diffusion process.
+
+    ``timesteps[i]`` is the original timestep the model sees at step i of this
+    process; ``betas`` are recomputed so that the respaced process has the same
+    marginals q(x_t | x_0) at those timesteps.
+    """
+
+    betas: Tensor  # (S,) float64
+    timesteps: Tensor  # (S,) long: the original timestep index of each step
+    learn_sigma: bool = True
+
+    @classmethod
+    def create(cls, num_timesteps: int = 1000, *, learn_sigma: bool = True, steps: int | None = None) -> Diffusion:
+        """The linear-schedule process, respaced to ``steps`` steps if given."""
+        betas = linear_betas(num_timesteps)
+        if steps is None or steps == num_timesteps:
+            return cls(betas, torch.arange(num_timesteps), learn_sigma)
+        keep = space_timesteps(num_timesteps, steps)
+        alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
+        new_betas, last = [], 1.0
+        for t in keep:
+            new_betas.append(1.0 - alphas_cumprod[t].item() / last)
+            last = alphas_cumprod[t].item()
+        return cls(torch.tensor(new_betas, dtype=torch.float64), torch.tensor(keep), learn_sigma)
+
+    def __post_init__(self) -> None:
+        b = self.betas
+        self.num_timesteps = len(b)
+        self.alphas_cumprod = torch.cumprod(1.0 - b, dim=0)
+        self.alphas_cumprod_prev = torch.cat([torch.ones(1, dtype=b.dtype), self.alphas_cumprod[:-1]])
+        self.posterior_variance = b * (1.0 - self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod)
+        self.posterior_log_variance_clipped = torch.log(
+            torch.cat([self.posterior_variance[1:2], self.posterior_variance[1:]])
+        )
+        self.posterior_mean_coef1 = b * torch.sqrt(self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod)
+        self.posterior_mean_coef2 = (1.0 - self.alphas_cumprod_prev) * torch.sqrt(1.0 - b) / (1.0 - self.alphas_cumprod)
+
+    # ------------------------------------------------------------------ forward process and loss
+
+    def q_sample(self, x0: Tensor, t: Tensor, noise: Tensor) -> Tensor:
+        """x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) noise; t indexes this process's steps."""
+        ab = _extract(self.alphas_cumprod, t, x0.ndim)
+        return ab.sqrt() * x0 + (1 - ab).sqrt() * noise
+
+    def q_posterior(self, x0: Tensor, xt: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+        """Mean and log variance of q(x_{t-1} | x_t, x_0)."""
+        mean = (
+            _extract(self.posterior_mean_coef1, t, xt.ndim) * x0 + _extract(self.posterior_mean_coef2, t, xt.ndim) * xt
+        )
+        return mean, _extract(self.posterior_log_variance_clipped, t, xt.ndim)
+
+    def p_mean_variance(self, out: Tensor, xt: Tensor, t: Tensor, *, clip: bool) -> tuple[Tensor, Tensor, Tensor]:
+        """From the model output: predicted x0, and mean and log variance of p(x_{t-1} | x_t)."""
+        channels = xt.shape[1]
+        eps = out[:, :channels]
+        if self.learn_sigma:
+            frac = (out[:, channels:] + 1) / 2  # interpolate between the two bounds of Improved DDPM
+            min_log = _extract(self.posterior_log_variance_clipped, t, xt.ndim)
+            max_log = _extract(torch.log(self.betas), t, xt.ndim)
+            log_var = frac * max_log + (1 - frac) * min_log
+        else:  # fixed large variance (DiT without learned sigma)
+            variance = torch.cat([self.posterior_variance[1:2], self.betas[1:]])
+            log_var = _extract(torch.log(variance), t, xt.ndim).expand_as(xt)
+        x0 = self.predict_x0(xt, t, eps)
+        if clip:
+            x0 = x0.clamp(-1, 1)
+        mean, _ = self.q_posterior(x0, xt, t)
+        return x0, mean, log_var
+
+    def predict_x0(self, xt: Tensor, t: Tensor, eps: Tensor) -> Tensor:
+        ab = _extract(self.alphas_cumprod, t, xt.ndim)
+        return (xt - (1 - ab).sqrt() * eps) / ab.sqrt()
+
+    def training_losses(self, model: ModelFn, x0: Tensor, t: Tensor, y: Tensor, noise: Tensor | None = None) -> Tensor:
+        """Per-sample loss (N,): epsilon MSE, plus the variational bound term when the variance is learned.
+
+        The bound term sees the model's mean through a stop-gradient, so it only
+        trains the variance (Improved DDPM's hybrid loss, as DiT uses it).
+        """
+        noise = torch.randn_like(x0) if noise is None else noise
+        xt = self.q_sample(x0, t, noise)
+        out = model(xt, self.timesteps.to(t.device)[t], y).float()
+        channels = x0.shape[1]
+        mse = ((noise - out[:, :channels]) ** 2).mean(dim=(1, 2, 3))
+        if not self.learn_sigma:
+            return mse
+        frozen = torch.cat([out[:, :channels].detach(), out[:, channels:]], dim=1)
+        return mse + self.vb_terms(frozen, x0, xt, t)
+
+    def vb_terms(self, out: Tensor, x0: Tensor, xt: Tensor, t: Tensor) -> Tensor:
+        """KL(q(x_{t-1}|x_t,x_0) || p(x_{t-1}|x_t)) in bits per dim; the decoder NLL at t = 0. (N,)"""
+        true_mean, true_log_var = self.q_posterior(x0, xt, t)
+        _, mean, log_var = self.p_mean_variance(out, xt, t, clip=False)
+        kl = normal_kl(true_mean, true_log_var, mean, log_var).mean(dim=(1, 2, 3)) / math.log(2.0)
+        nll = -discretized_gaussian_log_likelihood(x0, mean, 0.5 * log_var).mean(dim=(1, 2, 3)) / math.log(2.0)
+        return torch.where(t == 0, nll, kl)
+
+    # ------------------------------------------------------------------ samplers
+
+    def ddpm_steps(
+        self, model: ModelFn, noise: Tensor, y: Tensor, *, clip: bool = False, generator: torch.Generator | None = None
+    ) -> Iterator[Tensor]:
+        """Ancestral sampling; yields x_{t-1} after each step (the last one is the sample)."""
+        x = noise
+        for i in reversed(range(self.num_timesteps)):
+            t = torch.full((x.shape[0],), i, dtype=torch.long, device=x.device)
+            out = model(x, self.timesteps.to(x.device)[t], y).float()
+            _, mean, log_var = self.p_mean_variance(out, x, t, clip=clip)
+            if i > 0:
+                z = torch.randn(x.shape, generator=generator, device=x.device if generator is None else "cpu")
+                x = mean + torch.exp(0.5 * log_var) * z.to(x.device)
+            else:
+                x = mean
+            yield x
+
+    def ddim_steps(
+        self,
+        model: ModelFn,
+        noise: Tensor,
+        y: Tensor,
+        *,
+        eta: float = 0.0,
+        clip: bool = False,
+        generator: torch.Generator | None = None,
+    ) -> Iterator[Tensor]:
+        """DDIM sampling (eta = 0: deterministic); yields x after each step."""
+        if not 0.0 <= eta <= 1.0:
+            raise ValueError(f"eta must be in [0, 1], got {eta!r}")
+        x = noise
+        for i in reversed(range(self.num_timesteps)):
+            t = torch.full((x.shape[0],), i, dtype=torch.long, device=x.device)
+            out = model(x, self.timesteps.to(x.device)[t], y).float()
+            eps = out[:, : x.shape[1]]
+            x0 = self.predict_x0(x, t, eps)
+            if clip:
+                x0 = x0.clamp(-1, 1)
+                eps = (x - _extract(self.alphas_cumprod, t, x.ndim).sqrt() * x0) / (
+                    1 - _extract(self.alphas_cumprod, t, x.ndim)
+                ).sqrt()
+            ab = _extract(self.alphas_cumprod, t, x.ndim)
+            ab_prev = _extract(self.alphas_cumprod_prev, t, x.ndim)
+            sigma = eta * ((1 - ab_prev) / (1 - ab) * (1 - ab / ab_prev)).sqrt()
+            x = ab_prev.sqrt() * x0 + (1 - ab_prev - sigma**2).clamp_min(0).sqrt() * eps
+            if i > 0 and eta > 0:
+                z = torch.randn(x.shape, generator=generator, device=x.device if generator is None else "cpu")
+                x = x + sigma * z.to(x.device)
+            yield x
+
+    def sample(
+        self,
+        model: ModelFn,
+        noise: Tensor,
+        y: Tensor,
+        *,
+        method: str = "ddim",
+        eta: float = 0.0,
+        clip: bool = False,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """Run a sampler to the end; returns x_0 (N, C, H, W)."""
+        if method == "ddim":
+            steps = self.ddim_steps(model, noise, y, eta=eta, clip=clip, generator=generator)
+        elif method == "ddpm":
+            steps = self.ddpm_steps(model, noise, y, clip=clip, generator=generator)
+        else:
+            raise ValueError(f"sampling method must be 'ddim' or 'ddpm', got {method!r}")
+        x = noise
+        for x in steps:  # noqa: B007 (the last step is the sample)
+            pass
+        return x
+
+
+def guided(model: ModelFn, scale: float, null_class: int) -> ModelFn:
+    """Classifier-free guidance: eps = eps(x, null) + scale * (eps(x, y) - eps(x, null)).
+
+    One model call on the doubled batch [conditional; unconditional]. The
+    variance channels (if any) are taken from the conditional half. scale = 1
+    is plain conditional sampling (and skips the doubling).
+    """
+    if scale == 1.0:
+        return model
+
+    def guided_model(x: Tensor, t: Tensor, y: Tensor) -> Tensor:
+        n, channels = x.shape[0], x.shape[1]
+        out = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, torch.full_like(y, null_class)])).float()
+        cond, uncond = out[:n], out[n:]
+        eps = uncond[:, :channels] + scale * (cond[:, :channels] - uncond[:, :channels])
+        return torch.cat([eps, cond[:, channels:]], dim=1)
+
+    return guided_model

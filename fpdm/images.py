@@ -1,0 +1,74 @@
+"""Images out: sample grids as PNG, loss curves as PNG."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+__all__ = ["to_uint8", "save_grid", "plot_loss_curve"]
+
+
+def to_uint8(images: Tensor) -> np.ndarray:
+    """(N, C, H, W) in [-1, 1] -> (N, H, W, C) uint8."""
+    pixels = ((images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return pixels.permute(0, 2, 3, 1).numpy()
+
+
+def save_grid(images: Tensor, path: Path, *, nrow: int, scale: int = 1, pad: int = 1) -> Path:
+    """Write (N, C, H, W) images in [-1, 1] as one PNG grid with ``nrow`` images per row."""
+    from PIL import Image
+
+    pixels = to_uint8(images)  # (N, H, W, C)
+    n, h, w, c = pixels.shape
+    rows = math.ceil(n / nrow)
+    grid = np.full((rows * (h + pad) + pad, nrow * (w + pad) + pad, c), 255, dtype=np.uint8)
+    for i in range(n):
+        r, col = divmod(i, nrow)
+        grid[pad + r * (h + pad) : pad + r * (h + pad) + h, pad + col * (w + pad) : pad + col * (w + pad) + w] = pixels[
+            i
+        ]
+    image = Image.fromarray(grid[:, :, 0] if c == 1 else grid, mode="L" if c == 1 else "RGB")
+    if scale > 1:
+        image = image.resize((image.width * scale, image.height * scale), Image.NEAREST)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path)
+    return path
+
+
+def plot_loss_curve(records: list[dict], png_path: Path, *, title: str = "training loss") -> Path:
+    """Loss (raw and smoothed) vs step from metrics records ({"step": ..., "loss": ...}), as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps, losses = [], []
+    for record in records:
+        if "loss" in record:
+            steps.append(record["step"])
+            losses.append(record["loss"])
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(steps, losses, lw=0.8, alpha=0.4, label="loss")
+    if losses:
+        smooth, value = [], losses[0]
+        for loss in losses:
+            value = 0.95 * value + 0.05 * loss
+            smooth.append(value)
+        ax.plot(steps, smooth, lw=1.5, label="smoothed (EMA 0.95)")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_yscale("log")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    png_path = Path(png_path)
+    png_path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png_path, dpi=110)
+    plt.close(fig)
+    return png_path

@@ -1,0 +1,410 @@
+"""DiT (Peebles & Xie) and FPDM (Bai & Melas-Kyriazi): one model file, a dataclass config, a registry.
+
+The models know only ``forward(x, t, y)``: x (N, C, H, W) noisy images or
+latents, t (N,) integer timesteps, y (N,) class labels (``num_classes`` is the
+null label for classifier-free guidance). Schedules, losses and samplers live
+in ``fpdm.diffusion`` and take the model as a callable.
+
+FPDM keeps ``pre_depth`` explicit blocks in front and ``post_depth`` behind;
+everything in between is one weight-tied fixed-point layer solved with
+``fixedpoint``: stochastic Jacobian-free backprop in training, any solver in
+eval (``model.eval_solver``), optionally from a warm start.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import partial
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import torch.utils.checkpoint
+from torch import Tensor, nn
+
+import fixedpoint
+from fixedpoint import GradInfo, Solution
+
+__all__ = ["ModelConfig", "DiT", "FPDM", "MODEL_SIZES", "create_model", "model_names", "fixed_iterations"]
+
+
+# ----------------------------------------------------------------------------- config and registry
+
+
+@dataclass
+class ModelConfig:
+    """Everything that defines a model's architecture (saved in checkpoints)."""
+
+    kind: str = "fpdm"  # "dit" or "fpdm"
+    input_size: int = 32  # H = W of the input (latent) images
+    patch_size: int = 2
+    in_channels: int = 4
+    hidden_size: int = 1152
+    depth: int = 28  # DiT blocks (DiT only)
+    num_heads: int = 16
+    mlp_ratio: float = 4.0
+    num_classes: int = 1000
+    class_dropout_prob: float = 0.1  # label dropout for classifier-free guidance
+    learn_sigma: bool = True  # predict the variance too (2x output channels)
+    pre_depth: int = 1  # FPDM: explicit blocks before the fixed-point layer
+    post_depth: int = 1  # FPDM: explicit blocks after it
+    timestep_in_pre_post: bool = False  # FPDM: condition pre/post blocks on the timestep too
+    no_grad_iters: tuple[int, int] = (0, 10)  # FPDM S-JFB: iterations without gradient, inclusive range
+    grad_iters: tuple[int, int] = (1, 12)  # FPDM S-JFB: iterations with gradient
+    eval_iters: int = 12  # FPDM: default calls of the fixed-point block in eval (plain iteration)
+
+    def __post_init__(self) -> None:
+        self.no_grad_iters = tuple(self.no_grad_iters)
+        self.grad_iters = tuple(self.grad_iters)
+        checks = {
+            "kind": self.kind in ("dit", "fpdm"),
+            "input_size": self.input_size >= 1,
+            "patch_size": self.patch_size >= 1 and self.input_size % self.patch_size == 0,
+            "in_channels": self.in_channels >= 1,
+            "hidden_size": self.hidden_size >= 1 and self.hidden_size % max(self.num_heads, 1) == 0,
+            "num_heads": self.num_heads >= 1,
+            "depth": self.depth >= 1,
+            "num_classes": self.num_classes >= 1,
+            "class_dropout_prob": 0 <= self.class_dropout_prob < 1,
+            "pre_depth": self.pre_depth >= 0,
+            "post_depth": self.post_depth >= 0,
+            "eval_iters": self.eval_iters >= 1,
+        }
+        for name, ok in checks.items():
+            if not ok:
+                detail = f" (input_size {self.input_size})" if name == "patch_size" else ""
+                detail = f" (num_heads {self.num_heads})" if name == "hidden_size" else detail
+                raise ValueError(f"invalid model config: {name}={getattr(self, name)!r}{detail}")
+        for name in ("no_grad_iters", "grad_iters"):
+            lo, hi = getattr(self, name)
+            if not (0 <= lo <= hi) or (name == "grad_iters" and lo < 1):
+                raise ValueError(f"invalid model config: {name}={getattr(self, name)!r}")
+
+    @property
+    def out_channels(self) -> int:
+        return self.in_channels * 2 if self.learn_sigma else self.in_channels
+
+    @property
+    def num_tokens(self) -> int:
+        return (self.input_size // self.patch_size) ** 2
+
+
+# DiT's sizes (Peebles & Xie, Table 1) and a tiny one for CPU demos: (hidden, depth, heads)
+MODEL_SIZES = {"XL": (1152, 28, 16), "L": (1024, 24, 16), "B": (768, 12, 12), "S": (384, 12, 6), "T": (128, 4, 4)}
+PATCH_SIZES = (2, 4, 8)
+
+
+def model_names() -> list[str]:
+    """Every name ``create_model`` accepts, e.g. 'DiT-XL/2', 'FPDM-S/4', 'FPDM-T/2'."""
+    return [f"{kind}-{size}/{p}" for kind in ("DiT", "FPDM") for size in MODEL_SIZES for p in PATCH_SIZES]
+
+
+def create_model(name: str, **overrides) -> DiT | FPDM:
+    """Build a named model, e.g. ``create_model("FPDM-XL/2", input_size=32, num_classes=1000)``.
+
+    Overrides are ModelConfig fields; an unknown name or field is a ValueError listing the valid ones.
+    """
+    if name not in model_names():
+        raise ValueError(f"unknown model {name!r}; valid: {', '.join(model_names())}")
+    kind, rest = name.split("-", 1)
+    size, patch = rest.split("/")
+    hidden, depth, heads = MODEL_SIZES[size]
+    fields = {f.name for f in dataclasses.fields(ModelConfig)}
+    unknown = sorted(set(overrides) - fields)
+    if unknown:
+        raise ValueError(f"unknown model config field(s) {', '.join(unknown)}; valid: {', '.join(sorted(fields))}")
+    base = dict(kind=kind.lower(), hidden_size=hidden, depth=depth, num_heads=heads, patch_size=int(patch))
+    config = ModelConfig(**{**base, **overrides})
+    return build_model(config)
+
+
+def build_model(config: ModelConfig) -> DiT | FPDM:
+    """The model a config describes (how checkpoints are loaded)."""
+    return FPDM(config) if config.kind == "fpdm" else DiT(config)
+
+
+def fixed_iterations(n: int, solver: Callable[..., Solution] = fixedpoint.picard, **options) -> Callable:
+    """An eval solver making exactly ``n`` calls of the fixed-point block (for budgets and the paper's setting).
+
+    The shared loop calls f once at the start and once per iteration, so this is
+    ``max_iter = n - 1`` with a tolerance no residual reaches; n = 1 is one call.
+    """
+    if not isinstance(n, int) or n < 1:
+        raise ValueError(f"iterations must be an integer >= 1, got {n!r}")
+    if n == 1:
+        return _single_call
+    return partial(solver, max_iter=n - 1, tol=1e-30, divergence=None, **options)
+
+
+def _single_call(f: Callable[[Tensor], Tensor], x0: Tensor) -> Solution:
+    """The one-call 'solver': x = x0, fx = f(x0)."""
+    fx = f(x0)
+    batch = x0.shape[0]
+    res = (fx - x0).flatten(1).norm(dim=1) / fx.flatten(1).norm(dim=1).clamp_min(1e-30)
+    zeros = torch.zeros(batch, dtype=torch.long, device=x0.device)
+    status = torch.full_like(zeros, fixedpoint.Status.MAX_ITER)
+    return Solution(x0, fx, res.float(), zeros, status, res.float()[:0, None].expand(0, batch), nfev=1)
+
+
+# ----------------------------------------------------------------------------- building blocks
+
+
+def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
+    """adaLN modulation: x (N, T, D), shift/scale (N, D)."""
+    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
+class TimestepEmbedder(nn.Module):
+    """Sinusoidal features of the timestep, then an MLP (as in DiT)."""
+
+    def __init__(self, hidden_size: int, frequency_size: int = 256) -> None:
+        super().__init__()
+        self.frequency_size = frequency_size
+        self.mlp = nn.Sequential(nn.Linear(frequency_size, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size))
+
+    @staticmethod
+    def features(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
+        """(N,) -> (N, dim) sinusoidal timestep features."""
+        half = dim // 2
+        freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+        args = t[:, None].float() * freqs[None]
+        emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+        if dim % 2:
+            emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)
+        return emb
+
+    def forward(self, t: Tensor) -> Tensor:
+        features = self.features(t, self.frequency_size).to(self.mlp[0].weight.dtype)
+        return self.mlp(features)  # (N, D)
+
+
+class LabelEmbedder(nn.Module):
+    """Class embedding with one extra row: the null class used for classifier-free guidance."""
+
+    def __init__(self, num_classes: int, hidden_size: int, dropout_prob: float) -> None:
+        super().__init__()
+        self.embedding = nn.Embedding(num_classes + 1, hidden_size)
+        self.num_classes, self.dropout_prob = num_classes, dropout_prob
+
+    def forward(self, y: Tensor) -> Tensor:
+        if self.training and self.dropout_prob > 0:
+            drop = torch.rand(y.shape[0], device=y.device) < self.dropout_prob
+            y = torch.where(drop, self.num_classes, y)
+        return self.embedding(y)  # (N, D)
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, num_heads: int) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, dim * 3)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        n, t, d = x.shape
+        q, k, v = (
+            self.qkv(x).view(n, t, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
+        )  # (N, h, T, d/h)
+        out = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(out.transpose(1, 2).reshape(n, t, d))
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+class DiTBlock(nn.Module):
+    """A transformer block with adaLN-Zero conditioning: identity at initialisation."""
+
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(hidden_size, num_heads)
+        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
+
+    def forward(self, x: Tensor, c: Tensor) -> Tensor:
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
+        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
+        return x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))  # (N, T, D)
+
+
+class FinalLayer(nn.Module):
+    def __init__(self, hidden_size: int, patch_size: int, out_channels: int) -> None:
+        super().__init__()
+        self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
+
+    def forward(self, x: Tensor, c: Tensor) -> Tensor:
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
+        return self.linear(modulate(self.norm_final(x), shift, scale))  # (N, T, p*p*C_out)
+
+
+def sincos_pos_embed_2d(dim: int, grid: int) -> np.ndarray:
+    """Fixed 2-D sin-cos position embedding (grid*grid, dim), as in MAE and DiT."""
+    coords = np.meshgrid(np.arange(grid, dtype=np.float64), np.arange(grid, dtype=np.float64))  # w first
+
+    def one_axis(d: int, pos: np.ndarray) -> np.ndarray:
+        omega = 1.0 / 10000 ** (np.arange(d // 2, dtype=np.float64) / (d / 2.0))
+        out = np.einsum("m,d->md", pos.reshape(-1), omega)
+        return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+    return np.concatenate([one_axis(dim // 2, coords[0]), one_axis(dim // 2, coords[1])], axis=1)
+
+
+# ----------------------------------------------------------------------------- DiT
+
+
+class DiT(nn.Module):
+    """Diffusion transformer: patchify, embed, adaLN-Zero blocks, final layer, unpatchify."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        d = config.hidden_size
+        self.x_embedder = nn.Conv2d(config.in_channels, d, kernel_size=config.patch_size, stride=config.patch_size)
+        self.t_embedder = TimestepEmbedder(d)
+        self.y_embedder = LabelEmbedder(config.num_classes, d, config.class_dropout_prob)
+        grid = config.input_size // config.patch_size
+        pos = torch.from_numpy(sincos_pos_embed_2d(d, grid)).float().unsqueeze(0).to(self.x_embedder.weight.device)
+        self.register_buffer("pos_embed", pos, persistent=False)  # (1, T, D), fixed
+        self.build_body()
+        self.final_layer = FinalLayer(d, config.patch_size, config.out_channels)
+        self.initialize_weights()
+
+    grad_checkpointing: bool = False  # recompute each block in backward instead of keeping its activations
+
+    def run_block(self, block: DiTBlock, tokens: Tensor, c: Tensor) -> Tensor:
+        if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(block, tokens, c, use_reentrant=False)
+        return block(tokens, c)
+
+    def block(self) -> DiTBlock:
+        return DiTBlock(self.config.hidden_size, self.config.num_heads, self.config.mlp_ratio)
+
+    def build_body(self) -> None:
+        self.blocks = nn.ModuleList([self.block() for _ in range(self.config.depth)])
+
+    def initialize_weights(self) -> None:
+        """DiT's initialisation: xavier linears, zeroed adaLN modulations and output layer."""
+
+        def basic(module: nn.Module) -> None:
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+
+        self.apply(basic)
+        w = self.x_embedder.weight.data
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.zeros_(self.x_embedder.bias)
+        nn.init.normal_(self.y_embedder.embedding.weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        for module in self.modules():
+            if isinstance(module, (DiTBlock, FinalLayer)):
+                nn.init.zeros_(module.adaLN_modulation[-1].weight)
+                nn.init.zeros_(module.adaLN_modulation[-1].bias)
+        nn.init.zeros_(self.final_layer.linear.weight)
+        nn.init.zeros_(self.final_layer.linear.bias)
+
+    def embed(self, x: Tensor, t: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Tokens (N, T, D), timestep embedding (N, D), class embedding (N, D)."""
+        tokens = self.x_embedder(x).flatten(2).transpose(1, 2) + self.pos_embed  # (N, T, D)
+        return tokens, self.t_embedder(t), self.y_embedder(y)
+
+    def unpatchify(self, x: Tensor) -> Tensor:
+        """(N, T, p*p*C) -> (N, C, H, W)."""
+        c, p = self.config.out_channels, self.config.patch_size
+        h = w = int(x.shape[1] ** 0.5)
+        x = x.reshape(x.shape[0], h, w, p, p, c)
+        return torch.einsum("nhwpqc->nchpwq", x).reshape(x.shape[0], c, h * p, w * p)
+
+    def body(self, tokens: Tensor, t_emb: Tensor, y_emb: Tensor, z0: Tensor | None) -> Tensor:
+        c = t_emb + y_emb
+        for block in self.blocks:
+            tokens = self.run_block(block, tokens, c)
+        return tokens
+
+    def forward(self, x: Tensor, t: Tensor, y: Tensor, *, z0: Tensor | None = None) -> Tensor:
+        """x (N, C, H, W), t (N,), y (N,) -> (N, C_out, H, W). ``z0`` is ignored (FPDM's warm start)."""
+        tokens, t_emb, y_emb = self.embed(x, t, y)
+        tokens = self.body(tokens, t_emb, y_emb, z0)
+        return self.unpatchify(self.final_layer(tokens, t_emb + y_emb))
+
+    @property
+    def block_evaluations(self) -> int:
+        """Blocks evaluated by the last forward (compute unit for DiT vs FPDM comparisons)."""
+        return self.config.depth
+
+
+# ----------------------------------------------------------------------------- FPDM
+
+
+@dataclass
+class FixedPointState:
+    """What the last FPDM forward did in its fixed-point layer."""
+
+    z: Tensor  # (N, T, D) the fixed point reached (detached), a warm start for the next timestep
+    calls: int  # calls of the fixed-point block
+    solution: Solution | None = None  # eval: the solver's Solution
+    info: GradInfo = field(default_factory=GradInfo)  # training: the S-JFB draws
+
+
+class FPDM(DiT):
+    """DiT whose middle blocks are one implicit fixed-point layer (Bai & Melas-Kyriazi, CVPR 2024)."""
+
+    def build_body(self) -> None:
+        cfg, d = self.config, self.config.hidden_size
+        self.blocks_pre = nn.ModuleList([self.block() for _ in range(cfg.pre_depth)])
+        self.injection = nn.Linear(d, d)
+        self.projection = nn.Sequential(nn.Linear(2 * d, 2 * d), nn.GELU(), nn.Linear(2 * d, d))
+        self.block_fixed_point = self.block()
+        self.blocks_post = nn.ModuleList([self.block() for _ in range(cfg.post_depth)])
+        self.eval_solver: Callable[..., Solution] = fixed_iterations(cfg.eval_iters)
+        self.generator: torch.Generator | None = None  # S-JFB draws; set for reproducible training
+        self.last_fixed_point: FixedPointState | None = None
+
+    def fixed_point_map(self, z: Tensor, x_inj: Tensor, c: Tensor) -> Tensor:
+        """One iteration: z <- Block(Linear(GELU(Linear(concat[z, x_inj]))), c); all (N, T, D)."""
+        return self.block_fixed_point(self.projection(torch.cat([z, x_inj], dim=-1)), c)
+
+    def body(self, tokens: Tensor, t_emb: Tensor, y_emb: Tensor, z0: Tensor | None) -> Tensor:
+        c_full = t_emb + y_emb
+        c_outer = c_full if self.config.timestep_in_pre_post else y_emb
+        for block in self.blocks_pre:
+            tokens = self.run_block(block, tokens, c_outer)
+        x_inj = self.injection(tokens)  # (N, T, D), computed once
+        start = tokens if z0 is None else z0.to(tokens.dtype)
+        f = lambda z: self.fixed_point_map(z, x_inj, c_full)  # noqa: E731
+        if self.training and torch.is_grad_enabled():
+            info = GradInfo()
+            cfg = self.config
+            z = fixedpoint.stochastic_jfb(
+                f, start, no_grad=cfg.no_grad_iters, with_grad=cfg.grad_iters, generator=self.generator, info=info
+            )
+            state = FixedPointState(z.detach(), info.no_grad_steps + info.grad_steps, None, info)
+        else:
+            solution = self.eval_solver(f, start.detach())
+            z = solution.fx
+            state = FixedPointState(z.detach(), solution.nfev, solution)
+        self.last_fixed_point = state
+        for block in self.blocks_post:
+            z = self.run_block(block, z, c_outer)
+        return z
+
+    @property
+    def block_evaluations(self) -> int:
+        """Blocks evaluated by the last forward: pre + post + calls of the fixed-point block."""
+        calls = self.last_fixed_point.calls if self.last_fixed_point is not None else 0
+        return self.config.pre_depth + self.config.post_depth + calls

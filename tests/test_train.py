@@ -1,0 +1,150 @@
+"""python -m fpdm.train end to end: outputs, resume (exact), checkpoints, many processes, bad input."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+FAST = ["--model", "DiT-T/2", "--batch-size", "16", "--sample-steps", "2", "--quiet", "--log-every", "1"]
+
+
+def run(*args, env=None, timeout=240):
+    environment = {**os.environ, "OMP_NUM_THREADS": "2", **(env or {})}
+    return subprocess.run([sys.executable, "-m", "fpdm.train", *args], capture_output=True, text=True,
+                          timeout=timeout, env=environment)  # fmt: skip
+
+
+def _one_line_error(result, match):
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert "Traceback" not in result.stderr
+    assert match in lines[0], lines[0]
+
+
+def _weights(out: Path) -> dict:
+    ckpt = torch.load(out / "checkpoints" / "latest.pt", weights_only=False)
+    return {"step": ckpt["step"], **{f"model.{k}": v for k, v in ckpt["model"].items()},
+            **{f"ema.{k}": v for k, v in ckpt["ema"].items()}}  # fmt: skip
+
+
+def _assert_same_weights(a: dict, b: dict):
+    assert a["step"] == b["step"]
+    for key in a:
+        if key != "step":
+            assert torch.equal(a[key], b[key]), key
+
+
+def test_a_short_run_writes_everything(tmp_path):
+    result = run("--steps", "4", "--out", str(tmp_path), "--model", "FPDM-T/2", "--batch-size", "16",
+                 "--sample-steps", "2", "--quiet", "--log-every", "1")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    for name in ("samples.png", "loss.png", "metrics.jsonl", "config.json", "checkpoints/latest.pt"):
+        assert (tmp_path / name).is_file(), name
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    assert all(0 <= r["no_grad_iters"] <= 10 and 1 <= r["grad_iters"] <= 12 for r in records)
+    assert all(r["loss"] > 0 for r in records)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["model"]["kind"] == "fpdm" and config["model"]["input_size"] == 8
+
+
+def test_resume_equals_an_uninterrupted_run(tmp_path):
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    assert run("--steps", "6", "--out", str(whole), *FAST, "--model", "FPDM-T/2").returncode == 0
+    assert run("--steps", "3", "--out", str(parts), *FAST, "--model", "FPDM-T/2").returncode == 0
+    second = run("--steps", "6", "--out", str(parts), *FAST, "--model", "FPDM-T/2")
+    assert second.returncode == 0, second.stderr
+    assert "resuming from" in second.stdout and "at step 3" in second.stdout
+    _assert_same_weights(_weights(whole), _weights(parts))
+    steps = [json.loads(line)["step"] for line in (parts / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5, 6]
+
+
+def test_killed_run_resumed_equals_an_uninterrupted_run(tmp_path):
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    args = ["--steps", "60", "--ckpt-every", "5", *FAST]
+    assert run(*args, "--out", str(whole)).returncode == 0
+    env = {**os.environ, "OMP_NUM_THREADS": "2"}
+    proc = subprocess.Popen([sys.executable, "-m", "fpdm.train", *args, "--out", str(killed)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)  # fmt: skip
+    ckpt = killed / "checkpoints" / "latest.pt"
+    deadline = time.time() + 120
+    while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = torch.load(ckpt, weights_only=False)["step"]
+    assert killed_at < 60, "the run finished before it could be killed"
+    resumed = run(*args, "--out", str(killed))
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"at step {killed_at}" in resumed.stdout
+    _assert_same_weights(_weights(whole), _weights(killed))
+
+
+def test_two_processes_with_gloo(tmp_path):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "fpdm.train", "--steps", "3", "--out", str(tmp_path), *FAST, "--sample-steps", "0"]  # fmt: skip
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "2 process(es)" in result.stdout and "8 images each" in result.stdout
+    ckpt = torch.load(tmp_path / "checkpoints" / "latest.pt", weights_only=False)
+    assert ckpt["step"] == 3 and len(ckpt["rng"]) == 2 and ckpt["run"]["world_size"] == 2
+
+
+def test_corrupt_checkpoint_is_an_error_and_is_not_overwritten(tmp_path):
+    path = tmp_path / "checkpoints" / "latest.pt"
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"not a checkpoint")
+    _one_line_error(run("--steps", "2", "--out", str(tmp_path), *FAST), "is unreadable")
+    assert path.read_bytes() == b"not a checkpoint"
+
+
+def test_mismatched_checkpoint_is_an_error_and_is_not_overwritten(tmp_path):
+    assert run("--steps", "2", "--out", str(tmp_path), *FAST).returncode == 0
+    before = (tmp_path / "checkpoints" / "latest.pt").read_bytes()
+    _one_line_error(run("--steps", "4", "--out", str(tmp_path), *FAST, "--lr", "0.01"), "lr=0.001 (now 0.01)")
+    _one_line_error(run("--steps", "4", "--out", str(tmp_path), *FAST[2:], "--model", "FPDM-T/2"), "model=DiT-T/2")
+    assert (tmp_path / "checkpoints" / "latest.pt").read_bytes() == before
+
+
+@pytest.mark.parametrize(
+    "args,env,match",
+    [
+        (["--dataset", "mnist"], None, "unknown dataset 'mnist'"),
+        (["--model", "DiT-Huge/2"], None, "unknown --model 'DiT-Huge/2'"),
+        (["--dataset", "fashion-mnist", "--data-dir", "/nonexistent"], None, "apt-get install dataset-fashion-mnist"),
+        (["--dataset", "folder:/nonexistent"], None, "image folder /nonexistent does not exist"),
+        (["--dataset", "latents:/nonexistent"], None, "no latent shards"),
+        (["--batch-size", "3"], {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0"}, "not divisible by the 2"),
+        (["--lr", "-1"], None, "--lr must be positive"),
+        (["--device", "cuda"] if not torch.cuda.is_available() else ["--device", "tpu"], None, "--device"),
+    ],
+)
+def test_bad_input_is_one_line_and_nonzero(tmp_path, args, env, match):
+    result = run("--steps", "1", "--out", str(tmp_path), "--quiet", *args, env=env, timeout=60)
+    _one_line_error(result, match)
+
+
+def test_bad_flag_values_exit_nonzero_without_traceback(tmp_path):
+    result = run("--steps", "zero", "--out", str(tmp_path), timeout=60)
+    assert result.returncode == 2 and "Traceback" not in result.stderr and "--steps" in result.stderr
+
+
+def test_checkpoint_write_is_atomic(tmp_path):
+    from fpdm.checkpoint import load_checkpoint, save_checkpoint
+
+    path = tmp_path / "latest.pt"
+    save_checkpoint(path, {"step": 1})
+    before = path.read_bytes()
+    with pytest.raises(Exception):  # noqa: B017 (any failure while writing)
+        save_checkpoint(path, {"step": 2, "bad": lambda: None})  # not picklable: fails mid-write
+    assert path.read_bytes() == before and load_checkpoint(path)["step"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["latest.pt"]  # no temporary file left behind

@@ -39,7 +39,7 @@ class UsageError(Exception):
 # Arguments that define a run: resuming with any of them changed is refused (it would not be the same run).
 RUN_DEFINING = (
     "dataset", "model", "batch_size", "lr", "warmup", "weight_decay", "ema_decay", "seed", "learn_sigma",
-    "no_grad_iters", "grad_iters", "image_size", "num_timesteps",
+    "no_grad_iters", "grad_iters", "image_size", "num_timesteps", "depth", "pre_depth", "post_depth",
 )  # fmt: skip
 
 
@@ -137,6 +137,12 @@ def main(args: argparse.Namespace) -> None:
     # ---------------------------------------------------------------- model, EMA, optimiser
     overrides = dict(input_size=data.image_size, in_channels=data.channels, num_classes=data.num_classes)
     overrides["learn_sigma"] = args.learn_sigma
+    if args.depth is not None:
+        if not args.model.startswith("DiT"):
+            raise UsageError("--depth applies to DiT models (FPDM has --pre-depth and --post-depth)")
+        overrides["depth"] = args.depth
+    if args.model.startswith("FPDM"):
+        overrides.update(pre_depth=args.pre_depth, post_depth=args.post_depth)
     if args.model.startswith("FPDM"):
         overrides.update(no_grad_iters=args.no_grad_iters, grad_iters=args.grad_iters)
     torch.manual_seed(args.seed)  # the same initial weights in every process and every run
@@ -279,6 +285,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", default=None, help="directory of the Fashion-MNIST idx files")
     p.add_argument("--image-size", type=_positive_int, default=None, help="resize folder:PATH images to this")
     p.add_argument("--model", default="FPDM-T/2", help="a named size: " + ", ".join(model_names()))
+    p.add_argument("--depth", type=_positive_int, default=None, help="DiT blocks (default: the named size's)")
+    p.add_argument("--pre-depth", type=int, default=1, help="FPDM explicit blocks before the fixed-point layer")
+    p.add_argument("--post-depth", type=int, default=1, help="FPDM explicit blocks after it")
     p.add_argument("--steps", type=_positive_int, default=1000, help="optimisation steps in total")
     p.add_argument("--batch-size", type=_positive_int, default=128, help="global batch (split over processes)")
     p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (the paper: 1e-4 at 256px)")

@@ -1,0 +1,334 @@
+"""python -m fpdm.sample: generate images from a checkpoint, with FPDM's compute controls.
+
+Compute is counted in block evaluations per sample: a DiT step costs its
+depth; an FPDM step costs pre_depth + post_depth + the calls of its
+fixed-point block. For FPDM any two of (steps, iterations per step, total
+budget) fix the third:
+
+- ``--steps 20 --iters 26``: 20 steps of 26 calls (budget 20 x 28 = 560);
+- ``--budget 560 --steps 40``: 40 steps sharing 560 - 40 x 2 calls: the
+  paper's "timestep smoothing" (more steps, fewer iterations each);
+- ``--budget 560 --iters 12``: as many steps of ~12 calls as 560 allows.
+
+``--schedule`` spreads the calls over the steps: ``uniform``, ``high-noise``
+(more where the noise is high), ``low-noise``, or ``adaptive`` (stop each step
+at ``--tol``, never exceeding the budget). ``--solver`` is any fixedpoint
+solver run for that many calls; ``--reuse`` starts each step's solve at the
+previous step's fixed point.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+import fixedpoint
+
+from .checkpoint import CheckpointError, load_checkpoint
+from .diffusion import Diffusion, guided
+from .images import save_grid, to_uint8
+from .models import FPDM, DiT, ModelConfig, build_model, fixed_iterations
+
+__all__ = ["ComputePlan", "plan_compute", "generate", "SampleStats", "SCHEDULES", "SOLVERS", "load_model"]
+
+SCHEDULES = ("uniform", "high-noise", "low-noise", "adaptive")
+SOLVERS = {"picard": fixedpoint.picard, "anderson": fixedpoint.anderson, "broyden": fixedpoint.broyden}
+
+
+class SampleError(ValueError):
+    """Bad sampling settings or inputs: one line for the command line."""
+
+
+@dataclass
+class ComputePlan:
+    """How many sampling steps and how many fixed-point calls each (FPDM), and the budget that makes."""
+
+    steps: int
+    calls: list[int] | None  # FPDM: calls of the fixed-point block per step, first step first; None for DiT
+    budget: int  # block evaluations per sample, the plan's total (adaptive: its cap)
+    schedule: str = "uniform"
+    tol: float | None = None  # adaptive only
+
+
+def _step_cost(config: ModelConfig) -> int:
+    """Blocks a step costs besides the fixed-point calls (FPDM) or in all (DiT)."""
+    return config.pre_depth + config.post_depth if config.kind == "fpdm" else config.depth
+
+
+def _weights(steps: int, schedule: str) -> list[float]:
+    """Relative share of the calls per step, sampling order (high noise first)."""
+    noise = [1.0 - i / max(steps - 1, 1) for i in range(steps)]  # 1 at the first (noisiest) step, 0 at the last
+    if schedule == "high-noise":
+        return [0.5 + n for n in noise]
+    if schedule == "low-noise":
+        return [1.5 - n for n in noise]
+    return [1.0] * steps
+
+
+def _allocate(total: int, weights: list[float]) -> list[int]:
+    """Split ``total`` calls over the steps: 1 each, the rest by weight (largest remainder): sums to ``total``."""
+    steps = len(weights)
+    extra = total - steps
+    shares = [extra * w / sum(weights) for w in weights]
+    calls = [1 + math.floor(s) for s in shares]
+    order = sorted(range(steps), key=lambda i: shares[i] - math.floor(shares[i]), reverse=True)
+    for i in order[: total - sum(calls)]:
+        calls[i] += 1
+    return calls
+
+
+def plan_compute(
+    config: ModelConfig,
+    *,
+    steps: int | None = None,
+    iters: int | None = None,
+    budget: int | None = None,
+    schedule: str = "uniform",
+    tol: float | None = None,
+) -> ComputePlan:
+    """The sampling plan for a model from any two of steps / iters / budget (DiT: steps or budget)."""
+    if schedule not in SCHEDULES:
+        raise SampleError(f"unknown schedule {schedule!r}; valid: {', '.join(SCHEDULES)}")
+    for name, value in (("steps", steps), ("iters", iters), ("budget", budget)):
+        if value is not None and (not isinstance(value, int) or value < 1):
+            raise SampleError(f"--{name} must be a positive integer, got {value!r}")
+    cost = _step_cost(config)
+    if config.kind == "dit":
+        if iters is not None or schedule != "uniform":
+            raise SampleError("--iters and --schedule apply to FPDM; a DiT step always costs its depth")
+        if steps is None and budget is None:
+            raise SampleError("give --steps or --budget")
+        if steps is None:
+            steps = budget // cost
+            if steps < 1:
+                raise SampleError(f"--budget {budget} is less than one DiT step ({cost} blocks)")
+        elif budget is not None and budget != steps * cost:
+            raise SampleError(f"a DiT with {steps} steps spends {steps * cost} blocks, not --budget {budget}")
+        return ComputePlan(steps, None, steps * cost)
+
+    given = sum(v is not None for v in (steps, iters, budget))
+    if given != 2 and not (given == 1 and steps is not None):
+        raise SampleError("give two of --steps, --iters, --budget (or --steps alone for the model's default)")
+    if budget is None:
+        iters = iters if iters is not None else config.eval_iters
+        budget = steps * (cost + iters)
+    elif steps is None:
+        steps = budget // (cost + iters)
+        if steps < 1:
+            raise SampleError(f"--budget {budget} is less than one step of {iters} calls ({cost + iters} blocks)")
+    total_calls = budget - steps * cost
+    if total_calls < steps:
+        raise SampleError(
+            f"--budget {budget} cannot give {steps} steps a call each: it needs at least {steps * (cost + 1)} blocks"
+        )
+    if schedule == "adaptive":
+        if tol is None or not tol > 0:
+            raise SampleError("--schedule adaptive needs a positive --tol")
+        return ComputePlan(steps, None, budget, schedule, tol)
+    return ComputePlan(steps, _allocate(total_calls, _weights(steps, schedule)), budget, schedule)
+
+
+@dataclass
+class SampleStats:
+    block_evaluations: float = 0.0  # per sample, summed over the steps
+    calls_per_step: list[float] = field(default_factory=list)  # FPDM: fixed-point calls each step used (mean)
+    seconds: float = 0.0
+    steps: int = 0
+
+
+class _FixedPointDriver:
+    """The model as the sampler sees it: sets each step's solver, threads the warm start, counts blocks."""
+
+    def __init__(self, model: FPDM, plan: ComputePlan, solver: Callable, reuse: bool, stats: SampleStats):
+        self.model, self.plan, self.solver, self.reuse, self.stats = model, plan, solver, reuse, stats
+        self.step, self.z = 0, None
+
+    def _solver_for_step(self) -> Callable:
+        if self.plan.calls is not None:
+            return fixed_iterations(self.plan.calls[self.step], self.solver)
+        # adaptive: stop at tol, but leave every later step at least one call
+        spent = sum(self.stats.calls_per_step)
+        later = self.plan.steps - self.step - 1
+        cap = self.plan.budget - self.plan.steps * _step_cost(self.model.config) - spent - later
+        return fixed_iterations(1) if cap <= 1 else partial(self.solver, tol=self.plan.tol, max_iter=cap - 1)
+
+    def __call__(self, x: Tensor, t: Tensor, y: Tensor) -> Tensor:
+        self.model.eval_solver = self._solver_for_step()
+        out = self.model(x, t, y, z0=self.z if self.reuse else None)
+        state = self.model.last_fixed_point
+        self.z = state.z
+        self.stats.calls_per_step.append(state.calls)
+        self.stats.block_evaluations += self.model.block_evaluations
+        self.step += 1
+        return out
+
+
+@torch.no_grad()
+def generate(
+    model: DiT | FPDM,
+    labels: Tensor,
+    plan: ComputePlan,
+    *,
+    image_shape: tuple[int, int, int],
+    method: str = "ddim",
+    eta: float = 0.0,
+    guidance: float = 1.0,
+    solver: str = "picard",
+    reuse: bool = False,
+    clip: bool = True,
+    seed: int = 0,
+    batch_size: int = 100,
+    num_timesteps: int = 1000,
+    progress: bool = True,
+) -> tuple[Tensor, SampleStats]:
+    """Sample ``len(labels)`` images (N, C, H, W) in batches; returns them and the compute used."""
+    if solver not in SOLVERS:
+        raise SampleError(f"unknown solver {solver!r}; valid: {', '.join(SOLVERS)} (a budget bounds their calls)")
+    model.eval()
+    device = next(model.parameters()).device
+    diffusion = Diffusion.create(num_timesteps, learn_sigma=model.config.learn_sigma, steps=plan.steps)
+    gen = torch.Generator().manual_seed(seed)
+    stats = SampleStats(steps=plan.steps)
+    images, batches = [], range(0, len(labels), batch_size)
+    from rich.progress import track
+
+    start = time.perf_counter()
+    for first in track(batches, description="sampling", disable=not progress or len(batches) < 2):
+        y = labels[first : first + batch_size].to(device)
+        noise = torch.randn(len(y), *image_shape, generator=gen).to(device)
+        batch_stats = SampleStats(steps=plan.steps)
+        if isinstance(model, FPDM):
+            fn = _FixedPointDriver(model, plan, SOLVERS[solver], reuse, batch_stats)
+        else:
+            fn = model
+            batch_stats.block_evaluations = plan.steps * model.config.depth
+        out = diffusion.sample(guided(fn, guidance, model.config.num_classes), noise, y, method=method, eta=eta,
+                               clip=clip, generator=gen)  # fmt: skip
+        images.append(out.cpu())
+        share = len(y) / len(labels)  # per-sample averages over the batches (they differ only when adaptive)
+        stats.block_evaluations += share * batch_stats.block_evaluations
+        if batch_stats.calls_per_step:
+            calls = torch.tensor(batch_stats.calls_per_step, dtype=torch.float64) * share
+            stats.calls_per_step = (torch.tensor(stats.calls_per_step or [0.0] * len(calls)) + calls).tolist()
+    stats.seconds = time.perf_counter() - start
+    return torch.cat(images), stats
+
+
+def load_model(ckpt_path: str | Path, *, weights: str = "ema", device: str = "cpu") -> tuple[DiT | FPDM, dict]:
+    """A model and its checkpoint's run settings; a checkpoint that does not fit its config is an error."""
+    if weights not in ("ema", "model"):
+        raise SampleError(f"--weights must be 'ema' or 'model', got {weights!r}")
+    try:
+        ckpt = load_checkpoint(ckpt_path)
+        model = build_model(ModelConfig(**ckpt["config"]))
+        model.load_state_dict(ckpt[weights])
+    except CheckpointError as err:
+        raise SampleError(str(err)) from None
+    except (KeyError, TypeError, ValueError, RuntimeError) as err:
+        reason = str(err).splitlines()[0]
+        raise SampleError(f"checkpoint {ckpt_path} does not match its model config: {reason}") from None
+    return model.to(device).eval(), ckpt.get("run", {})
+
+
+def _labels(spec: str, num: int, num_classes: int, seed: int) -> Tensor:
+    if spec == "random":
+        return torch.randint(num_classes, (num,), generator=torch.Generator().manual_seed(seed + 1))
+    try:
+        classes = [int(c) for c in spec.split(",")]
+    except ValueError:
+        raise SampleError(f"--classes must be 'random' or comma-separated integers, got {spec!r}") from None
+    bad = [c for c in classes if not 0 <= c < num_classes]
+    if bad:
+        raise SampleError(f"--classes {bad} outside 0..{num_classes - 1}")
+    return torch.tensor(classes).repeat(math.ceil(num / len(classes)))[:num]
+
+
+def main(args: argparse.Namespace) -> dict:
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    model, run = load_model(args.ckpt, weights=args.weights, device=device)
+    cfg = model.config
+    plan = plan_compute(cfg, steps=args.steps, iters=args.iters, budget=args.budget, schedule=args.schedule,
+                        tol=args.tol)  # fmt: skip
+    labels = _labels(args.classes, args.num_samples, cfg.num_classes, args.seed)
+    is_latent = str(run.get("dataset", "")).startswith("latents:")
+    images, stats = generate(
+        model, labels, plan, image_shape=(cfg.in_channels, cfg.input_size, cfg.input_size), method=args.method,
+        eta=args.eta, guidance=args.guidance, solver=args.solver, reuse=args.reuse, clip=not is_latent,
+        seed=args.seed, batch_size=args.batch_size, progress=not args.quiet,
+    )  # fmt: skip
+    if is_latent:
+        if not args.vae:
+            raise SampleError("this checkpoint generates VAE latents: pass --vae PATH to decode them")
+        from .encode import decode, load_vae
+
+        images = decode(load_vae(args.vae, torch.device(device)), images)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    np.savez(out / "samples.npz", images=to_uint8(images), labels=labels.numpy())
+    save_grid(images[:100], out / "samples.png", nrow=10, scale=max(1, 64 // images.shape[-1]))
+    summary = {
+        "checkpoint": str(args.ckpt), "num_samples": len(labels), "method": args.method, "steps": plan.steps,
+        "schedule": plan.schedule, "solver": args.solver if cfg.kind == "fpdm" else None, "reuse": args.reuse,
+        "guidance": args.guidance, "budget": plan.budget, "block_evaluations_per_sample": stats.block_evaluations,
+        "calls_per_step": stats.calls_per_step, "seconds": stats.seconds,
+    }  # fmt: skip
+    (out / "stats.json").write_text(json.dumps(summary, indent=2))
+    print(f"{len(labels)} samples in {stats.seconds:.1f} s, {plan.steps} steps, "
+          f"{stats.block_evaluations:g} block evaluations per sample; wrote {out}/samples.png, samples.npz")  # fmt: skip
+    return summary
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m fpdm.sample", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # fmt: skip
+    p.add_argument("--ckpt", required=True, help="a checkpoint of python -m fpdm.train")
+    p.add_argument("--num-samples", type=int, default=100)
+    p.add_argument("--out", required=True, help="directory for samples.png, samples.npz, stats.json")
+    p.add_argument("--weights", default="ema", help="ema | model")
+    p.add_argument("--method", default="ddim", choices=["ddim", "ddpm"])
+    p.add_argument("--steps", type=int, default=None, help="sampling steps")
+    p.add_argument("--iters", type=int, default=None, help="FPDM: fixed-point calls per step")
+    p.add_argument("--budget", type=int, default=None, help="block evaluations per sample in total")
+    p.add_argument("--schedule", default="uniform", help="|".join(SCHEDULES))
+    p.add_argument("--tol", type=float, default=None, help="adaptive schedule: residual tolerance per step")
+    p.add_argument("--solver", default="picard", help="FPDM: " + " | ".join(SOLVERS))
+    p.add_argument("--reuse", action=argparse.BooleanOptionalAction, default=False,
+                   help="FPDM: start each step at the previous step's fixed point")  # fmt: skip
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta")
+    p.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale")
+    p.add_argument("--classes", default="random", help="'random' or comma-separated class labels")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=100)
+    p.add_argument("--vae", default=None, help="latent checkpoints: local AutoencoderKL directory to decode")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--quiet", action="store_true")
+    return p
+
+
+def cli(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.num_samples < 1 or args.batch_size < 1:
+            raise SampleError("--num-samples and --batch-size must be >= 1")
+        if args.steps is None and args.budget is None:
+            args.steps = 50
+        main(args)
+    except SampleError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

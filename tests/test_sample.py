@@ -1,0 +1,195 @@
+"""Sampling: compute plans spend their budgets, reuse, reproducibility, and the command line."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from fpdm.models import create_model
+from fpdm.sample import SampleError, generate, plan_compute
+
+
+def _fpdm():
+    torch.manual_seed(0)
+    model = create_model("FPDM-T/2", input_size=8, in_channels=1, num_classes=10)
+    for module in (model.block_fixed_point.adaLN_modulation[-1], model.final_layer.linear):
+        torch.nn.init.normal_(module.weight, std=0.05)  # as if trained: a non-trivial map and output
+    return model.eval()
+
+
+@pytest.mark.parametrize("schedule", ["uniform", "high-noise", "low-noise"])
+@pytest.mark.parametrize("steps,budget", [(5, 40), (7, 50), (20, 560), (40, 560), (3, 9)])
+def test_each_schedule_plans_exactly_its_budget(schedule, steps, budget):
+    cfg = _fpdm().config
+    plan = plan_compute(cfg, steps=steps, budget=budget, schedule=schedule)
+    assert plan.steps == steps and len(plan.calls) == steps and min(plan.calls) >= 1
+    assert steps * (cfg.pre_depth + cfg.post_depth) + sum(plan.calls) == budget
+
+
+def test_schedules_put_the_calls_where_they_say():
+    cfg = _fpdm().config
+    high = plan_compute(cfg, steps=10, budget=200, schedule="high-noise").calls
+    low = plan_compute(cfg, steps=10, budget=200, schedule="low-noise").calls
+    uniform = plan_compute(cfg, steps=10, budget=200).calls
+    assert high[0] > high[-1] and low[0] < low[-1] and uniform == [18] * 10
+
+
+def test_smoothing_more_steps_fewer_iterations_same_budget():
+    cfg = _fpdm().config  # pre 1 + post 1: the paper's 20 x 26 and 40 x 12 are both 560 blocks
+    a = plan_compute(cfg, steps=20, iters=26)
+    b = plan_compute(cfg, budget=560, iters=12)
+    assert (a.budget, b.budget, b.steps) == (560, 560, 40) and set(a.calls) == {26} and set(b.calls) == {12}
+
+
+def test_dit_plans_count_its_depth():
+    cfg = create_model("DiT-T/2", input_size=8, in_channels=1, num_classes=10).config
+    assert plan_compute(cfg, budget=40).steps == 10 and plan_compute(cfg, steps=5).budget == 20
+    with pytest.raises(SampleError, match="--iters and --schedule apply to FPDM"):
+        plan_compute(cfg, steps=5, iters=3)
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(steps=10, budget=15), "at least 30 blocks"),
+        (dict(budget=2, iters=3), "less than one step"),
+        (dict(steps=5, budget=40, schedule="fancy"), "unknown schedule 'fancy'"),
+        (dict(steps=5, budget=40, schedule="adaptive"), "positive --tol"),
+        (dict(steps=0, budget=40), "--steps must be a positive integer"),
+        (dict(budget=40), "give two of"),
+    ],
+)
+def test_bad_plans_are_errors(kwargs, match):
+    with pytest.raises(SampleError, match=match):
+        plan_compute(_fpdm().config, **kwargs)
+
+
+def _run(model, plan, **kwargs):
+    labels = torch.tensor([0, 3, 7, 9])
+    return generate(model, labels, plan, image_shape=(1, 8, 8), progress=False, batch_size=4, **kwargs)
+
+
+@pytest.mark.parametrize("schedule", ["uniform", "high-noise", "low-noise"])
+def test_sampling_spends_exactly_the_planned_budget(schedule):
+    model = _fpdm()
+    plan = plan_compute(model.config, steps=6, budget=40, schedule=schedule)
+    _, stats = _run(model, plan, guidance=2.0)
+    assert stats.block_evaluations == 40 and stats.calls_per_step == [float(c) for c in plan.calls]
+
+
+def test_adaptive_stops_at_tolerance_within_the_budget():
+    model = _fpdm()
+    plan = plan_compute(model.config, steps=6, budget=200, schedule="adaptive", tol=1e-3)
+    _, stats = _run(model, plan, solver="anderson")
+    assert stats.block_evaluations <= 200
+    assert all(c >= 1 for c in stats.calls_per_step) and sum(stats.calls_per_step) < 200 - 12  # stopped early
+    tight = plan_compute(model.config, steps=6, budget=30, schedule="adaptive", tol=1e-9)
+    _, capped = _run(model, tight, solver="anderson")
+    assert capped.block_evaluations <= 30
+
+
+def test_reuse_changes_the_start_not_the_answer_at_convergence():
+    model = _fpdm()
+    starts = []
+    original = model.fixed_point_map
+
+    def spy(z, x_inj, c):
+        starts.append(z)
+        return original(z, x_inj, c)
+
+    plan = plan_compute(model.config, steps=5, budget=5 * 2 + 5 * 40, schedule="adaptive", tol=1e-6)
+    cold, cold_stats = _run(model, plan, solver="anderson", reuse=False)
+    model.fixed_point_map = spy
+    warm, warm_stats = _run(model, plan, solver="anderson", reuse=True)
+    torch.testing.assert_close(warm, cold, atol=2e-4, rtol=0)  # the same fixed points
+    assert sum(warm_stats.calls_per_step) < sum(cold_stats.calls_per_step)  # reached from closer starts
+
+
+def test_reused_start_is_the_previous_fixed_point():
+    model = _fpdm()
+    calls = []
+    original = model.fixed_point_map
+
+    def spy(z, x_inj, c):
+        calls.append((z.clone(), x_inj, c))
+        return original(z, x_inj, c)
+
+    model.fixed_point_map = spy
+    _run(model, plan_compute(model.config, steps=3, iters=2), reuse=True)
+    assert len(calls) == 6  # 3 steps x 2 calls
+    with torch.no_grad():
+        end_of_step_1 = original(*calls[1])  # the fixed point step 1 returned: f at its last iterate
+    torch.testing.assert_close(calls[2][0], end_of_step_1)  # step 2 starts there
+    assert not torch.equal(calls[2][0], calls[0][0])
+
+
+def test_ddim_sampling_is_reproducible_with_a_seed():
+    model = _fpdm()
+    plan = plan_compute(model.config, steps=4, iters=3)
+    a, _ = _run(model, plan, seed=5, guidance=3.0)
+    b, _ = _run(model, plan, seed=5, guidance=3.0)
+    c, _ = _run(model, plan, seed=6, guidance=3.0)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_anderson_at_sampling_time():
+    model = _fpdm()
+    plan = plan_compute(model.config, steps=4, iters=6)
+    images, stats = _run(model, plan, solver="anderson")
+    assert images.shape == (4, 1, 8, 8) and stats.block_evaluations == 4 * 8
+    with pytest.raises(SampleError, match="unknown solver 'newton'"):
+        _run(model, plan, solver="newton")
+
+
+def _train_checkpoint(tmp_path):
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "fpdm.train", "--steps", "2", "--batch-size", "8", "--sample-steps", "0", "--quiet",
+           "--out", str(out)]  # fmt: skip
+    assert subprocess.run(cmd, capture_output=True, timeout=120).returncode == 0
+    return out / "checkpoints" / "latest.pt"
+
+
+def test_sample_command_writes_grid_npz_and_stats(tmp_path):
+    ckpt = _train_checkpoint(tmp_path)
+    out = tmp_path / "samples"
+    cmd = [sys.executable, "-m", "fpdm.sample", "--ckpt", str(ckpt), "--num-samples", "12", "--out", str(out),
+           "--budget", "40", "--steps", "5", "--schedule", "high-noise", "--reuse", "--classes", "1,2", "--quiet"]  # fmt: skip
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    data = np.load(out / "samples.npz")
+    assert data["images"].shape == (12, 8, 8, 1) and data["images"].dtype == np.uint8
+    assert data["labels"].tolist() == [1, 2] * 6
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["block_evaluations_per_sample"] == 40 and stats["steps"] == 5 and stats["reuse"] is True
+    assert (out / "samples.png").is_file() and "40 block evaluations per sample" in result.stdout
+
+
+@pytest.mark.parametrize(
+    "args,match",
+    [
+        (["--classes", "3,12"], "--classes [12] outside 0..9"),
+        (["--budget", "5", "--steps", "5"], "at least 15 blocks"),
+        (["--weights", "best"], "--weights must be 'ema' or 'model'"),
+    ],
+)
+def test_sample_command_bad_input(tmp_path, args, match):
+    ckpt = _train_checkpoint(tmp_path)
+    cmd = [sys.executable, "-m", "fpdm.sample", "--ckpt", str(ckpt), "--out", str(tmp_path / "s"), "--quiet", *args]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines() == [f"error: {result.stderr.strip()[7:]}"] and match in result.stderr
+
+
+def test_sample_command_rejects_a_mismatched_checkpoint(tmp_path):
+    ckpt = _train_checkpoint(tmp_path)
+    state = torch.load(ckpt, weights_only=False)
+    state["config"]["hidden_size"] = 64  # the weights no longer fit the config
+    bad = tmp_path / "bad.pt"
+    torch.save(state, bad)
+    cmd = [sys.executable, "-m", "fpdm.sample", "--ckpt", str(bad), "--out", str(tmp_path / "s"), "--quiet"]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "does not match its model config" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1

@@ -284,8 +284,10 @@ def main(args: argparse.Namespace) -> dict:
         "calls_per_step": stats.calls_per_step, "seconds": stats.seconds,
     }  # fmt: skip
     (out / "stats.json").write_text(json.dumps(summary, indent=2))
-    print(f"{len(labels)} samples in {stats.seconds:.1f} s, {plan.steps} steps, "
-          f"{stats.block_evaluations:g} block evaluations per sample; wrote {out}/samples.png, samples.npz")  # fmt: skip
+    print(
+        f"{len(labels)} samples in {stats.seconds:.1f} s, {plan.steps} steps, "
+        f"{stats.block_evaluations:g} block evaluations per sample; wrote {out}/samples.png, samples.npz"
+    )
     return summary
 
 

@@ -156,7 +156,8 @@ def test_sample_command_writes_grid_npz_and_stats(tmp_path):
     ckpt = _train_checkpoint(tmp_path)
     out = tmp_path / "samples"
     cmd = [sys.executable, "-m", "fpdm.sample", "--ckpt", str(ckpt), "--num-samples", "12", "--out", str(out),
-           "--budget", "40", "--steps", "5", "--schedule", "high-noise", "--reuse", "--classes", "1,2", "--quiet"]  # fmt: skip
+           "--budget", "40", "--steps", "5", "--schedule", "high-noise", "--reuse", "--classes", "1,2",
+           "--quiet"]  # fmt: skip
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     data = np.load(out / "samples.npz")

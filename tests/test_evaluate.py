@@ -1,0 +1,136 @@
+"""Evaluation: Frechet distance against closed forms, the feature network, Inception FID, budget sweeps."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from fpdm.evaluate import Reference, feature_net_for, frechet_distance, reference_for, score
+
+
+def test_frechet_of_a_set_with_itself_is_zero_and_grows_with_a_shift():
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(2000, 8)) @ rng.normal(size=(8, 8))
+    assert abs(frechet_distance(a, a)) < 1e-8
+    distances = [frechet_distance(a, a + shift) for shift in (0.1, 0.5, 2.0)]
+    np.testing.assert_allclose(distances, [8 * 0.01, 8 * 0.25, 8 * 4.0], rtol=1e-6)  # ||shift * 1||^2
+
+
+def test_frechet_matches_the_closed_form_for_diagonal_gaussians():
+    rng = np.random.default_rng(1)
+    a = rng.normal(size=(50_000, 3)) * np.array([1.0, 2.0, 0.5])
+    b = rng.normal(size=(50_000, 3)) * np.array([2.0, 2.0, 1.5]) + np.array([1.0, 0.0, 0.0])
+    # ||mu_a - mu_b||^2 + sum (s_a - s_b)^2 for diagonal covariances with standard deviations s
+    expected = 1.0 + (1 - 2) ** 2 + 0 + (0.5 - 1.5) ** 2
+    assert frechet_distance(a, b) == pytest.approx(expected, rel=0.03)
+
+
+@pytest.fixture(scope="module")
+def digits_reference(tmp_path_factory):
+    return reference_for("digits", cache_dir=tmp_path_factory.mktemp("cache"), progress=False)
+
+
+def test_feature_network_is_accurate_and_cached(digits_reference, tmp_path):
+    assert digits_reference.record["test_accuracy"] > 0.9
+    first, record = feature_net_for("digits", cache_dir=tmp_path, epochs=2, progress=False)
+    again, record_again = feature_net_for("digits", cache_dir=tmp_path, progress=False)
+    assert record == record_again and record["epochs"] == 2  # the second call loaded the cache
+    for p, q in zip(first.parameters(), again.parameters()):
+        assert torch.equal(p, q)
+    (tmp_path / "featurenet-digits.pt").write_bytes(b"corrupt")
+    _, retrained = feature_net_for("digits", cache_dir=tmp_path, epochs=1, progress=False)
+    assert retrained["epochs"] == 1  # an unreadable cache is replaced, not trusted
+
+
+def test_real_images_score_like_the_real_test_set(digits_reference):
+    from fpdm.data import load_dataset
+
+    test = load_dataset("digits", split="test")
+    result = score(test.images, test.labels, digits_reference)
+    assert abs(result["frechet"]) < 1e-6
+    assert result["cond_accuracy"] == pytest.approx(digits_reference.record["test_accuracy"])
+    noisy = score(test.images + 0.5 * torch.randn_like(test.images), test.labels, digits_reference)
+    assert noisy["frechet"] > 1.0 and noisy["cond_accuracy"] < result["cond_accuracy"]
+    shuffled = score(test.images, test.labels.roll(1), digits_reference)
+    assert shuffled["cond_accuracy"] < 0.3
+
+
+def test_inception_fid_with_random_weights_of_the_same_architecture(tmp_path, digits_reference):
+    from fpdm.inception import FIDInceptionV3, load_fid_inception
+
+    torch.manual_seed(0)
+    net = FIDInceptionV3()
+    for module in net.modules():  # random but non-degenerate batch-norm statistics
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_var.uniform_(0.5, 2.0)
+            module.running_mean.normal_(0, 0.1)
+    torch.save(net.state_dict(), tmp_path / "pt_inception.pth")
+    loaded = load_fid_inception(tmp_path / "pt_inception.pth")
+    images = torch.rand(6, 1, 8, 8) * 2 - 1
+    with torch.no_grad():
+        features = loaded(images)
+    assert features.shape == (6, 2048) and torch.isfinite(features).all()
+    ref = Reference(digits_reference.net, digits_reference.real_features, digits_reference.record, images,
+                    loaded, features.numpy())  # fmt: skip
+    assert features.std(dim=0).max() > 0  # different images, different features
+    same = score(images, torch.zeros(6, dtype=torch.long), ref)
+    shifted_images = (images + 0.8).clamp(-1, 1)
+    shifted = score(shifted_images, torch.zeros(6, dtype=torch.long), ref)
+    with torch.no_grad():
+        expected = frechet_distance(loaded(shifted_images).numpy(), features.numpy())
+    assert abs(same["inception_fid"]) <= 1e-6 * abs(expected)
+    assert shifted["inception_fid"] == pytest.approx(expected) and expected > 0
+    torch.save({"not": torch.zeros(1)}, tmp_path / "bad.pth")
+    with pytest.raises(ValueError, match="cannot load Inception FID weights"):
+        load_fid_inception(tmp_path / "bad.pth")
+
+
+def _checkpoint(tmp_path, model, extra=()):
+    out = tmp_path / model.replace("/", "-")
+    cmd = [sys.executable, "-m", "fpdm.train", "--model", model, "--steps", "3", "--batch-size", "16",
+           "--sample-steps", "0", "--quiet", "--out", str(out), *extra]  # fmt: skip
+    assert subprocess.run(cmd, capture_output=True, timeout=120).returncode == 0
+    return str(out / "checkpoints" / "latest.pt")
+
+
+def test_budget_sweep_command(tmp_path):
+    dit, fpdm = _checkpoint(tmp_path, "DiT-T/2"), _checkpoint(tmp_path, "FPDM-T/2")
+    out = tmp_path / "eval"
+    cmd = [sys.executable, "-m", "fpdm.evaluate", "--ckpt", dit, "--ckpt", fpdm, "--dit-steps", "2,4",
+           "--variants", "uniform,smoothing,reuse,anderson", "--num-samples", "40", "--cache-dir", str(tmp_path / "c"),
+           "--out", str(out), "--quiet"]  # fmt: skip
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    rows = json.loads((out / "results.json").read_text())
+    assert len(rows) == 2 * (1 + 4)
+    for row in rows:
+        assert row["block_evaluations"] == row["budget"] == row["dit_steps"] * 4  # DiT-T depth 4
+        assert np.isfinite(row["frechet"]) and 0 <= row["cond_accuracy"] <= 1
+    smoothing = [r for r in rows if r["variant"] == "smoothing" and r["dit_steps"] == 4][0]
+    assert smoothing["steps"] > 4  # more steps, fewer iterations each
+    assert (out / "results.md").read_text().count("\n| ") >= 10
+    assert (out / "quality_vs_compute.png").is_file() and any((out / "grids").iterdir())
+
+
+def test_score_existing_samples_and_bad_input(tmp_path):
+    ckpt = _checkpoint(tmp_path, "DiT-T/2")
+    subprocess.run([sys.executable, "-m", "fpdm.sample", "--ckpt", ckpt, "--num-samples", "20", "--steps", "3",
+                    "--out", str(tmp_path / "s"), "--quiet"], check=True, capture_output=True, timeout=120)  # fmt: skip
+    base = [sys.executable, "-m", "fpdm.evaluate", "--cache-dir", str(tmp_path / "c"), "--quiet"]
+    ok = subprocess.run([*base, "--samples", str(tmp_path / "s" / "samples.npz"), "--dataset", "digits"],
+                        capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert ok.returncode == 0, ok.stderr
+    result = json.loads(ok.stdout)
+    assert result["frechet"] > 0 and 0 <= result["cond_accuracy"] <= 1
+    for args, match in (
+        (["--samples", str(tmp_path / "s" / "samples.npz")], "--samples needs --dataset"),
+        (["--ckpt", ckpt, "--variants", "magic"], "unknown variant(s) magic"),
+        (["--ckpt", str(tmp_path / "none.pt")], "is unreadable"),
+        ([], "give --samples FILE or at least one --ckpt"),
+    ):
+        bad = subprocess.run([*base, *args], capture_output=True, text=True, timeout=300)
+        assert bad.returncode == 2 and "Traceback" not in bad.stderr, bad.stderr
+        assert len(bad.stderr.strip().splitlines()) == 1 and match in bad.stderr

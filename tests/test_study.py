@@ -1,0 +1,27 @@
+"""The study command end to end at a toy size: trains both models, sweeps budgets, writes the report."""
+
+import json
+import os
+import subprocess
+import sys
+
+
+def test_study_command_at_toy_size(tmp_path):
+    out = tmp_path / "study"
+    cmd = [sys.executable, "-m", "fpdm.study", "--dataset", "digits", "--patch", "2", "--dit-depth", "4",
+           "--steps", "3", "--batch-size", "16", "--dit-steps", "2,3", "--num-samples", "20",
+           "--variants", "uniform,smoothing,reuse", "--out", str(out)]  # fmt: skip
+    env = {**os.environ, "FPDM_CACHE": str(tmp_path / "cache")}
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    training = json.loads((out / "training.json").read_text())
+    assert training["DiT"]["params"] > training["FPDM"]["params"]
+    assert training["DiT"]["memory_checkpointed_mb"] < training["DiT"]["memory_mb"]
+    assert training["FPDM"]["memory_worst_mb"] >= training["FPDM"]["memory_mb"]
+    rows = json.loads((out / "results.json").read_text())
+    assert {(r["model"], r["variant"]) for r in rows} == {("dit", "dit"), ("fpdm", "uniform"),
+                                                          ("fpdm", "smoothing"), ("fpdm", "reuse")}  # fmt: skip
+    assert {r["budget"] for r in rows} == {8, 12}
+    report = (out / "report.md").read_text()
+    assert "| parameters |" in report and "quality_vs_compute.png" in report
+    assert (out / "grids_smallest_budget.png").is_file()

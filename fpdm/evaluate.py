@@ -294,9 +294,10 @@ def write_reports(rows: list[dict], out: Path, *, title: str) -> None:
               "cond. acc.", *(["Inception FID"] if has_fid else []), "seconds"]  # fmt: skip
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in sorted(rows, key=lambda r: (r["budget"], r["model"] != "dit", r["variant"])):
+        fid = [f"{r.get('inception_fid', float('nan')):.2f}"] if has_fid else []
         cells = [r["model"].upper(), r["variant"], r["dit_steps"], r["budget"], r["steps"],
                  f"{r['block_evaluations']:g}", f"{r['frechet']:.2f}", f"{r['cond_accuracy']:.3f}",
-                 *([f"{r.get('inception_fid', float('nan')):.2f}"] if has_fid else []), f"{r['seconds']:.1f}"]  # fmt: skip
+                 *fid, f"{r['seconds']:.1f}"]  # fmt: skip
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     (out / "results.md").write_text(f"# {title}\n\n" + "\n".join(lines) + "\n")
 

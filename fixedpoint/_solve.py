@@ -4,7 +4,10 @@ A solver is a small object with three methods (optimistix style):
 
 - ``init(x, fx, g, gnorm) -> state``: a state from the first evaluated pair;
 - ``step(fn, state, active) -> (x_next, state)``: the next iterate to evaluate
-  (it may call ``fn`` itself, e.g. for Jacobian-vector products);
+  (it may call ``fn`` itself, e.g. for Jacobian-vector products). A solver
+  with ``freezes = True`` also takes ``frozen`` (the iterate stopped samples
+  must keep, or None when every sample is active) and applies it itself, in
+  the same pass as its step (Anderson's fused mixing kernel);
 - ``update(state, x, fx, g, gnorm) -> state``: absorb the evaluated pair.
 
 The loop in :func:`solve` owns everything else: evaluating ``f``, residuals in
@@ -131,6 +134,7 @@ def solve(
     max_iter: int,
     stop: str,
     divergence: float | None,
+    kernels=None,
 ) -> Solution:
     """Run ``solver`` on z = f(z) from ``x0`` (B, ...) and return the :class:`Solution`."""
     if not callable(f):
@@ -148,11 +152,15 @@ def solve(
     if divergence is not None and (not isinstance(divergence, (int, float)) or not divergence > 1):
         raise ValueError(f"divergence must be a number > 1 or None, got {divergence!r}")
 
+    from . import kernels as kernel_modules
+
+    kernels = kernels or kernel_modules.reference
     with torch.no_grad():
-        return _loop(solver, f, x0.detach(), tol=tol, max_iter=max_iter, stop=stop, divergence=divergence)
+        return _loop(solver, f, x0.detach(), tol=tol, max_iter=max_iter, stop=stop, divergence=divergence,
+                     kernels=kernels)  # fmt: skip
 
 
-def _loop(solver: Solver, f, x0: Tensor, *, tol, max_iter, stop, divergence) -> Solution:
+def _loop(solver: Solver, f, x0: Tensor, *, tol, max_iter, stop, divergence, kernels) -> Solution:
     batch = x0.shape[0]
     sdt = stat_dtype(x0.dtype)
     fn = _CountedMap(f, x0.shape)
@@ -160,9 +168,8 @@ def _loop(solver: Solver, f, x0: Tensor, *, tol, max_iter, stop, divergence) -> 
 
     def measure(x: Tensor, fx: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """g = f(x) - x, ||g||, the residual in the stopping measure, and finiteness, per sample."""
-        g = fx - x  # (B, D)
-        gnorm = row_norms(g, sdt)  # (B,)
-        fnorm = row_norms(fx, sdt)  # (B,)
+        g, gsq, fsq = kernels.residual(x, fx)  # (B, D), (B,), (B,): one pass over (x, f(x))
+        gnorm, fnorm = gsq.to(sdt).sqrt(), fsq.to(sdt).sqrt()
         res = gnorm if stop == "abs" else gnorm / fnorm.clamp_min(torch.finfo(sdt).tiny)
         return g, gnorm, res, torch.isfinite(gnorm + fnorm)
 
@@ -187,9 +194,12 @@ def _loop(solver: Solver, f, x0: Tensor, *, tol, max_iter, stop, divergence) -> 
     n = 0
     n_active = int(active.sum())  # the loop's one host sync per iteration reads this
     while n < max_iter and n_active:
-        x_next, state = solver.step(fn, state, active)
         # stopped samples sit at their best iterate (f always sees the whole batch)
-        x = x_next if n_active == batch else torch.where(active[:, None], x_next, best_x)
+        if getattr(solver, "freezes", False):
+            x, state = solver.step(fn, state, active, None if n_active == batch else best_x)
+        else:
+            x_next, state = solver.step(fn, state, active)
+            x = x_next if n_active == batch else torch.where(active[:, None], x_next, best_x)
         fx = fn(x)
         g, gnorm, res, finite = measure(x, fx)
         trace[n] = torch.where(active, res, torch.nan)

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from types import ModuleType
 
 import torch
 from torch import Tensor
 
+from . import kernels as kernel_modules
 from ._solve import Solution, check_int, check_interval, check_positive, row_norms, solve, stat_dtype
 
 __all__ = ["picard", "anderson", "broyden"]
@@ -103,6 +105,8 @@ class Anderson:
     ridge: float = 1e-6
     max_coeff: float = 1e4
     growth: float = 1e2
+    kernels: ModuleType = kernel_modules.reference  # fused history write + Gram row, fused mixing
+    freezes = True  # the mixing kernel keeps stopped samples in the same pass
 
     def init(self, x, fx, g, gnorm):
         batch, dim = x.shape
@@ -126,10 +130,7 @@ class Anderson:
         ``keep_new`` ((B,) bool or None for all) says for which samples the new pair joins the history.
         """
         slot = state.count % self.m
-        state.F[:, slot] = fx
-        state.G[:, slot] = g
-        sdt = state.gram.dtype
-        row = torch.bmm(state.G.to(sdt), g.to(sdt).unsqueeze(2)).squeeze(2)  # (B, m)
+        row = self.kernels.anderson_write(state.F, state.G, slot, fx, g).to(state.gram.dtype)  # (B, m)
         state.gram[:, slot, :] = row
         state.gram[:, :, slot] = row
         if keep_new is None:
@@ -157,16 +158,13 @@ class Anderson:
         alpha = w / w.sum(dim=1, keepdim=True)
         return alpha.to(state.gram.dtype)
 
-    def step(self, fn, state, active):
+    def step(self, fn, state, active, frozen=None):
         alpha = self.coefficients(state)  # (B, m)
         coeff_size = alpha.abs().sum(dim=1)
         ill = ~torch.isfinite(coeff_size) | (coeff_size > self.max_coeff)  # (B,) restart these
         alpha = torch.where(ill[:, None], state.newest.to(alpha.dtype), alpha)  # restart: a damped step
-        a = alpha.to(state.F.dtype).unsqueeze(1)  # (B, 1, m)
         # x = sum_i alpha_i (x_i + beta g_i) = sum_i alpha_i f(x_i) + (beta - 1) sum_i alpha_i g_i
-        x_next = torch.bmm(a, state.F).squeeze(1)
-        if self.beta != 1.0:
-            x_next = x_next + (self.beta - 1.0) * torch.bmm(a, state.G).squeeze(1)
+        x_next = self.kernels.anderson_mix(state.F, state.G, alpha, self.beta, frozen, active)
         state.valid &= ~ill[:, None] | state.newest
         return x_next, replace(state, restarts=state.restarts + ill.long())
 
@@ -192,6 +190,7 @@ def anderson(
     ridge: float = 1e-6,
     max_coeff: float = 1e4,
     growth: float = 1e2,
+    impl: str = "auto",
 ) -> Solution:
     """Anderson acceleration (type II) with a relative ridge and restarts.
 
@@ -209,14 +208,17 @@ def anderson(
             (the small system is ill-conditioned).
         growth: restart a sample's history when a step multiplies ||f(x) - x||
             by more than this.
+        impl: "auto" (fused Triton kernels on CUDA when triton imports, PyTorch
+            otherwise), "torch", or "triton" (an error where it cannot run).
     """
     check_int("m", m, 1)
     check_interval("beta", beta, 0.0, 2.0)
     check_positive("ridge", ridge)
     check_positive("max_coeff", max_coeff)
     check_positive("growth", growth)
-    solver = Anderson(m=m, beta=beta, ridge=ridge, max_coeff=max_coeff, growth=growth)
-    return solve(solver, f, x0, tol=tol, max_iter=max_iter, stop=stop, divergence=divergence)
+    kern = kernel_modules.resolve(impl, x0) if isinstance(x0, Tensor) else kernel_modules.reference
+    solver = Anderson(m=m, beta=beta, ridge=ridge, max_coeff=max_coeff, growth=growth, kernels=kern)
+    return solve(solver, f, x0, tol=tol, max_iter=max_iter, stop=stop, divergence=divergence, kernels=kern)
 
 
 # ----------------------------------------------------------------------------- Broyden

@@ -1,0 +1,52 @@
+"""Fused kernels for the solver inner loop: Triton on CUDA, their PyTorch twins everywhere.
+
+``resolve(impl, tensor)`` picks the implementation: ``"auto"`` takes Triton for
+CUDA tensors when it imports (and fp32/fp16/bf16 data), PyTorch otherwise
+(never the slow CPU interpreter);
+``"triton"`` insists and says why when it cannot run; ``"torch"`` is the twin.
+"""
+
+from __future__ import annotations
+
+import os
+from types import ModuleType
+
+import torch
+from torch import Tensor
+
+from . import reference
+
+__all__ = ["resolve", "reference", "IMPLS"]
+
+IMPLS = ("auto", "torch", "triton")
+
+
+def _triton_module() -> ModuleType | None:
+    try:
+        from . import triton_kernels
+    except ImportError:
+        return None
+    return triton_kernels
+
+
+def resolve(impl: str, x: Tensor) -> ModuleType:
+    """The kernel module (reference or triton_kernels) for ``impl`` and data like ``x``."""
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {', '.join(map(repr, IMPLS))}, got {impl!r}")
+    if impl == "torch":
+        return reference
+    supported = x.dtype in (torch.float32, torch.float16, torch.bfloat16)
+    if impl == "auto":  # Triton only where it is fast: CUDA
+        module = _triton_module() if (x.is_cuda and supported) else None
+        return module if module is not None else reference
+    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+    runnable = supported and (x.is_cuda or (interpreted and x.device.type == "cpu"))
+    module = _triton_module()
+    if module is None:
+        raise ValueError("impl='triton' needs the triton package: pip install 'fixedpoint[triton]'")
+    if not runnable:
+        raise ValueError(
+            f"impl='triton' needs CUDA tensors of fp32/fp16/bf16 (or TRITON_INTERPRET=1 for the CPU interpreter); "
+            f"got {x.dtype} on {x.device}"
+        )
+    return module

@@ -64,6 +64,7 @@ class FixedPoint(nn.Module):
         self.solver = solver
         self.eval_solver = eval_solver if eval_solver is not None else (solver or anderson)
         self.backward = backward
+        self._backward_takes_info = _accepts_info(backward)
         self.last_solution: Solution | None = None
         self.last_info: GradInfo | None = None
 
@@ -84,6 +85,6 @@ class FixedPoint(nn.Module):
             self.last_solution = self.solver(g, z0)
             start = self.last_solution.x
         self.last_info = GradInfo()
-        if _accepts_info(self.backward):
+        if self._backward_takes_info:
             return self.backward(g, start, info=self.last_info)
         return self.backward(g, start)

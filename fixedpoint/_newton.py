@@ -175,6 +175,7 @@ def newton(
     max_iter: int = 50,
     stop: str = "rel",
     divergence: float | None = 1e6,
+    check_every: int = 1,
     krylov_dim: int = 20,
     max_restarts: int = 1,
     eta_max: float = 0.9,
@@ -206,4 +207,5 @@ def newton(
     if jvp not in ("forward", "reverse"):
         raise ValueError(f"jvp must be 'forward' or 'reverse', got {jvp!r}")
     solver = Newton(krylov_dim=krylov_dim, max_restarts=max_restarts, eta_max=eta_max, min_step=min_step, jvp=jvp)
-    return solve(solver, f, x0, tol=tol, max_iter=max_iter, stop=stop, divergence=divergence)
+    return solve(solver, f, x0, tol=tol, max_iter=max_iter, stop=stop, divergence=divergence,
+                 check_every=check_every)  # fmt: skip

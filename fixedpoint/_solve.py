@@ -134,6 +134,7 @@ def solve(
     max_iter: int,
     stop: str,
     divergence: float | None,
+    check_every: int = 1,
     kernels=None,
 ) -> Solution:
     """Run ``solver`` on z = f(z) from ``x0`` (B, ...) and return the :class:`Solution`."""
@@ -151,16 +152,17 @@ def solve(
         raise ValueError(f"stop must be 'rel' or 'abs', got {stop!r}")
     if divergence is not None and (not isinstance(divergence, (int, float)) or not divergence > 1):
         raise ValueError(f"divergence must be a number > 1 or None, got {divergence!r}")
+    check_int("check_every", check_every, 1)
 
     from . import kernels as kernel_modules
 
     kernels = kernels or kernel_modules.reference
     with torch.no_grad():
         return _loop(solver, f, x0.detach(), tol=tol, max_iter=max_iter, stop=stop, divergence=divergence,
-                     kernels=kernels)  # fmt: skip
+                     check_every=check_every, kernels=kernels)  # fmt: skip
 
 
-def _loop(solver: Solver, f, x0: Tensor, *, tol, max_iter, stop, divergence, kernels) -> Solution:
+def _loop(solver: Solver, f, x0: Tensor, *, tol, max_iter, stop, divergence, check_every, kernels) -> Solution:
     batch = x0.shape[0]
     sdt = stat_dtype(x0.dtype)
     fn = _CountedMap(f, x0.shape)
@@ -192,14 +194,17 @@ def _loop(solver: Solver, f, x0: Tensor, *, tol, max_iter, stop, divergence, ker
 
     state = solver.init(x, fx, g, gnorm)
     n = 0
-    n_active = int(active.sum())  # the loop's one host sync per iteration reads this
+    # Host syncs: with check_every == 1, one per iteration (how many samples are active, did all improve);
+    # otherwise one every check_every iterations, and the loop masks unconditionally in between.
+    n_active = int(active.sum())
     while n < max_iter and n_active:
+        all_active = check_every == 1 and n_active == batch
         # stopped samples sit at their best iterate (f always sees the whole batch)
         if getattr(solver, "freezes", False):
-            x, state = solver.step(fn, state, active, None if n_active == batch else best_x)
+            x, state = solver.step(fn, state, active, None if all_active else best_x)
         else:
             x_next, state = solver.step(fn, state, active)
-            x = x_next if n_active == batch else torch.where(active[:, None], x_next, best_x)
+            x = x_next if all_active else torch.where(active[:, None], x_next, best_x)
         fx = fn(x)
         g, gnorm, res, finite = measure(x, fx)
         trace[n] = torch.where(active, res, torch.nan)
@@ -210,7 +215,12 @@ def _loop(solver: Solver, f, x0: Tensor, *, tol, max_iter, stop, divergence, ker
         improved = active & finite & ~(res >= best_res)  # also true where best_res is NaN
         best_res = torch.where(improved, res, best_res)
         active = status == Status.MAX_ITER
-        n_active, n_improved = torch.stack([active.sum(), improved.sum()]).tolist()
+        if check_every == 1:
+            n_active, n_improved = torch.stack([active.sum(), improved.sum()]).tolist()
+        else:
+            n_improved = -1  # unknown without a sync
+            if n % check_every == 0:
+                n_active = int(active.sum())
         if n_improved == batch:
             best_x, best_fx = x, fx
         elif n_improved:
@@ -218,6 +228,7 @@ def _loop(solver: Solver, f, x0: Tensor, *, tol, max_iter, stop, divergence, ker
             best_fx = torch.where(improved[:, None], fx, best_fx)
         state = solver.update(state, x, fx, g, gnorm)
 
+    n = int(nsteps.max()) if check_every > 1 else n  # drop the rows run after every sample stopped
     return Solution(
         x=best_x.view(x0.shape),
         fx=best_fx.view(x0.shape),

@@ -33,7 +33,10 @@ def _common_doc(fn):
             plus its Jacobian-vector products).
         stop: "rel" measures ||f(x) - x|| / ||f(x)||, "abs" measures ||f(x) - x||.
         divergence: a sample whose ||f(x) - x|| exceeds this factor times its
-            start is stopped as DIVERGED (None disables the check).""",
+            start is stopped as DIVERGED (None disables the check).
+        check_every: ask the device whether any sample is still iterating only
+            every k iterations (fewer host syncs on GPUs; up to k - 1 extra
+            calls of f once all have stopped; the results are the same).""",
     )
     return fn
 
@@ -70,6 +73,7 @@ def picard(
     max_iter: int = 50,
     stop: str = "rel",
     divergence: float | None = 1e6,
+    check_every: int = 1,
     beta: float = 1.0,
 ) -> Solution:
     """Plain fixed-point iteration x <- (1 - beta) x + beta f(x).
@@ -79,7 +83,8 @@ def picard(
         beta: damping in (0, 2]; 1 is undamped iteration.
     """
     check_interval("beta", beta, 0.0, 2.0)
-    return solve(Picard(beta), f, x0, tol=tol, max_iter=max_iter, stop=stop, divergence=divergence)
+    return solve(Picard(beta), f, x0, tol=tol, max_iter=max_iter, stop=stop, divergence=divergence,
+                 check_every=check_every)  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- Anderson
@@ -185,6 +190,7 @@ def anderson(
     max_iter: int = 50,
     stop: str = "rel",
     divergence: float | None = 1e6,
+    check_every: int = 1,
     m: int = 5,
     beta: float = 1.0,
     ridge: float = 1e-6,
@@ -218,7 +224,8 @@ def anderson(
     check_positive("growth", growth)
     kern = kernel_modules.resolve(impl, x0) if isinstance(x0, Tensor) else kernel_modules.reference
     solver = Anderson(m=m, beta=beta, ridge=ridge, max_coeff=max_coeff, growth=growth, kernels=kern)
-    return solve(solver, f, x0, tol=tol, max_iter=max_iter, stop=stop, divergence=divergence, kernels=kern)
+    return solve(solver, f, x0, tol=tol, max_iter=max_iter, stop=stop, divergence=divergence,
+                 check_every=check_every, kernels=kern)  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- Broyden
@@ -325,6 +332,7 @@ def broyden(
     max_iter: int = 50,
     stop: str = "rel",
     divergence: float | None = 1e6,
+    check_every: int = 1,
     m: int = 20,
     growth: float = 1e2,
 ) -> Solution:
@@ -342,4 +350,5 @@ def broyden(
     """
     check_int("m", m, 1)
     check_positive("growth", growth)
-    return solve(Broyden(m=m, growth=growth), f, x0, tol=tol, max_iter=max_iter, stop=stop, divergence=divergence)
+    return solve(Broyden(m=m, growth=growth), f, x0, tol=tol, max_iter=max_iter, stop=stop, divergence=divergence,
+                 check_every=check_every)  # fmt: skip

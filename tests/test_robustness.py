@@ -199,3 +199,17 @@ def test_random_contractions_converge_to_linalg_solve(solver, problem):
     sol = solver(lambda z: z @ w.T + b, torch.zeros_like(b), tol=1e-11, max_iter=500)
     assert sol.converged.all(), sol
     torch.testing.assert_close(sol.x, z_star, atol=1e-8, rtol=1e-8)
+
+
+@pytest.mark.parametrize("solver", SOLVERS, ids=ALL)
+def test_checking_every_k_iterations_gives_the_same_solution(solver):
+    f, b, _ = linear_deq(dim=16, batch=4, high=0.8)
+    poisoned = _poisoned(f, sample=2, after=4)
+    every = solver(poisoned, torch.zeros_like(b), tol=1e-8, max_iter=300)
+    sparse = solver(_poisoned(f, sample=2, after=4), torch.zeros_like(b), tol=1e-8, max_iter=300, check_every=7)
+    assert sparse.status.tolist() == every.status.tolist() and sparse.nsteps.tolist() == every.nsteps.tolist()
+    torch.testing.assert_close(sparse.x, every.x, rtol=0, atol=1e-12)
+    torch.testing.assert_close(sparse.trace, every.trace, rtol=0, atol=1e-12, equal_nan=True)
+    assert every.nfev <= sparse.nfev  # up to check_every - 1 calls of f after the last sample stopped
+    with pytest.raises(ValueError, match="check_every.*0"):
+        solver(f, b, check_every=0)

@@ -146,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", default=None)
     p.add_argument("--patch", type=int, default=4)
     p.add_argument("--dit-depth", type=int, default=8)
-    p.add_argument("--steps", type=int, default=3000, help="training steps of each model")
+    p.add_argument("--steps", type=int, default=2000, help="training steps of each model")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--dit-steps", type=lambda s: [int(v) for v in s.split(",")], default=[5, 10, 20, 50])
     p.add_argument("--variants", type=lambda s: s.split(","), default=list(FPDM_VARIANTS))

@@ -204,6 +204,7 @@ def generate(
     from rich.progress import track
 
     start = time.perf_counter()
+    original_solver = getattr(model, "eval_solver", None)  # the driver sets one per step; restored below
     for first in track(batches, description="sampling", disable=not progress or len(batches) < 2):
         y = labels[first : first + batch_size].to(device)
         noise = torch.randn(len(y), *image_shape, generator=gen).to(device)
@@ -222,6 +223,8 @@ def generate(
             calls = torch.tensor(batch_stats.calls_per_step, dtype=torch.float64) * share
             stats.calls_per_step = (torch.tensor(stats.calls_per_step or [0.0] * len(calls)) + calls).tolist()
     stats.seconds = time.perf_counter() - start
+    if original_solver is not None:
+        model.eval_solver = original_solver
     return torch.cat(images), stats
 
 

@@ -86,12 +86,15 @@ def _side_by_side(grids: Path, out: Path, budget: int) -> Path:
     from PIL import Image
 
     files = sorted(grids.glob(f"*-{budget}.png"), key=lambda p: (not p.name.startswith("dit"), p.name))
-    fig, axes = plt.subplots(1, len(files), figsize=(3.2 * len(files), 3.6))
-    for ax, path in zip(list(getattr(axes, "flat", [axes])), files):
-        ax.imshow(Image.open(path), cmap="gray")
-        ax.set_title(path.stem.replace("dit-dit", "DiT").replace("fpdm-", "FPDM ").rsplit("-", 1)[0], fontsize=9)
+    cols = min(4, len(files))
+    rows = -(-len(files) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.4 * cols, 3.6 * rows), squeeze=False)
+    for ax in axes.flat:
         ax.axis("off")
-    fig.suptitle(f"samples at {budget} block evaluations per sample (one row per class)", fontsize=10)
+    for ax, path in zip(axes.flat, files):
+        ax.imshow(Image.open(path), cmap="gray")
+        ax.set_title(path.stem.replace("dit-dit", "DiT").replace("fpdm-", "FPDM ").rsplit("-", 1)[0], fontsize=10)
+    fig.suptitle(f"samples at {budget} block evaluations per sample (one column per class)", fontsize=11)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)

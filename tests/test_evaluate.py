@@ -29,8 +29,14 @@ def test_frechet_matches_the_closed_form_for_diagonal_gaussians():
 
 
 @pytest.fixture(scope="module")
-def digits_reference(tmp_path_factory):
-    return reference_for("digits", cache_dir=tmp_path_factory.mktemp("cache"), progress=False)
+def cache_dir(tmp_path_factory):
+    """One feature-network cache for the module: the digits classifier is trained once."""
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(scope="module")
+def digits_reference(cache_dir):
+    return reference_for("digits", cache_dir=cache_dir, progress=False)
 
 
 def test_feature_network_is_accurate_and_cached(digits_reference, tmp_path):
@@ -96,11 +102,11 @@ def _checkpoint(tmp_path, model, extra=()):
     return str(out / "checkpoints" / "latest.pt")
 
 
-def test_budget_sweep_command(tmp_path):
+def test_budget_sweep_command(tmp_path, cache_dir, digits_reference):
     dit, fpdm = _checkpoint(tmp_path, "DiT-T/2"), _checkpoint(tmp_path, "FPDM-T/2")
     out = tmp_path / "eval"
     cmd = [sys.executable, "-m", "fpdm.evaluate", "--ckpt", dit, "--ckpt", fpdm, "--dit-steps", "2,4",
-           "--variants", "uniform,smoothing,reuse,anderson", "--num-samples", "40", "--cache-dir", str(tmp_path / "c"),
+           "--variants", "uniform,smoothing,reuse,anderson", "--num-samples", "40", "--cache-dir", str(cache_dir),
            "--out", str(out), "--quiet"]  # fmt: skip
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
@@ -115,11 +121,11 @@ def test_budget_sweep_command(tmp_path):
     assert (out / "quality_vs_compute.png").is_file() and any((out / "grids").iterdir())
 
 
-def test_score_existing_samples_and_bad_input(tmp_path):
+def test_score_existing_samples_and_bad_input(tmp_path, cache_dir, digits_reference):
     ckpt = _checkpoint(tmp_path, "DiT-T/2")
     subprocess.run([sys.executable, "-m", "fpdm.sample", "--ckpt", ckpt, "--num-samples", "20", "--steps", "3",
                     "--out", str(tmp_path / "s"), "--quiet"], check=True, capture_output=True, timeout=120)  # fmt: skip
-    base = [sys.executable, "-m", "fpdm.evaluate", "--cache-dir", str(tmp_path / "c"), "--quiet"]
+    base = [sys.executable, "-m", "fpdm.evaluate", "--cache-dir", str(cache_dir), "--quiet"]
     ok = subprocess.run([*base, "--samples", str(tmp_path / "s" / "samples.npz"), "--dataset", "digits"],
                         capture_output=True, text=True, timeout=300)  # fmt: skip
     assert ok.returncode == 0, ok.stderr

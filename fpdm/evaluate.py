@@ -152,7 +152,8 @@ def frechet_distance(a: np.ndarray | Tensor, b: np.ndarray | Tensor) -> float:
     cov_a, cov_b = np.atleast_2d(np.cov(a, rowvar=False)), np.atleast_2d(np.cov(b, rowvar=False))
     with warnings.catch_warnings():  # fewer samples than dimensions: singular, and expected
         warnings.simplefilter("ignore", scipy.linalg.LinAlgWarning)
-        covmean, _ = scipy.linalg.sqrtm(cov_a @ cov_b, disp=False)
+        warnings.simplefilter("ignore", RuntimeWarning)
+        covmean = scipy.linalg.sqrtm(cov_a @ cov_b)
     if not np.isfinite(covmean).all():  # near-singular product: regularise, as pytorch-fid does
         eps = 1e-6 * np.eye(cov_a.shape[0])
         covmean = scipy.linalg.sqrtm((cov_a + eps) @ (cov_b + eps))

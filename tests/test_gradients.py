@@ -64,7 +64,7 @@ def test_implicit_float32_defaults_are_accurate():
 @pytest.mark.parametrize("solver", [fp.picard, fp.anderson, fp.broyden, fp.newton], ids=lambda s: s.__name__)
 def test_implicit_with_every_adjoint_solver(solver):
     f, u, x, c, exact_u, _ = _linear_deq()
-    options = {"max_iter": 2000} if solver is fp.picard else {}
+    options = {"max_iter": 2000}  # tol 1e-10 on eigenvalue 0.98: Picard needs ~1200, Anderson ~250
     _solve_and_backward(f, x, c, solver=solver, tol=1e-10, **options)
     assert _rel(u.grad, exact_u) <= 1e-6
 

@@ -197,10 +197,11 @@ def _loop(solver: Solver, f, x0: Tensor, *, tol, max_iter, stop, divergence, che
     # Host syncs: with check_every == 1, one per iteration (how many samples are active, did all improve);
     # otherwise one every check_every iterations, and the loop masks unconditionally in between.
     n_active = int(active.sum())
+    freezes = getattr(solver, "freezes", False)
     while n < max_iter and n_active:
         all_active = check_every == 1 and n_active == batch
         # stopped samples sit at their best iterate (f always sees the whole batch)
-        if getattr(solver, "freezes", False):
+        if freezes:
             x, state = solver.step(fn, state, active, None if all_active else best_x)
         else:
             x_next, state = solver.step(fn, state, active)

@@ -146,7 +146,7 @@ def _single_call(f: Callable[[Tensor], Tensor], x0: Tensor) -> Solution:
     res = (fx - x0).flatten(1).norm(dim=1) / fx.flatten(1).norm(dim=1).clamp_min(1e-30)
     zeros = torch.zeros(batch, dtype=torch.long, device=x0.device)
     status = torch.full_like(zeros, fixedpoint.Status.MAX_ITER)
-    return Solution(x0, fx, res.float(), zeros, status, res.float()[:0, None].expand(0, batch), nfev=1)
+    return Solution(x0, fx, res.float(), zeros, status, res.new_empty(0, batch, dtype=torch.float32), nfev=1)
 
 
 # ----------------------------------------------------------------------------- building blocks

@@ -29,7 +29,7 @@ from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .data import DataError, ImageData, load_dataset
 from .diffusion import Diffusion, guided
 from .images import plot_loss_curve, save_grid
-from .models import create_model, fixed_iterations, model_names
+from .models import create_model, model_names
 
 
 class UsageError(Exception):
@@ -251,8 +251,6 @@ def main(args: argparse.Namespace) -> None:
         if args.sample_steps and data.is_latent:
             log("samples: skipped (latent data; decode with python -m fpdm.sample --vae PATH)")
         elif args.sample_steps:
-            if hasattr(ema, "eval_solver"):
-                ema.eval_solver = fixed_iterations(ema.config.eval_iters)
             grid = sample_grid(ema, data, args, device, out / "samples.png")
             log(f"samples: {grid} (EMA weights, DDIM {args.sample_steps} steps, guidance {args.guidance})")
         log(f"loss curve: {out / 'loss.png'}; metrics: {metrics_path}; checkpoint: {ckpt_path}")

@@ -21,7 +21,8 @@ from __future__ import annotations
 import enum
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, fields, replace
 from typing import Any, Protocol
 
 import torch
@@ -135,6 +136,7 @@ def solve(
     stop: str,
     divergence: float | None,
     check_every: int = 1,
+    graph: bool = False,
     kernels=None,
 ) -> Solution:
     """Run ``solver`` on z = f(z) from ``x0`` (B, ...) and return the :class:`Solution`."""
@@ -153,16 +155,55 @@ def solve(
     if divergence is not None and (not isinstance(divergence, (int, float)) or not divergence > 1):
         raise ValueError(f"divergence must be a number > 1 or None, got {divergence!r}")
     check_int("check_every", check_every, 1)
+    if not isinstance(graph, bool):
+        raise TypeError(f"graph must be a bool, got {type(graph).__name__}")
+    if graph and not GRAPHS.supports(x0):
+        raise ValueError(f"graph=True captures a CUDA graph and needs CUDA tensors, got x0 on {x0.device}")
+    if graph and not hasattr(solver, "period"):
+        raise ValueError(f"graph=True is not supported by {type(solver).__name__} (it syncs with the host)")
 
     from . import kernels as kernel_modules
 
     kernels = kernels or kernel_modules.reference
     with torch.no_grad():
         return _loop(solver, f, x0.detach(), tol=tol, max_iter=max_iter, stop=stop, divergence=divergence,
-                     check_every=check_every, kernels=kernels)  # fmt: skip
+                     check_every=check_every, graph=graph, kernels=kernels)  # fmt: skip
 
 
-def _loop(solver: Solver, f, x0: Tensor, *, tol, max_iter, stop, divergence, check_every, kernels) -> Solution:
+class CudaGraphs:
+    """What ``graph=True`` needs from CUDA: a side stream for warm-up, and capture into a replayable graph."""
+
+    @staticmethod
+    def supports(x: Tensor) -> bool:
+        return x.is_cuda
+
+    @staticmethod
+    @contextmanager
+    def warmup_stream(device: torch.device):
+        side = torch.cuda.Stream(device=device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            yield
+        torch.cuda.current_stream(device).wait_stream(side)
+
+    @staticmethod
+    def capture(body: Callable[[], None], device: torch.device) -> Callable[[], None]:
+        """Record ``body`` (nothing runs yet) and return the graph's replay."""
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            body()
+        return graph.replay
+
+
+GRAPHS = CudaGraphs()  # tests swap in an eager stand-in to run the graph path's logic on CPU
+
+
+def _state_tensors(state: Any) -> dict[str, Tensor]:
+    """The tensor fields of a solver state dataclass."""
+    return {f.name: getattr(state, f.name) for f in fields(state) if isinstance(getattr(state, f.name), Tensor)}
+
+
+def _loop(solver: Solver, f, x0: Tensor, *, tol, max_iter, stop, divergence, check_every, graph, kernels) -> Solution:
     batch = x0.shape[0]
     sdt = stat_dtype(x0.dtype)
     fn = _CountedMap(f, x0.shape)
@@ -190,16 +231,18 @@ def _loop(solver: Solver, f, x0: Tensor, *, tol, max_iter, stop, divergence, che
     active = status == Status.MAX_ITER  # (B,) still iterating
     best_x, best_fx, best_res = x.clone(), fx, res.clone()  # NaN residual for a non-finite start
     nsteps = torch.zeros(batch, dtype=torch.long, device=x.device)
-    trace = torch.full((max_iter, batch), float("nan"), dtype=sdt, device=x.device)
-
+    trace = torch.full((max_iter + 1, batch), float("nan"), dtype=sdt, device=x.device)  # last row: scratch
+    done = torch.zeros((), dtype=torch.long, device=x.device)  # iterations run, counted on the device (graph)
     state = solver.init(x, fx, g, gnorm)
-    n = 0
-    # Host syncs: with check_every == 1, one per iteration (how many samples are active, did all improve);
-    # otherwise one every check_every iterations, and the loop masks unconditionally in between.
-    n_active = int(active.sum())
     freezes = getattr(solver, "freezes", False)
-    while n < max_iter and n_active:
-        all_active = check_every == 1 and n_active == batch
+
+    def iterate(n: int | None, sync: bool, all_active: bool) -> int | None:
+        """One iteration. ``n``: its index, or None inside a CUDA graph (the device counts).
+
+        ``sync``: one host sync for the counts of active and improved samples (returns the
+        active count), which lets it skip the best-iterate ``where`` when every sample improved.
+        """
+        nonlocal status, active, best_x, best_fx, best_res, state
         # stopped samples sit at their best iterate (f always sees the whole batch)
         if freezes:
             x, state = solver.step(fn, state, active, None if all_active else best_x)
@@ -208,28 +251,83 @@ def _loop(solver: Solver, f, x0: Tensor, *, tol, max_iter, stop, divergence, che
             x = x_next if all_active else torch.where(active[:, None], x_next, best_x)
         fx = fn(x)
         g, gnorm, res, finite = measure(x, fx)
-        trace[n] = torch.where(active, res, torch.nan)
-        n += 1
-        nsteps += active.long()
+        row = torch.where(active, res, torch.nan)
+        if n is None:  # past max_iter (the last replay of a graph), rows go to the scratch row
+            trace.index_copy_(0, done.clamp(max=max_iter).view(1), row[None])
+            done.add_(1)
+        else:
+            trace[n] = row
+        nsteps.add_(active.long())
 
         status = torch.where(active, classify(res, gnorm, finite), status)
         improved = active & finite & ~(res >= best_res)  # also true where best_res is NaN
         best_res = torch.where(improved, res, best_res)
         active = status == Status.MAX_ITER
-        if check_every == 1:
+        if n is None:
+            active = active & (done < max_iter)
+        n_active, n_improved = (None, -1)  # -1: unknown without a sync
+        if sync:
             n_active, n_improved = torch.stack([active.sum(), improved.sum()]).tolist()
-        else:
-            n_improved = -1  # unknown without a sync
-            if n % check_every == 0:
-                n_active = int(active.sum())
         if n_improved == batch:
             best_x, best_fx = x, fx
         elif n_improved:
             best_x = torch.where(improved[:, None], x, best_x)
             best_fx = torch.where(improved[:, None], fx, best_fx)
         state = solver.update(state, x, fx, g, gnorm)
+        return n_active
 
-    n = int(nsteps.max()) if check_every > 1 else n  # drop the rows run after every sample stopped
+    n = 0
+    # Host syncs: with check_every == 1, one per iteration (how many samples are active, did all improve);
+    # otherwise one every check_every iterations, and the loop masks unconditionally in between.
+    n_active = int(active.sum())
+    if graph:
+        chunk = solver.period * math.ceil(check_every / solver.period)  # a whole number of solver periods
+        with GRAPHS.warmup_stream(x.device):  # compile kernels, create library handles: before capture
+            while n < min(chunk, max_iter) and n_active:
+                iterate(None, sync=False, all_active=False)
+                n += 1
+        n_active = int(active.sum())
+        static = {"status": status, "active": active, "best_x": best_x, "best_fx": best_fx, "best_res": best_res}
+        static_state = _state_tensors(state)
+
+        def run_chunk() -> None:
+            """``chunk`` iterations, then their results copied into the static tensors the next run reads."""
+            nonlocal status, active, best_x, best_fx, best_res, state
+            for _ in range(chunk):
+                iterate(None, sync=False, all_active=False)
+            current = {"status": status, "active": active, "best_x": best_x, "best_fx": best_fx, "best_res": best_res}
+            for name, value in list(current.items()) + list(_state_tensors(state).items()):
+                target = static[name] if name in static else static_state[name]
+                if value is not target:
+                    target.copy_(value)
+            status, active, best_x, best_fx, best_res = static.values()
+            state = replace(state, **static_state)
+
+        if n < max_iter and n_active:
+            calls = fn.calls
+            try:
+                replay = GRAPHS.capture(run_chunk, x.device)
+            except RuntimeError as err:
+                raise RuntimeError(
+                    "graph=True could not capture the iteration in a CUDA graph; f must be capturable "
+                    f"(static shapes, no host syncs such as .item() or printing, no CPU tensors): {err}"
+                ) from err
+            per_replay, fn.calls = fn.calls - calls, calls
+            while n < max_iter and n_active:
+                replay()
+                fn.calls += per_replay
+                n += chunk
+                n_active = int(active.sum())
+    while n < max_iter and n_active:
+        if check_every == 1:
+            n_active = iterate(n, sync=True, all_active=n_active == batch)
+        else:
+            iterate(n, sync=False, all_active=False)
+            if (n + 1) % check_every == 0:
+                n_active = int(active.sum())
+        n += 1
+
+    n = int(nsteps.max()) if (check_every > 1 or graph) else n  # drop the rows run after every sample stopped
     return Solution(
         x=best_x.view(x0.shape),
         fx=best_fx.view(x0.shape),

@@ -15,17 +15,15 @@ import torch
 from torch import Tensor
 
 from . import kernels as kernel_modules
-from ._solve import Solution, check_int, check_interval, check_positive, row_norms, solve, stat_dtype
+from ._solve import Solution, check_int, check_interval, check_positive, solve, stat_dtype
 
 __all__ = ["picard", "anderson", "broyden"]
 
 Map = Callable[[Tensor], Tensor]
 
 
-def _common_doc(fn):
-    fn.__doc__ = fn.__doc__.replace(
-        "{common}",
-        """f: maps a batch (B, ...) to the same shape; the first dimension is the batch.
+_DOC_PARTS = {
+    "{common}": """f: maps a batch (B, ...) to the same shape; the first dimension is the batch.
         x0: (B, ...) floating-point start. Low precision stays low precision in
             storage; norms and small solves run in fp32 (fp64 for fp64 input).
         tol: stop a sample when its residual is <= tol.
@@ -37,8 +35,28 @@ def _common_doc(fn):
         check_every: ask the device whether any sample is still iterating only
             every k iterations (fewer host syncs on GPUs; up to k - 1 extra
             calls of f once all have stopped; the results are the same).""",
-    )
+    "{graph}": """graph: on CUDA, capture the loop's per-iteration work (f included) in a
+            CUDA graph and replay it; a replay runs check_every iterations (rounded
+            up to whole solver periods, Anderson's m) and then checks convergence.
+            f must be capturable: static shapes, no host syncs, no CPU tensors.""",
+    "{impl}": """impl: "auto" (fused Triton kernels on CUDA when triton imports, PyTorch
+            otherwise), "torch", or "triton" (an error where it cannot run).""",
+}
+
+
+def _common_doc(fn):
+    """Fill the shared argument descriptions into a solver's docstring."""
+    for placeholder, text in _DOC_PARTS.items():
+        fn.__doc__ = fn.__doc__.replace(placeholder, text)
     return fn
+
+
+def _kernels(impl: str, x0: Tensor) -> ModuleType:
+    """The kernel module for ``impl``; bad x0 is left for the loop's own checks (a clearer error)."""
+    if not isinstance(x0, Tensor) or not x0.is_floating_point():
+        kernel_modules.check_impl(impl)
+        return kernel_modules.reference
+    return kernel_modules.resolve(impl, x0)
 
 
 # ----------------------------------------------------------------------------- Picard
@@ -47,21 +65,24 @@ def _common_doc(fn):
 @dataclass
 class _PicardState:
     x: Tensor  # (B, D)
-    g: Tensor  # (B, D) f(x) - x
+    fx: Tensor  # (B, D) f(x)
 
 
 @dataclass(frozen=True)
 class Picard:
     beta: float = 1.0
+    kernels: ModuleType = kernel_modules.reference  # the fused damped step
+    freezes = True  # the step kernel keeps stopped samples in the same pass
+    period = 1  # iterations after which the solver's Python-side state repeats (graph capture)
 
     def init(self, x, fx, g, gnorm):
-        return _PicardState(x, g)
+        return _PicardState(x, fx)
 
-    def step(self, fn, state, active):
-        return state.x + self.beta * state.g, state
+    def step(self, fn, state, active, frozen=None):
+        return self.kernels.picard_step(state.x, state.fx, self.beta, frozen, active), state
 
     def update(self, state, x, fx, g, gnorm):
-        return _PicardState(x, g)
+        return _PicardState(x, fx)
 
 
 @_common_doc
@@ -74,20 +95,43 @@ def picard(
     stop: str = "rel",
     divergence: float | None = 1e6,
     check_every: int = 1,
+    graph: bool = False,
     beta: float = 1.0,
+    impl: str = "auto",
 ) -> Solution:
     """Plain fixed-point iteration x <- (1 - beta) x + beta f(x).
 
     Args:
         {common}
+        {graph}
         beta: damping in (0, 2]; 1 is undamped iteration.
+        {impl}
     """
     check_interval("beta", beta, 0.0, 2.0)
-    return solve(Picard(beta), f, x0, tol=tol, max_iter=max_iter, stop=stop, divergence=divergence,
-                 check_every=check_every)  # fmt: skip
+    kern = _kernels(impl, x0)
+    return solve(Picard(beta, kernels=kern), f, x0, tol=tol, max_iter=max_iter, stop=stop, divergence=divergence,
+                 check_every=check_every, graph=graph, kernels=kern)  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- Anderson
+
+
+def solve_spd(a: Tensor, b: Tensor) -> Tensor:
+    """Solve a y = b for small symmetric positive definite a (B, m, m), b (B, m): Gaussian elimination.
+
+    No pivoting (a is SPD), plain batched tensor ops: no library call, nothing that could
+    sync with the host, so it can run inside a CUDA graph. Non-finite input gives non-finite y.
+    """
+    a, b = a.clone(), b.clone()
+    m = a.shape[-1]
+    for k in range(m - 1):
+        factor = a[:, k + 1 :, k] / a[:, k, k, None]  # (B, m-k-1)
+        a[:, k + 1 :, k:] -= factor[:, :, None] * a[:, k, None, k:]
+        b[:, k + 1 :] -= factor * b[:, k, None]
+    y = torch.empty_like(b)
+    for k in reversed(range(m)):
+        y[:, k] = (b[:, k] - (a[:, k, k + 1 :] * y[:, k + 1 :]).sum(dim=1)) / a[:, k, k]
+    return y
 
 
 @dataclass
@@ -111,7 +155,13 @@ class Anderson:
     max_coeff: float = 1e4
     growth: float = 1e2
     kernels: ModuleType = kernel_modules.reference  # fused history write + Gram row, fused mixing
+    graph_safe: bool = False  # small solves by plain tensor ops (no library call that could sync): graph capture
     freezes = True  # the mixing kernel keeps stopped samples in the same pass
+
+    @property
+    def period(self) -> int:
+        """Iterations after which the Python-side state (the ring slot) repeats: graph capture replays this many."""
+        return self.m
 
     def init(self, x, fx, g, gnorm):
         batch, dim = x.shape
@@ -158,7 +208,10 @@ class Anderson:
         scale = torch.where(valid, diag.clamp_min(1e-300).rsqrt(), 0.0)  # (B, m)
         normed = scale[:, :, None] * gram * scale[:, None, :]
         normed.diagonal(dim1=1, dim2=2).add_(torch.where(valid, self.ridge, 1.0))  # unused slots: alpha 0
-        y, _ = torch.linalg.solve_ex(normed, scale)  # no error check, no host sync
+        if self.graph_safe:
+            y = solve_spd(normed, scale)
+        else:
+            y, _ = torch.linalg.solve_ex(normed, scale)  # no error check, no host sync
         w = scale * y
         alpha = w / w.sum(dim=1, keepdim=True)
         return alpha.to(state.gram.dtype)
@@ -191,6 +244,7 @@ def anderson(
     stop: str = "rel",
     divergence: float | None = 1e6,
     check_every: int = 1,
+    graph: bool = False,
     m: int = 5,
     beta: float = 1.0,
     ridge: float = 1e-6,
@@ -206,6 +260,7 @@ def anderson(
 
     Args:
         {common}
+        {graph}
         m: history size (pairs kept).
         beta: mixing/damping in (0, 2]; 1 mixes the images f(x_i) only.
         ridge: Tikhonov term added to the Gram matrix after scaling it to unit
@@ -214,18 +269,17 @@ def anderson(
             (the small system is ill-conditioned).
         growth: restart a sample's history when a step multiplies ||f(x) - x||
             by more than this.
-        impl: "auto" (fused Triton kernels on CUDA when triton imports, PyTorch
-            otherwise), "torch", or "triton" (an error where it cannot run).
+        {impl}
     """
     check_int("m", m, 1)
     check_interval("beta", beta, 0.0, 2.0)
     check_positive("ridge", ridge)
     check_positive("max_coeff", max_coeff)
     check_positive("growth", growth)
-    kern = kernel_modules.resolve(impl, x0) if isinstance(x0, Tensor) else kernel_modules.reference
-    solver = Anderson(m=m, beta=beta, ridge=ridge, max_coeff=max_coeff, growth=growth, kernels=kern)
+    kern = _kernels(impl, x0)
+    solver = Anderson(m=m, beta=beta, ridge=ridge, max_coeff=max_coeff, growth=growth, kernels=kern, graph_safe=graph)
     return solve(solver, f, x0, tol=tol, max_iter=max_iter, stop=stop, divergence=divergence,
-                 check_every=check_every, kernels=kern)  # fmt: skip
+                 check_every=check_every, graph=graph, kernels=kern)  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- Broyden
@@ -266,6 +320,7 @@ def _reduce_rank(U: Tensor, V: Tensor, alive: Tensor, rank: int) -> None:
 class Broyden:
     m: int = 20
     growth: float = 1e2
+    kernels: ModuleType = kernel_modules.reference  # the two applies of an update in two fused passes
 
     def init(self, x, fx, g, gnorm):
         batch, dim = x.shape
@@ -287,15 +342,15 @@ class Broyden:
 
     def update(self, state, x, fx, g, gnorm):
         sdt = stat_dtype(x.dtype)
+        n = state.count
         dx = x - state.x  # (B, D)
-        h_g = self._apply(state, g)  # H g_new
-        h_dg = h_g - state.hg  # H (g_new - g)
-        v = self._apply(state, dx, transpose=True)  # H^T dx
-        denom = (dx.to(sdt) * h_dg.to(sdt)).sum(dim=1)  # (B,) dx^T H dg
-        ok = torch.isfinite(denom) & (denom.abs() > 1e-12 * row_norms(dx, sdt) * row_norms(h_dg, sdt))
-        u = (dx - h_dg) / torch.where(ok, denom, 1.0).to(x.dtype)[:, None]
+        # H g_new and H^T dx, and the dot products below, in two passes over U and V
+        coeff = self.kernels.broyden_dots(state.U, state.V, n, g, dx) * state.alive[:, None, :n]  # (B, 2, n)
+        h_g, v, sums = self.kernels.broyden_combine(state.U, state.V, n, coeff, g, dx, state.hg)
+        denom, dx_sq, h_dg_sq, v_g = sums.to(sdt).unbind(1)  # (B,) each; denom = dx^T H (g_new - g)
+        ok = torch.isfinite(denom) & (denom.abs() > 1e-12 * (dx_sq * h_dg_sq).sqrt())
+        u = (dx - (h_g - state.hg)) / torch.where(ok, denom, 1.0).to(x.dtype)[:, None]
         # H' g_new = H g_new + u (v . g_new): the next step without another pass over U, V
-        v_g = (v.to(sdt) * g.to(sdt)).sum(dim=1)
         hg = h_g + torch.where(ok, v_g, 0.0).to(x.dtype)[:, None] * u
 
         # A step that blew the residual up: forget the Jacobian and stay at the old iterate.
@@ -335,20 +390,25 @@ def broyden(
     check_every: int = 1,
     m: int = 20,
     growth: float = 1e2,
+    impl: str = "auto",
 ) -> Solution:
     """Limited-memory "good" Broyden on g(x) = f(x) - x, per sample.
 
     The inverse Jacobian of g starts at -I (the first step is a Picard step)
-    and receives one rank-one update per iteration; at most ``m`` updates are
-    kept (a ring buffer, oldest dropped), so memory is 2 m B D, whatever max_iter.
+    and receives one rank-one update per iteration. When ``m`` updates are
+    stored, they are replaced by their best rank-m/2 part (Broyden rank
+    reduction, one small SVD: a host sync every m/2 iterations on GPUs), so
+    memory is 2 m B D, whatever max_iter.
 
     Args:
         {common}
         m: rank-one updates kept.
         growth: forget a sample's Jacobian (and stay at its last iterate) when
             a step multiplies ||f(x) - x|| by more than this.
+        {impl}
     """
     check_int("m", m, 1)
     check_positive("growth", growth)
-    return solve(Broyden(m=m, growth=growth), f, x0, tol=tol, max_iter=max_iter, stop=stop, divergence=divergence,
-                 check_every=check_every)  # fmt: skip
+    kern = _kernels(impl, x0)
+    return solve(Broyden(m=m, growth=growth, kernels=kern), f, x0, tol=tol, max_iter=max_iter, stop=stop,
+                 divergence=divergence, check_every=check_every, kernels=kern)  # fmt: skip

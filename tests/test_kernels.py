@@ -122,6 +122,83 @@ def test_impl_choices_and_errors():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_kernels_on_gpu_at_real_sizes(dtype):
-    x, fx = (torch.randn(32, 256 * 1152, device="cuda").to(dtype) for _ in range(2))
+    """Every kernel against its twin at FPDM-XL/2 sizes (32 x 256 x 1152), relative to the result's size."""
+    dim = 256 * 1152
+
+    def rand(*shape):
+        return torch.randn(*shape, device="cuda").to(dtype)
+
+    def rel(a, b):
+        a, b = a.float(), b.float()
+        return float(torch.linalg.vector_norm(a - b) / torch.linalg.vector_norm(b))
+
+    x, fx, g, dx, hg = (rand(32, dim) for _ in range(5))
+    F, G, U, V = (rand(32, 5, dim) for _ in range(4))
+    alpha = torch.softmax(torch.randn(32, 5, device="cuda"), dim=1)
+    active = torch.rand(32, device="cuda") < 0.5
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
     for a, b in zip(triton_kernels.residual(x, fx), reference.residual(x, fx)):
-        torch.testing.assert_close(a.float(), b.float(), rtol=1e-2, atol=1e-2)
+        assert rel(a, b) < tol
+    assert rel(triton_kernels.picard_step(x, fx, 0.7, g, active), reference.picard_step(x, fx, 0.7, g, active)) < tol
+    F2, G2 = F.clone(), G.clone()
+    row = triton_kernels.anderson_write(F, G, 3, fx, g)
+    assert rel(row, reference.anderson_write(F2, G2, 3, fx, g)) < 1e-5 and torch.equal(F, F2) and torch.equal(G, G2)
+    mix = triton_kernels.anderson_mix(F, G, alpha, 0.5, x, active)
+    assert rel(mix, reference.anderson_mix(F, G, alpha, 0.5, x, active)) < tol
+    coeff = triton_kernels.broyden_dots(U, V, 4, g, dx)
+    assert rel(coeff, reference.broyden_dots(U, V, 4, g, dx)) < 1e-5
+    for a, b in zip(
+        triton_kernels.broyden_combine(U, V, 4, coeff, g, dx, hg), reference.broyden_combine(U, V, 4, coeff, g, dx, hg)
+    ):
+        assert rel(a, b) < tol
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("beta", [1.0, 0.6])
+def test_picard_step_kernel_equals_twin_and_freezes(dtype, beta):
+    gen = torch.Generator().manual_seed(3)
+    x, fx, frozen = (torch.randn(3, 41, generator=gen).to(dtype).to(DEVICE) for _ in range(3))
+    active = torch.tensor([False, True, True], device=DEVICE)
+    out = triton_kernels.picard_step(x, fx, beta, frozen, active)
+    _close(out, reference.picard_step(x, fx, beta, frozen, active), dtype, scale=4)
+    assert torch.equal(out[0], frozen[0])
+    _close(
+        triton_kernels.picard_step(x, fx, beta, None, None), reference.picard_step(x, fx, beta, None, None), dtype, 4
+    )
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n", [0, 1, 3])  # n = 0: H = -I, the first Broyden update
+def test_broyden_kernels_equal_twins(dtype, n):
+    gen = torch.Generator().manual_seed(n)
+    U, V = (torch.randn(2, 4, 29, generator=gen).to(dtype).to(DEVICE) for _ in range(2))
+    g, dx, hg = (torch.randn(2, 29, generator=gen).to(dtype).to(DEVICE) for _ in range(3))
+    coeff = triton_kernels.broyden_dots(U, V, n, g, dx)
+    torch.testing.assert_close(coeff, reference.broyden_dots(U, V, n, g, dx), rtol=1e-5, atol=1e-4)
+    assert coeff.shape == (2, 2, n)
+    h1, v1, sums1 = triton_kernels.broyden_combine(U, V, n, coeff, g, dx, hg)
+    h2, v2, sums2 = reference.broyden_combine(U, V, n, coeff, g, dx, hg)
+    _close(h1, h2, dtype, scale=8)
+    _close(v1, v2, dtype, scale=8)
+    # the sums read h and v rounded to storage: a 1-ulp difference there moves them by ~1 ulp, relative
+    torch.testing.assert_close(sums1, sums2, rtol=8 * ULPS[dtype] + 1e-5, atol=8 * ULPS[dtype] * 29)
+
+
+def _contraction(dim: int, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(dim, dim, generator=gen)
+    return (0.8 * w / torch.linalg.matrix_norm(w, ord=2)).to(DEVICE), torch.randn(4, dim, generator=gen).to(DEVICE)
+
+
+@pytest.mark.parametrize("solver", ["picard", "broyden"])
+def test_picard_and_broyden_triton_give_the_same_solve_as_torch(solver):
+    w, b = _contraction(10)
+    f = lambda z: torch.tanh(z @ w.T + b)  # noqa: E731
+    solve = getattr(fixedpoint, solver)
+    runs = {
+        impl: solve(f, torch.zeros(4, 10, device=DEVICE), tol=1e-5, max_iter=60, impl=impl)
+        for impl in ("torch", "triton")
+    }
+    a, t = runs["torch"], runs["triton"]
+    assert a.nsteps.tolist() == t.nsteps.tolist() and (t.status == Status.CONVERGED).all()
+    torch.testing.assert_close(t.x, a.x, rtol=1e-5, atol=1e-6)

@@ -16,7 +16,7 @@ from torch import Tensor
 
 from . import reference
 
-__all__ = ["resolve", "reference", "IMPLS"]
+__all__ = ["resolve", "check_impl", "reference", "IMPLS"]
 
 IMPLS = ("auto", "torch", "triton")
 
@@ -29,10 +29,15 @@ def _triton_module() -> ModuleType | None:
     return triton_kernels
 
 
-def resolve(impl: str, x: Tensor) -> ModuleType:
-    """The kernel module (reference or triton_kernels) for ``impl`` and data like ``x``."""
+def check_impl(impl: str) -> None:
+    """A ValueError naming the choices unless ``impl`` is one of IMPLS."""
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {', '.join(map(repr, IMPLS))}, got {impl!r}")
+
+
+def resolve(impl: str, x: Tensor) -> ModuleType:
+    """The kernel module (reference or triton_kernels) for ``impl`` and data like ``x``."""
+    check_impl(impl)
     if impl == "torch":
         return reference
     supported = x.dtype in (torch.float32, torch.float16, torch.bfloat16)

@@ -1,7 +1,7 @@
 """Pure-PyTorch twins of the fused kernels: same signatures, same results (the CPU path and the reference).
 
-Shapes: iterates (B, D); Anderson histories (B, m, D). Accumulation in fp32
-(fp64 for fp64 data), whatever the storage dtype.
+Shapes: iterates (B, D); Anderson and Broyden histories (B, m, D). Accumulation
+in fp32 (fp64 for fp64 data), whatever the storage dtype.
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["residual", "anderson_write", "anderson_mix"]
+__all__ = ["residual", "picard_step", "anderson_write", "anderson_mix", "broyden_dots", "broyden_combine"]
 
 
 def _acc(dtype: torch.dtype) -> torch.dtype:
@@ -47,3 +47,41 @@ def anderson_mix(
         x = x + (beta - 1.0) * torch.bmm(a, G.to(acc)).squeeze(1)
     x = x.to(F.dtype)
     return x if frozen is None else torch.where(active[:, None], x, frozen)
+
+
+def picard_step(x: Tensor, fx: Tensor, beta: float, frozen: Tensor | None, active: Tensor | None) -> Tensor:
+    """x + beta (f(x) - x) (arithmetic in fp32/fp64) for active samples; stopped samples get ``frozen``.
+
+    x, fx (B, D); frozen (B, D) or None (every sample active), active (B,) bool. Returns (B, D) in x's dtype.
+    """
+    acc = _acc(x.dtype)
+    xa = x.to(acc)
+    out = (xa + beta * (fx.to(acc) - xa)).to(x.dtype)
+    return out if frozen is None else torch.where(active[:, None], out, frozen)
+
+
+def broyden_dots(U: Tensor, V: Tensor, n: int, g: Tensor, dx: Tensor) -> Tensor:
+    """The coefficients of Broyden's two applies, (B, 2, n) fp32/fp64: row 0 = V g, row 1 = U dx (first n slots)."""
+    acc = _acc(g.dtype)
+    vg = torch.bmm(V[:, :n].to(acc), g.to(acc).unsqueeze(2)).squeeze(2)
+    udx = torch.bmm(U[:, :n].to(acc), dx.to(acc).unsqueeze(2)).squeeze(2)
+    return torch.stack([vg, udx], dim=1)
+
+
+def broyden_combine(
+    U: Tensor, V: Tensor, n: int, coeff: Tensor, g: Tensor, dx: Tensor, hg: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Broyden's two applies and the dot products of its update, in one pass.
+
+    With H = -I + sum_i u_i v_i^T over the first n slots (coefficients already masked):
+    h_g = H g = -g + coeff[:, 0] U, v = H^T dx = -dx + coeff[:, 1] V, both (B, D) in g's dtype, and
+    sums (B, 4) fp32/fp64: [dx . (h_g - hg), ||dx||^2, ||h_g - hg||^2, v . g].
+    """
+    acc = _acc(g.dtype)
+    c = coeff.to(acc)
+    h_g = (torch.bmm(c[:, :1], U[:, :n].to(acc)).squeeze(1) - g.to(acc)).to(g.dtype)
+    v = (torch.bmm(c[:, 1:], V[:, :n].to(acc)).squeeze(1) - dx.to(acc)).to(g.dtype)
+    dxa, h_dg = dx.to(acc), h_g.to(acc) - hg.to(acc)
+    dots = [(dxa * h_dg).sum(1), dxa.square().sum(1), h_dg.square().sum(1), (v.to(acc) * g.to(acc)).sum(1)]
+    sums = torch.stack(dots, dim=1)
+    return h_g, v, sums

@@ -1,11 +1,14 @@
 """Triton kernels for the solver's inner loop, each beside a launcher with its PyTorch twin's signature.
 
 Each kernel makes one pass over the data it needs: the residual epilogue
-reads (x, f(x)) once and writes g; the Anderson write stores the new pair in
-the ring buffer and computes the new Gram row in the same pass; the mixing
-step reads the history once. Per-sample sums are split over chunks of the
-feature dimension (grid (B, chunks)) into fp32 partials that torch adds up,
-so results are deterministic. fp32, fp16 and bf16 storage; fp32 arithmetic.
+reads (x, f(x)) once and writes g; Picard's damped step reads (x, f(x)) once;
+the Anderson write stores the new pair in the ring buffer and computes the
+new Gram row in the same pass; the mixing step reads the history once;
+Broyden's two applies share one pass for their coefficients and one for the
+combination (with the update's dot products). Per-sample sums are split over
+chunks of the feature dimension (grid (B, chunks)) into fp32 partials that
+torch adds up, so results are deterministic. fp32, fp16 and bf16 storage;
+fp32 arithmetic.
 Runs on CUDA, and on CPU under TRITON_INTERPRET=1 (slowly: tests use tiny shapes).
 """
 
@@ -16,16 +19,20 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-__all__ = ["residual", "anderson_write", "anderson_mix"]
+__all__ = ["residual", "picard_step", "anderson_write", "anderson_mix", "broyden_dots", "broyden_combine"]
 
 BLOCK = 1024  # elements per inner step
-CHUNK_BLOCKS = 16  # inner steps per program along D
+MAX_STEPS = 16  # inner steps per program along D, at most
+MIN_PROGRAMS = 1024  # enough programs to keep every SM's memory pipes busy (H100: 132 SMs)
 
 
-def _grid_chunks(dim: int) -> tuple[int, int]:
+def _grid_chunks(batch: int, dim: int) -> tuple[int, int, int]:
+    """(block, steps, chunks) for a reduction over D: long chunks (fewer partials) unless that starves the GPU."""
     block = min(BLOCK, triton.next_power_of_2(max(dim, 16)))
-    chunk = block * CHUNK_BLOCKS
-    return block, triton.cdiv(dim, chunk)
+    steps = MAX_STEPS
+    while steps > 1 and batch * triton.cdiv(dim, block * steps) < MIN_PROGRAMS:
+        steps //= 2
+    return block, steps, triton.cdiv(dim, block * steps)
 
 
 def _check(name: str, *tensors: Tensor) -> None:
@@ -62,10 +69,10 @@ def residual(x: Tensor, fx: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     _check("residual", x, fx)
     batch, dim = x.shape
     g = torch.empty_like(x)
-    block, chunks = _grid_chunks(dim)
+    block, steps, chunks = _grid_chunks(batch, dim)
     partials = torch.empty(batch, chunks, 2, dtype=torch.float32, device=x.device)
     _residual_kernel[(batch, chunks)](x, fx, g, partials, dim, x.stride(0), fx.stride(0), g.stride(0), chunks,
-                                      BLOCK=block, STEPS=CHUNK_BLOCKS)  # fmt: skip
+                                      BLOCK=block, STEPS=steps)  # fmt: skip
     sums = partials.sum(dim=1)
     return g, sums[:, 0], sums[:, 1]
 
@@ -96,11 +103,11 @@ def anderson_write(F: Tensor, G: Tensor, slot: int, fx: Tensor, g: Tensor) -> Te
     """Triton twin of reference.anderson_write."""
     _check("anderson_write", F, G, fx, g)
     batch, m, dim = F.shape
-    block, chunks = _grid_chunks(dim)
+    block, steps, chunks = _grid_chunks(batch, dim)
     partials = torch.empty(batch, chunks, m, dtype=torch.float32, device=F.device)
     _anderson_write_kernel[(batch, chunks)](
         F, G, fx, g, partials, dim, slot, F.stride(0), F.stride(1), G.stride(0), G.stride(1), fx.stride(0),
-        g.stride(0), chunks, M=m, BLOCK=block, STEPS=CHUNK_BLOCKS,
+        g.stride(0), chunks, M=m, BLOCK=block, STEPS=steps,
     )  # fmt: skip
     return partials.sum(dim=1)
 
@@ -131,15 +138,141 @@ def anderson_mix(
 ) -> Tensor:
     """Triton twin of reference.anderson_mix."""
     batch, m, dim = F.shape
-    if frozen is None:
-        frozen, active = F[:, 0], torch.ones(batch, dtype=torch.bool, device=F.device)
+    frozen, active8 = _frozen_or_all_active(frozen, active, F[:, 0])
     _check("anderson_mix", F, G, frozen)
     out = torch.empty(batch, dim, dtype=F.dtype, device=F.device)
     block = min(BLOCK, triton.next_power_of_2(max(dim, 16)))
     alpha32 = alpha.to(torch.float32).contiguous()
     _anderson_mix_kernel[(batch, triton.cdiv(dim, block))](
-        F, G, alpha32, frozen, active.to(torch.int8).contiguous(), out, dim, float(beta - 1.0), F.stride(0),
+        F, G, alpha32, frozen, active8, out, dim, float(beta - 1.0), F.stride(0),
         F.stride(1), G.stride(0), G.stride(1), frozen.stride(0), out.stride(0), M=m, BLOCK=block,
         USE_G=beta != 1.0,
     )  # fmt: skip
     return out
+
+
+def _frozen_or_all_active(frozen: Tensor | None, active: Tensor | None, like: Tensor) -> tuple[Tensor, Tensor]:
+    """The (frozen, active as int8) pair a freezing kernel reads; ``like`` stands in when every sample is active."""
+    if frozen is None:
+        return like, torch.ones(like.shape[0], dtype=torch.int8, device=like.device)
+    return frozen, active.to(torch.int8).contiguous()
+
+
+@triton.jit
+def _picard_step_kernel(x_ptr, fx_ptr, frozen_ptr, active_ptr, out_ptr, D, beta, sx, sf, sfz, so,
+                        BLOCK: tl.constexpr):  # fmt: skip
+    b = tl.program_id(0)
+    idx = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = idx < D
+    if tl.load(active_ptr + b) != 0:
+        x = tl.load(x_ptr + b * sx + idx, mask=mask, other=0.0).to(tl.float32)
+        f = tl.load(fx_ptr + b * sf + idx, mask=mask, other=0.0).to(tl.float32)
+        tl.store(out_ptr + b * so + idx, (x + beta * (f - x)).to(out_ptr.dtype.element_ty), mask=mask)
+    else:  # a stopped sample keeps its iterate
+        tl.store(out_ptr + b * so + idx, tl.load(frozen_ptr + b * sfz + idx, mask=mask, other=0.0), mask=mask)
+
+
+def picard_step(x: Tensor, fx: Tensor, beta: float, frozen: Tensor | None, active: Tensor | None) -> Tensor:
+    """Triton twin of reference.picard_step."""
+    frozen, active8 = _frozen_or_all_active(frozen, active, x)
+    _check("picard_step", x, fx, frozen)
+    batch, dim = x.shape
+    out = torch.empty(batch, dim, dtype=x.dtype, device=x.device)
+    block = min(BLOCK, triton.next_power_of_2(max(dim, 16)))
+    _picard_step_kernel[(batch, triton.cdiv(dim, block))](
+        x, fx, frozen, active8, out, dim, float(beta), x.stride(0), fx.stride(0), frozen.stride(0), out.stride(0),
+        BLOCK=block,
+    )  # fmt: skip
+    return out
+
+
+@triton.jit
+def _broyden_dots_kernel(U_ptr, V_ptr, g_ptr, dx_ptr, out_ptr, D, n, sUb, sUm, sVb, sVm, sg, sdx, n_chunks,
+                         BLOCK: tl.constexpr, STEPS: tl.constexpr):  # fmt: skip
+    b = tl.program_id(0)
+    c = tl.program_id(1)
+    for j in range(n):
+        acc_v = tl.zeros([BLOCK], dtype=tl.float32)
+        acc_u = tl.zeros([BLOCK], dtype=tl.float32)
+        for i in range(STEPS):
+            idx = (c * STEPS + i) * BLOCK + tl.arange(0, BLOCK)
+            mask = idx < D
+            g = tl.load(g_ptr + b * sg + idx, mask=mask, other=0.0).to(tl.float32)
+            dx = tl.load(dx_ptr + b * sdx + idx, mask=mask, other=0.0).to(tl.float32)
+            v = tl.load(V_ptr + b * sVb + j * sVm + idx, mask=mask, other=0.0).to(tl.float32)
+            u = tl.load(U_ptr + b * sUb + j * sUm + idx, mask=mask, other=0.0).to(tl.float32)
+            acc_v += v * g
+            acc_u += u * dx
+        tl.store(out_ptr + ((b * n_chunks + c) * 2) * n + j, tl.sum(acc_v, axis=0))
+        tl.store(out_ptr + ((b * n_chunks + c) * 2 + 1) * n + j, tl.sum(acc_u, axis=0))
+
+
+def broyden_dots(U: Tensor, V: Tensor, n: int, g: Tensor, dx: Tensor) -> Tensor:
+    """Triton twin of reference.broyden_dots."""
+    _check("broyden_dots", U, V, g, dx)
+    batch, _, dim = U.shape
+    block, steps, chunks = _grid_chunks(batch, dim)
+    partials = torch.empty(batch, chunks, 2, n, dtype=torch.float32, device=U.device)
+    if n:
+        _broyden_dots_kernel[(batch, chunks)](
+            U, V, g, dx, partials, dim, n, U.stride(0), U.stride(1), V.stride(0), V.stride(1), g.stride(0),
+            dx.stride(0), chunks, BLOCK=block, STEPS=steps,
+        )  # fmt: skip
+    return partials.sum(dim=1)
+
+
+@triton.jit
+def _broyden_combine_kernel(U_ptr, V_ptr, c_ptr, g_ptr, dx_ptr, hg_ptr, hgo_ptr, v_ptr, out_ptr, D, n,
+                            sUb, sUm, sVb, sVm, sg, sdx, shg, shgo, sv, n_chunks,
+                            BLOCK: tl.constexpr, STEPS: tl.constexpr):  # fmt: skip
+    b = tl.program_id(0)
+    c = tl.program_id(1)
+    acc = tl.zeros([BLOCK], dtype=tl.float32)  # dx . (h_g - hg)
+    acc_dx = tl.zeros([BLOCK], dtype=tl.float32)
+    acc_h = tl.zeros([BLOCK], dtype=tl.float32)
+    acc_vg = tl.zeros([BLOCK], dtype=tl.float32)
+    for i in range(STEPS):
+        idx = (c * STEPS + i) * BLOCK + tl.arange(0, BLOCK)
+        mask = idx < D
+        g = tl.load(g_ptr + b * sg + idx, mask=mask, other=0.0).to(tl.float32)
+        dx = tl.load(dx_ptr + b * sdx + idx, mask=mask, other=0.0).to(tl.float32)
+        h = -g
+        v = -dx
+        for j in range(n):
+            h += tl.load(c_ptr + (b * 2) * n + j) * tl.load(U_ptr + b * sUb + j * sUm + idx, mask=mask, other=0.0).to(
+                tl.float32
+            )
+            v += tl.load(c_ptr + (b * 2 + 1) * n + j) * tl.load(
+                V_ptr + b * sVb + j * sVm + idx, mask=mask, other=0.0
+            ).to(tl.float32)
+        h = h.to(hg_ptr.dtype.element_ty)
+        v = v.to(v_ptr.dtype.element_ty)
+        tl.store(hg_ptr + b * shg + idx, h, mask=mask)
+        tl.store(v_ptr + b * sv + idx, v, mask=mask)
+        h_dg = h.to(tl.float32) - tl.load(hgo_ptr + b * shgo + idx, mask=mask, other=0.0).to(tl.float32)
+        acc += dx * h_dg
+        acc_dx += dx * dx
+        acc_h += h_dg * h_dg
+        acc_vg += v.to(tl.float32) * g
+    out = out_ptr + (b * n_chunks + c) * 4
+    tl.store(out, tl.sum(acc, axis=0))
+    tl.store(out + 1, tl.sum(acc_dx, axis=0))
+    tl.store(out + 2, tl.sum(acc_h, axis=0))
+    tl.store(out + 3, tl.sum(acc_vg, axis=0))
+
+
+def broyden_combine(
+    U: Tensor, V: Tensor, n: int, coeff: Tensor, g: Tensor, dx: Tensor, hg: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Triton twin of reference.broyden_combine."""
+    _check("broyden_combine", U, V, g, dx, hg)
+    batch, _, dim = U.shape
+    block, steps, chunks = _grid_chunks(batch, dim)
+    h_g, v = torch.empty_like(g), torch.empty_like(g)
+    partials = torch.empty(batch, chunks, 4, dtype=torch.float32, device=U.device)
+    coeff32 = coeff.to(torch.float32).contiguous()
+    _broyden_combine_kernel[(batch, chunks)](
+        U, V, coeff32, g, dx, h_g, hg, v, partials, dim, n, U.stride(0), U.stride(1), V.stride(0), V.stride(1),
+        g.stride(0), dx.stride(0), h_g.stride(0), hg.stride(0), v.stride(0), chunks, BLOCK=block, STEPS=steps,
+    )  # fmt: skip
+    return h_g, v, partials.sum(dim=1)

@@ -1,0 +1,191 @@
+"""GPU benchmarks of the fused kernels and the solver loop (skipped without CUDA).
+
+Three tables, each from one run on one device:
+
+1. Achieved memory bandwidth of every kernel and of its PyTorch twin, for
+   B*D from 1e5 to 1e8 (B = 32), as a fraction of the device's peak. Bytes are
+   the fewest the operation must move (each input read once, each output
+   written once), so the twin's extra passes show up as lower bandwidth.
+   Peak: the datasheet figure for known devices, and the device-to-device copy
+   measured in the same run. Target: >= 70% of peak.
+2. One Anderson step (residual epilogue, history write + Gram row, small
+   solve, mixing) at FPDM-XL/2 sizes (batch 32, 256 tokens, width 1152,
+   bf16, m = 5), Triton vs PyTorch. Target: >= 2x.
+3. Solver overhead per iteration as a fraction of one FPDM-XL/2 fixed-point
+   iteration (its real fixed-point block, random weights, bf16, batch 32):
+   (solve time - f calls x f time) / (iterations x f time). Target: <= 5%.
+
+Times are medians of ``triton.testing.do_bench`` (CUDA events, L2 flushed
+before every call). ``BENCH_JSON=path`` also writes the tables as JSON.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+import fixedpoint
+from fixedpoint._solvers import Anderson
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU benchmarks need CUDA")
+
+BANDWIDTH = "kernel bandwidth, fraction of peak (B = 32, min bytes / median time)"
+STEP = "Anderson step at FPDM-XL/2 sizes (32 x 256 x 1152, bf16, m = 5): Triton vs PyTorch"
+OVERHEAD = "solver overhead per iteration / one FPDM-XL/2 fixed-point iteration (batch 32, bf16)"
+
+PEAK_BYTES_PER_S = {"H100": 3.35e12, "H200": 4.8e12, "A100": 2.0e12}  # datasheet (SXM parts)
+SIZES = [10**5, 10**6, 10**7, 10**8]
+BATCH, M, N_BROYDEN = 32, 5, 10
+DEVICE = "cuda"  # a dry run of this code on CPU sets "cpu" (and small sizes, below)
+MODEL, TOKENS = "FPDM-XL/2", 256
+
+
+def _bench_ms(fn, rep: int = 60) -> float:
+    """Median milliseconds per call (CUDA events, L2 flushed); on a CPU dry run, one timed call."""
+    if DEVICE != "cuda":
+        start = time.perf_counter()
+        fn()
+        return (time.perf_counter() - start) * 1e3
+    from triton.testing import do_bench
+
+    return do_bench(fn, warmup=10, rep=rep, return_mode="median")
+
+
+@pytest.fixture(scope="module")
+def peak() -> dict:
+    """Datasheet peak (if known) and the measured device-to-device copy bandwidth, bytes/s."""
+    name = torch.cuda.get_device_name() if DEVICE == "cuda" else DEVICE
+    spec = next((v for k, v in PEAK_BYTES_PER_S.items() if k in name), None)
+    src = torch.empty(2**28 if DEVICE == "cuda" else 2**16, dtype=torch.float32, device=DEVICE).normal_()  # 1 GiB
+    dst = torch.empty_like(src)
+    copy = 2 * src.numel() * 4 / (_bench_ms(lambda: dst.copy_(src)) * 1e-3)
+    return {"device": name, "spec": spec, "copy": copy}
+
+
+def _kernel_cases(dim: int, dtype: torch.dtype):
+    """(name, elements moved at minimum, {impl: thunk}) for every kernel at (BATCH, dim)."""
+    from fixedpoint.kernels import reference, triton_kernels
+
+    def rand(*shape):
+        return torch.randn(*shape, device=DEVICE, dtype=torch.float32).to(dtype)
+
+    x, fx, g, dx, hg, frozen = (rand(BATCH, dim) for _ in range(6))
+    F, G = rand(BATCH, M, dim), rand(BATCH, M, dim)
+    U, V = rand(BATCH, N_BROYDEN, dim), rand(BATCH, N_BROYDEN, dim)
+    alpha = torch.softmax(torch.randn(BATCH, M, device=DEVICE), dim=1)
+    coeff = torch.randn(BATCH, 2, N_BROYDEN, device=DEVICE)
+    active = torch.rand(BATCH, device=DEVICE) < 0.9
+    n = N_BROYDEN
+    cases = [
+        ("residual", 3, lambda k: k.residual(x, fx)),
+        ("picard_step", 3, lambda k: k.picard_step(x, fx, 0.8, frozen, active)),
+        (f"anderson_write m={M}", M + 3, lambda k: k.anderson_write(F, G, 2, fx, g)),
+        (f"anderson_mix m={M}", M + 1, lambda k: k.anderson_mix(F, G, alpha, 1.0, frozen, active)),
+        (f"broyden_dots n={n}", 2 * n + 2, lambda k: k.broyden_dots(U, V, n, g, dx)),
+        (f"broyden_combine n={n}", 2 * n + 5, lambda k: k.broyden_combine(U, V, n, coeff, g, dx, hg)),
+    ]
+    for name, passes, run in cases:
+        yield (
+            name,
+            passes * BATCH * dim,
+            {"triton": lambda run=run: run(triton_kernels), "torch": lambda run=run: run(reference)},
+        )
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+@pytest.mark.parametrize("size", SIZES, ids=[f"{s:.0e}" for s in SIZES])
+def bench_kernel_bandwidth(report, peak, dtype, size):
+    dim = size // BATCH
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    for name, elements, impls in _kernel_cases(dim, dtype):
+        row = {"kernel": name, "dtype": str(dtype).removeprefix("torch."), "B*D": f"{size:.0e}"}
+        for impl, thunk in impls.items():
+            seconds = _bench_ms(thunk) * 1e-3
+            rate = elements * itemsize / seconds
+            row[f"{impl}_us"] = seconds * 1e6
+            row[f"{impl}_TB/s"] = rate / 1e12
+            if peak["spec"]:
+                row[f"{impl}_of_spec"] = f"{100 * rate / peak['spec']:.0f}%"
+            row[f"{impl}_of_copy"] = f"{100 * rate / peak['copy']:.0f}%"
+        row["speedup"] = f"{row['torch_us'] / row['triton_us']:.2f}x"
+        report.add(BANDWIDTH, **row)
+        torch.cuda.empty_cache()
+    spec = f"{peak['spec'] / 1e12:.2f} TB/s datasheet, " if peak["spec"] else ""
+    report.note(BANDWIDTH, f"{peak['device']}: peak {spec}{peak['copy'] / 1e12:.2f} TB/s measured copy; target >= 70%")
+
+
+def _anderson_step(impl: str, batch: int, dim: int, dtype: torch.dtype):
+    """A thunk running one Anderson step (f excluded) on a full history, with the kernels of ``impl``."""
+    kern = fixedpoint.kernels.resolve(impl, torch.empty(1, device=DEVICE, dtype=dtype))
+    solver = Anderson(m=M, kernels=kern)
+    x, fx = (torch.randn(batch, dim, device=DEVICE).to(dtype) for _ in range(2))
+    g, gsq, _ = kern.residual(x, fx)
+    state = solver.init(x, fx, g, gsq.sqrt())
+    for _ in range(M):  # fill the history
+        state = solver.update(state, x, fx, g, gsq.sqrt())
+        x = 0.9 * x + 0.1 * fx
+    active = torch.ones(batch, dtype=torch.bool, device=DEVICE)
+    holder = {"state": state}
+
+    def step():
+        g, gsq, fsq = kern.residual(x, fx)
+        st = solver.update(holder["state"], x, fx, g, gsq.sqrt())
+        _, holder["state"] = solver.step(None, st, active, None)
+
+    return step
+
+
+def bench_anderson_step_fpdm_xl(report):
+    dim = TOKENS * 1152
+    times = {impl: _bench_ms(_anderson_step(impl, BATCH, dim, torch.bfloat16)) for impl in ("torch", "triton")}
+    report.add(
+        STEP, torch_ms=times["torch"], triton_ms=times["triton"], speedup=f"{times['torch'] / times['triton']:.2f}x"
+    )
+    report.note(STEP, "step = residual epilogue + history write + Gram row + small solve + mixing; target >= 2x")
+
+
+@pytest.fixture(scope="module")
+def fpdm_xl_map():
+    """f(z) of FPDM-XL/2's fixed-point layer (random weights, bf16, eval) at batch 32 x 256 tokens x 1152."""
+    from fpdm.models import create_model
+
+    torch.manual_seed(0)
+    with torch.device(DEVICE):
+        model = create_model(MODEL, input_size=32, num_classes=1000).to(torch.bfloat16).eval()
+    width = model.config.hidden_size
+    x_inj = torch.randn(BATCH, TOKENS, width, device=DEVICE, dtype=torch.bfloat16)
+    c = torch.randn(BATCH, width, device=DEVICE, dtype=torch.bfloat16)
+    z0 = torch.randn(BATCH, TOKENS, width, device=DEVICE, dtype=torch.bfloat16)
+
+    def f(z):
+        return model.fixed_point_map(z, x_inj, c)
+
+    return f, z0
+
+
+N_ITERS = 20
+SOLVES = {
+    "picard": lambda f, z: fixedpoint.picard(f, z, **FREE),
+    "picard graph": lambda f, z: fixedpoint.picard(f, z, graph=True, check_every=5, **FREE),
+    "anderson m=5": lambda f, z: fixedpoint.anderson(f, z, m=5, **FREE),
+    "anderson m=5 check_every=10": lambda f, z: fixedpoint.anderson(f, z, m=5, check_every=10, **FREE),
+    "anderson m=5 graph": lambda f, z: fixedpoint.anderson(f, z, m=5, graph=True, check_every=5, **FREE),
+    "anderson m=5 torch path": lambda f, z: fixedpoint.anderson(f, z, m=5, impl="torch", **FREE),
+    "broyden m=20": lambda f, z: fixedpoint.broyden(f, z, **FREE),
+}
+FREE = dict(tol=1e-30, max_iter=N_ITERS, divergence=None)  # exactly N_ITERS iterations
+
+
+@pytest.mark.parametrize("name", list(SOLVES))
+def bench_overhead_fpdm_xl(report, fpdm_xl_map, name):
+    f, z0 = fpdm_xl_map
+    with torch.no_grad():
+        f_ms = _bench_ms(lambda: [f(z0) for _ in range(N_ITERS)], rep=400) / N_ITERS
+        sol = SOLVES[name](f, z0)
+        assert int(sol.nsteps.max()) == N_ITERS, sol
+        solve_ms = _bench_ms(lambda: SOLVES[name](f, z0), rep=400)
+    overhead = (solve_ms - sol.nfev * f_ms) / (N_ITERS * f_ms)
+    report.add(OVERHEAD, solver=name, f_ms=f_ms, solve_ms=solve_ms, f_calls=sol.nfev, overhead=f"{100 * overhead:.1f}%")
+    report.note(OVERHEAD, f"{N_ITERS} iterations; overhead = (solve - calls x f) / (iterations x f); target <= 5%")

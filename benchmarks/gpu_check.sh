@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Issue 6's GPU check in one call (well under 10 minutes): the environment, the GPU tests
+# (kernels at real sizes, CUDA-graph loop, solvers) and benchmarks/bench_gpu.py.
+# Logs and the benchmark tables as JSON go to $OUT (default ./gpu-check).
+# Needs torch with CUDA, triton and pytest; uses the checkout itself (no install).
+set -u
+OUT=${OUT:-gpu-check}
+mkdir -p "$OUT"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, '|', torch.cuda.get_device_name())" 2>&1 | tee "$OUT/env.txt"
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,power.limit --format=csv 2>&1 | tee -a "$OUT/env.txt"
+timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_graph.py tests/test_solvers.py 2>&1 | tee "$OUT/tests.log"
+BENCH_JSON="$OUT/bench.json" timeout 270 python3 -m pytest -q -p no:cacheprovider benchmarks/bench_gpu.py 2>&1 | tee "$OUT/bench.log"

@@ -1,0 +1,114 @@
+"""graph=True: the CUDA-graph loop. On CPU its logic runs with an eager stand-in for capture and replay."""
+
+from contextlib import nullcontext
+
+import pytest
+import torch
+
+import fixedpoint
+from fixedpoint import Status, _solve
+from fixedpoint._solvers import solve_spd
+
+
+class EagerGraphs:
+    """Capture runs the body once for real and replay runs it again: the graph path's bookkeeping, eagerly."""
+
+    def __init__(self):
+        self.captures = 0
+
+    def supports(self, x):
+        return True
+
+    def warmup_stream(self, device):
+        return nullcontext()
+
+    def capture(self, body, device):
+        self.captures += 1
+        body()
+        return body
+
+
+def _problem(batch=5, dim=12, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(dim, dim, generator=gen)
+    w = 0.9 * w / torch.linalg.matrix_norm(w, ord=2)
+    b = torch.randn(batch, dim, generator=gen)
+    calls = [0]
+
+    def f(z):  # sample 2 turns NaN on the 6th call; sample 4 has no fixed point (a shift): MAX_ITER
+        calls[0] += 1
+        out = torch.tanh(z @ w.T + b)
+        out[4] = z[4] + 0.01
+        if calls[0] >= 6:
+            out[2] = float("nan")
+        return out
+
+    return f, torch.zeros(batch, dim), calls
+
+
+@pytest.mark.parametrize("solver,options", [("anderson", {"m": 3}), ("picard", {"beta": 0.8})])
+@pytest.mark.parametrize("check_every", [1, 4])
+def test_graph_loop_gives_the_default_loop_result(monkeypatch, solver, options, check_every):
+    f, x0, calls = _problem()
+    solve = getattr(fixedpoint, solver)
+    reference = solve(f, x0, tol=1e-6, max_iter=40, **options)
+    graphs = EagerGraphs()
+    monkeypatch.setattr(_solve, "GRAPHS", graphs)
+    calls[0] = 0
+    captured = solve(f, x0, tol=1e-6, max_iter=40, graph=True, check_every=check_every, **options)
+    assert graphs.captures == 1
+    assert captured.nsteps.tolist() == reference.nsteps.tolist()
+    assert captured.status.tolist() == reference.status.tolist()
+    assert Status.NONFINITE in captured.statuses() and Status.MAX_ITER in captured.statuses()
+    torch.testing.assert_close(captured.x, reference.x, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(captured.residual, reference.residual, rtol=1e-4, atol=1e-9, equal_nan=True)
+    torch.testing.assert_close(captured.trace, reference.trace, rtol=1e-4, atol=1e-9, equal_nan=True)
+
+
+def test_graph_loop_stops_early_when_every_sample_converges(monkeypatch):
+    monkeypatch.setattr(_solve, "GRAPHS", EagerGraphs())
+    sol = fixedpoint.anderson(lambda z: 0.5 * z + 1.0, torch.zeros(3, 4), tol=1e-6, max_iter=500, graph=True, m=2)
+    assert sol.converged.all() and sol.trace.shape[0] == int(sol.nsteps.max()) < 40
+    torch.testing.assert_close(sol.x, torch.full((3, 4), 2.0))
+
+
+def test_graph_needs_cuda_and_a_graph_capable_solver():
+    with pytest.raises(ValueError, match="graph=True captures a CUDA graph and needs CUDA tensors, got x0 on cpu"):
+        fixedpoint.anderson(lambda z: z, torch.zeros(2, 3), graph=True)
+    with pytest.raises(TypeError, match="graph must be a bool"):
+        fixedpoint.picard(lambda z: z, torch.zeros(2, 3), graph="yes")
+
+
+def test_solve_spd_matches_linalg_solve():
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(6, 5, 5, generator=gen, dtype=torch.float64)
+    a = a @ a.transpose(1, 2) + 0.1 * torch.eye(5, dtype=torch.float64)
+    b = torch.randn(6, 5, generator=gen, dtype=torch.float64)
+    torch.testing.assert_close(solve_spd(a, b), torch.linalg.solve(a, b), rtol=1e-10, atol=1e-12)
+    a[2, 1, 1] = float("nan")
+    assert not torch.isfinite(solve_spd(a, b)[2]).all() and torch.isfinite(solve_spd(a, b)[0]).all()
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@cuda
+@pytest.mark.parametrize("solver", ["anderson", "picard"])
+def test_cuda_graph_equals_the_default_loop_on_gpu(solver):
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    w = torch.randn(256, 256, device="cuda", generator=gen)
+    w = 0.9 * w / torch.linalg.matrix_norm(w, ord=2)
+    b = torch.randn(16, 8, 256, device="cuda", generator=gen)
+    f = lambda z: torch.tanh(z @ w.T + b)  # noqa: E731
+    solve = getattr(fixedpoint, solver)
+    x0 = torch.zeros(16, 8, 256, device="cuda")
+    eager = solve(f, x0, tol=1e-5, max_iter=80)
+    graphed = solve(f, x0, tol=1e-5, max_iter=80, graph=True, check_every=5)
+    assert graphed.nsteps.tolist() == eager.nsteps.tolist() and graphed.status.tolist() == eager.status.tolist()
+    torch.testing.assert_close(graphed.x, eager.x, rtol=1e-4, atol=1e-5)
+
+
+@cuda
+def test_cuda_graph_rejects_a_map_that_syncs():
+    with pytest.raises(RuntimeError, match="f must be capturable"):
+        fixedpoint.anderson(lambda z: z * float(z.sum().item() * 0 + 0.5), torch.ones(2, 8, device="cuda"), graph=True)

@@ -301,18 +301,34 @@ class _BroydenState:
 def _reduce_rank(U: Tensor, V: Tensor, alive: Tensor, rank: int) -> None:
     """Replace sum_i alive_i u_i v_i^T, stored as (B, m, D) factors, by its best rank-``rank`` part, in place.
 
-    The singular value decomposition of the small core of two thin QR factorisations
-    (Broyden rank reduction, van de Rotten and Verduyn Lunel 2005).
+    Broyden rank reduction (van de Rotten and Verduyn Lunel 2005): the SVD of the small
+    core R_u R_v^T of thin QR factorisations U^T = Q_u R_u, V^T = Q_v R_v. The R factors
+    come from the m x m Gram matrices (R = sqrt(L) E^T from G = E L E^T), so the (B, m, D)
+    factors are read twice (Gram matrices, new factors) and never decomposed: tall QRs
+    on a GPU cost ~100x more. The Gram matrices are formed in fp64 (exact for fp32 data);
+    directions whose squared singular value is below 1e-15 of the largest (their
+    rounding level) are dropped.
     """
     sdt = stat_dtype(U.dtype)
-    finite = lambda t: torch.nan_to_num(t.to(sdt), nan=0.0, posinf=0.0, neginf=0.0)  # noqa: E731 (stopped samples)
-    qu, ru = torch.linalg.qr((finite(U) * alive[:, :, None]).transpose(1, 2))  # (B, D, m), (B, m, m)
-    qv, rv = torch.linalg.qr(finite(V).transpose(1, 2))
-    p, sv, rt = torch.linalg.svd(ru @ rv.transpose(1, 2))  # core (B, m, m)
+
+    def factors(W: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """W (B, m, D) -> W in sdt, R (B, m, m) with W W^T = R^T R, and R's pseudo-inverse core E L^-1/2."""
+        W = torch.nan_to_num(W.to(sdt), nan=0.0, posinf=0.0, neginf=0.0)  # stopped samples
+        Wd = W.double()  # an exact Gram matrix: its eigenvalues are squared singular values
+        lam, E = torch.linalg.eigh(torch.bmm(Wd, Wd.transpose(1, 2)))  # (B, m), (B, m, m)
+        keep = lam > 1e-15 * lam[:, -1:].clamp_min(1e-300)
+        root = torch.where(keep, lam, 0.0).sqrt()
+        return W, root[:, :, None] * E.transpose(1, 2), E * torch.where(keep, root, 1.0).reciprocal()[:, None, :]
+
+    Uw, Ru, Pu = factors(U * alive[:, :, None])
+    Vw, Rv, Pv = factors(V)
+    p, sv, wt = torch.linalg.svd(Ru @ Rv.transpose(1, 2))  # core (B, m, m)
+    Tu = Pu @ (p[:, :, :rank] * sv[:, None, :rank])  # (B, m, rank): new U^T = U^T Tu
+    Tv = Pv @ wt.transpose(1, 2)[:, :, :rank]
     U.zero_()
     V.zero_()
-    U[:, :rank] = ((qu @ p[:, :, :rank]) * sv[:, None, :rank]).transpose(1, 2).to(U.dtype)
-    V[:, :rank] = (qv @ rt.transpose(1, 2)[:, :, :rank]).transpose(1, 2).to(V.dtype)
+    U[:, :rank] = torch.bmm(Tu.transpose(1, 2).to(sdt), Uw).to(U.dtype)
+    V[:, :rank] = torch.bmm(Tv.transpose(1, 2).to(sdt), Vw).to(V.dtype)
     alive[:] = torch.arange(alive.shape[1], device=alive.device) < rank
 
 

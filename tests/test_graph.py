@@ -110,5 +110,11 @@ def test_cuda_graph_equals_the_default_loop_on_gpu(solver):
 
 @cuda
 def test_cuda_graph_rejects_a_map_that_syncs():
-    with pytest.raises(RuntimeError, match="f must be capturable"):
-        fixedpoint.anderson(lambda z: z * float(z.sum().item() * 0 + 0.5), torch.ones(2, 8, device="cuda"), graph=True)
+    w = 0.5 * torch.eye(8, device="cuda")
+
+    def syncing(z):  # .item() copies to the host: not allowed while a graph is being captured
+        return torch.tanh(z @ w) * float(z.abs().sum().item() * 0 + 1)
+
+    x0 = torch.ones(2, 8, device="cuda")
+    with pytest.raises(RuntimeError, match="f must be capturable"):  # tol unreachable: the capture happens
+        fixedpoint.anderson(syncing, x0, graph=True, tol=1e-30, max_iter=30, divergence=None)

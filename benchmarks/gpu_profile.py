@@ -1,0 +1,64 @@
+"""Where an FPDM-XL/2 solve spends its time on a GPU: torch.profiler tables (run by hand on a CUDA machine).
+
+python benchmarks/gpu_profile.py [out_dir]: for picard and anderson (eager, and graph over 100 iterations),
+the kernels by total GPU time and the host ops by total CPU time, per iteration.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+import fixedpoint
+from fpdm.models import create_model
+
+BATCH, TOKENS = 32, 256
+
+
+def fpdm_xl_map():
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = create_model("FPDM-XL/2", input_size=32, num_classes=1000).to(torch.bfloat16).eval()
+    width = model.config.hidden_size
+    x_inj, z0 = (torch.randn(BATCH, TOKENS, width, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    c = torch.randn(BATCH, width, device="cuda", dtype=torch.bfloat16)
+    return (lambda z: model.fixed_point_map(z, x_inj, c)), z0
+
+
+def main(out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    f, z0 = fpdm_xl_map()
+    free = dict(tol=1e-30, divergence=None)
+    runs = {
+        "f x20": lambda: [f(z0) for _ in range(20)],
+        "picard 20": lambda: fixedpoint.picard(f, z0, max_iter=20, **free),
+        "picard graph 100": lambda: fixedpoint.picard(f, z0, max_iter=100, graph=True, check_every=20, **free),
+        "anderson 20": lambda: fixedpoint.anderson(f, z0, max_iter=20, **free),
+        "anderson graph 100": lambda: fixedpoint.anderson(f, z0, max_iter=100, graph=True, check_every=20, **free),
+    }
+    with torch.no_grad():
+        for name, run in runs.items():
+            run()  # warm-up: compile, allocate
+            torch.cuda.synchronize()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            run()
+            end.record()
+            torch.cuda.synchronize()
+            wall = start.elapsed_time(end)
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                run()
+                torch.cuda.synchronize()
+            table_gpu = prof.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=60)
+            table_cpu = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=10, max_name_column_width=60)
+            text = f"## {name}: {wall:.1f} ms (events)\n{table_gpu}\n{table_cpu}\n"
+            (out / "profile.txt").open("a").write(text)
+            print(f"## {name}: {wall:.1f} ms")
+            print(table_gpu)
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1] if len(sys.argv) > 1 else "gpu-profile"))

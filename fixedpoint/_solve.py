@@ -196,6 +196,8 @@ class CudaGraphs:
 
 
 GRAPHS = CudaGraphs()  # tests swap in an eager stand-in to run the graph path's logic on CPU
+GRAPH_CHUNK = 4  # iterations per captured chunk, at least (rounded up to whole solver periods)
+_WARMED: set = set()  # (solver, shape, dtype, device, kernels) already run eagerly in this process
 
 
 def _state_tensors(state: Any) -> dict[str, Tensor]:
@@ -268,7 +270,10 @@ def _loop(solver: Solver, f, x0: Tensor, *, tol, max_iter, stop, divergence, che
         n_active, n_improved = (None, -1)  # -1: unknown without a sync
         if sync:
             n_active, n_improved = torch.stack([active.sum(), improved.sum()]).tolist()
-        if n_improved == batch:
+        if n is None:  # in place: the graph's buffers stay put (best_x, best_fx own their memory here)
+            torch.where(improved[:, None], x, best_x, out=best_x)
+            torch.where(improved[:, None], fx, best_fx, out=best_fx)
+        elif n_improved == batch:
             best_x, best_fx = x, fx
         elif n_improved:
             best_x = torch.where(improved[:, None], x, best_x)
@@ -281,26 +286,36 @@ def _loop(solver: Solver, f, x0: Tensor, *, tol, max_iter, stop, divergence, che
     # otherwise one every check_every iterations, and the loop masks unconditionally in between.
     n_active = int(active.sum())
     if graph:
-        chunk = solver.period * math.ceil(check_every / solver.period)  # a whole number of solver periods
-        with GRAPHS.warmup_stream(x.device):  # compile kernels, create library handles: before capture
-            while n < min(chunk, max_iter) and n_active:
-                iterate(None, sync=False, all_active=False)
-                n += 1
-        n_active = int(active.sum())
-        static = {"status": status, "active": active, "best_x": best_x, "best_fx": best_fx, "best_res": best_res}
-        static_state = _state_tensors(state)
+        # A captured chunk: whole solver periods (Anderson's ring slot repeats), at least GRAPH_CHUNK iterations
+        # so that copying its results back costs little per iteration; convergence is checked every
+        # `replays` chunks (check_every rounded up).
+        chunk = solver.period * math.ceil(GRAPH_CHUNK / solver.period)
+        replays = math.ceil(check_every / chunk)
+        best_x, best_fx = best_x.clone(), best_fx.clone()  # own buffers: updated in place from here on
+        key = (type(solver), solver.period, tuple(x.shape), x.dtype, x.device, getattr(solver, "kernels", None))
+        if key not in _WARMED:  # first capture of this kind in this process: compile, create handles
+            with GRAPHS.warmup_stream(x.device):
+                while n < min(solver.period, max_iter) and n_active:
+                    iterate(None, sync=False, all_active=False)
+                    n += 1
+            _WARMED.add(key)
+            n_active = int(active.sum())
+        static = {"status": status, "active": active, "best_res": best_res}
+        # dense tensors the replays can write into (an expanded view cannot hold a copy)
+        static_state = {k: v if v.is_contiguous() else v.contiguous() for k, v in _state_tensors(state).items()}
+        state = replace(state, **static_state)
 
         def run_chunk() -> None:
             """``chunk`` iterations, then their results copied into the static tensors the next run reads."""
-            nonlocal status, active, best_x, best_fx, best_res, state
+            nonlocal status, active, best_res, state
             for _ in range(chunk):
                 iterate(None, sync=False, all_active=False)
-            current = {"status": status, "active": active, "best_x": best_x, "best_fx": best_fx, "best_res": best_res}
+            current = {"status": status, "active": active, "best_res": best_res}
             for name, value in list(current.items()) + list(_state_tensors(state).items()):
                 target = static[name] if name in static else static_state[name]
                 if value is not target:
                     target.copy_(value)
-            status, active, best_x, best_fx, best_res = static.values()
+            status, active, best_res = static.values()
             state = replace(state, **static_state)
 
         if n < max_iter and n_active:
@@ -314,9 +329,11 @@ def _loop(solver: Solver, f, x0: Tensor, *, tol, max_iter, stop, divergence, che
                 ) from err
             per_replay, fn.calls = fn.calls - calls, calls
             while n < max_iter and n_active:
-                replay()
-                fn.calls += per_replay
-                n += chunk
+                for _ in range(replays):
+                    if n < max_iter:
+                        replay()
+                        fn.calls += per_replay
+                        n += chunk
                 n_active = int(active.sum())
     while n < max_iter and n_active:
         if check_every == 1:

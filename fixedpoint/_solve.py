@@ -244,7 +244,7 @@ def _loop(solver: Solver, f, x0: Tensor, *, tol, max_iter, stop, divergence, che
         ``sync``: one host sync for the counts of active and improved samples (returns the
         active count), which lets it skip the best-iterate ``where`` when every sample improved.
         """
-        nonlocal status, active, best_x, best_fx, best_res, state
+        nonlocal active, best_x, best_fx, state
         # stopped samples sit at their best iterate (f always sees the whole batch)
         if freezes:
             x, state = solver.step(fn, state, active, None if all_active else best_x)
@@ -252,24 +252,13 @@ def _loop(solver: Solver, f, x0: Tensor, *, tol, max_iter, stop, divergence, che
             x_next, state = solver.step(fn, state, active)
             x = x_next if all_active else torch.where(active[:, None], x_next, best_x)
         fx = fn(x)
-        g, gnorm, res, finite = measure(x, fx)
-        row = torch.where(active, res, torch.nan)
-        if n is None:  # past max_iter (the last replay of a graph), rows go to the scratch row
-            trace.index_copy_(0, done.clamp(max=max_iter).view(1), row[None])
-            done.add_(1)
-        else:
-            trace[n] = row
-        nsteps.add_(active.long())
-
-        status = torch.where(active, classify(res, gnorm, finite), status)
-        improved = active & finite & ~(res >= best_res)  # also true where best_res is NaN
-        best_res = torch.where(improved, res, best_res)
-        active = status == Status.MAX_ITER
-        if n is None:
-            active = active & (done < max_iter)
-        n_active, n_improved = (None, -1)  # -1: unknown without a sync
-        if sync:
-            n_active, n_improved = torch.stack([active.sum(), improved.sum()]).tolist()
+        g, gsq, fsq = kernels.residual(x, fx)  # (B, D), (B,), (B,): one pass over (x, f(x))
+        # status, best residual, step counts and the trace row, for every sample in one go
+        gnorm, active, improved, counts = kernels.bookkeep(
+            gsq.to(sdt), fsq.to(sdt), gnorm0, status, active, best_res, nsteps, trace, n, done,
+            tol, math.inf if divergence is None else float(divergence), stop == "rel", max_iter,
+        )  # fmt: skip
+        n_active, n_improved = counts.tolist() if sync else (None, -1)  # -1: unknown without a sync
         if n is None:  # in place: the graph's buffers stay put (best_x, best_fx own their memory here)
             torch.where(improved[:, None], x, best_x, out=best_x)
             torch.where(improved[:, None], fx, best_fx, out=best_fx)
@@ -300,22 +289,22 @@ def _loop(solver: Solver, f, x0: Tensor, *, tol, max_iter, stop, divergence, che
                     n += 1
             _WARMED.add(key)
             n_active = int(active.sum())
-        static = {"status": status, "active": active, "best_res": best_res}
+        static = {"active": active}  # status, best_res, nsteps, trace, best_x, best_fx: updated in place
         # dense tensors the replays can write into (an expanded view cannot hold a copy)
         static_state = {k: v if v.is_contiguous() else v.contiguous() for k, v in _state_tensors(state).items()}
         state = replace(state, **static_state)
 
         def run_chunk() -> None:
             """``chunk`` iterations, then their results copied into the static tensors the next run reads."""
-            nonlocal status, active, best_res, state
+            nonlocal active, state
             for _ in range(chunk):
                 iterate(None, sync=False, all_active=False)
-            current = {"status": status, "active": active, "best_res": best_res}
+            current = {"active": active}
             for name, value in list(current.items()) + list(_state_tensors(state).items()):
                 target = static[name] if name in static else static_state[name]
                 if value is not target:
                     target.copy_(value)
-            status, active, best_res = static.values()
+            active = static["active"]
             state = replace(state, **static_state)
 
         if n < max_iter and n_active:

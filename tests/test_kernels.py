@@ -202,3 +202,34 @@ def test_picard_and_broyden_triton_give_the_same_solve_as_torch(solver):
     a, t = runs["torch"], runs["triton"]
     assert a.nsteps.tolist() == t.nsteps.tolist() and (t.status == Status.CONVERGED).all()
     torch.testing.assert_close(t.x, a.x, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("relative", [True, False])
+@pytest.mark.parametrize("graph_mode", [False, True])  # trace row from the device counter, stop at max_iter
+def test_bookkeep_kernel_equals_twin(relative, graph_mode):
+    gen = torch.Generator().manual_seed(int(relative) + 2 * int(graph_mode))
+    batch = 37
+    gsq, fsq = torch.rand(batch, generator=gen), torch.rand(batch, generator=gen) + 0.5
+    gsq[3], gsq[5], gsq[6], fsq[6] = float("nan"), float("inf"), 0.0, 0.0  # NaN, Inf, a zero residual and image
+    gnorm0 = torch.rand(batch, generator=gen)
+    gnorm0[7] = 1e-9  # diverged
+    status = torch.randint(0, 4, (batch,), generator=gen)
+    status[:20] = Status.MAX_ITER
+    active = status == Status.MAX_ITER
+    active[1] = False
+    best = torch.rand(batch, generator=gen)
+    best[9] = float("nan")  # a NaN start: any finite residual improves on it
+    nsteps = torch.randint(0, 5, (batch,), generator=gen)
+    trace = torch.full((6, batch), float("nan"))
+    done = torch.tensor(5 if graph_mode else 0)
+    results = []
+    for module in (triton_kernels, reference):
+        st, be, ns, tr, dn = state = [t.clone().to(DEVICE) for t in (status, best, nsteps, trace, done)]
+        g, f, g0, act = (t.to(DEVICE) for t in (gsq, fsq, gnorm0, active))
+        out = module.bookkeep(g, f, g0, st, act, be, ns, tr, None if graph_mode else 2, dn, 0.3, 50.0, relative, 5)
+        results.append(list(out) + state)
+    for a, b in zip(*results):
+        assert a.dtype == b.dtype
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=0, equal_nan=True)
+    assert reference.NONFINITE == Status.NONFINITE and reference.DIVERGED == Status.DIVERGED
+    assert reference.MAX_ITER == Status.MAX_ITER and reference.CONVERGED == Status.CONVERGED

@@ -9,7 +9,17 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["residual", "picard_step", "anderson_write", "anderson_mix", "broyden_dots", "broyden_combine"]
+__all__ = [
+    "bookkeep",
+    "residual",
+    "picard_step",
+    "anderson_write",
+    "anderson_mix",
+    "broyden_dots",
+    "broyden_combine",
+]
+
+CONVERGED, MAX_ITER, DIVERGED, NONFINITE = 0, 1, 2, 3  # fixedpoint.Status codes
 
 
 def _acc(dtype: torch.dtype) -> torch.dtype:
@@ -85,3 +95,49 @@ def broyden_combine(
     dots = [(dxa * h_dg).sum(1), dxa.square().sum(1), h_dg.square().sum(1), (v.to(acc) * g.to(acc)).sum(1)]
     sums = torch.stack(dots, dim=1)
     return h_g, v, sums
+
+
+def bookkeep(
+    gsq: Tensor,
+    fsq: Tensor,
+    gnorm0: Tensor,
+    status: Tensor,
+    active: Tensor,
+    best_res: Tensor,
+    nsteps: Tensor,
+    trace: Tensor,
+    row: int | None,
+    done: Tensor,
+    tol: float,
+    divergence: float,
+    relative: bool,
+    max_iter: int,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """One iteration's per-sample accounting after the residual pass (the solver loop's epilogue).
+
+    gsq, fsq (B,): ||f(x) - x||^2, ||f(x)||^2 (fp32/fp64); gnorm0 (B,): the start's ||f(x) - x||;
+    active (B,) bool: samples this iteration moved. In place: status (B,) int64 (Status codes) of
+    the active samples, best_res (B,) where they improved, nsteps (B,) += active, and one row of
+    trace (R, B): this iteration's residuals, NaN for inactive samples. That row is ``row``, or
+    with ``row`` None (CUDA graphs) min(done, max_iter), done += 1, and samples stop at max_iter.
+    divergence: stop a sample as DIVERGED when ||g|| > divergence * gnorm0 (inf: never).
+    Returns ||g|| (B,), the new active (B,) bool, improved (B,) bool and counts (2,) [active, improved].
+    """
+    gnorm, fnorm = gsq.sqrt(), fsq.sqrt()
+    res = gnorm / fnorm.clamp_min(torch.finfo(gsq.dtype).tiny) if relative else gnorm
+    finite = torch.isfinite(gnorm + fnorm)
+    now = torch.where(gnorm > divergence * gnorm0, DIVERGED, MAX_ITER)
+    now = torch.where(finite, torch.where(res <= tol, CONVERGED, now), NONFINITE)
+    improved = active & finite & ~(res >= best_res)  # also true where best_res is NaN
+    status.copy_(torch.where(active, now, status))
+    best_res.copy_(torch.where(improved, res, best_res))
+    nsteps.add_(active.long())
+    residuals = torch.where(active, res, torch.nan)
+    new_active = status == MAX_ITER
+    if row is None:
+        trace.index_copy_(0, done.clamp(max=max_iter).view(1), residuals[None])
+        done.add_(1)
+        new_active &= done < max_iter
+    else:
+        trace[row] = residuals
+    return gnorm, new_active, improved, torch.stack([new_active.sum(), improved.sum()])

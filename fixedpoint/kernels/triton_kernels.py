@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-__all__ = ["residual", "picard_step", "anderson_write", "anderson_mix", "broyden_dots", "broyden_combine"]
+__all__ = ["bookkeep", "residual", "picard_step", "anderson_write", "anderson_mix", "broyden_dots", "broyden_combine"]
 
 BLOCK = 1024  # elements per inner step
 MAX_STEPS = 16  # inner steps per program along D, at most
@@ -44,7 +44,7 @@ def _check(name: str, *tensors: Tensor) -> None:
 
 
 @triton.jit
-def _residual_kernel(x_ptr, fx_ptr, g_ptr, out_ptr, D, sx, sf, sg, n_chunks,
+def _residual_kernel(x_ptr, fx_ptr, g_ptr, out_ptr, D, sx, sf, sg, n_chunks, plane,
                      BLOCK: tl.constexpr, STEPS: tl.constexpr):  # fmt: skip
     b = tl.program_id(0)
     c = tl.program_id(1)
@@ -60,8 +60,8 @@ def _residual_kernel(x_ptr, fx_ptr, g_ptr, out_ptr, D, sx, sf, sg, n_chunks,
         gf = g.to(tl.float32)
         acc_g += gf * gf
         acc_f += f * f
-    tl.store(out_ptr + (b * n_chunks + c) * 2, tl.sum(acc_g, axis=0))
-    tl.store(out_ptr + (b * n_chunks + c) * 2 + 1, tl.sum(acc_f, axis=0))
+    tl.store(out_ptr + b * n_chunks + c, tl.sum(acc_g, axis=0))  # partials (2, B, chunks)
+    tl.store(out_ptr + plane + b * n_chunks + c, tl.sum(acc_f, axis=0))
 
 
 def residual(x: Tensor, fx: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -70,11 +70,11 @@ def residual(x: Tensor, fx: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     batch, dim = x.shape
     g = torch.empty_like(x)
     block, steps, chunks = _grid_chunks(batch, dim)
-    partials = torch.empty(batch, chunks, 2, dtype=torch.float32, device=x.device)
+    partials = torch.empty(2, batch, chunks, dtype=torch.float32, device=x.device)
     _residual_kernel[(batch, chunks)](x, fx, g, partials, dim, x.stride(0), fx.stride(0), g.stride(0), chunks,
-                                      BLOCK=block, STEPS=steps)  # fmt: skip
-    sums = partials.sum(dim=1)
-    return g, sums[:, 0], sums[:, 1]
+                                      batch * chunks, BLOCK=block, STEPS=steps)  # fmt: skip
+    gsq, fsq = partials.sum(dim=2)  # contiguous (B,) each
+    return g, gsq, fsq
 
 
 @triton.jit
@@ -276,3 +276,78 @@ def broyden_combine(
         g.stride(0), dx.stride(0), h_g.stride(0), hg.stride(0), v.stride(0), chunks, BLOCK=block, STEPS=steps,
     )  # fmt: skip
     return h_g, v, partials.sum(dim=1)
+
+
+@triton.jit
+def _bookkeep_kernel(gsq_ptr, fsq_ptr, g0_ptr, status_ptr, active_ptr, best_ptr, nsteps_ptr, trace_ptr, done_ptr,
+                     gnorm_ptr, new_active_ptr, improved_ptr, counts_ptr, B, row, max_iter, tol, divergence,
+                     RELATIVE: tl.constexpr, USE_DONE: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
+    # One program walks the batch: B is small, and the counts come out without atomics.
+    if USE_DONE:
+        done = tl.load(done_ptr)
+        row = tl.minimum(done, max_iter)
+    n_active = tl.sum(tl.zeros([BLOCK], dtype=tl.int32), axis=0)
+    n_improved = tl.sum(tl.zeros([BLOCK], dtype=tl.int32), axis=0)
+    for start in range(0, B, BLOCK):
+        idx = start + tl.arange(0, BLOCK)
+        mask = idx < B
+        gnorm = tl.sqrt_rn(tl.load(gsq_ptr + idx, mask=mask, other=0.0))  # IEEE-rounded, as torch
+        fnorm = tl.sqrt_rn(tl.load(fsq_ptr + idx, mask=mask, other=0.0))
+        res = tl.div_rn(gnorm, tl.maximum(fnorm, 1.1754943508222875e-38)) if RELATIVE else gnorm
+        total = gnorm + fnorm
+        finite = (total == total) & (total < float("inf"))  # not NaN, not +inf (norms are >= 0)
+        now = tl.where(gnorm > divergence * tl.load(g0_ptr + idx, mask=mask, other=0.0), 2, 1)
+        now = tl.where(finite, tl.where(res <= tol, 0, now), 3)
+        active = tl.load(active_ptr + idx, mask=mask, other=0) != 0
+        best = tl.load(best_ptr + idx, mask=mask, other=0.0)
+        improved = active & finite & ((res >= best) == 0)  # also true where best is NaN
+        status = tl.where(active, now.to(tl.int64), tl.load(status_ptr + idx, mask=mask, other=0))
+        tl.store(status_ptr + idx, status, mask=mask)
+        tl.store(best_ptr + idx, tl.where(improved, res, best), mask=mask)
+        tl.store(nsteps_ptr + idx, tl.load(nsteps_ptr + idx, mask=mask, other=0) + active.to(tl.int64), mask=mask)
+        tl.store(trace_ptr + row * B + idx, tl.where(active, res, float("nan")), mask=mask)
+        new_active = status == 1
+        if USE_DONE:
+            new_active = new_active & (done + 1 < max_iter)
+        tl.store(gnorm_ptr + idx, gnorm, mask=mask)
+        tl.store(new_active_ptr + idx, new_active.to(tl.uint8), mask=mask)
+        tl.store(improved_ptr + idx, improved.to(tl.uint8), mask=mask)
+        n_active += tl.sum((new_active & mask).to(tl.int32), axis=0)
+        n_improved += tl.sum((improved & mask).to(tl.int32), axis=0)
+    tl.store(counts_ptr, n_active.to(tl.int64))
+    tl.store(counts_ptr + 1, n_improved.to(tl.int64))
+    if USE_DONE:
+        tl.store(done_ptr, done + 1)
+
+
+def bookkeep(
+    gsq: Tensor,
+    fsq: Tensor,
+    gnorm0: Tensor,
+    status: Tensor,
+    active: Tensor,
+    best_res: Tensor,
+    nsteps: Tensor,
+    trace: Tensor,
+    row: int | None,
+    done: Tensor,
+    tol: float,
+    divergence: float,
+    relative: bool,
+    max_iter: int,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Triton twin of reference.bookkeep (fp32 statistics, contiguous (B,) vectors and trace rows)."""
+    batch = gsq.shape[0]
+    for name, t in {"gsq": gsq, "fsq": fsq, "gnorm0": gnorm0, "best_res": best_res, "trace": trace}.items():
+        if t.dtype != torch.float32 or not t.is_contiguous():
+            raise ValueError(f"bookkeep: {name} must be contiguous fp32, got {t.dtype} with strides {t.stride()}")
+    gnorm = torch.empty_like(gsq)
+    flags = torch.empty(2, batch, dtype=torch.uint8, device=gsq.device)  # new active, improved
+    counts = torch.empty(2, dtype=torch.int64, device=gsq.device)
+    block = min(1024, triton.next_power_of_2(max(batch, 16)))
+    _bookkeep_kernel[(1,)](
+        gsq, fsq, gnorm0, status, active.view(torch.uint8), best_res, nsteps, trace, done, gnorm, flags[0],
+        flags[1], counts, batch, 0 if row is None else row, max_iter, float(tol), float(divergence),
+        RELATIVE=bool(relative), USE_DONE=row is None, BLOCK=block,
+    )  # fmt: skip
+    return gnorm, flags[0].view(torch.bool), flags[1].view(torch.bool), counts

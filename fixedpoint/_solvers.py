@@ -116,24 +116,6 @@ def picard(
 # ----------------------------------------------------------------------------- Anderson
 
 
-def solve_spd(a: Tensor, b: Tensor) -> Tensor:
-    """Solve a y = b for small symmetric positive definite a (B, m, m), b (B, m): Gaussian elimination.
-
-    No pivoting (a is SPD), plain batched tensor ops: no library call, nothing that could
-    sync with the host, so it can run inside a CUDA graph. Non-finite input gives non-finite y.
-    """
-    a, b = a.clone(), b.clone()
-    m = a.shape[-1]
-    for k in range(m - 1):
-        factor = a[:, k + 1 :, k] / a[:, k, k, None]  # (B, m-k-1)
-        a[:, k + 1 :, k:] -= factor[:, :, None] * a[:, k, None, k:]
-        b[:, k + 1 :] -= factor * b[:, k, None]
-    y = torch.empty_like(b)
-    for k in reversed(range(m)):
-        y[:, k] = (b[:, k] - (a[:, k, k + 1 :] * y[:, k + 1 :]).sum(dim=1)) / a[:, k, k]
-    return y
-
-
 @dataclass
 class _AndersonState:
     F: Tensor  # (B, m, D) images f(x_i) of past iterates (ring buffer, slot = count % m)
@@ -196,35 +178,13 @@ class Anderson:
             newest = torch.where(keep_new[:, None], state.eye[slot], state.newest)
         return replace(state, count=state.count + 1, newest=newest, gnorm=gnorm)
 
-    def coefficients(self, state: _AndersonState) -> Tensor:
-        """Mixing weights alpha (B, m), sum 1, minimising ||sum_i alpha_i g_i|| with a relative ridge.
-
-        The Gram matrix is scaled to unit diagonal before the ridge is added, so
-        the ridge is relative to the residuals' size at every tolerance.
-        """
-        valid = state.valid
-        gram = state.gram.double()
-        diag = torch.diagonal(gram, dim1=1, dim2=2)  # (B, m)
-        scale = torch.where(valid, diag.clamp_min(1e-300).rsqrt(), 0.0)  # (B, m)
-        normed = scale[:, :, None] * gram * scale[:, None, :]
-        normed.diagonal(dim1=1, dim2=2).add_(torch.where(valid, self.ridge, 1.0))  # unused slots: alpha 0
-        if self.graph_safe:
-            y = solve_spd(normed, scale)
-        else:
-            y, _ = torch.linalg.solve_ex(normed, scale)  # no error check, no host sync
-        w = scale * y
-        alpha = w / w.sum(dim=1, keepdim=True)
-        return alpha.to(state.gram.dtype)
-
     def step(self, fn, state, active, frozen=None):
-        alpha = self.coefficients(state)  # (B, m)
-        coeff_size = alpha.abs().sum(dim=1)
-        ill = ~torch.isfinite(coeff_size) | (coeff_size > self.max_coeff)  # (B,) restart these
-        alpha = torch.where(ill[:, None], state.newest.to(alpha.dtype), alpha)  # restart: a damped step
+        # mixing weights (B, m); ill-conditioned samples restart (in place: valid, restarts) with a damped step
+        alpha = self.kernels.anderson_coefficients(
+            state.gram, state.valid, state.newest, state.restarts, self.ridge, self.max_coeff, self.graph_safe
+        )
         # x = sum_i alpha_i (x_i + beta g_i) = sum_i alpha_i f(x_i) + (beta - 1) sum_i alpha_i g_i
-        x_next = self.kernels.anderson_mix(state.F, state.G, alpha, self.beta, frozen, active)
-        state.valid &= ~ill[:, None] | state.newest
-        return x_next, replace(state, restarts=state.restarts + ill.long())
+        return self.kernels.anderson_mix(state.F, state.G, alpha, self.beta, frozen, active), state
 
     def update(self, state, x, fx, g, gnorm):
         # A step that blew the residual up: restart from the pair it came from (needs m > 1).

@@ -7,7 +7,7 @@ import torch
 
 import fixedpoint
 from fixedpoint import Status, _solve
-from fixedpoint._solvers import solve_spd
+from fixedpoint.kernels.reference import solve_spd
 
 
 class EagerGraphs:

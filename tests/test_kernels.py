@@ -233,3 +233,29 @@ def test_bookkeep_kernel_equals_twin(relative, graph_mode):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=0, equal_nan=True)
     assert reference.NONFINITE == Status.NONFINITE and reference.DIVERGED == Status.DIVERGED
     assert reference.MAX_ITER == Status.MAX_ITER and reference.CONVERGED == Status.CONVERGED
+
+
+@pytest.mark.parametrize("m", [1, 3, 5])
+def test_anderson_coefficients_kernel_equals_twin(m):
+    gen = torch.Generator().manual_seed(m)
+    batch = 6
+    residuals = torch.randn(batch, m, 40, generator=gen, dtype=torch.float64)
+    residuals[3, -1] = residuals[3, 0] * (1 + 1e-3)  # nearly dependent: coefficients ~1e3, a restart
+    gram = (residuals @ residuals.transpose(1, 2)).float()
+    gram[4, 0, 0] = float("nan")  # a non-finite sample restarts too
+    valid = torch.rand(batch, m, generator=gen) < 0.8
+    valid[:, 0] = valid[3] = True
+    newest = torch.zeros(batch, m, dtype=torch.bool)
+    newest[:, -1] = True
+    results = []
+    for module in (triton_kernels, reference):
+        v, r = valid.clone().to(DEVICE), torch.arange(batch).to(DEVICE)
+        alpha = module.anderson_coefficients(gram.to(DEVICE), v, newest.to(DEVICE), r, 1e-6, 50.0, True)
+        results.append((alpha, v, r))
+    (a1, v1, r1), (a2, v2, r2) = results
+    torch.testing.assert_close(a1, a2, rtol=1e-5, atol=1e-6)
+    assert torch.equal(v1, v2) and torch.equal(r1, r2)
+    torch.testing.assert_close(a1.sum(dim=1), torch.ones(batch, device=DEVICE))
+    if m > 1:
+        assert (r1 - torch.arange(batch, device=DEVICE))[[3, 4]].tolist() == [1, 1]  # the two restarts
+        assert torch.equal(a1[4], newest[4].float().to(DEVICE))

@@ -14,7 +14,9 @@ __all__ = [
     "residual",
     "picard_step",
     "anderson_write",
+    "anderson_coefficients",
     "anderson_mix",
+    "solve_spd",
     "broyden_dots",
     "broyden_combine",
 ]
@@ -141,3 +143,48 @@ def bookkeep(
     else:
         trace[row] = residuals
     return gnorm, new_active, improved, torch.stack([new_active.sum(), improved.sum()])
+
+
+def solve_spd(a: Tensor, b: Tensor) -> Tensor:
+    """Solve a y = b for small symmetric positive definite a (B, m, m), b (B, m): Gaussian elimination.
+
+    No pivoting (a is SPD), plain batched tensor ops: no library call, nothing that could
+    sync with the host, so it can run inside a CUDA graph. Non-finite input gives non-finite y.
+    """
+    a, b = a.clone(), b.clone()
+    m = a.shape[-1]
+    for k in range(m - 1):
+        factor = a[:, k + 1 :, k] / a[:, k, k, None]  # (B, m-k-1)
+        a[:, k + 1 :, k:] -= factor[:, :, None] * a[:, k, None, k:]
+        b[:, k + 1 :] -= factor * b[:, k, None]
+    y = torch.empty_like(b)
+    for k in reversed(range(m)):
+        y[:, k] = (b[:, k] - (a[:, k, k + 1 :] * y[:, k + 1 :]).sum(dim=1)) / a[:, k, k]
+    return y
+
+
+def anderson_coefficients(
+    gram: Tensor, valid: Tensor, newest: Tensor, restarts: Tensor, ridge: float, max_coeff: float, graph_safe: bool
+) -> Tensor:
+    """Anderson's mixing weights alpha (B, m) in gram's dtype: sum 1, minimising ||sum_i alpha_i g_i||.
+
+    gram (B, m, m) G G^T of the history's residuals; valid (B, m) bool: slots in the current
+    history; newest (B, m) bool one-hot. The Gram matrix is scaled to unit diagonal before the
+    ridge is added (so the ridge is relative), and solved in fp64 (``graph_safe``: by plain
+    elimination, else LAPACK/cuSOLVER without an error-check sync). A sample whose ||alpha||_1
+    is not finite or exceeds ``max_coeff`` restarts: alpha = newest, and in place its history
+    shrinks to the newest pair (valid) and restarts (B,) counts it.
+    """
+    g = gram.double()
+    diag = torch.diagonal(g, dim1=1, dim2=2)  # (B, m)
+    scale = torch.where(valid, diag.clamp_min(1e-300).rsqrt(), 0.0)  # (B, m)
+    normed = scale[:, :, None] * g * scale[:, None, :]
+    normed.diagonal(dim1=1, dim2=2).add_(torch.where(valid, ridge, 1.0))  # unused slots: alpha 0
+    y = solve_spd(normed, scale) if graph_safe else torch.linalg.solve_ex(normed, scale)[0]
+    w = scale * y
+    alpha = (w / w.sum(dim=1, keepdim=True)).to(gram.dtype)
+    coeff_size = alpha.abs().sum(dim=1)
+    ill = ~torch.isfinite(coeff_size) | (coeff_size > max_coeff)  # (B,)
+    valid &= ~ill[:, None] | newest
+    restarts += ill.long()
+    return torch.where(ill[:, None], newest.to(alpha.dtype), alpha)

@@ -351,3 +351,63 @@ def bookkeep(
         RELATIVE=bool(relative), USE_DONE=row is None, BLOCK=block,
     )  # fmt: skip
     return gnorm, flags[0].view(torch.bool), flags[1].view(torch.bool), counts
+
+
+@triton.jit
+def _anderson_coefficients_kernel(gram_ptr, valid_ptr, newest_ptr, restarts_ptr, alpha_ptr, ridge, max_coeff, s_newest,
+                                  M: tl.constexpr, MP: tl.constexpr):  # fmt: skip
+    # One program per sample: scale the m x m Gram matrix to unit diagonal, add the ridge, solve by
+    # elimination in fp64 registers (SPD: no pivoting), normalise, restart if ill-conditioned.
+    b = tl.program_id(0)
+    i = tl.arange(0, MP)
+    rows, cols = i[:, None], i[None, :]
+    inside = (rows < M) & (cols < M)
+    gram = tl.load(gram_ptr + b * M * M + rows * M + cols, mask=inside, other=0.0).to(tl.float64)
+    valid = tl.load(valid_ptr + b * M + i, mask=i < M, other=0) != 0
+    newest = tl.load(newest_ptr + b * s_newest + i, mask=i < M, other=0) != 0  # batch stride 0: a broadcast row
+    diag = tl.sum(tl.where(rows == cols, gram, 0.0), axis=1)
+    scale = tl.where(valid, 1.0 / tl.sqrt(tl.maximum(diag, 1e-300)), 0.0)
+    a = scale[:, None] * gram * scale[None, :]
+    a = tl.where(rows == cols, a + tl.where(valid, ridge, 1.0)[:, None], a)  # unused (and padded) slots: 1
+    rhs = scale
+    for k in tl.static_range(M - 1):  # forward elimination
+        pivot_row = tl.sum(tl.where(rows == k, a, 0.0), axis=0)  # (MP,) over columns
+        pivot = tl.sum(tl.where(i == k, pivot_row, 0.0), axis=0)
+        factor = tl.where(i > k, tl.sum(tl.where(cols == k, a, 0.0), axis=1) / pivot, 0.0)  # (MP,) over rows
+        a -= factor[:, None] * pivot_row[None, :]
+        rhs -= factor * tl.sum(tl.where(i == k, rhs, 0.0), axis=0)
+    y = tl.zeros([MP], dtype=tl.float64)
+    for kk in tl.static_range(M):  # back substitution
+        k = M - 1 - kk
+        row = tl.sum(tl.where(rows == k, a, 0.0), axis=0)
+        akk = tl.sum(tl.where(i == k, row, 0.0), axis=0)
+        rest = tl.sum(tl.where(i > k, row * y, 0.0), axis=0)
+        y = tl.where(i == k, (tl.sum(tl.where(i == k, rhs, 0.0), axis=0) - rest) / akk, y)
+    w = scale * y
+    alpha = (w / tl.sum(w, axis=0)).to(tl.float32)
+    size = tl.sum(tl.abs(alpha), axis=0)
+    ill = (size != size) | (size > max_coeff)  # NaN (inf - inf, 0 / 0) or too large; +inf > max_coeff
+    alpha = tl.where(ill, tl.where(newest, 1.0, 0.0), alpha)
+    tl.store(alpha_ptr + b * M + i, alpha, mask=i < M)
+    tl.store(valid_ptr + b * M + i, (valid & ((ill == 0) | newest)).to(tl.int8), mask=i < M)
+    tl.store(restarts_ptr + b, tl.load(restarts_ptr + b) + ill.to(tl.int64))
+
+
+def anderson_coefficients(
+    gram: Tensor, valid: Tensor, newest: Tensor, restarts: Tensor, ridge: float, max_coeff: float, graph_safe: bool
+) -> Tensor:
+    """Triton twin of reference.anderson_coefficients (fp32 Gram matrix; always graph safe)."""
+    batch, m, _ = gram.shape
+    if gram.dtype != torch.float32:
+        raise ValueError(f"anderson_coefficients: the Gram matrix must be fp32, got {gram.dtype}")
+    for name, t in {"gram": gram, "valid": valid, "restarts": restarts}.items():
+        if not t.is_contiguous():
+            raise ValueError(f"anderson_coefficients: {name} must be contiguous, got strides {t.stride()}")
+    if newest.stride(1) != 1:
+        raise ValueError(f"anderson_coefficients: newest's rows must be contiguous, got strides {newest.stride()}")
+    alpha = torch.empty(batch, m, dtype=torch.float32, device=gram.device)
+    _anderson_coefficients_kernel[(batch,)](
+        gram, valid.view(torch.int8), newest.view(torch.int8), restarts, alpha, float(ridge), float(max_coeff),
+        newest.stride(0), M=m, MP=triton.next_power_of_2(max(m, 2)),
+    )  # fmt: skip
+    return alpha

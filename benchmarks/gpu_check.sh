@@ -11,3 +11,4 @@ python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torc
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,power.limit --format=csv 2>&1 | tee -a "$OUT/env.txt"
 timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_graph.py tests/test_solvers.py 2>&1 | tee "$OUT/tests.log"
 BENCH_JSON="$OUT/bench.json" timeout 270 python3 -m pytest -q -p no:cacheprovider benchmarks/bench_gpu.py 2>&1 | tee "$OUT/bench.log"
+timeout 120 python3 benchmarks/gpu_profile.py "$OUT" > "$OUT/profile.log" 2>&1; grep "^## " "$OUT/profile.log"

@@ -103,9 +103,10 @@ def test_cuda_graph_equals_the_default_loop_on_gpu(solver):
     solve = getattr(fixedpoint, solver)
     x0 = torch.zeros(16, 8, 256, device="cuda")
     eager = solve(f, x0, tol=1e-5, max_iter=80)
-    graphed = solve(f, x0, tol=1e-5, max_iter=80, graph=True, check_every=5)
-    assert graphed.nsteps.tolist() == eager.nsteps.tolist() and graphed.status.tolist() == eager.status.tolist()
-    torch.testing.assert_close(graphed.x, eager.x, rtol=1e-4, atol=1e-5)
+    for _ in range(2):  # the first capture of its kind warms up eagerly, the second captures at once
+        graphed = solve(f, x0, tol=1e-5, max_iter=80, graph=True, check_every=5)
+        assert graphed.nsteps.tolist() == eager.nsteps.tolist() and graphed.status.tolist() == eager.status.tolist()
+        torch.testing.assert_close(graphed.x, eager.x, rtol=1e-4, atol=1e-5)
 
 
 @cuda

@@ -6,6 +6,8 @@ in fp32 (fp64 for fp64 data), whatever the storage dtype.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -128,12 +130,12 @@ def bookkeep(
     gnorm, fnorm = gsq.sqrt(), fsq.sqrt()
     res = gnorm / fnorm.clamp_min(torch.finfo(gsq.dtype).tiny) if relative else gnorm
     finite = torch.isfinite(gnorm + fnorm)
-    now = torch.where(gnorm > divergence * gnorm0, DIVERGED, MAX_ITER)
+    now = torch.where(gnorm > divergence * gnorm0, DIVERGED, MAX_ITER) if divergence < math.inf else MAX_ITER
     now = torch.where(finite, torch.where(res <= tol, CONVERGED, now), NONFINITE)
     improved = active & finite & ~(res >= best_res)  # also true where best_res is NaN
-    status.copy_(torch.where(active, now, status))
-    best_res.copy_(torch.where(improved, res, best_res))
-    nsteps.add_(active.long())
+    torch.where(active, now, status, out=status)
+    torch.where(improved, res, best_res, out=best_res)
+    nsteps.add_(active)
     residuals = torch.where(active, res, torch.nan)
     new_active = status == MAX_ITER
     if row is None:

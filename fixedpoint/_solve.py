@@ -259,9 +259,8 @@ def _loop(solver: Solver, f, x0: Tensor, *, tol, max_iter, stop, divergence, che
             tol, math.inf if divergence is None else float(divergence), stop == "rel", max_iter,
         )  # fmt: skip
         n_active, n_improved = counts.tolist() if sync else (None, -1)  # -1: unknown without a sync
-        if n is None:  # in place: the graph's buffers stay put (best_x, best_fx own their memory here)
-            torch.where(improved[:, None], x, best_x, out=best_x)
-            torch.where(improved[:, None], fx, best_fx, out=best_fx)
+        if not sync:  # in place: best_x, best_fx own their memory here (a graph's buffers stay put)
+            kernels.best_update(best_x, best_fx, x, fx, improved)
         elif n_improved == batch:
             best_x, best_fx = x, fx
         elif n_improved:
@@ -270,6 +269,8 @@ def _loop(solver: Solver, f, x0: Tensor, *, tol, max_iter, stop, divergence, che
         state = solver.update(state, x, fx, g, gnorm)
         return n_active
 
+    if check_every > 1 or graph:  # no per-iteration sync: the best iterate is updated in place, in its own buffers
+        best_x, best_fx = best_x.clone(), best_fx.clone()
     n = 0
     # Host syncs: with check_every == 1, one per iteration (how many samples are active, did all improve);
     # otherwise one every check_every iterations, and the loop masks unconditionally in between.
@@ -280,7 +281,6 @@ def _loop(solver: Solver, f, x0: Tensor, *, tol, max_iter, stop, divergence, che
         # `replays` chunks (check_every rounded up).
         chunk = solver.period * math.ceil(GRAPH_CHUNK / solver.period)
         replays = math.ceil(check_every / chunk)
-        best_x, best_fx = best_x.clone(), best_fx.clone()  # own buffers: updated in place from here on
         key = (type(solver), solver.period, tuple(x.shape), x.dtype, x.device, getattr(solver, "kernels", None))
         if key not in _WARMED:  # first capture of this kind in this process: compile, create handles
             with GRAPHS.warmup_stream(x.device):

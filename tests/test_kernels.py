@@ -259,3 +259,15 @@ def test_anderson_coefficients_kernel_equals_twin(m):
     if m > 1:
         assert (r1 - torch.arange(batch, device=DEVICE))[[3, 4]].tolist() == [1, 1]  # the two restarts
         assert torch.equal(a1[4], newest[4].float().to(DEVICE))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_best_update_kernel_equals_twin(dtype):
+    gen = torch.Generator().manual_seed(11)
+    bx, bf, x, fx = (torch.randn(4, 23, generator=gen).to(dtype).to(DEVICE) for _ in range(4))
+    improved = torch.tensor([True, False, True, False], device=DEVICE)
+    bx2, bf2 = bx.clone(), bf.clone()
+    triton_kernels.best_update(bx, bf, x, fx, improved)
+    reference.best_update(bx2, bf2, x, fx, improved)
+    assert torch.equal(bx, bx2) and torch.equal(bf, bf2)
+    assert torch.equal(bx[0], x[0]) and not torch.equal(bx[1], x[1])

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "best_update",
     "bookkeep",
     "residual",
     "picard_step",
@@ -190,3 +191,9 @@ def anderson_coefficients(
     valid &= ~ill[:, None] | newest
     restarts += ill.long()
     return torch.where(ill[:, None], newest.to(alpha.dtype), alpha)
+
+
+def best_update(best_x: Tensor, best_fx: Tensor, x: Tensor, fx: Tensor, improved: Tensor) -> None:
+    """In place: best_x, best_fx (B, D) take x, f(x) for the samples that improved ((B,) bool)."""
+    torch.where(improved[:, None], x, best_x, out=best_x)
+    torch.where(improved[:, None], fx, best_fx, out=best_fx)

@@ -411,3 +411,24 @@ def anderson_coefficients(
         newest.stride(0), M=m, MP=triton.next_power_of_2(max(m, 2)),
     )  # fmt: skip
     return alpha
+
+
+@triton.jit
+def _best_update_kernel(bx_ptr, bf_ptr, x_ptr, fx_ptr, improved_ptr, D, sbx, sbf, sx, sf, BLOCK: tl.constexpr):
+    b = tl.program_id(0)
+    if tl.load(improved_ptr + b) != 0:  # other samples: nothing read, nothing written
+        idx = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        mask = idx < D
+        tl.store(bx_ptr + b * sbx + idx, tl.load(x_ptr + b * sx + idx, mask=mask), mask=mask)
+        tl.store(bf_ptr + b * sbf + idx, tl.load(fx_ptr + b * sf + idx, mask=mask), mask=mask)
+
+
+def best_update(best_x: Tensor, best_fx: Tensor, x: Tensor, fx: Tensor, improved: Tensor) -> None:
+    """Triton twin of reference.best_update."""
+    _check("best_update", best_x, best_fx, x, fx)
+    batch, dim = x.shape
+    block = min(BLOCK, triton.next_power_of_2(max(dim, 16)))
+    _best_update_kernel[(batch, triton.cdiv(dim, block))](
+        best_x, best_fx, x, fx, improved.view(torch.int8), dim, best_x.stride(0), best_fx.stride(0), x.stride(0),
+        fx.stride(0), BLOCK=block,
+    )  # fmt: skip

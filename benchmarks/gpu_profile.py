@@ -55,7 +55,8 @@ def main(out: Path) -> None:
             table_gpu = prof.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=60)
             table_cpu = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=10, max_name_column_width=60)
             text = f"## {name}: {wall:.1f} ms (events)\n{table_gpu}\n{table_cpu}\n"
-            (out / "profile.txt").open("a").write(text)
+            with (out / "profile.txt").open("a") as log:
+                log.write(text)
             print(f"## {name}: {wall:.1f} ms")
             print(table_gpu)
 

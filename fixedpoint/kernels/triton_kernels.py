@@ -23,12 +23,16 @@ __all__ = ["bookkeep", "residual", "picard_step", "anderson_write", "anderson_mi
 
 BLOCK = 1024  # elements per inner step
 MAX_STEPS = 16  # inner steps per program along D, at most
+TILE = 2048  # history elements per inner step of the kernels that load (slots, block) tiles
 MIN_PROGRAMS = 1024  # enough programs to keep every SM's memory pipes busy (H100: 132 SMs)
 
 
-def _grid_chunks(batch: int, dim: int) -> tuple[int, int, int]:
-    """(block, steps, chunks) for a reduction over D: long chunks (fewer partials) unless that starves the GPU."""
-    block = min(BLOCK, triton.next_power_of_2(max(dim, 16)))
+def _grid_chunks(batch: int, dim: int, tile: int = BLOCK) -> tuple[int, int, int]:
+    """(block, steps, chunks) for a reduction over D: long chunks (fewer partials) unless that starves the GPU.
+
+    ``tile``: elements of D per inner step (smaller for kernels that load several history slots per step).
+    """
+    block = min(tile, triton.next_power_of_2(max(dim, 16)))
     steps = MAX_STEPS
     while steps > 1 and batch * triton.cdiv(dim, block * steps) < MIN_PROGRAMS:
         steps //= 2
@@ -79,35 +83,38 @@ def residual(x: Tensor, fx: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 
 @triton.jit
 def _anderson_write_kernel(F_ptr, G_ptr, fx_ptr, g_ptr, out_ptr, D, slot, sFb, sFm, sGb, sGm, sf, sg, n_chunks,
-                           M: tl.constexpr, BLOCK: tl.constexpr, STEPS: tl.constexpr):  # fmt: skip
+                           M: tl.constexpr, MP: tl.constexpr, BLOCK: tl.constexpr, STEPS: tl.constexpr):  # fmt: skip
+    # Each step loads the whole (m, BLOCK) history tile at once (many bytes in flight) and g once.
     b = tl.program_id(0)
     c = tl.program_id(1)
-    for j in tl.static_range(M):
-        acc = tl.zeros([BLOCK], dtype=tl.float32)
-        for i in range(STEPS):
-            idx = (c * STEPS + i) * BLOCK + tl.arange(0, BLOCK)
-            mask = idx < D
-            g = tl.load(g_ptr + b * sg + idx, mask=mask, other=0.0)
-            if j == slot:  # the new pair: store it, and its Gram entry is g . g
-                f = tl.load(fx_ptr + b * sf + idx, mask=mask, other=0.0)
-                tl.store(F_ptr + b * sFb + j * sFm + idx, f.to(F_ptr.dtype.element_ty), mask=mask)
-                tl.store(G_ptr + b * sGb + j * sGm + idx, g.to(G_ptr.dtype.element_ty), mask=mask)
-                h = g.to(G_ptr.dtype.element_ty).to(tl.float32)
-            else:
-                h = tl.load(G_ptr + b * sGb + j * sGm + idx, mask=mask, other=0.0).to(tl.float32)
-            acc += h * g.to(tl.float32)
-        tl.store(out_ptr + (b * n_chunks + c) * M + j, tl.sum(acc, axis=0))
+    j = tl.arange(0, MP)[:, None]  # (MP, 1) history slots
+    acc = tl.zeros([MP, BLOCK], dtype=tl.float32)
+    for i in range(STEPS):
+        idx = (c * STEPS + i) * BLOCK + tl.arange(0, BLOCK)
+        mask = idx < D
+        g = tl.load(g_ptr + b * sg + idx, mask=mask, other=0.0)
+        f = tl.load(fx_ptr + b * sf + idx, mask=mask, other=0.0)
+        stored = g.to(G_ptr.dtype.element_ty)
+        tl.store(F_ptr + b * sFb + slot * sFm + idx, f.to(F_ptr.dtype.element_ty), mask=mask)
+        tl.store(G_ptr + b * sGb + slot * sGm + idx, stored, mask=mask)
+        others = (j < M) & (j != slot) & mask[None, :]  # the new slot is not read back: its entry is g . g
+        h = tl.load(G_ptr + b * sGb + j * sGm + idx[None, :], mask=others, other=0.0).to(tl.float32)
+        h = tl.where(j == slot, stored.to(tl.float32)[None, :], h)
+        acc += h * g.to(tl.float32)[None, :]
+    row = tl.arange(0, MP)
+    tl.store(out_ptr + (b * n_chunks + c) * M + row, tl.sum(acc, axis=1), mask=row < M)
 
 
 def anderson_write(F: Tensor, G: Tensor, slot: int, fx: Tensor, g: Tensor) -> Tensor:
     """Triton twin of reference.anderson_write."""
     _check("anderson_write", F, G, fx, g)
     batch, m, dim = F.shape
-    block, steps, chunks = _grid_chunks(batch, dim)
+    mp = triton.next_power_of_2(m)
+    block, steps, chunks = _grid_chunks(batch, dim, tile=max(64, TILE // mp))
     partials = torch.empty(batch, chunks, m, dtype=torch.float32, device=F.device)
     _anderson_write_kernel[(batch, chunks)](
         F, G, fx, g, partials, dim, slot, F.stride(0), F.stride(1), G.stride(0), G.stride(1), fx.stride(0),
-        g.stride(0), chunks, M=m, BLOCK=block, STEPS=steps,
+        g.stride(0), chunks, M=m, MP=mp, BLOCK=block, STEPS=steps,
     )  # fmt: skip
     return partials.sum(dim=1)
 
@@ -188,35 +195,40 @@ def picard_step(x: Tensor, fx: Tensor, beta: float, frozen: Tensor | None, activ
 
 @triton.jit
 def _broyden_dots_kernel(U_ptr, V_ptr, g_ptr, dx_ptr, out_ptr, D, n, sUb, sUm, sVb, sVm, sg, sdx, n_chunks,
-                         BLOCK: tl.constexpr, STEPS: tl.constexpr):  # fmt: skip
+                         MP: tl.constexpr, BLOCK: tl.constexpr, STEPS: tl.constexpr):  # fmt: skip
+    # (MP, BLOCK) tiles of U and V per step; slots >= n are masked (never read).
     b = tl.program_id(0)
     c = tl.program_id(1)
-    for j in range(n):
-        acc_v = tl.zeros([BLOCK], dtype=tl.float32)
-        acc_u = tl.zeros([BLOCK], dtype=tl.float32)
-        for i in range(STEPS):
-            idx = (c * STEPS + i) * BLOCK + tl.arange(0, BLOCK)
-            mask = idx < D
-            g = tl.load(g_ptr + b * sg + idx, mask=mask, other=0.0).to(tl.float32)
-            dx = tl.load(dx_ptr + b * sdx + idx, mask=mask, other=0.0).to(tl.float32)
-            v = tl.load(V_ptr + b * sVb + j * sVm + idx, mask=mask, other=0.0).to(tl.float32)
-            u = tl.load(U_ptr + b * sUb + j * sUm + idx, mask=mask, other=0.0).to(tl.float32)
-            acc_v += v * g
-            acc_u += u * dx
-        tl.store(out_ptr + ((b * n_chunks + c) * 2) * n + j, tl.sum(acc_v, axis=0))
-        tl.store(out_ptr + ((b * n_chunks + c) * 2 + 1) * n + j, tl.sum(acc_u, axis=0))
+    j = tl.arange(0, MP)[:, None]
+    acc_v = tl.zeros([MP, BLOCK], dtype=tl.float32)
+    acc_u = tl.zeros([MP, BLOCK], dtype=tl.float32)
+    for i in range(STEPS):
+        idx = (c * STEPS + i) * BLOCK + tl.arange(0, BLOCK)
+        mask = idx < D
+        used = (j < n) & mask[None, :]
+        g = tl.load(g_ptr + b * sg + idx, mask=mask, other=0.0).to(tl.float32)
+        dx = tl.load(dx_ptr + b * sdx + idx, mask=mask, other=0.0).to(tl.float32)
+        v = tl.load(V_ptr + b * sVb + j * sVm + idx[None, :], mask=used, other=0.0).to(tl.float32)
+        u = tl.load(U_ptr + b * sUb + j * sUm + idx[None, :], mask=used, other=0.0).to(tl.float32)
+        acc_v += v * g[None, :]
+        acc_u += u * dx[None, :]
+    row = tl.arange(0, MP)
+    out = out_ptr + (b * n_chunks + c) * 2 * n
+    tl.store(out + row, tl.sum(acc_v, axis=1), mask=row < n)
+    tl.store(out + n + row, tl.sum(acc_u, axis=1), mask=row < n)
 
 
 def broyden_dots(U: Tensor, V: Tensor, n: int, g: Tensor, dx: Tensor) -> Tensor:
     """Triton twin of reference.broyden_dots."""
     _check("broyden_dots", U, V, g, dx)
-    batch, _, dim = U.shape
-    block, steps, chunks = _grid_chunks(batch, dim)
+    batch, m, dim = U.shape
+    mp = triton.next_power_of_2(m)
+    block, steps, chunks = _grid_chunks(batch, dim, tile=max(64, TILE // mp))
     partials = torch.empty(batch, chunks, 2, n, dtype=torch.float32, device=U.device)
     if n:
         _broyden_dots_kernel[(batch, chunks)](
             U, V, g, dx, partials, dim, n, U.stride(0), U.stride(1), V.stride(0), V.stride(1), g.stride(0),
-            dx.stride(0), chunks, BLOCK=block, STEPS=steps,
+            dx.stride(0), chunks, MP=mp, BLOCK=block, STEPS=steps,
         )  # fmt: skip
     return partials.sum(dim=1)
 

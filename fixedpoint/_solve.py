@@ -10,9 +10,15 @@ A solver is a small object with three methods (optimistix style):
   the same pass as its step (Anderson's fused mixing kernel);
 - ``update(state, x, fx, g, gnorm) -> state``: absorb the evaluated pair.
 
+A solver with a ``period`` (the iterations after which its Python-side state,
+e.g. Anderson's ring slot, repeats) and no host syncs can run with
+``graph=True``: its iterations are captured in a CUDA graph and replayed.
+
 The loop in :func:`solve` owns everything else: evaluating ``f``, residuals in
 the stopping measure, per-sample stopping and freezing, the best iterate per
-sample, the non-finite check, the trace, the status and the :class:`Solution`.
+sample, the non-finite check, the trace, the status and the :class:`Solution`
+(through the ``residual``, ``bookkeep`` and ``best_update`` kernels, or their
+PyTorch twins).
 All tensors inside the loop are flattened to ``(B, D)``.
 """
 

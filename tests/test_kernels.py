@@ -206,9 +206,9 @@ def test_picard_and_broyden_triton_give_the_same_solve_as_torch(solver):
 
 @pytest.mark.parametrize("relative", [True, False])
 @pytest.mark.parametrize("graph_mode", [False, True])  # trace row from the device counter, stop at max_iter
-def test_bookkeep_kernel_equals_twin(relative, graph_mode):
+@pytest.mark.parametrize("batch", [37, 1500])  # 1500: the kernel walks the batch in two blocks
+def test_bookkeep_kernel_equals_twin(relative, graph_mode, batch):
     gen = torch.Generator().manual_seed(int(relative) + 2 * int(graph_mode))
-    batch = 37
     gsq, fsq = torch.rand(batch, generator=gen), torch.rand(batch, generator=gen) + 0.5
     gsq[3], gsq[5], gsq[6], fsq[6] = float("nan"), float("inf"), 0.0, 0.0  # NaN, Inf, a zero residual and image
     gnorm0 = torch.rand(batch, generator=gen)
@@ -271,3 +271,18 @@ def test_best_update_kernel_equals_twin(dtype):
     reference.best_update(bx2, bf2, x, fx, improved)
     assert torch.equal(bx, bx2) and torch.equal(bf, bf2)
     assert torch.equal(bx[0], x[0]) and not torch.equal(bx[1], x[1])
+
+
+@pytest.mark.parametrize("solver", ["picard", "anderson", "broyden"])
+def test_sync_free_loop_with_triton_equals_torch(solver):
+    """check_every > 1: the in-place best update and the masked loop, on both kernel sets."""
+    w, b = _contraction(10, seed=1)
+    f = lambda z: torch.tanh(z @ w.T + b)  # noqa: E731
+    solve = getattr(fixedpoint, solver)
+    x0 = torch.zeros(4, 10, device=DEVICE)
+    runs = {impl: solve(f, x0, tol=1e-5, max_iter=60, check_every=3, impl=impl) for impl in ("torch", "triton")}
+    reference_run = solve(f, x0, tol=1e-5, max_iter=60)
+    for run in runs.values():
+        assert run.nsteps.tolist() == reference_run.nsteps.tolist()
+        assert run.status.tolist() == reference_run.status.tolist()
+        torch.testing.assert_close(run.x, reference_run.x, rtol=1e-5, atol=1e-6)

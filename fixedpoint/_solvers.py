@@ -126,7 +126,6 @@ class _AndersonState:
     newest: Tensor  # (B, m) bool, one-hot: the slot of each sample's newest pair in its history
     gnorm: Tensor  # (B,) ||g|| of that pair
     restarts: Tensor  # (B,) history restarts per sample
-    eye: Tensor  # (m, m) bool identity: row k is the one-hot of slot k
 
 
 @dataclass(frozen=True)
@@ -155,28 +154,21 @@ class Anderson:
             valid=torch.zeros(batch, self.m, dtype=torch.bool, device=x.device),
             count=0,
             newest=torch.zeros(batch, self.m, dtype=torch.bool, device=x.device),
-            gnorm=gnorm,
+            gnorm=gnorm.clone(),  # updated in place
             restarts=torch.zeros(batch, dtype=torch.long, device=x.device),
-            eye=torch.eye(self.m, dtype=torch.bool, device=x.device),
         )
-        return self._write(state, fx, g, gnorm, keep_new=None)
+        return self._write(state, fx, g, gnorm, growth=None)
 
-    def _write(self, state: _AndersonState, fx, g, gnorm, keep_new) -> _AndersonState:
-        """Store (f(x), g) in the next slot and fill that slot's row and column of the Gram matrix.
-
-        ``keep_new`` ((B,) bool or None for all) says for which samples the new pair joins the history.
-        """
+    def _write(self, state: _AndersonState, fx, g, gnorm, growth: float | None) -> _AndersonState:
+        """Store (f(x), g) in the next slot, fill that slot's row and column of the Gram matrix, and
+        update the history's bookkeeping in place (a step that multiplied ||g|| by more than ``growth``
+        restarts the history from the pair it came from; None: never)."""
         slot = state.count % self.m
-        row = self.kernels.anderson_write(state.F, state.G, slot, fx, g).to(state.gram.dtype)  # (B, m)
-        state.gram[:, slot, :] = row
-        state.gram[:, :, slot] = row
-        if keep_new is None:
-            state.valid[:, slot] = True
-            newest = state.eye[slot].expand_as(state.newest)
-        else:
-            state.valid[:, slot] = keep_new
-            newest = torch.where(keep_new[:, None], state.eye[slot], state.newest)
-        return replace(state, count=state.count + 1, newest=newest, gnorm=gnorm)
+        row = self.kernels.anderson_write(state.F, state.G, slot, fx, g)  # (B, m) new Gram row
+        self.kernels.anderson_absorb(
+            state.gram, row, state.valid, state.newest, state.gnorm, gnorm, state.restarts, slot, growth
+        )
+        return replace(state, count=state.count + 1)
 
     def step(self, fn, state, active, frozen=None):
         # mixing weights (B, m); ill-conditioned samples restart (in place: valid, restarts) with a damped step
@@ -187,11 +179,8 @@ class Anderson:
         return self.kernels.anderson_mix(state.F, state.G, alpha, self.beta, frozen, active), state
 
     def update(self, state, x, fx, g, gnorm):
-        # A step that blew the residual up: restart from the pair it came from (needs m > 1).
-        blown = ~(gnorm <= self.growth * state.gnorm) & (self.m > 1)  # (B,)
-        state.valid &= ~blown[:, None] | state.newest
-        state = self._write(state, fx, g, torch.where(blown, state.gnorm, gnorm), keep_new=~blown)
-        return replace(state, restarts=state.restarts + blown.long())
+        # a step that blew the residual up restarts from the pair it came from (needs m > 1)
+        return self._write(state, fx, g, gnorm, growth=self.growth if self.m > 1 else None)
 
 
 @_common_doc
@@ -317,36 +306,18 @@ class Broyden:
         return state.x - state.hg, state
 
     def update(self, state, x, fx, g, gnorm):
-        sdt = stat_dtype(x.dtype)
         n = state.count
         dx = x - state.x  # (B, D)
         # H g_new and H^T dx, and the dot products below, in two passes over U and V
         coeff = self.kernels.broyden_dots(state.U, state.V, n, g, dx) * state.alive[:, None, :n]  # (B, 2, n)
         h_g, v, sums = self.kernels.broyden_combine(state.U, state.V, n, coeff, g, dx, state.hg)
-        denom, dx_sq, h_dg_sq, v_g = sums.to(sdt).unbind(1)  # (B,) each; denom = dx^T H (g_new - g)
-        ok = torch.isfinite(denom) & (denom.abs() > 1e-12 * (dx_sq * h_dg_sq).sqrt())
-        u = (dx - (h_g - state.hg)) / torch.where(ok, denom, 1.0).to(x.dtype)[:, None]
-        # H' g_new = H g_new + u (v . g_new): the next step without another pass over U, V
-        hg = h_g + torch.where(ok, v_g, 0.0).to(x.dtype)[:, None] * u
-
-        # A step that blew the residual up: forget the Jacobian and stay at the old iterate.
-        blown = ~(gnorm <= self.growth * state.gnorm)
-        state.alive &= ~blown[:, None]
-        slot = state.count
-        state.U[:, slot] = u
-        state.V[:, slot] = v
-        state.alive[:, slot] = ok & ~blown
-        state = _BroydenState(
-            x=torch.where(blown[:, None], state.x, x),
-            g=torch.where(blown[:, None], state.g, g),
-            gnorm=torch.where(blown, state.gnorm, gnorm),
-            hg=torch.where(blown[:, None], -state.g, hg),
-            U=state.U,
-            V=state.V,
-            alive=state.alive,
-            count=state.count + 1,
-            restarts=state.restarts + blown.long(),
-        )
+        # u, v into the next slot; H' g_new = H g_new + u (v . g_new) without another pass over U, V;
+        # a step that blew the residual up forgets the Jacobian and stays at the old iterate
+        x, g, gnorm, hg = self.kernels.broyden_finish(
+            state.U, state.V, n, x, state.x, g, state.g, dx, h_g, v, state.hg, sums, gnorm, state.gnorm,
+            state.alive, state.restarts, self.growth,
+        )  # fmt: skip
+        state = replace(state, x=x, g=g, gnorm=gnorm, hg=hg, count=n + 1)
         if state.count == self.m:  # memory full: keep the dominant half of H + I
             _reduce_rank(state.U, state.V, state.alive, self.m // 2)
             state.count = self.m // 2

@@ -151,6 +151,24 @@ def test_kernels_on_gpu_at_real_sizes(dtype):
         triton_kernels.broyden_combine(U, V, 4, coeff, g, dx, hg), reference.broyden_combine(U, V, 4, coeff, g, dx, hg)
     ):
         assert rel(a, b) < tol
+    sums = torch.rand(32, 4, device="cuda") + 0.1
+    gnorm_old = torch.rand(32, device="cuda") + 0.5
+    gnorm = gnorm_old * torch.where(active, 1.0, 500.0)  # half the samples blow up
+    outs = []
+    for module in (triton_kernels, reference):
+        U2, V2 = U.clone(), V.clone()
+        alive, restarts = (
+            torch.ones(32, 5, dtype=torch.bool, device="cuda"),
+            torch.zeros(32, dtype=torch.long, device="cuda"),
+        )
+        args = (x, fx, g, dx, hg, g, dx, hg, sums, gnorm, gnorm_old, alive, restarts, 100.0)
+        outs.append([*module.broyden_finish(U2, V2, 2, *args), U2, alive, restarts])
+    for a, b in zip(*outs):
+        assert rel(a, b) < tol
+    bx, bf, bx2, bf2 = x.clone(), fx.clone(), x.clone(), fx.clone()
+    triton_kernels.best_update(bx, bf, g, dx, active)
+    reference.best_update(bx2, bf2, g, dx, active)
+    assert torch.equal(bx, bx2) and torch.equal(bf, bf2)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -286,3 +304,63 @@ def test_sync_free_loop_with_triton_equals_torch(solver):
         assert run.nsteps.tolist() == reference_run.nsteps.tolist()
         assert run.status.tolist() == reference_run.status.tolist()
         torch.testing.assert_close(run.x, reference_run.x, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("growth", [None, 10.0])
+def test_anderson_absorb_kernel_equals_twin(growth):
+    gen = torch.Generator().manual_seed(5)
+    batch, m, slot = 5, 3, 1
+    gram = torch.randn(batch, m, m, generator=gen)
+    row = torch.randn(batch, m, generator=gen)
+    valid = torch.rand(batch, m, generator=gen) < 0.7
+    newest = torch.zeros(batch, m, dtype=torch.bool)
+    newest[:, 0] = True
+    kept = torch.rand(batch, generator=gen) + 0.5
+    gnorm = kept * torch.tensor([0.5, 20.0, 1.0, float("nan"), 11.0])  # samples 1, 3 (NaN) and 4 blow up
+    restarts = torch.arange(batch)
+    results = []
+    for module in (triton_kernels, reference):
+        bufs = [t.clone().to(DEVICE) for t in (gram, valid, newest, kept, restarts)]
+        module.anderson_absorb(
+            bufs[0], row.to(DEVICE), bufs[1], bufs[2], bufs[3], gnorm.to(DEVICE), bufs[4], slot, growth
+        )
+        results.append(bufs)
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
+    gram_out, valid_out, newest_out, _, restarts_out = results[0]
+    torch.testing.assert_close(gram_out[:, slot], row.to(DEVICE))
+    torch.testing.assert_close(gram_out[:, :, slot], row.to(DEVICE))
+    blown = [1, 3, 4] if growth else []
+    assert (restarts_out.cpu() - torch.arange(batch)).nonzero().flatten().tolist() == blown
+    assert [bool(valid_out[i, slot]) for i in range(batch)] == [i not in blown for i in range(batch)]
+    assert [int(newest_out[i].float().argmax()) for i in range(batch)] == [
+        0 if i in blown else slot for i in range(batch)
+    ]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_broyden_finish_kernel_equals_twin(dtype):
+    gen = torch.Generator().manual_seed(8)
+    batch, m, dim, slot = 4, 3, 29, 1
+    U, V = (torch.randn(batch, m, dim, generator=gen).to(dtype) for _ in range(2))
+    x, x_old, g, g_old, dx, h_g, v, hg_old = (torch.randn(batch, dim, generator=gen).to(dtype) for _ in range(8))
+    sums = torch.randn(batch, 4, generator=gen).abs() + 0.1
+    sums[2, 0] = 1e-20  # a negligible denominator: no update term (ok = False)
+    gnorm_old = torch.rand(batch, generator=gen) + 0.5
+    gnorm = gnorm_old * torch.tensor([0.5, 200.0, 1.0, 1.0])  # sample 1 blew up
+    alive = torch.ones(batch, m, dtype=torch.bool)
+    results = []
+    for module in (triton_kernels, reference):
+        bufs = [t.clone().to(DEVICE) for t in (U, V, alive, torch.arange(batch))]
+        vecs = [t.to(DEVICE) for t in (x, x_old, g, g_old, dx, h_g, v, hg_old, sums, gnorm, gnorm_old)]
+        out = module.broyden_finish(bufs[0], bufs[1], slot, *vecs, bufs[2], bufs[3], 100.0)
+        results.append(list(out) + bufs)
+    (x1, g1, n1, hg1, U1, V1, a1, r1), (x2, g2, n2, hg2, U2, V2, a2, r2) = results
+    for a, b in ((x1, x2), (g1, g2), (V1, V2)):
+        assert torch.equal(a, b)
+    for a, b in ((hg1, hg2), (U1, U2)):
+        _close(a, b, dtype, scale=8)
+    torch.testing.assert_close(n1, n2)
+    assert torch.equal(a1, a2) and torch.equal(r1, r2)
+    assert a1[1].tolist() == [False] * m and not a1[2, slot] and a1[0, slot]  # blown: all dead; not ok: slot dead
+    assert torch.equal(x1[1], x_old[1].to(DEVICE)) and torch.equal(hg1[1], -g_old[1].to(DEVICE))

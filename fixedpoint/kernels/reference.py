@@ -17,11 +17,13 @@ __all__ = [
     "residual",
     "picard_step",
     "anderson_write",
+    "anderson_absorb",
     "anderson_coefficients",
     "anderson_mix",
     "solve_spd",
     "broyden_dots",
     "broyden_combine",
+    "broyden_finish",
 ]
 
 CONVERGED, MAX_ITER, DIVERGED, NONFINITE = 0, 1, 2, 3  # fixedpoint.Status codes
@@ -65,13 +67,17 @@ def anderson_mix(
 
 
 def picard_step(x: Tensor, fx: Tensor, beta: float, frozen: Tensor | None, active: Tensor | None) -> Tensor:
-    """x + beta (f(x) - x) (arithmetic in fp32/fp64) for active samples; stopped samples get ``frozen``.
+    """x + beta (f(x) - x) (arithmetic in fp32/fp64; f(x) itself when beta = 1) for active samples;
+    stopped samples get ``frozen``.
 
     x, fx (B, D); frozen (B, D) or None (every sample active), active (B,) bool. Returns (B, D) in x's dtype.
     """
-    acc = _acc(x.dtype)
-    xa = x.to(acc)
-    out = (xa + beta * (fx.to(acc) - xa)).to(x.dtype)
+    if beta == 1.0:  # plain iteration: x <- f(x), nothing to compute
+        out = fx
+    else:
+        acc = _acc(x.dtype)
+        xa = x.to(acc)
+        out = (xa + beta * (fx.to(acc) - xa)).to(x.dtype)
     return out if frozen is None else torch.where(active[:, None], out, frozen)
 
 
@@ -197,3 +203,80 @@ def best_update(best_x: Tensor, best_fx: Tensor, x: Tensor, fx: Tensor, improved
     """In place: best_x, best_fx (B, D) take x, f(x) for the samples that improved ((B,) bool)."""
     torch.where(improved[:, None], x, best_x, out=best_x)
     torch.where(improved[:, None], fx, best_fx, out=best_fx)
+
+
+def anderson_absorb(
+    gram: Tensor,
+    row: Tensor,
+    valid: Tensor,
+    newest: Tensor,
+    kept_gnorm: Tensor,
+    gnorm: Tensor,
+    restarts: Tensor,
+    slot: int,
+    growth: float | None,
+) -> None:
+    """Anderson's history bookkeeping after a write to ring slot ``slot``, in place.
+
+    row (B, m): the new pair's Gram row, stored as row and column ``slot`` of gram (B, m, m).
+    A sample whose ||g|| (gnorm, (B,)) exceeds ``growth`` times the last kept one (kept_gnorm)
+    blew up: its history shrinks to its newest pair, the new pair is not kept, restarts += 1.
+    Otherwise the new pair joins the history (valid), becomes ``newest`` and kept_gnorm = gnorm.
+    growth None: every new pair is kept.
+    """
+    blown = ~(gnorm <= growth * kept_gnorm) if growth is not None else torch.zeros_like(valid[:, 0])  # (B,)
+    valid &= ~blown[:, None] | newest
+    gram[:, slot, :] = row.to(gram.dtype)
+    gram[:, :, slot] = row.to(gram.dtype)
+    valid[:, slot] = ~blown
+    is_slot = torch.arange(valid.shape[1], device=valid.device) == slot  # (m,)
+    torch.where(blown[:, None], newest, is_slot, out=newest)
+    torch.where(blown, kept_gnorm, gnorm, out=kept_gnorm)
+    restarts += blown
+
+
+def broyden_finish(
+    U: Tensor,
+    V: Tensor,
+    slot: int,
+    x: Tensor,
+    x_old: Tensor,
+    g: Tensor,
+    g_old: Tensor,
+    dx: Tensor,
+    h_g: Tensor,
+    v: Tensor,
+    hg_old: Tensor,
+    sums: Tensor,
+    gnorm: Tensor,
+    gnorm_old: Tensor,
+    alive: Tensor,
+    restarts: Tensor,
+    growth: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The rest of a good-Broyden update after ``broyden_combine``, in one pass.
+
+    u = (dx - H dg) / (dx . H dg) with H dg = h_g - hg_old (skipped, ok = False, when that
+    denominator is not finite or negligible); u and v go to slot ``slot`` of U, V; the next
+    step H' g = h_g + u (v . g). A sample whose ||g|| exceeds ``growth`` times its last one
+    blew up: its terms die (alive), it stays at (x_old, g_old) with H = -I, restarts += 1.
+    In place: U, V (slot), alive (B, m), restarts (B,). Returns x, g, ||g|| and H g to keep.
+    """
+    acc = _acc(x.dtype)
+    denom, dx_sq, h_dg_sq, v_g = sums.to(acc).unbind(1)  # (B,) each; denom = dx^T H dg
+    ok = torch.isfinite(denom) & (denom.abs() > 1e-12 * (dx_sq * h_dg_sq).sqrt())
+    u = (dx.to(acc) - (h_g.to(acc) - hg_old.to(acc))) / torch.where(ok, denom, 1.0)[:, None]
+    hg = h_g.to(acc) + torch.where(ok, v_g, 0.0)[:, None] * u
+    blown = ~(gnorm <= growth * gnorm_old)  # (B,)
+    alive &= ~blown[:, None]
+    U[:, slot] = u.to(U.dtype)
+    V[:, slot] = v
+    alive[:, slot] = ok & ~blown
+    restarts += blown
+    keep = blown[:, None]
+    return (
+        torch.where(keep, x_old, x),
+        torch.where(keep, g_old, g),
+        torch.where(blown, gnorm_old, gnorm),
+        torch.where(keep, -g_old, hg.to(x.dtype)),
+    )

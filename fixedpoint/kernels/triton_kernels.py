@@ -167,20 +167,25 @@ def _frozen_or_all_active(frozen: Tensor | None, active: Tensor | None, like: Te
 
 @triton.jit
 def _picard_step_kernel(x_ptr, fx_ptr, frozen_ptr, active_ptr, out_ptr, D, beta, sx, sf, sfz, so,
-                        BLOCK: tl.constexpr):  # fmt: skip
+                        BLOCK: tl.constexpr, DAMPED: tl.constexpr):  # fmt: skip
     b = tl.program_id(0)
     idx = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = idx < D
     if tl.load(active_ptr + b) != 0:
-        x = tl.load(x_ptr + b * sx + idx, mask=mask, other=0.0).to(tl.float32)
-        f = tl.load(fx_ptr + b * sf + idx, mask=mask, other=0.0).to(tl.float32)
-        tl.store(out_ptr + b * so + idx, (x + beta * (f - x)).to(out_ptr.dtype.element_ty), mask=mask)
+        if DAMPED:
+            x = tl.load(x_ptr + b * sx + idx, mask=mask, other=0.0).to(tl.float32)
+            f = tl.load(fx_ptr + b * sf + idx, mask=mask, other=0.0).to(tl.float32)
+            tl.store(out_ptr + b * so + idx, (x + beta * (f - x)).to(out_ptr.dtype.element_ty), mask=mask)
+        else:  # x <- f(x): a copy (x is not read)
+            tl.store(out_ptr + b * so + idx, tl.load(fx_ptr + b * sf + idx, mask=mask, other=0.0), mask=mask)
     else:  # a stopped sample keeps its iterate
         tl.store(out_ptr + b * so + idx, tl.load(frozen_ptr + b * sfz + idx, mask=mask, other=0.0), mask=mask)
 
 
 def picard_step(x: Tensor, fx: Tensor, beta: float, frozen: Tensor | None, active: Tensor | None) -> Tensor:
     """Triton twin of reference.picard_step."""
+    if beta == 1.0 and frozen is None:  # x <- f(x) for every sample: nothing to launch
+        return fx
     frozen, active8 = _frozen_or_all_active(frozen, active, x)
     _check("picard_step", x, fx, frozen)
     batch, dim = x.shape
@@ -188,7 +193,7 @@ def picard_step(x: Tensor, fx: Tensor, beta: float, frozen: Tensor | None, activ
     block = min(BLOCK, triton.next_power_of_2(max(dim, 16)))
     _picard_step_kernel[(batch, triton.cdiv(dim, block))](
         x, fx, frozen, active8, out, dim, float(beta), x.stride(0), fx.stride(0), frozen.stride(0), out.stride(0),
-        BLOCK=block,
+        BLOCK=block, DAMPED=beta != 1.0,
     )  # fmt: skip
     return out
 
@@ -444,3 +449,134 @@ def best_update(best_x: Tensor, best_fx: Tensor, x: Tensor, fx: Tensor, improved
         best_x, best_fx, x, fx, improved.view(torch.int8), dim, best_x.stride(0), best_fx.stride(0), x.stride(0),
         fx.stride(0), BLOCK=block,
     )  # fmt: skip
+
+
+@triton.jit
+def _anderson_absorb_kernel(gram_ptr, row_ptr, valid_ptr, newest_ptr, kept_ptr, gnorm_ptr, restarts_ptr, slot, growth,
+                            M: tl.constexpr, MP: tl.constexpr, USE_GROWTH: tl.constexpr):  # fmt: skip
+    b = tl.program_id(0)
+    i = tl.arange(0, MP)
+    inside = i < M
+    kept = tl.load(kept_ptr + b)
+    gnorm = tl.load(gnorm_ptr + b)
+    blown = ((gnorm <= growth * kept) == 0) if USE_GROWTH else gnorm < 0.0  # else never (NaN < 0 is False)
+    valid = tl.load(valid_ptr + b * M + i, mask=inside, other=0) != 0
+    newest = tl.load(newest_ptr + b * M + i, mask=inside, other=0) != 0
+    valid = valid & ((blown == 0) | newest)
+    row = tl.load(row_ptr + b * M + i, mask=inside, other=0.0)
+    tl.store(gram_ptr + b * M * M + slot * M + i, row, mask=inside)
+    tl.store(gram_ptr + b * M * M + i * M + slot, row, mask=inside)
+    valid = tl.where(i == slot, blown == 0, valid)
+    newest = tl.where(blown, newest, i == slot)
+    tl.store(valid_ptr + b * M + i, valid.to(tl.int8), mask=inside)
+    tl.store(newest_ptr + b * M + i, newest.to(tl.int8), mask=inside)
+    tl.store(kept_ptr + b, tl.where(blown, kept, gnorm))
+    tl.store(restarts_ptr + b, tl.load(restarts_ptr + b) + blown.to(tl.int64))
+
+
+def anderson_absorb(
+    gram: Tensor,
+    row: Tensor,
+    valid: Tensor,
+    newest: Tensor,
+    kept_gnorm: Tensor,
+    gnorm: Tensor,
+    restarts: Tensor,
+    slot: int,
+    growth: float | None,
+) -> None:
+    """Triton twin of reference.anderson_absorb (fp32 Gram matrix and norms, contiguous buffers)."""
+    batch, m, _ = gram.shape
+    for name, t in {"gram": gram, "row": row, "kept_gnorm": kept_gnorm, "gnorm": gnorm}.items():
+        if t.dtype != torch.float32:
+            raise ValueError(f"anderson_absorb: {name} must be fp32, got {t.dtype}")
+    for name, t in {"gram": gram, "row": row, "valid": valid, "newest": newest, "restarts": restarts}.items():
+        if not t.is_contiguous():
+            raise ValueError(f"anderson_absorb: {name} must be contiguous, got strides {t.stride()}")
+    _anderson_absorb_kernel[(batch,)](
+        gram, row, valid.view(torch.int8), newest.view(torch.int8), kept_gnorm, gnorm, restarts, slot,
+        float(growth if growth is not None else 0.0), M=m, MP=triton.next_power_of_2(max(m, 2)),
+        USE_GROWTH=growth is not None,
+    )  # fmt: skip
+
+
+@triton.jit
+def _broyden_finish_kernel(U_ptr, V_ptr, x_ptr, xo_ptr, g_ptr, go_ptr, dx_ptr, hg_ptr, v_ptr, hgo_ptr, sums_ptr,
+                           gn_ptr, gno_ptr, alive_ptr, restarts_ptr, x_out, g_out, gn_out, hg_out, D, slot, growth,
+                           sUb, sUm, sVb, sVm, M: tl.constexpr, MP: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
+    b = tl.program_id(0)
+    c = tl.program_id(1)
+    denom = tl.load(sums_ptr + b * 4)
+    dx_sq = tl.load(sums_ptr + b * 4 + 1)
+    h_dg_sq = tl.load(sums_ptr + b * 4 + 2)
+    v_g = tl.load(sums_ptr + b * 4 + 3)
+    finite = (denom == denom) & (tl.abs(denom) < float("inf"))
+    ok = finite & (tl.abs(denom) > 1e-12 * tl.sqrt_rn(dx_sq * h_dg_sq))
+    gnorm = tl.load(gn_ptr + b)
+    gnorm_old = tl.load(gno_ptr + b)
+    blown = (gnorm <= growth * gnorm_old) == 0
+    idx = c * BLOCK + tl.arange(0, BLOCK)
+    mask = idx < D
+    row = b * D + idx
+    dx = tl.load(dx_ptr + row, mask=mask, other=0.0).to(tl.float32)
+    h_g = tl.load(hg_ptr + row, mask=mask, other=0.0).to(tl.float32)
+    u = tl.div_rn(dx - (h_g - tl.load(hgo_ptr + row, mask=mask, other=0.0).to(tl.float32)), tl.where(ok, denom, 1.0))
+    tl.store(U_ptr + b * sUb + slot * sUm + idx, u.to(U_ptr.dtype.element_ty), mask=mask)
+    tl.store(V_ptr + b * sVb + slot * sVm + idx, tl.load(v_ptr + row, mask=mask, other=0.0), mask=mask)
+    g_old = tl.load(go_ptr + row, mask=mask, other=0.0)
+    if blown:  # stay at the old iterate with H = -I
+        tl.store(x_out + row, tl.load(xo_ptr + row, mask=mask, other=0.0), mask=mask)
+        tl.store(g_out + row, g_old, mask=mask)
+        tl.store(hg_out + row, (-g_old.to(tl.float32)).to(hg_out.dtype.element_ty), mask=mask)  # fp32 math
+    else:
+        hg = h_g + tl.where(ok, v_g, 0.0) * u
+        tl.store(x_out + row, tl.load(x_ptr + row, mask=mask, other=0.0), mask=mask)
+        tl.store(g_out + row, tl.load(g_ptr + row, mask=mask, other=0.0), mask=mask)
+        tl.store(hg_out + row, hg.to(hg_out.dtype.element_ty), mask=mask)
+    if c == 0:  # the per-sample part, once
+        j = tl.arange(0, MP)
+        alive = tl.load(alive_ptr + b * M + j, mask=j < M, other=0) != 0
+        alive = tl.where(j == slot, ok & (blown == 0), alive & (blown == 0))
+        tl.store(alive_ptr + b * M + j, alive.to(tl.int8), mask=j < M)
+        tl.store(restarts_ptr + b, tl.load(restarts_ptr + b) + blown.to(tl.int64))
+        tl.store(gn_out + b, tl.where(blown, gnorm_old, gnorm))
+
+
+def broyden_finish(
+    U: Tensor,
+    V: Tensor,
+    slot: int,
+    x: Tensor,
+    x_old: Tensor,
+    g: Tensor,
+    g_old: Tensor,
+    dx: Tensor,
+    h_g: Tensor,
+    v: Tensor,
+    hg_old: Tensor,
+    sums: Tensor,
+    gnorm: Tensor,
+    gnorm_old: Tensor,
+    alive: Tensor,
+    restarts: Tensor,
+    growth: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Triton twin of reference.broyden_finish (contiguous (B, D) vectors, fp32 sums and norms)."""
+    _check("broyden_finish", U, V, x, x_old, g, g_old, dx, h_g, v, hg_old)
+    vectors = {"x": x, "x_old": x_old, "g": g, "g_old": g_old, "dx": dx, "h_g": h_g, "v": v, "hg_old": hg_old}
+    for name, t in vectors.items():
+        if not t.is_contiguous():
+            raise ValueError(f"broyden_finish: {name} must be contiguous, got strides {t.stride()}")
+    for name, t in {"sums": sums, "gnorm": gnorm, "gnorm_old": gnorm_old}.items():
+        if t.dtype != torch.float32 or not t.is_contiguous():
+            raise ValueError(f"broyden_finish: {name} must be contiguous fp32, got {t.dtype}, strides {t.stride()}")
+    batch, m, dim = U.shape
+    x_new, g_new, hg_new = torch.empty_like(x), torch.empty_like(g), torch.empty_like(g)
+    gnorm_new = torch.empty_like(gnorm)
+    block = min(BLOCK, triton.next_power_of_2(max(dim, 16)))
+    _broyden_finish_kernel[(batch, triton.cdiv(dim, block))](
+        U, V, x, x_old, g, g_old, dx, h_g, v, hg_old, sums, gnorm, gnorm_old, alive.view(torch.int8), restarts,
+        x_new, g_new, gnorm_new, hg_new, dim, slot, float(growth), U.stride(0), U.stride(1), V.stride(0),
+        V.stride(1), M=m, MP=triton.next_power_of_2(max(m, 2)), BLOCK=block,
+    )  # fmt: skip
+    return x_new, g_new, gnorm_new, hg_new

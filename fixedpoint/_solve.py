@@ -113,7 +113,7 @@ class _CountedMap:
                 f"f changed the shape: input {tuple(self.shape)}, output {tuple(out.shape)}; "
                 "f must map a batch to the same shape"
             )
-        return out.reshape(z.shape).to(z.dtype)
+        return out.reshape(z.shape).to(z.dtype).contiguous()  # the kernels read rows of (B, D) at stride 1
 
 
 def check_positive(name: str, value: float) -> None:
@@ -203,7 +203,6 @@ class CudaGraphs:
 
 GRAPHS = CudaGraphs()  # tests swap in an eager stand-in to run the graph path's logic on CPU
 GRAPH_CHUNK = 4  # iterations per captured chunk, at least (rounded up to whole solver periods)
-_WARMED: set = set()  # (solver, shape, dtype, device, kernels) already run eagerly in this process
 
 
 def _state_tensors(state: Any) -> dict[str, Tensor]:
@@ -215,7 +214,7 @@ def _loop(solver: Solver, f, x0: Tensor, *, tol, max_iter, stop, divergence, che
     batch = x0.shape[0]
     sdt = stat_dtype(x0.dtype)
     fn = _CountedMap(f, x0.shape)
-    x = x0.reshape(batch, -1).clone()  # (B, D)
+    x = x0.reshape(batch, -1).clone(memory_format=torch.contiguous_format)  # (B, D), rows at stride 1
 
     def measure(x: Tensor, fx: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """g = f(x) - x, ||g||, the residual in the stopping measure, and finiteness, per sample."""
@@ -287,14 +286,13 @@ def _loop(solver: Solver, f, x0: Tensor, *, tol, max_iter, stop, divergence, che
         # `replays` chunks (check_every rounded up).
         chunk = solver.period * math.ceil(GRAPH_CHUNK / solver.period)
         replays = math.ceil(check_every / chunk)
-        key = (type(solver), solver.period, tuple(x.shape), x.dtype, x.device, getattr(solver, "kernels", None))
-        if key not in _WARMED:  # first capture of this kind in this process: compile, create handles
-            with GRAPHS.warmup_stream(x.device):
-                while n < min(solver.period, max_iter) and n_active:
-                    iterate(None, sync=False, all_active=False)
-                    n += 1
-            _WARMED.add(key)
-            n_active = int(active.sum())
+        # warm up one period eagerly, off the main stream: compiles every kernel specialization the
+        # capture will use and creates library handles (nothing may be compiled or loaded while capturing)
+        with GRAPHS.warmup_stream(x.device):
+            while n < min(solver.period, max_iter) and n_active:
+                iterate(None, sync=False, all_active=False)
+                n += 1
+        n_active = int(active.sum())
         static = {"active": active}  # status, best_res, nsteps, trace, best_x, best_fx: updated in place
         # dense tensors the replays can write into (an expanded view cannot hold a copy)
         static_state = {k: v if v.is_contiguous() else v.contiguous() for k, v in _state_tensors(state).items()}

@@ -103,7 +103,7 @@ def test_cuda_graph_equals_the_default_loop_on_gpu(solver):
     solve = getattr(fixedpoint, solver)
     x0 = torch.zeros(16, 8, 256, device="cuda")
     eager = solve(f, x0, tol=1e-5, max_iter=80)
-    for _ in range(2):  # the first capture of its kind warms up eagerly, the second captures at once
+    for _ in range(2):  # a second graph solve of the same kind gives the same result
         graphed = solve(f, x0, tol=1e-5, max_iter=80, graph=True, check_every=5)
         assert graphed.nsteps.tolist() == eager.nsteps.tolist() and graphed.status.tolist() == eager.status.tolist()
         torch.testing.assert_close(graphed.x, eager.x, rtol=1e-4, atol=1e-5)
@@ -119,3 +119,15 @@ def test_cuda_graph_rejects_a_map_that_syncs():
     x0 = torch.ones(2, 8, device="cuda")
     with pytest.raises(RuntimeError, match="f must be capturable"):  # tol unreachable: the capture happens
         fixedpoint.anderson(syncing, x0, graph=True, tol=1e-30, max_iter=30, divergence=None)
+
+
+def test_every_graph_solve_warms_up_before_capture(monkeypatch):
+    """Each solve runs its first period eagerly (new kernel specializations compile there, never in capture)."""
+    graphs = EagerGraphs()
+    warmups = []
+    graphs.warmup_stream = lambda device: warmups.append(device) or nullcontext()
+    monkeypatch.setattr(_solve, "GRAPHS", graphs)
+    f, x0, _ = _problem()
+    for beta in (1.0, 0.5):
+        fixedpoint.picard(f, x0, tol=1e-6, max_iter=20, graph=True, beta=beta)
+    assert len(warmups) == 2 and graphs.captures == 2

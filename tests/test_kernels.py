@@ -364,3 +364,28 @@ def test_broyden_finish_kernel_equals_twin(dtype):
     assert torch.equal(a1, a2) and torch.equal(r1, r2)
     assert a1[1].tolist() == [False] * m and not a1[2, slot] and a1[0, slot]  # blown: all dead; not ok: slot dead
     assert torch.equal(x1[1], x_old[1].to(DEVICE)) and torch.equal(hg1[1], -g_old[1].to(DEVICE))
+
+
+@pytest.mark.parametrize("solver", ["picard", "anderson", "broyden"])
+def test_column_major_maps_and_starts_work_with_triton(solver):
+    """f returning a transposed (column-major) tensor and a column-major x0 meet the kernels' row layout."""
+    w, b = _contraction(10, seed=2)
+    f = lambda z: (w @ z.T).T * 0.5 + b  # noqa: E731 - strides (1, B)
+    x0 = torch.zeros(10, 4, device=DEVICE).T  # (4, 10), strides (1, 4)
+    solve = getattr(fixedpoint, solver)
+    runs = [solve(f, x0, tol=1e-5, max_iter=60, impl=impl) for impl in ("torch", "triton")]
+    assert runs[1].converged.all() and runs[0].nsteps.tolist() == runs[1].nsteps.tolist()
+    torch.testing.assert_close(runs[1].x, runs[0].x, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_broyden_is_scale_invariant_at_large_scales(impl):
+    """The update's skip test must not overflow in fp32 (||dx|| ||H dg|| ~ 1e32 here): same steps at any scale."""
+    w, b = _contraction(8, seed=3)
+    steps = []
+    for scale in (1.0, 1e16):
+        f = lambda z, scale=scale: z @ w.T + scale * b  # noqa: E731
+        sol = fixedpoint.broyden(f, torch.zeros(4, 8, device=DEVICE), tol=1e-5, impl=impl)
+        assert sol.converged.all()
+        steps.append(sol.nsteps.tolist())
+    assert steps[0] == steps[1]

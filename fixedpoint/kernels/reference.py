@@ -264,7 +264,7 @@ def broyden_finish(
     """
     acc = _acc(x.dtype)
     denom, dx_sq, h_dg_sq, v_g = sums.to(acc).unbind(1)  # (B,) each; denom = dx^T H dg
-    ok = torch.isfinite(denom) & (denom.abs() > 1e-12 * (dx_sq * h_dg_sq).sqrt())
+    ok = torch.isfinite(denom) & (denom.abs() > 1e-12 * dx_sq.sqrt() * h_dg_sq.sqrt())  # no fp32 overflow
     u = (dx.to(acc) - (h_g.to(acc) - hg_old.to(acc))) / torch.where(ok, denom, 1.0)[:, None]
     hg = h_g.to(acc) + torch.where(ok, v_g, 0.0)[:, None] * u
     blown = ~(gnorm <= growth * gnorm_old)  # (B,)

@@ -50,7 +50,7 @@ def _check(name: str, *tensors: Tensor) -> None:
 @triton.jit
 def _residual_kernel(x_ptr, fx_ptr, g_ptr, out_ptr, D, sx, sf, sg, n_chunks, plane,
                      BLOCK: tl.constexpr, STEPS: tl.constexpr):  # fmt: skip
-    b = tl.program_id(0)
+    b = tl.program_id(0).to(tl.int64)  # 64-bit offsets: B * m * D may pass 2**31
     c = tl.program_id(1)
     acc_g = tl.zeros([BLOCK], dtype=tl.float32)
     acc_f = tl.zeros([BLOCK], dtype=tl.float32)
@@ -85,7 +85,7 @@ def residual(x: Tensor, fx: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 def _anderson_write_kernel(F_ptr, G_ptr, fx_ptr, g_ptr, out_ptr, D, slot, sFb, sFm, sGb, sGm, sf, sg, n_chunks,
                            M: tl.constexpr, MP: tl.constexpr, BLOCK: tl.constexpr, STEPS: tl.constexpr):  # fmt: skip
     # Each step loads the whole (m, BLOCK) history tile at once (many bytes in flight) and g once.
-    b = tl.program_id(0)
+    b = tl.program_id(0).to(tl.int64)  # 64-bit offsets: B * m * D may pass 2**31
     c = tl.program_id(1)
     j = tl.arange(0, MP)[:, None]  # (MP, 1) history slots
     acc = tl.zeros([MP, BLOCK], dtype=tl.float32)
@@ -122,7 +122,7 @@ def anderson_write(F: Tensor, G: Tensor, slot: int, fx: Tensor, g: Tensor) -> Te
 @triton.jit
 def _anderson_mix_kernel(F_ptr, G_ptr, a_ptr, frozen_ptr, active_ptr, out_ptr, D, beta_m1, sFb, sFm, sGb, sGm,
                          sfz, so, M: tl.constexpr, BLOCK: tl.constexpr, USE_G: tl.constexpr):  # fmt: skip
-    b = tl.program_id(0)
+    b = tl.program_id(0).to(tl.int64)  # 64-bit offsets: B * m * D may pass 2**31
     c = tl.program_id(1)
     idx = c * BLOCK + tl.arange(0, BLOCK)
     mask = idx < D
@@ -168,7 +168,7 @@ def _frozen_or_all_active(frozen: Tensor | None, active: Tensor | None, like: Te
 @triton.jit
 def _picard_step_kernel(x_ptr, fx_ptr, frozen_ptr, active_ptr, out_ptr, D, beta, sx, sf, sfz, so,
                         BLOCK: tl.constexpr, DAMPED: tl.constexpr):  # fmt: skip
-    b = tl.program_id(0)
+    b = tl.program_id(0).to(tl.int64)  # 64-bit offsets: B * m * D may pass 2**31
     idx = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = idx < D
     if tl.load(active_ptr + b) != 0:
@@ -202,7 +202,7 @@ def picard_step(x: Tensor, fx: Tensor, beta: float, frozen: Tensor | None, activ
 def _broyden_dots_kernel(U_ptr, V_ptr, g_ptr, dx_ptr, out_ptr, D, n, sUb, sUm, sVb, sVm, sg, sdx, n_chunks,
                          MP: tl.constexpr, BLOCK: tl.constexpr, STEPS: tl.constexpr):  # fmt: skip
     # (MP, BLOCK) tiles of U and V per step; slots >= n are masked (never read).
-    b = tl.program_id(0)
+    b = tl.program_id(0).to(tl.int64)  # 64-bit offsets: B * m * D may pass 2**31
     c = tl.program_id(1)
     j = tl.arange(0, MP)[:, None]
     acc_v = tl.zeros([MP, BLOCK], dtype=tl.float32)
@@ -242,7 +242,7 @@ def broyden_dots(U: Tensor, V: Tensor, n: int, g: Tensor, dx: Tensor) -> Tensor:
 def _broyden_combine_kernel(U_ptr, V_ptr, c_ptr, g_ptr, dx_ptr, hg_ptr, hgo_ptr, v_ptr, out_ptr, D, n,
                             sUb, sUm, sVb, sVm, sg, sdx, shg, shgo, sv, n_chunks,
                             BLOCK: tl.constexpr, STEPS: tl.constexpr):  # fmt: skip
-    b = tl.program_id(0)
+    b = tl.program_id(0).to(tl.int64)  # 64-bit offsets: B * m * D may pass 2**31
     c = tl.program_id(1)
     acc = tl.zeros([BLOCK], dtype=tl.float32)  # dx . (h_g - hg)
     acc_dx = tl.zeros([BLOCK], dtype=tl.float32)
@@ -375,7 +375,7 @@ def _anderson_coefficients_kernel(gram_ptr, valid_ptr, newest_ptr, restarts_ptr,
                                   M: tl.constexpr, MP: tl.constexpr):  # fmt: skip
     # One program per sample: scale the m x m Gram matrix to unit diagonal, add the ridge, solve by
     # elimination in fp64 registers (SPD: no pivoting), normalise, restart if ill-conditioned.
-    b = tl.program_id(0)
+    b = tl.program_id(0).to(tl.int64)  # 64-bit offsets: B * m * D may pass 2**31
     i = tl.arange(0, MP)
     rows, cols = i[:, None], i[None, :]
     inside = (rows < M) & (cols < M)
@@ -432,7 +432,7 @@ def anderson_coefficients(
 
 @triton.jit
 def _best_update_kernel(bx_ptr, bf_ptr, x_ptr, fx_ptr, improved_ptr, D, sbx, sbf, sx, sf, BLOCK: tl.constexpr):
-    b = tl.program_id(0)
+    b = tl.program_id(0).to(tl.int64)  # 64-bit offsets: B * m * D may pass 2**31
     if tl.load(improved_ptr + b) != 0:  # other samples: nothing read, nothing written
         idx = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         mask = idx < D
@@ -454,7 +454,7 @@ def best_update(best_x: Tensor, best_fx: Tensor, x: Tensor, fx: Tensor, improved
 @triton.jit
 def _anderson_absorb_kernel(gram_ptr, row_ptr, valid_ptr, newest_ptr, kept_ptr, gnorm_ptr, restarts_ptr, slot, growth,
                             M: tl.constexpr, MP: tl.constexpr, USE_GROWTH: tl.constexpr):  # fmt: skip
-    b = tl.program_id(0)
+    b = tl.program_id(0).to(tl.int64)  # 64-bit offsets: B * m * D may pass 2**31
     i = tl.arange(0, MP)
     inside = i < M
     kept = tl.load(kept_ptr + b)
@@ -504,14 +504,14 @@ def anderson_absorb(
 def _broyden_finish_kernel(U_ptr, V_ptr, x_ptr, xo_ptr, g_ptr, go_ptr, dx_ptr, hg_ptr, v_ptr, hgo_ptr, sums_ptr,
                            gn_ptr, gno_ptr, alive_ptr, restarts_ptr, x_out, g_out, gn_out, hg_out, D, slot, growth,
                            sUb, sUm, sVb, sVm, M: tl.constexpr, MP: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
-    b = tl.program_id(0)
+    b = tl.program_id(0).to(tl.int64)  # 64-bit offsets: B * m * D may pass 2**31
     c = tl.program_id(1)
     denom = tl.load(sums_ptr + b * 4)
     dx_sq = tl.load(sums_ptr + b * 4 + 1)
     h_dg_sq = tl.load(sums_ptr + b * 4 + 2)
     v_g = tl.load(sums_ptr + b * 4 + 3)
     finite = (denom == denom) & (tl.abs(denom) < float("inf"))
-    ok = finite & (tl.abs(denom) > 1e-12 * tl.sqrt_rn(dx_sq * h_dg_sq))
+    ok = finite & (tl.abs(denom) > 1e-12 * tl.sqrt_rn(dx_sq) * tl.sqrt_rn(h_dg_sq))  # no fp32 overflow
     gnorm = tl.load(gn_ptr + b)
     gnorm_old = tl.load(gno_ptr + b)
     blown = (gnorm <= growth * gnorm_old) == 0

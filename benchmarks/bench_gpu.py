@@ -27,6 +27,7 @@ import pytest
 import torch
 
 import fixedpoint
+from fixedpoint._solve import GRAPHS
 from fixedpoint._solvers import Anderson
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU benchmarks need CUDA")
@@ -141,15 +142,10 @@ def _replayed(thunk):
     """``thunk`` captured in a CUDA graph (after a warm-up): its replay, i.e. GPU time without launch overhead."""
     if DEVICE != "cuda":
         return thunk
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
+    device = torch.device("cuda")
+    with GRAPHS.warmup_stream(device):
         thunk()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        thunk()
-    return graph.replay
+    return GRAPHS.capture(thunk, device)
 
 
 def bench_anderson_step_fpdm_xl(report):
@@ -168,9 +164,8 @@ def bench_anderson_step_fpdm_xl(report):
     )
 
 
-@pytest.fixture(scope="module")
-def fpdm_xl_map():
-    """f(z) of FPDM-XL/2's fixed-point layer (random weights, bf16, eval) at batch 32 x 256 tokens x 1152."""
+def make_fpdm_xl_map():
+    """f(z) of FPDM-XL/2's fixed-point layer (random weights, bf16, eval) at batch 32 x 256 tokens x 1152, and a z0."""
     from fpdm.models import create_model
 
     torch.manual_seed(0)
@@ -185,6 +180,11 @@ def fpdm_xl_map():
         return model.fixed_point_map(z, x_inj, c)
 
     return f, z0
+
+
+@pytest.fixture(scope="module")
+def fpdm_xl_map():
+    return make_fpdm_xl_map()
 
 
 N_ITERS = 20

@@ -10,27 +10,15 @@ import sys
 from pathlib import Path
 
 import torch
+from bench_gpu import make_fpdm_xl_map  # benchmarks/ is on the path when run as a script
 from torch.profiler import ProfilerActivity, profile
 
 import fixedpoint
-from fpdm.models import create_model
-
-BATCH, TOKENS = 32, 256
-
-
-def fpdm_xl_map():
-    torch.manual_seed(0)
-    with torch.device("cuda"):
-        model = create_model("FPDM-XL/2", input_size=32, num_classes=1000).to(torch.bfloat16).eval()
-    width = model.config.hidden_size
-    x_inj, z0 = (torch.randn(BATCH, TOKENS, width, device="cuda", dtype=torch.bfloat16) for _ in range(2))
-    c = torch.randn(BATCH, width, device="cuda", dtype=torch.bfloat16)
-    return (lambda z: model.fixed_point_map(z, x_inj, c)), z0
 
 
 def main(out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    f, z0 = fpdm_xl_map()
+    f, z0 = make_fpdm_xl_map()
     free = dict(tol=1e-30, divergence=None)
     runs = {
         "f x20": lambda: [f(z0) for _ in range(20)],

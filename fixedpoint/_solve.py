@@ -216,30 +216,23 @@ def _loop(solver: Solver, f, x0: Tensor, *, tol, max_iter, stop, divergence, che
     fn = _CountedMap(f, x0.shape)
     x = x0.reshape(batch, -1).clone(memory_format=torch.contiguous_format)  # (B, D), rows at stride 1
 
-    def measure(x: Tensor, fx: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """g = f(x) - x, ||g||, the residual in the stopping measure, and finiteness, per sample."""
-        g, gsq, fsq = kernels.residual(x, fx)  # (B, D), (B,), (B,): one pass over (x, f(x))
-        gnorm, fnorm = gsq.to(sdt).sqrt(), fsq.to(sdt).sqrt()
-        res = gnorm if stop == "abs" else gnorm / fnorm.clamp_min(torch.finfo(sdt).tiny)
-        return g, gnorm, res, torch.isfinite(gnorm + fnorm)
-
-    def classify(res: Tensor, gnorm: Tensor, finite: Tensor) -> Tensor:
-        """The status each sample would stop with now (MAX_ITER: keep going)."""
-        status = torch.full_like(gnorm, Status.MAX_ITER, dtype=torch.long)
-        if divergence is not None:
-            status = torch.where(gnorm > divergence * gnorm0, Status.DIVERGED, status)
-        status = torch.where(res <= tol, Status.CONVERGED, status)
-        return torch.where(finite, status, Status.NONFINITE)
-
-    fx = fn(x)
-    g, gnorm, res, finite = measure(x, fx)
-    gnorm0 = gnorm
-    status = classify(res, gnorm, finite)  # (B,) int64 codes
-    active = status == Status.MAX_ITER  # (B,) still iterating
-    best_x, best_fx, best_res = x.clone(), fx, res.clone()  # NaN residual for a non-finite start
     nsteps = torch.zeros(batch, dtype=torch.long, device=x.device)
     trace = torch.full((max_iter + 1, batch), float("nan"), dtype=sdt, device=x.device)  # last row: scratch
     done = torch.zeros((), dtype=torch.long, device=x.device)  # iterations run, counted on the device (graph)
+    divergence = math.inf if divergence is None else float(divergence)
+
+    fx = fn(x)
+    g, gsq, fsq = kernels.residual(x, fx)  # (B, D), (B,), (B,): one pass over (x, f(x))
+    gnorm0 = gsq.sqrt()
+    # the start goes through the same per-sample accounting as every iteration (status, best residual:
+    # NaN for a non-finite start), its residual into the trace's scratch row, its step into a throwaway count
+    status = torch.full_like(nsteps, Status.MAX_ITER)  # (B,) int64 codes
+    best_res = torch.full_like(gnorm0, torch.nan)
+    gnorm, active, _, _ = kernels.bookkeep(
+        gsq, fsq, gnorm0, status, torch.ones_like(status, dtype=torch.bool), best_res, torch.zeros_like(nsteps),
+        trace, max_iter, done, tol, divergence, stop == "rel", max_iter,
+    )  # fmt: skip
+    best_x, best_fx = x.clone(), fx
     state = solver.init(x, fx, g, gnorm)
     freezes = getattr(solver, "freezes", False)
 
@@ -260,9 +253,8 @@ def _loop(solver: Solver, f, x0: Tensor, *, tol, max_iter, stop, divergence, che
         g, gsq, fsq = kernels.residual(x, fx)  # (B, D), (B,), (B,): one pass over (x, f(x))
         # status, best residual, step counts and the trace row, for every sample in one go
         gnorm, active, improved, counts = kernels.bookkeep(
-            gsq.to(sdt), fsq.to(sdt), gnorm0, status, active, best_res, nsteps, trace, n, done,
-            tol, math.inf if divergence is None else float(divergence), stop == "rel", max_iter,
-        )  # fmt: skip
+            gsq, fsq, gnorm0, status, active, best_res, nsteps, trace, n, done, tol, divergence, stop == "rel", max_iter
+        )
         n_active, n_improved = counts.tolist() if sync else (None, -1)  # -1: unknown without a sync
         if not sync:  # in place: best_x, best_fx own their memory here (a graph's buffers stay put)
             kernels.best_update(best_x, best_fx, x, fx, improved)
@@ -293,8 +285,9 @@ def _loop(solver: Solver, f, x0: Tensor, *, tol, max_iter, stop, divergence, che
                 iterate(None, sync=False, all_active=False)
                 n += 1
         n_active = int(active.sum())
-        static = {"active": active}  # status, best_res, nsteps, trace, best_x, best_fx: updated in place
-        # dense tensors the replays can write into (an expanded view cannot hold a copy)
+        # status, best_res, nsteps, trace, best_x, best_fx are updated in place; active and the solver's
+        # tensors are copied back into these (dense: an expanded view cannot hold a copy) after each chunk
+        static_active = active
         static_state = {k: v if v.is_contiguous() else v.contiguous() for k, v in _state_tensors(state).items()}
         state = replace(state, **static_state)
 
@@ -303,12 +296,11 @@ def _loop(solver: Solver, f, x0: Tensor, *, tol, max_iter, stop, divergence, che
             nonlocal active, state
             for _ in range(chunk):
                 iterate(None, sync=False, all_active=False)
-            current = {"active": active}
-            for name, value in list(current.items()) + list(_state_tensors(state).items()):
-                target = static[name] if name in static else static_state[name]
+            for name, value in [("active", active), *_state_tensors(state).items()]:
+                target = static_active if name == "active" else static_state[name]
                 if value is not target:
                     target.copy_(value)
-            active = static["active"]
+            active = static_active
             state = replace(state, **static_state)
 
         if n < max_iter and n_active:

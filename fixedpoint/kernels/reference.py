@@ -11,6 +11,8 @@ import math
 import torch
 from torch import Tensor
 
+from .._solve import stat_dtype
+
 __all__ = [
     "best_update",
     "bookkeep",
@@ -29,14 +31,10 @@ __all__ = [
 CONVERGED, MAX_ITER, DIVERGED, NONFINITE = 0, 1, 2, 3  # fixedpoint.Status codes
 
 
-def _acc(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def residual(x: Tensor, fx: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """g = f(x) - x (B, D) in x's dtype, ||g||^2 (B,) and ||f(x)||^2 (B,) accumulated in fp32/fp64."""
     g = fx - x
-    acc = _acc(x.dtype)
+    acc = stat_dtype(x.dtype)
     norm = torch.linalg.vector_norm
     return g, norm(g, dim=1, dtype=acc).square(), norm(fx, dim=1, dtype=acc).square()
 
@@ -45,7 +43,7 @@ def anderson_write(F: Tensor, G: Tensor, slot: int, fx: Tensor, g: Tensor) -> Te
     """Store f(x) and g in ring-buffer slot ``slot`` of F, G (in place); return the Gram row G g (B, m)."""
     F[:, slot] = fx
     G[:, slot] = g
-    acc = _acc(g.dtype)
+    acc = stat_dtype(g.dtype)
     return torch.bmm(G.to(acc), g.to(acc).unsqueeze(2)).squeeze(2)
 
 
@@ -75,7 +73,7 @@ def picard_step(x: Tensor, fx: Tensor, beta: float, frozen: Tensor | None, activ
     if beta == 1.0:  # plain iteration: x <- f(x), nothing to compute
         out = fx
     else:
-        acc = _acc(x.dtype)
+        acc = stat_dtype(x.dtype)
         xa = x.to(acc)
         out = (xa + beta * (fx.to(acc) - xa)).to(x.dtype)
     return out if frozen is None else torch.where(active[:, None], out, frozen)
@@ -83,7 +81,7 @@ def picard_step(x: Tensor, fx: Tensor, beta: float, frozen: Tensor | None, activ
 
 def broyden_dots(U: Tensor, V: Tensor, n: int, g: Tensor, dx: Tensor) -> Tensor:
     """The coefficients of Broyden's two applies, (B, 2, n) fp32/fp64: row 0 = V g, row 1 = U dx (first n slots)."""
-    acc = _acc(g.dtype)
+    acc = stat_dtype(g.dtype)
     vg = torch.bmm(V[:, :n].to(acc), g.to(acc).unsqueeze(2)).squeeze(2)
     udx = torch.bmm(U[:, :n].to(acc), dx.to(acc).unsqueeze(2)).squeeze(2)
     return torch.stack([vg, udx], dim=1)
@@ -98,7 +96,7 @@ def broyden_combine(
     h_g = H g = -g + coeff[:, 0] U, v = H^T dx = -dx + coeff[:, 1] V, both (B, D) in g's dtype, and
     sums (B, 4) fp32/fp64: [dx . (h_g - hg), ||dx||^2, ||h_g - hg||^2, v . g].
     """
-    acc = _acc(g.dtype)
+    acc = stat_dtype(g.dtype)
     c = coeff.to(acc)
     h_g = (torch.bmm(c[:, :1], U[:, :n].to(acc)).squeeze(1) - g.to(acc)).to(g.dtype)
     v = (torch.bmm(c[:, 1:], V[:, :n].to(acc)).squeeze(1) - dx.to(acc)).to(g.dtype)
@@ -262,7 +260,7 @@ def broyden_finish(
     blew up: its terms die (alive), it stays at (x_old, g_old) with H = -I, restarts += 1.
     In place: U, V (slot), alive (B, m), restarts (B,). Returns x, g, ||g|| and H g to keep.
     """
-    acc = _acc(x.dtype)
+    acc = stat_dtype(x.dtype)
     denom, dx_sq, h_dg_sq, v_g = sums.to(acc).unbind(1)  # (B,) each; denom = dx^T H dg
     ok = torch.isfinite(denom) & (denom.abs() > 1e-12 * dx_sq.sqrt() * h_dg_sq.sqrt())  # no fp32 overflow
     u = (dx.to(acc) - (h_g.to(acc) - hg_old.to(acc))) / torch.where(ok, denom, 1.0)[:, None]

@@ -80,9 +80,11 @@ def _kernel_cases(dim: int, dtype: torch.dtype):
     active = torch.rand(BATCH, device=DEVICE) < 0.9
     n = N_BROYDEN
     cases = [
-        ("residual", 3, lambda k: k.residual(x, fx)),
+        ("residual", 3, lambda k: k.residual(x, fx, g)),
+        ("residual (g not kept)", 2, lambda k: k.residual(x, fx, None)),
         ("picard_step", 3, lambda k: k.picard_step(x, fx, 0.8, frozen, active)),
         (f"anderson_write m={M}", M + 3, lambda k: k.anderson_write(F, G, 2, fx, g)),
+        (f"anderson_write m={M} (g in slot)", M + 2, lambda k: k.anderson_write(F, G, 2, fx, G[:, 2])),
         (f"anderson_mix m={M}", M + 1, lambda k: k.anderson_mix(F, G, alpha, 1.0, frozen, active)),
         (f"broyden_dots n={n}", 2 * n + 2, lambda k: k.broyden_dots(U, V, n, g, dx)),
         (f"broyden_combine n={n}", 2 * n + 5, lambda k: k.broyden_combine(U, V, n, coeff, g, dx, hg)),
@@ -122,16 +124,20 @@ def _anderson_step(impl: str, batch: int, dim: int, dtype: torch.dtype):
     kern = fixedpoint.kernels.resolve(impl, torch.empty(1, device=DEVICE, dtype=dtype))
     solver = Anderson(m=M, kernels=kern)
     x, fx = (torch.randn(batch, dim, device=DEVICE).to(dtype) for _ in range(2))
-    g, gsq, _ = kern.residual(x, fx)
+    g = torch.empty_like(x)
+    gsq, _ = kern.residual(x, fx, g)
     state = solver.init(x, fx, g, gsq.sqrt())
     for _ in range(M):  # fill the history
+        g = solver.g_buffer(state, x)
+        gsq, _ = kern.residual(x, fx, g)
         state = solver.update(state, x, fx, g, gsq.sqrt())
         x = 0.9 * x + 0.1 * fx
     active = torch.ones(batch, dtype=torch.bool, device=DEVICE)
     holder = {"state": state}
 
     def step():
-        g, gsq, fsq = kern.residual(x, fx)
+        g = solver.g_buffer(holder["state"], x)  # as the loop: the residual pass writes g into the next slot
+        gsq, _ = kern.residual(x, fx, g)
         st = solver.update(holder["state"], x, fx, g, gsq.sqrt())
         _, holder["state"] = solver.step(None, st, active, None)
 

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Issue 6's GPU check in one call (well under 10 minutes): the environment, the GPU tests
-# (kernels at real sizes, CUDA-graph loop, solvers) and benchmarks/bench_gpu.py.
+# (kernels at real sizes, CUDA-graph loop, solvers), benchmarks/bench_gpu.py, the profiles and the
+# bf16 launch-parameter sweep (benchmarks/gpu_tune.py).
 # Logs and the benchmark tables as JSON go to $OUT (default ./gpu-check).
 # Needs torch with CUDA, triton and pytest; uses the checkout itself (no install).
 set -u
@@ -12,3 +13,4 @@ nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,power.limit --fo
 timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_graph.py tests/test_solvers.py 2>&1 | tee "$OUT/tests.log"
 BENCH_JSON="$OUT/bench.json" timeout 270 python3 -m pytest -q -p no:cacheprovider benchmarks/bench_gpu.py 2>&1 | tee "$OUT/bench.log"
 timeout 120 python3 benchmarks/gpu_profile.py "$OUT" > "$OUT/profile.log" 2>&1; grep "^## " "$OUT/profile.log"
+timeout 240 python3 benchmarks/gpu_tune.py "$OUT" bfloat16 2>&1 | tee "$OUT/tune.log"

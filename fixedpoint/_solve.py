@@ -10,6 +10,11 @@ A solver is a small object with three methods (optimistix style):
   the same pass as its step (Anderson's fused mixing kernel);
 - ``update(state, x, fx, g, gnorm) -> state``: absorb the evaluated pair.
 
+Optionally ``g_buffer(state, x)`` names where the residual pass writes
+g = f(x) - x: a (B, D) tensor such as the next history slot (saving a copy),
+or None when the solver never reads g (Picard; g is then None in ``update``).
+Without it the loop allocates g.
+
 A solver with a ``period`` (the iterations after which its Python-side state,
 e.g. Anderson's ring slot, repeats) and no host syncs can run with
 ``graph=True``: its iterations are captured in a CUDA graph and replayed.
@@ -18,7 +23,8 @@ The loop in :func:`solve` owns everything else: evaluating ``f``, residuals in
 the stopping measure, per-sample stopping and freezing, the best iterate per
 sample, the non-finite check, the trace, the status and the :class:`Solution`
 (through the ``residual``, ``bookkeep`` and ``best_update`` kernels, or their
-PyTorch twins).
+PyTorch twins). The best pair is copied lazily: only when a sample stops or
+its residual rises, never while it keeps falling.
 All tensors inside the loop are flattened to ``(B, D)``.
 """
 
@@ -211,6 +217,8 @@ def _state_tensors(state: Any) -> dict[str, Tensor]:
 
 
 def _loop(solver: Solver, f, x0: Tensor, *, tol, max_iter, stop, divergence, check_every, graph, kernels) -> Solution:
+    from .kernels.reference import KEEP, TAKE_PREV  # the kernels import this module
+
     batch = x0.shape[0]
     sdt = stat_dtype(x0.dtype)
     fn = _CountedMap(f, x0.shape)
@@ -222,27 +230,31 @@ def _loop(solver: Solver, f, x0: Tensor, *, tol, max_iter, stop, divergence, che
     divergence = math.inf if divergence is None else float(divergence)
 
     fx = fn(x)
-    g, gsq, fsq = kernels.residual(x, fx)  # (B, D), (B,), (B,): one pass over (x, f(x))
+    g = torch.empty_like(x)
+    gsq, fsq = kernels.residual(x, fx, g)  # (B,), (B,): one pass over (x, f(x)), g written
     gnorm0 = gsq.sqrt()
     # the start goes through the same per-sample accounting as every iteration (status, best residual:
     # NaN for a non-finite start), its residual into the trace's scratch row, its step into a throwaway count
     status = torch.full_like(nsteps, Status.MAX_ITER)  # (B,) int64 codes
     best_res = torch.full_like(gnorm0, torch.nan)
+    pending = torch.zeros_like(status, dtype=torch.bool)  # (B,) the best pair is the newest, not copied yet
     gnorm, active, _, _ = kernels.bookkeep(
-        gsq, fsq, gnorm0, status, torch.ones_like(status, dtype=torch.bool), best_res, torch.zeros_like(nsteps),
-        trace, max_iter, done, tol, divergence, stop == "rel", max_iter,
+        gsq, fsq, gnorm0, status, torch.ones_like(pending), best_res, torch.zeros_like(pending),
+        torch.zeros_like(nsteps), trace, max_iter, done, tol, divergence, stop == "rel", max_iter,
     )  # fmt: skip
-    best_x, best_fx = x.clone(), fx
+    best_x, best_fx = x.clone(), fx.clone()  # the start, also for samples that never improve on it
+    prev_x, prev_fx = x, fx  # the last evaluated pair: best_update copies it when it was the best
     state = solver.init(x, fx, g, gnorm)
     freezes = getattr(solver, "freezes", False)
+    g_buffer = getattr(solver, "g_buffer", lambda state, x: torch.empty_like(x))
 
     def iterate(n: int | None, sync: bool, all_active: bool) -> int | None:
         """One iteration. ``n``: its index, or None inside a CUDA graph (the device counts).
 
-        ``sync``: one host sync for the counts of active and improved samples (returns the
-        active count), which lets it skip the best-iterate ``where`` when every sample improved.
+        ``sync``: one host sync for the counts of active samples (returned) and of best pairs to copy
+        (no launch when there are none: while every residual falls).
         """
-        nonlocal active, best_x, best_fx, state
+        nonlocal active, state, prev_x, prev_fx
         # stopped samples sit at their best iterate (f always sees the whole batch)
         if freezes:
             x, state = solver.step(fn, state, active, None if all_active else best_x)
@@ -250,26 +262,22 @@ def _loop(solver: Solver, f, x0: Tensor, *, tol, max_iter, stop, divergence, che
             x_next, state = solver.step(fn, state, active)
             x = x_next if all_active else torch.where(active[:, None], x_next, best_x)
         fx = fn(x)
-        g, gsq, fsq = kernels.residual(x, fx)  # (B, D), (B,), (B,): one pass over (x, f(x))
-        # status, best residual, step counts and the trace row, for every sample in one go
-        gnorm, active, improved, counts = kernels.bookkeep(
-            gsq, fsq, gnorm0, status, active, best_res, nsteps, trace, n, done, tol, divergence, stop == "rel", max_iter
-        )
-        n_active, n_improved = counts.tolist() if sync else (None, -1)  # -1: unknown without a sync
-        if not sync:  # in place: best_x, best_fx own their memory here (a graph's buffers stay put)
-            kernels.best_update(best_x, best_fx, x, fx, improved)
-        elif n_improved == batch:
-            best_x, best_fx = x, fx
-        elif n_improved:
-            best_x = torch.where(improved[:, None], x, best_x)
-            best_fx = torch.where(improved[:, None], fx, best_fx)
+        g = g_buffer(state, x)  # where the solver wants g (a history slot), or None: not needed
+        gsq, fsq = kernels.residual(x, fx, g)  # (B,), (B,): one pass over (x, f(x))
+        # status, best residual, step counts, the trace row and what to copy as best, in one go
+        gnorm, active, take, counts = kernels.bookkeep(
+            gsq, fsq, gnorm0, status, active, best_res, pending, nsteps, trace, n, done, tol, divergence,
+            stop == "rel", max_iter,
+        )  # fmt: skip
+        n_active, n_copies = counts.tolist() if sync else (None, -1)  # -1: unknown without a sync
+        if n_copies:  # copies only samples whose best pair would otherwise be lost
+            kernels.best_update(best_x, best_fx, x, fx, prev_x, prev_fx, take)
+        prev_x, prev_fx = x, fx
         state = solver.update(state, x, fx, g, gnorm)
         return n_active
 
-    if check_every > 1 or graph:  # no per-iteration sync: the best iterate is updated in place, in its own buffers
-        best_x, best_fx = best_x.clone(), best_fx.clone()
     n = 0
-    # Host syncs: with check_every == 1, one per iteration (how many samples are active, did all improve);
+    # Host syncs: with check_every == 1, one per iteration (how many samples are active);
     # otherwise one every check_every iterations, and the loop masks unconditionally in between.
     n_active = int(active.sum())
     if graph:
@@ -285,23 +293,38 @@ def _loop(solver: Solver, f, x0: Tensor, *, tol, max_iter, stop, divergence, che
                 iterate(None, sync=False, all_active=False)
                 n += 1
         n_active = int(active.sum())
-        # status, best_res, nsteps, trace, best_x, best_fx are updated in place; active and the solver's
-        # tensors are copied back into these (dense: an expanded view cannot hold a copy) after each chunk
-        static_active = active
-        static_state = {k: v if v.is_contiguous() else v.contiguous() for k, v in _state_tensors(state).items()}
-        state = replace(state, **static_state)
+        # status, best_res, pending, nsteps, trace, best_x, best_fx are updated in place; active, the last
+        # pair and the solver's tensors are copied back into these (dense: an expanded view cannot hold a
+        # copy) after each chunk; a tensor that is both the last pair and solver state is copied once
+        carried = {"active": active, "prev_x": prev_x, "prev_fx": prev_fx, **_state_tensors(state)}
+        static: dict[str, Tensor] = {}
+        for name, value in carried.items():
+            twin = next((static[k] for k in static if carried[k] is value), None)
+            static[name] = twin if twin is not None else value if value.is_contiguous() else value.contiguous()
+
+        def bind_static() -> None:
+            nonlocal active, prev_x, prev_fx, state
+            active, prev_x, prev_fx = static["active"], static["prev_x"], static["prev_fx"]
+            state = replace(state, **{k: static[k] for k in _state_tensors(state)})
+
+        bind_static()
 
         def run_chunk() -> None:
             """``chunk`` iterations, then their results copied into the static tensors the next run reads."""
-            nonlocal active, state
             for _ in range(chunk):
                 iterate(None, sync=False, all_active=False)
-            for name, value in [("active", active), *_state_tensors(state).items()]:
-                target = static_active if name == "active" else static_state[name]
+            values = {"active": active, "prev_x": prev_x, "prev_fx": prev_fx, **_state_tensors(state)}
+            sources: dict[int, Tensor] = {}  # static target -> the value copied into it
+            for name, value in values.items():
+                target = static[name]
+                if id(target) in sources:  # shared by two names: they must still hold the same tensor
+                    if sources[id(target)] is not value:
+                        raise RuntimeError(f"graph=True: {name} no longer aliases the tensor it shared a buffer with")
+                    continue
+                sources[id(target)] = value
                 if value is not target:
                     target.copy_(value)
-            active = static_active
-            state = replace(state, **static_state)
+            bind_static()
 
         if n < max_iter and n_active:
             calls = fn.calls
@@ -329,6 +352,9 @@ def _loop(solver: Solver, f, x0: Tensor, *, tol, max_iter, stop, divergence, che
                 n_active = int(active.sum())
         n += 1
 
+    # samples still iterating at the end whose last pair was their best
+    flush = torch.where(pending, TAKE_PREV, KEEP).to(torch.int8)
+    kernels.best_update(best_x, best_fx, prev_x, prev_fx, prev_x, prev_fx, flush)
     n = int(nsteps.max()) if (check_every > 1 or graph) else n  # drop the rows run after every sample stopped
     return Solution(
         x=best_x.view(x0.shape),

@@ -78,6 +78,9 @@ class Picard:
     def init(self, x, fx, g, gnorm):
         return _PicardState(x, fx)
 
+    def g_buffer(self, state, x):
+        return None  # g is never read: the residual pass does not write it
+
     def step(self, fn, state, active, frozen=None):
         return self.kernels.picard_step(state.x, state.fx, self.beta, frozen, active), state
 
@@ -169,6 +172,9 @@ class Anderson:
             state.gram, row, state.valid, state.newest, state.gnorm, gnorm, state.restarts, slot, growth
         )
         return replace(state, count=state.count + 1)
+
+    def g_buffer(self, state, x):
+        return state.G[:, state.count % self.m]  # the residual pass writes g straight into the next slot
 
     def step(self, fn, state, active, frozen=None):
         # mixing weights (B, m); ill-conditioned samples restart (in place: valid, restarts) with a damped step

@@ -4,6 +4,7 @@ from contextlib import nullcontext
 
 import pytest
 import torch
+from problems import transient_growth
 
 import fixedpoint
 from fixedpoint import Status, _solve
@@ -46,7 +47,7 @@ def _problem(batch=5, dim=12, seed=0):
     return f, torch.zeros(batch, dim), calls
 
 
-@pytest.mark.parametrize("solver,options", [("anderson", {"m": 3}), ("picard", {"beta": 0.8})])
+@pytest.mark.parametrize("solver,options", [("anderson", {"m": 3}), ("picard", {"beta": 0.8}), ("picard", {})])
 @pytest.mark.parametrize("check_every", [1, 4])
 def test_graph_loop_gives_the_default_loop_result(monkeypatch, solver, options, check_every):
     f, x0, calls = _problem()
@@ -63,6 +64,17 @@ def test_graph_loop_gives_the_default_loop_result(monkeypatch, solver, options, 
     torch.testing.assert_close(captured.x, reference.x, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(captured.residual, reference.residual, rtol=1e-4, atol=1e-9, equal_nan=True)
     torch.testing.assert_close(captured.trace, reference.trace, rtol=1e-4, atol=1e-9, equal_nan=True)
+
+
+@pytest.mark.parametrize("max_iter", [5, 11])
+def test_graph_loop_keeps_the_best_iterate_when_the_residual_rises(monkeypatch, max_iter):
+    """The lazy best copy across captured chunks: the previous pair is carried from one replay to the next."""
+    f, x0, iterates = transient_growth()
+    residuals = (f(iterates) - iterates).norm(dim=2)[: max_iter + 1]
+    monkeypatch.setattr(_solve, "GRAPHS", EagerGraphs())
+    sol = fixedpoint.picard(f, x0, tol=1e-30, max_iter=max_iter, stop="abs", graph=True)
+    expected = iterates[residuals.argmin(dim=0), torch.arange(x0.shape[0])]
+    assert torch.equal(sol.x, expected) and torch.equal(sol.fx, f(expected))
 
 
 def test_graph_loop_stops_early_when_every_sample_converges(monkeypatch):

@@ -4,6 +4,7 @@ import os
 
 import pytest
 import torch
+from problems import transient_growth
 
 import fixedpoint
 from fixedpoint import Status
@@ -28,19 +29,36 @@ def _close(a, b, dtype, scale=1.0):
 def test_residual_kernel_equals_twin(dtype, dim):
     gen = torch.Generator().manual_seed(dim)
     x, fx = (torch.randn(3, dim, generator=gen).to(dtype).to(DEVICE) for _ in range(2))
-    g1, gsq1, fsq1 = triton_kernels.residual(x, fx)
-    g2, gsq2, fsq2 = reference.residual(x, fx)
+    g1, g2 = torch.empty_like(x), torch.empty_like(x)
+    gsq1, fsq1 = triton_kernels.residual(x, fx, g1)
+    gsq2, fsq2 = reference.residual(x, fx, g2)
     _close(g1, g2, dtype, scale=4)
     # squared norms from g rounded to its dtype: within a few ulp of g, relative
     torch.testing.assert_close(gsq1, gsq2, rtol=4 * ULPS[dtype] + 1e-6, atol=1e-6)
     torch.testing.assert_close(fsq1, fsq2, rtol=1e-5, atol=1e-6)
+    # without a buffer nothing is written and the sums are the same
+    for module, gsq in ((triton_kernels, gsq1), (reference, gsq2)):
+        torch.testing.assert_close(module.residual(x, fx, None)[0], gsq, rtol=0, atol=0)
+
+
+def test_residual_kernel_writes_g_into_a_history_slot():
+    gen = torch.Generator().manual_seed(2)
+    x, fx = (torch.randn(3, 40, generator=gen).to(DEVICE) for _ in range(2))
+    histories = [torch.randn(3, 4, 40, generator=gen).to(DEVICE) for _ in range(2)]
+    histories.append(histories[0].clone())
+    sums = [module.residual(x, fx, H[:, 2]) for module, H in zip((triton_kernels, reference), histories)]
+    torch.testing.assert_close(sums[0], sums[1])
+    assert torch.equal(histories[0], histories[1].where(torch.arange(4, device=DEVICE)[:, None] == 2, histories[2]))
+    torch.testing.assert_close(histories[0][:, 2], fx - x)
+    with pytest.raises(ValueError, match="g_out must have x's dtype"):
+        triton_kernels.residual(x, fx, torch.empty_like(x, dtype=torch.float16))
 
 
 def test_residual_kernel_flags_nonfinite_through_the_sums():
     x = torch.zeros(2, 5, device=DEVICE)
     fx = torch.ones(2, 5, device=DEVICE)
     fx[1, 3] = float("nan")
-    _, gsq, fsq = triton_kernels.residual(x, fx)
+    gsq, fsq = triton_kernels.residual(x, fx, None)
     assert torch.isfinite(gsq[0] + fsq[0]) and not torch.isfinite(gsq[1] + fsq[1])
 
 
@@ -54,6 +72,13 @@ def test_anderson_write_kernel_equals_twin(dtype, slot):
     row1 = triton_kernels.anderson_write(F, G, slot, fx, g)
     row2 = reference.anderson_write(F2, G2, slot, fx, g)
     assert torch.equal(F, F2) and torch.equal(G, G2)  # the ring buffer holds exactly the new pair
+    torch.testing.assert_close(row1, row2, rtol=1e-5, atol=1e-4)
+    # g already in its slot (the residual pass wrote it there): the same row, nothing copied
+    G[:, slot] = g.flip(1)
+    G2 = G.clone()
+    row1 = triton_kernels.anderson_write(F, G, slot, fx, G[:, slot])
+    row2 = reference.anderson_write(F2, G2, slot, fx, G2[:, slot])
+    assert torch.equal(G, G2) and torch.equal(G[:, slot], g.flip(1))
     torch.testing.assert_close(row1, row2, rtol=1e-5, atol=1e-4)
 
 
@@ -76,10 +101,12 @@ def test_anderson_mix_kernel_equals_twin_and_freezes(dtype, beta):
 def test_batch_strided_inputs_work_and_feature_strided_are_rejected():
     x = torch.randn(6, 9, device=DEVICE)[::2]  # batch stride 18: fine
     fx = torch.randn(3, 9, device=DEVICE)
-    for a, b in zip(triton_kernels.residual(x, fx), reference.residual(x, fx)):
+    g1, g2 = torch.empty(6, 9, device=DEVICE)[::2], torch.empty(3, 9, device=DEVICE)
+    for a, b in zip(triton_kernels.residual(x, fx, g1), reference.residual(x, fx, g2)):
         torch.testing.assert_close(a, b)
+    torch.testing.assert_close(g1, g2)
     with pytest.raises(ValueError, match="feature dimension must be contiguous"):
-        triton_kernels.residual(torch.randn(9, 3, device=DEVICE).T, fx)
+        triton_kernels.residual(torch.randn(9, 3, device=DEVICE).T, fx, None)
 
 
 def test_anderson_triton_gives_the_same_solve_as_torch():
@@ -137,7 +164,8 @@ def test_kernels_on_gpu_at_real_sizes(dtype):
     alpha = torch.softmax(torch.randn(32, 5, device="cuda"), dim=1)
     active = torch.rand(32, device="cuda") < 0.5
     tol = 1e-5 if dtype == torch.float32 else 1e-2
-    for a, b in zip(triton_kernels.residual(x, fx), reference.residual(x, fx)):
+    g1, g2 = torch.empty_like(x), torch.empty_like(x)
+    for a, b in zip([g1, *triton_kernels.residual(x, fx, g1)], [g2, *reference.residual(x, fx, g2)]):
         assert rel(a, b) < tol
     assert rel(triton_kernels.picard_step(x, fx, 0.7, g, active), reference.picard_step(x, fx, 0.7, g, active)) < tol
     F2, G2 = F.clone(), G.clone()
@@ -166,8 +194,9 @@ def test_kernels_on_gpu_at_real_sizes(dtype):
     for a, b in zip(*outs):
         assert rel(a, b) < tol
     bx, bf, bx2, bf2 = x.clone(), fx.clone(), x.clone(), fx.clone()
-    triton_kernels.best_update(bx, bf, g, dx, active)
-    reference.best_update(bx2, bf2, g, dx, active)
+    take = torch.randint(0, 3, (32,), device="cuda", dtype=torch.int8)
+    triton_kernels.best_update(bx, bf, g, dx, hg, x, take)
+    reference.best_update(bx2, bf2, g, dx, hg, x, take)
     assert torch.equal(bx, bx2) and torch.equal(bf, bf2)
 
 
@@ -237,18 +266,27 @@ def test_bookkeep_kernel_equals_twin(relative, graph_mode, batch):
     active[1] = False
     best = torch.rand(batch, generator=gen)
     best[9] = float("nan")  # a NaN start: any finite residual improves on it
+    pending = torch.rand(batch, generator=gen) < 0.5
     nsteps = torch.randint(0, 5, (batch,), generator=gen)
     trace = torch.full((6, batch), float("nan"))
     done = torch.tensor(5 if graph_mode else 0)
     results = []
     for module in (triton_kernels, reference):
-        st, be, ns, tr, dn = state = [t.clone().to(DEVICE) for t in (status, best, nsteps, trace, done)]
+        st, be, pe, ns, tr, dn = state = [t.clone().to(DEVICE) for t in (status, best, pending, nsteps, trace, done)]
         g, f, g0, act = (t.to(DEVICE) for t in (gsq, fsq, gnorm0, active))
-        out = module.bookkeep(g, f, g0, st, act, be, ns, tr, None if graph_mode else 2, dn, 0.3, 50.0, relative, 5)
+        row = None if graph_mode else 2
+        out = module.bookkeep(g, f, g0, st, act, be, pe, ns, tr, row, dn, 0.3, 50.0, relative, 5)
         results.append(list(out) + state)
     for a, b in zip(*results):
         assert a.dtype == b.dtype
         torch.testing.assert_close(a, b, rtol=1e-6, atol=0, equal_nan=True)
+    # the lazy best copy, against its definition
+    _, new_active, take, counts = results[1][:4]
+    improved = (results[1][5] != best.to(DEVICE)) & ~torch.isnan(results[1][5])
+    assert int(counts[1]) == int((take != 0).sum()) > 0
+    expected = torch.where(improved & ~new_active, 1, torch.where(pending.to(DEVICE) & ~improved, 2, 0))
+    assert torch.equal(take, expected.to(torch.int8)) and set(take.tolist()) == {0, 1, 2}
+    assert torch.equal(results[1][6], improved & new_active)
     assert reference.NONFINITE == Status.NONFINITE and reference.DIVERGED == Status.DIVERGED
     assert reference.MAX_ITER == Status.MAX_ITER and reference.CONVERGED == Status.CONVERGED
 
@@ -282,13 +320,14 @@ def test_anderson_coefficients_kernel_equals_twin(m):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_best_update_kernel_equals_twin(dtype):
     gen = torch.Generator().manual_seed(11)
-    bx, bf, x, fx = (torch.randn(4, 23, generator=gen).to(dtype).to(DEVICE) for _ in range(4))
-    improved = torch.tensor([True, False, True, False], device=DEVICE)
+    bx, bf, x, fx, px, pf = (torch.randn(3, 23, generator=gen).to(dtype).to(DEVICE) for _ in range(6))
+    take = torch.tensor([0, 1, 2], dtype=torch.int8, device=DEVICE)  # keep, the new pair, the previous pair
     bx2, bf2 = bx.clone(), bf.clone()
-    triton_kernels.best_update(bx, bf, x, fx, improved)
-    reference.best_update(bx2, bf2, x, fx, improved)
-    assert torch.equal(bx, bx2) and torch.equal(bf, bf2)
-    assert torch.equal(bx[0], x[0]) and not torch.equal(bx[1], x[1])
+    expected_x, expected_fx = torch.stack([bx[0], x[1], px[2]]), torch.stack([bf[0], fx[1], pf[2]])
+    triton_kernels.best_update(bx, bf, x, fx, px, pf, take)
+    reference.best_update(bx2, bf2, x, fx, px, pf, take)
+    for got in ((bx, bf), (bx2, bf2)):
+        assert torch.equal(got[0], expected_x) and torch.equal(got[1], expected_fx)
 
 
 @pytest.mark.parametrize("solver", ["picard", "anderson", "broyden"])
@@ -304,6 +343,18 @@ def test_sync_free_loop_with_triton_equals_torch(solver):
         assert run.nsteps.tolist() == reference_run.nsteps.tolist()
         assert run.status.tolist() == reference_run.status.tolist()
         torch.testing.assert_close(run.x, reference_run.x, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("check_every", [1, 3])
+def test_triton_loop_keeps_the_best_iterate_when_the_residual_rises(check_every):
+    f64, x0, _ = transient_growth()
+    f = lambda z: f64(z.double()).float()  # noqa: E731
+    runs = [
+        fixedpoint.picard(f, x0.float().to(DEVICE), tol=1e-30, max_iter=9, stop="abs", check_every=check_every, impl=i)
+        for i in ("triton", "torch")
+    ]
+    assert torch.equal(runs[0].x, runs[1].x) and torch.equal(runs[0].nsteps, runs[1].nsteps)
+    torch.testing.assert_close(runs[0].residual, runs[1].residual)
 
 
 @pytest.mark.parametrize("growth", [None, 10.0])

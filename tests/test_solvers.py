@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import scipy.optimize
 import torch
-from problems import ALL, linear_deq, per_sample_root, problem_set
+from problems import ALL, linear_deq, per_sample_root, problem_set, transient_growth
 
 import fixedpoint
 from fixedpoint import Status
@@ -52,6 +52,21 @@ def test_residual_and_trace_describe_the_returned_iterate(solver):
         column = sol.trace[:, b]
         assert torch.isfinite(column[: sol.nsteps[b]]).all() and torch.isnan(column[sol.nsteps[b] :]).all()
         assert sol.residual[b] == column[: sol.nsteps[b]].min() or sol.nsteps[b] == 0
+
+
+@pytest.mark.parametrize("max_iter", [3, 5, 11])  # the best iterate in the middle, at the end, before the end
+@pytest.mark.parametrize("check_every", [1, 3])
+def test_the_best_iterate_is_kept_when_the_residual_rises(max_iter, check_every):
+    """The best pair is copied lazily (only when a sample stops or its residual rises): still the right one."""
+    f, x0, iterates = transient_growth()
+    residuals = (f(iterates) - iterates).norm(dim=2)[: max_iter + 1]  # (K, B): iterate k has residual k
+    assert (residuals.diff(dim=0) > 0).any() and (residuals.diff(dim=0) < 0).any()  # it falls and rises
+    best = residuals.argmin(dim=0)
+    assert len(set(best.tolist())) > 1  # samples differ in where their best iterate is
+    sol = fixedpoint.picard(f, x0, tol=1e-30, max_iter=max_iter, stop="abs", check_every=check_every)
+    expected = iterates[best, torch.arange(x0.shape[0])]
+    assert torch.equal(sol.x, expected) and torch.equal(sol.fx, f(expected))
+    assert torch.equal(sol.residual, residuals.min(dim=0).values)
 
 
 @pytest.mark.parametrize(

@@ -16,6 +16,7 @@ from .._solve import stat_dtype
 __all__ = [
     "best_update",
     "bookkeep",
+    "is_slot",
     "residual",
     "picard_step",
     "anderson_write",
@@ -29,22 +30,40 @@ __all__ = [
 ]
 
 CONVERGED, MAX_ITER, DIVERGED, NONFINITE = 0, 1, 2, 3  # fixedpoint.Status codes
+KEEP, TAKE_NEW, TAKE_PREV = 0, 1, 2  # what best_update does per sample (bookkeep's ``take``)
 
 
-def residual(x: Tensor, fx: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """g = f(x) - x (B, D) in x's dtype, ||g||^2 (B,) and ||f(x)||^2 (B,) accumulated in fp32/fp64."""
-    g = fx - x
+def residual(x: Tensor, fx: Tensor, g_out: Tensor | None) -> tuple[Tensor, Tensor]:
+    """||f(x) - x||^2 and ||f(x)||^2 (B,) accumulated in fp32/fp64, from x, fx (B, D).
+
+    g_out: a (B, D) buffer (any row stride: a history slot works) that receives g = f(x) - x
+    in its own dtype, or None when nobody reads g (nothing is written).
+    """
     acc = stat_dtype(x.dtype)
+    g = fx - x
+    if g_out is not None:
+        g_out.copy_(g)
+        g = g_out  # the norm of g as stored
     norm = torch.linalg.vector_norm
-    return g, norm(g, dim=1, dtype=acc).square(), norm(fx, dim=1, dtype=acc).square()
+    return norm(g, dim=1, dtype=acc).square(), norm(fx, dim=1, dtype=acc).square()
 
 
 def anderson_write(F: Tensor, G: Tensor, slot: int, fx: Tensor, g: Tensor) -> Tensor:
-    """Store f(x) and g in ring-buffer slot ``slot`` of F, G (in place); return the Gram row G g (B, m)."""
+    """Store f(x) and g in ring-buffer slot ``slot`` of F, G (in place); return the Gram row G g (B, m).
+
+    g may already be that slot of G (the residual pass wrote it there): then it is not copied.
+    """
     F[:, slot] = fx
-    G[:, slot] = g
+    if not is_slot(G, slot, g):
+        G[:, slot] = g
     acc = stat_dtype(g.dtype)
     return torch.bmm(G.to(acc), g.to(acc).unsqueeze(2)).squeeze(2)
+
+
+def is_slot(history: Tensor, slot: int, t: Tensor) -> bool:
+    """Whether ``t`` is the view history[:, slot] (same memory, shape and strides)."""
+    view = history[:, slot]
+    return t.data_ptr() == view.data_ptr() and t.shape == view.shape and t.stride() == view.stride()
 
 
 def anderson_mix(
@@ -113,6 +132,7 @@ def bookkeep(
     status: Tensor,
     active: Tensor,
     best_res: Tensor,
+    pending: Tensor,
     nsteps: Tensor,
     trace: Tensor,
     row: int | None,
@@ -130,7 +150,13 @@ def bookkeep(
     trace (R, B): this iteration's residuals, NaN for inactive samples. That row is ``row``, or
     with ``row`` None (CUDA graphs) min(done, max_iter), done += 1, and samples stop at max_iter.
     divergence: stop a sample as DIVERGED when ||g|| > divergence * gnorm0 (inf: never).
-    Returns ||g|| (B,), the new active (B,) bool, improved (B,) bool and counts (2,) [active, improved].
+
+    The best pair is copied lazily: ``pending`` (B,) bool, in place, marks samples whose best
+    pair is the newest evaluated one and not copied yet. ``take`` (B,) int8 says what
+    ``best_update`` copies: TAKE_NEW when a sample stopped at its best, TAKE_PREV when a
+    pending sample did not improve (its best is the previous pair), KEEP otherwise. So
+    nothing is copied while the residual keeps falling.
+    Returns ||g|| (B,), the new active (B,) bool, take (B,) int8 and counts (2,) [active, samples to copy].
     """
     gnorm, fnorm = gsq.sqrt(), fsq.sqrt()
     res = gnorm / fnorm.clamp_min(torch.finfo(gsq.dtype).tiny) if relative else gnorm
@@ -149,7 +175,9 @@ def bookkeep(
         new_active &= done < max_iter
     else:
         trace[row] = residuals
-    return gnorm, new_active, improved, torch.stack([new_active.sum(), improved.sum()])
+    take = torch.where(improved & ~new_active, TAKE_NEW, torch.where(pending & ~improved, TAKE_PREV, KEEP))
+    torch.logical_and(improved, new_active, out=pending)
+    return gnorm, new_active, take.to(torch.int8), torch.stack([new_active.sum(), (take != KEEP).sum()])
 
 
 def solve_spd(a: Tensor, b: Tensor) -> Tensor:
@@ -197,10 +225,14 @@ def anderson_coefficients(
     return torch.where(ill[:, None], newest.to(alpha.dtype), alpha)
 
 
-def best_update(best_x: Tensor, best_fx: Tensor, x: Tensor, fx: Tensor, improved: Tensor) -> None:
-    """In place: best_x, best_fx (B, D) take x, f(x) for the samples that improved ((B,) bool)."""
-    torch.where(improved[:, None], x, best_x, out=best_x)
-    torch.where(improved[:, None], fx, best_fx, out=best_fx)
+def best_update(
+    best_x: Tensor, best_fx: Tensor, x: Tensor, fx: Tensor, prev_x: Tensor, prev_fx: Tensor, take: Tensor
+) -> None:
+    """In place: best_x, best_fx (B, D) take (x, f(x)) where take == TAKE_NEW and (prev_x, prev_fx)
+    where take == TAKE_PREV; other samples are not touched (take (B,) int8, from ``bookkeep``)."""
+    new, prev = (take == TAKE_NEW)[:, None], (take == TAKE_PREV)[:, None]
+    torch.where(new, x, torch.where(prev, prev_x, best_x), out=best_x)
+    torch.where(new, fx, torch.where(prev, prev_fx, best_fx), out=best_fx)
 
 
 def anderson_absorb(

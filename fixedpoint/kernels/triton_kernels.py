@@ -19,20 +19,36 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-__all__ = ["bookkeep", "residual", "picard_step", "anderson_write", "anderson_mix", "broyden_dots", "broyden_combine"]
+from . import reference
+
+__all__ = [
+    "anderson_absorb",
+    "anderson_coefficients",
+    "anderson_mix",
+    "anderson_write",
+    "best_update",
+    "bookkeep",
+    "broyden_combine",
+    "broyden_dots",
+    "broyden_finish",
+    "picard_step",
+    "residual",
+]
 
 BLOCK = 1024  # elements per inner step
 MAX_STEPS = 16  # inner steps per program along D, at most
 TILE = 2048  # history elements per inner step of the kernels that load (slots, block) tiles
 MIN_PROGRAMS = 1024  # enough programs to keep every SM's memory pipes busy (H100: 132 SMs)
+NUM_WARPS = 4  # warps per program of the streaming reductions (Triton's default; benchmarks/gpu_tune.py sweeps it)
 
 
-def _grid_chunks(batch: int, dim: int, tile: int = BLOCK) -> tuple[int, int, int]:
+def _grid_chunks(batch: int, dim: int, tile: int | None = None) -> tuple[int, int, int]:
     """(block, steps, chunks) for a reduction over D: long chunks (fewer partials) unless that starves the GPU.
 
-    ``tile``: elements of D per inner step (smaller for kernels that load several history slots per step).
+    ``tile``: elements of D per inner step (default BLOCK; smaller for kernels that load several history
+    slots per step).
     """
-    block = min(tile, triton.next_power_of_2(max(dim, 16)))
+    block = min(BLOCK if tile is None else tile, triton.next_power_of_2(max(dim, 16)))
     steps = MAX_STEPS
     while steps > 1 and batch * triton.cdiv(dim, block * steps) < MIN_PROGRAMS:
         steps //= 2
@@ -49,7 +65,7 @@ def _check(name: str, *tensors: Tensor) -> None:
 
 @triton.jit
 def _residual_kernel(x_ptr, fx_ptr, g_ptr, out_ptr, D, sx, sf, sg, n_chunks, plane,
-                     BLOCK: tl.constexpr, STEPS: tl.constexpr):  # fmt: skip
+                     BLOCK: tl.constexpr, STEPS: tl.constexpr, WRITE_G: tl.constexpr):  # fmt: skip
     b = tl.program_id(0).to(tl.int64)  # 64-bit offsets: B * m * D may pass 2**31
     c = tl.program_id(1)
     acc_g = tl.zeros([BLOCK], dtype=tl.float32)
@@ -59,8 +75,9 @@ def _residual_kernel(x_ptr, fx_ptr, g_ptr, out_ptr, D, sx, sf, sg, n_chunks, pla
         mask = idx < D
         x = tl.load(x_ptr + b * sx + idx, mask=mask, other=0.0).to(tl.float32)
         f = tl.load(fx_ptr + b * sf + idx, mask=mask, other=0.0).to(tl.float32)
-        g = (f - x).to(g_ptr.dtype.element_ty)
-        tl.store(g_ptr + b * sg + idx, g, mask=mask)
+        g = (f - x).to(x_ptr.dtype.element_ty)  # the norm of g as stored (g's dtype is x's)
+        if WRITE_G:
+            tl.store(g_ptr + b * sg + idx, g, mask=mask)
         gf = g.to(tl.float32)
         acc_g += gf * gf
         acc_f += f * f
@@ -68,22 +85,26 @@ def _residual_kernel(x_ptr, fx_ptr, g_ptr, out_ptr, D, sx, sf, sg, n_chunks, pla
     tl.store(out_ptr + plane + b * n_chunks + c, tl.sum(acc_f, axis=0))
 
 
-def residual(x: Tensor, fx: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def residual(x: Tensor, fx: Tensor, g_out: Tensor | None) -> tuple[Tensor, Tensor]:
     """Triton twin of reference.residual."""
-    _check("residual", x, fx)
+    _check("residual", x, fx, *([] if g_out is None else [g_out]))
+    if g_out is not None and g_out.dtype != x.dtype:
+        raise ValueError(f"residual: g_out must have x's dtype {x.dtype}, got {g_out.dtype}")
     batch, dim = x.shape
-    g = torch.empty_like(x)
     block, steps, chunks = _grid_chunks(batch, dim)
     partials = torch.empty(2, batch, chunks, dtype=torch.float32, device=x.device)
+    g = x if g_out is None else g_out  # never written when None
     _residual_kernel[(batch, chunks)](x, fx, g, partials, dim, x.stride(0), fx.stride(0), g.stride(0), chunks,
-                                      batch * chunks, BLOCK=block, STEPS=steps)  # fmt: skip
+                                      batch * chunks, BLOCK=block, STEPS=steps, WRITE_G=g_out is not None,
+                                      num_warps=NUM_WARPS)  # fmt: skip
     gsq, fsq = partials.sum(dim=2)  # contiguous (B,) each
-    return g, gsq, fsq
+    return gsq, fsq
 
 
 @triton.jit
 def _anderson_write_kernel(F_ptr, G_ptr, fx_ptr, g_ptr, out_ptr, D, slot, sFb, sFm, sGb, sGm, sf, sg, n_chunks,
-                           M: tl.constexpr, MP: tl.constexpr, BLOCK: tl.constexpr, STEPS: tl.constexpr):  # fmt: skip
+                           M: tl.constexpr, MP: tl.constexpr, BLOCK: tl.constexpr, STEPS: tl.constexpr,
+                           STORE_G: tl.constexpr):  # fmt: skip
     # Each step loads the whole (m, BLOCK) history tile at once (many bytes in flight) and g once.
     b = tl.program_id(0).to(tl.int64)  # 64-bit offsets: B * m * D may pass 2**31
     c = tl.program_id(1)
@@ -96,7 +117,8 @@ def _anderson_write_kernel(F_ptr, G_ptr, fx_ptr, g_ptr, out_ptr, D, slot, sFb, s
         f = tl.load(fx_ptr + b * sf + idx, mask=mask, other=0.0)
         stored = g.to(G_ptr.dtype.element_ty)
         tl.store(F_ptr + b * sFb + slot * sFm + idx, f.to(F_ptr.dtype.element_ty), mask=mask)
-        tl.store(G_ptr + b * sGb + slot * sGm + idx, stored, mask=mask)
+        if STORE_G:  # else g is that slot already
+            tl.store(G_ptr + b * sGb + slot * sGm + idx, stored, mask=mask)
         others = (j < M) & (j != slot) & mask[None, :]  # the new slot is not read back: its entry is g . g
         h = tl.load(G_ptr + b * sGb + j * sGm + idx[None, :], mask=others, other=0.0).to(tl.float32)
         h = tl.where(j == slot, stored.to(tl.float32)[None, :], h)
@@ -114,7 +136,8 @@ def anderson_write(F: Tensor, G: Tensor, slot: int, fx: Tensor, g: Tensor) -> Te
     partials = torch.empty(batch, chunks, m, dtype=torch.float32, device=F.device)
     _anderson_write_kernel[(batch, chunks)](
         F, G, fx, g, partials, dim, slot, F.stride(0), F.stride(1), G.stride(0), G.stride(1), fx.stride(0),
-        g.stride(0), chunks, M=m, MP=mp, BLOCK=block, STEPS=steps,
+        g.stride(0), chunks, M=m, MP=mp, BLOCK=block, STEPS=steps, STORE_G=not reference.is_slot(G, slot, g),
+        num_warps=NUM_WARPS,
     )  # fmt: skip
     return partials.sum(dim=1)
 
@@ -233,7 +256,7 @@ def broyden_dots(U: Tensor, V: Tensor, n: int, g: Tensor, dx: Tensor) -> Tensor:
     if n:
         _broyden_dots_kernel[(batch, chunks)](
             U, V, g, dx, partials, dim, n, U.stride(0), U.stride(1), V.stride(0), V.stride(1), g.stride(0),
-            dx.stride(0), chunks, MP=mp, BLOCK=block, STEPS=steps,
+            dx.stride(0), chunks, MP=mp, BLOCK=block, STEPS=steps, num_warps=NUM_WARPS,
         )  # fmt: skip
     return partials.sum(dim=1)
 
@@ -291,20 +314,21 @@ def broyden_combine(
     _broyden_combine_kernel[(batch, chunks)](
         U, V, coeff32, g, dx, h_g, hg, v, partials, dim, n, U.stride(0), U.stride(1), V.stride(0), V.stride(1),
         g.stride(0), dx.stride(0), h_g.stride(0), hg.stride(0), v.stride(0), chunks, BLOCK=block, STEPS=steps,
+        num_warps=NUM_WARPS,
     )  # fmt: skip
     return h_g, v, partials.sum(dim=1)
 
 
 @triton.jit
-def _bookkeep_kernel(gsq_ptr, fsq_ptr, g0_ptr, status_ptr, active_ptr, best_ptr, nsteps_ptr, trace_ptr, done_ptr,
-                     gnorm_ptr, new_active_ptr, improved_ptr, counts_ptr, B, row, max_iter, tol, divergence,
+def _bookkeep_kernel(gsq_ptr, fsq_ptr, g0_ptr, status_ptr, active_ptr, best_ptr, pending_ptr, nsteps_ptr, trace_ptr,
+                     done_ptr, gnorm_ptr, new_active_ptr, take_ptr, counts_ptr, B, row, max_iter, tol, divergence,
                      RELATIVE: tl.constexpr, USE_DONE: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
     # One program walks the batch: B is small, and the counts come out without atomics.
     if USE_DONE:
         done = tl.load(done_ptr)
         row = tl.minimum(done, max_iter)
     n_active = tl.sum(tl.zeros([BLOCK], dtype=tl.int32), axis=0)
-    n_improved = tl.sum(tl.zeros([BLOCK], dtype=tl.int32), axis=0)
+    n_copies = tl.sum(tl.zeros([BLOCK], dtype=tl.int32), axis=0)
     for start in range(0, B, BLOCK):
         idx = start + tl.arange(0, BLOCK)
         mask = idx < B
@@ -328,11 +352,14 @@ def _bookkeep_kernel(gsq_ptr, fsq_ptr, g0_ptr, status_ptr, active_ptr, best_ptr,
             new_active = new_active & (done + 1 < max_iter)
         tl.store(gnorm_ptr + idx, gnorm, mask=mask)
         tl.store(new_active_ptr + idx, new_active.to(tl.uint8), mask=mask)
-        tl.store(improved_ptr + idx, improved.to(tl.uint8), mask=mask)
+        pending = tl.load(pending_ptr + idx, mask=mask, other=0) != 0
+        take = tl.where(improved & (new_active == 0), 1, tl.where(pending & (improved == 0), 2, 0))
+        tl.store(take_ptr + idx, take.to(tl.int8), mask=mask)  # reference.TAKE_NEW, TAKE_PREV, KEEP
+        tl.store(pending_ptr + idx, (improved & new_active).to(tl.uint8), mask=mask)
         n_active += tl.sum((new_active & mask).to(tl.int32), axis=0)
-        n_improved += tl.sum((improved & mask).to(tl.int32), axis=0)
+        n_copies += tl.sum(((take != 0) & mask).to(tl.int32), axis=0)
     tl.store(counts_ptr, n_active.to(tl.int64))
-    tl.store(counts_ptr + 1, n_improved.to(tl.int64))
+    tl.store(counts_ptr + 1, n_copies.to(tl.int64))
     if USE_DONE:
         tl.store(done_ptr, done + 1)
 
@@ -344,6 +371,7 @@ def bookkeep(
     status: Tensor,
     active: Tensor,
     best_res: Tensor,
+    pending: Tensor,
     nsteps: Tensor,
     trace: Tensor,
     row: int | None,
@@ -359,15 +387,16 @@ def bookkeep(
         if t.dtype != torch.float32 or not t.is_contiguous():
             raise ValueError(f"bookkeep: {name} must be contiguous fp32, got {t.dtype} with strides {t.stride()}")
     gnorm = torch.empty_like(gsq)
-    flags = torch.empty(2, batch, dtype=torch.uint8, device=gsq.device)  # new active, improved
+    new_active = torch.empty(batch, dtype=torch.bool, device=gsq.device)
+    take = torch.empty(batch, dtype=torch.int8, device=gsq.device)
     counts = torch.empty(2, dtype=torch.int64, device=gsq.device)
     block = min(1024, triton.next_power_of_2(max(batch, 16)))
     _bookkeep_kernel[(1,)](
-        gsq, fsq, gnorm0, status, active.view(torch.uint8), best_res, nsteps, trace, done, gnorm, flags[0],
-        flags[1], counts, batch, 0 if row is None else row, max_iter, float(tol), float(divergence),
-        RELATIVE=bool(relative), USE_DONE=row is None, BLOCK=block,
+        gsq, fsq, gnorm0, status, active.view(torch.uint8), best_res, pending.view(torch.uint8), nsteps, trace, done,
+        gnorm, new_active.view(torch.uint8), take, counts, batch, 0 if row is None else row, max_iter, float(tol),
+        float(divergence), RELATIVE=bool(relative), USE_DONE=row is None, BLOCK=block,
     )  # fmt: skip
-    return gnorm, flags[0].view(torch.bool), flags[1].view(torch.bool), counts
+    return gnorm, new_active, take, counts
 
 
 @triton.jit
@@ -431,23 +460,30 @@ def anderson_coefficients(
 
 
 @triton.jit
-def _best_update_kernel(bx_ptr, bf_ptr, x_ptr, fx_ptr, improved_ptr, D, sbx, sbf, sx, sf, BLOCK: tl.constexpr):
+def _best_update_kernel(bx_ptr, bf_ptr, x_ptr, fx_ptr, px_ptr, pf_ptr, take_ptr, D, sbx, sbf, sx, sf, spx, spf,
+                        BLOCK: tl.constexpr):  # fmt: skip
     b = tl.program_id(0).to(tl.int64)  # 64-bit offsets: B * m * D may pass 2**31
-    if tl.load(improved_ptr + b) != 0:  # other samples: nothing read, nothing written
-        idx = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-        mask = idx < D
+    take = tl.load(take_ptr + b)
+    idx = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = idx < D
+    if take == 1:  # the new pair (other samples: nothing read, nothing written)
         tl.store(bx_ptr + b * sbx + idx, tl.load(x_ptr + b * sx + idx, mask=mask), mask=mask)
         tl.store(bf_ptr + b * sbf + idx, tl.load(fx_ptr + b * sf + idx, mask=mask), mask=mask)
+    elif take == 2:  # the previous pair
+        tl.store(bx_ptr + b * sbx + idx, tl.load(px_ptr + b * spx + idx, mask=mask), mask=mask)
+        tl.store(bf_ptr + b * sbf + idx, tl.load(pf_ptr + b * spf + idx, mask=mask), mask=mask)
 
 
-def best_update(best_x: Tensor, best_fx: Tensor, x: Tensor, fx: Tensor, improved: Tensor) -> None:
+def best_update(
+    best_x: Tensor, best_fx: Tensor, x: Tensor, fx: Tensor, prev_x: Tensor, prev_fx: Tensor, take: Tensor
+) -> None:
     """Triton twin of reference.best_update."""
-    _check("best_update", best_x, best_fx, x, fx)
+    _check("best_update", best_x, best_fx, x, fx, prev_x, prev_fx)
     batch, dim = x.shape
     block = min(BLOCK, triton.next_power_of_2(max(dim, 16)))
     _best_update_kernel[(batch, triton.cdiv(dim, block))](
-        best_x, best_fx, x, fx, improved.view(torch.int8), dim, best_x.stride(0), best_fx.stride(0), x.stride(0),
-        fx.stride(0), BLOCK=block,
+        best_x, best_fx, x, fx, prev_x, prev_fx, take, dim, best_x.stride(0), best_fx.stride(0), x.stride(0),
+        fx.stride(0), prev_x.stride(0), prev_fx.stride(0), BLOCK=block,
     )  # fmt: skip
 
 

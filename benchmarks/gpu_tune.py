@@ -1,0 +1,97 @@
+"""Launch-parameter sweep of the tiled Triton kernels on a GPU (run by hand, or by gpu_check.sh).
+
+python benchmarks/gpu_tune.py [out_dir] [dtype ...]: for anderson_write, broyden_dots,
+broyden_combine and the residual pass, at FPDM-XL/2 size (32 x 256 x 1152) and at B*D = 1e8,
+times every combination of elements per inner step (TILE for the history tiles, BLOCK for
+the vector kernels), inner steps per program (MAX_STEPS) and warps per program (NUM_WARPS),
+and prints the achieved bandwidth against the module's current setting. The defaults are
+module constants of fixedpoint.kernels.triton_kernels; this only reads the numbers, it
+changes nothing. Bytes are the fewest the kernel must move, as in bench_gpu.py.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from fixedpoint.kernels import triton_kernels as tk
+
+SIZES = {"fpdm-xl/2": 256 * 1152, "1e8": 10**8 // 32}  # D at batch 32
+BATCH, M, N = 32, 5, 10
+GRID = {"tile": [1024, 2048, 4096, 8192], "steps": [4, 16], "warps": [4, 8]}
+
+
+def _cases(dim: int, dtype: torch.dtype):
+    """(name, elements moved, module constant the tile sets, thunk) per kernel at (BATCH, dim)."""
+
+    def rand(*shape):
+        return torch.randn(*shape, device="cuda").to(dtype)
+
+    x, fx, g, dx, hg = (rand(BATCH, dim) for _ in range(5))
+    F, G, U, V = rand(BATCH, M, dim), rand(BATCH, M, dim), rand(BATCH, N, dim), rand(BATCH, N, dim)
+    coeff = torch.randn(BATCH, 2, N, device="cuda")
+    return [
+        ("residual", 3, "BLOCK", lambda: tk.residual(x, fx, g)),
+        (f"anderson_write m={M}", M + 3, "TILE", lambda: tk.anderson_write(F, G, 2, fx, g)),
+        (f"broyden_dots n={N}", 2 * N + 2, "TILE", lambda: tk.broyden_dots(U, V, N, g, dx)),
+        (f"broyden_combine n={N}", 2 * N + 5, "BLOCK", lambda: tk.broyden_combine(U, V, N, coeff, g, dx, hg)),
+    ]
+
+
+def _time(thunk, tile_name: str, tile: int, steps: int, warps: int) -> float:
+    from triton.testing import do_bench
+
+    saved = {k: getattr(tk, k) for k in ("TILE", "BLOCK", "MAX_STEPS", "NUM_WARPS")}
+    try:
+        tk.MAX_STEPS, tk.NUM_WARPS = steps, warps
+        setattr(tk, tile_name, tile)
+        return do_bench(thunk, warmup=5, rep=25, return_mode="median") * 1e-3
+    finally:
+        for k, v in saved.items():
+            setattr(tk, k, v)
+
+
+def main(out: Path, dtypes: list[str]) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for dtype_name, (size_name, dim) in itertools.product(dtypes, SIZES.items()):
+        dtype = getattr(torch, dtype_name)
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        for name, passes, tile_name, thunk in _cases(dim, dtype):
+            nbytes = passes * BATCH * dim * itemsize
+            default = (getattr(tk, tile_name), tk.MAX_STEPS, tk.NUM_WARPS)
+            timed = {}
+            for tile, steps, warps in itertools.product(*GRID.values()):
+                timed[(tile, steps, warps)] = _time(thunk, tile_name, tile, steps, warps)
+            if default not in timed:
+                timed[default] = _time(thunk, tile_name, *default)
+            best = min(timed, key=timed.get)
+            row = {
+                "kernel": name,
+                "dtype": dtype_name,
+                "size": size_name,
+                "tile constant": tile_name,
+                "default (tile, steps, warps)": default,
+                "default TB/s": nbytes / timed[default] / 1e12,
+                "best (tile, steps, warps)": best,
+                "best TB/s": nbytes / timed[best] / 1e12,
+                "all TB/s": {str(k): nbytes / v / 1e12 for k, v in timed.items()},
+            }
+            rows.append(row)
+            print(
+                f"{name:24s} {dtype_name:9s} {size_name:10s} default {default} {row['default TB/s']:.2f} TB/s"
+                f" | best {best} {row['best TB/s']:.2f} TB/s",
+                flush=True,
+            )
+        torch.cuda.empty_cache()
+    (out / "tune.json").write_text(json.dumps({"device": torch.cuda.get_device_name(), "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    if not torch.cuda.is_available():
+        sys.exit("gpu_tune.py needs CUDA")
+    main(Path(sys.argv[1] if len(sys.argv) > 1 else "gpu-tune"), sys.argv[2:] or ["bfloat16"])

@@ -10,10 +10,10 @@ A solver is a small object with three methods (optimistix style):
   the same pass as its step (Anderson's fused mixing kernel);
 - ``update(state, x, fx, g, gnorm) -> state``: absorb the evaluated pair.
 
-Optionally ``g_buffer(state, x)`` names where the residual pass writes
-g = f(x) - x: a (B, D) tensor such as the next history slot (saving a copy),
-or None when the solver never reads g (Picard; g is then None in ``update``).
-Without it the loop allocates g.
+Optionally ``residual(state, x, fx) -> (g, ||g||^2, ||f(x)||^2, state)`` is the
+solver's own residual pass: Picard never reads g (None: not written), Anderson
+writes g straight into its history with f(x) and the new Gram row in the same
+pass. Without it the loop runs the ``residual`` kernel into a new g.
 
 A solver with a ``period`` (the iterations after which its Python-side state,
 e.g. Anderson's ring slot, repeats) and no host syncs can run with
@@ -246,7 +246,7 @@ def _loop(solver: Solver, f, x0: Tensor, *, tol, max_iter, stop, divergence, che
     prev_x, prev_fx = x, fx  # the last evaluated pair: best_update copies it when it was the best
     state = solver.init(x, fx, g, gnorm)
     freezes = getattr(solver, "freezes", False)
-    g_buffer = getattr(solver, "g_buffer", lambda state, x: torch.empty_like(x))
+    own_residual = getattr(solver, "residual", None)
 
     def iterate(n: int | None, sync: bool, all_active: bool) -> int | None:
         """One iteration. ``n``: its index, or None inside a CUDA graph (the device counts).
@@ -262,8 +262,11 @@ def _loop(solver: Solver, f, x0: Tensor, *, tol, max_iter, stop, divergence, che
             x_next, state = solver.step(fn, state, active)
             x = x_next if all_active else torch.where(active[:, None], x_next, best_x)
         fx = fn(x)
-        g = g_buffer(state, x)  # where the solver wants g (a history slot), or None: not needed
-        gsq, fsq = kernels.residual(x, fx, g)  # (B,), (B,): one pass over (x, f(x))
+        if own_residual is not None:  # (B, D) or None, (B,), (B,): one pass over (x, f(x)), the solver's
+            g, gsq, fsq, state = own_residual(state, x, fx)
+        else:
+            g = torch.empty_like(x)
+            gsq, fsq = kernels.residual(x, fx, g)
         # status, best residual, step counts, the trace row and what to copy as best, in one go
         gnorm, active, take, counts = kernels.bookkeep(
             gsq, fsq, gnorm0, status, active, best_res, pending, nsteps, trace, n, done, tol, divergence,

@@ -78,8 +78,8 @@ class Picard:
     def init(self, x, fx, g, gnorm):
         return _PicardState(x, fx)
 
-    def g_buffer(self, state, x):
-        return None  # g is never read: the residual pass does not write it
+    def residual(self, state, x, fx):
+        return (None, *self.kernels.residual(x, fx, None), state)  # g is never read: not written
 
     def step(self, fn, state, active, frozen=None):
         return self.kernels.picard_step(state.x, state.fx, self.beta, frozen, active), state
@@ -127,6 +127,7 @@ class _AndersonState:
     valid: Tensor  # (B, m) bool: slot holds a pair of the current history
     count: int  # pairs written so far
     newest: Tensor  # (B, m) bool, one-hot: the slot of each sample's newest pair in its history
+    row: Tensor  # (B, m) the Gram row of the pair just written to the next slot (by ``residual``)
     gnorm: Tensor  # (B,) ||g|| of that pair
     restarts: Tensor  # (B,) history restarts per sample
 
@@ -138,7 +139,7 @@ class Anderson:
     ridge: float = 1e-6
     max_coeff: float = 1e4
     growth: float = 1e2
-    kernels: ModuleType = kernel_modules.reference  # fused history write + Gram row, fused mixing
+    kernels: ModuleType = kernel_modules.reference  # residual + history write + Gram row in one pass, fused mixing
     graph_safe: bool = False  # small solves by plain tensor ops (no library call that could sync): graph capture
     freezes = True  # the mixing kernel keeps stopped samples in the same pass
 
@@ -150,31 +151,35 @@ class Anderson:
     def init(self, x, fx, g, gnorm):
         batch, dim = x.shape
         sdt = stat_dtype(x.dtype)
+        F, G = x.new_zeros(batch, self.m, dim), x.new_zeros(batch, self.m, dim)
         state = _AndersonState(
-            F=x.new_zeros(batch, self.m, dim),
-            G=x.new_zeros(batch, self.m, dim),
+            F=F,
+            G=G,
             gram=x.new_zeros(batch, self.m, self.m, dtype=sdt),
             valid=torch.zeros(batch, self.m, dtype=torch.bool, device=x.device),
             count=0,
             newest=torch.zeros(batch, self.m, dtype=torch.bool, device=x.device),
+            row=self.kernels.anderson_write(F, G, 0, fx, g),  # the start pair into slot 0
             gnorm=gnorm.clone(),  # updated in place
             restarts=torch.zeros(batch, dtype=torch.long, device=x.device),
         )
-        return self._write(state, fx, g, gnorm, growth=None)
+        return self._absorb(state, gnorm, growth=None)
 
-    def _write(self, state: _AndersonState, fx, g, gnorm, growth: float | None) -> _AndersonState:
-        """Store (f(x), g) in the next slot, fill that slot's row and column of the Gram matrix, and
-        update the history's bookkeeping in place (a step that multiplied ||g|| by more than ``growth``
-        restarts the history from the pair it came from; None: never)."""
+    def _absorb(self, state: _AndersonState, gnorm, growth: float | None) -> _AndersonState:
+        """The pair just written to the next slot joins the history: its Gram row and column, and the
+        bookkeeping in place (a step that multiplied ||g|| by more than ``growth`` restarts the history
+        from the pair it came from; None: never)."""
         slot = state.count % self.m
-        row = self.kernels.anderson_write(state.F, state.G, slot, fx, g)  # (B, m) new Gram row
         self.kernels.anderson_absorb(
-            state.gram, row, state.valid, state.newest, state.gnorm, gnorm, state.restarts, slot, growth
+            state.gram, state.row, state.valid, state.newest, state.gnorm, gnorm, state.restarts, slot, growth
         )
         return replace(state, count=state.count + 1)
 
-    def g_buffer(self, state, x):
-        return state.G[:, state.count % self.m]  # the residual pass writes g straight into the next slot
+    def residual(self, state, x, fx):
+        # one pass: g = f(x) - x straight into the next slot, f(x) beside it, the norms and the new Gram row
+        slot = state.count % self.m
+        gsq, fsq, row = self.kernels.anderson_residual_write(state.F, state.G, slot, x, fx)
+        return state.G[:, slot], gsq, fsq, replace(state, row=row)
 
     def step(self, fn, state, active, frozen=None):
         # mixing weights (B, m); ill-conditioned samples restart (in place: valid, restarts) with a damped step
@@ -185,8 +190,9 @@ class Anderson:
         return self.kernels.anderson_mix(state.F, state.G, alpha, self.beta, frozen, active), state
 
     def update(self, state, x, fx, g, gnorm):
-        # a step that blew the residual up restarts from the pair it came from (needs m > 1)
-        return self._write(state, fx, g, gnorm, growth=self.growth if self.m > 1 else None)
+        # the pair is already in its slot (residual); a step that blew the residual up restarts from
+        # the pair it came from (needs m > 1)
+        return self._absorb(state, gnorm, growth=self.growth if self.m > 1 else None)
 
 
 @_common_doc

@@ -83,6 +83,29 @@ def test_anderson_write_kernel_equals_twin(dtype, slot):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("slot", [0, 2])
+@pytest.mark.parametrize("dim", [21, 300])  # masked tails; 300: several chunks
+def test_anderson_residual_write_kernel_equals_twin(dtype, slot, dim):
+    """The residual pass fused into the history write: the same slots, norms and Gram row as the two apart."""
+    gen = torch.Generator().manual_seed(slot + dim)
+    F, G = (torch.randn(2, 3, dim, generator=gen).to(dtype).to(DEVICE) for _ in range(2))
+    x, fx = (torch.randn(2, dim, generator=gen).to(dtype).to(DEVICE) for _ in range(2))
+    F2, G2, F3, G3 = F.clone(), G.clone(), F.clone(), G.clone()
+    gsq1, fsq1, row1 = triton_kernels.anderson_residual_write(F, G, slot, x, fx)
+    gsq2, fsq2, row2 = reference.anderson_residual_write(F2, G2, slot, x, fx)
+    g = torch.empty_like(x)
+    gsq3, fsq3 = reference.residual(x, fx, g)  # the two passes apart
+    row3 = reference.anderson_write(F3, G3, slot, fx, g)
+    assert torch.equal(F, F2) and torch.equal(F, F3) and torch.equal(G2, G3)
+    _close(G, G2, dtype, scale=4)  # g = f(x) - x rounded once: equal up to fp32 vs torch rounding order
+    for gsq, fsq, row in ((gsq1, fsq1, row1), (gsq3, fsq3, row3)):
+        torch.testing.assert_close(gsq, gsq2, rtol=4 * ULPS[dtype] + 1e-6, atol=1e-6)
+        torch.testing.assert_close(fsq, fsq2, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(row, row2, rtol=4 * ULPS[dtype] + 1e-5, atol=1e-4)
+    torch.testing.assert_close(row2[:, slot], gsq2.to(row2.dtype), rtol=1e-5, atol=1e-6)  # its own entry: g . g
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("beta", [1.0, 0.6])
 def test_anderson_mix_kernel_equals_twin_and_freezes(dtype, beta):
     gen = torch.Generator().manual_seed(7)
@@ -171,6 +194,11 @@ def test_kernels_on_gpu_at_real_sizes(dtype):
     F2, G2 = F.clone(), G.clone()
     row = triton_kernels.anderson_write(F, G, 3, fx, g)
     assert rel(row, reference.anderson_write(F2, G2, 3, fx, g)) < 1e-5 and torch.equal(F, F2) and torch.equal(G, G2)
+    F3, G3 = F.clone(), G.clone()
+    fused = triton_kernels.anderson_residual_write(F, G, 1, x, fx)
+    for a, b in zip(fused, reference.anderson_residual_write(F3, G3, 1, x, fx)):
+        assert rel(a, b) < (1e-5 if dtype == torch.float32 else 1e-3)
+    assert torch.equal(F, F3) and rel(G, G3) < tol
     mix = triton_kernels.anderson_mix(F, G, alpha, 0.5, x, active)
     assert rel(mix, reference.anderson_mix(F, G, alpha, 0.5, x, active)) < tol
     coeff = triton_kernels.broyden_dots(U, V, 4, g, dx)

@@ -20,6 +20,7 @@ __all__ = [
     "residual",
     "picard_step",
     "anderson_write",
+    "anderson_residual_write",
     "anderson_absorb",
     "anderson_coefficients",
     "anderson_mix",
@@ -58,6 +59,13 @@ def anderson_write(F: Tensor, G: Tensor, slot: int, fx: Tensor, g: Tensor) -> Te
         G[:, slot] = g
     acc = stat_dtype(g.dtype)
     return torch.bmm(G.to(acc), g.to(acc).unsqueeze(2)).squeeze(2)
+
+
+def anderson_residual_write(F: Tensor, G: Tensor, slot: int, x: Tensor, fx: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The residual pass and the history write in one: g = f(x) - x goes straight into slot ``slot``
+    of G and f(x) into F (in place). Returns ||g||^2, ||f(x)||^2 (B,) and the Gram row G g (B, m)."""
+    gsq, fsq = residual(x, fx, G[:, slot])
+    return gsq, fsq, anderson_write(F, G, slot, fx, G[:, slot])
 
 
 def is_slot(history: Tensor, slot: int, t: Tensor) -> bool:
@@ -175,9 +183,10 @@ def bookkeep(
         new_active &= done < max_iter
     else:
         trace[row] = residuals
-    take = torch.where(improved & ~new_active, TAKE_NEW, torch.where(pending & ~improved, TAKE_PREV, KEEP))
+    # bools compare as 0 < 1: a > b is a & ~b (fewer small ops: this runs every iteration on the CPU path)
+    take = torch.where(pending > improved, TAKE_PREV, (improved > new_active).to(torch.int8))  # TAKE_NEW == 1
     torch.logical_and(improved, new_active, out=pending)
-    return gnorm, new_active, take.to(torch.int8), torch.stack([new_active.sum(), (take != KEEP).sum()])
+    return gnorm, new_active, take, torch.stack([new_active.sum(), torch.count_nonzero(take)])
 
 
 def solve_spd(a: Tensor, b: Tensor) -> Tensor:

@@ -23,6 +23,7 @@ from . import reference
 
 __all__ = [
     "anderson_absorb",
+    "anderson_residual_write",
     "anderson_coefficients",
     "anderson_mix",
     "anderson_write",
@@ -102,44 +103,74 @@ def residual(x: Tensor, fx: Tensor, g_out: Tensor | None) -> tuple[Tensor, Tenso
 
 
 @triton.jit
-def _anderson_write_kernel(F_ptr, G_ptr, fx_ptr, g_ptr, out_ptr, D, slot, sFb, sFm, sGb, sGm, sf, sg, n_chunks,
-                           M: tl.constexpr, MP: tl.constexpr, BLOCK: tl.constexpr, STEPS: tl.constexpr,
-                           STORE_G: tl.constexpr):  # fmt: skip
+def _anderson_write_kernel(F_ptr, G_ptr, fx_ptr, src_ptr, out_ptr, sums_ptr, D, slot, sFb, sFm, sGb, sGm, sf, ss,
+                           n_chunks, plane, M: tl.constexpr, MP: tl.constexpr, BLOCK: tl.constexpr,
+                           STEPS: tl.constexpr, STORE_G: tl.constexpr, FROM_X: tl.constexpr):  # fmt: skip
     # Each step loads the whole (m, BLOCK) history tile at once (many bytes in flight) and g once.
+    # src is g; with FROM_X it is x: g = f(x) - x is formed here (the residual pass fused in), stored in
+    # the slot, and ||g||^2, ||f(x)||^2 go to sums as the residual kernel's partials (2, B, chunks).
     b = tl.program_id(0).to(tl.int64)  # 64-bit offsets: B * m * D may pass 2**31
     c = tl.program_id(1)
     j = tl.arange(0, MP)[:, None]  # (MP, 1) history slots
     acc = tl.zeros([MP, BLOCK], dtype=tl.float32)
+    acc_g = tl.zeros([BLOCK], dtype=tl.float32)
+    acc_f = tl.zeros([BLOCK], dtype=tl.float32)
     for i in range(STEPS):
         idx = (c * STEPS + i) * BLOCK + tl.arange(0, BLOCK)
         mask = idx < D
-        g = tl.load(g_ptr + b * sg + idx, mask=mask, other=0.0)
+        src = tl.load(src_ptr + b * ss + idx, mask=mask, other=0.0)
         f = tl.load(fx_ptr + b * sf + idx, mask=mask, other=0.0)
-        stored = g.to(G_ptr.dtype.element_ty)
+        if FROM_X:
+            stored = (f.to(tl.float32) - src.to(tl.float32)).to(G_ptr.dtype.element_ty)
+            g = stored.to(tl.float32)
+            acc_g += g * g
+            acc_f += f.to(tl.float32) * f.to(tl.float32)
+        else:
+            stored = src.to(G_ptr.dtype.element_ty)
+            g = src.to(tl.float32)
         tl.store(F_ptr + b * sFb + slot * sFm + idx, f.to(F_ptr.dtype.element_ty), mask=mask)
         if STORE_G:  # else g is that slot already
             tl.store(G_ptr + b * sGb + slot * sGm + idx, stored, mask=mask)
         others = (j < M) & (j != slot) & mask[None, :]  # the new slot is not read back: its entry is g . g
         h = tl.load(G_ptr + b * sGb + j * sGm + idx[None, :], mask=others, other=0.0).to(tl.float32)
         h = tl.where(j == slot, stored.to(tl.float32)[None, :], h)
-        acc += h * g.to(tl.float32)[None, :]
+        acc += h * g[None, :]
     row = tl.arange(0, MP)
     tl.store(out_ptr + (b * n_chunks + c) * M + row, tl.sum(acc, axis=1), mask=row < M)
+    if FROM_X:
+        tl.store(sums_ptr + b * n_chunks + c, tl.sum(acc_g, axis=0))
+        tl.store(sums_ptr + plane + b * n_chunks + c, tl.sum(acc_f, axis=0))
+
+
+def _launch_anderson_write(F: Tensor, G: Tensor, slot: int, fx: Tensor, src: Tensor, from_x: bool):
+    """The history write's launch: (row partials (B, chunks, m), sums partials (2, B, chunks) or None)."""
+    batch, m, dim = F.shape
+    mp = triton.next_power_of_2(m)
+    block, steps, chunks = _grid_chunks(batch, dim, tile=max(64, TILE // mp))
+    partials = torch.empty(batch, chunks, m, dtype=torch.float32, device=F.device)
+    sums = torch.empty(2, batch, chunks, dtype=torch.float32, device=F.device) if from_x else partials
+    _anderson_write_kernel[(batch, chunks)](
+        F, G, fx, src, partials, sums, dim, slot, F.stride(0), F.stride(1), G.stride(0), G.stride(1), fx.stride(0),
+        src.stride(0), chunks, batch * chunks, M=m, MP=mp, BLOCK=block, STEPS=steps,
+        STORE_G=from_x or not reference.is_slot(G, slot, src), FROM_X=from_x, num_warps=NUM_WARPS,
+    )  # fmt: skip
+    return partials, (sums if from_x else None)
 
 
 def anderson_write(F: Tensor, G: Tensor, slot: int, fx: Tensor, g: Tensor) -> Tensor:
     """Triton twin of reference.anderson_write."""
     _check("anderson_write", F, G, fx, g)
-    batch, m, dim = F.shape
-    mp = triton.next_power_of_2(m)
-    block, steps, chunks = _grid_chunks(batch, dim, tile=max(64, TILE // mp))
-    partials = torch.empty(batch, chunks, m, dtype=torch.float32, device=F.device)
-    _anderson_write_kernel[(batch, chunks)](
-        F, G, fx, g, partials, dim, slot, F.stride(0), F.stride(1), G.stride(0), G.stride(1), fx.stride(0),
-        g.stride(0), chunks, M=m, MP=mp, BLOCK=block, STEPS=steps, STORE_G=not reference.is_slot(G, slot, g),
-        num_warps=NUM_WARPS,
-    )  # fmt: skip
-    return partials.sum(dim=1)
+    return _launch_anderson_write(F, G, slot, fx, g, from_x=False)[0].sum(dim=1)
+
+
+def anderson_residual_write(F: Tensor, G: Tensor, slot: int, x: Tensor, fx: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Triton twin of reference.anderson_residual_write."""
+    _check("anderson_residual_write", F, G, x, fx)
+    if G.dtype != x.dtype:
+        raise ValueError(f"anderson_residual_write: G must have x's dtype {x.dtype}, got {G.dtype}")
+    partials, sums = _launch_anderson_write(F, G, slot, fx, x, from_x=True)
+    gsq, fsq = sums.sum(dim=2)  # contiguous (B,) each
+    return gsq, fsq, partials.sum(dim=1)
 
 
 @triton.jit

@@ -1,7 +1,7 @@
 """Launch-parameter sweep of the tiled Triton kernels on a GPU (run by hand, or by gpu_check.sh).
 
 python benchmarks/gpu_tune.py [out_dir] [dtype ...]: for anderson_write, broyden_dots,
-broyden_combine and the residual pass, at FPDM-XL/2 size (32 x 256 x 1152) and at B*D = 1e8,
+broyden_combine and the residual pass, at FPDM-XL/2 size (32 x 256 x 1152) and at B*D ~ 1e8,
 times every combination of elements per inner step (TILE for the history tiles, BLOCK for
 the vector kernels), inner steps per program (MAX_STEPS) and warps per program (NUM_WARPS),
 and prints the achieved bandwidth against the module's current setting. The defaults are
@@ -20,7 +20,7 @@ import torch
 
 from fixedpoint.kernels import triton_kernels as tk
 
-SIZES = {"fpdm-xl/2": 256 * 1152, "1e8": 10**8 // 32}  # D at batch 32
+SIZES = {"fpdm-xl/2": 256 * 1152, "1e8": 3 * 2**20}  # D at batch 32 (both multiples of 16: one compile per config)
 BATCH, M, N = 32, 5, 10
 GRID = {"tile": [1024, 2048, 4096, 8192], "steps": [4, 16], "warps": [4, 8]}
 
@@ -82,13 +82,14 @@ def main(out: Path, dtypes: list[str]) -> None:
                 "all TB/s": {str(k): nbytes / v / 1e12 for k, v in timed.items()},
             }
             rows.append(row)
+            result = {"device": torch.cuda.get_device_name(), "rows": rows}
+            (out / "tune.json").write_text(json.dumps(result, indent=1))  # after every row: a timeout keeps the rest
             print(
                 f"{name:24s} {dtype_name:9s} {size_name:10s} default {default} {row['default TB/s']:.2f} TB/s"
                 f" | best {best} {row['best TB/s']:.2f} TB/s",
                 flush=True,
             )
         torch.cuda.empty_cache()
-    (out / "tune.json").write_text(json.dumps({"device": torch.cuda.get_device_name(), "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":

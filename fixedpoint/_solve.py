@@ -103,11 +103,25 @@ def row_norms(v: Tensor, dtype: torch.dtype) -> Tensor:
     return torch.linalg.vector_norm(v, dim=1, dtype=dtype)
 
 
+def _data_ptr(t: Tensor) -> int | None:
+    """t's address, or None for tensors without storage (torch.func wrappers inside Newton's jvp)."""
+    try:
+        return t.data_ptr()
+    except RuntimeError:
+        return None
+
+
 class _CountedMap:
-    """f on flat (B, D) tensors: reshapes to the user's shape, checks it, counts calls."""
+    """f on flat (B, D) tensors: reshapes to the user's shape, checks it, counts calls.
+
+    The loop keeps earlier outputs (the best and the last pair, Anderson's history), so f must
+    return a new tensor on every call: an output at the previous call's address (a static
+    output buffer, as a CUDA-graphed model has) is a ValueError, not silently overwritten data.
+    """
 
     def __init__(self, f: Callable[[Tensor], Tensor], shape: torch.Size):
         self.f, self.shape, self.calls = f, shape, 0
+        self.last: Tensor | None = None  # the previous output, kept alive so its address cannot be reused
 
     def __call__(self, z: Tensor) -> Tensor:
         self.calls += 1
@@ -119,6 +133,14 @@ class _CountedMap:
                 f"f changed the shape: input {tuple(self.shape)}, output {tuple(out.shape)}; "
                 "f must map a batch to the same shape"
             )
+        address = _data_ptr(out)
+        if address is not None:
+            if self.last is not None and address == self.last.data_ptr():
+                raise ValueError(
+                    "f returned its previous output's buffer again (a static output, as a CUDA-graphed model "
+                    "has); the solver keeps earlier outputs, so f must return a new tensor: return out.clone()"
+                )
+            self.last = out
         return out.reshape(z.shape).to(z.dtype).contiguous()  # the kernels read rows of (B, D) at stride 1
 
 

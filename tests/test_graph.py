@@ -77,6 +77,27 @@ def test_graph_loop_keeps_the_best_iterate_when_the_residual_rises(monkeypatch, 
     assert torch.equal(sol.x, expected) and torch.equal(sol.fx, f(expected))
 
 
+@pytest.mark.parametrize("solver,options", [("anderson", {"m": 1}), ("anderson", {"m": 2}), ("picard", {"beta": 0.9})])
+@pytest.mark.parametrize("check_every", [1, 8])
+def test_graph_loop_returns_the_lowest_residual_pair(monkeypatch, solver, options, check_every):
+    """Whatever the solver, the returned pair is the one with the lowest residual seen (start included),
+    including when the best was the previous pair, carried across a replay in the static buffers."""
+    f_linear, x0, _ = transient_growth(batch=8, seed=3)
+
+    def f(z):
+        return f_linear(z) + 0.3 * torch.sin(3 * z)
+
+    monkeypatch.setattr(_solve, "GRAPHS", EagerGraphs())
+    sol = getattr(fixedpoint, solver)(f, x0, tol=1e-30, max_iter=20, stop="abs", graph=True, check_every=check_every,
+                                      **options)  # fmt: skip
+    assert (sol.trace.diff(dim=0) > 0).any(), "the residuals must rise somewhere for this test to mean anything"
+    start = (f(x0) - x0).norm(dim=1)
+    lowest = torch.minimum(start, sol.trace.nan_to_num(float("inf")).min(dim=0).values)
+    assert torch.equal(sol.residual, lowest)
+    torch.testing.assert_close(sol.fx, f(sol.x), rtol=0, atol=0)
+    torch.testing.assert_close((sol.fx - sol.x).norm(dim=1), sol.residual, rtol=1e-12, atol=0)
+
+
 def test_graph_loop_stops_early_when_every_sample_converges(monkeypatch):
     monkeypatch.setattr(_solve, "GRAPHS", EagerGraphs())
     sol = fixedpoint.anderson(lambda z: 0.5 * z + 1.0, torch.zeros(3, 4), tol=1e-6, max_iter=500, graph=True, m=2)

@@ -1,6 +1,7 @@
 """The robustness rules of the public contract, one test each."""
 
 import re
+from functools import partial
 
 import pytest
 import torch
@@ -163,6 +164,26 @@ def test_f_changing_shape_or_batch_is_a_value_error(solver):
         solver(lambda z: z[:, :2], torch.zeros(3, 4))
     with pytest.raises(ValueError, match=r"\(3, 4\).*\(1, 4\)"):
         solver(lambda z: z[:1], torch.zeros(3, 4))
+
+
+@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("check_every", [1, 3])
+def test_f_returning_a_static_output_buffer_is_a_value_error(name, check_every):
+    """A CUDA-graphed model hands back one buffer on every call: the loop would read overwritten pairs.
+
+    (Newton's default forward-mode jvp rejects such an f by itself: torch.func forbids the in-place copy.)
+    """
+    solver = partial(fixedpoint.newton, jvp="reverse") if name == "newton" else getattr(fixedpoint, name)
+    f, b, _ = linear_deq(dim=4, batch=2)
+    buffer = torch.empty_like(b)
+
+    def static(z):
+        return buffer.copy_(f(z))
+
+    with pytest.raises(ValueError, match="previous output's buffer.*must return a new tensor"):
+        solver(static, b, tol=1e-12, check_every=check_every)
+    sol = solver(lambda z: static(z).clone(), b, tol=1e-12, check_every=check_every)  # the fix the error names
+    torch.testing.assert_close(sol.x, solver(f, b, tol=1e-12, check_every=check_every).x, rtol=0, atol=0)
 
 
 def test_bad_inputs_are_type_errors():

@@ -69,6 +69,22 @@ def test_the_best_iterate_is_kept_when_the_residual_rises(max_iter, check_every)
     assert torch.equal(sol.residual, residuals.min(dim=0).values)
 
 
+@pytest.mark.parametrize("solver,options", [*[(s, {}) for s in ALL], ("anderson", {"m": 1})])
+@pytest.mark.parametrize("check_every", [1, 3])
+def test_every_solver_returns_its_lowest_residual_pair(solver, options, check_every):
+    f_linear, x0, _ = transient_growth(batch=8, seed=3)
+
+    def f(z):
+        return f_linear(z) + 0.3 * torch.sin(3 * z)
+
+    sol = getattr(fixedpoint, solver)(f, x0, tol=1e-30, max_iter=15, stop="abs", check_every=check_every, **options)
+    start = (f(x0) - x0).norm(dim=1)
+    lowest = torch.minimum(start, sol.trace.nan_to_num(float("inf")).min(dim=0).values)
+    assert torch.equal(sol.residual, lowest)
+    torch.testing.assert_close(sol.fx, f(sol.x), rtol=0, atol=0)
+    torch.testing.assert_close((sol.fx - sol.x).norm(dim=1), sol.residual, rtol=1e-12, atol=0)
+
+
 @pytest.mark.parametrize(
     "ours,theirs",
     [

@@ -179,15 +179,19 @@ def main(args: argparse.Namespace) -> None:
         restore_rng_states(ckpt["rng"][rank], generators)
         start_step = ckpt["step"]
         log(f"resuming from {ckpt_path} at step {start_step}")
+        if start_step >= args.steps:
+            log(f"already trained to step {start_step} (--steps {args.steps}): nothing to train; sampling from it")
     elif is_main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps({"run": run, "model": dataclasses.asdict(model.config)}, indent=2))
 
     net = nn.parallel.DistributedDataParallel(model) if world > 1 else model
     metrics_path = out / "metrics.jsonl"
-    if is_main and metrics_path.exists():  # keep only what the checkpoint we start from had seen
-        kept = [json.dumps(r) for r in read_metrics(metrics_path) if r.get("step", 0) <= start_step]
-        metrics_path.write_text("".join(line + "\n" for line in kept))
+    seen: list[dict] = []  # the records the checkpoint we start from had seen
+    if is_main and metrics_path.exists():  # keep only those
+        seen = [r for r in read_metrics(metrics_path) if r.get("step", 0) <= start_step]
+        metrics_path.write_text("".join(json.dumps(r) + "\n" for r in seen))
+    last_loss = seen[-1].get("loss", float("nan")) if seen else float("nan")  # the bar's loss until the next log
     metrics = open(metrics_path, "a") if is_main else None  # noqa: SIM115 (kept open for the loop)
 
     # ---------------------------------------------------------------- training loop
@@ -201,7 +205,7 @@ def main(args: argparse.Namespace) -> None:
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     tic, window_loss, window_steps = time.perf_counter(), 0.0, 0
     with progress:
-        task = progress.add_task("train", total=args.steps, completed=start_step, loss=float("nan"), speed=0.0, fp="-")
+        task = progress.add_task("train", total=args.steps, completed=start_step, loss=last_loss, speed=0.0, fp="-")
         for step in range(start_step, args.steps):
             idx = torch.randint(len(data), (local_batch,), generator=generators["data"]).to(device)
             x, y = images[idx], labels[idx]

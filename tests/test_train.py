@@ -65,6 +65,11 @@ def test_resume_equals_an_uninterrupted_run(tmp_path):
     _assert_same_weights(_weights(whole), _weights(parts))
     steps = [json.loads(line)["step"] for line in (parts / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4, 5, 6]
+    metrics = (parts / "metrics.jsonl").read_text()
+    again = run("--steps", "6", "--out", str(parts), *FAST, "--model", "FPDM-T/2")  # a finished run: nothing to do
+    assert again.returncode == 0 and "already trained to step 6 (--steps 6): nothing to train" in again.stdout
+    _assert_same_weights(_weights(whole), _weights(parts))
+    assert (parts / "metrics.jsonl").read_text() == metrics and (parts / "samples.png").is_file()
 
 
 def test_killed_run_resumed_equals_an_uninterrupted_run(tmp_path):

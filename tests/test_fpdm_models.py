@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+import fixedpoint
 from fpdm.diffusion import Diffusion
 from fpdm.models import MODEL_SIZES, DiTBlock, FixedPointState, create_model, fixed_iterations, model_names
 
@@ -113,6 +114,13 @@ def test_fpdm_eval_runs_the_configured_solver_and_reports_calls():
         model(x, t, y)
     assert model.last_fixed_point.calls == 7 and model.block_evaluations == 9
     assert model.last_fixed_point.solution.nsteps.tolist() == [6, 6]
+    # the same iterates as the default loop (which syncs after every iteration)
+    options = fixed_iterations(7).keywords
+    assert options["check_every"] == 6 and fixed_iterations(7, check_every=1).keywords["check_every"] == 1
+    f = lambda z: 0.5 * torch.tanh(z) + 1.0  # noqa: E731
+    z0 = torch.randn(3, 5)
+    synced = fixedpoint.picard(f, z0, **{**options, "check_every": 1})
+    assert torch.equal(fixed_iterations(7)(f, z0).x, synced.x)
 
 
 def test_fpdm_eval_with_anderson_converges_and_warm_start_matches():

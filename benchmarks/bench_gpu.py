@@ -14,6 +14,8 @@ Three tables, each from one run on one device:
 3. Solver overhead per iteration as a fraction of one FPDM-XL/2 fixed-point
    iteration (its real fixed-point block, random weights, bf16, batch 32):
    (solve time - f calls x f time) / (iterations x f time). Target: <= 5%.
+   A second table takes the difference of a 20- and a 60-iteration solve, so
+   per-solve work (the start, a graph's warm-up and capture) drops out.
 
 Times are medians of ``triton.testing.do_bench`` (CUDA events, L2 flushed
 before every call). ``BENCH_JSON=path`` also writes the tables as JSON.
@@ -35,6 +37,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU bench
 BANDWIDTH = "kernel bandwidth, fraction of peak (B = 32, min bytes / median time)"
 STEP = "Anderson step at FPDM-XL/2 sizes (32 x 256 x 1152, bf16, m = 5): Triton vs PyTorch"
 OVERHEAD = "solver overhead per iteration / one FPDM-XL/2 fixed-point iteration (batch 32, bf16)"
+STEADY = "steady-state solver overhead per iteration / one FPDM-XL/2 fixed-point iteration (per-solve costs removed)"
 
 PEAK_BYTES_PER_S = {"H100": 3.35e12, "H200": 4.8e12, "A100": 2.0e12}  # datasheet (SXM parts)
 SIZES = [10**5, 10**6, 10**7, 10**8]
@@ -231,3 +234,33 @@ def bench_overhead_fpdm_xl(report, fpdm_xl_map, name):
     report.add(OVERHEAD, solver=name, iterations=iters, f_ms=f_ms, solve_ms=solve_ms, f_calls=sol.nfev,
                overhead=f"{100 * overhead:.1f}%")  # fmt: skip
     report.note(OVERHEAD, "overhead = (solve - calls x f) / (iterations x f), graph capture included; target <= 5%")
+
+
+STEADY_SOLVES = {  # name: solve(f, z, n)
+    "picard": lambda f, z, n: fixedpoint.picard(f, z, **_free(n)),
+    "picard check_every=20": lambda f, z, n: fixedpoint.picard(f, z, check_every=20, **_free(n)),
+    "picard graph": lambda f, z, n: fixedpoint.picard(f, z, graph=True, check_every=20, **_free(n)),
+    "anderson m=5": lambda f, z, n: fixedpoint.anderson(f, z, m=5, **_free(n)),
+    "anderson m=5 graph": lambda f, z, n: fixedpoint.anderson(f, z, m=5, graph=True, check_every=20, **_free(n)),
+}
+STEADY_ITERS = (20, 60)
+
+
+@pytest.mark.parametrize("name", list(STEADY_SOLVES))
+def bench_steady_overhead_fpdm_xl(report, fpdm_xl_map, name):
+    """Two solves of different lengths: their difference is what each further iteration costs, without the
+    per-solve work (the start, a graph's warm-up and capture)."""
+    f, z0 = fpdm_xl_map
+    solve = STEADY_SOLVES[name]
+    with torch.no_grad():
+        f_ms = _bench_ms(lambda: [f(z0) for _ in range(N_ITERS)], rep=400) / N_ITERS
+        sols = [solve(f, z0, n) for n in STEADY_ITERS]
+        for sol, n in zip(sols, STEADY_ITERS):
+            assert int(sol.nsteps.max()) == n, sol
+        short, long = (_bench_ms(lambda n=n: solve(f, z0, n), rep=400) for n in STEADY_ITERS)
+    iters = STEADY_ITERS[1] - STEADY_ITERS[0]
+    overhead = (long - short - (sols[1].nfev - sols[0].nfev) * f_ms) / (iters * f_ms)
+    report.add(STEADY, solver=name, iterations=f"{STEADY_ITERS[0]} vs {STEADY_ITERS[1]}", f_ms=f_ms,
+               short_ms=short, long_ms=long, per_iteration_us=1e3 * (long - short) / iters - 1e3 * f_ms,
+               overhead=f"{100 * overhead:.1f}%")  # fmt: skip
+    report.note(STEADY, "overhead = ((long - short) - extra calls x f) / (extra iterations x f); target <= 5%")

@@ -1,0 +1,92 @@
+"""The GPU benchmark scripts, dry-run on CPU (Triton's interpreter, tiny sizes, untimed).
+
+They only run for real on a lent GPU, where a broken script wastes scarce device time;
+this runs every code path once and checks what they report.
+"""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("fixedpoint.kernels.triton_kernels", reason="triton is not installed")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+import bench_gpu  # noqa: E402
+import gpu_tune  # noqa: E402
+
+
+class Rows:
+    def __init__(self):
+        self.rows = []
+
+    def add(self, table, **row):
+        self.rows.append((table, row))
+
+    def note(self, table, text):
+        pass
+
+
+@pytest.fixture
+def cpu_dry_run(monkeypatch):
+    monkeypatch.setattr(bench_gpu, "DEVICE", "cpu")
+    monkeypatch.setattr(bench_gpu, "BATCH", 2)
+    monkeypatch.setattr(bench_gpu, "N_BROYDEN", 3)
+
+
+def test_bench_gpu_kernel_cases_and_anderson_step_run(cpu_dry_run):
+    names = []
+    for name, elements, impls in bench_gpu._kernel_cases(40, torch.bfloat16):
+        assert elements >= 2 * 2 * 40 and set(impls) == {"triton", "torch"}
+        for thunk in impls.values():
+            thunk()
+        names.append(name)
+    assert "anderson_residual_write m=5" in names and "residual (g not kept)" in names
+    for impl in ("torch", "triton"):
+        step = bench_gpu._anderson_step(impl, 2, 64, torch.float32)
+        step()
+        step()
+
+
+def test_bench_gpu_overhead_tables_are_filled(cpu_dry_run):
+    gen = torch.Generator().manual_seed(0)
+    noise = torch.randn(64, 2, 3, 8, generator=gen)
+    calls = [0]
+
+    def f(z):  # never exactly at its fixed point: every solve runs all its iterations
+        calls[0] += 1
+        return torch.tanh(0.5 * z + 1) + 0.01 * noise[calls[0] % 64]
+
+    report, z0 = Rows(), torch.zeros(2, 3, 8)
+    for name in ("picard", "anderson m=5", "broyden m=20"):
+        bench_gpu.bench_overhead_fpdm_xl(report, (f, z0), name)
+    for name in ("picard", "picard check_every=20", "anderson m=5"):
+        bench_gpu.bench_steady_overhead_fpdm_xl(report, (f, z0), name)
+    tables = [table for table, _ in report.rows]
+    assert tables.count(bench_gpu.OVERHEAD) == 3 and tables.count(bench_gpu.STEADY) == 3
+    steady = [row for table, row in report.rows if table == bench_gpu.STEADY]
+    assert all(row["iterations"] == "20 vs 60" and row["overhead"].endswith("%") for row in steady)
+
+
+def test_gpu_tune_sweeps_and_writes_its_json(monkeypatch, tmp_path):
+    real_randn = torch.randn
+    monkeypatch.setattr(torch, "randn", lambda *a, **k: real_randn(*a, **{**k, "device": "cpu"}))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda: "cpu dry run")
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    import triton.testing
+
+    monkeypatch.setattr(triton.testing, "do_bench", lambda fn, **kw: (fn(), 1.0)[1])  # 1 ms per call
+    monkeypatch.setattr(gpu_tune, "SIZES", {"tiny": 300})
+    monkeypatch.setattr(gpu_tune, "BATCH", 2)
+    monkeypatch.setattr(gpu_tune, "GRID", {"tile": [64, 128], "steps": [1, 2], "warps": [4]})
+    defaults = {k: getattr(gpu_tune.tk, k) for k in ("TILE", "BLOCK", "MAX_STEPS", "NUM_WARPS")}
+    gpu_tune.main(tmp_path, ["bfloat16"])
+    assert {k: getattr(gpu_tune.tk, k) for k in defaults} == defaults  # the sweep leaves the module as it was
+    rows = json.loads((tmp_path / "tune.json").read_text())["rows"]
+    kernels = ["residual", "anderson_write m=5", "broyden_dots n=10", "broyden_combine n=10"]
+    assert [r["kernel"] for r in rows] == kernels
+    for row in rows:
+        assert len(row["all TB/s"]) == 4 + 1  # the grid and the default
+        assert row["best TB/s"] == pytest.approx(row["default TB/s"])  # every config "took" 1 ms here

@@ -117,6 +117,8 @@ class _CountedMap:
     The loop keeps earlier outputs (the best and the last pair, Anderson's history), so f must
     return a new tensor on every call: an output at the previous call's address (a static
     output buffer, as a CUDA-graphed model has) is a ValueError, not silently overwritten data.
+    Returning its own input is fine (a projection at a feasible point); a static buffer that is
+    also f's input (Picard with beta = 1 feeds f its last output) cannot be told apart from that.
     """
 
     def __init__(self, f: Callable[[Tensor], Tensor], shape: torch.Size):
@@ -135,10 +137,11 @@ class _CountedMap:
             )
         address = _data_ptr(out)
         if address is not None:
-            if self.last is not None and address == self.last.data_ptr():
+            if self.last is not None and address == self.last.data_ptr() and address != _data_ptr(z):
                 raise ValueError(
-                    "f returned its previous output's buffer again (a static output, as a CUDA-graphed model "
-                    "has); the solver keeps earlier outputs, so f must return a new tensor: return out.clone()"
+                    "f returned a tensor at its previous output's address (a static output buffer, as a "
+                    "CUDA-graphed model has, or one constant tensor on every call); the solver keeps earlier "
+                    "outputs, so f must return a new tensor on every call: return out.clone()"
                 )
             self.last = out
         return out.reshape(z.shape).to(z.dtype).contiguous()  # the kernels read rows of (B, D) at stride 1

@@ -131,9 +131,11 @@ def fixed_iterations(n: int, solver: Callable[..., Solution] = fixedpoint.picard
 
     The shared loop calls f once at the start and once per iteration, so this is
     ``max_iter = n - 1`` with a tolerance no residual reaches; n = 1 is one call.
-    No residual reaches that tolerance, so the loop need not ask the device after
-    every iteration whether to go on (``check_every = n - 1``: no host sync per
-    iteration on GPUs; only a start whose residual is exactly 0 stops sooner).
+    The loop need not ask the device after every iteration whether to go on
+    (``check_every = n - 1``: no host sync per iteration on GPUs), so the n calls are
+    made even when every sample stops sooner (a NaN, an exact fixed point; only a
+    start where all have stopped makes one call). Newton adds its Jacobian-vector
+    products to the n.
     """
     if not isinstance(n, int) or n < 1:
         raise ValueError(f"iterations must be an integer >= 1, got {n!r}")

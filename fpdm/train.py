@@ -180,7 +180,7 @@ def main(args: argparse.Namespace) -> None:
         start_step = ckpt["step"]
         log(f"resuming from {ckpt_path} at step {start_step}")
         if start_step >= args.steps:
-            log(f"already trained to step {start_step} (--steps {args.steps}): nothing to train; sampling from it")
+            log(f"already trained to step {start_step} (--steps {args.steps}): nothing to train")
     elif is_main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps({"run": run, "model": dataclasses.asdict(model.config)}, indent=2))

@@ -325,10 +325,9 @@ def _loop(solver: Solver, f, x0: Tensor, *, tol, max_iter, stop, divergence, che
         # pair and the solver's tensors are copied back into these (dense: an expanded view cannot hold a
         # copy) after each chunk; a tensor that is both the last pair and solver state is copied once
         carried = {"active": active, "prev_x": prev_x, "prev_fx": prev_fx, **_state_tensors(state)}
-        static: dict[str, Tensor] = {}
-        for name, value in carried.items():
-            twin = next((static[k] for k in static if carried[k] is value), None)
-            static[name] = twin if twin is not None else value if value.is_contiguous() else value.contiguous()
+        buffers: dict[int, Tensor] = {}  # one static buffer per distinct tensor
+        dense = {name: v if v.is_contiguous() else v.contiguous() for name, v in carried.items()}
+        static = {name: buffers.setdefault(id(carried[name]), v) for name, v in dense.items()}
 
         def bind_static() -> None:
             nonlocal active, prev_x, prev_fx, state

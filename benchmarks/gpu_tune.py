@@ -2,11 +2,13 @@
 
 python benchmarks/gpu_tune.py [out_dir] [dtype ...]: for anderson_write, broyden_dots,
 broyden_combine and the residual pass, at FPDM-XL/2 size (32 x 256 x 1152) and at B*D ~ 1e8,
-times every combination of elements per inner step (TILE for the history tiles, BLOCK for
-the vector kernels), inner steps per program (MAX_STEPS) and warps per program (NUM_WARPS),
-and prints the achieved bandwidth against the module's current setting. The defaults are
-module constants of fixedpoint.kernels.triton_kernels; this only reads the numbers, it
-changes nothing. Bytes are the fewest the kernel must move, as in bench_gpu.py.
+times every combination of bytes per inner step (TILE_BYTES for the history tiles,
+BLOCK_BYTES for the vector kernels), inner steps per program (MAX_STEPS) and warps per
+program (NUM_WARPS); then, at the best of those, software pipelining of the inner steps
+(STAGES 2 and 3: cp.async loads in flight across steps). It prints the achieved bandwidth
+against the module's current setting. The defaults are module constants of
+fixedpoint.kernels.triton_kernels; this only reads the numbers, it changes nothing. Bytes
+moved are the fewest the kernel must move, as in bench_gpu.py.
 """
 
 from __future__ import annotations
@@ -22,11 +24,12 @@ from fixedpoint.kernels import triton_kernels as tk
 
 SIZES = {"fpdm-xl/2": 256 * 1152, "1e8": 3 * 2**20}  # D at batch 32 (both multiples of 16: one compile per config)
 BATCH, M, N = 32, 5, 10
-GRID = {"tile": [1024, 2048, 4096, 8192], "steps": [4, 16], "warps": [4, 8]}
+GRID = {"bytes": [0.5, 1, 2, 4], "steps": [4, 16], "warps": [4, 8]}  # bytes: times the module's default
+PIPELINE = [2, 3]  # STAGES tried at the best of GRID
 
 
 def _cases(dim: int, dtype: torch.dtype):
-    """(name, elements moved, module constant the tile sets, thunk) per kernel at (BATCH, dim)."""
+    """(name, elements moved, module constant of its bytes per step, thunk) per kernel at (BATCH, dim)."""
 
     def rand(*shape):
         return torch.randn(*shape, device="cuda").to(dtype)
@@ -35,20 +38,23 @@ def _cases(dim: int, dtype: torch.dtype):
     F, G, U, V = rand(BATCH, M, dim), rand(BATCH, M, dim), rand(BATCH, N, dim), rand(BATCH, N, dim)
     coeff = torch.randn(BATCH, 2, N, device="cuda")
     return [
-        ("residual", 3, "BLOCK", lambda: tk.residual(x, fx, g)),
-        (f"anderson_write m={M}", M + 3, "TILE", lambda: tk.anderson_write(F, G, 2, fx, g)),
-        (f"broyden_dots n={N}", 2 * N + 2, "TILE", lambda: tk.broyden_dots(U, V, N, g, dx)),
-        (f"broyden_combine n={N}", 2 * N + 5, "BLOCK", lambda: tk.broyden_combine(U, V, N, coeff, g, dx, hg)),
+        ("residual", 3, "BLOCK_BYTES", lambda: tk.residual(x, fx, g)),
+        (f"anderson_write m={M}", M + 3, "TILE_BYTES", lambda: tk.anderson_write(F, G, 2, fx, g)),
+        (f"broyden_dots n={N}", 2 * N + 2, "TILE_BYTES", lambda: tk.broyden_dots(U, V, N, g, dx)),
+        (f"broyden_combine n={N}", 2 * N + 5, "BLOCK_BYTES", lambda: tk.broyden_combine(U, V, N, coeff, g, dx, hg)),
     ]
 
 
-def _time(thunk, tile_name: str, tile: int, steps: int, warps: int) -> float:
+KNOBS = ("TILE_BYTES", "BLOCK_BYTES", "MAX_STEPS", "NUM_WARPS", "STAGES")
+
+
+def _time(thunk, knob: str, nbytes: int, steps: int, warps: int, stages: int) -> float:
     from triton.testing import do_bench
 
-    saved = {k: getattr(tk, k) for k in ("TILE", "BLOCK", "MAX_STEPS", "NUM_WARPS")}
+    saved = {k: getattr(tk, k) for k in KNOBS}
     try:
-        tk.MAX_STEPS, tk.NUM_WARPS = steps, warps
-        setattr(tk, tile_name, tile)
+        tk.MAX_STEPS, tk.NUM_WARPS, tk.STAGES = steps, warps, stages
+        setattr(tk, knob, nbytes)
         return do_bench(thunk, warmup=5, rep=25, return_mode="median") * 1e-3
     finally:
         for k, v in saved.items():
@@ -61,23 +67,28 @@ def main(out: Path, dtypes: list[str]) -> None:
     for dtype_name, (size_name, dim) in itertools.product(dtypes, SIZES.items()):
         dtype = getattr(torch, dtype_name)
         itemsize = torch.empty((), dtype=dtype).element_size()
-        for name, passes, tile_name, thunk in _cases(dim, dtype):
+        for name, passes, knob, thunk in _cases(dim, dtype):
             nbytes = passes * BATCH * dim * itemsize
-            default = (getattr(tk, tile_name), tk.MAX_STEPS, tk.NUM_WARPS)
+            default = (getattr(tk, knob), tk.MAX_STEPS, tk.NUM_WARPS, tk.STAGES)
             timed = {}
-            for tile, steps, warps in itertools.product(*GRID.values()):
-                timed[(tile, steps, warps)] = _time(thunk, tile_name, tile, steps, warps)
+            for scale, steps, warps in itertools.product(*GRID.values()):
+                config = (int(scale * default[0]), steps, warps, 1)
+                timed[config] = _time(thunk, knob, *config)
+            best = min(timed, key=timed.get)
+            for stages in PIPELINE:
+                config = (*best[:3], stages)
+                timed[config] = _time(thunk, knob, *config)
             if default not in timed:
-                timed[default] = _time(thunk, tile_name, *default)
+                timed[default] = _time(thunk, knob, *default)
             best = min(timed, key=timed.get)
             row = {
                 "kernel": name,
                 "dtype": dtype_name,
                 "size": size_name,
-                "tile constant": tile_name,
-                "default (tile, steps, warps)": default,
+                "bytes constant": knob,
+                "default (bytes, steps, warps, stages)": default,
                 "default TB/s": nbytes / timed[default] / 1e12,
-                "best (tile, steps, warps)": best,
+                "best (bytes, steps, warps, stages)": best,
                 "best TB/s": nbytes / timed[best] / 1e12,
                 "all TB/s": {str(k): nbytes / v / 1e12 for k, v in timed.items()},
             }

@@ -80,13 +80,14 @@ def test_gpu_tune_sweeps_and_writes_its_json(monkeypatch, tmp_path):
     monkeypatch.setattr(triton.testing, "do_bench", lambda fn, **kw: (fn(), 1.0)[1])  # 1 ms per call
     monkeypatch.setattr(gpu_tune, "SIZES", {"tiny": 300})
     monkeypatch.setattr(gpu_tune, "BATCH", 2)
-    monkeypatch.setattr(gpu_tune, "GRID", {"tile": [64, 128], "steps": [1, 2], "warps": [4]})
-    defaults = {k: getattr(gpu_tune.tk, k) for k in ("TILE", "BLOCK", "MAX_STEPS", "NUM_WARPS")}
+    monkeypatch.setattr(gpu_tune, "GRID", {"bytes": [0.5, 1], "steps": [1, 2], "warps": [4]})
+    defaults = {k: getattr(gpu_tune.tk, k) for k in gpu_tune.KNOBS}
     gpu_tune.main(tmp_path, ["bfloat16"])
     assert {k: getattr(gpu_tune.tk, k) for k in defaults} == defaults  # the sweep leaves the module as it was
     rows = json.loads((tmp_path / "tune.json").read_text())["rows"]
     kernels = ["residual", "anderson_write m=5", "broyden_dots n=10", "broyden_combine n=10"]
     assert [r["kernel"] for r in rows] == kernels
     for row in rows:
-        assert len(row["all TB/s"]) == 4 + 1  # the grid and the default
+        assert row["size"] == "tiny"
+        assert len(row["all TB/s"]) == 4 + len(gpu_tune.PIPELINE) + 1  # the grid, the stages, the default
         assert row["best TB/s"] == pytest.approx(row["default TB/s"])  # every config "took" 1 ms here

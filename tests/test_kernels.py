@@ -259,6 +259,39 @@ def test_broyden_kernels_equal_twins(dtype, n):
     torch.testing.assert_close(sums1, sums2, rtol=8 * ULPS[dtype] + 1e-5, atol=8 * ULPS[dtype] * 29)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("min_programs", [1, 10**6])  # 2 inner steps per program; 1 step, more chunks
+def test_streaming_kernels_over_several_steps_and_chunks(monkeypatch, dtype, min_programs):
+    """The launch sizes shrunk so each reduction walks D in several inner steps and chunks with a masked tail
+    (at these tiny shapes the defaults cover D in one step): every partial sum still adds up to the twin's."""
+    monkeypatch.setattr(triton_kernels, "BLOCK_BYTES", 64 * 4)  # 64 fp32 or 128 bf16 elements per step
+    monkeypatch.setattr(triton_kernels, "TILE_BYTES", 64 * 4 * 4)  # 4 slots of 64 fp32 elements
+    monkeypatch.setattr(triton_kernels, "MAX_STEPS", 2)
+    monkeypatch.setattr(triton_kernels, "MIN_PROGRAMS", min_programs)
+    monkeypatch.setattr(triton_kernels, "STAGES", 2)  # software pipelining (a no-op in the interpreter)
+    dim = 601  # fp32: 10 steps of 64, the last one masked
+    gen = torch.Generator().manual_seed(dim)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=gen).to(dtype).to(DEVICE)
+
+    x, fx, g, dx, hg = (rand(2, dim) for _ in range(5))
+    F, G, U, V = (rand(2, 4, dim) for _ in range(4))
+    got, want = triton_kernels.residual(x, fx, None), reference.residual(x, fx, None)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=4 * ULPS[dtype] + 1e-5, atol=1e-4)
+    F2, G2 = F.clone(), G.clone()
+    got, want = (k.anderson_residual_write(*h, 1, x, fx) for k, h in ((triton_kernels, (F, G)), (reference, (F2, G2))))
+    assert torch.equal(F, F2)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=4 * ULPS[dtype] + 1e-5, atol=1e-3)
+    coeff = triton_kernels.broyden_dots(U, V, 3, g, dx)
+    torch.testing.assert_close(coeff, reference.broyden_dots(U, V, 3, g, dx), rtol=1e-5, atol=1e-3)
+    got, want = (k.broyden_combine(U, V, 3, coeff, g, dx, hg) for k in (triton_kernels, reference))
+    _close(got[0], want[0], dtype, scale=8)
+    torch.testing.assert_close(got[2], want[2], rtol=8 * ULPS[dtype] + 1e-5, atol=8 * ULPS[dtype] * dim)
+
+
 def _contraction(dim: int, seed: int = 0):
     gen = torch.Generator().manual_seed(seed)
     w = torch.randn(dim, dim, generator=gen)

@@ -36,24 +36,29 @@ __all__ = [
     "residual",
 ]
 
-BLOCK = 1024  # elements per inner step
+BLOCK_BYTES = 4096  # bytes of a (B, D) row per inner step: 1024 fp32 or 2048 bf16 elements
+TILE_BYTES = 8192  # bytes per inner step of the kernels that load (slots, block) history tiles, all slots together
 MAX_STEPS = 16  # inner steps per program along D, at most
-TILE = 2048  # history elements per inner step of the kernels that load (slots, block) tiles
+STAGES = 1  # inner steps whose loads are in flight at once (tl.range's num_stages; 1: no software pipelining)
 MIN_PROGRAMS = 1024  # enough programs to keep every SM's memory pipes busy (H100: 132 SMs)
 NUM_WARPS = 4  # warps per program of the streaming reductions (Triton's default; benchmarks/gpu_tune.py sweeps it)
+# Sizes are in bytes so that every dtype compiles to the same access widths (16-byte vectors; see
+# benchmarks/codegen_audit.py): the same element counts gave bf16 half fp32's bytes per thread and narrower loads.
 
 
-def _grid_chunks(batch: int, dim: int, tile: int | None = None) -> tuple[int, int, int]:
-    """(block, steps, chunks) for a reduction over D: long chunks (fewer partials) unless that starves the GPU.
+def _block(dim: int, itemsize: int, nbytes: int | None = None, slots: int = 1) -> int:
+    """Elements of D per inner step: ``nbytes`` (default BLOCK_BYTES) shared by ``slots`` rows of ``itemsize`` bytes."""
+    elements = (BLOCK_BYTES if nbytes is None else nbytes) // (itemsize * slots)
+    return min(max(64, elements), triton.next_power_of_2(max(dim, 16)))
 
-    ``tile``: elements of D per inner step (default BLOCK; smaller for kernels that load several history
-    slots per step).
-    """
-    block = min(BLOCK if tile is None else tile, triton.next_power_of_2(max(dim, 16)))
+
+def _grid_chunks(batch: int, dim: int, block: int) -> tuple[int, int]:
+    """(steps, chunks) of a reduction over D in ``block``-element steps: long chunks (fewer partials) unless
+    that starves the GPU."""
     steps = MAX_STEPS
     while steps > 1 and batch * triton.cdiv(dim, block * steps) < MIN_PROGRAMS:
         steps //= 2
-    return block, steps, triton.cdiv(dim, block * steps)
+    return steps, triton.cdiv(dim, block * steps)
 
 
 def _check(name: str, *tensors: Tensor) -> None:
@@ -66,12 +71,12 @@ def _check(name: str, *tensors: Tensor) -> None:
 
 @triton.jit
 def _residual_kernel(x_ptr, fx_ptr, g_ptr, out_ptr, D, sx, sf, sg, n_chunks, plane,
-                     BLOCK: tl.constexpr, STEPS: tl.constexpr, WRITE_G: tl.constexpr):  # fmt: skip
+                     BLOCK: tl.constexpr, STEPS: tl.constexpr, STAGES: tl.constexpr, WRITE_G: tl.constexpr):  # fmt: skip
     b = tl.program_id(0).to(tl.int64)  # 64-bit offsets: B * m * D may pass 2**31
     c = tl.program_id(1)
     acc_g = tl.zeros([BLOCK], dtype=tl.float32)
     acc_f = tl.zeros([BLOCK], dtype=tl.float32)
-    for i in range(STEPS):
+    for i in tl.range(STEPS, num_stages=STAGES):
         idx = (c * STEPS + i) * BLOCK + tl.arange(0, BLOCK)
         mask = idx < D
         x = tl.load(x_ptr + b * sx + idx, mask=mask, other=0.0).to(tl.float32)
@@ -92,12 +97,13 @@ def residual(x: Tensor, fx: Tensor, g_out: Tensor | None) -> tuple[Tensor, Tenso
     if g_out is not None and g_out.dtype != x.dtype:
         raise ValueError(f"residual: g_out must have x's dtype {x.dtype}, got {g_out.dtype}")
     batch, dim = x.shape
-    block, steps, chunks = _grid_chunks(batch, dim)
+    block = _block(dim, x.element_size())
+    steps, chunks = _grid_chunks(batch, dim, block)
     partials = torch.empty(2, batch, chunks, dtype=torch.float32, device=x.device)
     g = x if g_out is None else g_out  # never written when None
     _residual_kernel[(batch, chunks)](x, fx, g, partials, dim, x.stride(0), fx.stride(0), g.stride(0), chunks,
-                                      batch * chunks, BLOCK=block, STEPS=steps, WRITE_G=g_out is not None,
-                                      num_warps=NUM_WARPS)  # fmt: skip
+                                      batch * chunks, BLOCK=block, STEPS=steps, STAGES=STAGES,
+                                      WRITE_G=g_out is not None, num_warps=NUM_WARPS)  # fmt: skip
     gsq, fsq = partials.sum(dim=2)  # contiguous (B,) each
     return gsq, fsq
 
@@ -105,7 +111,8 @@ def residual(x: Tensor, fx: Tensor, g_out: Tensor | None) -> tuple[Tensor, Tenso
 @triton.jit
 def _anderson_write_kernel(F_ptr, G_ptr, fx_ptr, src_ptr, out_ptr, sums_ptr, D, slot, sFb, sFm, sGb, sGm, sf, ss,
                            n_chunks, plane, M: tl.constexpr, MP: tl.constexpr, BLOCK: tl.constexpr,
-                           STEPS: tl.constexpr, STORE_G: tl.constexpr, FROM_X: tl.constexpr):  # fmt: skip
+                           STEPS: tl.constexpr, STAGES: tl.constexpr, STORE_G: tl.constexpr,
+                           FROM_X: tl.constexpr):  # fmt: skip
     # Each step loads the whole (m, BLOCK) history tile at once (many bytes in flight) and g once.
     # src is g; with FROM_X it is x: g = f(x) - x is formed here (the residual pass fused in), stored in
     # the slot, and ||g||^2, ||f(x)||^2 go to sums as the residual kernel's partials (2, B, chunks).
@@ -115,7 +122,7 @@ def _anderson_write_kernel(F_ptr, G_ptr, fx_ptr, src_ptr, out_ptr, sums_ptr, D, 
     acc = tl.zeros([MP, BLOCK], dtype=tl.float32)
     acc_g = tl.zeros([BLOCK], dtype=tl.float32)
     acc_f = tl.zeros([BLOCK], dtype=tl.float32)
-    for i in range(STEPS):
+    for i in tl.range(STEPS, num_stages=STAGES):
         idx = (c * STEPS + i) * BLOCK + tl.arange(0, BLOCK)
         mask = idx < D
         src = tl.load(src_ptr + b * ss + idx, mask=mask, other=0.0)
@@ -146,12 +153,13 @@ def _launch_anderson_write(F: Tensor, G: Tensor, slot: int, fx: Tensor, src: Ten
     """The history write's launch: (row partials (B, chunks, m), sums partials (2, B, chunks) or None)."""
     batch, m, dim = F.shape
     mp = triton.next_power_of_2(m)
-    block, steps, chunks = _grid_chunks(batch, dim, tile=max(64, TILE // mp))
+    block = _block(dim, F.element_size(), TILE_BYTES, mp)
+    steps, chunks = _grid_chunks(batch, dim, block)
     partials = torch.empty(batch, chunks, m, dtype=torch.float32, device=F.device)
     sums = torch.empty(2, batch, chunks, dtype=torch.float32, device=F.device) if from_x else partials
     _anderson_write_kernel[(batch, chunks)](
         F, G, fx, src, partials, sums, dim, slot, F.stride(0), F.stride(1), G.stride(0), G.stride(1), fx.stride(0),
-        src.stride(0), chunks, batch * chunks, M=m, MP=mp, BLOCK=block, STEPS=steps,
+        src.stride(0), chunks, batch * chunks, M=m, MP=mp, BLOCK=block, STEPS=steps, STAGES=STAGES,
         STORE_G=from_x or not reference.is_slot(G, slot, src), FROM_X=from_x, num_warps=NUM_WARPS,
     )  # fmt: skip
     return partials, (sums if from_x else None)
@@ -202,7 +210,7 @@ def anderson_mix(
     frozen, active8 = _frozen_or_all_active(frozen, active, F[:, 0])
     _check("anderson_mix", F, G, frozen)
     out = torch.empty(batch, dim, dtype=F.dtype, device=F.device)
-    block = min(BLOCK, triton.next_power_of_2(max(dim, 16)))
+    block = _block(dim, F.element_size())
     alpha32 = alpha.to(torch.float32).contiguous()
     _anderson_mix_kernel[(batch, triton.cdiv(dim, block))](
         F, G, alpha32, frozen, active8, out, dim, float(beta - 1.0), F.stride(0),
@@ -244,7 +252,7 @@ def picard_step(x: Tensor, fx: Tensor, beta: float, frozen: Tensor | None, activ
     _check("picard_step", x, fx, frozen)
     batch, dim = x.shape
     out = torch.empty(batch, dim, dtype=x.dtype, device=x.device)
-    block = min(BLOCK, triton.next_power_of_2(max(dim, 16)))
+    block = _block(dim, x.element_size())
     _picard_step_kernel[(batch, triton.cdiv(dim, block))](
         x, fx, frozen, active8, out, dim, float(beta), x.stride(0), fx.stride(0), frozen.stride(0), out.stride(0),
         BLOCK=block, DAMPED=beta != 1.0,
@@ -254,14 +262,14 @@ def picard_step(x: Tensor, fx: Tensor, beta: float, frozen: Tensor | None, activ
 
 @triton.jit
 def _broyden_dots_kernel(U_ptr, V_ptr, g_ptr, dx_ptr, out_ptr, D, n, sUb, sUm, sVb, sVm, sg, sdx, n_chunks,
-                         MP: tl.constexpr, BLOCK: tl.constexpr, STEPS: tl.constexpr):  # fmt: skip
+                         MP: tl.constexpr, BLOCK: tl.constexpr, STEPS: tl.constexpr, STAGES: tl.constexpr):  # fmt: skip
     # (MP, BLOCK) tiles of U and V per step; slots >= n are masked (never read).
     b = tl.program_id(0).to(tl.int64)  # 64-bit offsets: B * m * D may pass 2**31
     c = tl.program_id(1)
     j = tl.arange(0, MP)[:, None]
     acc_v = tl.zeros([MP, BLOCK], dtype=tl.float32)
     acc_u = tl.zeros([MP, BLOCK], dtype=tl.float32)
-    for i in range(STEPS):
+    for i in tl.range(STEPS, num_stages=STAGES):
         idx = (c * STEPS + i) * BLOCK + tl.arange(0, BLOCK)
         mask = idx < D
         used = (j < n) & mask[None, :]
@@ -282,12 +290,13 @@ def broyden_dots(U: Tensor, V: Tensor, n: int, g: Tensor, dx: Tensor) -> Tensor:
     _check("broyden_dots", U, V, g, dx)
     batch, m, dim = U.shape
     mp = triton.next_power_of_2(m)
-    block, steps, chunks = _grid_chunks(batch, dim, tile=max(64, TILE // mp))
+    block = _block(dim, U.element_size(), TILE_BYTES, mp)
+    steps, chunks = _grid_chunks(batch, dim, block)
     partials = torch.empty(batch, chunks, 2, n, dtype=torch.float32, device=U.device)
     if n:
         _broyden_dots_kernel[(batch, chunks)](
             U, V, g, dx, partials, dim, n, U.stride(0), U.stride(1), V.stride(0), V.stride(1), g.stride(0),
-            dx.stride(0), chunks, MP=mp, BLOCK=block, STEPS=steps, num_warps=NUM_WARPS,
+            dx.stride(0), chunks, MP=mp, BLOCK=block, STEPS=steps, STAGES=STAGES, num_warps=NUM_WARPS,
         )  # fmt: skip
     return partials.sum(dim=1)
 
@@ -295,14 +304,14 @@ def broyden_dots(U: Tensor, V: Tensor, n: int, g: Tensor, dx: Tensor) -> Tensor:
 @triton.jit
 def _broyden_combine_kernel(U_ptr, V_ptr, c_ptr, g_ptr, dx_ptr, hg_ptr, hgo_ptr, v_ptr, out_ptr, D, n,
                             sUb, sUm, sVb, sVm, sg, sdx, shg, shgo, sv, n_chunks,
-                            BLOCK: tl.constexpr, STEPS: tl.constexpr):  # fmt: skip
+                            BLOCK: tl.constexpr, STEPS: tl.constexpr, STAGES: tl.constexpr):  # fmt: skip
     b = tl.program_id(0).to(tl.int64)  # 64-bit offsets: B * m * D may pass 2**31
     c = tl.program_id(1)
     acc = tl.zeros([BLOCK], dtype=tl.float32)  # dx . (h_g - hg)
     acc_dx = tl.zeros([BLOCK], dtype=tl.float32)
     acc_h = tl.zeros([BLOCK], dtype=tl.float32)
     acc_vg = tl.zeros([BLOCK], dtype=tl.float32)
-    for i in range(STEPS):
+    for i in tl.range(STEPS, num_stages=STAGES):
         idx = (c * STEPS + i) * BLOCK + tl.arange(0, BLOCK)
         mask = idx < D
         g = tl.load(g_ptr + b * sg + idx, mask=mask, other=0.0).to(tl.float32)
@@ -338,14 +347,15 @@ def broyden_combine(
     """Triton twin of reference.broyden_combine."""
     _check("broyden_combine", U, V, g, dx, hg)
     batch, _, dim = U.shape
-    block, steps, chunks = _grid_chunks(batch, dim)
+    block = _block(dim, U.element_size())
+    steps, chunks = _grid_chunks(batch, dim, block)
     h_g, v = torch.empty_like(g), torch.empty_like(g)
     partials = torch.empty(batch, chunks, 4, dtype=torch.float32, device=U.device)
     coeff32 = coeff.to(torch.float32).contiguous()
     _broyden_combine_kernel[(batch, chunks)](
         U, V, coeff32, g, dx, h_g, hg, v, partials, dim, n, U.stride(0), U.stride(1), V.stride(0), V.stride(1),
         g.stride(0), dx.stride(0), h_g.stride(0), hg.stride(0), v.stride(0), chunks, BLOCK=block, STEPS=steps,
-        num_warps=NUM_WARPS,
+        STAGES=STAGES, num_warps=NUM_WARPS,
     )  # fmt: skip
     return h_g, v, partials.sum(dim=1)
 
@@ -511,7 +521,7 @@ def best_update(
     """Triton twin of reference.best_update."""
     _check("best_update", best_x, best_fx, x, fx, prev_x, prev_fx)
     batch, dim = x.shape
-    block = min(BLOCK, triton.next_power_of_2(max(dim, 16)))
+    block = _block(dim, x.element_size())
     _best_update_kernel[(batch, triton.cdiv(dim, block))](
         best_x, best_fx, x, fx, prev_x, prev_fx, take, dim, best_x.stride(0), best_fx.stride(0), x.stride(0),
         fx.stride(0), prev_x.stride(0), prev_fx.stride(0), BLOCK=block,
@@ -640,7 +650,7 @@ def broyden_finish(
     batch, m, dim = U.shape
     x_new, g_new, hg_new = torch.empty_like(x), torch.empty_like(g), torch.empty_like(g)
     gnorm_new = torch.empty_like(gnorm)
-    block = min(BLOCK, triton.next_power_of_2(max(dim, 16)))
+    block = _block(dim, x.element_size())
     _broyden_finish_kernel[(batch, triton.cdiv(dim, block))](
         U, V, x, x_old, g, g_old, dx, h_g, v, hg_old, sums, gnorm, gnorm_old, alive.view(torch.int8), restarts,
         x_new, g_new, gnorm_new, hg_new, dim, slot, float(growth), U.stride(0), U.stride(1), V.stride(0),

@@ -13,7 +13,6 @@ a streaming kernel under the memory bandwidth; these are compiler facts, not tim
 
 from __future__ import annotations
 
-import inspect
 import os
 import re
 import subprocess
@@ -156,8 +155,9 @@ def kernel_cases(dtype: torch.dtype, dim: int = TOKENS * WIDTH) -> dict[str, cal
         "best_update": lambda: tk.best_update(x, fx, x, fx, g, dx, torch.zeros(BATCH, dtype=torch.int8)),
         f"broyden_dots n={N}": lambda: tk.broyden_dots(U, V, N, g, dx),
         f"broyden_combine n={N}": lambda: tk.broyden_combine(U, V, N, torch.zeros(BATCH, 2, N), g, dx, hg),
-        "broyden_finish": lambda: tk.broyden_finish(U, V, 0, x, fx, g, dx, hg, v, g, dx, torch.zeros(BATCH, 4), vec,
-                                                    vec, alive, restarts, 100.0),  # fmt: skip
+        "broyden_finish": lambda: tk.broyden_finish(
+            U, V, 0, x, fx, g, dx, hg, v, g, dx, torch.zeros(BATCH, 4), vec, vec, alive, restarts, 100.0
+        ),  # fmt: skip
     }
 
 

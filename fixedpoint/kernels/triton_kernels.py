@@ -70,8 +70,8 @@ def _check(name: str, *tensors: Tensor) -> None:
 
 
 @triton.jit
-def _residual_kernel(x_ptr, fx_ptr, g_ptr, out_ptr, D, sx, sf, sg, n_chunks, plane,
-                     BLOCK: tl.constexpr, STEPS: tl.constexpr, STAGES: tl.constexpr, WRITE_G: tl.constexpr):  # fmt: skip
+def _residual_kernel(x_ptr, fx_ptr, g_ptr, out_ptr, D, sx, sf, sg, n_chunks, plane, BLOCK: tl.constexpr,
+                     STEPS: tl.constexpr, STAGES: tl.constexpr, WRITE_G: tl.constexpr):  # fmt: skip
     b = tl.program_id(0).to(tl.int64)  # 64-bit offsets: B * m * D may pass 2**31
     c = tl.program_id(1)
     acc_g = tl.zeros([BLOCK], dtype=tl.float32)

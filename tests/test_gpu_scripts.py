@@ -1,10 +1,12 @@
-"""The GPU benchmark scripts, dry-run on CPU (Triton's interpreter, tiny sizes, untimed).
+"""The GPU benchmark scripts, dry-run on CPU (Triton's interpreter, tiny sizes, untimed), and the codegen audit.
 
 They only run for real on a lent GPU, where a broken script wastes scarce device time;
 this runs every code path once and checks what they report.
 """
 
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -12,7 +14,8 @@ import pytest
 import torch
 
 pytest.importorskip("fixedpoint.kernels.triton_kernels", reason="triton is not installed")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS))
 
 import bench_gpu  # noqa: E402
 import gpu_tune  # noqa: E402
@@ -91,3 +94,27 @@ def test_gpu_tune_sweeps_and_writes_its_json(monkeypatch, tmp_path):
         assert row["size"] == "tiny"
         assert len(row["all TB/s"]) == 4 + len(gpu_tune.PIPELINE) + 1  # the grid, the stages, the default
         assert row["best TB/s"] == pytest.approx(row["default TB/s"])  # every config "took" 1 ms here
+
+
+def test_codegen_audit_gives_half_precision_the_fp32_access_shape():
+    """benchmarks/codegen_audit.py compiles kernels for sm_90 on this machine (no GPU): launch sizes in bytes
+    give bf16 the same 16-byte loads and stores per thread as fp32 (equal element counts gave bf16 half the
+    bytes per thread and 4-byte accesses in the history write). Runs the compiler, not the interpreter."""
+    pytest.importorskip("triton")
+    script = (
+        "import json, torch, codegen_audit as ca\n"
+        "rows = ca.audit([torch.float32, torch.bfloat16], cases=['residual', 'anderson_residual_write'])\n"
+        "print(json.dumps([{k: r[k] for k in ('case', 'dtype', 'loads', 'stores', 'registers')} for r in rows]))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(BENCHMARKS), str(BENCHMARKS.parent), env.get("PYTHONPATH", "")])
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    if done.returncode and "ptxas" in done.stderr + done.stdout:
+        pytest.skip(f"no usable ptxas for sm_90 in this triton: {done.stderr.strip().splitlines()[-1]}")
+    assert done.returncode == 0, done.stderr
+    rows = {(r["case"], r["dtype"]): r for r in json.loads(done.stdout.strip().splitlines()[-1])}
+    assert len(rows) == 6
+    for case in ("residual", "residual (writes g)", "anderson_residual_write m=5"):
+        fp32, bf16 = rows[case, "fp32"], rows[case, "bf16"]
+        assert (bf16["loads"], bf16["stores"]) == (fp32["loads"], fp32["stores"]), case
+        assert fp32["loads"].startswith("4x16B") and 0 < fp32["registers"] <= 255

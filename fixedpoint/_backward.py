@@ -8,6 +8,7 @@ tensors it closes over (an injection, say). Shapes: z is (B, ...), like x0.
 
 from __future__ import annotations
 
+import inspect
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -16,7 +17,7 @@ import torch
 from torch import Tensor
 
 from ._newton import gmres
-from ._solve import Solution, check_int, check_interval, check_positive, row_norms, stat_dtype
+from ._solve import Solution, as_integer, check_int, check_interval, check_positive, row_norms, stat_dtype
 from ._solvers import anderson
 
 __all__ = [
@@ -81,8 +82,8 @@ def phantom(f: Map, z: Tensor, *, k: int = 5, damping: float = 0.5) -> Tensor:
     """
     _check_map(f)
     _check_tensor("z", z)
-    check_int("k", k, 1)
-    check_interval("damping", damping, 0.0, 1.0)
+    k = check_int("k", k, 1)
+    damping = check_interval("damping", damping, 0.0, 1.0)
     z = z.detach()
     for _ in range(k):
         z = (1 - damping) * z + damping * f(z) if damping != 1.0 else f(z)
@@ -97,8 +98,8 @@ def unrolled(f: Map, z0: Tensor, *, steps: int, damping: float = 1.0) -> Tensor:
     """
     _check_map(f)
     _check_tensor("z0", z0)
-    check_int("steps", steps, 1)
-    check_interval("damping", damping, 0.0, 1.0)
+    steps = check_int("steps", steps, 1)
+    damping = check_interval("damping", damping, 0.0, 1.0)
     z = z0
     for _ in range(steps):
         z = (1 - damping) * z + damping * f(z) if damping != 1.0 else f(z)
@@ -106,15 +107,10 @@ def unrolled(f: Map, z0: Tensor, *, steps: int, damping: float = 1.0) -> Tensor:
 
 
 def _check_range(name: str, value, minimum: int) -> tuple[int, int]:
-    if (
-        not isinstance(value, (tuple, list))
-        or len(value) != 2
-        or not all(isinstance(v, int) and not isinstance(v, bool) for v in value)
-        or value[0] < minimum
-        or value[0] > value[1]
-    ):
+    pair = [as_integer(v) for v in value] if isinstance(value, (tuple, list)) else []
+    if len(pair) != 2 or None in pair or pair[0] < minimum or pair[0] > pair[1]:
         raise ValueError(f"{name} must be a pair of integers (low, high) with {minimum} <= low <= high, got {value!r}")
-    return int(value[0]), int(value[1])
+    return pair[0], pair[1]
 
 
 def stochastic_jfb(
@@ -166,6 +162,12 @@ class _Adjoint(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: Tensor):
+        if torch.is_grad_enabled():  # create_graph=True: the graph would miss how u depends on the inputs
+            raise RuntimeError(
+                "implicit gives first-order gradients only: backward with create_graph=True (a gradient "
+                "penalty, second derivatives) would silently drop the adjoint's own dependence on the "
+                "inputs; differentiate through fixedpoint.unrolled or phantom steps instead"
+            )
         fz, z = ctx.fz, ctx.z
 
         def vjp(u: Tensor) -> Tensor:
@@ -211,13 +213,16 @@ def implicit(
     if not callable(solver):
         raise TypeError(f"solver must be a fixedpoint solver function, got {type(solver).__name__}")
     if tol is not None:
-        check_positive("tol", tol)
-    check_int("max_iter", max_iter, 1)
+        tol = check_positive("tol", tol)
+    max_iter = check_int("max_iter", max_iter, 1)
+    if stop not in ("rel", "abs"):
+        raise ValueError(f"stop must be 'rel' or 'abs', got {stop!r}")
+    _check_adjoint_options(solver, newton, solver_options)
 
     def solve_adjoint(vjp: Callable[[Tensor], Tensor], grad: Tensor) -> Tensor:
         tol_ = tol if tol is not None else DEFAULT_ADJOINT_TOL.get(grad.dtype, 1e-2)
         if solver is newton:
-            sol = _gmres_adjoint(vjp, grad, tol=tol_, max_iter=max_iter, **solver_options)
+            sol = _gmres_adjoint(vjp, grad, tol=tol_, max_iter=max_iter, stop=stop, **solver_options)
         else:
             sol = solver(lambda u: vjp(u) + grad, grad, tol=tol_, max_iter=max_iter, stop=stop, **solver_options)
         if info is not None:
@@ -237,9 +242,36 @@ def implicit(
         return _Adjoint.apply(fz, z, solve_adjoint)
 
 
-def _gmres_adjoint(vjp, grad: Tensor, *, tol: float, max_iter: int, krylov_dim: int = 20) -> Solution:
+def _check_adjoint_options(solver: Callable, newton: Callable, options: dict) -> None:
+    """The adjoint solver's options by name, before any backward runs (their values are checked there)."""
+    if solver is newton:
+        unknown = sorted(set(options) - {"krylov_dim"})
+        if unknown:
+            raise TypeError(
+                f"implicit with solver=newton solves the adjoint's linear system by GMRES, which takes only "
+                f"krylov_dim (besides tol, max_iter, stop); got {', '.join(unknown)}"
+            )
+        if "krylov_dim" in options:
+            check_int("krylov_dim", options["krylov_dim"], 1)
+        return
+    try:
+        params = inspect.signature(solver).parameters
+    except (TypeError, ValueError):  # not introspectable: checked when the backward runs
+        return
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    unknown = sorted(set(options) - set(params))
+    if unknown:
+        name = getattr(solver, "__name__", type(solver).__name__)
+        raise TypeError(f"implicit: {name} has no option {', '.join(unknown)}")
+
+
+def _gmres_adjoint(
+    vjp, grad: Tensor, *, tol: float, max_iter: int, stop: str = "rel", krylov_dim: int = 20
+) -> Solution:
     """(I - J^T) u = grad by GMRES(krylov_dim) within max_iter products; a Solution for the caller.
 
+    ``stop`` measures the residual ||grad - (I - J^T) u|| relative to ||grad|| or absolutely.
     ``nsteps`` and ``nfev`` count the vector-Jacobian products used.
     """
     from ._solve import Status
@@ -254,10 +286,11 @@ def _gmres_adjoint(vjp, grad: Tensor, *, tol: float, max_iter: int, krylov_dim: 
         return (v - vjp(v.view(shape)).reshape(batch, -1)).to(sdt)
 
     rhs = grad.reshape(batch, -1).to(sdt)
-    rtol = torch.full((batch,), tol, dtype=sdt, device=grad.device)
+    scale = row_norms(rhs, sdt).clamp_min(torch.finfo(sdt).tiny)  # (B,) ||grad||
+    rtol = torch.full((batch,), tol, dtype=sdt, device=grad.device) if stop == "rel" else tol / scale
     restart = min(krylov_dim, max_iter)
     u = gmres(matvec, rhs, rtol=rtol, restart=restart, max_restarts=max(max_iter // restart - 1, 0))
-    resid = row_norms(rhs - matvec(u), sdt) / row_norms(rhs, sdt).clamp_min(torch.finfo(sdt).tiny)
+    resid = row_norms(rhs - matvec(u), sdt) / (scale if stop == "rel" else 1.0)
     status = torch.where(resid <= tol, Status.CONVERGED, Status.MAX_ITER)
     nsteps = torch.full((batch,), products[0], dtype=torch.long, device=grad.device)
     u = u.to(grad.dtype).view(shape)
@@ -273,7 +306,7 @@ def jacobian_penalty(f: Map, z: Tensor, *, samples: int = 1, generator: torch.Ge
     """
     _check_map(f)
     _check_tensor("z", z)
-    check_int("samples", samples, 1)
+    samples = check_int("samples", samples, 1)
     z = z.detach().requires_grad_(True)
     with torch.enable_grad():
         fz = f(z)

@@ -16,6 +16,10 @@ SolverFn = Callable[..., Solution]  # solver(f, x0) -> Solution, e.g. functools.
 BackwardFn = Callable[..., Tensor]  # backward(f, z, ...) -> Tensor, e.g. jfb or partial(implicit, tol=1e-6)
 
 
+def _is_implicit(fn: Callable) -> bool:
+    return fn is implicit or (isinstance(fn, partial) and fn.func is implicit)
+
+
 def _accepts_info(fn: Callable) -> bool:
     import inspect
 
@@ -35,7 +39,9 @@ class FixedPoint(nn.Module):
             functools.partial for options). None: no forward solve in training;
             the backward mode starts from z0 itself (``stochastic_jfb``, ``unrolled``).
         eval_solver: solver in eval mode or without grad (default: ``solver``,
-            or ``anderson`` if that is None).
+            or ``anderson`` if that is None). In eval mode with grad enabled
+            the output still carries a gradient: implicit differentiation at
+            the eval solution (``backward`` itself if it is ``implicit``).
         backward: ``backward(g, z) -> Tensor`` in training: ``implicit``
             (default), ``jfb``, ``phantom``, ``unrolled``, ``stochastic_jfb`` or
             a partial of one of them with its options.
@@ -78,7 +84,12 @@ class FixedPoint(nn.Module):
         if not (self.training and torch.is_grad_enabled()):
             self.last_solution = self.eval_solver(g, z0)
             self.last_info = None
-            return self.last_solution.fx  # f at the best iterate, as the training modes return
+            if not torch.is_grad_enabled():
+                return self.last_solution.fx  # f at the best iterate, as the training modes return
+            # eval with autograd on (saliency maps, attacks, frozen-statistics fine-tuning): the exact gradient
+            self.last_info = GradInfo()
+            backward = self.backward if _is_implicit(self.backward) else implicit
+            return backward(g, self.last_solution.x, info=self.last_info)
         start = z0
         self.last_solution = None
         if self.solver is not None:

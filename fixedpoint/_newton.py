@@ -200,10 +200,10 @@ def newton(
             (double backward through one recorded call of f; for f without
             forward-mode support).
     """
-    check_int("krylov_dim", krylov_dim, 1)
-    check_int("max_restarts", max_restarts, 0)
-    check_interval("eta_max", eta_max, 0.0, 1.0)
-    check_interval("min_step", min_step, 0.0, 1.0)
+    krylov_dim = check_int("krylov_dim", krylov_dim, 1)
+    max_restarts = check_int("max_restarts", max_restarts, 0)
+    eta_max = check_interval("eta_max", eta_max, 0.0, 1.0)
+    min_step = check_interval("min_step", min_step, 0.0, 1.0)
     if jvp not in ("forward", "reverse"):
         raise ValueError(f"jvp must be 'forward' or 'reverse', got {jvp!r}")
     solver = Newton(krylov_dim=krylov_dim, max_restarts=max_restarts, eta_max=eta_max, min_step=min_step, jvp=jvp)

@@ -32,6 +32,8 @@ from __future__ import annotations
 
 import enum
 import math
+import numbers
+import operator
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, fields, replace
@@ -127,9 +129,17 @@ class _CountedMap:
 
     def __call__(self, z: Tensor) -> Tensor:
         self.calls += 1
+        version = None if torch.is_inference(z) else z._version  # inference tensors keep no version counter
         out = self.f(z.view(self.shape))
+        if version is not None and z._version != version:
+            raise ValueError(
+                "f modified its input in place (e.g. z.clamp_() or an in-place activation on z); the solver "
+                "still needs that iterate, so f must leave it unchanged: use the out-of-place op (z.clamp())"
+            )
         if not isinstance(out, Tensor):
             raise TypeError(f"f must return a tensor, got {type(out).__name__}")
+        if not out.is_floating_point():
+            raise TypeError(f"f must return a floating-point tensor, got dtype {out.dtype}")
         if out.shape != self.shape:
             raise ValueError(
                 f"f changed the shape: input {tuple(self.shape)}, output {tuple(out.shape)}; "
@@ -147,20 +157,48 @@ class _CountedMap:
         return out.reshape(z.shape).to(z.dtype).contiguous()  # the kernels read rows of (B, D) at stride 1
 
 
-def check_positive(name: str, value: float) -> None:
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0 or not math.isfinite(value):
+def as_real(value: object) -> float | None:
+    """A Python, NumPy or 0-d tensor real number as a float; None for anything else (bools included)."""
+    if isinstance(value, Tensor):
+        ok = value.ndim == 0 and value.dtype != torch.bool and not value.is_complex()
+        return float(value) if ok else None
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return None
+    return float(value)
+
+
+def as_integer(value: object) -> int | None:
+    """A Python, NumPy or 0-d integer tensor as an int; None for anything else (bools and floats included)."""
+    if isinstance(value, bool) or (isinstance(value, Tensor) and value.dtype == torch.bool):
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
+
+
+def check_positive(name: str, value: float) -> float:
+    """``value`` as a float, or a ValueError naming it: a positive finite number."""
+    number = as_real(value)
+    if number is None or not number > 0 or not math.isfinite(number):
         raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+    return number
 
 
-def check_int(name: str, value: int, minimum: int) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+def check_int(name: str, value: int, minimum: int) -> int:
+    """``value`` as an int, or a ValueError naming it: an integer >= minimum."""
+    number = as_integer(value)
+    if number is None or number < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return number
 
 
-def check_interval(name: str, value: float, low: float, high: float) -> None:
-    """low < value <= high."""
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not low < value <= high:
+def check_interval(name: str, value: float, low: float, high: float) -> float:
+    """``value`` as a float with low < value <= high, or a ValueError naming it."""
+    number = as_real(value)
+    if number is None or not low < number <= high:
         raise ValueError(f"{name} must be in ({low}, {high}], got {value!r}")
+    return number
 
 
 def solve(
@@ -185,13 +223,16 @@ def solve(
         raise TypeError(f"x0 must be a floating-point tensor, got dtype {x0.dtype}")
     if x0.ndim < 1 or x0.shape[0] == 0 or x0.numel() == 0:
         raise ValueError(f"x0 must have a non-empty leading batch dimension, got shape {tuple(x0.shape)}")
-    check_positive("tol", tol)
-    check_int("max_iter", max_iter, 1)
+    tol = check_positive("tol", tol)
+    max_iter = check_int("max_iter", max_iter, 1)
     if stop not in ("rel", "abs"):
         raise ValueError(f"stop must be 'rel' or 'abs', got {stop!r}")
-    if divergence is not None and (not isinstance(divergence, (int, float)) or not divergence > 1):
-        raise ValueError(f"divergence must be a number > 1 or None, got {divergence!r}")
-    check_int("check_every", check_every, 1)
+    if divergence is not None:
+        number = as_real(divergence)
+        if number is None or not number > 1:
+            raise ValueError(f"divergence must be a number > 1 or None, got {divergence!r}")
+        divergence = number
+    check_every = check_int("check_every", check_every, 1)
     if not isinstance(graph, bool):
         raise TypeError(f"graph must be a bool, got {type(graph).__name__}")
     if graph and not GRAPHS.supports(x0):

@@ -29,7 +29,9 @@ _DOC_PARTS = {
         tol: stop a sample when its residual is <= tol.
         max_iter: at most this many iterations (one call of f each, for Newton
             plus its Jacobian-vector products).
-        stop: "rel" measures ||f(x) - x|| / ||f(x)||, "abs" measures ||f(x) - x||.
+        stop: "rel" measures ||f(x) - x|| / max(||f(x)||, 1e-3 ||f(x0) - x0||)
+            (relative, and near a fixed point at 0 relative to the start's
+            residual), "abs" measures ||f(x) - x||.
         divergence: a sample whose ||f(x) - x|| exceeds this factor times its
             start is stopped as DIVERGED (None disables the check).
         check_every: ask the device whether any sample is still iterating only
@@ -110,7 +112,7 @@ def picard(
         beta: damping in (0, 2]; 1 is undamped iteration.
         {impl}
     """
-    check_interval("beta", beta, 0.0, 2.0)
+    beta = check_interval("beta", beta, 0.0, 2.0)
     kern = _kernels(impl, x0)
     return solve(Picard(beta, kernels=kern), f, x0, tol=tol, max_iter=max_iter, stop=stop, divergence=divergence,
                  check_every=check_every, graph=graph, kernels=kern)  # fmt: skip
@@ -232,11 +234,11 @@ def anderson(
             by more than this.
         {impl}
     """
-    check_int("m", m, 1)
-    check_interval("beta", beta, 0.0, 2.0)
-    check_positive("ridge", ridge)
-    check_positive("max_coeff", max_coeff)
-    check_positive("growth", growth)
+    m = check_int("m", m, 1)
+    beta = check_interval("beta", beta, 0.0, 2.0)
+    ridge = check_positive("ridge", ridge)
+    max_coeff = check_positive("max_coeff", max_coeff)
+    growth = check_positive("growth", growth)
     kern = _kernels(impl, x0)
     solver = Anderson(m=m, beta=beta, ridge=ridge, max_coeff=max_coeff, growth=growth, kernels=kern, graph_safe=graph)
     return solve(solver, f, x0, tol=tol, max_iter=max_iter, stop=stop, divergence=divergence,
@@ -361,13 +363,13 @@ def broyden(
 
     Args:
         {common}
-        m: rank-one updates kept.
+        m: rank-one updates kept, at least 2 (the rank reduction keeps m // 2).
         growth: forget a sample's Jacobian (and stay at its last iterate) when
             a step multiplies ||f(x) - x|| by more than this.
         {impl}
     """
-    check_int("m", m, 1)
-    check_positive("growth", growth)
+    m = check_int("m", m, 2)
+    growth = check_positive("growth", growth)
     kern = _kernels(impl, x0)
     return solve(Broyden(m=m, growth=growth, kernels=kern), f, x0, tol=tol, max_iter=max_iter, stop=stop,
                  divergence=divergence, check_every=check_every, kernels=kern)  # fmt: skip

@@ -245,11 +245,56 @@ def test_non_callable_f_is_a_type_error():
             fn("f", torch.zeros(2, 3))
 
 
-def test_misspelt_adjoint_option_is_a_type_error():
+def test_adjoint_options_are_checked_before_the_backward():
+    """A misspelt adjoint option, a bad stop, or a Newton option GMRES does not take fail at the call, not later."""
     f, u, x, c, _, _ = _linear_deq()
-    z = fp.implicit(f, torch.zeros_like(x), mm=3)
-    with pytest.raises(TypeError, match="mm"):
-        (z * c).sum().backward()
+    z0 = torch.zeros_like(x)
+    with pytest.raises(TypeError, match="anderson has no option mm"):
+        fp.implicit(f, z0, mm=3)
+    with pytest.raises(ValueError, match="stop must be 'rel' or 'abs', got 'bad'"):
+        fp.implicit(f, z0, stop="bad")
+    with pytest.raises(TypeError, match="takes only krylov_dim.*jvp"):
+        fp.implicit(f, z0, solver=fp.newton, jvp="reverse")
+    with pytest.raises(ValueError, match="krylov_dim must be an integer >= 1, got 0"):
+        fp.implicit(f, z0, solver=fp.newton, krylov_dim=0)
+
+
+@pytest.mark.parametrize("solver", [fp.anderson, fp.newton])
+def test_implicit_adjoint_honours_stop_abs(solver):
+    """stop="abs" bounds the adjoint's absolute residual, with GMRES (Newton) as with the fixed-point solvers."""
+    f, u, x, c, _, _ = _linear_deq()
+    info = fp.GradInfo()
+    z = fp.implicit(f, torch.zeros_like(x), solver=solver, stop="abs", tol=1e-3, info=info)
+    (1e3 * z * c).sum().backward()  # a large gradient: its relative residual would be far looser
+    sol = info.backward
+    assert bool(sol.converged.all())
+    assert float(sol.residual.max()) <= 1e-3
+
+
+def test_implicit_refuses_second_derivatives():
+    """create_graph=True would give silently wrong second derivatives (the adjoint's own dependence is not in the
+    graph): an error that says so instead."""
+    f, u, x, c, _, _ = _linear_deq()
+    z = fp.implicit(f, torch.zeros_like(x))
+    with pytest.raises(RuntimeError, match="first-order gradients only"):
+        torch.autograd.grad((z * c).sum(), x, create_graph=True)
+
+
+def test_fixed_point_module_in_eval_mode_keeps_gradients_when_grad_is_on():
+    """eval() with autograd on (saliency maps, attacks): the eval output carries the implicit gradient, equal to
+    the training mode's; without grad nothing is attached."""
+    torch.manual_seed(0)
+    cell = nn.Linear(6, 6, dtype=torch.float64)
+    layer = fp.FixedPoint(lambda z, x: torch.tanh(0.5 * cell(z) + x), solver=partial(fp.anderson, tol=1e-12))
+    x = torch.randn(3, 6, dtype=torch.float64, requires_grad=True)
+    (train_grad,) = torch.autograd.grad(layer(x).sum(), x)
+    layer.eval()
+    out = layer(x)
+    (eval_grad,) = torch.autograd.grad(out.sum(), x)
+    torch.testing.assert_close(eval_grad, train_grad, rtol=1e-6, atol=1e-9)
+    assert layer.last_info is not None and layer.last_info.backward is not None
+    with torch.no_grad():
+        assert not layer(x).requires_grad
 
 
 class _TinyDEQ(nn.Module):

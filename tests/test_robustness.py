@@ -143,6 +143,8 @@ def test_misspelt_option_is_a_type_error():
         ("broyden", "max_iter", 2.5),
         ("anderson", "m", 0),
         ("broyden", "m", 0),
+        ("broyden", "m", 1),  # the rank reduction keeps m // 2 = 0: plain Picard
+        ("anderson", "max_iter", True),
         ("anderson", "beta", 0.0),
         ("picard", "beta", 3.0),
         ("anderson", "ridge", -1.0),
@@ -198,6 +200,48 @@ def test_f_returning_its_own_input_is_fine(solver):
 
     sol = solver(project, -torch.ones(2, 3))
     assert sol.converged.all() and (sol.x >= 0).all() and torch.equal(project(sol.x), sol.x)
+
+
+@pytest.mark.parametrize("solver", SOLVERS, ids=ALL)
+def test_numpy_and_tensor_scalars_are_options_too(solver):
+    """Values from a sweep config (NumPy scalars, 0-d tensors) are numbers like any other."""
+    import numpy as np
+
+    f, b, z_star = linear_deq(dim=4, batch=2)
+    sol = solver(f, b, tol=np.float32(1e-6), max_iter=np.int64(30), check_every=torch.tensor(1))
+    plain = solver(f, b, tol=float(np.float32(1e-6)), max_iter=30)
+    torch.testing.assert_close(sol.x, plain.x, rtol=0, atol=0)
+    assert torch.equal(sol.nsteps, plain.nsteps)
+
+
+@pytest.mark.parametrize("solver", SOLVERS, ids=ALL)
+def test_f_modifying_its_input_in_place_is_a_value_error(solver):
+    """z.clamp_() inside f changes the loop's own iterate: g = f(x) - x would read 0 and "converge" at once."""
+    with pytest.raises(ValueError, match="f modified its input in place"):
+        solver(lambda z: z.mul_(0.5).add_(1.0), torch.zeros(2, 3))
+
+
+@pytest.mark.parametrize("solver", SOLVERS, ids=ALL)
+def test_f_returning_integers_is_a_type_error(solver):
+    with pytest.raises(TypeError, match="floating-point tensor, got dtype torch.int64"):
+        solver(lambda z: torch.round(0.5 * z + 1.3).long(), torch.zeros(2, 3))
+
+
+@pytest.mark.parametrize("solver", SOLVERS, ids=ALL)
+def test_a_fixed_point_at_zero_converges_with_the_relative_stop(solver):
+    """||f(x) - x|| / ||f(x)|| does not shrink on the way to a fixed point at 0 (a blank sample, a zero
+    injection): the relative stop measures against the start's residual there (kernels.reference.REL_FLOOR),
+    so that sample converges near 0 instead of holding the batch at max_iter."""
+    torch.manual_seed(0)
+    w = torch.randn(16, 16, dtype=torch.float64)
+    w = 0.9 * w / torch.linalg.matrix_norm(w, ord=2)
+    x = torch.randn(3, 16, dtype=torch.float64)
+    x[0] = 0.0  # tanh(W z) = z only at z = 0
+    sol = solver(lambda z: torch.tanh(z @ w.T + x), torch.full((3, 16), 0.1, dtype=torch.float64), tol=1e-4)
+    assert sol.converged.all()
+    assert float(sol.x[0].norm()) < 1e-6
+    z0_residual = float((torch.tanh(torch.full((16,), 0.1, dtype=torch.float64) @ w.T) - 0.1).norm())
+    assert float(sol.residual[0]) == pytest.approx(float((sol.fx[0] - sol.x[0]).norm()) / (1e-3 * z0_residual))
 
 
 def test_bad_inputs_are_type_errors():

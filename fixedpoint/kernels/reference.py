@@ -32,6 +32,7 @@ __all__ = [
 
 CONVERGED, MAX_ITER, DIVERGED, NONFINITE = 0, 1, 2, 3  # fixedpoint.Status codes
 KEEP, TAKE_NEW, TAKE_PREV = 0, 1, 2  # what best_update does per sample (bookkeep's ``take``)
+REL_FLOOR = 1e-3  # stop="rel" divides by max(||f(x)||, REL_FLOOR * ||g(x0)||): a fixed point at 0 converges too
 
 
 def residual(x: Tensor, fx: Tensor, g_out: Tensor | None) -> tuple[Tensor, Tensor]:
@@ -158,6 +159,7 @@ def bookkeep(
     trace (R, B): this iteration's residuals, NaN for inactive samples. That row is ``row``, or
     with ``row`` None (CUDA graphs) min(done, max_iter), done += 1, and samples stop at max_iter.
     divergence: stop a sample as DIVERGED when ||g|| > divergence * gnorm0 (inf: never).
+    relative: the residual is ||g|| / max(||f(x)||, REL_FLOOR * gnorm0), else ||g||.
 
     The best pair is copied lazily: ``pending`` (B,) bool, in place, marks samples whose best
     pair is the newest evaluated one and not copied yet. ``take`` (B,) int8 says what
@@ -167,7 +169,11 @@ def bookkeep(
     Returns ||g|| (B,), the new active (B,) bool, take (B,) int8 and counts (2,) [active, samples to copy].
     """
     gnorm, fnorm = gsq.sqrt(), fsq.sqrt()
-    res = gnorm / fnorm.clamp_min(torch.finfo(gsq.dtype).tiny) if relative else gnorm
+    if relative:  # near a fixed point at 0, relative to the start's residual instead (NaN-safe: compare)
+        floor = REL_FLOOR * gnorm0
+        res = gnorm / torch.where(floor > fnorm, floor, fnorm).clamp_min(torch.finfo(gsq.dtype).tiny)
+    else:
+        res = gnorm
     finite = torch.isfinite(gnorm + fnorm)
     now = torch.where(gnorm > divergence * gnorm0, DIVERGED, MAX_ITER) if divergence < math.inf else MAX_ITER
     now = torch.where(finite, torch.where(res <= tol, CONVERGED, now), NONFINITE)

@@ -363,7 +363,7 @@ def broyden_combine(
 @triton.jit
 def _bookkeep_kernel(gsq_ptr, fsq_ptr, g0_ptr, status_ptr, active_ptr, best_ptr, pending_ptr, nsteps_ptr, trace_ptr,
                      done_ptr, gnorm_ptr, new_active_ptr, take_ptr, counts_ptr, B, row, max_iter, tol, divergence,
-                     RELATIVE: tl.constexpr, USE_DONE: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
+                     rel_floor, RELATIVE: tl.constexpr, USE_DONE: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
     # One program walks the batch: B is small, and the counts come out without atomics.
     if USE_DONE:
         done = tl.load(done_ptr)
@@ -375,10 +375,16 @@ def _bookkeep_kernel(gsq_ptr, fsq_ptr, g0_ptr, status_ptr, active_ptr, best_ptr,
         mask = idx < B
         gnorm = tl.sqrt_rn(tl.load(gsq_ptr + idx, mask=mask, other=0.0))  # IEEE-rounded, as torch
         fnorm = tl.sqrt_rn(tl.load(fsq_ptr + idx, mask=mask, other=0.0))
-        res = tl.div_rn(gnorm, tl.maximum(fnorm, 1.1754943508222875e-38)) if RELATIVE else gnorm
+        g0 = tl.load(g0_ptr + idx, mask=mask, other=0.0)
+        if RELATIVE:
+            floor = rel_floor * g0
+            scale = tl.where(floor > fnorm, floor, fnorm)  # reference.REL_FLOOR: NaN-safe, as the twin
+            res = tl.div_rn(gnorm, tl.maximum(scale, 1.1754943508222875e-38))
+        else:
+            res = gnorm
         total = gnorm + fnorm
         finite = (total == total) & (total < float("inf"))  # not NaN, not +inf (norms are >= 0)
-        now = tl.where(gnorm > divergence * tl.load(g0_ptr + idx, mask=mask, other=0.0), 2, 1)
+        now = tl.where(gnorm > divergence * g0, 2, 1)
         now = tl.where(finite, tl.where(res <= tol, 0, now), 3)
         active = tl.load(active_ptr + idx, mask=mask, other=0) != 0
         best = tl.load(best_ptr + idx, mask=mask, other=0.0)
@@ -435,7 +441,7 @@ def bookkeep(
     _bookkeep_kernel[(1,)](
         gsq, fsq, gnorm0, status, active.view(torch.uint8), best_res, pending.view(torch.uint8), nsteps, trace, done,
         gnorm, new_active.view(torch.uint8), take, counts, batch, 0 if row is None else row, max_iter, float(tol),
-        float(divergence), RELATIVE=bool(relative), USE_DONE=row is None, BLOCK=block,
+        float(divergence), reference.REL_FLOOR, RELATIVE=bool(relative), USE_DONE=row is None, BLOCK=block,
     )  # fmt: skip
     return gnorm, new_active, take, counts
 

@@ -501,3 +501,41 @@ def test_broyden_is_scale_invariant_at_large_scales(impl):
         assert sol.converged.all()
         steps.append(sol.nsteps.tolist())
     assert steps[0] == steps[1]
+
+
+def test_launch_grids_stay_within_cuda_limits(monkeypatch):
+    """A grid's second and third axes stop at 65535 programs: every kernel runs on a 1-D grid of B * chunks, so
+    one sample of 67M+ elements (a 406^3 volume) launches. Grids recorded, nothing run (meta tensors)."""
+    grids = {}
+
+    class Recorder:
+        def __init__(self, name):
+            self.name = name
+
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: grids.setdefault(self.name, grid)
+
+    for name in dir(triton_kernels):
+        if name.startswith("_") and name.endswith("_kernel"):
+            monkeypatch.setattr(triton_kernels, name, Recorder(name))
+    dim = 65535 * 1024 + 1
+
+    def new(*shape, dtype=torch.float16):
+        return torch.empty(*shape, dtype=dtype, device="meta")
+
+    x, F, U = new(2, dim), new(2, 3, dim), new(2, 3, dim)
+    active = torch.ones(2, dtype=torch.bool, device="meta")
+    triton_kernels.residual(x, x, x)
+    triton_kernels.picard_step(x, x, 0.5, x, active)
+    triton_kernels.best_update(x, x, x, x, x, x, torch.ones(2, dtype=torch.int8, device="meta"))
+    triton_kernels.anderson_residual_write(F, F, 1, x, x)
+    triton_kernels.anderson_mix(F, F, new(2, 3, dtype=torch.float32), 0.5, x, active)
+    triton_kernels.broyden_dots(U, U, 2, x, x)
+    triton_kernels.broyden_combine(U, U, 2, new(2, 2, 2, dtype=torch.float32), x, x, x)
+    stats = new(2, dtype=torch.float32)
+    alive, restarts = new(2, 3, dtype=torch.int8), new(2, dtype=torch.int64)
+    triton_kernels.broyden_finish(U, U, 0, x, x, x, x, x, x, x, x, new(2, 4, dtype=torch.float32), stats, stats,
+                                  alive, restarts, 100.0)  # fmt: skip
+    assert len(grids) == 8
+    for name, grid in grids.items():
+        assert len(grid) == 1 and grid[0] < 2**31, (name, grid)

@@ -70,10 +70,17 @@ def _check(name: str, *tensors: Tensor) -> None:
 
 
 @triton.jit
+def _sample_and_chunk(n_chunks):
+    """(sample, chunk) of this program on a 1-D grid of B * n_chunks programs (a grid's second axis stops at
+    65535), as int64: offsets such as B * m * D may pass 2**31."""
+    pid = tl.program_id(0).to(tl.int64)
+    return pid // n_chunks, pid % n_chunks
+
+
+@triton.jit
 def _residual_kernel(x_ptr, fx_ptr, g_ptr, out_ptr, D, sx, sf, sg, n_chunks, plane, BLOCK: tl.constexpr,
                      STEPS: tl.constexpr, STAGES: tl.constexpr, WRITE_G: tl.constexpr):  # fmt: skip
-    b = tl.program_id(0).to(tl.int64)  # 64-bit offsets: B * m * D may pass 2**31
-    c = tl.program_id(1)
+    b, c = _sample_and_chunk(n_chunks)
     acc_g = tl.zeros([BLOCK], dtype=tl.float32)
     acc_f = tl.zeros([BLOCK], dtype=tl.float32)
     for i in tl.range(STEPS, num_stages=STAGES):
@@ -101,7 +108,7 @@ def residual(x: Tensor, fx: Tensor, g_out: Tensor | None) -> tuple[Tensor, Tenso
     steps, chunks = _grid_chunks(batch, dim, block)
     partials = torch.empty(2, batch, chunks, dtype=torch.float32, device=x.device)
     g = x if g_out is None else g_out  # never written when None
-    _residual_kernel[(batch, chunks)](x, fx, g, partials, dim, x.stride(0), fx.stride(0), g.stride(0), chunks,
+    _residual_kernel[(batch * chunks,)](x, fx, g, partials, dim, x.stride(0), fx.stride(0), g.stride(0), chunks,
                                       batch * chunks, BLOCK=block, STEPS=steps, STAGES=STAGES,
                                       WRITE_G=g_out is not None, num_warps=NUM_WARPS)  # fmt: skip
     gsq, fsq = partials.sum(dim=2)  # contiguous (B,) each
@@ -116,9 +123,8 @@ def _anderson_write_kernel(F_ptr, G_ptr, fx_ptr, src_ptr, out_ptr, sums_ptr, D, 
     # Each step loads the whole (m, BLOCK) history tile at once (many bytes in flight) and g once.
     # src is g; with FROM_X it is x: g = f(x) - x is formed here (the residual pass fused in), stored in
     # the slot, and ||g||^2, ||f(x)||^2 go to sums as the residual kernel's partials (2, B, chunks).
-    b = tl.program_id(0).to(tl.int64)  # 64-bit offsets: B * m * D may pass 2**31
-    c = tl.program_id(1)
-    j = tl.arange(0, MP)[:, None]  # (MP, 1) history slots
+    b, c = _sample_and_chunk(n_chunks)
+    j = tl.arange(0, MP)[:, None].to(tl.int64)  # (MP, 1) history slots (64-bit: m * D may pass 2**31)
     acc = tl.zeros([MP, BLOCK], dtype=tl.float32)
     acc_g = tl.zeros([BLOCK], dtype=tl.float32)
     acc_f = tl.zeros([BLOCK], dtype=tl.float32)
@@ -135,9 +141,9 @@ def _anderson_write_kernel(F_ptr, G_ptr, fx_ptr, src_ptr, out_ptr, sums_ptr, D, 
         else:
             stored = src.to(G_ptr.dtype.element_ty)
             g = src.to(tl.float32)
-        tl.store(F_ptr + b * sFb + slot * sFm + idx, f.to(F_ptr.dtype.element_ty), mask=mask)
+        tl.store(F_ptr + b * sFb + tl.cast(slot, tl.int64) * sFm + idx, f.to(F_ptr.dtype.element_ty), mask=mask)
         if STORE_G:  # else g is that slot already
-            tl.store(G_ptr + b * sGb + slot * sGm + idx, stored, mask=mask)
+            tl.store(G_ptr + b * sGb + tl.cast(slot, tl.int64) * sGm + idx, stored, mask=mask)
         others = (j < M) & (j != slot) & mask[None, :]  # the new slot is not read back: its entry is g . g
         h = tl.load(G_ptr + b * sGb + j * sGm + idx[None, :], mask=others, other=0.0).to(tl.float32)
         h = tl.where(j == slot, stored.to(tl.float32)[None, :], h)
@@ -157,7 +163,7 @@ def _launch_anderson_write(F: Tensor, G: Tensor, slot: int, fx: Tensor, src: Ten
     steps, chunks = _grid_chunks(batch, dim, block)
     partials = torch.empty(batch, chunks, m, dtype=torch.float32, device=F.device)
     sums = torch.empty(2, batch, chunks, dtype=torch.float32, device=F.device) if from_x else partials
-    _anderson_write_kernel[(batch, chunks)](
+    _anderson_write_kernel[(batch * chunks,)](
         F, G, fx, src, partials, sums, dim, slot, F.stride(0), F.stride(1), G.stride(0), G.stride(1), fx.stride(0),
         src.stride(0), chunks, batch * chunks, M=m, MP=mp, BLOCK=block, STEPS=steps, STAGES=STAGES,
         STORE_G=from_x or not reference.is_slot(G, slot, src), FROM_X=from_x, num_warps=NUM_WARPS,
@@ -183,9 +189,8 @@ def anderson_residual_write(F: Tensor, G: Tensor, slot: int, x: Tensor, fx: Tens
 
 @triton.jit
 def _anderson_mix_kernel(F_ptr, G_ptr, a_ptr, frozen_ptr, active_ptr, out_ptr, D, beta_m1, sFb, sFm, sGb, sGm,
-                         sfz, so, M: tl.constexpr, BLOCK: tl.constexpr, USE_G: tl.constexpr):  # fmt: skip
-    b = tl.program_id(0).to(tl.int64)  # 64-bit offsets: B * m * D may pass 2**31
-    c = tl.program_id(1)
+                         sfz, so, n_chunks, M: tl.constexpr, BLOCK: tl.constexpr, USE_G: tl.constexpr):  # fmt: skip
+    b, c = _sample_and_chunk(n_chunks)
     idx = c * BLOCK + tl.arange(0, BLOCK)
     mask = idx < D
     active = tl.load(active_ptr + b)
@@ -193,9 +198,9 @@ def _anderson_mix_kernel(F_ptr, G_ptr, a_ptr, frozen_ptr, active_ptr, out_ptr, D
         acc = tl.zeros([BLOCK], dtype=tl.float32)
         for j in tl.static_range(M):
             a = tl.load(a_ptr + b * M + j)
-            acc += a * tl.load(F_ptr + b * sFb + j * sFm + idx, mask=mask, other=0.0).to(tl.float32)
+            acc += a * tl.load(F_ptr + b * sFb + tl.cast(j, tl.int64) * sFm + idx, mask=mask, other=0.0).to(tl.float32)
             if USE_G:
-                gj = tl.load(G_ptr + b * sGb + j * sGm + idx, mask=mask, other=0.0).to(tl.float32)
+                gj = tl.load(G_ptr + b * sGb + tl.cast(j, tl.int64) * sGm + idx, mask=mask, other=0.0).to(tl.float32)
                 acc += (beta_m1 * a) * gj
         tl.store(out_ptr + b * so + idx, acc.to(out_ptr.dtype.element_ty), mask=mask)
     else:  # a stopped sample keeps its iterate
@@ -212,9 +217,10 @@ def anderson_mix(
     out = torch.empty(batch, dim, dtype=F.dtype, device=F.device)
     block = _block(dim, F.element_size())
     alpha32 = alpha.to(torch.float32).contiguous()
-    _anderson_mix_kernel[(batch, triton.cdiv(dim, block))](
+    chunks = triton.cdiv(dim, block)
+    _anderson_mix_kernel[(batch * chunks,)](
         F, G, alpha32, frozen, active8, out, dim, float(beta - 1.0), F.stride(0),
-        F.stride(1), G.stride(0), G.stride(1), frozen.stride(0), out.stride(0), M=m, BLOCK=block,
+        F.stride(1), G.stride(0), G.stride(1), frozen.stride(0), out.stride(0), chunks, M=m, BLOCK=block,
         USE_G=beta != 1.0,
     )  # fmt: skip
     return out
@@ -228,10 +234,10 @@ def _frozen_or_all_active(frozen: Tensor | None, active: Tensor | None, like: Te
 
 
 @triton.jit
-def _picard_step_kernel(x_ptr, fx_ptr, frozen_ptr, active_ptr, out_ptr, D, beta, sx, sf, sfz, so,
+def _picard_step_kernel(x_ptr, fx_ptr, frozen_ptr, active_ptr, out_ptr, D, beta, sx, sf, sfz, so, n_chunks,
                         BLOCK: tl.constexpr, DAMPED: tl.constexpr):  # fmt: skip
-    b = tl.program_id(0).to(tl.int64)  # 64-bit offsets: B * m * D may pass 2**31
-    idx = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    b, c = _sample_and_chunk(n_chunks)
+    idx = c * BLOCK + tl.arange(0, BLOCK)
     mask = idx < D
     if tl.load(active_ptr + b) != 0:
         if DAMPED:
@@ -253,9 +259,10 @@ def picard_step(x: Tensor, fx: Tensor, beta: float, frozen: Tensor | None, activ
     batch, dim = x.shape
     out = torch.empty(batch, dim, dtype=x.dtype, device=x.device)
     block = _block(dim, x.element_size())
-    _picard_step_kernel[(batch, triton.cdiv(dim, block))](
+    chunks = triton.cdiv(dim, block)
+    _picard_step_kernel[(batch * chunks,)](
         x, fx, frozen, active8, out, dim, float(beta), x.stride(0), fx.stride(0), frozen.stride(0), out.stride(0),
-        BLOCK=block, DAMPED=beta != 1.0,
+        chunks, BLOCK=block, DAMPED=beta != 1.0,
     )  # fmt: skip
     return out
 
@@ -264,9 +271,8 @@ def picard_step(x: Tensor, fx: Tensor, beta: float, frozen: Tensor | None, activ
 def _broyden_dots_kernel(U_ptr, V_ptr, g_ptr, dx_ptr, out_ptr, D, n, sUb, sUm, sVb, sVm, sg, sdx, n_chunks,
                          MP: tl.constexpr, BLOCK: tl.constexpr, STEPS: tl.constexpr, STAGES: tl.constexpr):  # fmt: skip
     # (MP, BLOCK) tiles of U and V per step; slots >= n are masked (never read).
-    b = tl.program_id(0).to(tl.int64)  # 64-bit offsets: B * m * D may pass 2**31
-    c = tl.program_id(1)
-    j = tl.arange(0, MP)[:, None]
+    b, c = _sample_and_chunk(n_chunks)
+    j = tl.arange(0, MP)[:, None].to(tl.int64)  # 64-bit: m * D may pass 2**31
     acc_v = tl.zeros([MP, BLOCK], dtype=tl.float32)
     acc_u = tl.zeros([MP, BLOCK], dtype=tl.float32)
     for i in tl.range(STEPS, num_stages=STAGES):
@@ -294,7 +300,7 @@ def broyden_dots(U: Tensor, V: Tensor, n: int, g: Tensor, dx: Tensor) -> Tensor:
     steps, chunks = _grid_chunks(batch, dim, block)
     partials = torch.empty(batch, chunks, 2, n, dtype=torch.float32, device=U.device)
     if n:
-        _broyden_dots_kernel[(batch, chunks)](
+        _broyden_dots_kernel[(batch * chunks,)](
             U, V, g, dx, partials, dim, n, U.stride(0), U.stride(1), V.stride(0), V.stride(1), g.stride(0),
             dx.stride(0), chunks, MP=mp, BLOCK=block, STEPS=steps, STAGES=STAGES, num_warps=NUM_WARPS,
         )  # fmt: skip
@@ -305,8 +311,7 @@ def broyden_dots(U: Tensor, V: Tensor, n: int, g: Tensor, dx: Tensor) -> Tensor:
 def _broyden_combine_kernel(U_ptr, V_ptr, c_ptr, g_ptr, dx_ptr, hg_ptr, hgo_ptr, v_ptr, out_ptr, D, n,
                             sUb, sUm, sVb, sVm, sg, sdx, shg, shgo, sv, n_chunks,
                             BLOCK: tl.constexpr, STEPS: tl.constexpr, STAGES: tl.constexpr):  # fmt: skip
-    b = tl.program_id(0).to(tl.int64)  # 64-bit offsets: B * m * D may pass 2**31
-    c = tl.program_id(1)
+    b, c = _sample_and_chunk(n_chunks)
     acc = tl.zeros([BLOCK], dtype=tl.float32)  # dx . (h_g - hg)
     acc_dx = tl.zeros([BLOCK], dtype=tl.float32)
     acc_h = tl.zeros([BLOCK], dtype=tl.float32)
@@ -319,11 +324,11 @@ def _broyden_combine_kernel(U_ptr, V_ptr, c_ptr, g_ptr, dx_ptr, hg_ptr, hgo_ptr,
         h = -g
         v = -dx
         for j in range(n):
-            h += tl.load(c_ptr + (b * 2) * n + j) * tl.load(U_ptr + b * sUb + j * sUm + idx, mask=mask, other=0.0).to(
-                tl.float32
-            )
+            h += tl.load(c_ptr + (b * 2) * n + j) * tl.load(
+                U_ptr + b * sUb + tl.cast(j, tl.int64) * sUm + idx, mask=mask, other=0.0
+            ).to(tl.float32)
             v += tl.load(c_ptr + (b * 2 + 1) * n + j) * tl.load(
-                V_ptr + b * sVb + j * sVm + idx, mask=mask, other=0.0
+                V_ptr + b * sVb + tl.cast(j, tl.int64) * sVm + idx, mask=mask, other=0.0
             ).to(tl.float32)
         h = h.to(hg_ptr.dtype.element_ty)
         v = v.to(v_ptr.dtype.element_ty)
@@ -352,7 +357,7 @@ def broyden_combine(
     h_g, v = torch.empty_like(g), torch.empty_like(g)
     partials = torch.empty(batch, chunks, 4, dtype=torch.float32, device=U.device)
     coeff32 = coeff.to(torch.float32).contiguous()
-    _broyden_combine_kernel[(batch, chunks)](
+    _broyden_combine_kernel[(batch * chunks,)](
         U, V, coeff32, g, dx, h_g, hg, v, partials, dim, n, U.stride(0), U.stride(1), V.stride(0), V.stride(1),
         g.stride(0), dx.stride(0), h_g.stride(0), hg.stride(0), v.stride(0), chunks, BLOCK=block, STEPS=steps,
         STAGES=STAGES, num_warps=NUM_WARPS,
@@ -508,10 +513,10 @@ def anderson_coefficients(
 
 @triton.jit
 def _best_update_kernel(bx_ptr, bf_ptr, x_ptr, fx_ptr, px_ptr, pf_ptr, take_ptr, D, sbx, sbf, sx, sf, spx, spf,
-                        BLOCK: tl.constexpr):  # fmt: skip
-    b = tl.program_id(0).to(tl.int64)  # 64-bit offsets: B * m * D may pass 2**31
+                        n_chunks, BLOCK: tl.constexpr):  # fmt: skip
+    b, c = _sample_and_chunk(n_chunks)
     take = tl.load(take_ptr + b)
-    idx = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    idx = c * BLOCK + tl.arange(0, BLOCK)
     mask = idx < D
     if take == 1:  # the new pair (other samples: nothing read, nothing written)
         tl.store(bx_ptr + b * sbx + idx, tl.load(x_ptr + b * sx + idx, mask=mask), mask=mask)
@@ -528,9 +533,10 @@ def best_update(
     _check("best_update", best_x, best_fx, x, fx, prev_x, prev_fx)
     batch, dim = x.shape
     block = _block(dim, x.element_size())
-    _best_update_kernel[(batch, triton.cdiv(dim, block))](
+    chunks = triton.cdiv(dim, block)
+    _best_update_kernel[(batch * chunks,)](
         best_x, best_fx, x, fx, prev_x, prev_fx, take, dim, best_x.stride(0), best_fx.stride(0), x.stride(0),
-        fx.stride(0), prev_x.stride(0), prev_fx.stride(0), BLOCK=block,
+        fx.stride(0), prev_x.stride(0), prev_fx.stride(0), chunks, BLOCK=block,
     )  # fmt: skip
 
 
@@ -586,9 +592,9 @@ def anderson_absorb(
 @triton.jit
 def _broyden_finish_kernel(U_ptr, V_ptr, x_ptr, xo_ptr, g_ptr, go_ptr, dx_ptr, hg_ptr, v_ptr, hgo_ptr, sums_ptr,
                            gn_ptr, gno_ptr, alive_ptr, restarts_ptr, x_out, g_out, gn_out, hg_out, D, slot, growth,
-                           sUb, sUm, sVb, sVm, M: tl.constexpr, MP: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
-    b = tl.program_id(0).to(tl.int64)  # 64-bit offsets: B * m * D may pass 2**31
-    c = tl.program_id(1)
+                           sUb, sUm, sVb, sVm, n_chunks, M: tl.constexpr, MP: tl.constexpr,
+                           BLOCK: tl.constexpr):  # fmt: skip
+    b, c = _sample_and_chunk(n_chunks)
     denom = tl.load(sums_ptr + b * 4)
     dx_sq = tl.load(sums_ptr + b * 4 + 1)
     h_dg_sq = tl.load(sums_ptr + b * 4 + 2)
@@ -604,8 +610,10 @@ def _broyden_finish_kernel(U_ptr, V_ptr, x_ptr, xo_ptr, g_ptr, go_ptr, dx_ptr, h
     dx = tl.load(dx_ptr + row, mask=mask, other=0.0).to(tl.float32)
     h_g = tl.load(hg_ptr + row, mask=mask, other=0.0).to(tl.float32)
     u = tl.div_rn(dx - (h_g - tl.load(hgo_ptr + row, mask=mask, other=0.0).to(tl.float32)), tl.where(ok, denom, 1.0))
-    tl.store(U_ptr + b * sUb + slot * sUm + idx, u.to(U_ptr.dtype.element_ty), mask=mask)
-    tl.store(V_ptr + b * sVb + slot * sVm + idx, tl.load(v_ptr + row, mask=mask, other=0.0), mask=mask)
+    tl.store(U_ptr + b * sUb + tl.cast(slot, tl.int64) * sUm + idx, u.to(U_ptr.dtype.element_ty), mask=mask)
+    tl.store(
+        V_ptr + b * sVb + tl.cast(slot, tl.int64) * sVm + idx, tl.load(v_ptr + row, mask=mask, other=0.0), mask=mask
+    )
     g_old = tl.load(go_ptr + row, mask=mask, other=0.0)
     if blown:  # stay at the old iterate with H = -I
         tl.store(x_out + row, tl.load(xo_ptr + row, mask=mask, other=0.0), mask=mask)
@@ -657,9 +665,10 @@ def broyden_finish(
     x_new, g_new, hg_new = torch.empty_like(x), torch.empty_like(g), torch.empty_like(g)
     gnorm_new = torch.empty_like(gnorm)
     block = _block(dim, x.element_size())
-    _broyden_finish_kernel[(batch, triton.cdiv(dim, block))](
+    chunks = triton.cdiv(dim, block)
+    _broyden_finish_kernel[(batch * chunks,)](
         U, V, x, x_old, g, g_old, dx, h_g, v, hg_old, sums, gnorm, gnorm_old, alive.view(torch.int8), restarts,
         x_new, g_new, gnorm_new, hg_new, dim, slot, float(growth), U.stride(0), U.stride(1), V.stride(0),
-        V.stride(1), M=m, MP=triton.next_power_of_2(max(m, 2)), BLOCK=block,
+        V.stride(1), chunks, M=m, MP=triton.next_power_of_2(max(m, 2)), BLOCK=block,
     )  # fmt: skip
     return x_new, g_new, gnorm_new, hg_new

@@ -29,11 +29,24 @@ def save_checkpoint(path: Path, state: dict) -> None:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+    _remove_stale_temporaries(path)
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def _remove_stale_temporaries(path: Path) -> None:
+    """Temporary files of saves that a killed process left behind (never a live writer's)."""
+    for tmp in path.parent.glob(f".{path.name}.tmp-*"):
+        try:
+            pid = int(tmp.name.rsplit("-", 1)[1])
+            os.kill(pid, 0)  # raises when no such process exists
+        except ProcessLookupError:
+            tmp.unlink(missing_ok=True)
+        except (ValueError, OSError):
+            continue  # not ours, or a live process of another user
 
 
 def load_checkpoint(path: Path, *, run: dict | None = None, config: dict | None = None) -> dict:

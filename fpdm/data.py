@@ -9,6 +9,7 @@ labels (N,) int64. Names: ``digits``, ``fashion-mnist``, ``folder:PATH``,
 from __future__ import annotations
 
 import gzip
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -121,13 +122,16 @@ def _folder(root: Path, image_size: int | None) -> ImageData:
         for path in sorted((root / cls).iterdir()):
             if path.suffix.lower() not in IMAGE_SUFFIXES:
                 continue
-            with Image.open(path) as img:
-                img = img.convert("RGB")
-                side = min(img.size)
-                left, top = (img.width - side) // 2, (img.height - side) // 2
-                img = img.crop((left, top, left + side, top + side)).resize((size, size), Image.BICUBIC)
-                images.append(np.asarray(img).transpose(2, 0, 1))
-                labels.append(index)
+            try:
+                with Image.open(path) as img:
+                    img = img.convert("RGB")
+                    side = min(img.size)
+                    left, top = (img.width - side) // 2, (img.height - side) // 2
+                    img = img.crop((left, top, left + side, top + side)).resize((size, size), Image.BICUBIC)
+            except (OSError, ValueError) as err:  # PIL's UnidentifiedImageError is an OSError
+                raise DataError(f"cannot read image {path}: {str(err).splitlines()[0]}") from None
+            images.append(np.asarray(img).transpose(2, 0, 1))
+            labels.append(index)
     if not images:
         raise DataError(f"image folder {root} has no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
     return ImageData(_to_unit_range(np.stack(images), 255.0), torch.tensor(labels), len(classes), f"folder:{root}")
@@ -145,8 +149,14 @@ def _latents(root: Path) -> ImageData:
                 latents.append(data["latents"].astype(np.float32))
                 labels.append(data["labels"].astype(np.int64))
                 num_classes = max(num_classes, int(data["num_classes"]) if "num_classes" in data else 0)
-        except (OSError, KeyError, ValueError) as err:
-            raise DataError(f"cannot read latent shard {shard}: {err}") from None
+        except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile) as err:
+            raise DataError(f"cannot read latent shard {shard}: {str(err).splitlines()[0]}") from None
+        if latents[-1].ndim != 4 or len(latents[-1]) == 0 or len(labels[-1]) != len(latents[-1]):
+            raise DataError(f"latent shard {shard} holds latents {latents[-1].shape} and labels {labels[-1].shape}; "
+                            "expected (N, C, h, w) and (N,) with N >= 1")  # fmt: skip
+        if latents[-1].shape[1:] != latents[0].shape[1:]:
+            raise DataError(f"latent shard {shard} has latents of shape {latents[-1].shape[1:]}, "
+                            f"{shards[0]} of {latents[0].shape[1:]}: one encoding per folder")  # fmt: skip
     y = torch.from_numpy(np.concatenate(labels))
     return ImageData(
         torch.from_numpy(np.concatenate(latents)), y, max(num_classes, int(y.max()) + 1), f"latents:{root}", True

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .checks import InputError, output_dir
 from .data import DataError, load_dataset
 
 
@@ -69,17 +70,17 @@ def main(args: argparse.Namespace) -> list[Path]:
     vae = load_vae(args.vae, device)
     from rich.progress import track
 
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = output_dir(args.out)
     generator = torch.Generator(device).manual_seed(args.seed)
     written = []
     starts = range(0, len(data), args.shard_size)
     for index, start in enumerate(track(starts, description="encoding", disable=args.quiet)):
         latents = encode(vae, data.images[start : start + args.shard_size], args.batch_size, generator)
         path = out / f"latents-{index:05d}.npz"
-        tmp = path.with_suffix(".tmp.npz")
-        np.savez(tmp, latents=latents.numpy().astype(np.float16),
-                 labels=data.labels[start : start + args.shard_size].numpy(), num_classes=data.num_classes)  # fmt: skip
+        tmp = path.with_name(path.name + ".tmp")  # not *.npz: a crash here leaves nothing the loader would read
+        with open(tmp, "wb") as fh:
+            labels = data.labels[start : start + args.shard_size].numpy()
+            np.savez(fh, latents=latents.numpy().astype(np.float16), labels=labels, num_classes=data.num_classes)
         tmp.replace(path)
         written.append(path)
     print(f"wrote {len(data)} latents of shape {tuple(latents.shape[1:])} in {len(written)} shard(s) to {out}")
@@ -108,7 +109,7 @@ def cli(argv: list[str] | None = None) -> int:
         if args.batch_size < 1 or args.shard_size < 1 or args.image_size < 8:
             raise EncodeError("--batch-size and --shard-size must be >= 1 and --image-size >= 8")
         main(args)
-    except (EncodeError, DataError) as err:
+    except (EncodeError, DataError, InputError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import checks
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .data import DataError, ImageData, load_dataset
 from .sample import SampleError, generate, load_model, plan_compute
@@ -245,43 +246,54 @@ def sweep(
     checkpoints: list[str], *, dit_steps: list[int], dit_depth: int | None, variants: list[str], num_samples: int,
     ref: Reference, guidance: float, seed: int, batch_size: int, progress: bool, grids: Path | None = None,
 ) -> list[dict]:  # fmt: skip
-    """Sample and score every checkpoint (and FPDM variant) at every budget; one row each."""
-    models = [load_model(c)[0] for c in checkpoints]
-    depths = [m.config.depth for m in models if m.config.kind == "dit"]
+    """Sample and score every checkpoint (and FPDM variant) at every budget; one row each.
+
+    Every setting is planned, and checked against the diffusion timesteps its checkpoint was trained
+    with, before anything is sampled."""
+    loaded = [load_model(c) for c in checkpoints]  # (model, run settings)
+    depths = [m.config.depth for m, _ in loaded if m.config.kind == "dit"]
     dit_depth = dit_depth or (depths[0] if depths else None)
     if dit_depth is None:
         raise EvaluateError("budgets are DiT steps x DiT depth: pass --dit-depth or a DiT checkpoint")
-    num_classes = models[0].config.num_classes
+    num_classes = loaded[0][0].config.num_classes
     labels = torch.arange(num_samples) % num_classes
-    rows = []
-    for ckpt, model in zip(checkpoints, models):
-        cfg = model.config
-        shape = (cfg.in_channels, cfg.input_size, cfg.input_size)
+    settings = []  # (checkpoint, model, timesteps, DiT steps, budget, variant name, plan, solver, reuse)
+    for ckpt, (model, run) in zip(checkpoints, loaded):
+        cfg, timesteps = model.config, int(run.get("num_timesteps", 1000))
         for steps_dit in dit_steps:
             budget = steps_dit * dit_depth
-            settings = [("dit", None)] if cfg.kind == "dit" else [(v, FPDM_VARIANTS[v]) for v in variants]
-            for name, variant in settings:
+            variants_here = [("dit", None)] if cfg.kind == "dit" else [(v, FPDM_VARIANTS[v]) for v in variants]
+            for name, variant in variants_here:
                 if variant is None:
                     plan, solver, reuse = plan_compute(cfg, budget=budget), "picard", False
                 else:
                     plan, solver, reuse = _fpdm_plan(cfg, steps_dit, budget, variant), variant.solver, variant.reuse
                 if plan is None:
                     continue
-                images, stats = generate(model, labels, plan, image_shape=shape, guidance=guidance, solver=solver,
-                                         reuse=reuse, seed=seed, batch_size=batch_size, progress=False)  # fmt: skip
-                row = {
-                    "checkpoint": ckpt, "model": cfg.kind, "variant": name, "dit_steps": steps_dit, "budget": budget,
-                    "steps": plan.steps, "block_evaluations": stats.block_evaluations, "seconds": stats.seconds,
-                    **score(images, labels, ref),
-                }  # fmt: skip
-                rows.append(row)
-                if progress:
-                    print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}))
-                if grids is not None and steps_dit == min(dit_steps):
-                    from .images import save_grid
+                if plan.steps > timesteps:
+                    raise EvaluateError(f"{cfg.kind.upper()} {name} at {steps_dit} DiT steps samples {plan.steps} "
+                                        f"steps, more than the {timesteps} diffusion timesteps of {ckpt}")  # fmt: skip
+                settings.append((ckpt, model, timesteps, steps_dit, budget, name, plan, solver, reuse))
+    rows = []
+    for ckpt, model, timesteps, steps_dit, budget, name, plan, solver, reuse in settings:
+        cfg = model.config
+        shape = (cfg.in_channels, cfg.input_size, cfg.input_size)
+        images, stats = generate(model, labels, plan, image_shape=shape, guidance=guidance, solver=solver,
+                                 reuse=reuse, seed=seed, batch_size=batch_size, num_timesteps=timesteps,
+                                 progress=False)  # fmt: skip
+        row = {
+            "checkpoint": ckpt, "model": cfg.kind, "variant": name, "dit_steps": steps_dit, "budget": budget,
+            "steps": plan.steps, "block_evaluations": stats.block_evaluations, "seconds": stats.seconds,
+            **score(images, labels, ref),
+        }  # fmt: skip
+        rows.append(row)
+        if progress:
+            print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}))
+        if grids is not None and steps_dit == min(dit_steps):
+            from .images import save_grid
 
-                    save_grid(images[: 10 * min(num_classes, 10)], grids / f"{cfg.kind}-{name}-{budget}.png",
-                              nrow=10, scale=2)  # fmt: skip
+            save_grid(images[: 10 * min(num_classes, 10)], grids / f"{cfg.kind}-{name}-{budget}.png",
+                      nrow=10, scale=2)  # fmt: skip
     return rows
 
 
@@ -341,8 +353,9 @@ def main(args: argparse.Namespace) -> dict | list[dict]:
             data = np.load(args.samples)
             images = torch.from_numpy(data["images"]).permute(0, 3, 1, 2).float() / 127.5 - 1
             labels = torch.from_numpy(data["labels"]).long()
-        except (OSError, KeyError, ValueError) as err:
-            raise EvaluateError(f"cannot read samples {args.samples}: {err}") from None
+        except (OSError, KeyError, ValueError, IndexError, TypeError) as err:
+            raise EvaluateError(f"cannot read samples {args.samples} (a samples.npz of python -m fpdm.sample): "
+                                f"{str(err).splitlines()[0]}") from None  # fmt: skip
         ref = reference_for(args.dataset, data_dir=args.data_dir, cache_dir=args.cache_dir,
                             inception=args.inception, progress=progress)  # fmt: skip
         result = {"samples": str(args.samples), **score(images, labels, ref),
@@ -357,7 +370,7 @@ def main(args: argparse.Namespace) -> dict | list[dict]:
     unknown = [v for v in args.variants if v not in FPDM_VARIANTS]
     if unknown:
         raise EvaluateError(f"unknown variant(s) {', '.join(unknown)}; valid: {', '.join(FPDM_VARIANTS)}")
-    out = Path(args.out)
+    out = Path(args.out)  # checked by cli before any work
     start = time.perf_counter()
     rows = sweep(args.ckpt, dit_steps=args.dit_steps, dit_depth=args.dit_depth, variants=args.variants,
                  num_samples=args.num_samples, ref=ref, guidance=args.guidance, seed=args.seed,
@@ -406,8 +419,15 @@ def cli(argv: list[str] | None = None) -> int:
     try:
         if args.num_samples < 2:
             raise EvaluateError("--num-samples must be at least 2 (a covariance needs two samples)")
+        if args.batch_size < 1 or (args.dit_depth is not None and args.dit_depth < 1):
+            raise EvaluateError("--batch-size and --dit-depth must be >= 1")
+        checks.number("--guidance", args.guidance)
+        if args.ckpt and not args.samples:
+            checks.output_dir(args.out)
+        if args.cache_dir is not None:
+            checks.output_dir(args.cache_dir, "--cache-dir")
         main(args)
-    except (EvaluateError, SampleError, DataError, CheckpointError) as err:
+    except (EvaluateError, SampleError, DataError, CheckpointError, checks.InputError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -9,6 +9,7 @@ which loads with ``strict=True``. Nothing is downloaded: pass the file's path.
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 
 import torch
@@ -168,7 +169,7 @@ def load_fid_inception(path: str | Path) -> FIDInceptionV3:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
         net.load_state_dict(state, strict=True)
-    except (OSError, RuntimeError, KeyError, ValueError) as err:
-        reason = str(err).splitlines()[0]
+    except (OSError, RuntimeError, KeyError, ValueError, EOFError, pickle.UnpicklingError) as err:
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise ValueError(f"cannot load Inception FID weights from {path}: {reason}") from None
     return net.eval().requires_grad_(False)

@@ -35,8 +35,10 @@ from torch import Tensor
 
 import fixedpoint
 
+from . import checks
 from .checkpoint import CheckpointError, load_checkpoint
 from .diffusion import Diffusion, guided
+from .encode import EncodeError, decode, load_vae
 from .images import save_grid, to_uint8
 from .models import FPDM, DiT, ModelConfig, build_model, fixed_iterations
 
@@ -221,7 +223,8 @@ def generate(
         stats.block_evaluations += share * batch_stats.block_evaluations
         if batch_stats.calls_per_step:
             calls = torch.tensor(batch_stats.calls_per_step, dtype=torch.float64) * share
-            stats.calls_per_step = (torch.tensor(stats.calls_per_step or [0.0] * len(calls)) + calls).tolist()
+            so_far = torch.tensor(stats.calls_per_step or [0.0] * len(calls), dtype=torch.float64)
+            stats.calls_per_step = (so_far + calls).tolist()
     stats.seconds = time.perf_counter() - start
     if original_solver is not None:
         model.eval_solver = original_solver
@@ -258,33 +261,39 @@ def _labels(spec: str, num: int, num_classes: int, seed: int) -> Tensor:
 
 
 def main(args: argparse.Namespace) -> dict:
-    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    model, run = load_model(args.ckpt, weights=args.weights, device=device)
+    dev = checks.device(args.device)
+    checks.number("--eta", args.eta, 0.0, 1.0)
+    checks.number("--guidance", args.guidance)
+    model, run = load_model(args.ckpt, weights=args.weights, device=str(dev))
     cfg = model.config
     plan = plan_compute(cfg, steps=args.steps, iters=args.iters, budget=args.budget, schedule=args.schedule,
                         tol=args.tol)  # fmt: skip
+    num_timesteps = int(run.get("num_timesteps", 1000))  # the schedule the checkpoint was trained with
+    if plan.steps > num_timesteps:
+        raise SampleError(f"{plan.steps} sampling steps > the {num_timesteps} diffusion timesteps of this checkpoint")
     labels = _labels(args.classes, args.num_samples, cfg.num_classes, args.seed)
     is_latent = str(run.get("dataset", "")).startswith("latents:")
+    vae = None
+    if is_latent:  # before sampling, which may take hours
+        if not args.vae:
+            raise SampleError("this checkpoint generates VAE latents: pass --vae PATH to decode them")
+        vae = load_vae(args.vae, dev)
+    out = checks.output_dir(args.out)
     images, stats = generate(
         model, labels, plan, image_shape=(cfg.in_channels, cfg.input_size, cfg.input_size), method=args.method,
         eta=args.eta, guidance=args.guidance, solver=args.solver, reuse=args.reuse, clip=not is_latent,
-        seed=args.seed, batch_size=args.batch_size, progress=not args.quiet,
+        seed=args.seed, batch_size=args.batch_size, num_timesteps=num_timesteps, progress=not args.quiet,
     )  # fmt: skip
-    if is_latent:
-        if not args.vae:
-            raise SampleError("this checkpoint generates VAE latents: pass --vae PATH to decode them")
-        from .encode import decode, load_vae
-
-        images = decode(load_vae(args.vae, torch.device(device)), images)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    if vae is not None:
+        images = decode(vae, images)
     np.savez(out / "samples.npz", images=to_uint8(images), labels=labels.numpy())
     save_grid(images[:100], out / "samples.png", nrow=10, scale=max(1, 64 // images.shape[-1]))
     summary = {
         "checkpoint": str(args.ckpt), "num_samples": len(labels), "method": args.method, "steps": plan.steps,
         "schedule": plan.schedule, "solver": args.solver if cfg.kind == "fpdm" else None, "reuse": args.reuse,
-        "guidance": args.guidance, "budget": plan.budget, "block_evaluations_per_sample": stats.block_evaluations,
-        "calls_per_step": stats.calls_per_step, "seconds": stats.seconds,
+        "guidance": args.guidance, "budget": plan.budget, "num_timesteps": num_timesteps,
+        "block_evaluations_per_sample": round(stats.block_evaluations, 6),
+        "calls_per_step": [round(c, 6) for c in stats.calls_per_step], "seconds": stats.seconds,
     }  # fmt: skip
     (out / "stats.json").write_text(json.dumps(summary, indent=2))
     print(
@@ -302,7 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="directory for samples.png, samples.npz, stats.json")
     p.add_argument("--weights", default="ema", help="ema | model")
     p.add_argument("--method", default="ddim", choices=["ddim", "ddpm"])
-    p.add_argument("--steps", type=int, default=None, help="sampling steps")
+    p.add_argument("--steps", type=int, default=None, help="sampling steps (50 unless --budget sets them)")
     p.add_argument("--iters", type=int, default=None, help="FPDM: fixed-point calls per step")
     p.add_argument("--budget", type=int, default=None, help="block evaluations per sample in total")
     p.add_argument("--schedule", default="uniform", help="|".join(SCHEDULES))
@@ -329,7 +338,7 @@ def cli(argv: list[str] | None = None) -> int:
         if args.steps is None and args.budget is None:
             args.steps = 50
         main(args)
-    except SampleError as err:
+    except (SampleError, checks.InputError, EncodeError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -25,8 +25,9 @@ from pathlib import Path
 
 import torch
 
+from . import checks
 from .evaluate import FPDM_VARIANTS, EvaluateError, reference_for, sweep, write_reports
-from .sample import load_model
+from .sample import SampleError, load_model
 from .train import read_metrics
 
 
@@ -159,11 +160,28 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def validate(args: argparse.Namespace) -> None:
+    """Everything that would otherwise fail only after both models have trained."""
+    unknown = [v for v in args.variants if v not in FPDM_VARIANTS]
+    if unknown:
+        raise EvaluateError(f"unknown variant(s) {', '.join(unknown)}; valid: {', '.join(FPDM_VARIANTS)}")
+    small = {flag: value for flag, value in (("--dit-steps", min(args.dit_steps)), ("--dit-depth", args.dit_depth),
+             ("--steps", args.steps), ("--batch-size", args.batch_size), ("--sample-batch", args.sample_batch),
+             ("--patch", args.patch)) if value < 1}  # fmt: skip
+    if small:
+        raise EvaluateError(", ".join(f"{flag} must be >= 1, got {value}" for flag, value in small.items()))
+    if args.num_samples < 2:
+        raise EvaluateError("--num-samples must be at least 2 (a covariance needs two samples)")
+    checks.number("--guidance", args.guidance)
+    checks.output_dir(args.out)
+
+
 def cli(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        validate(args)
         main(args)
-    except (EvaluateError, subprocess.CalledProcessError) as err:
+    except (EvaluateError, SampleError, checks.InputError, subprocess.CalledProcessError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -16,6 +16,7 @@ import argparse
 import copy
 import dataclasses
 import json
+import math
 import os
 import sys
 import time
@@ -26,6 +27,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from .checks import InputError, device, output_dir
 from .data import DataError, ImageData, load_dataset
 from .diffusion import Diffusion, guided
 from .images import plot_loss_curve, save_grid
@@ -125,7 +127,7 @@ def main(args: argparse.Namespace) -> None:
     is_main = rank == 0
     log = (lambda msg: print(msg, flush=True)) if is_main else (lambda msg: None)
     local_batch = args.batch_size // world
-    out = Path(args.out or f"runs/{args.dataset.split(':')[0]}-{args.model.replace('/', '-')}")
+    out = output_dir(args.out or f"runs/{args.dataset.split(':')[0]}-{args.model.replace('/', '-')}")
     ckpt_path = out / "checkpoints" / "latest.pt"
 
     # ---------------------------------------------------------------- data
@@ -221,7 +223,14 @@ def main(args: argparse.Namespace) -> None:
             optimizer.step()
             update_ema(ema, model, ema_decay_at(step, args.ema_decay))
 
-            window_loss += loss.item()
+            loss_value = loss.item()
+            if not math.isfinite(loss_value):  # stop before a checkpoint of broken weights replaces a good one
+                kept = f"the last checkpoint {ckpt_path} is from before" if ckpt_path.exists() else "no checkpoint"
+                raise UsageError(
+                    f"the loss is {loss_value} at step {step + 1}: training diverged (lower --lr or raise --warmup); "
+                    f"{kept}"
+                )
+            window_loss += loss_value
             window_steps += 1
             fp_state = getattr(model, "last_fixed_point", None)
             fp_iters = f"{fp_state.info.no_grad_steps}+{fp_state.info.grad_steps}" if fp_state else "-"
@@ -314,7 +323,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def validate(args: argparse.Namespace) -> None:
     checks = [
-        (args.lr > 0, f"--lr must be positive, got {args.lr}"),
+        (args.lr > 0 and math.isfinite(args.lr), f"--lr must be a positive finite number, got {args.lr}"),
+        (
+            args.weight_decay >= 0 and math.isfinite(args.weight_decay),
+            f"--weight-decay must be a finite number >= 0, got {args.weight_decay}",
+        ),
+        (math.isfinite(args.guidance), f"--guidance must be a finite number, got {args.guidance}"),
         (0 <= args.ema_decay < 1, f"--ema-decay must be in [0, 1), got {args.ema_decay}"),
         (args.warmup >= 0, f"--warmup must be >= 0, got {args.warmup}"),
         (args.sample_steps >= 0, f"--sample-steps must be >= 0, got {args.sample_steps}"),
@@ -325,6 +339,7 @@ def validate(args: argparse.Namespace) -> None:
     for ok, message in checks:
         if not ok:
             raise UsageError(message)
+    device(args.device)  # cuda where there is none: one line now, not a traceback later
 
 
 def cli(argv: list[str] | None = None) -> int:
@@ -332,7 +347,7 @@ def cli(argv: list[str] | None = None) -> int:
     try:
         validate(args)
         main(args)
-    except (UsageError, DataError) as err:
+    except (UsageError, DataError, InputError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

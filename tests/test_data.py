@@ -56,6 +56,31 @@ def test_image_folder(tmp_path):
         load_dataset(f"folder:{tmp_path / 'cat'}")
 
 
+def test_unreadable_images_and_latent_shards_are_one_line_errors(tmp_path):
+    from PIL import Image
+
+    (tmp_path / "imgs" / "cat").mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(tmp_path / "imgs" / "cat" / "0.png")
+    (tmp_path / "imgs" / "cat" / "1.png").write_bytes(b"not a png")
+    with pytest.raises(DataError, match=r"cannot read image .*1\.png"):
+        load_dataset(f"folder:{tmp_path / 'imgs'}")
+
+    shards = tmp_path / "latents"
+    shards.mkdir()
+    np.savez(shards / "a.npz", latents=np.zeros((2, 4, 2, 2), np.float16), labels=np.zeros(2), num_classes=2)
+    (shards / "b.npz.tmp").write_bytes(b"an unfinished shard: never read")
+    assert len(load_dataset(f"latents:{shards}")) == 2
+    np.savez(shards / "b.npz", latents=np.zeros((2, 4, 4, 4), np.float16), labels=np.zeros(2), num_classes=2)
+    with pytest.raises(DataError, match="one encoding per folder"):
+        load_dataset(f"latents:{shards}")
+    np.savez(shards / "b.npz", latents=np.zeros((0, 4, 2, 2), np.float16), labels=np.zeros(0), num_classes=2)
+    with pytest.raises(DataError, match="expected .* N >= 1"):
+        load_dataset(f"latents:{shards}")
+    (shards / "b.npz").write_bytes((shards / "a.npz").read_bytes()[:50])  # truncated
+    with pytest.raises(DataError, match="cannot read latent shard"):
+        load_dataset(f"latents:{shards}")
+
+
 def _tiny_vae(path):
     from diffusers import AutoencoderKL
 

@@ -131,11 +131,16 @@ def test_score_existing_samples_and_bad_input(tmp_path, cache_dir, digits_refere
     assert ok.returncode == 0, ok.stderr
     result = json.loads(ok.stdout)
     assert result["frechet"] > 0 and 0 <= result["cond_accuracy"] <= 1
+    np.save(tmp_path / "s" / "x.npy", np.zeros(3))  # an array, not a samples.npz
     for args, match in (
         (["--samples", str(tmp_path / "s" / "samples.npz")], "--samples needs --dataset"),
         (["--ckpt", ckpt, "--variants", "magic"], "unknown variant(s) magic"),
         (["--ckpt", str(tmp_path / "none.pt")], "is unreadable"),
         ([], "give --samples FILE or at least one --ckpt"),
+        (["--samples", str(tmp_path / "s" / "x.npy"), "--dataset", "digits"], "cannot read samples"),
+        (["--ckpt", ckpt, "--batch-size", "0"], "--batch-size and --dit-depth must be >= 1"),
+        (["--ckpt", ckpt, "--dit-steps", "2000", "--out", str(tmp_path / "e")], "more than the 1000 diffusion"),
+        (["--ckpt", ckpt, "--out", str(tmp_path / "s" / "samples.npz")], "is a file, not a directory"),
     ):
         bad = subprocess.run([*base, *args], capture_output=True, text=True, timeout=300)
         assert bad.returncode == 2 and "Traceback" not in bad.stderr, bad.stderr

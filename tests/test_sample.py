@@ -144,10 +144,10 @@ def test_anderson_at_sampling_time():
         _run(model, plan, solver="newton")
 
 
-def _train_checkpoint(tmp_path):
+def _train_checkpoint(tmp_path, *extra):
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "fpdm.train", "--steps", "2", "--batch-size", "8", "--sample-steps", "0", "--quiet",
-           "--out", str(out)]  # fmt: skip
+           "--out", str(out), *extra]  # fmt: skip
     assert subprocess.run(cmd, capture_output=True, timeout=120).returncode == 0
     return out / "checkpoints" / "latest.pt"
 
@@ -174,6 +174,10 @@ def test_sample_command_writes_grid_npz_and_stats(tmp_path):
         (["--classes", "3,12"], "--classes [12] outside 0..9"),
         (["--budget", "5", "--steps", "5"], "at least 15 blocks"),
         (["--weights", "best"], "--weights must be 'ema' or 'model'"),
+        (["--eta", "2"], "--eta must be in [0.0, 1.0], got 2.0"),
+        (["--guidance", "nan"], "--guidance must be a finite number, got nan"),
+        (["--device", "foo"], "--device must be auto, cpu, cuda or cuda:N, got 'foo'"),
+        (["--steps", "2000"], "2000 sampling steps > the 1000 diffusion timesteps of this checkpoint"),
     ],
 )
 def test_sample_command_bad_input(tmp_path, args, match):
@@ -194,3 +198,40 @@ def test_sample_command_rejects_a_mismatched_checkpoint(tmp_path):
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "does not match its model config" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_sample_command_uses_the_checkpoints_diffusion_timesteps(tmp_path, monkeypatch):
+    """A model trained on 100 timesteps is sampled on that schedule (it never saw t >= 100), and more sampling
+    steps than timesteps is an error before any sampling."""
+    ckpt = _train_checkpoint(tmp_path, "--num-timesteps", "100")
+    from fpdm import diffusion, sample
+
+    created = []
+    real_create = diffusion.Diffusion.create
+    monkeypatch.setattr(sample.Diffusion, "create", lambda n, **kw: created.append(n) or real_create(n, **kw))
+    args = sample.build_parser().parse_args(["--ckpt", str(ckpt), "--out", str(tmp_path / "s"), "--steps", "5",
+                                             "--num-samples", "4", "--quiet"])  # fmt: skip
+    summary = sample.main(args)
+    assert created == [100] and summary["num_timesteps"] == 100
+    cmd = [sys.executable, "-m", "fpdm.sample", "--ckpt", str(ckpt), "--out", str(tmp_path / "t"), "--steps", "200"]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "200 sampling steps > the 100 diffusion timesteps" in result.stderr
+    assert not (tmp_path / "t").exists()
+
+
+def test_sample_command_checks_its_output_and_vae_before_sampling(tmp_path):
+    ckpt = _train_checkpoint(tmp_path)
+    (tmp_path / "afile").write_text("keep me")
+    cmd = [sys.executable, "-m", "fpdm.sample", "--ckpt", str(ckpt), "--quiet", "--steps", "2"]
+    result = subprocess.run([*cmd, "--out", str(tmp_path / "afile")], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "is a file, not a directory" in result.stderr
+    assert (tmp_path / "afile").read_text() == "keep me"
+    state = torch.load(ckpt, weights_only=False)
+    state["run"]["dataset"] = "latents:/somewhere"  # a latent model: needs --vae to decode
+    torch.save(state, tmp_path / "latent.pt")
+    cmd[4] = str(tmp_path / "latent.pt")
+    result = subprocess.run([*cmd, "--out", str(tmp_path / "l")], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "pass --vae PATH" in result.stderr and not (tmp_path / "l").exists()
+    result = subprocess.run([*cmd, "--out", str(tmp_path / "l"), "--vae", str(tmp_path / "none")],
+                            capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert result.returncode == 2 and "Traceback" not in result.stderr and not (tmp_path / "l").exists()

@@ -129,13 +129,33 @@ def test_mismatched_checkpoint_is_an_error_and_is_not_overwritten(tmp_path):
         (["--dataset", "folder:/nonexistent"], None, "image folder /nonexistent does not exist"),
         (["--dataset", "latents:/nonexistent"], None, "no latent shards"),
         (["--batch-size", "3"], {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0"}, "not divisible by the 2"),
-        (["--lr", "-1"], None, "--lr must be positive"),
+        (["--lr", "-1"], None, "--lr must be a positive finite number, got -1.0"),
+        (["--lr", "inf"], None, "--lr must be a positive finite number, got inf"),
+        (["--weight-decay", "-1"], None, "--weight-decay must be a finite number >= 0, got -1.0"),
         (["--device", "cuda"] if not torch.cuda.is_available() else ["--device", "tpu"], None, "--device"),
     ],
 )
 def test_bad_input_is_one_line_and_nonzero(tmp_path, args, env, match):
     result = run("--steps", "1", "--out", str(tmp_path), "--quiet", *args, env=env, timeout=60)
     _one_line_error(result, match)
+
+
+def test_an_output_path_below_a_file_is_one_line(tmp_path):
+    (tmp_path / "afile").write_text("keep me")
+    for out in ("afile", "afile/sub"):
+        _one_line_error(run("--steps", "1", "--out", str(tmp_path / out), "--quiet", timeout=60), "is a file")
+    assert (tmp_path / "afile").read_text() == "keep me"
+
+
+def test_a_diverging_run_stops_with_one_line_and_keeps_the_last_checkpoint(tmp_path):
+    """A NaN loss stops training at once (a checkpoint of NaN weights would replace the good one)."""
+    ok = run("--steps", "2", "--out", str(tmp_path), *FAST, timeout=120)
+    assert ok.returncode == 0, ok.stderr
+    before = (tmp_path / "checkpoints" / "latest.pt").read_bytes()
+    result = run("--steps", "40", "--lr", "1e12", "--warmup", "0", "--out", str(tmp_path / "nan"), *FAST, timeout=120)
+    _one_line_error(result, "training diverged")
+    assert not (tmp_path / "nan" / "checkpoints" / "latest.pt").exists()
+    assert (tmp_path / "checkpoints" / "latest.pt").read_bytes() == before
 
 
 def test_bad_flag_values_exit_nonzero_without_traceback(tmp_path):
@@ -153,3 +173,15 @@ def test_checkpoint_write_is_atomic(tmp_path):
         save_checkpoint(path, {"step": 2, "bad": lambda: None})  # not picklable: fails mid-write
     assert path.read_bytes() == before and load_checkpoint(path)["step"] == 1
     assert [p.name for p in tmp_path.iterdir()] == ["latest.pt"]  # no temporary file left behind
+
+
+def test_a_save_removes_temporaries_that_killed_saves_left_behind(tmp_path):
+    from fpdm.checkpoint import save_checkpoint
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = tmp_path / f".latest.pt.tmp-{int(dead.stdout)}"  # a process that no longer exists
+    stale.write_bytes(b"half a checkpoint")
+    mine = tmp_path / f".latest.pt.tmp-{os.getppid()}"  # a live process (the test runner's parent)
+    mine.write_bytes(b"a save in progress")
+    save_checkpoint(tmp_path / "latest.pt", {"step": 1})
+    assert not stale.exists() and mine.exists()

@@ -49,16 +49,20 @@ def _remove_stale_temporaries(path: Path) -> None:
             continue  # not ours, or a live process of another user
 
 
-def load_checkpoint(path: Path, *, run: dict | None = None, config: dict | None = None) -> dict:
-    """Read a checkpoint; if ``run`` / ``config`` are given they must match what it was written with."""
+def load_checkpoint(
+    path: Path, *, run: dict | None = None, config: dict | None = None, hint: str | None = None
+) -> dict:
+    """Read a checkpoint; if ``run`` / ``config`` are given they must match what it was written with.
+
+    ``hint`` ends the message of an unreadable file (default: how a training run starts over).
+    """
     path = Path(path)
     try:
         state = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as err:  # noqa: BLE001 (any failure to read is the same answer to the user)
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise CheckpointError(
-            f"checkpoint {path} is unreadable ({reason}); move it away to start over, or use another --out"
-        ) from None
+        hint = hint if hint is not None else "move it away to start over, or use another --out"
+        raise CheckpointError(f"checkpoint {path} is unreadable ({reason}); {hint}") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a checkpoint of this program (format {FORMAT})")
     for name, expected in (("run", run), ("config", config)):

@@ -364,7 +364,8 @@ def main(args: argparse.Namespace) -> dict | list[dict]:
         return result
     if not args.ckpt:
         raise EvaluateError("give --samples FILE or at least one --ckpt")
-    dataset = args.dataset or load_checkpoint(args.ckpt[0]).get("run", {}).get("dataset")
+    first = load_checkpoint(args.ckpt[0], hint="give a checkpoint of python -m fpdm.train")
+    dataset = args.dataset or first.get("run", {}).get("dataset")
     ref = reference_for(dataset, data_dir=args.data_dir, cache_dir=args.cache_dir, inception=args.inception,
                         progress=progress)  # fmt: skip
     unknown = [v for v in args.variants if v not in FPDM_VARIANTS]

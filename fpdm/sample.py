@@ -236,7 +236,7 @@ def load_model(ckpt_path: str | Path, *, weights: str = "ema", device: str = "cp
     if weights not in ("ema", "model"):
         raise SampleError(f"--weights must be 'ema' or 'model', got {weights!r}")
     try:
-        ckpt = load_checkpoint(ckpt_path)
+        ckpt = load_checkpoint(ckpt_path, hint="give a checkpoint of python -m fpdm.train")
         model = build_model(ModelConfig(**ckpt["config"]))
         model.load_state_dict(ckpt[weights])
     except CheckpointError as err:

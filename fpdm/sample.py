@@ -264,8 +264,14 @@ def main(args: argparse.Namespace) -> dict:
     dev = checks.device(args.device)
     checks.number("--eta", args.eta, 0.0, 1.0)
     checks.number("--guidance", args.guidance)
+    if args.eta and args.method != "ddim":
+        raise SampleError("--eta applies to --method ddim (DDPM has no eta)")
+    if args.tol is not None and args.schedule != "adaptive":
+        raise SampleError("--tol applies to --schedule adaptive")
     model, run = load_model(args.ckpt, weights=args.weights, device=str(dev))
     cfg = model.config
+    if cfg.kind == "dit" and (args.reuse or args.solver != "picard"):
+        raise SampleError("--reuse and --solver apply to FPDM checkpoints; a DiT has no fixed-point layer")
     plan = plan_compute(cfg, steps=args.steps, iters=args.iters, budget=args.budget, schedule=args.schedule,
                         tol=args.tol)  # fmt: skip
     num_timesteps = int(run.get("num_timesteps", 1000))  # the schedule the checkpoint was trained with

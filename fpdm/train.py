@@ -340,6 +340,14 @@ def validate(args: argparse.Namespace) -> None:
         if not ok:
             raise UsageError(message)
     device(args.device)  # cuda where there is none: one line now, not a traceback later
+    fpdm_only = {"--pre-depth": args.pre_depth != 1, "--post-depth": args.post_depth != 1,
+                 "--no-grad-iters": tuple(args.no_grad_iters) != (0, 10),
+                 "--grad-iters": tuple(args.grad_iters) != (1, 12)}  # fmt: skip
+    given = [flag for flag, changed in fpdm_only.items() if changed]
+    if given and not args.model.startswith("FPDM"):
+        raise UsageError(f"{', '.join(given)} apply to FPDM models, not {args.model}")
+    if args.image_size is not None and not args.dataset.startswith("folder:"):
+        raise UsageError(f"--image-size resizes folder:PATH images; {args.dataset} has its own size")
 
 
 def cli(argv: list[str] | None = None) -> int:

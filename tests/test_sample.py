@@ -152,8 +152,14 @@ def _train_checkpoint(tmp_path, *extra):
     return out / "checkpoints" / "latest.pt"
 
 
-def test_sample_command_writes_grid_npz_and_stats(tmp_path):
-    ckpt = _train_checkpoint(tmp_path)
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One tiny training run's checkpoint, shared by the command tests (they never modify it)."""
+    return _train_checkpoint(tmp_path_factory.mktemp("trained"))
+
+
+def test_sample_command_writes_grid_npz_and_stats(tmp_path, trained):
+    ckpt = trained
     out = tmp_path / "samples"
     cmd = [sys.executable, "-m", "fpdm.sample", "--ckpt", str(ckpt), "--num-samples", "12", "--out", str(out),
            "--budget", "40", "--steps", "5", "--schedule", "high-noise", "--reuse", "--classes", "1,2",
@@ -178,18 +184,20 @@ def test_sample_command_writes_grid_npz_and_stats(tmp_path):
         (["--guidance", "nan"], "--guidance must be a finite number, got nan"),
         (["--device", "foo"], "--device must be auto, cpu, cuda or cuda:N, got 'foo'"),
         (["--steps", "2000"], "2000 sampling steps > the 1000 diffusion timesteps of this checkpoint"),
+        (["--tol", "0.1"], "--tol applies to --schedule adaptive"),
+        (["--method", "ddpm", "--eta", "0.5"], "--eta applies to --method ddim"),
     ],
 )
-def test_sample_command_bad_input(tmp_path, args, match):
-    ckpt = _train_checkpoint(tmp_path)
+def test_sample_command_bad_input(tmp_path, trained, args, match):
+    ckpt = trained
     cmd = [sys.executable, "-m", "fpdm.sample", "--ckpt", str(ckpt), "--out", str(tmp_path / "s"), "--quiet", *args]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines() == [f"error: {result.stderr.strip()[7:]}"] and match in result.stderr
 
 
-def test_sample_command_rejects_a_mismatched_checkpoint(tmp_path):
-    ckpt = _train_checkpoint(tmp_path)
+def test_sample_command_rejects_a_mismatched_checkpoint(tmp_path, trained):
+    ckpt = trained
     state = torch.load(ckpt, weights_only=False)
     state["config"]["hidden_size"] = 64  # the weights no longer fit the config
     bad = tmp_path / "bad.pt"
@@ -219,8 +227,8 @@ def test_sample_command_uses_the_checkpoints_diffusion_timesteps(tmp_path, monke
     assert not (tmp_path / "t").exists()
 
 
-def test_sample_command_checks_its_output_and_vae_before_sampling(tmp_path):
-    ckpt = _train_checkpoint(tmp_path)
+def test_sample_command_checks_its_output_and_vae_before_sampling(tmp_path, trained):
+    ckpt = trained
     (tmp_path / "afile").write_text("keep me")
     cmd = [sys.executable, "-m", "fpdm.sample", "--ckpt", str(ckpt), "--quiet", "--steps", "2"]
     result = subprocess.run([*cmd, "--out", str(tmp_path / "afile")], capture_output=True, text=True, timeout=120)

@@ -132,6 +132,12 @@ def test_mismatched_checkpoint_is_an_error_and_is_not_overwritten(tmp_path):
         (["--lr", "-1"], None, "--lr must be a positive finite number, got -1.0"),
         (["--lr", "inf"], None, "--lr must be a positive finite number, got inf"),
         (["--weight-decay", "-1"], None, "--weight-decay must be a finite number >= 0, got -1.0"),
+        (
+            ["--model", "DiT-T/2", "--pre-depth", "3", "--grad-iters", "2,4"],
+            None,
+            "--pre-depth, --grad-iters apply to FPDM models, not DiT-T/2",
+        ),
+        (["--image-size", "16"], None, "--image-size resizes folder:PATH images; digits has its own size"),
         (["--device", "cuda"] if not torch.cuda.is_available() else ["--device", "tpu"], None, "--device"),
     ],
 )

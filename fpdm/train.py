@@ -169,7 +169,7 @@ def main(args: argparse.Namespace) -> None:
 
     run = {k: getattr(args, k) for k in RUN_DEFINING}
     run["world_size"] = world
-    start_step = 0
+    start_step, window = 0, (0.0, 0)  # window: the loss sum and steps since the last metrics record
     if ckpt_path.exists():
         try:
             ckpt = load_checkpoint(ckpt_path, run=run, config=dataclasses.asdict(model.config))
@@ -180,6 +180,7 @@ def main(args: argparse.Namespace) -> None:
         optimizer.load_state_dict(ckpt["optimizer"])
         restore_rng_states(ckpt["rng"][rank], generators)
         start_step = ckpt["step"]
+        window = tuple(ckpt.get("log_window", window))  # a record spanning the resume averages the same steps
         log(f"resuming from {ckpt_path} at step {start_step}")
         if start_step >= args.steps:
             log(f"already trained to step {start_step} (--steps {args.steps}): nothing to train")
@@ -205,7 +206,7 @@ def main(args: argparse.Namespace) -> None:
         TextColumn("fp iters {task.fields[fp]}"), TimeRemainingColumn(), disable=not is_main or args.quiet,
     )  # fmt: skip
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
-    tic, window_loss, window_steps = time.perf_counter(), 0.0, 0
+    tic, (window_loss, window_steps) = time.perf_counter(), window
     with progress:
         task = progress.add_task("train", total=args.steps, completed=start_step, loss=last_loss, speed=0.0, fp="-")
         for step in range(start_step, args.steps):
@@ -252,6 +253,7 @@ def main(args: argparse.Namespace) -> None:
                     save_checkpoint(ckpt_path, {
                         "step": step + 1, "model": model.state_dict(), "ema": ema.state_dict(),
                         "optimizer": optimizer.state_dict(), "rng": rng, "run": run,
+                        "log_window": [window_loss, window_steps],
                         "config": dataclasses.asdict(model.config),
                     })  # fmt: skip
     if metrics:

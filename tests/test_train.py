@@ -72,9 +72,14 @@ def test_resume_equals_an_uninterrupted_run(tmp_path):
     assert (parts / "metrics.jsonl").read_text() == metrics and (parts / "samples.png").is_file()
 
 
+def _losses(out: Path) -> list[tuple[int, float]]:
+    return [(r["step"], r["loss"]) for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())]
+
+
 def test_killed_run_resumed_equals_an_uninterrupted_run(tmp_path):
+    """The weights bit for bit, and the loss records too (a record spanning the kill averages the same steps)."""
     whole, killed = tmp_path / "whole", tmp_path / "killed"
-    args = ["--steps", "60", "--ckpt-every", "5", *FAST]
+    args = ["--steps", "60", "--ckpt-every", "5", *FAST, "--log-every", "3"]
     assert run(*args, "--out", str(whole)).returncode == 0
     env = {**os.environ, "OMP_NUM_THREADS": "2"}
     proc = subprocess.Popen([sys.executable, "-m", "fpdm.train", *args, "--out", str(killed)],
@@ -91,6 +96,7 @@ def test_killed_run_resumed_equals_an_uninterrupted_run(tmp_path):
     assert resumed.returncode == 0, resumed.stderr
     assert f"at step {killed_at}" in resumed.stdout
     _assert_same_weights(_weights(whole), _weights(killed))
+    assert _losses(killed) == _losses(whole)
 
 
 def test_two_processes_with_gloo(tmp_path):

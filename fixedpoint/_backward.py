@@ -196,7 +196,8 @@ def implicit(
     adjoint equation u = J_f(z*)^T u + grad is solved with ``solver`` (any
     fixedpoint solver; Newton's linear system goes straight to GMRES) at
     ``tol`` / ``max_iter`` / ``stop``, with ``solver_options`` passed on (a
-    misspelt one is a TypeError when the backward runs). The defaults are
+    misspelt one is a TypeError at the call). First-order only: a backward
+    with ``create_graph=True`` is a RuntimeError, not a wrong second derivative. The defaults are
     tight on purpose (an inaccurate adjoint is the usual reason IFT gradients
     are wrong): ``tol=None`` means 1e-8 for fp64, 1e-6 for fp32 and 1e-2 for
     fp16/bf16 gradients, near what each precision can reach. Memory is one

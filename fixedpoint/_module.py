@@ -16,8 +16,12 @@ SolverFn = Callable[..., Solution]  # solver(f, x0) -> Solution, e.g. functools.
 BackwardFn = Callable[..., Tensor]  # backward(f, z, ...) -> Tensor, e.g. jfb or partial(implicit, tol=1e-6)
 
 
-def _is_implicit(fn: Callable) -> bool:
-    return fn is implicit or (isinstance(fn, partial) and fn.func is implicit)
+def _needs_grad(g: Callable[[Tensor], Tensor], x: Tensor, inputs: tuple) -> bool:
+    """Whether f at x depends on anything that requires grad: an input, or (one probing call) f's parameters."""
+    if any(isinstance(t, Tensor) and t.requires_grad for t in inputs):
+        return True
+    with torch.enable_grad():
+        return g(x.detach()).requires_grad
 
 
 def _accepts_info(fn: Callable) -> bool:
@@ -39,9 +43,10 @@ class FixedPoint(nn.Module):
             functools.partial for options). None: no forward solve in training;
             the backward mode starts from z0 itself (``stochastic_jfb``, ``unrolled``).
         eval_solver: solver in eval mode or without grad (default: ``solver``,
-            or ``anderson`` if that is None). In eval mode with grad enabled
-            the output still carries a gradient: implicit differentiation at
-            the eval solution (``backward`` itself if it is ``implicit``).
+            or ``anderson`` if that is None). In eval mode with grad enabled,
+            when something f depends on requires grad, the output carries a
+            gradient: ``backward`` at the eval solution (``implicit`` if
+            there is no training solver, as for ``stochastic_jfb``).
         backward: ``backward(g, z) -> Tensor`` in training: ``implicit``
             (default), ``jfb``, ``phantom``, ``unrolled``, ``stochastic_jfb`` or
             a partial of one of them with its options.
@@ -84,12 +89,15 @@ class FixedPoint(nn.Module):
         if not (self.training and torch.is_grad_enabled()):
             self.last_solution = self.eval_solver(g, z0)
             self.last_info = None
-            if not torch.is_grad_enabled():
+            if not (torch.is_grad_enabled() and _needs_grad(g, self.last_solution.x, inputs)):
                 return self.last_solution.fx  # f at the best iterate, as the training modes return
-            # eval with autograd on (saliency maps, attacks, frozen-statistics fine-tuning): the exact gradient
+            # eval with autograd on (saliency maps, attacks): the backward mode at the eval solution; modes that
+            # iterate from z0 themselves (no training solver) would not return it: implicit there
             self.last_info = GradInfo()
-            backward = self.backward if _is_implicit(self.backward) else implicit
-            return backward(g, self.last_solution.x, info=self.last_info)
+            backward = self.backward if self.solver is not None else implicit
+            if backward is implicit or _accepts_info(backward):
+                return backward(g, self.last_solution.x, info=self.last_info)
+            return backward(g, self.last_solution.x)
         start = z0
         self.last_solution = None
         if self.solver is not None:

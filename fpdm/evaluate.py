@@ -351,6 +351,8 @@ def main(args: argparse.Namespace) -> dict | list[dict]:
             raise EvaluateError("--samples needs --dataset (the data the samples imitate)")
         try:
             data = np.load(args.samples)
+            if data["images"].ndim != 4:
+                raise ValueError(f"images of shape {data['images'].shape}, not (N, H, W, C)")
             images = torch.from_numpy(data["images"]).permute(0, 3, 1, 2).float() / 127.5 - 1
             labels = torch.from_numpy(data["labels"]).long()
         except (OSError, KeyError, ValueError, IndexError, TypeError) as err:

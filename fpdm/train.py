@@ -207,6 +207,7 @@ def main(args: argparse.Namespace) -> None:
     )  # fmt: skip
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     tic, (window_loss, window_steps) = time.perf_counter(), window
+    saved_step = start_step  # the step the checkpoint on disk holds (0: none)
     with progress:
         task = progress.add_task("train", total=args.steps, completed=start_step, loss=last_loss, speed=0.0, fp="-")
         for step in range(start_step, args.steps):
@@ -219,18 +220,19 @@ def main(args: argparse.Namespace) -> None:
                 group["lr"] = lr
             with autocast:
                 loss = diffusion.training_losses(net, x, t, y, noise).mean()
+            loss_value = loss.item()
+            if not math.isfinite(loss_value):  # stop before this step's update and before any further checkpoint
+                kept = (f"the last checkpoint, {ckpt_path}, holds step {saved_step} (its weights may already be "
+                        "diverging)" if saved_step else "no checkpoint was written")  # fmt: skip
+                raise UsageError(
+                    f"the loss is {loss_value} at step {step + 1}: training diverged (lower --lr or raise --warmup); "
+                    f"{kept}"
+                )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             update_ema(ema, model, ema_decay_at(step, args.ema_decay))
 
-            loss_value = loss.item()
-            if not math.isfinite(loss_value):  # stop before a checkpoint of broken weights replaces a good one
-                kept = f"the last checkpoint {ckpt_path} is from before" if ckpt_path.exists() else "no checkpoint"
-                raise UsageError(
-                    f"the loss is {loss_value} at step {step + 1}: training diverged (lower --lr or raise --warmup); "
-                    f"{kept}"
-                )
             window_loss += loss_value
             window_steps += 1
             fp_state = getattr(model, "last_fixed_point", None)
@@ -256,6 +258,7 @@ def main(args: argparse.Namespace) -> None:
                         "log_window": [window_loss, window_steps],
                         "config": dataclasses.asdict(model.config),
                     })  # fmt: skip
+                saved_step = step + 1
     if metrics:
         metrics.close()
 

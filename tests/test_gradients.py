@@ -281,8 +281,8 @@ def test_implicit_refuses_second_derivatives():
 
 
 def test_fixed_point_module_in_eval_mode_keeps_gradients_when_grad_is_on():
-    """eval() with autograd on (saliency maps, attacks): the eval output carries the implicit gradient, equal to
-    the training mode's; without grad nothing is attached."""
+    """eval() with autograd on (saliency maps, attacks): the eval output carries the layer's gradient, equal to the
+    training mode's; without grad, or with nothing that requires it, nothing is attached."""
     torch.manual_seed(0)
     cell = nn.Linear(6, 6, dtype=torch.float64)
     layer = fp.FixedPoint(lambda z, x: torch.tanh(0.5 * cell(z) + x), solver=partial(fp.anderson, tol=1e-12))
@@ -295,6 +295,13 @@ def test_fixed_point_module_in_eval_mode_keeps_gradients_when_grad_is_on():
     assert layer.last_info is not None and layer.last_info.backward is not None
     with torch.no_grad():
         assert not layer(x).requires_grad
+    cell.requires_grad_(False)  # nothing to differentiate: no graph, no adjoint
+    assert not layer(x.detach()).requires_grad and layer.last_info is None
+    cell.requires_grad_(True)
+    jfb_layer = fp.FixedPoint(layer.f, solver=partial(fp.anderson, tol=1e-12), backward=fp.jfb)
+    (jfb_train,) = torch.autograd.grad(jfb_layer(x).sum(), x)
+    (jfb_eval,) = torch.autograd.grad(jfb_layer.eval()(x).sum(), x)  # the layer's own mode at the eval solution
+    torch.testing.assert_close(jfb_eval, jfb_train, rtol=1e-6, atol=1e-9)
 
 
 class _TinyDEQ(nn.Module):

@@ -72,9 +72,9 @@ def _check(name: str, *tensors: Tensor) -> None:
 @triton.jit
 def _sample_and_chunk(n_chunks):
     """(sample, chunk) of this program on a 1-D grid of B * n_chunks programs (a grid's second axis stops at
-    65535), as int64: offsets such as B * m * D may pass 2**31."""
-    pid = tl.program_id(0).to(tl.int64)
-    return pid // n_chunks, pid % n_chunks
+    65535); the sample as int64: offsets such as B * m * D may pass 2**31."""
+    pid = tl.program_id(0)  # < 2**31 programs
+    return (pid // n_chunks).to(tl.int64), pid % n_chunks
 
 
 @triton.jit

@@ -47,11 +47,14 @@ def device(name: str, flag: str = "--device") -> torch.device:
 
 def number(flag: str, value: float, low: float | None = None, high: float | None = None) -> float:
     """``value`` if it is finite and in [low, high] (either bound optional), else an InputError naming it."""
-    ok = math.isfinite(value) and (low is None or value >= low) and (high is None or value <= high)
-    if not ok:
-        bounds = "a finite number" if low is None and high is None else (
-            f"in [{low}, {high}]" if low is not None and high is not None
-            else (f">= {low}" if low is not None else f"<= {high}")
-        )  # fmt: skip
-        raise InputError(f"{flag} must be {bounds}, got {value}")
-    return value
+    if math.isfinite(value) and (low is None or value >= low) and (high is None or value <= high):
+        return value
+    if low is not None and high is not None:
+        bounds = f"in [{low}, {high}]"
+    elif low is not None:
+        bounds = f">= {low}"
+    elif high is not None:
+        bounds = f"<= {high}"
+    else:
+        bounds = "a finite number"
+    raise InputError(f"{flag} must be {bounds}, got {value}")

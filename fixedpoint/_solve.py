@@ -283,8 +283,6 @@ def _state_tensors(state: Any) -> dict[str, Tensor]:
 
 
 def _loop(solver: Solver, f, x0: Tensor, *, tol, max_iter, stop, divergence, check_every, graph, kernels) -> Solution:
-    from .kernels.reference import KEEP, TAKE_PREV  # the kernels import this module
-
     batch = x0.shape[0]
     sdt = stat_dtype(x0.dtype)
     fn = _CountedMap(f, x0.shape)
@@ -420,9 +418,8 @@ def _loop(solver: Solver, f, x0: Tensor, *, tol, max_iter, stop, divergence, che
                 n_active = int(active.sum())
         n += 1
 
-    # samples still iterating at the end whose last pair was their best
-    flush = torch.where(pending, TAKE_PREV, KEEP).to(torch.int8)
-    kernels.best_update(best_x, best_fx, prev_x, prev_fx, prev_x, prev_fx, flush)
+    # samples still iterating at the end whose last pair was their best: take it (TAKE_NEW == 1)
+    kernels.best_update(best_x, best_fx, prev_x, prev_fx, prev_x, prev_fx, pending.to(torch.int8))
     n = int(nsteps.max()) if (check_every > 1 or graph) else n  # drop the rows run after every sample stopped
     return Solution(
         x=best_x.view(x0.shape),

@@ -242,6 +242,13 @@ def _fpdm_plan(cfg, dit_steps: int, budget: int, variant: Variant):
     return plan_compute(cfg, steps=steps, budget=budget, schedule=variant.schedule)
 
 
+def check_variants(variants: list[str]) -> None:
+    """An EvaluateError naming the variants that are not in FPDM_VARIANTS."""
+    unknown = [v for v in variants if v not in FPDM_VARIANTS]
+    if unknown:
+        raise EvaluateError(f"unknown variant(s) {', '.join(unknown)}; valid: {', '.join(FPDM_VARIANTS)}")
+
+
 def sweep(
     checkpoints: list[str], *, dit_steps: list[int], dit_depth: int | None, variants: list[str], num_samples: int,
     ref: Reference, guidance: float, seed: int, batch_size: int, progress: bool, grids: Path | None = None,
@@ -370,9 +377,7 @@ def main(args: argparse.Namespace) -> dict | list[dict]:
     dataset = args.dataset or first.get("run", {}).get("dataset")
     ref = reference_for(dataset, data_dir=args.data_dir, cache_dir=args.cache_dir, inception=args.inception,
                         progress=progress)  # fmt: skip
-    unknown = [v for v in args.variants if v not in FPDM_VARIANTS]
-    if unknown:
-        raise EvaluateError(f"unknown variant(s) {', '.join(unknown)}; valid: {', '.join(FPDM_VARIANTS)}")
+    check_variants(args.variants)
     out = Path(args.out)  # checked by cli before any work
     start = time.perf_counter()
     rows = sweep(args.ckpt, dit_steps=args.dit_steps, dit_depth=args.dit_depth, variants=args.variants,

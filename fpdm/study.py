@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from . import checks
-from .evaluate import FPDM_VARIANTS, EvaluateError, reference_for, sweep, write_reports
+from .evaluate import FPDM_VARIANTS, EvaluateError, check_variants, reference_for, sweep, write_reports
 from .sample import SampleError, load_model
 from .train import read_metrics
 
@@ -162,9 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def validate(args: argparse.Namespace) -> None:
     """Everything that would otherwise fail only after both models have trained."""
-    unknown = [v for v in args.variants if v not in FPDM_VARIANTS]
-    if unknown:
-        raise EvaluateError(f"unknown variant(s) {', '.join(unknown)}; valid: {', '.join(FPDM_VARIANTS)}")
+    check_variants(args.variants)
     small = {flag: value for flag, value in (("--dit-steps", min(args.dit_steps)), ("--dit-depth", args.dit_depth),
              ("--steps", args.steps), ("--batch-size", args.batch_size), ("--sample-batch", args.sample_batch),
              ("--patch", args.patch)) if value < 1}  # fmt: skip

@@ -26,8 +26,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from . import checks
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from .checks import InputError, device, output_dir
 from .data import DataError, ImageData, load_dataset
 from .diffusion import Diffusion, guided
 from .images import plot_loss_curve, save_grid
@@ -127,7 +127,7 @@ def main(args: argparse.Namespace) -> None:
     is_main = rank == 0
     log = (lambda msg: print(msg, flush=True)) if is_main else (lambda msg: None)
     local_batch = args.batch_size // world
-    out = output_dir(args.out or f"runs/{args.dataset.split(':')[0]}-{args.model.replace('/', '-')}")
+    out = checks.output_dir(args.out or f"runs/{args.dataset.split(':')[0]}-{args.model.replace('/', '-')}")
     ckpt_path = out / "checkpoints" / "latest.pt"
 
     # ---------------------------------------------------------------- data
@@ -185,7 +185,6 @@ def main(args: argparse.Namespace) -> None:
         if start_step >= args.steps:
             log(f"already trained to step {start_step} (--steps {args.steps}): nothing to train")
     elif is_main:
-        out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps({"run": run, "model": dataclasses.asdict(model.config)}, indent=2))
 
     net = nn.parallel.DistributedDataParallel(model) if world > 1 else model
@@ -220,19 +219,19 @@ def main(args: argparse.Namespace) -> None:
                 group["lr"] = lr
             with autocast:
                 loss = diffusion.training_losses(net, x, t, y, noise).mean()
-            loss_value = loss.item()
-            if not math.isfinite(loss_value):  # stop before this step's update and before any further checkpoint
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            update_ema(ema, model, ema_decay_at(step, args.ema_decay))
+
+            loss_value = loss.item()  # the step's one host sync, after its work is queued
+            if not math.isfinite(loss_value):  # stop before this step's weights reach a checkpoint
                 kept = (f"the last checkpoint, {ckpt_path}, holds step {saved_step} (its weights may already be "
                         "diverging)" if saved_step else "no checkpoint was written")  # fmt: skip
                 raise UsageError(
                     f"the loss is {loss_value} at step {step + 1}: training diverged (lower --lr or raise --warmup); "
                     f"{kept}"
                 )
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            update_ema(ema, model, ema_decay_at(step, args.ema_decay))
-
             window_loss += loss_value
             window_steps += 1
             fp_state = getattr(model, "last_fixed_point", None)
@@ -327,7 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def validate(args: argparse.Namespace) -> None:
-    checks = [
+    rules = [
         (args.lr > 0 and math.isfinite(args.lr), f"--lr must be a positive finite number, got {args.lr}"),
         (
             args.weight_decay >= 0 and math.isfinite(args.weight_decay),
@@ -341,10 +340,10 @@ def validate(args: argparse.Namespace) -> None:
         (args.model in model_names(), f"unknown --model {args.model!r}; valid: {', '.join(model_names())}"),
         (args.device in ("auto", "cpu", "cuda"), f"--device must be auto, cpu or cuda, got {args.device!r}"),
     ]
-    for ok, message in checks:
+    for ok, message in rules:
         if not ok:
             raise UsageError(message)
-    device(args.device)  # cuda where there is none: one line now, not a traceback later
+    checks.device(args.device)  # cuda where there is none: one line now, not a traceback later
     fpdm_only = {"--pre-depth": args.pre_depth != 1, "--post-depth": args.post_depth != 1,
                  "--no-grad-iters": tuple(args.no_grad_iters) != (0, 10),
                  "--grad-iters": tuple(args.grad_iters) != (1, 12)}  # fmt: skip
@@ -360,7 +359,7 @@ def cli(argv: list[str] | None = None) -> int:
     try:
         validate(args)
         main(args)
-    except (UsageError, DataError, InputError) as err:
+    except (UsageError, DataError, checks.InputError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -270,6 +270,11 @@ def test_streaming_kernels_over_several_steps_and_chunks(monkeypatch, dtype, min
     monkeypatch.setattr(triton_kernels, "MIN_PROGRAMS", min_programs)
     monkeypatch.setattr(triton_kernels, "STAGES", 2)  # software pipelining (a no-op in the interpreter)
     dim = 601  # fp32: 10 steps of 64, the last one masked
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    for nbytes, slots in ((None, 1), (triton_kernels.TILE_BYTES, 4)):  # the vector and the history launches
+        block = triton_kernels._block(dim, itemsize, nbytes, slots)
+        steps, chunks = triton_kernels._grid_chunks(2, dim, block)
+        assert chunks > 1 and (steps == 2 if min_programs == 1 else steps == 1), (block, steps, chunks)
     gen = torch.Generator().manual_seed(dim)
 
     def rand(*shape):

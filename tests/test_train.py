@@ -160,8 +160,8 @@ def test_an_output_path_below_a_file_is_one_line(tmp_path):
 
 
 def test_a_diverging_run_stops_with_one_line_and_keeps_the_last_checkpoint(tmp_path):
-    """A NaN loss stops training before its update: no checkpoint is written after it (NaN weights never are), and
-    the message names the step the checkpoint on disk holds."""
+    """A NaN loss stops training at that step: no checkpoint is written after it (NaN weights never are), and the
+    message names the step the checkpoint on disk holds."""
     result = run("--steps", "40", "--lr", "1e12", "--warmup", "0", "--ckpt-every", "1", "--out", str(tmp_path), *FAST,
                  timeout=120)  # fmt: skip
     _one_line_error(result, "training diverged")

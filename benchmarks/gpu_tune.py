@@ -2,9 +2,9 @@
 
 python benchmarks/gpu_tune.py [out_dir] [dtype ...]: for anderson_write, broyden_dots,
 broyden_combine and the residual pass, at FPDM-XL/2 size (32 x 256 x 1152) and at B*D ~ 1e8,
-times every combination of bytes per inner step (TILE_BYTES for the history tiles,
-BLOCK_BYTES for the vector kernels), inner steps per program (MAX_STEPS) and warps per
-program (NUM_WARPS); then, at the best of those, software pipelining of the inner steps
+times every combination of bytes per inner step (each kernel's own constant: BLOCK_BYTES,
+TILE_BYTES, DOTS_BYTES, COMBINE_BYTES), inner steps per program (MAX_STEPS) and warps per
+program (NUM_WARPS, or DOTS_WARPS for broyden_dots); then, at the best of those, software pipelining of the inner steps
 (STAGES 2 and 3: cp.async loads in flight across steps). It prints the achieved bandwidth
 against the module's current setting. The defaults are module constants of
 fixedpoint.kernels.triton_kernels; this only reads the numbers, it changes nothing. Bytes
@@ -38,23 +38,30 @@ def _cases(dim: int, dtype: torch.dtype):
     F, G, U, V = rand(BATCH, M, dim), rand(BATCH, M, dim), rand(BATCH, N, dim), rand(BATCH, N, dim)
     coeff = torch.randn(BATCH, 2, N, device="cuda")
     return [
-        ("residual", 3, "BLOCK_BYTES", lambda: tk.residual(x, fx, g)),
-        (f"anderson_write m={M}", M + 3, "TILE_BYTES", lambda: tk.anderson_write(F, G, 2, fx, g)),
-        (f"broyden_dots n={N}", 2 * N + 2, "TILE_BYTES", lambda: tk.broyden_dots(U, V, N, g, dx)),
-        (f"broyden_combine n={N}", 2 * N + 5, "BLOCK_BYTES", lambda: tk.broyden_combine(U, V, N, coeff, g, dx, hg)),
+        ("residual", 3, ("BLOCK_BYTES", "NUM_WARPS"), lambda: tk.residual(x, fx, g)),
+        (f"anderson_write m={M}", M + 3, ("TILE_BYTES", "NUM_WARPS"), lambda: tk.anderson_write(F, G, 2, fx, g)),
+        (f"broyden_dots n={N}", 2 * N + 2, ("DOTS_BYTES", "DOTS_WARPS"), lambda: tk.broyden_dots(U, V, N, g, dx)),
+        (
+            f"broyden_combine n={N}",
+            2 * N + 5,
+            ("COMBINE_BYTES", "NUM_WARPS"),
+            lambda: tk.broyden_combine(U, V, N, coeff, g, dx, hg),
+        ),
     ]
 
 
-KNOBS = ("TILE_BYTES", "BLOCK_BYTES", "MAX_STEPS", "NUM_WARPS", "STAGES")
+KNOBS = ("BLOCK_BYTES", "TILE_BYTES", "DOTS_BYTES", "COMBINE_BYTES", "MAX_STEPS", "NUM_WARPS", "DOTS_WARPS", "STAGES")
 
 
-def _time(thunk, knob: str, nbytes: int, steps: int, warps: int, stages: int) -> float:
+def _time(thunk, knobs: tuple[str, str], nbytes: int, steps: int, warps: int, stages: int) -> float:
+    """Median seconds of ``thunk`` with the kernel's (bytes, warps) constants ``knobs`` and the shared ones set."""
     from triton.testing import do_bench
 
     saved = {k: getattr(tk, k) for k in KNOBS}
     try:
-        tk.MAX_STEPS, tk.NUM_WARPS, tk.STAGES = steps, warps, stages
-        setattr(tk, knob, nbytes)
+        tk.MAX_STEPS, tk.STAGES = steps, stages
+        setattr(tk, knobs[0], nbytes)
+        setattr(tk, knobs[1], warps)
         return do_bench(thunk, warmup=5, rep=25, return_mode="median") * 1e-3
     finally:
         for k, v in saved.items():
@@ -67,25 +74,25 @@ def main(out: Path, dtypes: list[str]) -> None:
     for dtype_name, (size_name, dim) in itertools.product(dtypes, SIZES.items()):
         dtype = getattr(torch, dtype_name)
         itemsize = torch.empty((), dtype=dtype).element_size()
-        for name, passes, knob, thunk in _cases(dim, dtype):
+        for name, passes, knobs, thunk in _cases(dim, dtype):
             nbytes = passes * BATCH * dim * itemsize
-            default = (getattr(tk, knob), tk.MAX_STEPS, tk.NUM_WARPS, tk.STAGES)
+            default = (getattr(tk, knobs[0]), tk.MAX_STEPS, getattr(tk, knobs[1]), tk.STAGES)
             timed = {}
             for scale, steps, warps in itertools.product(*GRID.values()):
                 config = (int(scale * default[0]), steps, warps, 1)
-                timed[config] = _time(thunk, knob, *config)
+                timed[config] = _time(thunk, knobs, *config)
             best = min(timed, key=timed.get)
             for stages in PIPELINE:
                 config = (*best[:3], stages)
-                timed[config] = _time(thunk, knob, *config)
+                timed[config] = _time(thunk, knobs, *config)
             if default not in timed:
-                timed[default] = _time(thunk, knob, *default)
+                timed[default] = _time(thunk, knobs, *default)
             best = min(timed, key=timed.get)
             row = {
                 "kernel": name,
                 "dtype": dtype_name,
                 "size": size_name,
-                "bytes constant": knob,
+                "constants (bytes, warps)": knobs,
                 "default (bytes, steps, warps, stages)": default,
                 "default TB/s": nbytes / timed[default] / 1e12,
                 "best (bytes, steps, warps, stages)": best,

@@ -170,15 +170,18 @@ def problem_set() -> list[Problem]:
     ]
 
 
-def transient_growth(batch: int = 6, seed: int = 0) -> tuple[Callable[[Tensor], Tensor], Tensor, Tensor]:
+def transient_growth(
+    batch: int = 6, seed: int = 0, device: torch.device | str = "cpu"
+) -> tuple[Callable[[Tensor], Tensor], Tensor, Tensor]:
     """Picard on f(z) = A z + c, A a slowly expanding rotation (|eigenvalues| 1.1): residuals that fall and rise.
 
     Returns f, x0 (B, 2) float64 and the Picard iterates (K, B, 2) for K = 12 calls of f
     (iterate k = A^k (x0 - x*) + x*), so a test knows which iterate has the lowest residual.
+    Everything lives on `device`.
     """
-    a = torch.tensor([[0.2, 4.0], [-0.3, 0.1]], dtype=torch.float64)
-    c = torch.tensor([1.0, -1.0], dtype=torch.float64)
-    x0 = torch.randn(batch, 2, generator=_gen(seed), dtype=torch.float64)
+    a = torch.tensor([[0.2, 4.0], [-0.3, 0.1]], dtype=torch.float64, device=device)
+    c = torch.tensor([1.0, -1.0], dtype=torch.float64, device=device)
+    x0 = torch.randn(batch, 2, generator=_gen(seed), dtype=torch.float64).to(device)
 
     def f(z: Tensor) -> Tensor:
         return z @ a.T + c

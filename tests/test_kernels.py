@@ -265,13 +265,16 @@ def test_streaming_kernels_over_several_steps_and_chunks(monkeypatch, dtype, min
     """The launch sizes shrunk so each reduction walks D in several inner steps and chunks with a masked tail
     (at these tiny shapes the defaults cover D in one step): every partial sum still adds up to the twin's."""
     monkeypatch.setattr(triton_kernels, "BLOCK_BYTES", 64 * 4)  # 64 fp32 or 128 bf16 elements per step
-    monkeypatch.setattr(triton_kernels, "TILE_BYTES", 64 * 4 * 4)  # 4 slots of 64 fp32 elements
+    for tile in ("TILE_BYTES", "DOTS_BYTES"):
+        monkeypatch.setattr(triton_kernels, tile, 64 * 4 * 4)  # 4 slots of 64 fp32 elements
+    monkeypatch.setattr(triton_kernels, "COMBINE_BYTES", 64 * 4)
     monkeypatch.setattr(triton_kernels, "MAX_STEPS", 2)
     monkeypatch.setattr(triton_kernels, "MIN_PROGRAMS", min_programs)
     monkeypatch.setattr(triton_kernels, "STAGES", 2)  # software pipelining (a no-op in the interpreter)
     dim = 601  # fp32: 10 steps of 64, the last one masked
     itemsize = torch.empty((), dtype=dtype).element_size()
-    for nbytes, slots in ((None, 1), (triton_kernels.TILE_BYTES, 4)):  # the vector and the history launches
+    launches = [(None, 1), (triton_kernels.COMBINE_BYTES, 1), (triton_kernels.TILE_BYTES, 4), (triton_kernels.DOTS_BYTES, 4)]
+    for nbytes, slots in launches:  # the vector, combine's and the history launches
         block = triton_kernels._block(dim, itemsize, nbytes, slots)
         steps, chunks = triton_kernels._grid_chunks(2, dim, block)
         assert chunks > 1 and (steps == 2 if min_programs == 1 else steps == 1), (block, steps, chunks)
@@ -413,10 +416,10 @@ def test_sync_free_loop_with_triton_equals_torch(solver):
 
 @pytest.mark.parametrize("check_every", [1, 3])
 def test_triton_loop_keeps_the_best_iterate_when_the_residual_rises(check_every):
-    f64, x0, _ = transient_growth()
+    f64, x0, _ = transient_growth(device=DEVICE)
     f = lambda z: f64(z.double()).float()  # noqa: E731
     runs = [
-        fixedpoint.picard(f, x0.float().to(DEVICE), tol=1e-30, max_iter=9, stop="abs", check_every=check_every, impl=i)
+        fixedpoint.picard(f, x0.float(), tol=1e-30, max_iter=9, stop="abs", check_every=check_every, impl=i)
         for i in ("triton", "torch")
     ]
     assert torch.equal(runs[0].x, runs[1].x) and torch.equal(runs[0].nsteps, runs[1].nsteps)

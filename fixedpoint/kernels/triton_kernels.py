@@ -37,13 +37,18 @@ __all__ = [
 ]
 
 BLOCK_BYTES = 4096  # bytes of a (B, D) row per inner step: 1024 fp32 or 2048 bf16 elements
-TILE_BYTES = 8192  # bytes per inner step of the kernels that load (slots, block) history tiles, all slots together
+TILE_BYTES = 16384  # bytes per inner step of the history write's (slots, block) tiles, all slots together
+DOTS_BYTES = 4096  # the same for broyden_dots' tiles
+COMBINE_BYTES = 2048  # bytes of a row per inner step of broyden_combine (it walks the n history rows per step)
 MAX_STEPS = 16  # inner steps per program along D, at most
 STAGES = 1  # inner steps whose loads are in flight at once (tl.range's num_stages; 1: no software pipelining)
 MIN_PROGRAMS = 1024  # enough programs to keep every SM's memory pipes busy (H100: 132 SMs)
-NUM_WARPS = 4  # warps per program of the streaming reductions (Triton's default; benchmarks/gpu_tune.py sweeps it)
+NUM_WARPS = 4  # warps per program of the streaming reductions (Triton's default)
+DOTS_WARPS = 8  # warps per program of broyden_dots
 # Sizes are in bytes so that every dtype compiles to the same access widths (16-byte vectors; see
 # benchmarks/codegen_audit.py): the same element counts gave bf16 half fp32's bytes per thread and narrower loads.
+# TILE_BYTES, DOTS_*, COMBINE_BYTES: the best of benchmarks/gpu_tune.py's sweep on an H100 in bf16 at both
+# FPDM-XL/2 size and B*D = 1e8 (docs/kernels.md); the one shared setting was 10-20% slower for each of them.
 
 
 def _block(dim: int, itemsize: int, nbytes: int | None = None, slots: int = 1) -> int:
@@ -296,13 +301,13 @@ def broyden_dots(U: Tensor, V: Tensor, n: int, g: Tensor, dx: Tensor) -> Tensor:
     _check("broyden_dots", U, V, g, dx)
     batch, m, dim = U.shape
     mp = triton.next_power_of_2(m)
-    block = _block(dim, U.element_size(), TILE_BYTES, mp)
+    block = _block(dim, U.element_size(), DOTS_BYTES, mp)
     steps, chunks = _grid_chunks(batch, dim, block)
     partials = torch.empty(batch, chunks, 2, n, dtype=torch.float32, device=U.device)
     if n:
         _broyden_dots_kernel[(batch * chunks,)](
             U, V, g, dx, partials, dim, n, U.stride(0), U.stride(1), V.stride(0), V.stride(1), g.stride(0),
-            dx.stride(0), chunks, MP=mp, BLOCK=block, STEPS=steps, STAGES=STAGES, num_warps=NUM_WARPS,
+            dx.stride(0), chunks, MP=mp, BLOCK=block, STEPS=steps, STAGES=STAGES, num_warps=DOTS_WARPS,
         )  # fmt: skip
     return partials.sum(dim=1)
 
@@ -352,7 +357,7 @@ def broyden_combine(
     """Triton twin of reference.broyden_combine."""
     _check("broyden_combine", U, V, g, dx, hg)
     batch, _, dim = U.shape
-    block = _block(dim, U.element_size())
+    block = _block(dim, U.element_size(), COMBINE_BYTES)
     steps, chunks = _grid_chunks(batch, dim, block)
     h_g, v = torch.empty_like(g), torch.empty_like(g)
     partials = torch.empty(batch, chunks, 4, dtype=torch.float32, device=U.device)

@@ -165,11 +165,13 @@ def _widths(counts: Counter) -> str:
     return " ".join(f"{n}x{size}B" for size, n in sorted(counts.items(), reverse=True)) or "-"
 
 
-def audit(dtypes: list[torch.dtype], arch: int = 90, cases: list[str] | None = None) -> list[dict]:
-    """One row per kernel case (all, or those whose names start with one of ``cases``) and dtype."""
+def audit(
+    dtypes: list[torch.dtype], arch: int = 90, cases: list[str] | None = None, dim: int = TOKENS * WIDTH
+) -> list[dict]:
+    """One row per kernel case (all, or those whose names start with one of ``cases``) and dtype, at (BATCH, dim)."""
     rows = []
     for dtype in dtypes:
-        for name, thunk in kernel_cases(dtype).items():
+        for name, thunk in kernel_cases(dtype, dim).items():
             if cases is not None and not name.startswith(tuple(cases)):
                 continue
             for launch in capture(thunk):

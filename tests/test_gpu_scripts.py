@@ -97,14 +97,16 @@ def test_gpu_tune_sweeps_and_writes_its_json(monkeypatch, tmp_path):
         assert row["best TB/s"] == pytest.approx(row["default TB/s"])  # every config "took" 1 ms here
 
 
-def test_codegen_audit_gives_half_precision_the_fp32_access_shape():
+@pytest.mark.parametrize("dim", [256 * 1152, 3125000])  # FPDM-XL/2; a multiple of 8 but not of 16 (1e8 / 32)
+def test_codegen_audit_gives_half_precision_the_fp32_access_shape(dim):
     """benchmarks/codegen_audit.py compiles kernels for sm_90 on this machine (no GPU): launch sizes in bytes
     give bf16 the same 16-byte loads and stores per thread as fp32 (equal element counts gave bf16 half the
-    bytes per thread and 4-byte accesses in the history write). Runs the compiler, not the interpreter."""
+    bytes per thread and 4-byte accesses in the history write), also where D is not a multiple of 16 (Triton
+    alone then gave bf16 2-byte accesses). Runs the compiler, not the interpreter."""
     pytest.importorskip("triton")
     script = (
         "import json, torch, codegen_audit as ca\n"
-        "rows = ca.audit([torch.float32, torch.bfloat16], cases=['residual', 'anderson_residual_write'])\n"
+        f"rows = ca.audit([torch.float32, torch.bfloat16], cases=['residual', 'anderson_residual_write'], dim={dim})\n"
         "print(json.dumps([{k: r[k] for k in ('case', 'dtype', 'loads', 'stores', 'registers')} for r in rows]))\n"
     )
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}

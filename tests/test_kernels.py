@@ -132,6 +132,46 @@ def test_batch_strided_inputs_work_and_feature_strided_are_rejected():
         triton_kernels.residual(torch.randn(9, 3, device=DEVICE).T, fx, None)
 
 
+def test_aligned_sizes_divide_by_the_widest_vector_that_fits():
+    assert triton_kernels._aligned(2, 3125000, 3125000) == (8, [390625, 390625])  # bf16: 8 per 16 bytes
+    assert triton_kernels._aligned(4, 3125000, 3125000) == (4, [781250, 781250])
+    assert triton_kernels._aligned(2, 300, 302) == (2, [150, 151])  # the row stride decides too
+    assert triton_kernels._aligned(2, 601, 601) == (1, [601, 601])
+    assert triton_kernels._aligned(2, 8, 2**31) == (1, [8, 2**31])  # 32-bit products could overflow
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("dim", "pad"), [(40, 0), (44, 0), (42, 0), (40, 2), (40, 1)])  # vec 8, 4, 2; strides
+def test_streaming_kernels_equal_twins_at_every_row_alignment(dtype, dim, pad):
+    """Sizes passed divided by their vector width (see _aligned) and multiplied back in the kernel: rows of
+    D = 40, 44, 42 elements, and rows padded to a stride of D + pad, give the twins' values."""
+    gen = torch.Generator().manual_seed(dim + pad)
+
+    def rows(*shape):  # (..., dim) views of (..., dim + pad) storage
+        return torch.randn(*shape[:-1], dim + pad, generator=gen).to(dtype).to(DEVICE)[..., :dim]
+
+    x, fx, g, dx, hg, frozen = (rows(3, dim) for _ in range(6))
+    F, G, U, V = (rows(3, 4, dim) for _ in range(4))
+    active = torch.tensor([True, False, True], device=DEVICE)
+    alpha = torch.softmax(torch.randn(3, 4, generator=gen), dim=1).to(DEVICE)
+    for a, b in zip(triton_kernels.residual(x, fx, None), reference.residual(x, fx, None)):
+        torch.testing.assert_close(a, b, rtol=4 * ULPS[dtype] + 1e-5, atol=1e-4)
+    _close(triton_kernels.picard_step(x, fx, 0.6, frozen, active), reference.picard_step(x, fx, 0.6, frozen, active), dtype)
+    mixed = [k.anderson_mix(F, G, alpha, 0.6, frozen, active) for k in (triton_kernels, reference)]
+    _close(*mixed, dtype, scale=4)
+    F2, G2 = F.clone(), G.clone()
+    got, want = (k.anderson_residual_write(*h, 1, x, fx) for k, h in ((triton_kernels, (F, G)), (reference, (F2, G2))))
+    assert torch.equal(F, F2)
+    _close(G, G2, dtype, scale=8)  # g = f - x rounded to storage (the interpreter truncates bf16)
+    for a, b in zip(got, want):  # norms and the Gram row read that g: 1 ulp each, summed over 40
+        torch.testing.assert_close(a, b, rtol=4 * ULPS[dtype] + 1e-5, atol=1e-3 + 4 * ULPS[dtype])
+    coeff = triton_kernels.broyden_dots(U, V, 3, g, dx)
+    torch.testing.assert_close(coeff, reference.broyden_dots(U, V, 3, g, dx), rtol=1e-5, atol=1e-3)
+    got, want = (k.broyden_combine(U, V, 3, coeff, g, dx, hg) for k in (triton_kernels, reference))
+    _close(got[0], want[0], dtype, scale=8)
+    _close(got[1], want[1], dtype, scale=8)
+
+
 def test_anderson_triton_gives_the_same_solve_as_torch():
     torch.manual_seed(0)
     w = torch.randn(12, 12)

@@ -57,6 +57,20 @@ def _block(dim: int, itemsize: int, nbytes: int | None = None, slots: int = 1) -
     return min(max(64, elements), triton.next_power_of_2(max(dim, 16)))
 
 
+def _aligned(itemsize: int, *sizes: int) -> tuple[int, list[int]]:
+    """(vec, sizes // vec): the most elements per 16-byte vector that divide D and every row stride.
+
+    Triton marks an integer argument as aligned only when it divides by 16, so D = 3125000 (a multiple of 8)
+    gave bf16 2-byte loads. The launchers pass sizes // vec and each kernel multiplies back by the constexpr
+    VEC: the compiler then knows every row starts on a 16-byte boundary and every mask is constant over a
+    vector. Sizes of 2**31 or more keep vec = 1 (the product is computed in the argument's 32-bit type).
+    """
+    vec = 16 // itemsize
+    while vec > 1 and any(size % vec or size >= 2**31 for size in sizes):
+        vec //= 2
+    return vec, [size // vec for size in sizes]
+
+
 def _grid_chunks(batch: int, dim: int, block: int) -> tuple[int, int]:
     """(steps, chunks) of a reduction over D in ``block``-element steps: long chunks (fewer partials) unless
     that starves the GPU."""
@@ -84,7 +98,8 @@ def _sample_and_chunk(n_chunks):
 
 @triton.jit
 def _residual_kernel(x_ptr, fx_ptr, g_ptr, out_ptr, D, sx, sf, sg, n_chunks, plane, BLOCK: tl.constexpr,
-                     STEPS: tl.constexpr, STAGES: tl.constexpr, WRITE_G: tl.constexpr):  # fmt: skip
+                     STEPS: tl.constexpr, STAGES: tl.constexpr, WRITE_G: tl.constexpr, VEC: tl.constexpr):  # fmt: skip
+    D, sx, sf, sg = D * VEC, sx * VEC, sf * VEC, sg * VEC  # multiples of VEC (see _aligned)
     b, c = _sample_and_chunk(n_chunks)
     acc_g = tl.zeros([BLOCK], dtype=tl.float32)
     acc_f = tl.zeros([BLOCK], dtype=tl.float32)
@@ -113,9 +128,9 @@ def residual(x: Tensor, fx: Tensor, g_out: Tensor | None) -> tuple[Tensor, Tenso
     steps, chunks = _grid_chunks(batch, dim, block)
     partials = torch.empty(2, batch, chunks, dtype=torch.float32, device=x.device)
     g = x if g_out is None else g_out  # never written when None
-    _residual_kernel[(batch * chunks,)](x, fx, g, partials, dim, x.stride(0), fx.stride(0), g.stride(0), chunks,
-                                      batch * chunks, BLOCK=block, STEPS=steps, STAGES=STAGES,
-                                      WRITE_G=g_out is not None, num_warps=NUM_WARPS)  # fmt: skip
+    vec, sizes = _aligned(x.element_size(), dim, x.stride(0), fx.stride(0), g.stride(0))
+    _residual_kernel[(batch * chunks,)](x, fx, g, partials, *sizes, chunks, batch * chunks, BLOCK=block, STEPS=steps,
+                                      STAGES=STAGES, WRITE_G=g_out is not None, VEC=vec, num_warps=NUM_WARPS)  # fmt: skip
     gsq, fsq = partials.sum(dim=2)  # contiguous (B,) each
     return gsq, fsq
 
@@ -124,10 +139,11 @@ def residual(x: Tensor, fx: Tensor, g_out: Tensor | None) -> tuple[Tensor, Tenso
 def _anderson_write_kernel(F_ptr, G_ptr, fx_ptr, src_ptr, out_ptr, sums_ptr, D, slot, sFb, sFm, sGb, sGm, sf, ss,
                            n_chunks, plane, M: tl.constexpr, MP: tl.constexpr, BLOCK: tl.constexpr,
                            STEPS: tl.constexpr, STAGES: tl.constexpr, STORE_G: tl.constexpr,
-                           FROM_X: tl.constexpr):  # fmt: skip
+                           FROM_X: tl.constexpr, VEC: tl.constexpr):  # fmt: skip
     # Each step loads the whole (m, BLOCK) history tile at once (many bytes in flight) and g once.
     # src is g; with FROM_X it is x: g = f(x) - x is formed here (the residual pass fused in), stored in
     # the slot, and ||g||^2, ||f(x)||^2 go to sums as the residual kernel's partials (2, B, chunks).
+    D, sFb, sFm, sGb, sGm, sf, ss = D * VEC, sFb * VEC, sFm * VEC, sGb * VEC, sGm * VEC, sf * VEC, ss * VEC
     b, c = _sample_and_chunk(n_chunks)
     j = tl.arange(0, MP)[:, None].to(tl.int64)  # (MP, 1) history slots (64-bit: m * D may pass 2**31)
     acc = tl.zeros([MP, BLOCK], dtype=tl.float32)
@@ -168,10 +184,11 @@ def _launch_anderson_write(F: Tensor, G: Tensor, slot: int, fx: Tensor, src: Ten
     steps, chunks = _grid_chunks(batch, dim, block)
     partials = torch.empty(batch, chunks, m, dtype=torch.float32, device=F.device)
     sums = torch.empty(2, batch, chunks, dtype=torch.float32, device=F.device) if from_x else partials
+    vec, (D, *strides) = _aligned(F.element_size(), dim, *F.stride()[:2], *G.stride()[:2], fx.stride(0), src.stride(0))
     _anderson_write_kernel[(batch * chunks,)](
-        F, G, fx, src, partials, sums, dim, slot, F.stride(0), F.stride(1), G.stride(0), G.stride(1), fx.stride(0),
-        src.stride(0), chunks, batch * chunks, M=m, MP=mp, BLOCK=block, STEPS=steps, STAGES=STAGES,
-        STORE_G=from_x or not reference.is_slot(G, slot, src), FROM_X=from_x, num_warps=NUM_WARPS,
+        F, G, fx, src, partials, sums, D, slot, *strides, chunks, batch * chunks, M=m, MP=mp, BLOCK=block,
+        STEPS=steps, STAGES=STAGES, STORE_G=from_x or not reference.is_slot(G, slot, src), FROM_X=from_x, VEC=vec,
+        num_warps=NUM_WARPS,
     )  # fmt: skip
     return partials, (sums if from_x else None)
 
@@ -194,7 +211,9 @@ def anderson_residual_write(F: Tensor, G: Tensor, slot: int, x: Tensor, fx: Tens
 
 @triton.jit
 def _anderson_mix_kernel(F_ptr, G_ptr, a_ptr, frozen_ptr, active_ptr, out_ptr, D, beta_m1, sFb, sFm, sGb, sGm,
-                         sfz, so, n_chunks, M: tl.constexpr, BLOCK: tl.constexpr, USE_G: tl.constexpr):  # fmt: skip
+                         sfz, so, n_chunks, M: tl.constexpr, BLOCK: tl.constexpr, USE_G: tl.constexpr,
+                         VEC: tl.constexpr):  # fmt: skip
+    D, sFb, sFm, sGb, sGm, sfz, so = D * VEC, sFb * VEC, sFm * VEC, sGb * VEC, sGm * VEC, sfz * VEC, so * VEC
     b, c = _sample_and_chunk(n_chunks)
     idx = c * BLOCK + tl.arange(0, BLOCK)
     mask = idx < D
@@ -223,10 +242,10 @@ def anderson_mix(
     block = _block(dim, F.element_size())
     alpha32 = alpha.to(torch.float32).contiguous()
     chunks = triton.cdiv(dim, block)
+    vec, (D, *strides) = _aligned(F.element_size(), dim, *F.stride()[:2], *G.stride()[:2], frozen.stride(0), dim)
     _anderson_mix_kernel[(batch * chunks,)](
-        F, G, alpha32, frozen, active8, out, dim, float(beta - 1.0), F.stride(0),
-        F.stride(1), G.stride(0), G.stride(1), frozen.stride(0), out.stride(0), chunks, M=m, BLOCK=block,
-        USE_G=beta != 1.0,
+        F, G, alpha32, frozen, active8, out, D, float(beta - 1.0), *strides, chunks, M=m, BLOCK=block,
+        USE_G=beta != 1.0, VEC=vec,
     )  # fmt: skip
     return out
 
@@ -240,7 +259,8 @@ def _frozen_or_all_active(frozen: Tensor | None, active: Tensor | None, like: Te
 
 @triton.jit
 def _picard_step_kernel(x_ptr, fx_ptr, frozen_ptr, active_ptr, out_ptr, D, beta, sx, sf, sfz, so, n_chunks,
-                        BLOCK: tl.constexpr, DAMPED: tl.constexpr):  # fmt: skip
+                        BLOCK: tl.constexpr, DAMPED: tl.constexpr, VEC: tl.constexpr):  # fmt: skip
+    D, sx, sf, sfz, so = D * VEC, sx * VEC, sf * VEC, sfz * VEC, so * VEC
     b, c = _sample_and_chunk(n_chunks)
     idx = c * BLOCK + tl.arange(0, BLOCK)
     mask = idx < D
@@ -265,17 +285,19 @@ def picard_step(x: Tensor, fx: Tensor, beta: float, frozen: Tensor | None, activ
     out = torch.empty(batch, dim, dtype=x.dtype, device=x.device)
     block = _block(dim, x.element_size())
     chunks = triton.cdiv(dim, block)
+    vec, (D, *strides) = _aligned(x.element_size(), dim, x.stride(0), fx.stride(0), frozen.stride(0), dim)
     _picard_step_kernel[(batch * chunks,)](
-        x, fx, frozen, active8, out, dim, float(beta), x.stride(0), fx.stride(0), frozen.stride(0), out.stride(0),
-        chunks, BLOCK=block, DAMPED=beta != 1.0,
+        x, fx, frozen, active8, out, D, float(beta), *strides, chunks, BLOCK=block, DAMPED=beta != 1.0, VEC=vec,
     )  # fmt: skip
     return out
 
 
 @triton.jit
 def _broyden_dots_kernel(U_ptr, V_ptr, g_ptr, dx_ptr, out_ptr, D, n, sUb, sUm, sVb, sVm, sg, sdx, n_chunks,
-                         MP: tl.constexpr, BLOCK: tl.constexpr, STEPS: tl.constexpr, STAGES: tl.constexpr):  # fmt: skip
+                         MP: tl.constexpr, BLOCK: tl.constexpr, STEPS: tl.constexpr, STAGES: tl.constexpr,
+                         VEC: tl.constexpr):  # fmt: skip
     # (MP, BLOCK) tiles of U and V per step; slots >= n are masked (never read).
+    D, sUb, sUm, sVb, sVm, sg, sdx = D * VEC, sUb * VEC, sUm * VEC, sVb * VEC, sVm * VEC, sg * VEC, sdx * VEC
     b, c = _sample_and_chunk(n_chunks)
     j = tl.arange(0, MP)[:, None].to(tl.int64)  # 64-bit: m * D may pass 2**31
     acc_v = tl.zeros([MP, BLOCK], dtype=tl.float32)
@@ -305,9 +327,10 @@ def broyden_dots(U: Tensor, V: Tensor, n: int, g: Tensor, dx: Tensor) -> Tensor:
     steps, chunks = _grid_chunks(batch, dim, block)
     partials = torch.empty(batch, chunks, 2, n, dtype=torch.float32, device=U.device)
     if n:
+        vec, (D, *strides) = _aligned(U.element_size(), dim, *U.stride()[:2], *V.stride()[:2], g.stride(0), dx.stride(0))
         _broyden_dots_kernel[(batch * chunks,)](
-            U, V, g, dx, partials, dim, n, U.stride(0), U.stride(1), V.stride(0), V.stride(1), g.stride(0),
-            dx.stride(0), chunks, MP=mp, BLOCK=block, STEPS=steps, STAGES=STAGES, num_warps=DOTS_WARPS,
+            U, V, g, dx, partials, D, n, *strides, chunks, MP=mp, BLOCK=block, STEPS=steps, STAGES=STAGES, VEC=vec,
+            num_warps=DOTS_WARPS,
         )  # fmt: skip
     return partials.sum(dim=1)
 
@@ -315,7 +338,9 @@ def broyden_dots(U: Tensor, V: Tensor, n: int, g: Tensor, dx: Tensor) -> Tensor:
 @triton.jit
 def _broyden_combine_kernel(U_ptr, V_ptr, c_ptr, g_ptr, dx_ptr, hg_ptr, hgo_ptr, v_ptr, out_ptr, D, n,
                             sUb, sUm, sVb, sVm, sg, sdx, shg, shgo, sv, n_chunks,
-                            BLOCK: tl.constexpr, STEPS: tl.constexpr, STAGES: tl.constexpr):  # fmt: skip
+                            BLOCK: tl.constexpr, STEPS: tl.constexpr, STAGES: tl.constexpr, VEC: tl.constexpr):  # fmt: skip
+    D, sUb, sUm, sVb, sVm = D * VEC, sUb * VEC, sUm * VEC, sVb * VEC, sVm * VEC
+    sg, sdx, shg, shgo, sv = sg * VEC, sdx * VEC, shg * VEC, shgo * VEC, sv * VEC
     b, c = _sample_and_chunk(n_chunks)
     acc = tl.zeros([BLOCK], dtype=tl.float32)  # dx . (h_g - hg)
     acc_dx = tl.zeros([BLOCK], dtype=tl.float32)
@@ -362,10 +387,11 @@ def broyden_combine(
     h_g, v = torch.empty_like(g), torch.empty_like(g)
     partials = torch.empty(batch, chunks, 4, dtype=torch.float32, device=U.device)
     coeff32 = coeff.to(torch.float32).contiguous()
+    vectors = (g, dx, h_g, hg, v)
+    vec, (D, *strides) = _aligned(U.element_size(), dim, *U.stride()[:2], *V.stride()[:2], *(t.stride(0) for t in vectors))
     _broyden_combine_kernel[(batch * chunks,)](
-        U, V, coeff32, g, dx, h_g, hg, v, partials, dim, n, U.stride(0), U.stride(1), V.stride(0), V.stride(1),
-        g.stride(0), dx.stride(0), h_g.stride(0), hg.stride(0), v.stride(0), chunks, BLOCK=block, STEPS=steps,
-        STAGES=STAGES, num_warps=NUM_WARPS,
+        U, V, coeff32, g, dx, h_g, hg, v, partials, D, n, *strides, chunks, BLOCK=block, STEPS=steps,
+        STAGES=STAGES, VEC=vec, num_warps=NUM_WARPS,
     )  # fmt: skip
     return h_g, v, partials.sum(dim=1)
 
@@ -518,7 +544,8 @@ def anderson_coefficients(
 
 @triton.jit
 def _best_update_kernel(bx_ptr, bf_ptr, x_ptr, fx_ptr, px_ptr, pf_ptr, take_ptr, D, sbx, sbf, sx, sf, spx, spf,
-                        n_chunks, BLOCK: tl.constexpr):  # fmt: skip
+                        n_chunks, BLOCK: tl.constexpr, VEC: tl.constexpr):  # fmt: skip
+    D, sbx, sbf, sx, sf, spx, spf = D * VEC, sbx * VEC, sbf * VEC, sx * VEC, sf * VEC, spx * VEC, spf * VEC
     b, c = _sample_and_chunk(n_chunks)
     take = tl.load(take_ptr + b)
     idx = c * BLOCK + tl.arange(0, BLOCK)
@@ -539,9 +566,10 @@ def best_update(
     batch, dim = x.shape
     block = _block(dim, x.element_size())
     chunks = triton.cdiv(dim, block)
+    pairs = (best_x, best_fx, x, fx, prev_x, prev_fx)
+    vec, (D, *strides) = _aligned(x.element_size(), dim, *(t.stride(0) for t in pairs))
     _best_update_kernel[(batch * chunks,)](
-        best_x, best_fx, x, fx, prev_x, prev_fx, take, dim, best_x.stride(0), best_fx.stride(0), x.stride(0),
-        fx.stride(0), prev_x.stride(0), prev_fx.stride(0), chunks, BLOCK=block,
+        *pairs, take, D, *strides, chunks, BLOCK=block, VEC=vec,
     )  # fmt: skip
 
 
@@ -598,7 +626,8 @@ def anderson_absorb(
 def _broyden_finish_kernel(U_ptr, V_ptr, x_ptr, xo_ptr, g_ptr, go_ptr, dx_ptr, hg_ptr, v_ptr, hgo_ptr, sums_ptr,
                            gn_ptr, gno_ptr, alive_ptr, restarts_ptr, x_out, g_out, gn_out, hg_out, D, slot, growth,
                            sUb, sUm, sVb, sVm, n_chunks, M: tl.constexpr, MP: tl.constexpr,
-                           BLOCK: tl.constexpr):  # fmt: skip
+                           BLOCK: tl.constexpr, VEC: tl.constexpr):  # fmt: skip
+    D, sUb, sUm, sVb, sVm = D * VEC, sUb * VEC, sUm * VEC, sVb * VEC, sVm * VEC  # the vectors: contiguous rows of D
     b, c = _sample_and_chunk(n_chunks)
     denom = tl.load(sums_ptr + b * 4)
     dx_sq = tl.load(sums_ptr + b * 4 + 1)
@@ -671,9 +700,10 @@ def broyden_finish(
     gnorm_new = torch.empty_like(gnorm)
     block = _block(dim, x.element_size())
     chunks = triton.cdiv(dim, block)
+    vec, (D, *strides) = _aligned(x.element_size(), dim, *U.stride()[:2], *V.stride()[:2])
     _broyden_finish_kernel[(batch * chunks,)](
         U, V, x, x_old, g, g_old, dx, h_g, v, hg_old, sums, gnorm, gnorm_old, alive.view(torch.int8), restarts,
-        x_new, g_new, gnorm_new, hg_new, dim, slot, float(growth), U.stride(0), U.stride(1), V.stride(0),
-        V.stride(1), chunks, M=m, MP=triton.next_power_of_2(max(m, 2)), BLOCK=block,
+        x_new, g_new, gnorm_new, hg_new, D, slot, float(growth), *strides, chunks, M=m,
+        MP=triton.next_power_of_2(max(m, 2)), BLOCK=block, VEC=vec,
     )  # fmt: skip
     return x_new, g_new, gnorm_new, hg_new

@@ -72,6 +72,9 @@ def test_bench_gpu_overhead_tables_are_filled(cpu_dry_run):
     assert tables.count(bench_gpu.OVERHEAD) == 3 and tables.count(bench_gpu.STEADY) == 3
     steady = [row for table, row in report.rows if table == bench_gpu.STEADY]
     assert all(row["iterations"] == "20 vs 60" and row["overhead"].endswith("%") for row in steady)
+    for row in steady:  # median of the rounds, between its quartiles
+        low, high = (float(q.rstrip("%")) for q in row["quartiles"].split(" .. "))
+        assert low <= float(row["overhead"].rstrip("%")) <= high
 
 
 def test_gpu_tune_sweeps_and_writes_its_json(monkeypatch, tmp_path):

@@ -24,6 +24,12 @@ def _close(a, b, dtype, scale=1.0):
     torch.testing.assert_close(a.float(), b.float(), rtol=ULPS[dtype], atol=ULPS[dtype] * scale)
 
 
+def _padded(t, pad: int):
+    """A copy of t on DEVICE whose rows are stored pad elements apart beyond their length (clone() compacts)."""
+    out = torch.zeros(*t.shape[:-1], t.shape[-1] + pad, dtype=t.dtype, device=DEVICE)[..., : t.shape[-1]]
+    return out.copy_(t)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("dim", [1, 37, 130])  # masked tails: not multiples of the block
 def test_residual_kernel_equals_twin(dtype, dim):
@@ -154,8 +160,10 @@ def test_streaming_kernels_equal_twins_at_every_row_alignment(dtype, dim, pad):
     F, G, U, V = (rows(3, 4, dim) for _ in range(4))
     active = torch.tensor([True, False, True], device=DEVICE)
     alpha = torch.softmax(torch.randn(3, 4, generator=gen), dim=1).to(DEVICE)
-    for a, b in zip(triton_kernels.residual(x, fx, None), reference.residual(x, fx, None)):
+    g_out, g_want = rows(3, dim), torch.empty(3, dim, dtype=dtype, device=DEVICE)
+    for a, b in zip(triton_kernels.residual(x, fx, g_out), reference.residual(x, fx, g_want)):
         torch.testing.assert_close(a, b, rtol=4 * ULPS[dtype] + 1e-5, atol=1e-4)
+    _close(g_out, g_want, dtype, scale=8)
     _close(triton_kernels.picard_step(x, fx, 0.6, frozen, active), reference.picard_step(x, fx, 0.6, frozen, active), dtype)
     mixed = [k.anderson_mix(F, G, alpha, 0.6, frozen, active) for k in (triton_kernels, reference)]
     _close(*mixed, dtype, scale=4)
@@ -170,6 +178,7 @@ def test_streaming_kernels_equal_twins_at_every_row_alignment(dtype, dim, pad):
     got, want = (k.broyden_combine(U, V, 3, coeff, g, dx, hg) for k in (triton_kernels, reference))
     _close(got[0], want[0], dtype, scale=8)
     _close(got[1], want[1], dtype, scale=8)
+    torch.testing.assert_close(got[2], want[2], rtol=8 * ULPS[dtype] + 1e-5, atol=8 * ULPS[dtype] * dim)  # reads hg
 
 
 def test_anderson_triton_gives_the_same_solve_as_torch():
@@ -207,6 +216,19 @@ def test_impl_choices_and_errors():
         fixedpoint.anderson(lambda z: z, torch.zeros(2, 3), impl="cuda")
     with pytest.raises(ValueError, match="impl='triton' needs CUDA tensors of fp32/fp16/bf16.*torch.float64"):
         fixedpoint.anderson(lambda z: 0.5 * z, x64, impl="triton")
+
+
+def test_samples_past_32_bit_offsets_are_refused_or_left_to_torch():
+    """Offsets within a sample are 32-bit in the kernels: a bigger sample is a clear error for the launchers and
+    impl='triton', and PyTorch for impl='auto' (meta and expanded tensors: nothing allocated)."""
+    limit = triton_kernels.MAX_FEATURES
+    with pytest.raises(ValueError, match=f"at most {limit} features per sample, got {limit + 1}; use impl='torch'"):
+        triton_kernels.residual(*(torch.empty(2, limit + 1, device="meta") for _ in range(2)), None)
+    too_big = torch.zeros((), device=DEVICE).expand(2, limit + 1)
+    with pytest.raises(ValueError, match=f"impl='triton' takes at most {limit} features per sample, got {limit + 1}"):
+        resolve("triton", too_big)
+    assert resolve("auto", too_big) is reference
+    assert resolve("auto", too_big[:, :limit]) is (triton_kernels if DEVICE == "cuda" else reference)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -427,9 +449,10 @@ def test_anderson_coefficients_kernel_equals_twin(m):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_best_update_kernel_equals_twin(dtype):
+@pytest.mark.parametrize(("dim", "pad"), [(23, 0), (40, 0), (40, 2)])  # vector widths 1 and 8; padded rows
+def test_best_update_kernel_equals_twin(dtype, dim, pad):
     gen = torch.Generator().manual_seed(11)
-    bx, bf, x, fx, px, pf = (torch.randn(3, 23, generator=gen).to(dtype).to(DEVICE) for _ in range(6))
+    bx, bf, x, fx, px, pf = (_padded(torch.randn(3, dim, generator=gen).to(dtype), pad) for _ in range(6))
     take = torch.tensor([0, 1, 2], dtype=torch.int8, device=DEVICE)  # keep, the new pair, the previous pair
     bx2, bf2 = bx.clone(), bf.clone()
     expected_x, expected_fx = torch.stack([bx[0], x[1], px[2]]), torch.stack([bf[0], fx[1], pf[2]])
@@ -499,9 +522,10 @@ def test_anderson_absorb_kernel_equals_twin(growth):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_broyden_finish_kernel_equals_twin(dtype):
+@pytest.mark.parametrize(("dim", "pad"), [(29, 0), (40, 0), (40, 2)])  # vector widths 1 and 8; padded U, V rows
+def test_broyden_finish_kernel_equals_twin(dtype, dim, pad):
     gen = torch.Generator().manual_seed(8)
-    batch, m, dim, slot = 4, 3, 29, 1
+    batch, m, slot = 4, 3, 1
     U, V = (torch.randn(batch, m, dim, generator=gen).to(dtype) for _ in range(2))
     x, x_old, g, g_old, dx, h_g, v, hg_old = (torch.randn(batch, dim, generator=gen).to(dtype) for _ in range(8))
     sums = torch.randn(batch, 4, generator=gen).abs() + 0.1
@@ -511,7 +535,7 @@ def test_broyden_finish_kernel_equals_twin(dtype):
     alive = torch.ones(batch, m, dtype=torch.bool)
     results = []
     for module in (triton_kernels, reference):
-        bufs = [t.clone().to(DEVICE) for t in (U, V, alive, torch.arange(batch))]
+        bufs = [_padded(U, pad), _padded(V, pad)] + [t.clone().to(DEVICE) for t in (alive, torch.arange(batch))]
         vecs = [t.to(DEVICE) for t in (x, x_old, g, g_old, dx, h_g, v, hg_old, sums, gnorm, gnorm_old)]
         out = module.broyden_finish(bufs[0], bufs[1], slot, *vecs, bufs[2], bufs[3], 100.0)
         results.append(list(out) + bufs)

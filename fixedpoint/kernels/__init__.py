@@ -1,7 +1,7 @@
 """Fused kernels for the solver inner loop: Triton on CUDA, their PyTorch twins everywhere.
 
 ``resolve(impl, tensor)`` picks the implementation: ``"auto"`` takes Triton for
-CUDA tensors when it imports (and fp32/fp16/bf16 data), PyTorch otherwise
+CUDA tensors when it imports (fp32/fp16/bf16 data, under 2**31 features per sample), PyTorch otherwise
 (never the slow CPU interpreter);
 ``"triton"`` insists and says why when it cannot run; ``"torch"`` is the twin.
 """
@@ -41,9 +41,10 @@ def resolve(impl: str, x: Tensor) -> ModuleType:
     if impl == "torch":
         return reference
     supported = x.dtype in (torch.float32, torch.float16, torch.bfloat16)
+    features = x.numel() // x.shape[0] if x.dim() and x.shape[0] else x.numel()  # per sample, as the loop sees it
     if impl == "auto":  # Triton only where it is fast: CUDA
         module = _triton_module() if (x.is_cuda and supported) else None
-        return module if module is not None else reference
+        return module if module is not None and features <= module.MAX_FEATURES else reference
     interpreted = os.environ.get("TRITON_INTERPRET") == "1"
     runnable = supported and (x.is_cuda or (interpreted and x.device.type == "cpu"))
     module = _triton_module()
@@ -54,4 +55,6 @@ def resolve(impl: str, x: Tensor) -> ModuleType:
             f"impl='triton' needs CUDA tensors of fp32/fp16/bf16 (or TRITON_INTERPRET=1 for the CPU interpreter); "
             f"got {x.dtype} on {x.device}"
         )
+    if features > module.MAX_FEATURES:
+        raise ValueError(f"impl='triton' takes at most {module.MAX_FEATURES} features per sample, got {features}")
     return module

@@ -45,6 +45,7 @@ STAGES = 1  # inner steps whose loads are in flight at once (tl.range's num_stag
 MIN_PROGRAMS = 1024  # enough programs to keep every SM's memory pipes busy (H100: 132 SMs)
 NUM_WARPS = 4  # warps per program of the streaming reductions (Triton's default)
 DOTS_WARPS = 8  # warps per program of broyden_dots
+MAX_FEATURES = 2**31 - 2**24  # per sample: offsets within a sample are 32-bit (the margin: a chunk's overrun)
 # Sizes are in bytes so that every dtype compiles to the same access widths (16-byte vectors; see
 # benchmarks/codegen_audit.py): the same element counts gave bf16 half fp32's bytes per thread and narrower loads.
 # TILE_BYTES, DOTS_*, COMBINE_BYTES: the best of benchmarks/gpu_tune.py's sweep on an H100 in bf16 at both
@@ -53,6 +54,8 @@ DOTS_WARPS = 8  # warps per program of broyden_dots
 
 def _block(dim: int, itemsize: int, nbytes: int | None = None, slots: int = 1) -> int:
     """Elements of D per inner step: ``nbytes`` (default BLOCK_BYTES) shared by ``slots`` rows of ``itemsize`` bytes."""
+    if dim > MAX_FEATURES:
+        raise ValueError(f"triton kernels take at most {MAX_FEATURES} features per sample, got {dim}; use impl='torch'")
     elements = (BLOCK_BYTES if nbytes is None else nbytes) // (itemsize * slots)
     return min(max(64, elements), triton.next_power_of_2(max(dim, 16)))
 

@@ -54,15 +54,20 @@ def test_bench_gpu_kernel_cases_and_anderson_step_run(cpu_dry_run):
         step()
 
 
-def test_bench_gpu_overhead_tables_are_filled(cpu_dry_run):
-    gen = torch.Generator().manual_seed(0)
-    noise = torch.randn(64, 2, 3, 8, generator=gen)
+def _never_converging():
+    """A map on (2, 3, 8) never exactly at its fixed point: every solve runs all its iterations."""
+    noise = torch.randn(64, 2, 3, 8, generator=torch.Generator().manual_seed(0))
     calls = [0]
 
-    def f(z):  # never exactly at its fixed point: every solve runs all its iterations
+    def f(z):
         calls[0] += 1
         return torch.tanh(0.5 * z + 1) + 0.01 * noise[calls[0] % 64]
 
+    return f
+
+
+def test_bench_gpu_overhead_tables_are_filled(cpu_dry_run):
+    f = _never_converging()
     report, z0 = Rows(), torch.zeros(2, 3, 8)
     for name in ("picard", "anderson m=5", "broyden m=20"):
         bench_gpu.bench_overhead_fpdm_xl(report, (f, z0), name)
@@ -72,9 +77,19 @@ def test_bench_gpu_overhead_tables_are_filled(cpu_dry_run):
     assert tables.count(bench_gpu.OVERHEAD) == 3 and tables.count(bench_gpu.STEADY) == 3
     steady = [row for table, row in report.rows if table == bench_gpu.STEADY]
     assert all(row["iterations"] == "20 vs 60" and row["overhead"].endswith("%") for row in steady)
-    for row in steady:  # median of the rounds, between its quartiles
-        low, high = (float(q.rstrip("%")) for q in row["quartiles"].split(" .. "))
-        assert low <= float(row["overhead"].rstrip("%")) <= high
+
+
+def test_steady_overhead_is_the_median_of_paired_rounds(cpu_dry_run, monkeypatch):
+    """Given round times, the table is the closed form: per round, ((long - short) - extra calls x f) /
+    (extra iterations x f), f = 1 ms, Picard's 40 extra calls over 40 extra iterations; median and quartiles."""
+    extra = [0.1, 0.3, 0.05, 0.2, 0.0]  # ms of solver work per extra iteration, one per round
+    rounds = {"f": [20.0] * 5, "short": [30.0] * 5, "long": [30.0 + 40 + 40 * e for e in extra]}
+    monkeypatch.setattr(bench_gpu, "_rounds_ms", lambda thunks, n: rounds)
+    report, z0 = Rows(), torch.zeros(2, 3, 8)
+    bench_gpu.bench_steady_overhead_fpdm_xl(report, (_never_converging(), z0), "picard")
+    ((_, row),) = report.rows
+    assert row["overhead"] == "10.0%" and row["per_iteration_us"] == pytest.approx(100.0)  # the medians
+    assert row["quartiles"] == "2.5% .. 25.0%"  # statistics.quantiles' default ("exclusive") method
 
 
 def test_gpu_tune_sweeps_and_writes_its_json(monkeypatch, tmp_path):

@@ -164,7 +164,8 @@ def test_streaming_kernels_equal_twins_at_every_row_alignment(dtype, dim, pad):
     for a, b in zip(triton_kernels.residual(x, fx, g_out), reference.residual(x, fx, g_want)):
         torch.testing.assert_close(a, b, rtol=4 * ULPS[dtype] + 1e-5, atol=1e-4)
     _close(g_out, g_want, dtype, scale=8)
-    _close(triton_kernels.picard_step(x, fx, 0.6, frozen, active), reference.picard_step(x, fx, 0.6, frozen, active), dtype)
+    stepped = [k.picard_step(x, fx, 0.6, frozen, active) for k in (triton_kernels, reference)]
+    _close(*stepped, dtype)
     mixed = [k.anderson_mix(F, G, alpha, 0.6, frozen, active) for k in (triton_kernels, reference)]
     _close(*mixed, dtype, scale=4)
     F2, G2 = F.clone(), G.clone()
@@ -335,7 +336,8 @@ def test_streaming_kernels_over_several_steps_and_chunks(monkeypatch, dtype, min
     monkeypatch.setattr(triton_kernels, "STAGES", 2)  # software pipelining (a no-op in the interpreter)
     dim = 601  # fp32: 10 steps of 64, the last one masked
     itemsize = torch.empty((), dtype=dtype).element_size()
-    launches = [(None, 1), (triton_kernels.COMBINE_BYTES, 1), (triton_kernels.TILE_BYTES, 4), (triton_kernels.DOTS_BYTES, 4)]
+    tk = triton_kernels
+    launches = [(None, 1), (tk.COMBINE_BYTES, 1), (tk.TILE_BYTES, 4), (tk.DOTS_BYTES, 4)]
     for nbytes, slots in launches:  # the vector, combine's and the history launches
         block = triton_kernels._block(dim, itemsize, nbytes, slots)
         steps, chunks = triton_kernels._grid_chunks(2, dim, block)

@@ -101,7 +101,8 @@ def _sample_and_chunk(n_chunks):
 
 @triton.jit
 def _residual_kernel(x_ptr, fx_ptr, g_ptr, out_ptr, D, sx, sf, sg, n_chunks, plane, BLOCK: tl.constexpr,
-                     STEPS: tl.constexpr, STAGES: tl.constexpr, WRITE_G: tl.constexpr, VEC: tl.constexpr):  # fmt: skip
+                     STEPS: tl.constexpr, STAGES: tl.constexpr, WRITE_G: tl.constexpr,
+                     VEC: tl.constexpr):  # fmt: skip
     D, sx, sf, sg = D * VEC, sx * VEC, sf * VEC, sg * VEC  # multiples of VEC (see _aligned)
     b, c = _sample_and_chunk(n_chunks)
     acc_g = tl.zeros([BLOCK], dtype=tl.float32)
@@ -132,8 +133,10 @@ def residual(x: Tensor, fx: Tensor, g_out: Tensor | None) -> tuple[Tensor, Tenso
     partials = torch.empty(2, batch, chunks, dtype=torch.float32, device=x.device)
     g = x if g_out is None else g_out  # never written when None
     vec, sizes = _aligned(x.element_size(), dim, x.stride(0), fx.stride(0), g.stride(0))
-    _residual_kernel[(batch * chunks,)](x, fx, g, partials, *sizes, chunks, batch * chunks, BLOCK=block, STEPS=steps,
-                                      STAGES=STAGES, WRITE_G=g_out is not None, VEC=vec, num_warps=NUM_WARPS)  # fmt: skip
+    _residual_kernel[(batch * chunks,)](
+        x, fx, g, partials, *sizes, chunks, batch * chunks, BLOCK=block, STEPS=steps, STAGES=STAGES,
+        WRITE_G=g_out is not None, VEC=vec, num_warps=NUM_WARPS,
+    )  # fmt: skip
     gsq, fsq = partials.sum(dim=2)  # contiguous (B,) each
     return gsq, fsq
 
@@ -330,7 +333,8 @@ def broyden_dots(U: Tensor, V: Tensor, n: int, g: Tensor, dx: Tensor) -> Tensor:
     steps, chunks = _grid_chunks(batch, dim, block)
     partials = torch.empty(batch, chunks, 2, n, dtype=torch.float32, device=U.device)
     if n:
-        vec, (D, *strides) = _aligned(U.element_size(), dim, *U.stride()[:2], *V.stride()[:2], g.stride(0), dx.stride(0))
+        sizes = (dim, *U.stride()[:2], *V.stride()[:2], g.stride(0), dx.stride(0))
+        vec, (D, *strides) = _aligned(U.element_size(), *sizes)
         _broyden_dots_kernel[(batch * chunks,)](
             U, V, g, dx, partials, D, n, *strides, chunks, MP=mp, BLOCK=block, STEPS=steps, STAGES=STAGES, VEC=vec,
             num_warps=DOTS_WARPS,
@@ -341,7 +345,8 @@ def broyden_dots(U: Tensor, V: Tensor, n: int, g: Tensor, dx: Tensor) -> Tensor:
 @triton.jit
 def _broyden_combine_kernel(U_ptr, V_ptr, c_ptr, g_ptr, dx_ptr, hg_ptr, hgo_ptr, v_ptr, out_ptr, D, n,
                             sUb, sUm, sVb, sVm, sg, sdx, shg, shgo, sv, n_chunks,
-                            BLOCK: tl.constexpr, STEPS: tl.constexpr, STAGES: tl.constexpr, VEC: tl.constexpr):  # fmt: skip
+                            BLOCK: tl.constexpr, STEPS: tl.constexpr, STAGES: tl.constexpr,
+                            VEC: tl.constexpr):  # fmt: skip
     D, sUb, sUm, sVb, sVm = D * VEC, sUb * VEC, sUm * VEC, sVb * VEC, sVm * VEC
     sg, sdx, shg, shgo, sv = sg * VEC, sdx * VEC, shg * VEC, shgo * VEC, sv * VEC
     b, c = _sample_and_chunk(n_chunks)
@@ -390,8 +395,8 @@ def broyden_combine(
     h_g, v = torch.empty_like(g), torch.empty_like(g)
     partials = torch.empty(batch, chunks, 4, dtype=torch.float32, device=U.device)
     coeff32 = coeff.to(torch.float32).contiguous()
-    vectors = (g, dx, h_g, hg, v)
-    vec, (D, *strides) = _aligned(U.element_size(), dim, *U.stride()[:2], *V.stride()[:2], *(t.stride(0) for t in vectors))
+    sizes = (dim, *U.stride()[:2], *V.stride()[:2], *(t.stride(0) for t in (g, dx, h_g, hg, v)))
+    vec, (D, *strides) = _aligned(U.element_size(), *sizes)
     _broyden_combine_kernel[(batch * chunks,)](
         U, V, coeff32, g, dx, h_g, hg, v, partials, D, n, *strides, chunks, BLOCK=block, STEPS=steps,
         STAGES=STAGES, VEC=vec, num_warps=NUM_WARPS,

@@ -1,11 +1,12 @@
 """Launch-parameter sweep of the tiled Triton kernels on a GPU (run by hand, or by gpu_check.sh).
 
-python benchmarks/gpu_tune.py [out_dir] [dtype ...]: for anderson_write, broyden_dots,
-broyden_combine and the residual pass, at FPDM-XL/2 size (32 x 256 x 1152) and at B*D ~ 1e8,
-times every combination of bytes per inner step (each kernel's own constant: BLOCK_BYTES,
-TILE_BYTES, DOTS_BYTES, COMBINE_BYTES), inner steps per program (MAX_STEPS) and warps per
-program (NUM_WARPS, or DOTS_WARPS for broyden_dots); then, at the best of those, software pipelining of the inner steps
-(STAGES 2 and 3: cp.async loads in flight across steps). It prints the achieved bandwidth
+python benchmarks/gpu_tune.py [out_dir] [dtype ...]: for the residual pass, the history write
+(alone and with the residual fused in), broyden_dots and broyden_combine, at FPDM-XL/2 size
+(32 x 256 x 1152) and at B*D ~ 1e8, times every combination of bytes per inner step (each
+kernel's own constant: BLOCK_BYTES, TILE_BYTES, FUSED_TILE_BYTES, DOTS_BYTES, COMBINE_BYTES),
+inner steps per program (MAX_STEPS) and warps per program (NUM_WARPS, or DOTS_WARPS for
+broyden_dots); then, at the best of those, software pipelining of the inner steps (STAGES 2
+and 3: cp.async loads in flight across steps). It prints the achieved bandwidth
 against the module's current setting. The defaults are module constants of
 fixedpoint.kernels.triton_kernels; this only reads the numbers, it changes nothing. Bytes
 moved are the fewest the kernel must move, as in bench_gpu.py.
@@ -40,6 +41,12 @@ def _cases(dim: int, dtype: torch.dtype):
     return [
         ("residual", 3, ("BLOCK_BYTES", "NUM_WARPS"), lambda: tk.residual(x, fx, g)),
         (f"anderson_write m={M}", M + 3, ("TILE_BYTES", "NUM_WARPS"), lambda: tk.anderson_write(F, G, 2, fx, g)),
+        (
+            f"anderson_residual_write m={M}",
+            M + 3,
+            ("FUSED_TILE_BYTES", "NUM_WARPS"),
+            lambda: tk.anderson_residual_write(F, G, 2, x, fx),
+        ),
         (f"broyden_dots n={N}", 2 * N + 2, ("DOTS_BYTES", "DOTS_WARPS"), lambda: tk.broyden_dots(U, V, N, g, dx)),
         (
             f"broyden_combine n={N}",
@@ -50,7 +57,17 @@ def _cases(dim: int, dtype: torch.dtype):
     ]
 
 
-KNOBS = ("BLOCK_BYTES", "TILE_BYTES", "DOTS_BYTES", "COMBINE_BYTES", "MAX_STEPS", "NUM_WARPS", "DOTS_WARPS", "STAGES")
+KNOBS = (
+    "BLOCK_BYTES",
+    "TILE_BYTES",
+    "FUSED_TILE_BYTES",
+    "DOTS_BYTES",
+    "COMBINE_BYTES",
+    "MAX_STEPS",
+    "NUM_WARPS",
+    "DOTS_WARPS",
+    "STAGES",
+)
 
 
 def _time(thunk, knobs: tuple[str, str], nbytes: int, steps: int, warps: int, stages: int) -> float:

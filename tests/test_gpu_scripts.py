@@ -107,7 +107,8 @@ def test_gpu_tune_sweeps_and_writes_its_json(monkeypatch, tmp_path):
     gpu_tune.main(tmp_path, ["bfloat16"])
     assert {k: getattr(gpu_tune.tk, k) for k in defaults} == defaults  # the sweep leaves the module as it was
     rows = json.loads((tmp_path / "tune.json").read_text())["rows"]
-    kernels = ["residual", "anderson_write m=5", "broyden_dots n=10", "broyden_combine n=10"]
+    kernels = ["residual", "anderson_write m=5", "anderson_residual_write m=5", "broyden_dots n=10"]
+    kernels.append("broyden_combine n=10")
     assert [r["kernel"] for r in rows] == kernels
     for row in rows:
         assert row["size"] == "tiny"

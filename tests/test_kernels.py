@@ -328,7 +328,7 @@ def test_streaming_kernels_over_several_steps_and_chunks(monkeypatch, dtype, min
     """The launch sizes shrunk so each reduction walks D in several inner steps and chunks with a masked tail
     (at these tiny shapes the defaults cover D in one step): every partial sum still adds up to the twin's."""
     monkeypatch.setattr(triton_kernels, "BLOCK_BYTES", 64 * 4)  # 64 fp32 or 128 bf16 elements per step
-    for tile in ("TILE_BYTES", "DOTS_BYTES"):
+    for tile in ("TILE_BYTES", "FUSED_TILE_BYTES", "DOTS_BYTES"):
         monkeypatch.setattr(triton_kernels, tile, 64 * 4 * 4)  # 4 slots of 64 fp32 elements
     monkeypatch.setattr(triton_kernels, "COMBINE_BYTES", 64 * 4)
     monkeypatch.setattr(triton_kernels, "MAX_STEPS", 2)
@@ -337,7 +337,7 @@ def test_streaming_kernels_over_several_steps_and_chunks(monkeypatch, dtype, min
     dim = 601  # fp32: 10 steps of 64, the last one masked
     itemsize = torch.empty((), dtype=dtype).element_size()
     tk = triton_kernels
-    launches = [(None, 1), (tk.COMBINE_BYTES, 1), (tk.TILE_BYTES, 4), (tk.DOTS_BYTES, 4)]
+    launches = [(None, 1), (tk.COMBINE_BYTES, 1), (tk.TILE_BYTES, 4), (tk.FUSED_TILE_BYTES, 4), (tk.DOTS_BYTES, 4)]
     for nbytes, slots in launches:  # the vector, combine's and the history launches
         block = triton_kernels._block(dim, itemsize, nbytes, slots)
         steps, chunks = triton_kernels._grid_chunks(2, dim, block)

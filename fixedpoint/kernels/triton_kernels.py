@@ -38,6 +38,7 @@ __all__ = [
 
 BLOCK_BYTES = 4096  # bytes of a (B, D) row per inner step: 1024 fp32 or 2048 bf16 elements
 TILE_BYTES = 16384  # bytes per inner step of the history write's (slots, block) tiles, all slots together
+FUSED_TILE_BYTES = 16384  # the same for the history write with the residual pass fused in (Anderson's iteration)
 DOTS_BYTES = 4096  # the same for broyden_dots' tiles
 COMBINE_BYTES = 2048  # bytes of a row per inner step of broyden_combine (it walks the n history rows per step)
 MAX_STEPS = 16  # inner steps per program along D, at most
@@ -50,6 +51,7 @@ MAX_FEATURES = 2**31 - 2**24  # per sample: offsets within a sample are 32-bit (
 # benchmarks/codegen_audit.py): the same element counts gave bf16 half fp32's bytes per thread and narrower loads.
 # TILE_BYTES, DOTS_*, COMBINE_BYTES: the best of benchmarks/gpu_tune.py's sweep on an H100 in bf16 at both
 # FPDM-XL/2 size and B*D = 1e8 (docs/kernels.md); the one shared setting was 10-20% slower for each of them.
+# FUSED_TILE_BYTES is TILE_BYTES until a sweep of its own (added since) says otherwise.
 
 
 def _block(dim: int, itemsize: int, nbytes: int | None = None, slots: int = 1) -> int:
@@ -186,7 +188,7 @@ def _launch_anderson_write(F: Tensor, G: Tensor, slot: int, fx: Tensor, src: Ten
     """The history write's launch: (row partials (B, chunks, m), sums partials (2, B, chunks) or None)."""
     batch, m, dim = F.shape
     mp = triton.next_power_of_2(m)
-    block = _block(dim, F.element_size(), TILE_BYTES, mp)
+    block = _block(dim, F.element_size(), FUSED_TILE_BYTES if from_x else TILE_BYTES, mp)
     steps, chunks = _grid_chunks(batch, dim, block)
     partials = torch.empty(batch, chunks, m, dtype=torch.float32, device=F.device)
     sums = torch.empty(2, batch, chunks, dtype=torch.float32, device=F.device) if from_x else partials

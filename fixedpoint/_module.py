@@ -16,9 +16,12 @@ SolverFn = Callable[..., Solution]  # solver(f, x0) -> Solution, e.g. functools.
 BackwardFn = Callable[..., Tensor]  # backward(f, z, ...) -> Tensor, e.g. jfb or partial(implicit, tol=1e-6)
 
 
-def _needs_grad(g: Callable[[Tensor], Tensor], x: Tensor, inputs: tuple) -> bool:
-    """Whether f at x depends on anything that requires grad: an input, or (one probing call) f's parameters."""
+def _needs_grad(g: Callable[[Tensor], Tensor], x: Tensor, inputs: tuple, module: nn.Module) -> bool:
+    """Whether f at x depends on anything that requires grad: an input, a parameter of the module (f's, when f
+    is one), or else whatever f closes over (one probing call)."""
     if any(isinstance(t, Tensor) and t.requires_grad for t in inputs):
+        return True
+    if any(p.requires_grad for p in module.parameters()):
         return True
     with torch.enable_grad():
         return g(x.detach()).requires_grad
@@ -89,21 +92,20 @@ class FixedPoint(nn.Module):
         if not (self.training and torch.is_grad_enabled()):
             self.last_solution = self.eval_solver(g, z0)
             self.last_info = None
-            if not (torch.is_grad_enabled() and _needs_grad(g, self.last_solution.x, inputs)):
+            if not (torch.is_grad_enabled() and _needs_grad(g, self.last_solution.x, inputs, self)):
                 return self.last_solution.fx  # f at the best iterate, as the training modes return
             # eval with autograd on (saliency maps, attacks): the backward mode at the eval solution; modes that
             # iterate from z0 themselves (no training solver) would not return it: implicit there
-            self.last_info = GradInfo()
-            backward = self.backward if self.solver is not None else implicit
-            if backward is implicit or _accepts_info(backward):
-                return backward(g, self.last_solution.x, info=self.last_info)
-            return backward(g, self.last_solution.x)
+            return self._differentiate(self.backward if self.solver is not None else implicit, g, self.last_solution.x)
         start = z0
         self.last_solution = None
         if self.solver is not None:
             self.last_solution = self.solver(g, z0)
             start = self.last_solution.x
+        return self._differentiate(self.backward, g, start)
+
+    def _differentiate(self, backward: BackwardFn, g: Callable[[Tensor], Tensor], z: Tensor) -> Tensor:
+        """``backward(g, z)``, recording its GradInfo in ``last_info`` where it takes one."""
         self.last_info = GradInfo()
-        if self._backward_takes_info:
-            return self.backward(g, start, info=self.last_info)
-        return self.backward(g, start)
+        takes_info = self._backward_takes_info if backward is self.backward else _accepts_info(backward)
+        return backward(g, z, info=self.last_info) if takes_info else backward(g, z)

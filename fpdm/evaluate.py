@@ -373,11 +373,11 @@ def main(args: argparse.Namespace) -> dict | list[dict]:
         return result
     if not args.ckpt:
         raise EvaluateError("give --samples FILE or at least one --ckpt")
+    check_variants(args.variants)  # before the reference, which may train a feature network
     first = load_checkpoint(args.ckpt[0], hint="give a checkpoint of python -m fpdm.train")
     dataset = args.dataset or first.get("run", {}).get("dataset")
     ref = reference_for(dataset, data_dir=args.data_dir, cache_dir=args.cache_dir, inception=args.inception,
                         progress=progress)  # fmt: skip
-    check_variants(args.variants)
     out = Path(args.out)  # checked by cli before any work
     start = time.perf_counter()
     rows = sweep(args.ckpt, dit_steps=args.dit_steps, dit_depth=args.dit_depth, variants=args.variants,

@@ -332,7 +332,6 @@ def validate(args: argparse.Namespace) -> None:
             args.weight_decay >= 0 and math.isfinite(args.weight_decay),
             f"--weight-decay must be a finite number >= 0, got {args.weight_decay}",
         ),
-        (math.isfinite(args.guidance), f"--guidance must be a finite number, got {args.guidance}"),
         (0 <= args.ema_decay < 1, f"--ema-decay must be in [0, 1), got {args.ema_decay}"),
         (args.warmup >= 0, f"--warmup must be >= 0, got {args.warmup}"),
         (args.sample_steps >= 0, f"--sample-steps must be >= 0, got {args.sample_steps}"),
@@ -343,6 +342,7 @@ def validate(args: argparse.Namespace) -> None:
     for ok, message in rules:
         if not ok:
             raise UsageError(message)
+    checks.number("--guidance", args.guidance)
     checks.device(args.device)  # cuda where there is none: one line now, not a traceback later
     fpdm_only = {"--pre-depth": args.pre_depth != 1, "--post-depth": args.post_depth != 1,
                  "--no-grad-iters": tuple(args.no_grad_iters) != (0, 10),

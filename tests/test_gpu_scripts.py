@@ -99,7 +99,14 @@ def test_gpu_tune_sweeps_and_writes_its_json(monkeypatch, tmp_path):
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
     import triton.testing
 
-    monkeypatch.setattr(triton.testing, "do_bench", lambda fn, **kw: (fn(), 1.0)[1])  # 1 ms per call
+    byte_knobs = ("BLOCK_BYTES", "TILE_BYTES", "FUSED_TILE_BYTES", "DOTS_BYTES", "COMBINE_BYTES")
+    total_bytes = sum(getattr(gpu_tune.tk, k) for k in byte_knobs)
+
+    def do_bench(fn, **kw):  # 1 ms at the defaults, faster as any bytes constant grows: the sweep must set them
+        fn()
+        return total_bytes / sum(getattr(gpu_tune.tk, k) for k in byte_knobs)
+
+    monkeypatch.setattr(triton.testing, "do_bench", do_bench)
     monkeypatch.setattr(gpu_tune, "SIZES", {"tiny": 300})
     monkeypatch.setattr(gpu_tune, "BATCH", 2)
     monkeypatch.setattr(gpu_tune, "GRID", {"bytes": [0.5, 1], "steps": [1, 2], "warps": [4]})
@@ -107,13 +114,20 @@ def test_gpu_tune_sweeps_and_writes_its_json(monkeypatch, tmp_path):
     gpu_tune.main(tmp_path, ["bfloat16"])
     assert {k: getattr(gpu_tune.tk, k) for k in defaults} == defaults  # the sweep leaves the module as it was
     rows = json.loads((tmp_path / "tune.json").read_text())["rows"]
-    kernels = ["residual", "anderson_write m=5", "anderson_residual_write m=5", "broyden_dots n=10"]
-    kernels.append("broyden_combine n=10")
-    assert [r["kernel"] for r in rows] == kernels
+    constants = {
+        "residual": ["BLOCK_BYTES", "NUM_WARPS"],
+        "anderson_write m=5": ["TILE_BYTES", "NUM_WARPS"],
+        "anderson_residual_write m=5": ["FUSED_TILE_BYTES", "NUM_WARPS"],
+        "broyden_dots n=10": ["DOTS_BYTES", "DOTS_WARPS"],
+        "broyden_combine n=10": ["COMBINE_BYTES", "NUM_WARPS"],
+    }
+    assert {r["kernel"]: r["constants (bytes, warps)"] for r in rows} == constants
     for row in rows:
         assert row["size"] == "tiny"
         assert len(row["all TB/s"]) == 4 + len(gpu_tune.PIPELINE) + 1  # the grid, the stages, the default
-        assert row["best TB/s"] == pytest.approx(row["default TB/s"])  # every config "took" 1 ms here
+        # half the default bytes timed slower than the default (so the sweep set them), the default is best
+        assert row["best (bytes, steps, warps, stages)"][0] == row["default (bytes, steps, warps, stages)"][0]
+        assert row["best TB/s"] == pytest.approx(row["default TB/s"])
 
 
 @pytest.mark.parametrize("dim", [256 * 1152, 3125000])  # FPDM-XL/2; a multiple of 8 but not of 16 (1e8 / 32)

@@ -243,3 +243,5 @@ def test_sample_command_checks_its_output_and_vae_before_sampling(tmp_path, trai
     result = subprocess.run([*cmd, "--out", str(tmp_path / "l"), "--vae", str(tmp_path / "none")],
                             capture_output=True, text=True, timeout=120)  # fmt: skip
     assert result.returncode == 2 and "Traceback" not in result.stderr and not (tmp_path / "l").exists()
+    vae_errors = (f"cannot load an AutoencoderKL from {tmp_path / 'none'}", "the VAE needs diffusers")
+    assert any(message in result.stderr for message in vae_errors), result.stderr

@@ -303,5 +303,8 @@ def bench_steady_overhead_fpdm_xl(report, fpdm_xl_map, name):
                short_ms=statistics.median(times["short"]), long_ms=statistics.median(times["long"]),
                per_iteration_us=1e3 * statistics.median(per_iteration), overhead=f"{100 * median:.1f}%",
                quartiles=f"{100 * q1:.1f}% .. {100 * q3:.1f}%")  # fmt: skip
-    report.note(STEADY, "overhead = ((long - short) - extra calls x f) / (extra iterations x f), per round of f, "
-                f"short and long back to back; median and quartiles of {STEADY_ROUNDS} rounds; target <= 5%")
+    report.note(
+        STEADY,
+        "overhead = ((long - short) - extra calls x f) / (extra iterations x f), per round of f, "
+        f"short and long back to back; median and quartiles of {STEADY_ROUNDS} rounds; target <= 5%",
+    )

@@ -2,18 +2,18 @@
 
 python benchmarks/gpu_tune.py [out_dir] [dtype ...]: for the residual pass, the history write
 (alone and with the residual fused in), broyden_dots and broyden_combine, at FPDM-XL/2 size
-(32 x 256 x 1152) and at B*D ~ 1e8, times every combination of bytes per inner step (each
-kernel's own constant: BLOCK_BYTES, TILE_BYTES, FUSED_TILE_BYTES, DOTS_BYTES, COMBINE_BYTES),
-inner steps per program (MAX_STEPS) and warps per program (NUM_WARPS, or DOTS_WARPS for
-broyden_dots); then, at the best of those, software pipelining of the inner steps (STAGES 2
-and 3: cp.async loads in flight across steps). It prints the achieved bandwidth
-against the module's current setting. The defaults are module constants of
-fixedpoint.kernels.triton_kernels; this only reads the numbers, it changes nothing. Bytes
-moved are the fewest the kernel must move, as in bench_gpu.py.
+(32 x 256 x 1152) and at B*D ~ 1e8, times every combination of bytes per inner step, warps
+per program and inner steps per program around the kernel's setting for that dtype (its
+entry in fixedpoint.kernels.triton_kernels.LAUNCH); then, at the best of those, software
+pipelining of the inner steps (stages 2 and 3: cp.async loads in flight across steps). It
+prints the achieved bandwidth against the current setting. The sweep sets LAUNCH entries
+while it times them and puts them back: it changes nothing. Bytes moved are the fewest the
+kernel must move, as in bench_gpu.py.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import sys
@@ -25,12 +25,12 @@ from fixedpoint.kernels import triton_kernels as tk
 
 SIZES = {"fpdm-xl/2": 256 * 1152, "1e8": 3 * 2**20}  # D at batch 32 (both multiples of 16: one compile per config)
 BATCH, M, N = 32, 5, 10
-GRID = {"bytes": [0.5, 1, 2, 4], "steps": [4, 16], "warps": [4, 8]}  # bytes: times the module's default
+GRID = {"bytes": [0.5, 1, 2, 4], "warps": [4, 8], "steps": [4, 16]}  # bytes: times the current setting's
 PIPELINE = [2, 3]  # STAGES tried at the best of GRID
 
 
 def _cases(dim: int, dtype: torch.dtype):
-    """(name, elements moved, module constant of its bytes per step, thunk) per kernel at (BATCH, dim)."""
+    """(name, elements moved, its key in LAUNCH, thunk) per kernel at (BATCH, dim)."""
 
     def rand(*shape):
         return torch.randn(*shape, device="cuda").to(dtype)
@@ -39,50 +39,35 @@ def _cases(dim: int, dtype: torch.dtype):
     F, G, U, V = rand(BATCH, M, dim), rand(BATCH, M, dim), rand(BATCH, N, dim), rand(BATCH, N, dim)
     coeff = torch.randn(BATCH, 2, N, device="cuda")
     return [
-        ("residual", 3, ("BLOCK_BYTES", "NUM_WARPS"), lambda: tk.residual(x, fx, g)),
-        (f"anderson_write m={M}", M + 3, ("TILE_BYTES", "NUM_WARPS"), lambda: tk.anderson_write(F, G, 2, fx, g)),
+        ("residual", 3, "residual", lambda: tk.residual(x, fx, g)),
+        (f"anderson_write m={M}", M + 3, "anderson_write", lambda: tk.anderson_write(F, G, 2, fx, g)),
         (
             f"anderson_residual_write m={M}",
             M + 3,
-            ("FUSED_TILE_BYTES", "NUM_WARPS"),
+            "anderson_residual_write",
             lambda: tk.anderson_residual_write(F, G, 2, x, fx),
         ),
-        (f"broyden_dots n={N}", 2 * N + 2, ("DOTS_BYTES", "DOTS_WARPS"), lambda: tk.broyden_dots(U, V, N, g, dx)),
+        (f"broyden_dots n={N}", 2 * N + 2, "broyden_dots", lambda: tk.broyden_dots(U, V, N, g, dx)),
         (
             f"broyden_combine n={N}",
             2 * N + 5,
-            ("COMBINE_BYTES", "NUM_WARPS"),
+            "broyden_combine",
             lambda: tk.broyden_combine(U, V, N, coeff, g, dx, hg),
         ),
     ]
 
 
-KNOBS = (
-    "BLOCK_BYTES",
-    "TILE_BYTES",
-    "FUSED_TILE_BYTES",
-    "DOTS_BYTES",
-    "COMBINE_BYTES",
-    "MAX_STEPS",
-    "NUM_WARPS",
-    "DOTS_WARPS",
-    "STAGES",
-)
-
-
-def _time(thunk, knobs: tuple[str, str], nbytes: int, steps: int, warps: int, stages: int) -> float:
-    """Median seconds of ``thunk`` with the kernel's (bytes, warps) constants ``knobs`` and the shared ones set."""
+def _time(thunk, kernel: str, itemsize: int, setting: tk.Launch) -> float:
+    """Median seconds of ``thunk`` with LAUNCH[kernel] set to ``setting`` for this element size."""
     from triton.testing import do_bench
 
-    saved = {k: getattr(tk, k) for k in KNOBS}
+    table = tk.LAUNCH[kernel]
+    saved = table[itemsize]
     try:
-        tk.MAX_STEPS, tk.STAGES = steps, stages
-        setattr(tk, knobs[0], nbytes)
-        setattr(tk, knobs[1], warps)
+        table[itemsize] = setting
         return do_bench(thunk, warmup=5, rep=25, return_mode="median") * 1e-3
     finally:
-        for k, v in saved.items():
-            setattr(tk, k, v)
+        table[itemsize] = saved
 
 
 def main(out: Path, dtypes: list[str]) -> None:
@@ -91,37 +76,37 @@ def main(out: Path, dtypes: list[str]) -> None:
     for dtype_name, (size_name, dim) in itertools.product(dtypes, SIZES.items()):
         dtype = getattr(torch, dtype_name)
         itemsize = torch.empty((), dtype=dtype).element_size()
-        for name, passes, knobs, thunk in _cases(dim, dtype):
+        for name, passes, kernel, thunk in _cases(dim, dtype):
             nbytes = passes * BATCH * dim * itemsize
-            default = (getattr(tk, knobs[0]), tk.MAX_STEPS, getattr(tk, knobs[1]), tk.STAGES)
+            default = tk.launch(kernel, itemsize)
             timed = {}
-            for scale, steps, warps in itertools.product(*GRID.values()):
-                config = (int(scale * default[0]), steps, warps, 1)
-                timed[config] = _time(thunk, knobs, *config)
+            for scale, warps, steps in itertools.product(*GRID.values()):
+                config = tk.Launch(int(scale * default.nbytes), warps, steps, 1)
+                timed[config] = _time(thunk, kernel, itemsize, config)
             best = min(timed, key=timed.get)
             for stages in PIPELINE:
-                config = (*best[:3], stages)
-                timed[config] = _time(thunk, knobs, *config)
+                config = dataclasses.replace(best, stages=stages)
+                timed[config] = _time(thunk, kernel, itemsize, config)
             if default not in timed:
-                timed[default] = _time(thunk, knobs, *default)
+                timed[default] = _time(thunk, kernel, itemsize, default)
             best = min(timed, key=timed.get)
             row = {
                 "kernel": name,
                 "dtype": dtype_name,
                 "size": size_name,
-                "constants (bytes, warps)": knobs,
-                "default (bytes, steps, warps, stages)": default,
+                "launch": kernel,
+                "default (bytes, warps, steps, stages)": dataclasses.astuple(default),
                 "default TB/s": nbytes / timed[default] / 1e12,
-                "best (bytes, steps, warps, stages)": best,
+                "best (bytes, warps, steps, stages)": dataclasses.astuple(best),
                 "best TB/s": nbytes / timed[best] / 1e12,
-                "all TB/s": {str(k): nbytes / v / 1e12 for k, v in timed.items()},
+                "all TB/s": {str(dataclasses.astuple(k)): nbytes / v / 1e12 for k, v in timed.items()},
             }
             rows.append(row)
             result = {"device": torch.cuda.get_device_name(), "rows": rows}
             (out / "tune.json").write_text(json.dumps(result, indent=1))  # after every row: a timeout keeps the rest
             print(
-                f"{name:24s} {dtype_name:9s} {size_name:10s} default {default} {row['default TB/s']:.2f} TB/s"
-                f" | best {best} {row['best TB/s']:.2f} TB/s",
+                f"{name:28s} {dtype_name:9s} {size_name:10s} default {dataclasses.astuple(default)}"
+                f" {row['default TB/s']:.2f} TB/s | best {dataclasses.astuple(best)} {row['best TB/s']:.2f} TB/s",
                 flush=True,
             )
         torch.cuda.empty_cache()

@@ -9,6 +9,7 @@ import os
 import re
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -99,48 +100,58 @@ def test_gpu_tune_sweeps_and_writes_its_json(monkeypatch, tmp_path):
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
     import triton.testing
 
-    byte_knobs = ("BLOCK_BYTES", "TILE_BYTES", "FUSED_TILE_BYTES", "DOTS_BYTES", "COMBINE_BYTES")
-    total_bytes = sum(getattr(gpu_tune.tk, k) for k in byte_knobs)
+    table = gpu_tune.tk.LAUNCH
+    defaults = {kernel: dict(sizes) for kernel, sizes in table.items()}
+    total_bytes = sum(setting.nbytes for sizes in defaults.values() for setting in sizes.values())
+    changed = []  # per timing: the LAUNCH entries that differ from the defaults
 
-    def do_bench(fn, **kw):  # 1 ms at the defaults, faster as any bytes constant grows: the sweep must set them
+    def do_bench(fn, **kw):  # 1 ms at the defaults, faster as any tile grows: the sweep must set them
         fn()
-        return total_bytes / sum(getattr(gpu_tune.tk, k) for k in byte_knobs)
+        changed.append({(k, size) for k, sizes in table.items() for size, v in sizes.items() if v != defaults[k][size]})
+        return total_bytes / sum(setting.nbytes for sizes in table.values() for setting in sizes.values())
 
     monkeypatch.setattr(triton.testing, "do_bench", do_bench)
     monkeypatch.setattr(gpu_tune, "SIZES", {"tiny": 300})
     monkeypatch.setattr(gpu_tune, "BATCH", 2)
-    monkeypatch.setattr(gpu_tune, "GRID", {"bytes": [0.5, 1], "steps": [1, 2], "warps": [4]})
-    defaults = {k: getattr(gpu_tune.tk, k) for k in gpu_tune.KNOBS}
+    monkeypatch.setattr(gpu_tune, "GRID", {"bytes": [0.5, 1], "warps": [4], "steps": [1, 2]})
     gpu_tune.main(tmp_path, ["bfloat16"])
-    assert {k: getattr(gpu_tune.tk, k) for k in defaults} == defaults  # the sweep leaves the module as it was
+    assert table == defaults  # the sweep leaves the module as it was
     rows = json.loads((tmp_path / "tune.json").read_text())["rows"]
-    constants = {
-        "residual": ["BLOCK_BYTES", "NUM_WARPS"],
-        "anderson_write m=5": ["TILE_BYTES", "NUM_WARPS"],
-        "anderson_residual_write m=5": ["FUSED_TILE_BYTES", "NUM_WARPS"],
-        "broyden_dots n=10": ["DOTS_BYTES", "DOTS_WARPS"],
-        "broyden_combine n=10": ["COMBINE_BYTES", "NUM_WARPS"],
+    launches = {
+        "residual": "residual",
+        "anderson_write m=5": "anderson_write",
+        "anderson_residual_write m=5": "anderson_residual_write",
+        "broyden_dots n=10": "broyden_dots",
+        "broyden_combine n=10": "broyden_combine",
     }
-    assert {r["kernel"]: r["constants (bytes, warps)"] for r in rows} == constants
-    for row in rows:
+    assert {r["kernel"]: r["launch"] for r in rows} == launches
+    per_row = 4 + len(gpu_tune.PIPELINE) + 1  # the grid, the stages, the default (4 steps: not in the grid)
+    assert len(changed) == len(rows) * per_row
+    for i, row in enumerate(rows):
         assert row["size"] == "tiny"
-        assert len(row["all TB/s"]) == 4 + len(gpu_tune.PIPELINE) + 1  # the grid, the stages, the default
+        assert len(row["all TB/s"]) == per_row
+        timings = changed[i * per_row : (i + 1) * per_row]
+        assert all(c == {(row["launch"], 2)} for c in timings[:-1]), timings  # its own bf16 entry, nothing else
+        assert timings[-1] == set()  # the default
         # half the default bytes timed slower than the default (so the sweep set them), the default is best
-        assert row["best (bytes, steps, warps, stages)"][0] == row["default (bytes, steps, warps, stages)"][0]
+        assert row["best (bytes, warps, steps, stages)"][0] == row["default (bytes, warps, steps, stages)"][0]
         assert row["best TB/s"] == pytest.approx(row["default TB/s"])
 
 
 @pytest.mark.parametrize("dim", [256 * 1152, 3125000])  # FPDM-XL/2; a multiple of 8 but not of 16 (1e8 / 32)
-def test_codegen_audit_gives_half_precision_the_fp32_access_shape(dim):
-    """benchmarks/codegen_audit.py compiles kernels for sm_90 on this machine (no GPU): launch sizes in bytes
-    give bf16 the same 16-byte loads and stores per thread as fp32 (equal element counts gave bf16 half the
-    bytes per thread and 4-byte accesses in the history write), also where D is not a multiple of 16 (Triton
-    alone then gave bf16 2-byte accesses). Runs the compiler, not the interpreter."""
+def test_codegen_audit_gives_every_dtype_16_byte_accesses(dim):
+    """benchmarks/codegen_audit.py compiles kernels for sm_90 on this machine (no GPU): with launch sizes in bytes
+    every thread moves 16-byte vectors in bf16 as in fp32, as many as its setting's bytes per step give (element
+    counts gave bf16 4-byte accesses in the history write), also where D is not a multiple of 16 (Triton alone
+    then gave bf16 2-byte accesses). Runs the compiler, not the interpreter."""
     pytest.importorskip("triton")
+    from fixedpoint.kernels import triton_kernels as tk
+
     script = (
         "import json, torch, codegen_audit as ca\n"
         f"rows = ca.audit([torch.float32, torch.bfloat16], cases=['residual', 'anderson_residual_write'], dim={dim})\n"
-        "print(json.dumps([{k: r[k] for k in ('case', 'dtype', 'loads', 'stores', 'registers')} for r in rows]))\n"
+        "print(json.dumps([{k: r[k] for k in ('case', 'dtype', 'loads', 'stores', 'registers', 'warps')}"
+        " for r in rows]))\n"
     )
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join([str(BENCHMARKS), str(BENCHMARKS.parent), env.get("PYTHONPATH", "")])
@@ -150,8 +161,21 @@ def test_codegen_audit_gives_half_precision_the_fp32_access_shape(dim):
     assert done.returncode == 0, done.stderr
     rows = {(r["case"], r["dtype"]): r for r in json.loads(done.stdout.strip().splitlines()[-1])}
     assert len(rows) == 6
-    for case in ("residual", "residual (writes g)", "anderson_residual_write m=5"):
-        fp32, bf16 = rows[case, "fp32"], rows[case, "bf16"]
-        assert (bf16["loads"], bf16["stores"]) == (fp32["loads"], fp32["stores"]), case
-        widths = set(re.findall(r"x(\d+)B", fp32["loads"]))
-        assert widths == {"16"} and 0 < fp32["registers"] <= 255, (case, fp32)  # only 16-byte loads
+    history = 8  # m = 5 slots padded to 8 rows of the tile
+    for (case, dtype), row in rows.items():
+        itemsize = 4 if dtype == "fp32" else 2
+        kernel = "residual" if case.startswith("residual") else "anderson_residual_write"
+        setting = tk.launch(kernel, itemsize)
+        threads = 32 * setting.warps
+        per_row = setting.nbytes // threads if kernel == "residual" else setting.nbytes // history // threads
+        width = min(16, per_row)  # a row's bytes per thread, in vectors of up to 16 bytes
+        want = Counter({width: 2 * per_row // width})  # x and f(x)
+        if kernel == "anderson_residual_write":
+            want[16] += setting.nbytes // threads // 16  # the history tile
+        loads = Counter({int(b): int(n) for n, b in re.findall(r"(\d+)x(\d+)B", row["loads"])})
+        unrolled = loads[16] // want[16]  # the compiler may unroll the inner steps
+        expected = Counter({b: unrolled * n for b, n in want.items()})
+        assert 1 <= unrolled <= setting.max_steps and loads == expected, (case, dtype, row)
+        assert (itemsize, width) == (4, 8) or width == 16, row  # only fp32's 8 KiB tiles leave rows under 16 bytes
+        assert set(re.findall(r"x(\d+)B", row["stores"])) <= {"16", "8", "4"}, row  # 4: the fp32 partial sums
+        assert 0 < row["registers"] <= 255, row

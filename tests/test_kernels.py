@@ -334,21 +334,21 @@ def test_broyden_kernels_equal_twins(dtype, n):
 def test_streaming_kernels_over_several_steps_and_chunks(monkeypatch, dtype, min_programs):
     """The launch sizes shrunk so each reduction walks D in several inner steps and chunks with a masked tail
     (at these tiny shapes the defaults cover D in one step): every partial sum still adds up to the twin's."""
-    monkeypatch.setattr(triton_kernels, "BLOCK_BYTES", 64 * 4)  # 64 fp32 or 128 bf16 elements per step
-    for tile in ("TILE_BYTES", "FUSED_TILE_BYTES", "DOTS_BYTES"):
-        monkeypatch.setattr(triton_kernels, tile, 64 * 4 * 4)  # 4 slots of 64 fp32 elements
-    monkeypatch.setattr(triton_kernels, "COMBINE_BYTES", 64 * 4)
-    monkeypatch.setattr(triton_kernels, "MAX_STEPS", 2)
+    # 64 fp32 or 128 bf16 elements per step, of one row or of each of 4 history slots; 2 pipelining stages (a
+    # no-op in the interpreter)
+    row = triton_kernels.Launch(64 * 4, max_steps=2, stages=2)
+    tile = triton_kernels.Launch(64 * 4 * 4, max_steps=2, stages=2)
+    rows = ("stream", "residual", "broyden_combine")
+    small = {k: dict.fromkeys((2, 4), row if k in rows else tile) for k in triton_kernels.LAUNCH}
+    monkeypatch.setattr(triton_kernels, "LAUNCH", small)
     monkeypatch.setattr(triton_kernels, "MIN_PROGRAMS", min_programs)
-    monkeypatch.setattr(triton_kernels, "STAGES", 2)  # software pipelining (a no-op in the interpreter)
     dim = 601  # fp32: 10 steps of 64, the last one masked
     itemsize = torch.empty((), dtype=dtype).element_size()
-    tk = triton_kernels
-    launches = [(None, 1), (tk.COMBINE_BYTES, 1), (tk.TILE_BYTES, 4), (tk.FUSED_TILE_BYTES, 4), (tk.DOTS_BYTES, 4)]
-    for nbytes, slots in launches:  # the vector, combine's and the history launches
-        block = triton_kernels._block(dim, itemsize, nbytes, slots)
-        steps, chunks = triton_kernels._grid_chunks(2, dim, block)
-        assert chunks > 1 and (steps == 2 if min_programs == 1 else steps == 1), (block, steps, chunks)
+    tiled = [("anderson_write", 4), ("anderson_residual_write", 4), ("broyden_dots", 4)]
+    for kernel, slots in [("residual", 1), ("broyden_combine", 1), *tiled]:
+        _, block, steps, chunks = triton_kernels._grid(kernel, 2, dim, itemsize, slots)
+        assert block == 64 * 4 // itemsize, (kernel, block)
+        assert chunks > 1 and (steps == 2 if min_programs == 1 else steps == 1), (kernel, block, steps, chunks)
     gen = torch.Generator().manual_seed(dim)
 
     def rand(*shape):
@@ -587,39 +587,89 @@ def test_broyden_is_scale_invariant_at_large_scales(impl):
     assert steps[0] == steps[1]
 
 
-def test_launch_grids_stay_within_cuda_limits(monkeypatch):
-    """A grid's second and third axes stop at 65535 programs: every kernel runs on a 1-D grid of B * chunks, so
-    one sample of 67M+ elements (a 406^3 volume) launches. Grids recorded, nothing run (meta tensors)."""
-    grids = {}
+def _record_launches(monkeypatch) -> dict:
+    """Replace every Triton kernel with a recorder: kernel name -> (grid, launch keywords) of its last launch."""
+    launches = {}
 
     class Recorder:
         def __init__(self, name):
             self.name = name
 
         def __getitem__(self, grid):
-            return lambda *args, **kwargs: grids.setdefault(self.name, grid)
+            return lambda *args, **kwargs: launches.__setitem__(self.name, (grid, kwargs))
 
     for name in dir(triton_kernels):
         if name.startswith("_") and name.endswith("_kernel"):
             monkeypatch.setattr(triton_kernels, name, Recorder(name))
-    dim = 65535 * 1024 + 1
+    return launches
 
-    def new(*shape, dtype=torch.float16):
+
+def _launch_every_feature_kernel(batch: int, dim: int, dtype: torch.dtype) -> None:
+    """Call each launcher that walks D once, on meta tensors (nothing allocated, nothing run)."""
+
+    def new(*shape, dtype=dtype):
         return torch.empty(*shape, dtype=dtype, device="meta")
 
-    x, F, U = new(2, dim), new(2, 3, dim), new(2, 3, dim)
-    active = torch.ones(2, dtype=torch.bool, device="meta")
+    x, F, U = new(batch, dim), new(batch, 3, dim), new(batch, 3, dim)
+    active = torch.ones(batch, dtype=torch.bool, device="meta")
     triton_kernels.residual(x, x, x)
     triton_kernels.picard_step(x, x, 0.5, x, active)
-    triton_kernels.best_update(x, x, x, x, x, x, torch.ones(2, dtype=torch.int8, device="meta"))
+    triton_kernels.best_update(x, x, x, x, x, x, torch.ones(batch, dtype=torch.int8, device="meta"))
+    triton_kernels.anderson_write(F, F, 1, x, x)
     triton_kernels.anderson_residual_write(F, F, 1, x, x)
-    triton_kernels.anderson_mix(F, F, new(2, 3, dtype=torch.float32), 0.5, x, active)
+    triton_kernels.anderson_mix(F, F, new(batch, 3, dtype=torch.float32), 0.5, x, active)
     triton_kernels.broyden_dots(U, U, 2, x, x)
-    triton_kernels.broyden_combine(U, U, 2, new(2, 2, 2, dtype=torch.float32), x, x, x)
-    stats = new(2, dtype=torch.float32)
-    alive, restarts = new(2, 3, dtype=torch.int8), new(2, dtype=torch.int64)
-    triton_kernels.broyden_finish(U, U, 0, x, x, x, x, x, x, x, x, new(2, 4, dtype=torch.float32), stats, stats,
+    triton_kernels.broyden_combine(U, U, 2, new(batch, 2, 2, dtype=torch.float32), x, x, x)
+    stats = new(batch, dtype=torch.float32)
+    alive, restarts = new(batch, 3, dtype=torch.int8), new(batch, dtype=torch.int64)
+    triton_kernels.broyden_finish(U, U, 0, x, x, x, x, x, x, x, x, new(batch, 4, dtype=torch.float32), stats, stats,
                                   alive, restarts, 100.0)  # fmt: skip
-    assert len(grids) == 8
-    for name, grid in grids.items():
+
+
+def test_launch_grids_stay_within_cuda_limits(monkeypatch):
+    """A grid's second and third axes stop at 65535 programs: every kernel runs on a 1-D grid of B * chunks, so
+    one sample of 67M+ elements (a 406^3 volume) launches. Grids recorded, nothing run (meta tensors)."""
+    launches = _record_launches(monkeypatch)
+    _launch_every_feature_kernel(2, 65535 * 1024 + 1, torch.float16)
+    assert len(launches) == 8
+    for name, (grid, _) in launches.items():
         assert len(grid) == 1 and grid[0] < 2**31, (name, grid)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_each_launcher_takes_its_kernels_setting_for_its_element_size(monkeypatch, dtype):
+    """LAUNCH holds one setting per kernel and element size: give each a different one and check that every
+    launch gets its own tile (elements per step), warps, inner steps and pipelining stages."""
+    launches = _record_launches(monkeypatch)
+    settings = {
+        kernel: {size: triton_kernels.Launch(256 * 2**k * size, warps=[1, 2, 4, 8][k % 4], max_steps=2 + size, stages=k)
+                 for size in (2, 4)}
+        for k, kernel in enumerate(triton_kernels.LAUNCH)
+    }  # fmt: skip
+    monkeypatch.setattr(triton_kernels, "LAUNCH", settings)
+    monkeypatch.setattr(triton_kernels, "MIN_PROGRAMS", 1)  # every reduction takes its max_steps
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    _launch_every_feature_kernel(1, 2**24, dtype)
+    kernels = {  # Triton kernel: (its LAUNCH key, history slots per tile)
+        "_residual_kernel": ("residual", 1),
+        "_picard_step_kernel": ("stream", 1),
+        "_best_update_kernel": ("stream", 1),
+        "_anderson_write_kernel": ("anderson_residual_write", 4),  # the last launch: the fused write
+        "_anderson_mix_kernel": ("stream", 1),
+        "_broyden_dots_kernel": ("broyden_dots", 4),
+        "_broyden_combine_kernel": ("broyden_combine", 1),
+        "_broyden_finish_kernel": ("stream", 1),
+    }
+    assert set(launches) == set(kernels)
+    for name, (kernel, slots) in kernels.items():
+        setting = settings[kernel][itemsize]
+        _, kwargs = launches[name]
+        assert kwargs["BLOCK"] == setting.nbytes // (itemsize * slots), name
+        assert kwargs["num_warps"] == setting.warps, name
+        if "STEPS" in kwargs:  # the reductions
+            assert (kwargs["STEPS"], kwargs["STAGES"]) == (setting.max_steps, setting.stages), name
+    triton_kernels.anderson_write(*(torch.empty(1, 3, 2**24, dtype=dtype, device="meta"),) * 2, 1,
+                                  *(torch.empty(1, 2**24, dtype=dtype, device="meta"),) * 2)  # fmt: skip
+    _, kwargs = launches["_anderson_write_kernel"]
+    assert kwargs["BLOCK"] == settings["anderson_write"][itemsize].nbytes // (itemsize * 4)
+    assert kwargs["num_warps"] == settings["anderson_write"][itemsize].warps

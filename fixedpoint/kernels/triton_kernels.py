@@ -14,6 +14,8 @@ Runs on CUDA, and on CPU under TRITON_INTERPRET=1 (slowly: tests use tiny shapes
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
@@ -22,6 +24,8 @@ from torch import Tensor
 from . import reference
 
 __all__ = [
+    "LAUNCH",
+    "Launch",
     "anderson_absorb",
     "anderson_residual_write",
     "anderson_coefficients",
@@ -32,33 +36,49 @@ __all__ = [
     "broyden_combine",
     "broyden_dots",
     "broyden_finish",
+    "launch",
     "picard_step",
     "residual",
 ]
 
-BLOCK_BYTES = 4096  # bytes of a (B, D) row per inner step: 1024 fp32 or 2048 bf16 elements
-TILE_BYTES = 16384  # bytes per inner step of the history write's (slots, block) tiles, all slots together
-FUSED_TILE_BYTES = 16384  # the same for the history write with the residual pass fused in (Anderson's iteration)
-DOTS_BYTES = 4096  # the same for broyden_dots' tiles
-COMBINE_BYTES = 2048  # bytes of a row per inner step of broyden_combine (it walks the n history rows per step)
-MAX_STEPS = 16  # inner steps per program along D, at most
-STAGES = 1  # inner steps whose loads are in flight at once (tl.range's num_stages; 1: no software pipelining)
+
+@dataclass(frozen=True)
+class Launch:
+    """How one kernel is launched for one element size."""
+
+    nbytes: int  # bytes each program moves per inner step: a row's block, or an (m, block) tile, all rows together
+    warps: int = 4  # warps per program (Triton's default)
+    max_steps: int = 4  # inner steps per program along D, at most (the reductions; the others take one)
+    stages: int = 1  # inner steps whose loads are in flight at once (tl.range's num_stages; 1: no pipelining)
+
+
+# Per kernel, per element size in bytes (2: bf16 and fp16; 4: fp32). Sizes are in bytes so that every dtype compiles to
+# the same access widths (16-byte vectors; benchmarks/codegen_audit.py). The reductions' settings are the best
+# of benchmarks/gpu_tune.py's sweeps at both FPDM-XL/2 size and B*D = 1e8 (docs/kernels.md): in bf16 and fp32
+# the same kernel wants different tiles and warps, and 4 inner steps beat 16 in most rows.
+LAUNCH: dict[str, dict[int, Launch]] = {
+    # one step per program, no reduction: picard_step, anderson_mix, best_update, broyden_finish
+    "stream": {2: Launch(4096), 4: Launch(4096)},
+    "residual": {2: Launch(16384), 4: Launch(4096)},
+    "anderson_write": {2: Launch(16384), 4: Launch(8192)},
+    "anderson_residual_write": {2: Launch(16384), 4: Launch(16384)},  # the write with the residual pass fused in
+    "broyden_dots": {2: Launch(2048), 4: Launch(4096)},
+    "broyden_combine": {2: Launch(2048), 4: Launch(2048)},  # a row's block: it walks the n history rows per step
+}
 MIN_PROGRAMS = 1024  # enough programs to keep every SM's memory pipes busy (H100: 132 SMs)
-NUM_WARPS = 4  # warps per program of the streaming reductions (Triton's default)
-DOTS_WARPS = 8  # warps per program of broyden_dots
 MAX_FEATURES = 2**31 - 2**24  # per sample: offsets within a sample are 32-bit (the margin: a chunk's overrun)
-# Sizes are in bytes so that every dtype compiles to the same access widths (16-byte vectors; see
-# benchmarks/codegen_audit.py): the same element counts gave bf16 half fp32's bytes per thread and narrower loads.
-# TILE_BYTES, DOTS_*, COMBINE_BYTES: the best of benchmarks/gpu_tune.py's sweep on an H100 in bf16 at both
-# FPDM-XL/2 size and B*D = 1e8 (docs/kernels.md); the one shared setting was 10-20% slower for each of them.
-# FUSED_TILE_BYTES is TILE_BYTES until a sweep of its own (added since) says otherwise.
 
 
-def _block(dim: int, itemsize: int, nbytes: int | None = None, slots: int = 1) -> int:
-    """Elements of D per inner step: ``nbytes`` (default BLOCK_BYTES) shared by ``slots`` rows of ``itemsize`` bytes."""
+def launch(kernel: str, itemsize: int) -> Launch:
+    """The launch setting of ``kernel`` (a key of LAUNCH) for elements of ``itemsize`` bytes (2 or 4)."""
+    return LAUNCH[kernel][itemsize]
+
+
+def _block(dim: int, itemsize: int, nbytes: int, slots: int = 1) -> int:
+    """Elements of D per inner step: ``nbytes`` shared by ``slots`` rows of ``itemsize`` bytes."""
     if dim > MAX_FEATURES:
         raise ValueError(f"triton kernels take at most {MAX_FEATURES} features per sample, got {dim}; use impl='torch'")
-    elements = (BLOCK_BYTES if nbytes is None else nbytes) // (itemsize * slots)
+    elements = nbytes // (itemsize * slots)
     return min(max(64, elements), triton.next_power_of_2(max(dim, 16)))
 
 
@@ -76,13 +96,21 @@ def _aligned(itemsize: int, *sizes: int) -> tuple[int, list[int]]:
     return vec, [size // vec for size in sizes]
 
 
-def _grid_chunks(batch: int, dim: int, block: int) -> tuple[int, int]:
-    """(steps, chunks) of a reduction over D in ``block``-element steps: long chunks (fewer partials) unless
-    that starves the GPU."""
-    steps = MAX_STEPS
+def _grid(kernel: str, batch: int, dim: int, itemsize: int, slots: int = 1) -> tuple[Launch, int, int, int]:
+    """(setting, block, steps, chunks) of ``kernel``'s reduction over D in ``block``-element steps: long chunks
+    (at most the setting's max_steps: fewer partials) unless that starves the GPU."""
+    setting = launch(kernel, itemsize)
+    block = _block(dim, itemsize, setting.nbytes, slots)
+    steps = setting.max_steps
     while steps > 1 and batch * triton.cdiv(dim, block * steps) < MIN_PROGRAMS:
         steps //= 2
-    return steps, triton.cdiv(dim, block * steps)
+    return setting, block, steps, triton.cdiv(dim, block * steps)
+
+
+def _stream_block(dim: int, itemsize: int) -> tuple[Launch, int]:
+    """(setting, block) of the kernels that make one step per program."""
+    setting = launch("stream", itemsize)
+    return setting, _block(dim, itemsize, setting.nbytes)
 
 
 def _check(name: str, *tensors: Tensor) -> None:
@@ -130,14 +158,13 @@ def residual(x: Tensor, fx: Tensor, g_out: Tensor | None) -> tuple[Tensor, Tenso
     if g_out is not None and g_out.dtype != x.dtype:
         raise ValueError(f"residual: g_out must have x's dtype {x.dtype}, got {g_out.dtype}")
     batch, dim = x.shape
-    block = _block(dim, x.element_size())
-    steps, chunks = _grid_chunks(batch, dim, block)
+    setting, block, steps, chunks = _grid("residual", batch, dim, x.element_size())
     partials = torch.empty(2, batch, chunks, dtype=torch.float32, device=x.device)
     g = x if g_out is None else g_out  # never written when None
     vec, sizes = _aligned(x.element_size(), dim, x.stride(0), fx.stride(0), g.stride(0))
     _residual_kernel[(batch * chunks,)](
-        x, fx, g, partials, *sizes, chunks, batch * chunks, BLOCK=block, STEPS=steps, STAGES=STAGES,
-        WRITE_G=g_out is not None, VEC=vec, num_warps=NUM_WARPS,
+        x, fx, g, partials, *sizes, chunks, batch * chunks, BLOCK=block, STEPS=steps,
+        STAGES=setting.stages, WRITE_G=g_out is not None, VEC=vec, num_warps=setting.warps,
     )  # fmt: skip
     gsq, fsq = partials.sum(dim=2)  # contiguous (B,) each
     return gsq, fsq
@@ -188,15 +215,15 @@ def _launch_anderson_write(F: Tensor, G: Tensor, slot: int, fx: Tensor, src: Ten
     """The history write's launch: (row partials (B, chunks, m), sums partials (2, B, chunks) or None)."""
     batch, m, dim = F.shape
     mp = triton.next_power_of_2(m)
-    block = _block(dim, F.element_size(), FUSED_TILE_BYTES if from_x else TILE_BYTES, mp)
-    steps, chunks = _grid_chunks(batch, dim, block)
+    kernel = "anderson_residual_write" if from_x else "anderson_write"
+    setting, block, steps, chunks = _grid(kernel, batch, dim, F.element_size(), mp)
     partials = torch.empty(batch, chunks, m, dtype=torch.float32, device=F.device)
     sums = torch.empty(2, batch, chunks, dtype=torch.float32, device=F.device) if from_x else partials
     vec, (D, *strides) = _aligned(F.element_size(), dim, *F.stride()[:2], *G.stride()[:2], fx.stride(0), src.stride(0))
     _anderson_write_kernel[(batch * chunks,)](
         F, G, fx, src, partials, sums, D, slot, *strides, chunks, batch * chunks, M=m, MP=mp, BLOCK=block,
-        STEPS=steps, STAGES=STAGES, STORE_G=from_x or not reference.is_slot(G, slot, src), FROM_X=from_x, VEC=vec,
-        num_warps=NUM_WARPS,
+        STEPS=steps, STAGES=setting.stages, STORE_G=from_x or not reference.is_slot(G, slot, src), FROM_X=from_x,
+        VEC=vec, num_warps=setting.warps,
     )  # fmt: skip
     return partials, (sums if from_x else None)
 
@@ -247,13 +274,13 @@ def anderson_mix(
     frozen, active8 = _frozen_or_all_active(frozen, active, F[:, 0])
     _check("anderson_mix", F, G, frozen)
     out = torch.empty(batch, dim, dtype=F.dtype, device=F.device)
-    block = _block(dim, F.element_size())
+    setting, block = _stream_block(dim, F.element_size())
     alpha32 = alpha.to(torch.float32).contiguous()
     chunks = triton.cdiv(dim, block)
     vec, (D, *strides) = _aligned(F.element_size(), dim, *F.stride()[:2], *G.stride()[:2], frozen.stride(0), dim)
     _anderson_mix_kernel[(batch * chunks,)](
         F, G, alpha32, frozen, active8, out, D, float(beta - 1.0), *strides, chunks, M=m, BLOCK=block,
-        USE_G=beta != 1.0, VEC=vec,
+        USE_G=beta != 1.0, VEC=vec, num_warps=setting.warps,
     )  # fmt: skip
     return out
 
@@ -291,11 +318,12 @@ def picard_step(x: Tensor, fx: Tensor, beta: float, frozen: Tensor | None, activ
     _check("picard_step", x, fx, frozen)
     batch, dim = x.shape
     out = torch.empty(batch, dim, dtype=x.dtype, device=x.device)
-    block = _block(dim, x.element_size())
+    setting, block = _stream_block(dim, x.element_size())
     chunks = triton.cdiv(dim, block)
     vec, (D, *strides) = _aligned(x.element_size(), dim, x.stride(0), fx.stride(0), frozen.stride(0), dim)
     _picard_step_kernel[(batch * chunks,)](
         x, fx, frozen, active8, out, D, float(beta), *strides, chunks, BLOCK=block, DAMPED=beta != 1.0, VEC=vec,
+        num_warps=setting.warps,
     )  # fmt: skip
     return out
 
@@ -331,15 +359,14 @@ def broyden_dots(U: Tensor, V: Tensor, n: int, g: Tensor, dx: Tensor) -> Tensor:
     _check("broyden_dots", U, V, g, dx)
     batch, m, dim = U.shape
     mp = triton.next_power_of_2(m)
-    block = _block(dim, U.element_size(), DOTS_BYTES, mp)
-    steps, chunks = _grid_chunks(batch, dim, block)
+    setting, block, steps, chunks = _grid("broyden_dots", batch, dim, U.element_size(), mp)
     partials = torch.empty(batch, chunks, 2, n, dtype=torch.float32, device=U.device)
     if n:
         sizes = (dim, *U.stride()[:2], *V.stride()[:2], g.stride(0), dx.stride(0))
         vec, (D, *strides) = _aligned(U.element_size(), *sizes)
         _broyden_dots_kernel[(batch * chunks,)](
-            U, V, g, dx, partials, D, n, *strides, chunks, MP=mp, BLOCK=block, STEPS=steps, STAGES=STAGES, VEC=vec,
-            num_warps=DOTS_WARPS,
+            U, V, g, dx, partials, D, n, *strides, chunks, MP=mp, BLOCK=block, STEPS=steps,
+            STAGES=setting.stages, VEC=vec, num_warps=setting.warps,
         )  # fmt: skip
     return partials.sum(dim=1)
 
@@ -392,8 +419,7 @@ def broyden_combine(
     """Triton twin of reference.broyden_combine."""
     _check("broyden_combine", U, V, g, dx, hg)
     batch, _, dim = U.shape
-    block = _block(dim, U.element_size(), COMBINE_BYTES)
-    steps, chunks = _grid_chunks(batch, dim, block)
+    setting, block, steps, chunks = _grid("broyden_combine", batch, dim, U.element_size())
     h_g, v = torch.empty_like(g), torch.empty_like(g)
     partials = torch.empty(batch, chunks, 4, dtype=torch.float32, device=U.device)
     coeff32 = coeff.to(torch.float32).contiguous()
@@ -401,7 +427,7 @@ def broyden_combine(
     vec, (D, *strides) = _aligned(U.element_size(), *sizes)
     _broyden_combine_kernel[(batch * chunks,)](
         U, V, coeff32, g, dx, h_g, hg, v, partials, D, n, *strides, chunks, BLOCK=block, STEPS=steps,
-        STAGES=STAGES, VEC=vec, num_warps=NUM_WARPS,
+        STAGES=setting.stages, VEC=vec, num_warps=setting.warps,
     )  # fmt: skip
     return h_g, v, partials.sum(dim=1)
 
@@ -574,12 +600,12 @@ def best_update(
     """Triton twin of reference.best_update."""
     _check("best_update", best_x, best_fx, x, fx, prev_x, prev_fx)
     batch, dim = x.shape
-    block = _block(dim, x.element_size())
+    setting, block = _stream_block(dim, x.element_size())
     chunks = triton.cdiv(dim, block)
     pairs = (best_x, best_fx, x, fx, prev_x, prev_fx)
     vec, (D, *strides) = _aligned(x.element_size(), dim, *(t.stride(0) for t in pairs))
     _best_update_kernel[(batch * chunks,)](
-        *pairs, take, D, *strides, chunks, BLOCK=block, VEC=vec,
+        *pairs, take, D, *strides, chunks, BLOCK=block, VEC=vec, num_warps=setting.warps,
     )  # fmt: skip
 
 
@@ -708,12 +734,12 @@ def broyden_finish(
     batch, m, dim = U.shape
     x_new, g_new, hg_new = torch.empty_like(x), torch.empty_like(g), torch.empty_like(g)
     gnorm_new = torch.empty_like(gnorm)
-    block = _block(dim, x.element_size())
+    setting, block = _stream_block(dim, x.element_size())
     chunks = triton.cdiv(dim, block)
     vec, (D, *strides) = _aligned(x.element_size(), dim, *U.stride()[:2], *V.stride()[:2])
     _broyden_finish_kernel[(batch * chunks,)](
         U, V, x, x_old, g, g_old, dx, h_g, v, hg_old, sums, gnorm, gnorm_old, alive.view(torch.int8), restarts,
         x_new, g_new, gnorm_new, hg_new, D, slot, float(growth), *strides, chunks, M=m,
-        MP=triton.next_power_of_2(max(m, 2)), BLOCK=block, VEC=vec,
+        MP=triton.next_power_of_2(max(m, 2)), BLOCK=block, VEC=vec, num_warps=setting.warps,
     )  # fmt: skip
     return x_new, g_new, gnorm_new, hg_new

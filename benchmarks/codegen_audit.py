@@ -36,7 +36,7 @@ REGISTERS_PER_SM, MAX_WARPS_PER_SM, SHARED_PER_SM = 65536, 64, 227 * 1024  # sm_
 TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.int8: "i8", torch.uint8: "u8",
          torch.int64: "i64", torch.int32: "i32", torch.bool: "i1"}  # fmt: skip
 ACCESS = re.compile(r"\b(ld|st)\.global(?:\.\w+)*?\.(?:v(\d)\.)?[bfsu](\d+)\b")
-ASYNC = re.compile(r"\bcp\.async\.(?:ca|cg)\.shared\.global(?:\.\w+)*\s*\[[^\]]*\],\s*\[[^\]]*\],\s*(\d+)")
+ASYNC = re.compile(r"\bcp\.async\.(?:ca|cg)\.shared\.global(?:\.\w+)*\s*\[[^\]]*\],\s*\[[^\]]*\],\s*(0x[0-9a-f]+|\d+)")
 
 
 @dataclass
@@ -130,7 +130,7 @@ def codegen(launch: Launch, arch: int = 90) -> Codegen:
     loads, stores = Counter(), Counter()
     for op, lanes, bits in ACCESS.findall(ptx):
         (loads if op == "ld" else stores)[int(lanes or 1) * int(bits) // 8] += 1
-    copies = Counter(int(n) for n in ASYNC.findall(ptx))
+    copies = Counter(int(n, 0) for n in ASYNC.findall(ptx))  # bytes, decimal or hex
     return Codegen(launch.fn.__name__, loads, stores, copies, _registers(kernel.asm["cubin"]),
                    kernel.metadata.shared, warps)  # fmt: skip
 

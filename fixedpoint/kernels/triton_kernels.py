@@ -53,20 +53,21 @@ class Launch:
 
 
 # Per kernel, per element size in bytes (2: bf16 and fp16; 4: fp32). Sizes are in bytes so that every dtype compiles to
-# the same access widths (16-byte vectors; benchmarks/codegen_audit.py). The reductions' settings come from
-# benchmarks/gpu_tune.py's sweeps at FPDM-XL/2 size and at B*D = 1e8 on an H100 and an H200 (docs/kernels.md):
-# bf16 and fp32 want different tiles and warps; the bf16 history write gains most from software pipelining
-# (3 stages: its (m, block) tiles go through shared memory by cp.async, many bytes in flight per program).
+# the same access widths (16-byte vectors; benchmarks/codegen_audit.py). The reductions' settings are the best of
+# benchmarks/gpu_tune.py's sweeps at FPDM-XL/2 size and at B*D = 1e8, on an H100 and an H200 (docs/kernels.md):
+# bf16 and fp32 want different tiles and warps, and the history write with the residual fused in gains most
+# from software pipelining (stages: its (m, block) tiles go through shared memory by cp.async). max_steps only
+# matters at large D: at FPDM-XL/2 size MIN_PROGRAMS already cuts the steps to 4 or fewer.
 LAUNCH: dict[str, dict[int, Launch]] = {
     # one step per program, no reduction: picard_step, anderson_mix, best_update, broyden_finish
     "stream": {2: Launch(4096), 4: Launch(4096)},
     "residual": {2: Launch(16384), 4: Launch(4096)},
     "anderson_write": {2: Launch(32768, warps=8, stages=3), 4: Launch(32768, warps=8)},
     # the history write with the residual pass fused in (Anderson's iteration)
-    "anderson_residual_write": {2: Launch(32768, warps=8, stages=3), 4: Launch(32768)},
+    "anderson_residual_write": {2: Launch(32768, warps=8, max_steps=16, stages=3), 4: Launch(65536, stages=2)},
     "broyden_dots": {2: Launch(4096, warps=8), 4: Launch(16384)},
     # a row's block: combine walks the n history rows in each step
-    "broyden_combine": {2: Launch(2048, max_steps=16), 4: Launch(2048)},
+    "broyden_combine": {2: Launch(2048, warps=8), 4: Launch(2048)},
 }
 MIN_PROGRAMS = 1024  # enough programs to keep every SM's memory pipes busy (H100: 132 SMs)
 MAX_FEATURES = 2**31 - 2**24  # per sample: offsets within a sample are 32-bit (the margin: a chunk's overrun)

@@ -73,6 +73,16 @@ MIN_PROGRAMS = 1024  # enough programs to keep every SM's memory pipes busy (H10
 MAX_FEATURES = 2**31 - 2**24  # per sample: offsets within a sample are 32-bit (the margin: a chunk's overrun)
 
 
+def _cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for positive ints (triton.cdiv is a JIT function: ~8 us per host call, 4 per launch)."""
+    return -(-a // b)
+
+
+def _next_pow2(n: int) -> int:
+    """The smallest power of 2 >= n (n >= 1), in plain Python like _cdiv."""
+    return 1 << (n - 1).bit_length()
+
+
 def launch(kernel: str, itemsize: int) -> Launch:
     """The launch setting of ``kernel`` (a key of LAUNCH) for elements of ``itemsize`` bytes (2 or 4)."""
     return LAUNCH[kernel][itemsize]
@@ -83,7 +93,7 @@ def _block(dim: int, itemsize: int, nbytes: int, slots: int = 1) -> int:
     if dim > MAX_FEATURES:
         raise ValueError(f"triton kernels take at most {MAX_FEATURES} features per sample, got {dim}; use impl='torch'")
     elements = nbytes // (itemsize * slots)
-    return min(max(64, elements), triton.next_power_of_2(max(dim, 16)))
+    return min(max(64, elements), _next_pow2(max(dim, 16)))
 
 
 def _aligned(itemsize: int, *sizes: int) -> tuple[int, list[int]]:
@@ -106,9 +116,9 @@ def _grid(kernel: str, batch: int, dim: int, itemsize: int, slots: int = 1) -> t
     setting = launch(kernel, itemsize)
     block = _block(dim, itemsize, setting.nbytes, slots)
     steps = setting.max_steps
-    while steps > 1 and batch * triton.cdiv(dim, block * steps) < MIN_PROGRAMS:
+    while steps > 1 and batch * _cdiv(dim, block * steps) < MIN_PROGRAMS:
         steps //= 2
-    return setting, block, steps, triton.cdiv(dim, block * steps)
+    return setting, block, steps, _cdiv(dim, block * steps)
 
 
 def _stream_block(dim: int, itemsize: int) -> tuple[Launch, int]:
@@ -218,7 +228,7 @@ def _anderson_write_kernel(F_ptr, G_ptr, fx_ptr, src_ptr, out_ptr, sums_ptr, D, 
 def _launch_anderson_write(F: Tensor, G: Tensor, slot: int, fx: Tensor, src: Tensor, from_x: bool):
     """The history write's launch: (row partials (B, chunks, m), sums partials (2, B, chunks) or None)."""
     batch, m, dim = F.shape
-    mp = triton.next_power_of_2(m)
+    mp = _next_pow2(m)
     kernel = "anderson_residual_write" if from_x else "anderson_write"
     setting, block, steps, chunks = _grid(kernel, batch, dim, F.element_size(), mp)
     partials = torch.empty(batch, chunks, m, dtype=torch.float32, device=F.device)
@@ -251,12 +261,14 @@ def anderson_residual_write(F: Tensor, G: Tensor, slot: int, x: Tensor, fx: Tens
 @triton.jit
 def _anderson_mix_kernel(F_ptr, G_ptr, a_ptr, frozen_ptr, active_ptr, out_ptr, D, beta_m1, sFb, sFm, sGb, sGm,
                          sfz, so, n_chunks, M: tl.constexpr, BLOCK: tl.constexpr, USE_G: tl.constexpr,
-                         VEC: tl.constexpr):  # fmt: skip
+                         ALL_ACTIVE: tl.constexpr, VEC: tl.constexpr):  # fmt: skip
     D, sFb, sFm, sGb, sGm, sfz, so = D * VEC, sFb * VEC, sFm * VEC, sGb * VEC, sGm * VEC, sfz * VEC, so * VEC
     b, c = _sample_and_chunk(n_chunks)
     idx = c * BLOCK + tl.arange(0, BLOCK)
     mask = idx < D
-    active = tl.load(active_ptr + b)
+    active = 1
+    if not ALL_ACTIVE:  # else frozen and active are never read
+        active = tl.load(active_ptr + b)
     if active != 0:
         acc = tl.zeros([BLOCK], dtype=tl.float32)
         for j in tl.static_range(M):
@@ -275,35 +287,41 @@ def anderson_mix(
 ) -> Tensor:
     """Triton twin of reference.anderson_mix."""
     batch, m, dim = F.shape
-    frozen, active8 = _frozen_or_all_active(frozen, active, F[:, 0])
+    frozen, active8, all_active = _frozen_and_active(frozen, active, F[:, 0])
     _check("anderson_mix", F, G, frozen)
     out = torch.empty(batch, dim, dtype=F.dtype, device=F.device)
     setting, block = _stream_block(dim, F.element_size())
     alpha32 = alpha.to(torch.float32).contiguous()
-    chunks = triton.cdiv(dim, block)
+    chunks = _cdiv(dim, block)
     vec, (D, *strides) = _aligned(F.element_size(), dim, *F.stride()[:2], *G.stride()[:2], frozen.stride(0), dim)
     _anderson_mix_kernel[(batch * chunks,)](
         F, G, alpha32, frozen, active8, out, D, float(beta - 1.0), *strides, chunks, M=m, BLOCK=block,
-        USE_G=beta != 1.0, VEC=vec, num_warps=setting.warps,
+        USE_G=beta != 1.0, ALL_ACTIVE=all_active, VEC=vec, num_warps=setting.warps,
     )  # fmt: skip
     return out
 
 
-def _frozen_or_all_active(frozen: Tensor | None, active: Tensor | None, like: Tensor) -> tuple[Tensor, Tensor]:
-    """The (frozen, active as int8) pair a freezing kernel reads; ``like`` stands in when every sample is active."""
+def _frozen_and_active(frozen: Tensor | None, active: Tensor | None, like: Tensor) -> tuple[Tensor, Tensor, bool]:
+    """(frozen, active as int8, every sample active?) for a freezing kernel. With every sample active (frozen
+    None) ``like`` stands in for both (the kernel reads neither): nothing is allocated or launched."""
     if frozen is None:
-        return like, torch.ones(like.shape[0], dtype=torch.int8, device=like.device)
-    return frozen, active.to(torch.int8).contiguous()
+        return like, like, True
+    active8 = active.view(torch.int8) if active.dtype == torch.bool else active.to(torch.int8)  # a bool is a byte
+    return frozen, active8.contiguous(), False
 
 
 @triton.jit
 def _picard_step_kernel(x_ptr, fx_ptr, frozen_ptr, active_ptr, out_ptr, D, beta, sx, sf, sfz, so, n_chunks,
-                        BLOCK: tl.constexpr, DAMPED: tl.constexpr, VEC: tl.constexpr):  # fmt: skip
+                        BLOCK: tl.constexpr, DAMPED: tl.constexpr, ALL_ACTIVE: tl.constexpr,
+                        VEC: tl.constexpr):  # fmt: skip
     D, sx, sf, sfz, so = D * VEC, sx * VEC, sf * VEC, sfz * VEC, so * VEC
     b, c = _sample_and_chunk(n_chunks)
     idx = c * BLOCK + tl.arange(0, BLOCK)
     mask = idx < D
-    if tl.load(active_ptr + b) != 0:
+    active = 1
+    if not ALL_ACTIVE:  # else frozen and active are never read
+        active = tl.load(active_ptr + b)
+    if active != 0:
         if DAMPED:
             x = tl.load(x_ptr + b * sx + idx, mask=mask, other=0.0).to(tl.float32)
             f = tl.load(fx_ptr + b * sf + idx, mask=mask, other=0.0).to(tl.float32)
@@ -318,16 +336,16 @@ def picard_step(x: Tensor, fx: Tensor, beta: float, frozen: Tensor | None, activ
     """Triton twin of reference.picard_step."""
     if beta == 1.0 and frozen is None:  # x <- f(x) for every sample: nothing to launch
         return fx
-    frozen, active8 = _frozen_or_all_active(frozen, active, x)
+    frozen, active8, all_active = _frozen_and_active(frozen, active, x)
     _check("picard_step", x, fx, frozen)
     batch, dim = x.shape
     out = torch.empty(batch, dim, dtype=x.dtype, device=x.device)
     setting, block = _stream_block(dim, x.element_size())
-    chunks = triton.cdiv(dim, block)
+    chunks = _cdiv(dim, block)
     vec, (D, *strides) = _aligned(x.element_size(), dim, x.stride(0), fx.stride(0), frozen.stride(0), dim)
     _picard_step_kernel[(batch * chunks,)](
-        x, fx, frozen, active8, out, D, float(beta), *strides, chunks, BLOCK=block, DAMPED=beta != 1.0, VEC=vec,
-        num_warps=setting.warps,
+        x, fx, frozen, active8, out, D, float(beta), *strides, chunks, BLOCK=block, DAMPED=beta != 1.0,
+        ALL_ACTIVE=all_active, VEC=vec, num_warps=setting.warps,
     )  # fmt: skip
     return out
 
@@ -362,7 +380,7 @@ def broyden_dots(U: Tensor, V: Tensor, n: int, g: Tensor, dx: Tensor) -> Tensor:
     """Triton twin of reference.broyden_dots."""
     _check("broyden_dots", U, V, g, dx)
     batch, m, dim = U.shape
-    mp = triton.next_power_of_2(m)
+    mp = _next_pow2(m)
     setting, block, steps, chunks = _grid("broyden_dots", batch, dim, U.element_size(), mp)
     partials = torch.empty(batch, chunks, 2, n, dtype=torch.float32, device=U.device)
     if n:
@@ -513,7 +531,7 @@ def bookkeep(
     new_active = torch.empty(batch, dtype=torch.bool, device=gsq.device)
     take = torch.empty(batch, dtype=torch.int8, device=gsq.device)
     counts = torch.empty(2, dtype=torch.int64, device=gsq.device)
-    block = min(1024, triton.next_power_of_2(max(batch, 16)))
+    block = min(1024, _next_pow2(max(batch, 16)))
     _bookkeep_kernel[(1,)](
         gsq, fsq, gnorm0, status, active.view(torch.uint8), best_res, pending.view(torch.uint8), nsteps, trace, done,
         gnorm, new_active.view(torch.uint8), take, counts, batch, 0 if row is None else row, max_iter, float(tol),
@@ -577,7 +595,7 @@ def anderson_coefficients(
     alpha = torch.empty(batch, m, dtype=torch.float32, device=gram.device)
     _anderson_coefficients_kernel[(batch,)](
         gram, valid.view(torch.int8), newest.view(torch.int8), restarts, alpha, float(ridge), float(max_coeff),
-        newest.stride(0), M=m, MP=triton.next_power_of_2(max(m, 2)),
+        newest.stride(0), M=m, MP=_next_pow2(max(m, 2)),
     )  # fmt: skip
     return alpha
 
@@ -605,7 +623,7 @@ def best_update(
     _check("best_update", best_x, best_fx, x, fx, prev_x, prev_fx)
     batch, dim = x.shape
     setting, block = _stream_block(dim, x.element_size())
-    chunks = triton.cdiv(dim, block)
+    chunks = _cdiv(dim, block)
     pairs = (best_x, best_fx, x, fx, prev_x, prev_fx)
     vec, (D, *strides) = _aligned(x.element_size(), dim, *(t.stride(0) for t in pairs))
     _best_update_kernel[(batch * chunks,)](
@@ -657,7 +675,7 @@ def anderson_absorb(
             raise ValueError(f"anderson_absorb: {name} must be contiguous, got strides {t.stride()}")
     _anderson_absorb_kernel[(batch,)](
         gram, row, valid.view(torch.int8), newest.view(torch.int8), kept_gnorm, gnorm, restarts, slot,
-        float(growth if growth is not None else 0.0), M=m, MP=triton.next_power_of_2(max(m, 2)),
+        float(growth if growth is not None else 0.0), M=m, MP=_next_pow2(max(m, 2)),
         USE_GROWTH=growth is not None,
     )  # fmt: skip
 
@@ -739,11 +757,11 @@ def broyden_finish(
     x_new, g_new, hg_new = torch.empty_like(x), torch.empty_like(g), torch.empty_like(g)
     gnorm_new = torch.empty_like(gnorm)
     setting, block = _stream_block(dim, x.element_size())
-    chunks = triton.cdiv(dim, block)
+    chunks = _cdiv(dim, block)
     vec, (D, *strides) = _aligned(x.element_size(), dim, *U.stride()[:2], *V.stride()[:2])
     _broyden_finish_kernel[(batch * chunks,)](
         U, V, x, x_old, g, g_old, dx, h_g, v, hg_old, sums, gnorm, gnorm_old, alive.view(torch.int8), restarts,
         x_new, g_new, gnorm_new, hg_new, D, slot, float(growth), *strides, chunks, M=m,
-        MP=triton.next_power_of_2(max(m, 2)), BLOCK=block, VEC=vec, num_warps=setting.warps,
+        MP=_next_pow2(max(m, 2)), BLOCK=block, VEC=vec, num_warps=setting.warps,
     )  # fmt: skip
     return x_new, g_new, gnorm_new, hg_new

@@ -8,7 +8,8 @@ entry in fixedpoint.kernels.triton_kernels.LAUNCH); then, at the best of those, 
 pipelining of the inner steps (stages 2 and 3: cp.async loads in flight across steps). It
 prints the achieved bandwidth against the current setting. The sweep sets LAUNCH entries
 while it times them and puts them back: it changes nothing. Bytes moved are the fewest the
-kernel must move, as in bench_gpu.py.
+kernel must move, as in bench_gpu.py. Kernels go in ORDER, the most used first, each in every
+dtype and size: tune.json is rewritten after every row, so a timeout loses the least used.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import dataclasses
 import itertools
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -29,32 +31,29 @@ GRID = {"bytes": [0.5, 1, 2, 4], "warps": [4, 8], "steps": [4, 16]}  # bytes: ti
 PIPELINE = [2, 3]  # STAGES tried at the best of GRID
 
 
-def _cases(dim: int, dtype: torch.dtype):
-    """(name, elements moved, its key in LAUNCH, thunk) per kernel at (BATCH, dim)."""
+# Anderson's iteration, every solver's residual, Broyden's, then Anderson's start
+ORDER = ("anderson_residual_write", "residual", "broyden_dots", "broyden_combine", "anderson_write")
+
+
+def _case(kernel: str, dim: int, dtype: torch.dtype) -> tuple[str, int, Callable[[], object]]:
+    """(name, (B, dim) passes it moves, thunk) of ``kernel`` (a LAUNCH key) at (BATCH, dim), its tensors made here."""
 
     def rand(*shape):
         return torch.randn(*shape, device="cuda").to(dtype)
 
     x, fx, g, dx, hg = (rand(BATCH, dim) for _ in range(5))
-    F, G, U, V = rand(BATCH, M, dim), rand(BATCH, M, dim), rand(BATCH, N, dim), rand(BATCH, N, dim)
+    if kernel == "residual":
+        return "residual", 3, lambda: tk.residual(x, fx, g)
+    if kernel in ("anderson_write", "anderson_residual_write"):
+        F, G = rand(BATCH, M, dim), rand(BATCH, M, dim)
+        if kernel == "anderson_write":
+            return f"anderson_write m={M}", M + 3, lambda: tk.anderson_write(F, G, 2, fx, g)
+        return f"anderson_residual_write m={M}", M + 3, lambda: tk.anderson_residual_write(F, G, 2, x, fx)
+    U, V = rand(BATCH, N, dim), rand(BATCH, N, dim)
+    if kernel == "broyden_dots":
+        return f"broyden_dots n={N}", 2 * N + 2, lambda: tk.broyden_dots(U, V, N, g, dx)
     coeff = torch.randn(BATCH, 2, N, device="cuda")
-    return [
-        ("residual", 3, "residual", lambda: tk.residual(x, fx, g)),
-        (f"anderson_write m={M}", M + 3, "anderson_write", lambda: tk.anderson_write(F, G, 2, fx, g)),
-        (
-            f"anderson_residual_write m={M}",
-            M + 3,
-            "anderson_residual_write",
-            lambda: tk.anderson_residual_write(F, G, 2, x, fx),
-        ),
-        (f"broyden_dots n={N}", 2 * N + 2, "broyden_dots", lambda: tk.broyden_dots(U, V, N, g, dx)),
-        (
-            f"broyden_combine n={N}",
-            2 * N + 5,
-            "broyden_combine",
-            lambda: tk.broyden_combine(U, V, N, coeff, g, dx, hg),
-        ),
-    ]
+    return f"broyden_combine n={N}", 2 * N + 5, lambda: tk.broyden_combine(U, V, N, coeff, g, dx, hg)
 
 
 def _time(thunk, kernel: str, itemsize: int, setting: tk.Launch) -> float:
@@ -73,42 +72,43 @@ def _time(thunk, kernel: str, itemsize: int, setting: tk.Launch) -> float:
 def main(out: Path, dtypes: list[str]) -> None:
     out.mkdir(parents=True, exist_ok=True)
     rows = []
-    for dtype_name, (size_name, dim) in itertools.product(dtypes, SIZES.items()):
+    for kernel, dtype_name, (size_name, dim) in itertools.product(ORDER, dtypes, SIZES.items()):
         dtype = getattr(torch, dtype_name)
         itemsize = torch.empty((), dtype=dtype).element_size()
-        for name, passes, kernel, thunk in _cases(dim, dtype):
-            nbytes = passes * BATCH * dim * itemsize
-            default = tk.launch(kernel, itemsize)
-            timed = {}
-            for scale, warps, steps in itertools.product(*GRID.values()):
-                config = tk.Launch(int(scale * default.nbytes), warps, steps, 1)
-                timed[config] = _time(thunk, kernel, itemsize, config)
-            best = min(timed, key=timed.get)
-            for stages in PIPELINE:
-                config = dataclasses.replace(best, stages=stages)
-                timed[config] = _time(thunk, kernel, itemsize, config)
-            if default not in timed:
-                timed[default] = _time(thunk, kernel, itemsize, default)
-            best = min(timed, key=timed.get)
-            row = {
-                "kernel": name,
-                "dtype": dtype_name,
-                "size": size_name,
-                "launch": kernel,
-                "default (bytes, warps, steps, stages)": dataclasses.astuple(default),
-                "default TB/s": nbytes / timed[default] / 1e12,
-                "best (bytes, warps, steps, stages)": dataclasses.astuple(best),
-                "best TB/s": nbytes / timed[best] / 1e12,
-                "all TB/s": {str(dataclasses.astuple(k)): nbytes / v / 1e12 for k, v in timed.items()},
-            }
-            rows.append(row)
-            result = {"device": torch.cuda.get_device_name(), "rows": rows}
-            (out / "tune.json").write_text(json.dumps(result, indent=1))  # after every row: a timeout keeps the rest
-            print(
-                f"{name:28s} {dtype_name:9s} {size_name:10s} default {dataclasses.astuple(default)}"
-                f" {row['default TB/s']:.2f} TB/s | best {dataclasses.astuple(best)} {row['best TB/s']:.2f} TB/s",
-                flush=True,
-            )
+        name, passes, thunk = _case(kernel, dim, dtype)
+        nbytes = passes * BATCH * dim * itemsize
+        default = tk.launch(kernel, itemsize)
+        timed = {}
+        for scale, warps, steps in itertools.product(*GRID.values()):
+            config = tk.Launch(int(scale * default.nbytes), warps, steps, 1)
+            timed[config] = _time(thunk, kernel, itemsize, config)
+        best = min(timed, key=timed.get)
+        for stages in PIPELINE:
+            config = dataclasses.replace(best, stages=stages)
+            timed[config] = _time(thunk, kernel, itemsize, config)
+        if default not in timed:
+            timed[default] = _time(thunk, kernel, itemsize, default)
+        best = min(timed, key=timed.get)
+        row = {
+            "kernel": name,
+            "dtype": dtype_name,
+            "size": size_name,
+            "launch": kernel,
+            "default (bytes, warps, steps, stages)": dataclasses.astuple(default),
+            "default TB/s": nbytes / timed[default] / 1e12,
+            "best (bytes, warps, steps, stages)": dataclasses.astuple(best),
+            "best TB/s": nbytes / timed[best] / 1e12,
+            "all TB/s": {str(dataclasses.astuple(k)): nbytes / v / 1e12 for k, v in timed.items()},
+        }
+        rows.append(row)
+        result = {"device": torch.cuda.get_device_name(), "rows": rows}
+        (out / "tune.json").write_text(json.dumps(result, indent=1))  # after every row: a timeout keeps the rest
+        print(
+            f"{name:28s} {dtype_name:9s} {size_name:10s} default {dataclasses.astuple(default)}"
+            f" {row['default TB/s']:.2f} TB/s | best {dataclasses.astuple(best)} {row['best TB/s']:.2f} TB/s",
+            flush=True,
+        )
+        del thunk  # frees its tensors before the next case
         torch.cuda.empty_cache()
 
 

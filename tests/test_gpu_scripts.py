@@ -125,6 +125,7 @@ def test_gpu_tune_sweeps_and_writes_its_json(monkeypatch, tmp_path):
         "broyden_combine n=10": "broyden_combine",
     }
     assert {r["kernel"]: r["launch"] for r in rows} == launches
+    assert [r["launch"] for r in rows] == list(gpu_tune.ORDER)  # Anderson's fused write first: a timeout spares it
     per_row = 4 + len(gpu_tune.PIPELINE) + 1  # the grid, the stages, the default (4 steps: not in the grid)
     assert len(changed) == len(rows) * per_row
     for i, row in enumerate(rows):

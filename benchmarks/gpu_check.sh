@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Issue 6's GPU check in one call (under 10 minutes: the timeouts below add up to 9.5; on an H100 it took 4): the environment, the GPU tests
-# (kernels at real sizes, CUDA-graph loop, solvers), benchmarks/bench_gpu.py, the profiles and the
-# bf16 launch-parameter sweep (benchmarks/gpu_tune.py).
-# Logs and the benchmark tables as JSON go to $OUT (default ./gpu-check).
+# Issue 6's GPU check in one call (under 10 minutes: the timeouts below add up to 9.5; it took 4 on an H100, 5
+# on an H200): the environment, the GPU tests (kernels at real sizes, CUDA-graph loop, solvers),
+# benchmarks/bench_gpu.py, the profiles and the bf16 and fp32 launch-parameter sweep (benchmarks/gpu_tune.py).
+# Logs and the benchmark tables as JSON go to $OUT (default ./gpu-check): 8 files.
 # Needs torch with CUDA, triton and pytest; uses the checkout itself (no install).
 set -u
 OUT=${OUT:-gpu-check}

@@ -185,13 +185,15 @@ def residual(x: Tensor, fx: Tensor, g_out: Tensor | None) -> tuple[Tensor, Tenso
 
 
 @triton.jit
-def _anderson_write_kernel(F_ptr, G_ptr, fx_ptr, src_ptr, out_ptr, sums_ptr, D, slot, sFb, sFm, sGb, sGm, sf, ss,
-                           n_chunks, plane, M: tl.constexpr, MP: tl.constexpr, BLOCK: tl.constexpr,
+def _anderson_write_kernel(F_ptr, G_ptr, fx_ptr, src_ptr, out_ptr, D, slot, sFb, sFm, sGb, sGm, sf, ss,
+                           n_chunks, B, width, M: tl.constexpr, MP: tl.constexpr, BLOCK: tl.constexpr,
                            STEPS: tl.constexpr, STAGES: tl.constexpr, STORE_G: tl.constexpr,
                            FROM_X: tl.constexpr, VEC: tl.constexpr):  # fmt: skip
     # Each step loads the whole (m, BLOCK) history tile at once (many bytes in flight) and g once.
     # src is g; with FROM_X it is x: g = f(x) - x is formed here (the residual pass fused in), stored in
-    # the slot, and ||g||^2, ||f(x)||^2 go to sums as the residual kernel's partials (2, B, chunks).
+    # the slot, and ||g||^2, ||f(x)||^2 are summed too. Partials (chunks, width): per chunk, every sample's
+    # Gram row (B * M), then with FROM_X every sample's ||g||^2 (B) and ||f(x)||^2 (B); one torch sum over
+    # chunks gives all three, contiguous.
     D, sFb, sFm, sGb, sGm, sf, ss = D * VEC, sFb * VEC, sFm * VEC, sGb * VEC, sGm * VEC, sf * VEC, ss * VEC
     b, c = _sample_and_chunk(n_chunks)
     j = tl.arange(0, MP)[:, None].to(tl.int64)  # (MP, 1) history slots (64-bit: m * D may pass 2**31)
@@ -219,33 +221,35 @@ def _anderson_write_kernel(F_ptr, G_ptr, fx_ptr, src_ptr, out_ptr, sums_ptr, D, 
         h = tl.where(j == slot, stored.to(tl.float32)[None, :], h)
         acc += h * g[None, :]
     row = tl.arange(0, MP)
-    tl.store(out_ptr + (b * n_chunks + c) * M + row, tl.sum(acc, axis=1), mask=row < M)
+    out = out_ptr + tl.cast(c, tl.int64) * width  # this chunk's partials (64-bit: chunks * width may pass 2**31)
+    tl.store(out + b * M + row, tl.sum(acc, axis=1), mask=row < M)
     if FROM_X:
-        tl.store(sums_ptr + b * n_chunks + c, tl.sum(acc_g, axis=0))
-        tl.store(sums_ptr + plane + b * n_chunks + c, tl.sum(acc_f, axis=0))
+        tl.store(out + B * M + b, tl.sum(acc_g, axis=0))
+        tl.store(out + B * M + B + b, tl.sum(acc_f, axis=0))
 
 
-def _launch_anderson_write(F: Tensor, G: Tensor, slot: int, fx: Tensor, src: Tensor, from_x: bool):
-    """The history write's launch: (row partials (B, chunks, m), sums partials (2, B, chunks) or None)."""
+def _launch_anderson_write(F: Tensor, G: Tensor, slot: int, fx: Tensor, src: Tensor, from_x: bool) -> Tensor:
+    """The history write's launch: its partials summed over chunks, (B * m [+ 2B],): every sample's Gram row,
+    then with ``from_x`` every sample's ||g||^2 and ||f(x)||^2 (one torch launch for all three)."""
     batch, m, dim = F.shape
     mp = _next_pow2(m)
     kernel = "anderson_residual_write" if from_x else "anderson_write"
     setting, block, steps, chunks = _grid(kernel, batch, dim, F.element_size(), mp)
-    partials = torch.empty(batch, chunks, m, dtype=torch.float32, device=F.device)
-    sums = torch.empty(2, batch, chunks, dtype=torch.float32, device=F.device) if from_x else partials
+    width = batch * (m + 2 if from_x else m)
+    partials = torch.empty(chunks, width, dtype=torch.float32, device=F.device)
     vec, (D, *strides) = _aligned(F.element_size(), dim, *F.stride()[:2], *G.stride()[:2], fx.stride(0), src.stride(0))
     _anderson_write_kernel[(batch * chunks,)](
-        F, G, fx, src, partials, sums, D, slot, *strides, chunks, batch * chunks, M=m, MP=mp, BLOCK=block,
-        STEPS=steps, STAGES=setting.stages, STORE_G=from_x or not reference.is_slot(G, slot, src), FROM_X=from_x,
-        VEC=vec, num_warps=setting.warps,
+        F, G, fx, src, partials, D, slot, *strides, chunks, batch, width, M=m, MP=mp, BLOCK=block, STEPS=steps,
+        STAGES=setting.stages, STORE_G=from_x or not reference.is_slot(G, slot, src), FROM_X=from_x, VEC=vec,
+        num_warps=setting.warps,
     )  # fmt: skip
-    return partials, (sums if from_x else None)
+    return partials.sum(dim=0)
 
 
 def anderson_write(F: Tensor, G: Tensor, slot: int, fx: Tensor, g: Tensor) -> Tensor:
     """Triton twin of reference.anderson_write."""
     _check("anderson_write", F, G, fx, g)
-    return _launch_anderson_write(F, G, slot, fx, g, from_x=False)[0].sum(dim=1)
+    return _launch_anderson_write(F, G, slot, fx, g, from_x=False).view(F.shape[0], F.shape[1])
 
 
 def anderson_residual_write(F: Tensor, G: Tensor, slot: int, x: Tensor, fx: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -253,9 +257,9 @@ def anderson_residual_write(F: Tensor, G: Tensor, slot: int, x: Tensor, fx: Tens
     _check("anderson_residual_write", F, G, x, fx)
     if G.dtype != x.dtype:
         raise ValueError(f"anderson_residual_write: G must have x's dtype {x.dtype}, got {G.dtype}")
-    partials, sums = _launch_anderson_write(F, G, slot, fx, x, from_x=True)
-    gsq, fsq = sums.sum(dim=2)  # contiguous (B,) each
-    return gsq, fsq, partials.sum(dim=1)
+    batch, m, _ = F.shape
+    sums = _launch_anderson_write(F, G, slot, fx, x, from_x=True)
+    return sums[batch * m : batch * (m + 1)], sums[batch * (m + 1) :], sums[: batch * m].view(batch, m)
 
 
 @triton.jit

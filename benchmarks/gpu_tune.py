@@ -4,9 +4,9 @@ python benchmarks/gpu_tune.py [out_dir] [dtype ...]: for the residual pass, the 
 (alone and with the residual fused in), broyden_dots and broyden_combine, at FPDM-XL/2 size
 (32 x 256 x 1152) and at B*D ~ 1e8, times every combination of bytes per inner step, warps
 per program and inner steps per program around the kernel's setting for that dtype (its
-entry in fixedpoint.kernels.triton_kernels.LAUNCH); then, at the best of those, software
+entry in fixedpoint.kernels.triton_kernels.LAUNCH_SETTINGS); then, at the best of those, software
 pipelining of the inner steps (stages 2 and 3: cp.async loads in flight across steps). It
-prints the achieved bandwidth against the current setting. The sweep sets LAUNCH entries
+prints the achieved bandwidth against the current setting. The sweep sets LAUNCH_SETTINGS entries
 while it times them and puts them back: it changes nothing. Bytes moved are the fewest the
 kernel must move, as in bench_gpu.py. Kernels go in ORDER, the most used first, each in every
 dtype and size: tune.json is rewritten after every row, so a timeout loses the least used.
@@ -36,7 +36,8 @@ ORDER = ("anderson_residual_write", "residual", "broyden_dots", "broyden_combine
 
 
 def _case(kernel: str, dim: int, dtype: torch.dtype) -> tuple[str, int, Callable[[], object]]:
-    """(name, (B, dim) passes it moves, thunk) of ``kernel`` (a LAUNCH key) at (BATCH, dim), its tensors made here."""
+    """(name, (B, dim) passes it moves, thunk) of ``kernel`` (a LAUNCH_SETTINGS key) at (BATCH, dim), its
+    tensors made here."""
 
     def rand(*shape):
         return torch.randn(*shape, device="cuda").to(dtype)
@@ -56,11 +57,11 @@ def _case(kernel: str, dim: int, dtype: torch.dtype) -> tuple[str, int, Callable
     return f"broyden_combine n={N}", 2 * N + 5, lambda: tk.broyden_combine(U, V, N, coeff, g, dx, hg)
 
 
-def _time(thunk, kernel: str, itemsize: int, setting: tk.Launch) -> float:
-    """Median seconds of ``thunk`` with LAUNCH[kernel] set to ``setting`` for this element size."""
+def _time(thunk: Callable[[], object], kernel: str, itemsize: int, setting: tk.LaunchSetting) -> float:
+    """Median seconds of ``thunk`` with LAUNCH_SETTINGS[kernel] set to ``setting`` for this element size."""
     from triton.testing import do_bench
 
-    table = tk.LAUNCH[kernel]
+    table = tk.LAUNCH_SETTINGS[kernel]
     saved = table[itemsize]
     try:
         table[itemsize] = setting
@@ -77,10 +78,10 @@ def main(out: Path, dtypes: list[str]) -> None:
         itemsize = torch.empty((), dtype=dtype).element_size()
         name, passes, thunk = _case(kernel, dim, dtype)
         nbytes = passes * BATCH * dim * itemsize
-        default = tk.launch(kernel, itemsize)
+        default = tk.launch_setting(kernel, itemsize)
         timed = {}
-        for scale, warps, steps in itertools.product(*GRID.values()):
-            config = tk.Launch(int(scale * default.nbytes), warps, steps, 1)
+        for scale, warps, steps in itertools.product(GRID["bytes"], GRID["warps"], GRID["steps"]):
+            config = tk.LaunchSetting(int(scale * default.nbytes), warps, steps, 1)
             timed[config] = _time(thunk, kernel, itemsize, config)
         best = min(timed, key=timed.get)
         for stages in PIPELINE:

@@ -127,6 +127,63 @@ def test_anderson_mix_kernel_equals_twin_and_freezes(dtype, beta):
     _close(all_active, reference.anderson_mix(F, G, alpha, beta, None, None), dtype, scale=4)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_freezing_kernels_with_every_sample_active_read_no_mask(dtype):
+    """With frozen=None the launchers pass the iterate in place of the mask (ALL_ACTIVE: never read). Zeros
+    there would freeze every sample of a kernel that read it anyway; the start z0 = 0 is the common case."""
+    gen = torch.Generator().manual_seed(11)
+    x, fx = torch.zeros(3, 37).to(dtype).to(DEVICE), torch.randn(3, 37, generator=gen).to(dtype).to(DEVICE)
+    stepped = triton_kernels.picard_step(x, fx, 0.5, None, None)
+    _close(stepped, reference.picard_step(x, fx, 0.5, None, None), dtype, scale=4)
+    assert stepped.abs().min() > 0  # moved: nothing was frozen at x = 0
+    F = torch.randn(3, 4, 37, generator=gen).to(dtype).to(DEVICE)
+    F[:, 0] = 0  # the slot that stands in for frozen and active
+    alpha = torch.tensor([[0.0, 0.5, 0.25, 0.25]] * 3, device=DEVICE)
+    mixed = triton_kernels.anderson_mix(F, F, alpha, 1.0, None, None)
+    _close(mixed, reference.anderson_mix(F, F, alpha, 1.0, None, None), dtype, scale=4)
+    assert mixed.abs().max() > 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_freezing_kernels_take_a_strided_bool_mask(dtype):
+    """A bool mask is viewed as int8 (no conversion launch); a strided one is made contiguous first."""
+    gen = torch.Generator().manual_seed(12)
+    x, fx, frozen = (torch.randn(3, 29, generator=gen).to(dtype).to(DEVICE) for _ in range(3))
+    active = torch.tensor([[True, False], [False, True], [True, True]], device=DEVICE)[:, 0]  # stride 2
+    assert not active.is_contiguous()
+    for module_out in (k.picard_step(x, fx, 0.6, frozen, active) for k in (triton_kernels, reference)):
+        assert torch.equal(module_out[1], frozen[1])
+    _close(triton_kernels.picard_step(x, fx, 0.6, frozen, active), reference.picard_step(x, fx, 0.6, frozen, active),
+           dtype, scale=4)  # fmt: skip
+    F = torch.randn(3, 2, 29, generator=gen).to(dtype).to(DEVICE)
+    alpha = torch.tensor([[0.3, 0.7]] * 3, device=DEVICE)
+    mixed = triton_kernels.anderson_mix(F, F, alpha, 1.0, frozen, active)
+    _close(mixed, reference.anderson_mix(F, F, alpha, 1.0, frozen, active), dtype, scale=4)
+    assert torch.equal(mixed[1], frozen[1]) and not torch.equal(mixed[0], frozen[0])
+
+
+def test_launch_sizing_helpers_equal_tritons():
+    """The launchers' plain-int cdiv and next power of 2 (triton's cost host time) give triton's values."""
+    import triton
+
+    for n in [*range(1, 300), 2**20 - 1, 2**20, 2**20 + 1, 2**31 - 1]:
+        assert triton_kernels._next_pow2(n) == triton.next_power_of_2(n), n
+        for d in (1, 2, 3, 7, 64, 1024):
+            assert triton_kernels._cdiv(n, d) == triton.cdiv(n, d), (n, d)
+
+
+BAD_SETTINGS = [  # (field, value): a tile of 3000 bytes is not a power-of-2 number of elements
+    ("nbytes", 3000), ("nbytes", 0), ("nbytes", 4096.0), ("nbytes", True), ("warps", 6), ("max_steps", 0),
+    ("stages", 0),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("field", "value"), BAD_SETTINGS)
+def test_a_launch_setting_rejects_what_cannot_compile(field, value):
+    with pytest.raises(ValueError, match=f"LaunchSetting: {field} must be"):
+        triton_kernels.LaunchSetting(**{"nbytes": 4096, field: value})
+
+
 def test_batch_strided_inputs_work_and_feature_strided_are_rejected():
     x = torch.randn(6, 9, device=DEVICE)[::2]  # batch stride 18: fine
     fx = torch.randn(3, 9, device=DEVICE)
@@ -336,11 +393,11 @@ def test_streaming_kernels_over_several_steps_and_chunks(monkeypatch, dtype, min
     (at these tiny shapes the defaults cover D in one step): every partial sum still adds up to the twin's."""
     # 64 fp32 or 128 bf16 elements per step, of one row or of each of 4 history slots; 2 pipelining stages (a
     # no-op in the interpreter)
-    row = triton_kernels.Launch(64 * 4, max_steps=2, stages=2)
-    tile = triton_kernels.Launch(64 * 4 * 4, max_steps=2, stages=2)
+    row = triton_kernels.LaunchSetting(64 * 4, max_steps=2, stages=2)
+    tile = triton_kernels.LaunchSetting(64 * 4 * 4, max_steps=2, stages=2)
     rows = ("stream", "residual", "broyden_combine")
-    small = {k: dict.fromkeys((2, 4), row if k in rows else tile) for k in triton_kernels.LAUNCH}
-    monkeypatch.setattr(triton_kernels, "LAUNCH", small)
+    small = {k: dict.fromkeys((2, 4), row if k in rows else tile) for k in triton_kernels.LAUNCH_SETTINGS}
+    monkeypatch.setattr(triton_kernels, "LAUNCH_SETTINGS", small)
     monkeypatch.setattr(triton_kernels, "MIN_PROGRAMS", min_programs)
     dim = 601  # fp32: 10 steps of 64, the last one masked
     itemsize = torch.empty((), dtype=dtype).element_size()
@@ -638,19 +695,20 @@ def test_launch_grids_stay_within_cuda_limits(monkeypatch):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_each_launcher_takes_its_kernels_setting_for_its_element_size(monkeypatch, dtype):
-    """LAUNCH holds one setting per kernel and element size: give each a different one and check that every
-    launch gets its own tile (elements per step), warps, inner steps and pipelining stages."""
+    """LAUNCH_SETTINGS holds one setting per kernel and element size: give each a different one and check that
+    every launch gets its own tile (elements per step), warps, inner steps and pipelining stages."""
     launches = _record_launches(monkeypatch)
+    setting = triton_kernels.LaunchSetting
     settings = {
-        kernel: {size: triton_kernels.Launch(256 * 2**k * size, warps=[1, 2, 4, 8][k % 4], max_steps=2 + size, stages=k)
+        kernel: {size: setting(256 * 2**k * size, warps=[1, 2, 4, 8][k % 4], max_steps=2 + size, stages=k + 1)
                  for size in (2, 4)}
-        for k, kernel in enumerate(triton_kernels.LAUNCH)
+        for k, kernel in enumerate(triton_kernels.LAUNCH_SETTINGS)
     }  # fmt: skip
-    monkeypatch.setattr(triton_kernels, "LAUNCH", settings)
+    monkeypatch.setattr(triton_kernels, "LAUNCH_SETTINGS", settings)
     monkeypatch.setattr(triton_kernels, "MIN_PROGRAMS", 1)  # every reduction takes its max_steps
     itemsize = torch.empty((), dtype=dtype).element_size()
     _launch_every_feature_kernel(1, 2**24, dtype)
-    kernels = {  # Triton kernel: (its LAUNCH key, history slots per tile)
+    kernels = {  # Triton kernel: (its LAUNCH_SETTINGS key, history slots per tile)
         "_residual_kernel": ("residual", 1),
         "_picard_step_kernel": ("stream", 1),
         "_best_update_kernel": ("stream", 1),

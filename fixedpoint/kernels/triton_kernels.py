@@ -24,8 +24,8 @@ from torch import Tensor
 from . import reference
 
 __all__ = [
-    "LAUNCH",
-    "Launch",
+    "LAUNCH_SETTINGS",
+    "LaunchSetting",
     "anderson_absorb",
     "anderson_residual_write",
     "anderson_coefficients",
@@ -36,20 +36,30 @@ __all__ = [
     "broyden_combine",
     "broyden_dots",
     "broyden_finish",
-    "launch",
+    "launch_setting",
     "picard_step",
     "residual",
 ]
 
 
 @dataclass(frozen=True)
-class Launch:
+class LaunchSetting:
     """How one kernel is launched for one element size."""
 
     nbytes: int  # bytes each program moves per inner step: a row's block, or an (m, block) tile, all rows together
     warps: int = 4  # warps per program (Triton's default)
     max_steps: int = 4  # inner steps per program along D, at most (the reductions; the others take one)
     stages: int = 1  # inner steps whose loads are in flight at once (tl.range's num_stages; 1: no pipelining)
+
+    def __post_init__(self) -> None:
+        for name in ("nbytes", "warps", "max_steps", "stages"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"LaunchSetting: {name} must be a positive int, got {value!r}")
+        for name in ("nbytes", "warps"):  # tiles of power-of-2 elements; warps per program
+            value = getattr(self, name)
+            if value & (value - 1):
+                raise ValueError(f"LaunchSetting: {name} must be a power of 2, got {value}")
 
 
 # Per kernel, per element size in bytes (2: bf16 and fp16; 4: fp32). Sizes are in bytes so that every dtype compiles to
@@ -58,23 +68,24 @@ class Launch:
 # bf16 and fp32 want different tiles and warps, and the history write with the residual fused in gains most
 # from software pipelining (stages: its (m, block) tiles go through shared memory by cp.async). max_steps only
 # matters at large D: at FPDM-XL/2 size MIN_PROGRAMS already cuts the steps to 4 or fewer.
-LAUNCH: dict[str, dict[int, Launch]] = {
+LAUNCH_SETTINGS: dict[str, dict[int, LaunchSetting]] = {
     # one step per program, no reduction: picard_step, anderson_mix, best_update, broyden_finish
-    "stream": {2: Launch(4096), 4: Launch(4096)},
-    "residual": {2: Launch(16384), 4: Launch(4096)},
-    "anderson_write": {2: Launch(32768, warps=8, stages=3), 4: Launch(32768, warps=8)},
+    "stream": {2: LaunchSetting(4096), 4: LaunchSetting(4096)},
+    "residual": {2: LaunchSetting(16384), 4: LaunchSetting(4096)},
+    "anderson_write": {2: LaunchSetting(32768, warps=8, stages=3), 4: LaunchSetting(32768, warps=8)},
     # the history write with the residual pass fused in (Anderson's iteration)
-    "anderson_residual_write": {2: Launch(32768, warps=8, max_steps=16, stages=3), 4: Launch(65536, stages=2)},
-    "broyden_dots": {2: Launch(4096, warps=8), 4: Launch(16384)},
+    "anderson_residual_write": {2: LaunchSetting(32768, warps=8, stages=3), 4: LaunchSetting(65536, stages=2)},
+    "broyden_dots": {2: LaunchSetting(4096, warps=8), 4: LaunchSetting(16384)},
     # a row's block: combine walks the n history rows in each step
-    "broyden_combine": {2: Launch(2048, warps=8), 4: Launch(2048)},
+    "broyden_combine": {2: LaunchSetting(2048, warps=8), 4: LaunchSetting(2048)},
 }
 MIN_PROGRAMS = 1024  # enough programs to keep every SM's memory pipes busy (H100: 132 SMs)
 MAX_FEATURES = 2**31 - 2**24  # per sample: offsets within a sample are 32-bit (the margin: a chunk's overrun)
 
 
 def _cdiv(a: int, b: int) -> int:
-    """ceil(a / b) for positive ints (triton.cdiv is a JIT function: ~8 us per host call, 4 per launch)."""
+    """ceil(a / b) for positive ints, in plain Python: triton.cdiv is a constexpr function, a few us per host
+    call, and the launchers made up to 6 calls per launch."""
     return -(-a // b)
 
 
@@ -83,9 +94,9 @@ def _next_pow2(n: int) -> int:
     return 1 << (n - 1).bit_length()
 
 
-def launch(kernel: str, itemsize: int) -> Launch:
-    """The launch setting of ``kernel`` (a key of LAUNCH) for elements of ``itemsize`` bytes (2 or 4)."""
-    return LAUNCH[kernel][itemsize]
+def launch_setting(kernel: str, itemsize: int) -> LaunchSetting:
+    """The launch setting of ``kernel`` (a key of LAUNCH_SETTINGS) for elements of ``itemsize`` bytes (2 or 4)."""
+    return LAUNCH_SETTINGS[kernel][itemsize]
 
 
 def _block(dim: int, itemsize: int, nbytes: int, slots: int = 1) -> int:
@@ -110,10 +121,10 @@ def _aligned(itemsize: int, *sizes: int) -> tuple[int, list[int]]:
     return vec, [size // vec for size in sizes]
 
 
-def _grid(kernel: str, batch: int, dim: int, itemsize: int, slots: int = 1) -> tuple[Launch, int, int, int]:
+def _grid(kernel: str, batch: int, dim: int, itemsize: int, slots: int = 1) -> tuple[LaunchSetting, int, int, int]:
     """(setting, block, steps, chunks) of ``kernel``'s reduction over D in ``block``-element steps: long chunks
     (at most the setting's max_steps: fewer partials) unless that starves the GPU."""
-    setting = launch(kernel, itemsize)
+    setting = launch_setting(kernel, itemsize)
     block = _block(dim, itemsize, setting.nbytes, slots)
     steps = setting.max_steps
     while steps > 1 and batch * _cdiv(dim, block * steps) < MIN_PROGRAMS:
@@ -121,9 +132,9 @@ def _grid(kernel: str, batch: int, dim: int, itemsize: int, slots: int = 1) -> t
     return setting, block, steps, _cdiv(dim, block * steps)
 
 
-def _stream_block(dim: int, itemsize: int) -> tuple[Launch, int]:
+def _stream_block(dim: int, itemsize: int) -> tuple[LaunchSetting, int]:
     """(setting, block) of the kernels that make one step per program."""
-    setting = launch("stream", itemsize)
+    setting = launch_setting("stream", itemsize)
     return setting, _block(dim, itemsize, setting.nbytes)
 
 

@@ -132,10 +132,11 @@ def _grid(kernel: str, batch: int, dim: int, itemsize: int, slots: int = 1) -> t
     return setting, block, steps, _cdiv(dim, block * steps)
 
 
-def _stream_block(dim: int, itemsize: int) -> tuple[LaunchSetting, int]:
-    """(setting, block) of the kernels that make one step per program."""
+def _stream_grid(dim: int, itemsize: int) -> tuple[LaunchSetting, int, int]:
+    """(setting, block, chunks) of the kernels that make one step per program."""
     setting = launch_setting("stream", itemsize)
-    return setting, _block(dim, itemsize, setting.nbytes)
+    block = _block(dim, itemsize, setting.nbytes)
+    return setting, block, _cdiv(dim, block)
 
 
 def _check(name: str, *tensors: Tensor) -> None:
@@ -305,9 +306,8 @@ def anderson_mix(
     frozen, active8, all_active = _frozen_and_active(frozen, active, F[:, 0])
     _check("anderson_mix", F, G, frozen)
     out = torch.empty(batch, dim, dtype=F.dtype, device=F.device)
-    setting, block = _stream_block(dim, F.element_size())
+    setting, block, chunks = _stream_grid(dim, F.element_size())
     alpha32 = alpha.to(torch.float32).contiguous()
-    chunks = _cdiv(dim, block)
     vec, (D, *strides) = _aligned(F.element_size(), dim, *F.stride()[:2], *G.stride()[:2], frozen.stride(0), dim)
     _anderson_mix_kernel[(batch * chunks,)](
         F, G, alpha32, frozen, active8, out, D, float(beta - 1.0), *strides, chunks, M=m, BLOCK=block,
@@ -355,8 +355,7 @@ def picard_step(x: Tensor, fx: Tensor, beta: float, frozen: Tensor | None, activ
     _check("picard_step", x, fx, frozen)
     batch, dim = x.shape
     out = torch.empty(batch, dim, dtype=x.dtype, device=x.device)
-    setting, block = _stream_block(dim, x.element_size())
-    chunks = _cdiv(dim, block)
+    setting, block, chunks = _stream_grid(dim, x.element_size())
     vec, (D, *strides) = _aligned(x.element_size(), dim, x.stride(0), fx.stride(0), frozen.stride(0), dim)
     _picard_step_kernel[(batch * chunks,)](
         x, fx, frozen, active8, out, D, float(beta), *strides, chunks, BLOCK=block, DAMPED=beta != 1.0,
@@ -637,8 +636,7 @@ def best_update(
     """Triton twin of reference.best_update."""
     _check("best_update", best_x, best_fx, x, fx, prev_x, prev_fx)
     batch, dim = x.shape
-    setting, block = _stream_block(dim, x.element_size())
-    chunks = _cdiv(dim, block)
+    setting, block, chunks = _stream_grid(dim, x.element_size())
     pairs = (best_x, best_fx, x, fx, prev_x, prev_fx)
     vec, (D, *strides) = _aligned(x.element_size(), dim, *(t.stride(0) for t in pairs))
     _best_update_kernel[(batch * chunks,)](
@@ -771,8 +769,7 @@ def broyden_finish(
     batch, m, dim = U.shape
     x_new, g_new, hg_new = torch.empty_like(x), torch.empty_like(g), torch.empty_like(g)
     gnorm_new = torch.empty_like(gnorm)
-    setting, block = _stream_block(dim, x.element_size())
-    chunks = _cdiv(dim, block)
+    setting, block, chunks = _stream_grid(dim, x.element_size())
     vec, (D, *strides) = _aligned(x.element_size(), dim, *U.stride()[:2], *V.stride()[:2])
     _broyden_finish_kernel[(batch * chunks,)](
         U, V, x, x_old, g, g_old, dx, h_g, v, hg_old, sums, gnorm, gnorm_old, alive.view(torch.int8), restarts,

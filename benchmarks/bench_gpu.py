@@ -218,6 +218,8 @@ SOLVES = {  # name: (iterations, solve)
         100,
         lambda f, z, n: fixedpoint.anderson(f, z, m=5, graph=True, check_every=20, **_free(n)),
     ),
+    "anderson m=5 graph=solver": (20, lambda f, z, n: fixedpoint.anderson(f, z, m=5, graph="solver", **_free(n))),
+    "picard graph=solver": (20, lambda f, z, n: fixedpoint.picard(f, z, graph="solver", **_free(n))),
     "broyden m=20": (20, lambda f, z, n: fixedpoint.broyden(f, z, **_free(n))),
 }
 
@@ -248,6 +250,11 @@ STEADY_SOLVES = {  # name: solve(f, z, n)
     "picard graph": lambda f, z, n: fixedpoint.picard(f, z, graph=True, check_every=20, **_free(n)),
     "anderson m=5": lambda f, z, n: fixedpoint.anderson(f, z, m=5, **_free(n)),
     "anderson m=5 graph": lambda f, z, n: fixedpoint.anderson(f, z, m=5, graph=True, check_every=20, **_free(n)),
+    "picard graph=solver": lambda f, z, n: fixedpoint.picard(f, z, graph="solver", **_free(n)),
+    "anderson m=5 graph=solver": lambda f, z, n: fixedpoint.anderson(f, z, m=5, graph="solver", **_free(n)),
+    "anderson m=5 graph=solver check_every=20": lambda f, z, n: fixedpoint.anderson(
+        f, z, m=5, graph="solver", check_every=20, **_free(n)
+    ),
 }
 STEADY_ITERS = (20, 60)
 STEADY_ROUNDS = 15

@@ -35,7 +35,7 @@ import math
 import numbers
 import operator
 from collections.abc import Callable
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, fields, replace
 from typing import Any, Protocol
 
@@ -211,7 +211,7 @@ def solve(
     stop: str,
     divergence: float | None,
     check_every: int = 1,
-    graph: bool = False,
+    graph: bool | str = False,
     kernels=None,
 ) -> Solution:
     """Run ``solver`` on z = f(z) from ``x0`` (B, ...) and return the :class:`Solution`."""
@@ -233,12 +233,14 @@ def solve(
             raise ValueError(f"divergence must be a number > 1 or None, got {divergence!r}")
         divergence = number
     check_every = check_int("check_every", check_every, 1)
-    if not isinstance(graph, bool):
-        raise TypeError(f"graph must be a bool, got {type(graph).__name__}")
+    if not isinstance(graph, (bool, str)):
+        raise TypeError(f"graph must be a bool or 'solver', got {type(graph).__name__}")
+    if graph not in GRAPH_MODES:
+        raise ValueError(f"graph must be False, True or 'solver', got {graph!r}")
     if graph and not GRAPHS.supports(x0):
-        raise ValueError(f"graph=True captures a CUDA graph and needs CUDA tensors, got x0 on {x0.device}")
+        raise ValueError(f"graph={graph!r} captures a CUDA graph and needs CUDA tensors, got x0 on {x0.device}")
     if graph and not hasattr(solver, "period"):
-        raise ValueError(f"graph=True is not supported by {type(solver).__name__} (it syncs with the host)")
+        raise ValueError(f"graph={graph!r} is not supported by {type(solver).__name__} (it syncs with the host)")
 
     from . import kernels as kernel_modules
 
@@ -249,7 +251,8 @@ def solve(
 
 
 class CudaGraphs:
-    """What ``graph=True`` needs from CUDA: a side stream for warm-up, and capture into a replayable graph."""
+    """What the graph loops need from CUDA: a side stream for warm-up, a memory pool that captures can
+    share, and capture into a replayable graph."""
 
     @staticmethod
     def supports(x: Tensor) -> bool:
@@ -265,21 +268,68 @@ class CudaGraphs:
         torch.cuda.current_stream(device).wait_stream(side)
 
     @staticmethod
-    def capture(body: Callable[[], None], device: torch.device) -> Callable[[], None]:
-        """Record ``body`` (nothing runs yet) and return the graph's replay."""
+    def memory_pool(device: torch.device) -> Any:
+        """A pool for graphs that are replayed in the order they were captured (their memory is shared)."""
+        return torch.cuda.graph_pool_handle()
+
+    @staticmethod
+    def capture(body: Callable[[], None], device: torch.device, pool: Any = None) -> Callable[[], None]:
+        """Record ``body`` on a side stream (nothing runs yet) and return the graph's replay.
+
+        capture_begin/capture_end rather than ``torch.cuda.graph``, which also synchronizes and empties
+        the allocator's cache before each capture: f's next eager call would allocate from the driver again.
+        """
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            body()
+        side = torch.cuda.Stream(device=device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            graph.capture_begin(*(() if pool is None else (pool,)))
+            try:
+                body()
+            except BaseException:
+                with suppress(RuntimeError):  # the capture is invalid; end it so the stream can be used again
+                    graph.capture_end()
+                raise
+            graph.capture_end()
+        torch.cuda.current_stream(device).wait_stream(side)
         return graph.replay
 
 
-GRAPHS = CudaGraphs()  # tests swap in an eager stand-in to run the graph path's logic on CPU
-GRAPH_CHUNK = 4  # iterations per captured chunk, at least (rounded up to whole solver periods)
+GRAPHS = CudaGraphs()  # tests swap in an eager stand-in to run the graph paths' logic on CPU
+GRAPH_CHUNK = 4  # iterations per captured chunk of graph=True, at least (rounded up to whole solver periods)
+GRAPH_MODES = (False, True, "solver")
 
 
 def _state_tensors(state: Any) -> dict[str, Tensor]:
     """The tensor fields of a solver state dataclass."""
     return {f.name: getattr(state, f.name) for f in fields(state) if isinstance(getattr(state, f.name), Tensor)}
+
+
+class _StaticBuffers:
+    """Tensors carried from one graph replay to the next, in fixed buffers: one per distinct tensor
+    (two names for one tensor share it), dense (an expanded view cannot hold a copy)."""
+
+    def __init__(self, values: dict[str, Tensor]):
+        buffers: dict[int, Tensor] = {}
+        self.tensors = {
+            name: buffers.setdefault(id(v), v if v.is_contiguous() else v.contiguous()) for name, v in values.items()
+        }
+
+    def __getitem__(self, name: str) -> Tensor:
+        return self.tensors[name]
+
+    def copy_in(self, values: dict[str, Tensor]) -> None:
+        """Write a replay's results into the buffers the next replay reads (each shared buffer once)."""
+        sources: dict[int, Tensor] = {}  # buffer -> the value copied into it
+        for name, value in values.items():
+            target = self.tensors[name]
+            if id(target) in sources:  # shared by two names: they must still hold the same tensor
+                if sources[id(target)] is not value:
+                    raise RuntimeError(f"graph: {name} no longer aliases the tensor it shared a buffer with")
+                continue
+            sources[id(target)] = value
+            if value is not target:
+                target.copy_(value)
 
 
 def _loop(solver: Solver, f, x0: Tensor, *, tol, max_iter, stop, divergence, check_every, graph, kernels) -> Solution:
@@ -312,20 +362,24 @@ def _loop(solver: Solver, f, x0: Tensor, *, tol, max_iter, stop, divergence, che
     freezes = getattr(solver, "freezes", False)
     own_residual = getattr(solver, "residual", None)
 
-    def iterate(n: int | None, sync: bool, all_active: bool) -> int | None:
-        """One iteration. ``n``: its index, or None inside a CUDA graph (the device counts).
-
-        ``sync``: one host sync for the counts of active samples (returned) and of best pairs to copy
-        (no launch when there are none: while every residual falls).
-        """
-        nonlocal active, state, prev_x, prev_fx
-        # stopped samples sit at their best iterate (f always sees the whole batch)
+    def advance(all_active: bool) -> Tensor:
+        """The solver's next iterate (B, D) to evaluate; stopped samples sit at their best iterate
+        (f always sees the whole batch)."""
+        nonlocal state
         if freezes:
             x, state = solver.step(fn, state, active, None if all_active else best_x)
-        else:
-            x_next, state = solver.step(fn, state, active)
-            x = x_next if all_active else torch.where(active[:, None], x_next, best_x)
-        fx = fn(x)
+            return x
+        x_next, state = solver.step(fn, state, active)
+        return x_next if all_active else torch.where(active[:, None], x_next, best_x)
+
+    def absorb(x: Tensor, fx: Tensor, n: int | None, sync: bool) -> tuple[int | None, Tensor]:
+        """Everything after evaluating (x, f(x)): residuals, per-sample accounting, the lazy best copy and
+        the solver's update. ``n``: the iteration's index, or None inside a CUDA graph (the device counts).
+
+        ``sync``: one host sync for the counts of active samples (returned) and of best pairs to copy
+        (no launch when there are none: while every residual falls). Also returns the counts (2,).
+        """
+        nonlocal active, state, prev_x, prev_fx
         if own_residual is not None:  # (B, D) or None, (B,), (B,): one pass over (x, f(x)), the solver's
             g, gsq, fsq, state = own_residual(state, x, fx)
         else:
@@ -341,18 +395,110 @@ def _loop(solver: Solver, f, x0: Tensor, *, tol, max_iter, stop, divergence, che
             kernels.best_update(best_x, best_fx, x, fx, prev_x, prev_fx, take)
         prev_x, prev_fx = x, fx
         state = solver.update(state, x, fx, g, gnorm)
-        return n_active
+        return n_active, counts
+
+    def iterate(n: int | None, sync: bool, all_active: bool) -> int | None:
+        """One eager iteration; the count of active samples when ``sync``."""
+        x = advance(all_active)
+        return absorb(x, fn(x), n, sync)[0]
+
+    def carried() -> dict[str, Tensor]:
+        """What one iteration hands the next, besides the tensors updated in place."""
+        state_tensors = {f"state.{name}": value for name, value in _state_tensors(state).items()}
+        return {"active": active, "prev_x": prev_x, "prev_fx": prev_fx, **state_tensors}
+
+    def bind(static: _StaticBuffers) -> None:
+        """Point the loop's carried tensors at their static buffers."""
+        nonlocal active, prev_x, prev_fx, state
+        active, prev_x, prev_fx = static["active"], static["prev_x"], static["prev_fx"]
+        state = replace(state, **{name: static[f"state.{name}"] for name in _state_tensors(state)})
+
+    def capture(body: Callable[[], None], pool: Any = None) -> Callable[[], None]:
+        try:
+            return GRAPHS.capture(body, x.device, pool)
+        except RuntimeError as err:
+            what = "the iteration" if graph is True else "the solver's part of the iteration"
+            advice = (
+                "; f must be capturable (static shapes, no host syncs such as .item() or printing, no CPU tensors)"
+                if graph is True
+                else ""
+            )
+            raise RuntimeError(f"graph={graph!r} could not capture {what} in a CUDA graph{advice}: {err}") from err
+
+    def run_captured(n: int, n_active: int) -> int:
+        """graph=True: chunks of whole solver periods (Anderson's ring slot repeats), f included, captured
+        once and replayed; at least GRAPH_CHUNK iterations per chunk, so that copying its results back
+        costs little per iteration. Convergence is checked every `replays` chunks (check_every rounded
+        up). Returns the iterations run."""
+        chunk = solver.period * math.ceil(GRAPH_CHUNK / solver.period)
+        replays = math.ceil(check_every / chunk)
+        # status, best_res, pending, nsteps, trace, best_x, best_fx are updated in place; the rest is
+        # copied into static buffers after each chunk
+        static = _StaticBuffers(carried())
+        bind(static)
+
+        def run_chunk() -> None:
+            for _ in range(chunk):
+                iterate(None, sync=False, all_active=False)
+            static.copy_in(carried())
+            bind(static)
+
+        calls = fn.calls
+        replay = capture(run_chunk)
+        per_replay, fn.calls = fn.calls - calls, calls
+        while n < max_iter and n_active:
+            for _ in range(replays):
+                if n < max_iter:
+                    replay()
+                    fn.calls += per_replay
+                    n += chunk
+            n_active = int(active.sum())
+        return n
+
+    def run_solver_graphs(n: int, n_active: int) -> int:
+        """graph="solver": f runs eagerly, and the rest of each iteration (residuals, accounting, the
+        solver's update and next step) is one graph replay. One graph per position in a period of
+        lcm(solver period, 2) iterations: f's output is copied into one of two buffers, alternately, so
+        that the previous pair survives. Convergence is checked every check_every iterations, exactly.
+        Returns the iterations run."""
+        nonlocal prev_x, prev_fx
+        period = math.lcm(solver.period, 2)
+        static = _StaticBuffers({"next_x": advance(all_active=False), **carried()})
+        bind(static)
+        fx_buffers = (torch.empty_like(static["next_x"]), static["prev_fx"])  # f(x_j) goes into fx_buffers[j % 2]
+        outputs: list[tuple[Tensor, ...]] = [()] * period  # per position: x_{j+1}, counts, x_j, f(x_j)
+        replays: list[Callable[[], None]] = []
+        pool = GRAPHS.memory_pool(x.device)  # the graphs replay in the order they were captured
+
+        def iterate_input(j: int) -> Tensor:
+            return static["next_x"] if j == 0 else outputs[j - 1][0]
+
+        def body(j: int) -> None:
+            _, counts = absorb(iterate_input(j), fx_buffers[j % 2], None, sync=False)
+            x_next = advance(all_active=False)
+            if j == period - 1:  # the period's results into the buffers its first position reads
+                static.copy_in({"next_x": x_next, **carried()})
+                bind(static)
+                x_next = static["next_x"]
+            outputs[j] = (x_next, counts, prev_x, prev_fx)
+
+        j = 0
+        while n < max_iter and n_active:
+            fx_buffers[j % 2].copy_(fn(iterate_input(j)))
+            if len(replays) == j:  # the first pass through the period captures
+                replays.append(capture(lambda j=j: body(j), pool))
+            replays[j]()
+            if (n + 1) % check_every == 0:
+                n_active = int(outputs[j][1][0])
+            n, j = n + 1, (j + 1) % period
+        prev_x, prev_fx = outputs[j - 1][2:]  # the last evaluated pair
+        return n
 
     n = 0
     # Host syncs: with check_every == 1, one per iteration (how many samples are active);
     # otherwise one every check_every iterations, and the loop masks unconditionally in between.
     n_active = int(active.sum())
     if graph:
-        # A captured chunk: whole solver periods (Anderson's ring slot repeats), at least GRAPH_CHUNK iterations
-        # so that copying its results back costs little per iteration; convergence is checked every
-        # `replays` chunks (check_every rounded up).
-        chunk = solver.period * math.ceil(GRAPH_CHUNK / solver.period)
-        replays = math.ceil(check_every / chunk)
         # warm up one period eagerly, off the main stream: compiles every kernel specialization the
         # capture will use and creates library handles (nothing may be compiled or loaded while capturing)
         with GRAPHS.warmup_stream(x.device):
@@ -360,55 +506,8 @@ def _loop(solver: Solver, f, x0: Tensor, *, tol, max_iter, stop, divergence, che
                 iterate(None, sync=False, all_active=False)
                 n += 1
         n_active = int(active.sum())
-        # status, best_res, pending, nsteps, trace, best_x, best_fx are updated in place; active, the last
-        # pair and the solver's tensors are copied back into these (dense: an expanded view cannot hold a
-        # copy) after each chunk; a tensor that is both the last pair and solver state is copied once
-        carried = {"active": active, "prev_x": prev_x, "prev_fx": prev_fx, **_state_tensors(state)}
-        buffers: dict[int, Tensor] = {}  # one static buffer per distinct tensor
-        dense = {name: v if v.is_contiguous() else v.contiguous() for name, v in carried.items()}
-        static = {name: buffers.setdefault(id(carried[name]), v) for name, v in dense.items()}
-
-        def bind_static() -> None:
-            nonlocal active, prev_x, prev_fx, state
-            active, prev_x, prev_fx = static["active"], static["prev_x"], static["prev_fx"]
-            state = replace(state, **{k: static[k] for k in _state_tensors(state)})
-
-        bind_static()
-
-        def run_chunk() -> None:
-            """``chunk`` iterations, then their results copied into the static tensors the next run reads."""
-            for _ in range(chunk):
-                iterate(None, sync=False, all_active=False)
-            values = {"active": active, "prev_x": prev_x, "prev_fx": prev_fx, **_state_tensors(state)}
-            sources: dict[int, Tensor] = {}  # static target -> the value copied into it
-            for name, value in values.items():
-                target = static[name]
-                if id(target) in sources:  # shared by two names: they must still hold the same tensor
-                    if sources[id(target)] is not value:
-                        raise RuntimeError(f"graph=True: {name} no longer aliases the tensor it shared a buffer with")
-                    continue
-                sources[id(target)] = value
-                if value is not target:
-                    target.copy_(value)
-            bind_static()
-
         if n < max_iter and n_active:
-            calls = fn.calls
-            try:
-                replay = GRAPHS.capture(run_chunk, x.device)
-            except RuntimeError as err:
-                raise RuntimeError(
-                    "graph=True could not capture the iteration in a CUDA graph; f must be capturable "
-                    f"(static shapes, no host syncs such as .item() or printing, no CPU tensors): {err}"
-                ) from err
-            per_replay, fn.calls = fn.calls - calls, calls
-            while n < max_iter and n_active:
-                for _ in range(replays):
-                    if n < max_iter:
-                        replay()
-                        fn.calls += per_replay
-                        n += chunk
-                n_active = int(active.sum())
+            n = (run_captured if graph is True else run_solver_graphs)(n, n_active)
     while n < max_iter and n_active:
         if check_every == 1:
             n_active = iterate(n, sync=True, all_active=n_active == batch)

@@ -37,10 +37,12 @@ _DOC_PARTS = {
         check_every: ask the device whether any sample is still iterating only
             every k iterations (fewer host syncs on GPUs; up to k - 1 extra
             calls of f once all have stopped; the results are the same).""",
-    "{graph}": """graph: on CUDA, capture the loop's per-iteration work (f included) in a
-            CUDA graph and replay it; a replay runs check_every iterations (rounded
-            up to whole solver periods, Anderson's m) and then checks convergence.
-            f must be capturable: static shapes, no host syncs, no CPU tensors.""",
+    "{graph}": """graph: on CUDA, replay the loop's per-iteration work from CUDA graphs.
+            True: f included; a replay runs check_every iterations (rounded up to
+            whole solver periods, Anderson's m) and then checks convergence. f must
+            be capturable: static shapes, no host syncs, no CPU tensors.
+            "solver": f runs eagerly (any f) and everything else in an iteration
+            is one graph launch; convergence is checked as without graphs.""",
     "{impl}": """impl: "auto" (fused Triton kernels on CUDA when triton imports, PyTorch
             otherwise), "torch", or "triton" (an error where it cannot run).""",
 }
@@ -100,7 +102,7 @@ def picard(
     stop: str = "rel",
     divergence: float | None = 1e6,
     check_every: int = 1,
-    graph: bool = False,
+    graph: bool | str = False,
     beta: float = 1.0,
     impl: str = "auto",
 ) -> Solution:
@@ -207,7 +209,7 @@ def anderson(
     stop: str = "rel",
     divergence: float | None = 1e6,
     check_every: int = 1,
-    graph: bool = False,
+    graph: bool | str = False,
     m: int = 5,
     beta: float = 1.0,
     ridge: float = 1e-6,
@@ -240,7 +242,9 @@ def anderson(
     max_coeff = check_positive("max_coeff", max_coeff)
     growth = check_positive("growth", growth)
     kern = _kernels(impl, x0)
-    solver = Anderson(m=m, beta=beta, ridge=ridge, max_coeff=max_coeff, growth=growth, kernels=kern, graph_safe=graph)
+    solver = Anderson(
+        m=m, beta=beta, ridge=ridge, max_coeff=max_coeff, growth=growth, kernels=kern, graph_safe=bool(graph)
+    )
     return solve(solver, f, x0, tol=tol, max_iter=max_iter, stop=stop, divergence=divergence,
                  check_every=check_every, graph=graph, kernels=kern)  # fmt: skip
 

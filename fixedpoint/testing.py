@@ -1,13 +1,16 @@
-"""Problems with known fixed points, shared by the demo, the benchmarks and the tests."""
+"""Problems with known fixed points, shared by the demo, the benchmarks and the tests, and a stand-in
+for CUDA graphs that runs the graph loops' logic on any device."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import nullcontext
+from typing import Any
 
 import torch
 from torch import Tensor
 
-__all__ = ["symmetric_matrix", "linear_deq"]
+__all__ = ["symmetric_matrix", "linear_deq", "EagerGraphs"]
 
 
 def symmetric_matrix(dim: int, low: float, high: float, *, seed: int = 0, dtype=torch.float64) -> Tensor:
@@ -37,3 +40,40 @@ def linear_deq(
     z_star = torch.linalg.solve(torch.eye(dim, dtype=torch.float64) - w, b.T).T
     w, b = w.to(dtype), b.to(dtype)
     return (lambda z: z @ w.T + b), b, z_star.to(dtype)
+
+
+class EagerGraphs:
+    """The graph loops' logic, eagerly, on any device: swap it in for ``fixedpoint._solve.GRAPHS``.
+
+    Capture runs the body once for real (recording it, which on CUDA runs nothing); the replay after
+    it is skipped (on CUDA that is the first run), later replays run the body again. Counts captures
+    and memory pools; a capture must use the newest pool.
+    """
+
+    def __init__(self) -> None:
+        self.captures = 0
+        self.pools: list[object] = []
+
+    def supports(self, x: Tensor) -> bool:
+        return True
+
+    def warmup_stream(self, device: torch.device) -> nullcontext:
+        return nullcontext()
+
+    def memory_pool(self, device: torch.device) -> object:
+        self.pools.append(object())
+        return self.pools[-1]
+
+    def capture(self, body: Callable[[], None], device: torch.device, pool: Any = None) -> Callable[[], None]:
+        if pool is not None and pool is not self.pools[-1]:
+            raise ValueError("a capture must use the newest memory pool")
+        self.captures += 1
+        body()
+        runs = [0]
+
+        def replay():
+            runs[0] += 1
+            if runs[0] > 1:
+                body()
+
+        return replay

@@ -9,24 +9,7 @@ from problems import transient_growth
 import fixedpoint
 from fixedpoint import Status, _solve
 from fixedpoint.kernels.reference import solve_spd
-
-
-class EagerGraphs:
-    """Capture runs the body once for real and replay runs it again: the graph path's bookkeeping, eagerly."""
-
-    def __init__(self):
-        self.captures = 0
-
-    def supports(self, x):
-        return True
-
-    def warmup_stream(self, device):
-        return nullcontext()
-
-    def capture(self, body, device):
-        self.captures += 1
-        body()
-        return body
+from fixedpoint.testing import EagerGraphs
 
 
 def _problem(batch=5, dim=12, seed=0):
@@ -47,17 +30,25 @@ def _problem(batch=5, dim=12, seed=0):
     return f, torch.zeros(batch, dim), calls
 
 
+GRAPH_MODES = [True, "solver"]
+
+
 @pytest.mark.parametrize("solver,options", [("anderson", {"m": 3}), ("picard", {"beta": 0.8}), ("picard", {})])
 @pytest.mark.parametrize("check_every", [1, 4])
-def test_graph_loop_gives_the_default_loop_result(monkeypatch, solver, options, check_every):
+@pytest.mark.parametrize("graph", GRAPH_MODES)
+def test_graph_loop_gives_the_default_loop_result(monkeypatch, solver, options, check_every, graph):
     f, x0, calls = _problem()
     solve = getattr(fixedpoint, solver)
-    reference = solve(f, x0, tol=1e-6, max_iter=40, **options)
+    reference = solve(f, x0, tol=1e-6, max_iter=40, check_every=check_every, **options)
     graphs = EagerGraphs()
     monkeypatch.setattr(_solve, "GRAPHS", graphs)
     calls[0] = 0
-    captured = solve(f, x0, tol=1e-6, max_iter=40, graph=True, check_every=check_every, **options)
-    assert graphs.captures == 1
+    captured = solve(f, x0, tol=1e-6, max_iter=40, graph=graph, check_every=check_every, **options)
+    if graph == "solver":  # one graph per position in a period of lcm(m, 2); f eager, checked as without graphs
+        assert graphs.captures == (6 if solver == "anderson" else 2) and len(graphs.pools) == 1
+        assert captured.nfev == reference.nfev == calls[0]
+    else:
+        assert graphs.captures == 1
     assert captured.nsteps.tolist() == reference.nsteps.tolist()
     assert captured.status.tolist() == reference.status.tolist()
     assert Status.NONFINITE in captured.statuses() and Status.MAX_ITER in captured.statuses()
@@ -67,19 +58,21 @@ def test_graph_loop_gives_the_default_loop_result(monkeypatch, solver, options, 
 
 
 @pytest.mark.parametrize("max_iter", [5, 11])
-def test_graph_loop_keeps_the_best_iterate_when_the_residual_rises(monkeypatch, max_iter):
+@pytest.mark.parametrize("graph", GRAPH_MODES)
+def test_graph_loop_keeps_the_best_iterate_when_the_residual_rises(monkeypatch, max_iter, graph):
     """The lazy best copy across captured chunks: the previous pair is carried from one replay to the next."""
     f, x0, iterates = transient_growth()
     residuals = (f(iterates) - iterates).norm(dim=2)[: max_iter + 1]
     monkeypatch.setattr(_solve, "GRAPHS", EagerGraphs())
-    sol = fixedpoint.picard(f, x0, tol=1e-30, max_iter=max_iter, stop="abs", graph=True)
+    sol = fixedpoint.picard(f, x0, tol=1e-30, max_iter=max_iter, stop="abs", graph=graph)
     expected = iterates[residuals.argmin(dim=0), torch.arange(x0.shape[0])]
     assert torch.equal(sol.x, expected) and torch.equal(sol.fx, f(expected))
 
 
 @pytest.mark.parametrize("solver,options", [("anderson", {"m": 1}), ("anderson", {"m": 2}), ("picard", {"beta": 0.9})])
 @pytest.mark.parametrize("check_every", [1, 8])
-def test_graph_loop_returns_the_lowest_residual_pair(monkeypatch, solver, options, check_every):
+@pytest.mark.parametrize("graph", GRAPH_MODES)
+def test_graph_loop_returns_the_lowest_residual_pair(monkeypatch, solver, options, check_every, graph):
     """Whatever the solver, the returned pair is the one with the lowest residual seen (start included),
     including when the best was the previous pair, carried across a replay in the static buffers."""
     f_linear, x0, _ = transient_growth(batch=8, seed=3)
@@ -88,7 +81,7 @@ def test_graph_loop_returns_the_lowest_residual_pair(monkeypatch, solver, option
         return f_linear(z) + 0.3 * torch.sin(3 * z)
 
     monkeypatch.setattr(_solve, "GRAPHS", EagerGraphs())
-    sol = getattr(fixedpoint, solver)(f, x0, tol=1e-30, max_iter=20, stop="abs", graph=True, check_every=check_every,
+    sol = getattr(fixedpoint, solver)(f, x0, tol=1e-30, max_iter=20, stop="abs", graph=graph, check_every=check_every,
                                       **options)  # fmt: skip
     assert (sol.trace.diff(dim=0) > 0).any(), "the residuals must rise somewhere for this test to mean anything"
     start = (f(x0) - x0).norm(dim=1)
@@ -98,18 +91,64 @@ def test_graph_loop_returns_the_lowest_residual_pair(monkeypatch, solver, option
     torch.testing.assert_close((sol.fx - sol.x).norm(dim=1), sol.residual, rtol=1e-12, atol=0)
 
 
-def test_graph_loop_stops_early_when_every_sample_converges(monkeypatch):
+@pytest.mark.parametrize("graph", GRAPH_MODES)
+def test_graph_loop_stops_early_when_every_sample_converges(monkeypatch, graph):
     monkeypatch.setattr(_solve, "GRAPHS", EagerGraphs())
-    sol = fixedpoint.anderson(lambda z: 0.5 * z + 1.0, torch.zeros(3, 4), tol=1e-6, max_iter=500, graph=True, m=2)
+    sol = fixedpoint.anderson(lambda z: 0.5 * z + 1.0, torch.zeros(3, 4), tol=1e-6, max_iter=500, graph=graph, m=2)
     assert sol.converged.all() and sol.trace.shape[0] == int(sol.nsteps.max()) < 40
     torch.testing.assert_close(sol.x, torch.full((3, 4), 2.0))
 
 
-def test_graph_needs_cuda_and_a_graph_capable_solver():
+@pytest.mark.parametrize("stop_at", [4, 5, 6, 7])  # every position in Picard's period of two graphs, and a wrap
+def test_solver_graphs_stop_at_any_position_with_the_last_pair(monkeypatch, stop_at):
+    """graph="solver" checks convergence after every iteration: a stop mid-period returns the pair of the
+    position that stopped (the last pair is taken from that graph's outputs), as the eager loop does."""
+    f, x0, iterates = transient_growth(batch=3, seed=1)
+    monkeypatch.setattr(_solve, "GRAPHS", EagerGraphs())
+    reference = fixedpoint.picard(f, x0, tol=1e-30, max_iter=stop_at, stop="abs")
+    sol = fixedpoint.picard(f, x0, tol=1e-30, max_iter=stop_at, stop="abs", graph="solver")
+    assert sol.nfev == reference.nfev == stop_at + 1 and torch.equal(sol.nsteps, reference.nsteps)
+    assert torch.equal(sol.x, reference.x) and torch.equal(sol.fx, reference.fx)
+    torch.testing.assert_close(sol.trace, reference.trace, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("solver,options", [("anderson", {"m": 3}), ("picard", {"beta": 0.7})])
+@pytest.mark.parametrize("graph", GRAPH_MODES)
+def test_graph_loops_with_triton_kernels_equal_the_eager_loop(monkeypatch, solver, options, graph):
+    """The Triton launchers (the CPU interpreter here) inside both graph loops: the same solve as eagerly."""
+    pytest.importorskip("triton")
+    f, x0, calls = _problem(batch=5, dim=8, seed=2)
+    solve = getattr(fixedpoint, solver)
+    eager = solve(f, x0, tol=1e-6, max_iter=12, impl="triton", **options)
+    monkeypatch.setattr(_solve, "GRAPHS", EagerGraphs())
+    calls[0] = 0
+    graphed = solve(f, x0, tol=1e-6, max_iter=12, impl="triton", graph=graph, **options)
+    assert graphed.nsteps.tolist() == eager.nsteps.tolist() and graphed.status.tolist() == eager.status.tolist()
+    torch.testing.assert_close(graphed.x, eager.x, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(graphed.trace, eager.trace, rtol=1e-5, atol=1e-9, equal_nan=True)
+
+
+def test_graph_needs_cuda_and_a_graph_capable_solver(monkeypatch):
     with pytest.raises(ValueError, match="graph=True captures a CUDA graph and needs CUDA tensors, got x0 on cpu"):
         fixedpoint.anderson(lambda z: z, torch.zeros(2, 3), graph=True)
-    with pytest.raises(TypeError, match="graph must be a bool"):
+    with pytest.raises(ValueError, match="graph must be False, True or 'solver', got 'yes'"):
         fixedpoint.picard(lambda z: z, torch.zeros(2, 3), graph="yes")
+    with pytest.raises(TypeError, match="graph must be a bool or 'solver', got int"):
+        fixedpoint.picard(lambda z: z, torch.zeros(2, 3), graph=1)
+    with pytest.raises(ValueError, match="graph='solver' captures a CUDA graph and needs CUDA tensors, got x0 on cpu"):
+        fixedpoint.picard(lambda z: z, torch.zeros(2, 3), graph="solver")
+    monkeypatch.setattr(_solve, "GRAPHS", EagerGraphs())
+    with pytest.raises(ValueError, match="graph='solver' is not supported by Broyden"):
+        _solve.solve(
+            fixedpoint._solvers.Broyden(),
+            lambda z: z,
+            torch.zeros(2, 3),
+            tol=1e-4,
+            max_iter=5,
+            stop="rel",
+            divergence=None,
+            graph="solver",
+        )
 
 
 def test_solve_spd_matches_linalg_solve():
@@ -127,7 +166,8 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 @cuda
 @pytest.mark.parametrize("solver", ["anderson", "picard"])
-def test_cuda_graph_equals_the_default_loop_on_gpu(solver):
+@pytest.mark.parametrize("graph", GRAPH_MODES)
+def test_cuda_graph_equals_the_default_loop_on_gpu(solver, graph):
     gen = torch.Generator(device="cuda").manual_seed(0)
     w = torch.randn(256, 256, device="cuda", generator=gen)
     w = 0.9 * w / torch.linalg.matrix_norm(w, ord=2)
@@ -137,7 +177,7 @@ def test_cuda_graph_equals_the_default_loop_on_gpu(solver):
     x0 = torch.zeros(16, 8, 256, device="cuda")
     eager = solve(f, x0, tol=1e-5, max_iter=80)
     for _ in range(2):  # a second graph solve of the same kind gives the same result
-        graphed = solve(f, x0, tol=1e-5, max_iter=80, graph=True, check_every=5)
+        graphed = solve(f, x0, tol=1e-5, max_iter=80, graph=graph, check_every=5)
         assert graphed.nsteps.tolist() == eager.nsteps.tolist() and graphed.status.tolist() == eager.status.tolist()
         torch.testing.assert_close(graphed.x, eager.x, rtol=1e-4, atol=1e-5)
 
@@ -154,7 +194,8 @@ def test_cuda_graph_rejects_a_map_that_syncs():
         fixedpoint.anderson(syncing, x0, graph=True, tol=1e-30, max_iter=30, divergence=None)
 
 
-def test_every_graph_solve_warms_up_before_capture(monkeypatch):
+@pytest.mark.parametrize("graph", GRAPH_MODES)
+def test_every_graph_solve_warms_up_before_capture(monkeypatch, graph):
     """Each solve runs its first period eagerly (new kernel specializations compile there, never in capture)."""
     graphs = EagerGraphs()
     warmups = []
@@ -162,5 +203,20 @@ def test_every_graph_solve_warms_up_before_capture(monkeypatch):
     monkeypatch.setattr(_solve, "GRAPHS", graphs)
     f, x0, _ = _problem()
     for beta in (1.0, 0.5):
-        fixedpoint.picard(f, x0, tol=1e-6, max_iter=20, graph=True, beta=beta)
-    assert len(warmups) == 2 and graphs.captures == 2
+        fixedpoint.picard(f, x0, tol=1e-6, max_iter=20, graph=graph, beta=beta)
+    assert len(warmups) == 2 and graphs.captures == (2 if graph is True else 4)
+
+
+@cuda
+def test_solver_graphs_take_a_map_that_syncs():
+    """graph="solver" runs f eagerly: a map with a host sync (which graph=True rejects) is fine."""
+    w = 0.5 * torch.eye(8, device="cuda")
+
+    def syncing(z):
+        return torch.tanh(z @ w) * float(z.abs().sum().item() * 0 + 1)
+
+    x0 = torch.ones(2, 8, device="cuda")
+    eager = fixedpoint.anderson(syncing, x0, tol=1e-30, max_iter=30, divergence=None)
+    graphed = fixedpoint.anderson(syncing, x0, tol=1e-30, max_iter=30, divergence=None, graph="solver")
+    assert graphed.nfev == eager.nfev and torch.equal(graphed.nsteps, eager.nsteps)
+    torch.testing.assert_close(graphed.x, eager.x, rtol=1e-5, atol=1e-6)

@@ -305,6 +305,34 @@ def _state_tensors(state: Any) -> dict[str, Tensor]:
     return {f.name: getattr(state, f.name) for f in fields(state) if isinstance(getattr(state, f.name), Tensor)}
 
 
+class _LaggedCount:
+    """The device's count of active samples, read one iteration after it is asked for: its copy to the
+    host is queued without waiting (pinned memory, an event), so while the host waits for it the device
+    has the next iteration queued and never idles. On a CPU the copy is immediate; the lag is the same."""
+
+    def __init__(self, device: torch.device):
+        cuda = device.type == "cuda"
+        self.host = torch.zeros((), dtype=torch.long, pin_memory=cuda)
+        self.event = torch.cuda.Event() if cuda else None
+        self.asked = False
+
+    def ask(self, count: Tensor) -> None:
+        """Queue the copy of ``count`` (0-d, on the device)."""
+        self.host.copy_(count, non_blocking=True)
+        if self.event is not None:
+            self.event.record()
+        self.asked = True
+
+    def answer(self) -> int | None:
+        """The count asked for last (waiting for its copy), or None when none was asked for since."""
+        if not self.asked:
+            return None
+        if self.event is not None:
+            self.event.synchronize()
+        self.asked = False
+        return int(self.host)
+
+
 class _StaticBuffers:
     """Tensors carried from one graph replay to the next, in fixed buffers: one per distinct tensor
     (two names for one tensor share it), dense (an expanded view cannot hold a copy)."""
@@ -397,10 +425,21 @@ def _loop(solver: Solver, f, x0: Tensor, *, tol, max_iter, stop, divergence, che
         state = solver.update(state, x, fx, g, gnorm)
         return n_active, counts
 
-    def iterate(n: int | None, sync: bool, all_active: bool) -> int | None:
-        """One eager iteration; the count of active samples when ``sync``."""
+    def iterate(n: int | None, sync: bool, all_active: bool) -> tuple[int | None, Tensor]:
+        """One eager iteration: the count of active samples when ``sync``, and the counts (2,) on the device."""
         x = advance(all_active)
-        return absorb(x, fn(x), n, sync)[0]
+        return absorb(x, fn(x), n, sync)
+
+    lagged = _LaggedCount(x.device)
+
+    def check(n: int, counts: Tensor, n_active: int) -> int:
+        """After iteration ``n`` (queued) of a loop with check_every >= 2: the count of active samples the
+        host knows, i.e. the one asked for one iteration ago (``n_active`` when none was), and every
+        check_every iterations a new ask. The host waits for iteration n - 1 only: n is queued."""
+        answer = lagged.answer()
+        if (n + 1) % check_every == 0:
+            lagged.ask(counts[0])
+        return n_active if answer is None else answer
 
     def carried() -> dict[str, Tensor]:
         """What one iteration hands the next, besides the tensors updated in place."""
@@ -488,15 +527,16 @@ def _loop(solver: Solver, f, x0: Tensor, *, tol, max_iter, stop, divergence, che
             if len(replays) == j:  # the first pass through the period captures
                 replays.append(capture(lambda j=j: body(j), pool))
             replays[j]()
-            if (n + 1) % check_every == 0:
-                n_active = int(outputs[j][1][0])
+            counts = outputs[j][1]
+            n_active = int(counts[0]) if check_every == 1 else check(n, counts, n_active)
             n, j = n + 1, (j + 1) % period
         prev_x, prev_fx = outputs[j - 1][2:]  # the last evaluated pair
         return n
 
     n = 0
-    # Host syncs: with check_every == 1, one per iteration (how many samples are active);
-    # otherwise one every check_every iterations, and the loop masks unconditionally in between.
+    # Host syncs: with check_every == 1, one per iteration (how many samples are active); otherwise the
+    # count is asked for every check_every iterations and read one iteration later (`check`), and the
+    # loop masks unconditionally in between; graph=True checks after every `replays` chunks.
     n_active = int(active.sum())
     if graph:
         # warm up one period eagerly, off the main stream: compiles every kernel specialization the
@@ -510,11 +550,10 @@ def _loop(solver: Solver, f, x0: Tensor, *, tol, max_iter, stop, divergence, che
             n = (run_captured if graph is True else run_solver_graphs)(n, n_active)
     while n < max_iter and n_active:
         if check_every == 1:
-            n_active = iterate(n, sync=True, all_active=n_active == batch)
+            n_active, _ = iterate(n, sync=True, all_active=n_active == batch)
         else:
-            iterate(n, sync=False, all_active=False)
-            if (n + 1) % check_every == 0:
-                n_active = int(active.sum())
+            _, counts = iterate(n, sync=False, all_active=False)
+            n_active = check(n, counts, n_active)
         n += 1
 
     # samples still iterating at the end whose last pair was their best: take it (TAKE_NEW == 1)

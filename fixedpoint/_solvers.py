@@ -35,8 +35,10 @@ _DOC_PARTS = {
         divergence: a sample whose ||f(x) - x|| exceeds this factor times its
             start is stopped as DIVERGED (None disables the check).
         check_every: ask the device whether any sample is still iterating only
-            every k iterations (fewer host syncs on GPUs; up to k - 1 extra
-            calls of f once all have stopped; the results are the same).""",
+            every k iterations. With k >= 2 the answer is copied to the host
+            without waiting and read one iteration later, so the host never
+            stalls the device (up to k extra calls of f once all have stopped;
+            the results are the same). 1 syncs once per iteration, exactly.""",
     "{graph}": """graph: on CUDA, replay the loop's per-iteration work from CUDA graphs.
             True: f included; a replay runs check_every iterations (rounded up to
             whole solver periods, Anderson's m) and then checks convergence. f must

@@ -220,3 +220,22 @@ def test_solver_graphs_take_a_map_that_syncs():
     graphed = fixedpoint.anderson(syncing, x0, tol=1e-30, max_iter=30, divergence=None, graph="solver")
     assert graphed.nfev == eager.nfev and torch.equal(graphed.nsteps, eager.nsteps)
     torch.testing.assert_close(graphed.x, eager.x, rtol=1e-5, atol=1e-6)
+
+
+@cuda
+@pytest.mark.parametrize("graph", [False, "solver"])
+def test_lagged_check_on_gpu_runs_the_iterations_it_runs_on_cpu(graph):
+    """check_every >= 2 reads the count one iteration late through pinned memory and an event on CUDA,
+    a plain copy on CPU: the same iterations either way, so the same calls of f."""
+    runs = {}
+    for device in ("cpu", "cuda"):
+        gen = torch.Generator().manual_seed(1)
+        w = torch.randn(64, 64, generator=gen, dtype=torch.float64)
+        w = (0.8 * w / torch.linalg.matrix_norm(w, ord=2)).to(device)
+        b = torch.randn(6, 64, generator=gen, dtype=torch.float64).to(device)
+        options = {"graph": graph} if device == "cuda" else {}
+        runs[device] = fixedpoint.anderson(lambda z: torch.tanh(z @ w.T + b), torch.zeros_like(b), tol=1e-8,
+                                           max_iter=200, check_every=4, **options)  # fmt: skip
+    cpu, gpu = runs["cpu"], runs["cuda"]
+    assert gpu.nfev == cpu.nfev and gpu.nsteps.tolist() == cpu.nsteps.tolist() and gpu.converged.all()
+    torch.testing.assert_close(gpu.x.cpu(), cpu.x, rtol=1e-9, atol=1e-10)

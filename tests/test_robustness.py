@@ -289,6 +289,12 @@ def test_checking_every_k_iterations_gives_the_same_solution(solver):
     assert sparse.status.tolist() == every.status.tolist() and sparse.nsteps.tolist() == every.nsteps.tolist()
     torch.testing.assert_close(sparse.x, every.x, rtol=0, atol=1e-12)
     torch.testing.assert_close(sparse.trace, every.trace, rtol=0, atol=1e-12, equal_nan=True)
-    assert every.nfev <= sparse.nfev  # up to check_every - 1 calls of f after the last sample stopped
+    # the count is asked for after iterations 7, 14, ... and read one iteration later: the loop runs on
+    # to one iteration past the first multiple of 7 at or after the last sample's stop (Newton's extra
+    # iterations cost it more than one call each)
+    stopped = int(every.nsteps.max())
+    extra = 7 * -(-stopped // 7) + 1 - stopped
+    assert 1 <= extra <= 7 and (sparse.nfev == every.nfev + extra if solver is not fixedpoint.newton else
+                                sparse.nfev > every.nfev)  # fmt: skip
     with pytest.raises(ValueError, match="check_every.*0"):
         solver(f, b, check_every=0)

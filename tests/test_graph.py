@@ -1,6 +1,7 @@
 """graph=True: the CUDA-graph loop. On CPU its logic runs with an eager stand-in for capture and replay."""
 
 from contextlib import nullcontext
+from functools import partial
 
 import pytest
 import torch
@@ -234,8 +235,8 @@ def test_lagged_check_on_gpu_runs_the_iterations_it_runs_on_cpu(graph):
         w = (0.8 * w / torch.linalg.matrix_norm(w, ord=2)).to(device)
         b = torch.randn(6, 64, generator=gen, dtype=torch.float64).to(device)
         options = {"graph": graph} if device == "cuda" else {}
-        runs[device] = fixedpoint.anderson(lambda z: torch.tanh(z @ w.T + b), torch.zeros_like(b), tol=1e-8,
-                                           max_iter=200, check_every=4, **options)  # fmt: skip
+        f = partial(lambda z, w, b: torch.tanh(z @ w.T + b), w=w, b=b)
+        runs[device] = fixedpoint.anderson(f, torch.zeros_like(b), tol=1e-8, max_iter=200, check_every=4, **options)
     cpu, gpu = runs["cpu"], runs["cuda"]
     assert gpu.nfev == cpu.nfev and gpu.nsteps.tolist() == cpu.nsteps.tolist() and gpu.converged.all()
     torch.testing.assert_close(gpu.x.cpu(), cpu.x, rtol=1e-9, atol=1e-10)

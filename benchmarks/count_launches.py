@@ -5,12 +5,15 @@ the Triton kernels (in Triton's CPU interpreter) and counts, per iteration, the
 operations that would launch a GPU kernel: aten ops other than views and
 allocations, plus Triton kernel launches. f's own ops are excluded. On a GPU each
 launch costs ~5-15 us of host time (a Triton launch ~30-50 us with triton 3.6), which
-is what an eager solve pays per iteration on top of f.
+is what an eager solve pays per iteration on top of f. With graph="solver" the
+host launches one copy and one CUDA graph per iteration (the graphs are replayed by
+an eager stand-in here, each replay counted as one launch and its contents not).
 """
 
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
@@ -18,6 +21,8 @@ import torch  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 import fixedpoint  # noqa: E402
+from fixedpoint import _solve  # noqa: E402
+from fixedpoint.testing import EagerGraphs  # noqa: E402
 
 NO_LAUNCH = {"empty", "empty_like", "empty_strided", "new_empty", "lift_fresh", "_to_copy_noop", "detach", "alias"}
 
@@ -27,8 +32,16 @@ class Launches(TorchDispatchMode):
 
     def __init__(self) -> None:
         super().__init__()
-        self.torch = self.triton = 0
+        self.torch = self.triton = self.graphs = 0
         self.paused = 0
+
+    @contextmanager
+    def pause(self):
+        self.paused += 1
+        try:
+            yield
+        finally:
+            self.paused -= 1
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = func.overloadpacket.__name__
@@ -37,7 +50,29 @@ class Launches(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def count(solver: str, impl: str, iters: int) -> tuple[int, int]:
+class CountedGraphs(EagerGraphs):
+    """EagerGraphs whose replays count as one launch each; what a graph contains is not counted."""
+
+    def __init__(self, mode: Launches) -> None:
+        super().__init__()
+        self.mode = mode
+
+    def capture(self, body, device, pool=None):
+        def paused_body() -> None:
+            with self.mode.pause():
+                body()
+
+        replay = super().capture(paused_body, device, pool)
+
+        def counted() -> None:
+            self.mode.graphs += 1
+            replay()
+
+        return counted
+
+
+def count(solver: str, impl: str, iters: int, graph: bool | str = False) -> tuple[int, int, int]:
+    """Launches of a solve of ``iters`` iterations: (aten ops, Triton kernels, CUDA graphs)."""
     from triton.runtime.interpreter import InterpretedFunction
 
     torch.manual_seed(0)
@@ -47,38 +82,47 @@ def count(solver: str, impl: str, iters: int) -> tuple[int, int]:
     mode = Launches()
 
     def f(z):
-        mode.paused += 1
-        try:
+        with mode.pause():
             return torch.tanh(z @ w.T + b)
-        finally:
-            mode.paused -= 1
 
-    original = InterpretedFunction.run
+    original, graphs = InterpretedFunction.run, _solve.GRAPHS
 
     def run(self, *args, **kwargs):
-        mode.triton += 1
-        mode.paused += 1
-        try:
+        mode.triton += not mode.paused
+        with mode.pause():
             return original(self, *args, **kwargs)
-        finally:
-            mode.paused -= 1
 
     InterpretedFunction.run = run
+    if graph:
+        _solve.GRAPHS = CountedGraphs(mode)
     try:
         with mode:
-            getattr(fixedpoint, solver)(f, torch.zeros(4, 16), tol=1e-30, max_iter=iters, divergence=None, impl=impl)
+            getattr(fixedpoint, solver)(
+                f, torch.zeros(4, 16), tol=1e-30, max_iter=iters, divergence=None, impl=impl,
+                **({"graph": graph} if graph else {}),
+            )  # fmt: skip
     finally:
-        InterpretedFunction.run = original
-    return mode.torch, mode.triton
+        InterpretedFunction.run, _solve.GRAPHS = original, graphs
+    return mode.torch, mode.triton, mode.graphs
+
+
+CASES = [(solver, impl, False) for solver in ("picard", "anderson", "broyden") for impl in ("torch", "triton")]
+CASES += [(solver, "triton", "solver") for solver in ("picard", "anderson")]
+
+
+def per_iteration(solver: str, impl: str, graph: bool | str = False) -> tuple[float, float, float]:
+    """Launches per iteration (aten, Triton, graphs): the difference of a 20- and a 10-iteration solve,
+    so that per-solve work (the start, a graph's warm-up and captures) drops out."""
+    short, long = count(solver, impl, 10, graph), count(solver, impl, 20, graph)
+    return tuple((b - a) / 10 for a, b in zip(short, long))
 
 
 def main() -> None:
-    print("solver    impl     launches per iteration (aten + triton)")
-    for solver in ("picard", "anderson", "broyden"):
-        for impl in ("torch", "triton"):
-            (t1, k1), (t2, k2) = count(solver, impl, 10), count(solver, impl, 20)
-            aten, tri = (t2 - t1) / 10, (k2 - k1) / 10
-            print(f"{solver:9s} {impl:8s} {aten + tri:5.1f}  ({aten:.1f} aten + {tri:.1f} triton)")
+    print("solver    impl     graph    launches per iteration (aten + triton + graphs)")
+    for solver, impl, graph in CASES:
+        aten, tri, graphs = per_iteration(solver, impl, graph)
+        print(f"{solver:9s} {impl:8s} {str(graph):8s} {aten + tri + graphs:5.1f}  "
+              f"({aten:.1f} aten + {tri:.1f} triton + {graphs:.1f} graphs)")  # fmt: skip
 
 
 if __name__ == "__main__":

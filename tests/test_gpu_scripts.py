@@ -192,3 +192,13 @@ def test_codegen_audit_gives_every_dtype_16_byte_accesses(dim):
         assert width == 16, row
         assert set(re.findall(r"x(\d+)B", row["stores"])) <= {"16", "8", "4"}, row  # 4: the fp32 partial sums
         assert 0 < row["registers"] <= 255, row
+
+
+@pytest.mark.parametrize("solver", ["picard", "anderson"])
+def test_solver_graphs_launch_one_copy_and_one_graph_per_iteration(solver):
+    """graph="solver": per iteration the host launches f, the copy of f(x) and one graph; no Triton
+    kernel and no other aten op outside the graph (counted as the difference of a 20- and a 10-iteration
+    solve, with the eager stand-in for graphs)."""
+    import count_launches
+
+    assert count_launches.per_iteration(solver, "triton", "solver") == (1.0, 0.0, 1.0)

@@ -57,7 +57,7 @@ class CountedGraphs(EagerGraphs):
         super().__init__()
         self.mode = mode
 
-    def capture(self, body, device, pool=None):
+    def capture(self, body, device, pool):
         def paused_body() -> None:
             with self.mode.pause():
                 body()

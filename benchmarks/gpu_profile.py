@@ -1,6 +1,7 @@
 """Where an FPDM-XL/2 solve spends its time on a GPU: torch.profiler tables (run by hand on a CUDA machine).
 
-python benchmarks/gpu_profile.py [out_dir]: for picard and anderson (eager, and graph over 100 iterations),
+python benchmarks/gpu_profile.py [out_dir]: for picard and anderson (eager, and graph over 100 iterations;
+anderson with graph="solver" over 20),
 the kernels by total GPU time and the host ops by total CPU time, per iteration.
 """
 
@@ -26,6 +27,7 @@ def main(out: Path) -> None:
         "picard graph 100": lambda: fixedpoint.picard(f, z0, max_iter=100, graph=True, check_every=20, **free),
         "anderson 20": lambda: fixedpoint.anderson(f, z0, max_iter=20, **free),
         "anderson graph 100": lambda: fixedpoint.anderson(f, z0, max_iter=100, graph=True, check_every=20, **free),
+        "anderson graph=solver 20": lambda: fixedpoint.anderson(f, z0, max_iter=20, graph="solver", **free),
     }
     with torch.no_grad():
         for name, run in runs.items():

@@ -269,21 +269,28 @@ class CudaGraphs:
 
     @staticmethod
     def memory_pool(device: torch.device) -> Any:
-        """A pool for graphs that are replayed in the order they were captured (their memory is shared)."""
-        return torch.cuda.graph_pool_handle()
+        """What the captures of one solve share: a memory pool (graphs replayed in the order they were
+        captured may share memory) and the stream they are captured on (the allocator reuses a freed
+        block on its own stream only).
+
+        Empties the allocator's cache first, once per solve: that is what returns the pools of earlier
+        solves' graphs to the driver, and an allocation that fails inside a capture cannot retry after it.
+        """
+        torch.cuda.empty_cache()
+        return torch.cuda.graph_pool_handle(), torch.cuda.Stream(device=device)
 
     @staticmethod
-    def capture(body: Callable[[], None], device: torch.device, pool: Any = None) -> Callable[[], None]:
-        """Record ``body`` on a side stream (nothing runs yet) and return the graph's replay.
+    def capture(body: Callable[[], None], device: torch.device, pool: Any) -> Callable[[], None]:
+        """Record ``body`` on ``pool``'s stream into its memory (nothing runs yet) and return the replay.
 
         capture_begin/capture_end rather than ``torch.cuda.graph``, which also synchronizes and empties
         the allocator's cache before each capture: f's next eager call would allocate from the driver again.
         """
+        handle, side = pool
         graph = torch.cuda.CUDAGraph()
-        side = torch.cuda.Stream(device=device)
         side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side):
-            graph.capture_begin(*(() if pool is None else (pool,)))
+            graph.capture_begin(handle)
             try:
                 body()
             except BaseException:
@@ -312,6 +319,7 @@ class _LaggedCount:
 
     def __init__(self, device: torch.device):
         cuda = device.type == "cuda"
+        self.device = device
         self.host = torch.zeros((), dtype=torch.long, pin_memory=cuda)
         self.event = torch.cuda.Event() if cuda else None
         self.asked = False
@@ -319,8 +327,8 @@ class _LaggedCount:
     def ask(self, count: Tensor) -> None:
         """Queue the copy of ``count`` (0-d, on the device)."""
         self.host.copy_(count, non_blocking=True)
-        if self.event is not None:
-            self.event.record()
+        if self.event is not None:  # behind the copy: on the stream of the count's device, not the current device
+            self.event.record(torch.cuda.current_stream(self.device))
         self.asked = True
 
     def answer(self) -> int | None:
@@ -334,14 +342,15 @@ class _LaggedCount:
 
 
 class _StaticBuffers:
-    """Tensors carried from one graph replay to the next, in fixed buffers: one per distinct tensor
-    (two names for one tensor share it), dense (an expanded view cannot hold a copy)."""
+    """Tensors carried from one graph replay to the next, in fixed buffers: one dense copy per distinct
+    tensor (two names for one tensor share it). Copies, so that nothing f returned is written into."""
 
     def __init__(self, values: dict[str, Tensor]):
         buffers: dict[int, Tensor] = {}
-        self.tensors = {
-            name: buffers.setdefault(id(v), v if v.is_contiguous() else v.contiguous()) for name, v in values.items()
-        }
+        for v in values.values():
+            if id(v) not in buffers:
+                buffers[id(v)] = v.clone(memory_format=torch.contiguous_format)
+        self.tensors = {name: buffers[id(v)] for name, v in values.items()}
 
     def __getitem__(self, name: str) -> Tensor:
         return self.tensors[name]
@@ -430,7 +439,7 @@ def _loop(solver: Solver, f, x0: Tensor, *, tol, max_iter, stop, divergence, che
         x = advance(all_active)
         return absorb(x, fn(x), n, sync)
 
-    lagged = _LaggedCount(x.device)
+    lagged = _LaggedCount(x.device) if check_every > 1 else None
 
     def check(n: int, counts: Tensor, n_active: int) -> int:
         """After iteration ``n`` (queued) of a loop with check_every >= 2: the count of active samples the
@@ -452,7 +461,7 @@ def _loop(solver: Solver, f, x0: Tensor, *, tol, max_iter, stop, divergence, che
         active, prev_x, prev_fx = static["active"], static["prev_x"], static["prev_fx"]
         state = replace(state, **{name: static[f"state.{name}"] for name in _state_tensors(state)})
 
-    def capture(body: Callable[[], None], pool: Any = None) -> Callable[[], None]:
+    def capture(body: Callable[[], None], pool: Any) -> Callable[[], None]:
         try:
             return GRAPHS.capture(body, x.device, pool)
         except RuntimeError as err:
@@ -483,7 +492,7 @@ def _loop(solver: Solver, f, x0: Tensor, *, tol, max_iter, stop, divergence, che
             bind(static)
 
         calls = fn.calls
-        replay = capture(run_chunk)
+        replay = capture(run_chunk, GRAPHS.memory_pool(x.device))
         per_replay, fn.calls = fn.calls - calls, calls
         while n < max_iter and n_active:
             for _ in range(replays):

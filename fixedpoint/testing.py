@@ -47,7 +47,7 @@ class EagerGraphs:
 
     Capture runs the body once for real (recording it, which on CUDA runs nothing); the replay after
     it is skipped (on CUDA that is the first run), later replays run the body again. Counts captures
-    and memory pools; a capture must use the newest pool.
+    and memory pools (one per solve); a capture must use the newest pool.
     """
 
     def __init__(self) -> None:
@@ -64,9 +64,9 @@ class EagerGraphs:
         self.pools.append(object())
         return self.pools[-1]
 
-    def capture(self, body: Callable[[], None], device: torch.device, pool: Any = None) -> Callable[[], None]:
-        if pool is not None and pool is not self.pools[-1]:
-            raise ValueError("a capture must use the newest memory pool")
+    def capture(self, body: Callable[[], None], device: torch.device, pool: Any) -> Callable[[], None]:
+        if not self.pools or pool is not self.pools[-1]:
+            raise ValueError("a capture must use the solve's memory pool (the newest)")
         self.captures += 1
         body()
         runs = [0]

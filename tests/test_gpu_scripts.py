@@ -44,7 +44,7 @@ def cpu_dry_run(monkeypatch):
     monkeypatch.setattr(bench_gpu, "N_BROYDEN", 3)
 
 
-def test_bench_gpu_kernel_cases_and_anderson_step_run(cpu_dry_run):
+def test_bench_gpu_kernel_cases_and_anderson_step_run(cpu_dry_run, monkeypatch):
     names = []
     for name, elements, impls in bench_gpu._kernel_cases(40, torch.bfloat16):
         assert elements >= 2 * 2 * 40 and set(impls) == {"triton", "torch"}
@@ -56,6 +56,11 @@ def test_bench_gpu_kernel_cases_and_anderson_step_run(cpu_dry_run):
         step = bench_gpu._anderson_step(impl, 2, 64, torch.float32)
         step()
         step()
+    graphs = EagerGraphs()
+    monkeypatch.setattr(_solve, "GRAPHS", graphs)
+    calls = []
+    bench_gpu._replayed(lambda: calls.append(1))()  # warm-up, capture (runs here), the skipped first replay
+    assert graphs.captures == 1 and len(calls) == 2
 
 
 def _never_converging():

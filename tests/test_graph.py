@@ -45,8 +45,9 @@ def test_graph_loop_gives_the_default_loop_result(monkeypatch, solver, options, 
     monkeypatch.setattr(_solve, "GRAPHS", graphs)
     calls[0] = 0
     captured = solve(f, x0, tol=1e-6, max_iter=40, graph=graph, check_every=check_every, **options)
+    assert len(graphs.pools) == 1  # one per solve
     if graph == "solver":  # one graph per position in a period of lcm(m, 2); f eager, checked as without graphs
-        assert graphs.captures == (6 if solver == "anderson" else 2) and len(graphs.pools) == 1
+        assert graphs.captures == (6 if solver == "anderson" else 2)
         assert captured.nfev == reference.nfev == calls[0]
     else:
         assert graphs.captures == 1
@@ -98,6 +99,23 @@ def test_graph_loop_stops_early_when_every_sample_converges(monkeypatch, graph):
     sol = fixedpoint.anderson(lambda z: 0.5 * z + 1.0, torch.zeros(3, 4), tol=1e-6, max_iter=500, graph=graph, m=2)
     assert sol.converged.all() and sol.trace.shape[0] == int(sol.nsteps.max()) < 40
     torch.testing.assert_close(sol.x, torch.full((3, 4), 2.0))
+
+
+@pytest.mark.parametrize("solver,options", [("anderson", {"m": 3}), ("picard", {}), ("picard", {"beta": 0.5})])
+@pytest.mark.parametrize("graph", GRAPH_MODES)
+def test_graph_loops_never_write_into_what_f_returned(monkeypatch, solver, options, graph):
+    """The static buffers are the loop's own copies: an f that keeps its outputs finds them unchanged."""
+    f_linear, x0, _ = transient_growth(batch=4, seed=2)
+    kept = []
+
+    def f(z):
+        out = f_linear(z) + 0.1 * torch.sin(z)
+        kept.append((out, out.clone()))
+        return out
+
+    monkeypatch.setattr(_solve, "GRAPHS", EagerGraphs())
+    getattr(fixedpoint, solver)(f, x0, tol=1e-30, max_iter=13, stop="abs", graph=graph, **options)
+    assert len(kept) >= 14 and all(torch.equal(out, copy) for out, copy in kept)
 
 
 @pytest.mark.parametrize("stop_at", [4, 5, 6, 7])  # every position in Picard's period of two graphs, and a wrap

@@ -483,7 +483,7 @@ def _bookkeep_kernel(gsq_ptr, fsq_ptr, g0_ptr, status_ptr, active_ptr, best_ptr,
         mask = idx < B
         gnorm = tl.sqrt_rn(tl.load(gsq_ptr + idx, mask=mask, other=0.0))  # IEEE-rounded, as torch
         fnorm = tl.sqrt_rn(tl.load(fsq_ptr + idx, mask=mask, other=0.0))
-        g0 = tl.load(g0_ptr + idx, mask=mask, other=0.0)
+        g0 = tl.load(g0_ptr + idx, mask=mask, other=1.0)  # masked lanes: no inf * 0 with divergence = inf
         if RELATIVE:
             floor = rel_floor * g0
             scale = tl.where(floor > fnorm, floor, fnorm)  # reference.REL_FLOOR: NaN-safe, as the twin

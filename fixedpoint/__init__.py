@@ -12,7 +12,7 @@ from ._backward import (
 )
 from ._module import FixedPoint
 from ._newton import newton
-from ._solve import Solution, Status
+from ._solve import Solution, Status, clear_graph_cache
 from ._solvers import anderson, broyden, picard
 
 __all__ = [
@@ -23,6 +23,7 @@ __all__ = [
     "Status",
     "anderson",
     "broyden",
+    "clear_graph_cache",
     "implicit",
     "jacobian_penalty",
     "jfb",

@@ -34,15 +34,17 @@ import enum
 import math
 import numbers
 import operator
+from collections import OrderedDict
 from collections.abc import Callable
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
+from functools import partial
 from typing import Any, Protocol
 
 import torch
 from torch import Tensor
 
-__all__ = ["Solution", "Solver", "Status", "solve"]
+__all__ = ["Solution", "Solver", "Status", "clear_graph_cache", "solve"]
 
 
 class Status(enum.IntEnum):
@@ -126,6 +128,10 @@ class _CountedMap:
     def __init__(self, f: Callable[[Tensor], Tensor], shape: torch.Size):
         self.f, self.shape, self.calls = f, shape, 0
         self.last: Tensor | None = None  # the previous output, kept alive so its address cannot be reused
+
+    def release(self) -> None:
+        """Drop f and its last output (kept graphs hold this object, not its map)."""
+        self.f = self.last = None
 
     def __call__(self, z: Tensor) -> Tensor:
         self.calls += 1
@@ -369,6 +375,58 @@ class _StaticBuffers:
                 target.copy_(value)
 
 
+@dataclass
+class _SolverGraphs:
+    """graph="solver": one period's graphs and every buffer they read and write. f is not captured, so
+    any later solve with the same key (solver, shapes, options) copies its start into these buffers and
+    replays the same graphs: no warm-up, no capture."""
+
+    buffers: dict[str, Tensor]  # updated in place: the start's residual and the per-sample accounting
+    static: _StaticBuffers  # what a period's first position reads: the next iterate, the carried tensors
+    fx_buffers: tuple[Tensor, Tensor]  # f(x) of position j goes into fx_buffers[j % 2]
+    period: int  # lcm(solver period, 2)
+    capture: Callable[[int], Callable[[], None]] | None = None  # position -> its replay, capturing it
+    replays: list[Callable[[], None]] = field(default_factory=list)  # captured positions, in order
+    outputs: list[tuple[Tensor, ...]] = field(default_factory=list)  # per position: x_{j+1}, counts, x_j, f(x_j)
+
+    def iterate_input(self, j: int) -> Tensor:
+        """The iterate position j evaluates: the static one at a period's start, else the previous output."""
+        return self.static["next_x"] if j == 0 else self.outputs[j - 1][0]
+
+    def run(self, fn: Callable[[Tensor], Tensor], n: int, n_active: int, max_iter: int, check) -> tuple:
+        """Iterate from position 0 until max_iter or no sample is active: f eagerly, then one replay.
+        ``check(n, counts, n_active)`` gives the active count the host knows after iteration n. Returns
+        the iterations run, the active count and the last evaluated pair."""
+        j = 0
+        while n < max_iter and n_active:
+            self.fx_buffers[j % 2].copy_(fn(self.iterate_input(j)))
+            if len(self.replays) == j:  # the first pass through a position captures it
+                self.replays.append(self.capture(j))
+            self.replays[j]()
+            n_active = check(n, self.outputs[j][1], n_active)
+            n, j = n + 1, (j + 1) % self.period
+        return n, n_active, *self.outputs[j - 1][2:]
+
+
+GRAPH_CACHE_SIZE = 4  # graph="solver" sessions kept (least recently used dropped)
+_graph_cache: OrderedDict[tuple, _SolverGraphs] = OrderedDict()
+
+
+def clear_graph_cache() -> None:
+    """Drop every graph="solver" session kept for later solves, and return the memory it held to the
+    device (a dead graph's memory pool is freed only when the allocator's cache is emptied)."""
+    _graph_cache.clear()
+    if torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
+
+
+def _keep_graphs(key: tuple, session: _SolverGraphs) -> None:
+    _graph_cache[key] = session
+    _graph_cache.move_to_end(key)
+    while len(_graph_cache) > GRAPH_CACHE_SIZE:
+        _graph_cache.popitem(last=False)
+
+
 def _loop(solver: Solver, f, x0: Tensor, *, tol, max_iter, stop, divergence, check_every, graph, kernels) -> Solution:
     batch = x0.shape[0]
     sdt = stat_dtype(x0.dtype)
@@ -442,9 +500,11 @@ def _loop(solver: Solver, f, x0: Tensor, *, tol, max_iter, stop, divergence, che
     lagged = _LaggedCount(x.device) if check_every > 1 else None
 
     def check(n: int, counts: Tensor, n_active: int) -> int:
-        """After iteration ``n`` (queued) of a loop with check_every >= 2: the count of active samples the
-        host knows, i.e. the one asked for one iteration ago (``n_active`` when none was), and every
-        check_every iterations a new ask. The host waits for iteration n - 1 only: n is queued."""
+        """After iteration ``n`` (queued): the count of active samples the host knows. With check_every 1,
+        this iteration's (a sync). Otherwise the one asked for one iteration ago (``n_active`` when none
+        was), and every check_every iterations a new ask: the host waits for iteration n - 1 only."""
+        if lagged is None:
+            return int(counts[0])
         answer = lagged.answer()
         if (n + 1) % check_every == 0:
             lagged.ask(counts[0])
@@ -473,11 +533,11 @@ def _loop(solver: Solver, f, x0: Tensor, *, tol, max_iter, stop, divergence, che
             )
             raise RuntimeError(f"graph={graph!r} could not capture {what} in a CUDA graph{advice}: {err}") from err
 
-    def run_captured(n: int, n_active: int) -> int:
+    def run_captured(n: int, n_active: int) -> tuple[int, int]:
         """graph=True: chunks of whole solver periods (Anderson's ring slot repeats), f included, captured
         once and replayed; at least GRAPH_CHUNK iterations per chunk, so that copying its results back
         costs little per iteration. Convergence is checked every `replays` chunks (check_every rounded
-        up). Returns the iterations run."""
+        up). Returns the iterations run and the active count."""
         chunk = solver.period * math.ceil(GRAPH_CHUNK / solver.period)
         replays = math.ceil(check_every / chunk)
         # status, best_res, pending, nsteps, trace, best_x, best_fx are updated in place; the rest is
@@ -501,53 +561,56 @@ def _loop(solver: Solver, f, x0: Tensor, *, tol, max_iter, stop, divergence, che
                     fn.calls += per_replay
                     n += chunk
             n_active = int(active.sum())
-        return n
+        return n, n_active
 
-    def run_solver_graphs(n: int, n_active: int) -> int:
-        """graph="solver": f runs eagerly, and the rest of each iteration (residuals, accounting, the
-        solver's update and next step) is one graph replay. One graph per position in a period of
-        lcm(solver period, 2) iterations: f's output is copied into one of two buffers, alternately, so
-        that the previous pair survives. Convergence is checked every check_every iterations, exactly.
-        Returns the iterations run."""
-        nonlocal prev_x, prev_fx
-        period = math.lcm(solver.period, 2)
+    def build_solver_graphs() -> _SolverGraphs:
+        """graph="solver" (after the warm-up): f runs eagerly, and the rest of each iteration (residuals,
+        accounting, the solver's update and next step) is one graph replay. One graph per position in a
+        period of lcm(solver period, 2) iterations: f's output is copied into one of two buffers, in
+        turn, so that the previous pair survives. Positions are captured on their first run."""
         static = _StaticBuffers({"next_x": advance(all_active=False), **carried()})
         bind(static)
-        fx_buffers = (torch.empty_like(static["next_x"]), static["prev_fx"])  # f(x_j) goes into fx_buffers[j % 2]
-        outputs: list[tuple[Tensor, ...]] = [()] * period  # per position: x_{j+1}, counts, x_j, f(x_j)
-        replays: list[Callable[[], None]] = []
+        start_state = state  # a period's first position starts from here (Anderson's ring slot included)
+        buffers = {"gnorm0": gnorm0, "status": status, "best_res": best_res, "pending": pending, "nsteps": nsteps,
+                   "trace": trace, "done": done, "best_x": best_x, "best_fx": best_fx}  # fmt: skip
+        session = _SolverGraphs(
+            buffers, static, (torch.empty_like(static["next_x"]), static["prev_fx"]), math.lcm(solver.period, 2)
+        )
         pool = GRAPHS.memory_pool(x.device)  # the graphs replay in the order they were captured
 
-        def iterate_input(j: int) -> Tensor:
-            return static["next_x"] if j == 0 else outputs[j - 1][0]
-
         def body(j: int) -> None:
-            _, counts = absorb(iterate_input(j), fx_buffers[j % 2], None, sync=False)
+            nonlocal state
+            if j == 0:  # from the static buffers (also where an earlier solve stopped mid-period)
+                bind(static)
+                state = start_state
+            _, counts = absorb(session.iterate_input(j), session.fx_buffers[j % 2], None, sync=False)
             x_next = advance(all_active=False)
-            if j == period - 1:  # the period's results into the buffers its first position reads
+            if j == session.period - 1:  # the period's results into the buffers its first position reads
                 static.copy_in({"next_x": x_next, **carried()})
                 bind(static)
                 x_next = static["next_x"]
-            outputs[j] = (x_next, counts, prev_x, prev_fx)
+            session.outputs[j : j + 1] = [(x_next, counts, prev_x, prev_fx)]
 
-        j = 0
-        while n < max_iter and n_active:
-            fx_buffers[j % 2].copy_(fn(iterate_input(j)))
-            if len(replays) == j:  # the first pass through the period captures
-                replays.append(capture(lambda j=j: body(j), pool))
-            replays[j]()
-            counts = outputs[j][1]
-            n_active = int(counts[0]) if check_every == 1 else check(n, counts, n_active)
-            n, j = n + 1, (j + 1) % period
-        prev_x, prev_fx = outputs[j - 1][2:]  # the last evaluated pair
-        return n
+        session.capture = lambda j: capture(partial(body, j), pool)
+        return session
 
     n = 0
     # Host syncs: with check_every == 1, one per iteration (how many samples are active); otherwise the
     # count is asked for every check_every iterations and read one iteration later (`check`), and the
     # loop masks unconditionally in between; graph=True checks after every `replays` chunks.
     n_active = int(active.sum())
-    if graph:
+    session = None
+    if graph == "solver":  # a kept session: the start into its buffers, then straight to its graphs
+        key = (GRAPHS, solver, tuple(x.shape), x.dtype, x.device, tol, max_iter, stop, divergence)
+        session = _graph_cache.pop(key, None)  # while in use, a nested solve with the same key builds its own
+        if session is not None:
+            start = {"gnorm0": gnorm0, "status": status, "best_res": best_res, "pending": pending, "nsteps": nsteps,
+                     "trace": trace, "done": done, "best_x": best_x, "best_fx": best_fx}  # fmt: skip
+            for name, value in start.items():
+                session.buffers[name].copy_(value)
+            session.static.copy_in({"next_x": advance(all_active=False), **carried()})
+            gnorm0, status, best_res, pending, nsteps, trace, done, best_x, best_fx = session.buffers.values()
+    if graph and session is None:
         # warm up one period eagerly, off the main stream: compiles every kernel specialization the
         # capture will use and creates library handles (nothing may be compiled or loaded while capturing)
         with GRAPHS.warmup_stream(x.device):
@@ -556,7 +619,12 @@ def _loop(solver: Solver, f, x0: Tensor, *, tol, max_iter, stop, divergence, che
                 n += 1
         n_active = int(active.sum())
         if n < max_iter and n_active:
-            n = (run_captured if graph is True else run_solver_graphs)(n, n_active)
+            if graph is True:
+                n, n_active = run_captured(n, n_active)
+            else:
+                session = build_solver_graphs()
+    if session is not None and n < max_iter and n_active:
+        n, n_active, prev_x, prev_fx = session.run(fn, n, n_active, max_iter, check)
     while n < max_iter and n_active:
         if check_every == 1:
             n_active, _ = iterate(n, sync=True, all_active=n_active == batch)
@@ -568,7 +636,7 @@ def _loop(solver: Solver, f, x0: Tensor, *, tol, max_iter, stop, divergence, che
     # samples still iterating at the end whose last pair was their best: take it (TAKE_NEW == 1)
     kernels.best_update(best_x, best_fx, prev_x, prev_fx, prev_x, prev_fx, pending.to(torch.int8))
     n = int(nsteps.max()) if (check_every > 1 or graph) else n  # drop the rows run after every sample stopped
-    return Solution(
+    solution = Solution(
         x=best_x.view(x0.shape),
         fx=best_fx.view(x0.shape),
         residual=best_res,
@@ -577,3 +645,11 @@ def _loop(solver: Solver, f, x0: Tensor, *, tol, max_iter, stop, divergence, che
         trace=trace[:n],
         nfev=fn.calls,
     )
+    if session is None:
+        return solution
+    # the session's buffers serve the next solve: the result gets its own copies, and the session
+    # keeps no reference to this solve's f
+    fn.release()
+    _keep_graphs(key, session)
+    copies = {f.name: getattr(solution, f.name).clone() for f in fields(solution) if f.name != "nfev"}
+    return replace(solution, **copies)

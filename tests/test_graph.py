@@ -99,6 +99,9 @@ def test_graph_loop_stops_early_when_every_sample_converges(monkeypatch, graph):
     sol = fixedpoint.anderson(lambda z: 0.5 * z + 1.0, torch.zeros(3, 4), tol=1e-6, max_iter=500, graph=graph, m=2)
     assert sol.converged.all() and sol.trace.shape[0] == int(sol.nsteps.max()) < 40
     torch.testing.assert_close(sol.x, torch.full((3, 4), 2.0))
+    eager = fixedpoint.anderson(lambda z: 0.5 * z + 1.0, torch.zeros(3, 4), tol=1e-6, max_iter=500, m=2)
+    # no call of f after the stop but the rest of a captured chunk (graph=True); none with "solver"
+    assert sol.nfev == eager.nfev if graph == "solver" else eager.nfev <= sol.nfev < eager.nfev + 4
 
 
 @pytest.mark.parametrize("solver,options", [("anderson", {"m": 3}), ("picard", {}), ("picard", {"beta": 0.5})])
@@ -190,15 +193,18 @@ def test_cuda_graph_equals_the_default_loop_on_gpu(solver, graph):
     gen = torch.Generator(device="cuda").manual_seed(0)
     w = torch.randn(256, 256, device="cuda", generator=gen)
     w = 0.9 * w / torch.linalg.matrix_norm(w, ord=2)
-    b = torch.randn(16, 8, 256, device="cuda", generator=gen)
-    f = lambda z: torch.tanh(z @ w.T + b)  # noqa: E731
+    injections = torch.randn(2, 16, 8, 256, device="cuda", generator=gen)
     solve = getattr(fixedpoint, solver)
     x0 = torch.zeros(16, 8, 256, device="cuda")
-    eager = solve(f, x0, tol=1e-5, max_iter=80)
-    for _ in range(2):  # a second graph solve of the same kind gives the same result
+    results = []
+    for b in (injections[0], injections[1], injections[0]):  # "solver": later solves replay the kept graphs
+        f = partial(lambda z, b: torch.tanh(z @ w.T + b), b=b)
+        eager = solve(f, x0, tol=1e-5, max_iter=80)
         graphed = solve(f, x0, tol=1e-5, max_iter=80, graph=graph, check_every=5)
         assert graphed.nsteps.tolist() == eager.nsteps.tolist() and graphed.status.tolist() == eager.status.tolist()
         torch.testing.assert_close(graphed.x, eager.x, rtol=1e-4, atol=1e-5)
+        results.append(graphed.x)
+    assert not torch.equal(results[0], results[1]) and torch.equal(results[0], results[2])
 
 
 @cuda
@@ -258,3 +264,132 @@ def test_lagged_check_on_gpu_runs_the_iterations_it_runs_on_cpu(graph):
     cpu, gpu = runs["cpu"], runs["cuda"]
     assert gpu.nfev == cpu.nfev and gpu.nsteps.tolist() == cpu.nsteps.tolist() and gpu.converged.all()
     torch.testing.assert_close(gpu.x.cpu(), cpu.x, rtol=1e-9, atol=1e-10)
+
+
+def _contraction_map(seed, dim=12, batch=5, nan_after=None, shift=True, rate=0.9):
+    """tanh(W z + b), a contraction of Lipschitz constant ``rate`` (W, b drawn per seed); with ``shift``,
+    sample 4 has no fixed point (a shift); with ``nan_after``, sample 2 turns NaN from that call on."""
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(dim, dim, generator=gen)
+    w = rate * w / torch.linalg.matrix_norm(w, ord=2)
+    b = torch.randn(batch, dim, generator=gen)
+    calls = [0]
+
+    def f(z):
+        calls[0] += 1
+        out = torch.tanh(z @ w.T + b)
+        if shift:
+            out[4] = z[4] + 0.01
+        if nan_after is not None and calls[0] >= nan_after:
+            out[2] = float("nan")
+        return out
+
+    return f, torch.randn(batch, dim, generator=gen)
+
+
+def _assert_same_solve(sol, reference):
+    """The same iterations; values to rounding (a graph's Anderson solves its small systems by plain tensor
+    ops, not LAPACK: on the sample without a fixed point the two drift apart by ~3e-5 in 40 iterations)."""
+    assert sol.nfev == reference.nfev
+    assert sol.nsteps.tolist() == reference.nsteps.tolist() and sol.status.tolist() == reference.status.tolist()
+    torch.testing.assert_close(sol.x, reference.x, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(sol.fx, reference.fx, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(sol.trace, reference.trace, rtol=1e-4, atol=1e-9, equal_nan=True)
+
+
+@pytest.fixture
+def kept_graphs(monkeypatch):
+    """The eager stand-in for CUDA graphs, with an empty cache of graph="solver" sessions."""
+    graphs = EagerGraphs()
+    monkeypatch.setattr(_solve, "GRAPHS", graphs)
+    _solve.clear_graph_cache()
+    yield graphs
+    _solve.clear_graph_cache()
+
+
+@pytest.mark.parametrize("solver,options", [("anderson", {"m": 3}), ("picard", {"beta": 0.8})])
+@pytest.mark.parametrize("first_shift", [True, False])  # the first solve runs to max_iter, or stops mid-period
+def test_solver_graphs_are_kept_for_later_solves_of_any_map(kept_graphs, solver, options, first_shift):
+    """A later solve with the same solver, shapes and options replays the kept graphs (no warm-up, no
+    capture but of positions not yet captured), for another f and start: the same iterations as the
+    eager loop, and bit for bit the result of a solve with nothing kept. The earlier result is its own
+    copy, untouched."""
+    solve = getattr(fixedpoint, solver)
+    solves = [(1, None, first_shift), (2, 9, True), (3, None, True)]  # seed, NaN from call, shift
+
+    def run(seed, nan_after, shift, **graph):  # without the shift, a fast contraction: it converges mid-period
+        f, x0 = _contraction_map(seed, nan_after=nan_after, shift=shift, rate=0.9 if shift else 0.05)
+        return solve(f, x0, tol=1e-6, max_iter=40, **options, **graph)
+
+    fresh = []
+    for args in solves:
+        _solve.clear_graph_cache()
+        fresh.append(run(*args, graph="solver"))
+    _solve.clear_graph_cache()
+    captures = kept_graphs.captures
+    kept = [run(*solves[0], graph="solver")]
+    first, captured = kept[0].x.clone(), kept_graphs.captures - captures
+    kept += [run(*args, graph="solver") for args in solves[1:]]
+    period, warmup = (6, 3) if solver == "anderson" else (2, 1)
+    assert captured == min(period, int(kept[0].nsteps.max()) - warmup)  # positions reached in the first solve
+    assert kept_graphs.captures - captures == period  # each position once, over the three solves
+    if not first_shift:
+        assert 0 < captured < period or solver == "picard"  # the first solve stopped mid-period
+    for sol, reference, eager in zip(kept, fresh, (run(*args) for args in solves)):
+        assert (
+            sol.nfev == eager.nfev and torch.equal(sol.nsteps, eager.nsteps) and torch.equal(sol.status, eager.status)
+        )
+        for name in ("x", "fx", "residual", "nsteps", "status", "trace"):
+            assert torch.equal(getattr(sol, name).nan_to_num(), getattr(reference, name).nan_to_num()), name
+    assert torch.equal(kept[0].x, first)
+
+
+def test_solver_graphs_are_kept_per_key_and_cleared(kept_graphs):
+    f, x0 = _contraction_map(1)
+    fixedpoint.picard(f, x0, tol=1e-6, max_iter=30, graph="solver")
+    fixedpoint.picard(f, x0, tol=1e-5, max_iter=30, graph="solver")  # another tolerance: another session
+    fixedpoint.picard(*_contraction_map(1, batch=6), tol=1e-6, max_iter=30, graph="solver")  # another batch
+    assert kept_graphs.captures == 6 and len(kept_graphs.pools) == 3
+    fixedpoint.picard(f, x0, tol=1e-5, max_iter=30, graph="solver")
+    assert kept_graphs.captures == 6
+    _solve.clear_graph_cache()
+    fixedpoint.picard(f, x0, tol=1e-5, max_iter=30, graph="solver")
+    assert kept_graphs.captures == 8 and len(kept_graphs.pools) == 4
+
+
+def test_solver_graphs_survive_a_failed_solve_and_a_nested_one(kept_graphs):
+    """A solve whose f raises drops the session it used (its buffers are half-updated); a solve inside f
+    with the same key builds its own while the outer one holds the kept session."""
+    f, x0 = _contraction_map(1)
+    opts = dict(tol=1e-6, max_iter=30, m=2)
+    fixedpoint.anderson(f, x0, graph="solver", **opts)
+
+    def failing(z):
+        if failing.calls == 4:
+            raise RuntimeError("f failed")
+        failing.calls += 1
+        return f(z)
+
+    failing.calls = 0
+    with pytest.raises(RuntimeError, match="f failed"):
+        fixedpoint.anderson(failing, x0, graph="solver", **opts)
+    g, y0 = _contraction_map(2)
+
+    def nested(z):  # an inner solve of the same key inside f
+        inner = fixedpoint.anderson(g, y0, graph="solver", **opts)
+        return f(z) + 0 * inner.x
+
+    _assert_same_solve(fixedpoint.anderson(nested, x0, graph="solver", **opts), fixedpoint.anderson(f, x0, **opts))
+    _assert_same_solve(fixedpoint.anderson(g, y0, graph="solver", **opts), fixedpoint.anderson(g, y0, **opts))
+
+
+def test_kept_solver_graphs_do_not_keep_f_alive(kept_graphs):
+    import gc
+    import weakref
+
+    f, x0 = _contraction_map(1)
+    fixedpoint.anderson(f, x0, tol=1e-6, max_iter=30, graph="solver")
+    ref = weakref.ref(f)
+    del f
+    gc.collect()
+    assert ref() is None and len(_solve._graph_cache) == 1

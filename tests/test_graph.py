@@ -137,9 +137,12 @@ def test_solver_graphs_stop_at_any_position_with_the_last_pair(monkeypatch, stop
 @pytest.mark.parametrize("solver,options", [("anderson", {"m": 3}), ("picard", {"beta": 0.7})])
 @pytest.mark.parametrize("graph", GRAPH_MODES)
 def test_graph_loops_with_triton_kernels_equal_the_eager_loop(monkeypatch, solver, options, graph):
-    """The Triton launchers (the CPU interpreter here) inside both graph loops: the same solve as eagerly."""
+    """The Triton launchers inside both graph loops (the stand-in's, eagerly; on a CPU in the interpreter):
+    the same solve as eagerly."""
     pytest.importorskip("triton")
-    f, x0, calls = _problem(batch=5, dim=8, seed=2)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    f_cpu, x0, calls = _problem(batch=5, dim=8, seed=2)
+    f, x0 = (lambda z: f_cpu(z.cpu()).to(z.device)), x0.to(device)
     solve = getattr(fixedpoint, solver)
     eager = solve(f, x0, tol=1e-6, max_iter=12, impl="triton", **options)
     monkeypatch.setattr(_solve, "GRAPHS", EagerGraphs())

@@ -375,6 +375,11 @@ class _StaticBuffers:
                 target.copy_(value)
 
 
+def _position_input(static: _StaticBuffers, outputs: list[tuple[Tensor, ...]], j: int) -> Tensor:
+    """The iterate position j evaluates: the static one at a period's start, else the previous output."""
+    return static["next_x"] if j == 0 else outputs[j - 1][0]
+
+
 @dataclass
 class _SolverGraphs:
     """graph="solver": one period's graphs and every buffer they read and write. f is not captured, so
@@ -385,13 +390,13 @@ class _SolverGraphs:
     static: _StaticBuffers  # what a period's first position reads: the next iterate, the carried tensors
     fx_buffers: tuple[Tensor, Tensor]  # f(x) of position j goes into fx_buffers[j % 2]
     period: int  # lcm(solver period, 2)
-    capture: Callable[[int], Callable[[], None]] | None = None  # position -> its replay, capturing it
+    capture: Callable[[int], Callable[[], None]]  # position -> its replay, capturing it (never refers to self)
+    outputs: list[tuple[Tensor, ...]]  # per captured position: x_{j+1}, counts, x_j, f(x_j)
     replays: list[Callable[[], None]] = field(default_factory=list)  # captured positions, in order
-    outputs: list[tuple[Tensor, ...]] = field(default_factory=list)  # per position: x_{j+1}, counts, x_j, f(x_j)
+    finished: Any = None  # CUDA: an event behind the last solve's work, which the next one waits for
 
     def iterate_input(self, j: int) -> Tensor:
-        """The iterate position j evaluates: the static one at a period's start, else the previous output."""
-        return self.static["next_x"] if j == 0 else self.outputs[j - 1][0]
+        return _position_input(self.static, self.outputs, j)
 
     def run(self, fn: Callable[[Tensor], Tensor], n: int, n_active: int, max_iter: int, check) -> tuple:
         """Iterate from position 0 until max_iter or no sample is active: f eagerly, then one replay.
@@ -432,10 +437,11 @@ def _loop(solver: Solver, f, x0: Tensor, *, tol, max_iter, stop, divergence, che
     sdt = stat_dtype(x0.dtype)
     fn = _CountedMap(f, x0.shape)
     x = x0.reshape(batch, -1).clone(memory_format=torch.contiguous_format)  # (B, D), rows at stride 1
+    device = x.device  # what the nested functions use: kept graphs must not keep x alive
 
-    nsteps = torch.zeros(batch, dtype=torch.long, device=x.device)
-    trace = torch.full((max_iter + 1, batch), float("nan"), dtype=sdt, device=x.device)  # last row: scratch
-    done = torch.zeros((), dtype=torch.long, device=x.device)  # iterations run, counted on the device (graph)
+    nsteps = torch.zeros(batch, dtype=torch.long, device=device)
+    trace = torch.full((max_iter + 1, batch), float("nan"), dtype=sdt, device=device)  # last row: scratch
+    done = torch.zeros((), dtype=torch.long, device=device)  # iterations run, counted on the device (graph)
     divergence = math.inf if divergence is None else float(divergence)
 
     fx = fn(x)
@@ -497,7 +503,7 @@ def _loop(solver: Solver, f, x0: Tensor, *, tol, max_iter, stop, divergence, che
         x = advance(all_active)
         return absorb(x, fn(x), n, sync)
 
-    lagged = _LaggedCount(x.device) if check_every > 1 else None
+    lagged = _LaggedCount(device) if check_every > 1 else None
 
     def check(n: int, counts: Tensor, n_active: int) -> int:
         """After iteration ``n`` (queued): the count of active samples the host knows. With check_every 1,
@@ -523,7 +529,7 @@ def _loop(solver: Solver, f, x0: Tensor, *, tol, max_iter, stop, divergence, che
 
     def capture(body: Callable[[], None], pool: Any) -> Callable[[], None]:
         try:
-            return GRAPHS.capture(body, x.device, pool)
+            return GRAPHS.capture(body, device, pool)
         except RuntimeError as err:
             what = "the iteration" if graph is True else "the solver's part of the iteration"
             advice = (
@@ -552,7 +558,7 @@ def _loop(solver: Solver, f, x0: Tensor, *, tol, max_iter, stop, divergence, che
             bind(static)
 
         calls = fn.calls
-        replay = capture(run_chunk, GRAPHS.memory_pool(x.device))
+        replay = capture(run_chunk, GRAPHS.memory_pool(device))
         per_replay, fn.calls = fn.calls - calls, calls
         while n < max_iter and n_active:
             for _ in range(replays):
@@ -573,37 +579,42 @@ def _loop(solver: Solver, f, x0: Tensor, *, tol, max_iter, stop, divergence, che
         start_state = state  # a period's first position starts from here (Anderson's ring slot included)
         buffers = {"gnorm0": gnorm0, "status": status, "best_res": best_res, "pending": pending, "nsteps": nsteps,
                    "trace": trace, "done": done, "best_x": best_x, "best_fx": best_fx}  # fmt: skip
-        session = _SolverGraphs(
-            buffers, static, (torch.empty_like(static["next_x"]), static["prev_fx"]), math.lcm(solver.period, 2)
-        )
-        pool = GRAPHS.memory_pool(x.device)  # the graphs replay in the order they were captured
+        fx_buffers = (torch.empty_like(static["next_x"]), static["prev_fx"])
+        period = math.lcm(solver.period, 2)
+        outputs: list[tuple[Tensor, ...]] = []
+        pool = GRAPHS.memory_pool(device)  # the graphs replay in the order they were captured
 
-        def body(j: int) -> None:
+        def body(j: int) -> None:  # no reference to the session: dropping it frees it, no cycle to collect
             nonlocal state
             if j == 0:  # from the static buffers (also where an earlier solve stopped mid-period)
                 bind(static)
                 state = start_state
-            _, counts = absorb(session.iterate_input(j), session.fx_buffers[j % 2], None, sync=False)
+            _, counts = absorb(_position_input(static, outputs, j), fx_buffers[j % 2], None, sync=False)
             x_next = advance(all_active=False)
-            if j == session.period - 1:  # the period's results into the buffers its first position reads
+            if j == period - 1:  # the period's results into the buffers its first position reads
                 static.copy_in({"next_x": x_next, **carried()})
                 bind(static)
                 x_next = static["next_x"]
-            session.outputs[j : j + 1] = [(x_next, counts, prev_x, prev_fx)]
+            outputs[j : j + 1] = [(x_next, counts, prev_x, prev_fx)]
 
-        session.capture = lambda j: capture(partial(body, j), pool)
-        return session
+        return _SolverGraphs(buffers, static, fx_buffers, period, lambda j: capture(partial(body, j), pool), outputs)
 
     n = 0
     # Host syncs: with check_every == 1, one per iteration (how many samples are active); otherwise the
     # count is asked for every check_every iterations and read one iteration later (`check`), and the
     # loop masks unconditionally in between; graph=True checks after every `replays` chunks.
     n_active = int(active.sum())
-    session = None
+    session = key = None
     if graph == "solver":  # a kept session: the start into its buffers, then straight to its graphs
-        key = (GRAPHS, solver, tuple(x.shape), x.dtype, x.device, tol, max_iter, stop, divergence)
-        session = _graph_cache.pop(key, None)  # while in use, a nested solve with the same key builds its own
+        key = (GRAPHS, solver, kernels, tuple(x.shape), x.dtype, device, tol, max_iter, stop, divergence,
+               torch.is_inference_mode_enabled())  # fmt: skip
+        try:
+            session = _graph_cache.pop(key, None)  # while in use, a nested solve with the same key builds its own
+        except TypeError:  # an unhashable solver (a mutable dataclass): nothing is kept
+            key = None
         if session is not None:
+            if session.finished is not None:  # the last solve's work, on whatever stream it ran
+                torch.cuda.current_stream(device).wait_event(session.finished)
             start = {"gnorm0": gnorm0, "status": status, "best_res": best_res, "pending": pending, "nsteps": nsteps,
                      "trace": trace, "done": done, "best_x": best_x, "best_fx": best_fx}  # fmt: skip
             for name, value in start.items():
@@ -613,11 +624,11 @@ def _loop(solver: Solver, f, x0: Tensor, *, tol, max_iter, stop, divergence, che
     if graph and session is None:
         # warm up one period eagerly, off the main stream: compiles every kernel specialization the
         # capture will use and creates library handles (nothing may be compiled or loaded while capturing)
-        with GRAPHS.warmup_stream(x.device):
+        with GRAPHS.warmup_stream(device):
             while n < min(solver.period, max_iter) and n_active:
-                iterate(None, sync=False, all_active=False)
+                _, counts = iterate(None, sync=False, all_active=False)
+                n_active = check(n, counts, n_active)  # as the eager loop: the same calls of f
                 n += 1
-        n_active = int(active.sum())
         if n < max_iter and n_active:
             if graph is True:
                 n, n_active = run_captured(n, n_active)
@@ -645,11 +656,14 @@ def _loop(solver: Solver, f, x0: Tensor, *, tol, max_iter, stop, divergence, che
         trace=trace[:n],
         nfev=fn.calls,
     )
-    if session is None:
+    if session is None or key is None:
         return solution
     # the session's buffers serve the next solve: the result gets its own copies, and the session
     # keeps no reference to this solve's f
-    fn.release()
-    _keep_graphs(key, session)
     copies = {f.name: getattr(solution, f.name).clone() for f in fields(solution) if f.name != "nfev"}
+    fn.release()
+    if device.type == "cuda":  # behind the copies too
+        session.finished = torch.cuda.Event()
+        session.finished.record(torch.cuda.current_stream(device))
+    _keep_graphs(key, session)
     return replace(solution, **copies)

@@ -396,3 +396,51 @@ def test_kept_solver_graphs_do_not_keep_f_alive(kept_graphs):
     del f
     gc.collect()
     assert ref() is None and len(_solve._graph_cache) == 1
+
+
+def test_solver_graphs_kept_in_inference_mode_serve_only_inference_mode(kept_graphs):
+    """Buffers made under torch.inference_mode() cannot be written outside it: the mode is part of the key."""
+    f, x0 = _contraction_map(1)
+    with torch.inference_mode():
+        inside = fixedpoint.anderson(f, x0, tol=1e-6, max_iter=30, graph="solver")
+    outside = fixedpoint.anderson(f, x0, tol=1e-6, max_iter=30, graph="solver")
+    assert len(_solve._graph_cache) == 2 and torch.equal(inside.x, outside.x)
+
+
+def test_dropped_solver_graphs_are_freed_at_once(kept_graphs):
+    """No reference cycle: clearing (or evicting) a session frees its graphs and buffers without waiting
+    for the garbage collector."""
+    import gc
+    import weakref
+
+    f, x0 = _contraction_map(1)
+    fixedpoint.anderson(f, x0, tol=1e-6, max_iter=30, graph="solver")
+    (session,) = _solve._graph_cache.values()
+    refs = [weakref.ref(session), weakref.ref(session.static["state.F"])]
+    del session
+    gc.disable()
+    try:
+        _solve.clear_graph_cache()
+        assert all(ref() is None for ref in refs)
+    finally:
+        gc.enable()
+
+
+def test_an_unhashable_solver_runs_solver_graphs_without_keeping_them(kept_graphs):
+    class Unhashable(fixedpoint._solvers.Picard):
+        __hash__ = None
+
+    f, x0 = _contraction_map(1)
+    sol = _solve.solve(Unhashable(beta=0.8), f, x0, tol=1e-6, max_iter=30, stop="rel", divergence=None,
+                       graph="solver")  # fmt: skip
+    _assert_same_solve(sol, fixedpoint.picard(f, x0, tol=1e-6, max_iter=30, divergence=None, beta=0.8))
+    assert not _solve._graph_cache
+
+
+@pytest.mark.parametrize("check_every", [1, 3])
+def test_a_solve_that_converges_in_the_warm_up_calls_f_as_the_eager_loop(kept_graphs, check_every):
+    """The warm-up period checks convergence as the eager loop does (m = 5: every sample stops sooner)."""
+    eager = fixedpoint.anderson(lambda z: 0.01 * z + 1.0, torch.zeros(3, 4), tol=1e-6, m=5, check_every=check_every)
+    graphed = fixedpoint.anderson(lambda z: 0.01 * z + 1.0, torch.zeros(3, 4), tol=1e-6, m=5, graph="solver",
+                                  check_every=check_every)  # fmt: skip
+    assert graphed.nfev == eager.nfev and int(eager.nsteps.max()) < 5 and not _solve._graph_cache

@@ -103,6 +103,7 @@ def count(solver: str, impl: str, iters: int, graph: bool | str = False) -> tupl
             )  # fmt: skip
     finally:
         InterpretedFunction.run, _solve.GRAPHS = original, graphs
+        _solve.clear_graph_cache()  # the stand-in's sessions
     return mode.torch, mode.triton, mode.graphs
 
 
@@ -110,11 +111,14 @@ CASES = [(solver, impl, False) for solver in ("picard", "anderson", "broyden") f
 CASES += [(solver, "triton", "solver") for solver in ("picard", "anderson")]
 
 
-def per_iteration(solver: str, impl: str, graph: bool | str = False) -> tuple[float, float, float]:
-    """Launches per iteration (aten, Triton, graphs): the difference of a 20- and a 10-iteration solve,
-    so that per-solve work (the start, a graph's warm-up and captures) drops out."""
-    short, long = count(solver, impl, 10, graph), count(solver, impl, 20, graph)
-    return tuple((b - a) / 10 for a, b in zip(short, long))
+def per_iteration(
+    solver: str, impl: str, graph: bool | str = False, iterations: tuple[int, int] = (10, 20)
+) -> tuple[float, float, float]:
+    """Launches per iteration (aten, Triton, graphs): the difference of two solves' counts (by default of
+    10 and 20 iterations), so that per-solve work (the start, a graph's warm-up and captures) drops out."""
+    (n_short, n_long) = iterations
+    short, long = count(solver, impl, n_short, graph), count(solver, impl, n_long, graph)
+    return tuple((b - a) / (n_long - n_short) for a, b in zip(short, long))
 
 
 def main() -> None:

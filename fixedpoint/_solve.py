@@ -17,7 +17,9 @@ pass. Without it the loop runs the ``residual`` kernel into a new g.
 
 A solver with a ``period`` (the iterations after which its Python-side state,
 e.g. Anderson's ring slot, repeats) and no host syncs can run with
-``graph=True``: its iterations are captured in a CUDA graph and replayed.
+``graph=True``: its iterations are captured in a CUDA graph and replayed; and
+with ``graph="solver"``, where f runs eagerly and the rest of each iteration is
+replayed from graphs kept for later solves (its step must not call ``fn``).
 
 The loop in :func:`solve` owns everything else: evaluating ``f``, residuals in
 the stopping measure, per-sample stopping and freezing, the best iterate per
@@ -39,7 +41,7 @@ from collections.abc import Callable
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field, fields, replace
 from functools import partial
-from typing import Any, Protocol
+from typing import Any, ClassVar, NamedTuple, Protocol
 
 import torch
 from torch import Tensor
@@ -256,6 +258,13 @@ def solve(
                      check_every=check_every, graph=graph, kernels=kernels)  # fmt: skip
 
 
+class CapturePool(NamedTuple):
+    """A CUDA graph memory pool and the side stream its graphs are captured on."""
+
+    handle: Any  # torch.cuda.graph_pool_handle()
+    stream: Any  # torch.cuda.Stream
+
+
 class CudaGraphs:
     """What the graph loops need from CUDA: a side stream for warm-up, a memory pool that captures can
     share, and capture into a replayable graph."""
@@ -274,19 +283,20 @@ class CudaGraphs:
         torch.cuda.current_stream(device).wait_stream(side)
 
     @staticmethod
-    def memory_pool(device: torch.device) -> Any:
-        """What the captures of one solve share: a memory pool (graphs replayed in the order they were
-        captured may share memory) and the stream they are captured on (the allocator reuses a freed
-        block on its own stream only).
+    def memory_pool(device: torch.device) -> CapturePool:
+        """What the captures of one graph=True solve or one graph="solver" session share: a memory pool
+        (graphs replayed in the order they were captured may share memory) and the stream they are
+        captured on (the allocator reuses a freed block on its own stream only).
 
-        Empties the allocator's cache first, once per solve: that is what returns the pools of earlier
-        solves' graphs to the driver, and an allocation that fails inside a capture cannot retry after it.
+        Empties the allocator's cache first, before the first capture into the pool: that is what returns
+        the pools of dropped graphs to the driver, and an allocation that fails inside a capture cannot
+        retry after it. (A kept session may capture its last positions in a later solve, without this.)
         """
         torch.cuda.empty_cache()
-        return torch.cuda.graph_pool_handle(), torch.cuda.Stream(device=device)
+        return CapturePool(torch.cuda.graph_pool_handle(), torch.cuda.Stream(device=device))
 
     @staticmethod
-    def capture(body: Callable[[], None], device: torch.device, pool: Any) -> Callable[[], None]:
+    def capture(body: Callable[[], None], device: torch.device, pool: CapturePool) -> Callable[[], None]:
         """Record ``body`` on ``pool``'s stream into its memory (nothing runs yet) and return the replay.
 
         capture_begin/capture_end rather than ``torch.cuda.graph``, which also synchronizes and empties
@@ -395,22 +405,50 @@ class _SolverGraphs:
     replays: list[Callable[[], None]] = field(default_factory=list)  # captured positions, in order
     finished: Any = None  # CUDA: an event behind the last solve's work, which the next one waits for
 
-    def iterate_input(self, j: int) -> Tensor:
-        return _position_input(self.static, self.outputs, j)
+    BUFFERS: ClassVar[tuple[str, ...]] = (
+        "gnorm0", "status", "best_res", "pending", "nsteps", "trace", "done", "best_x", "best_fx"
+    )  # fmt: skip
 
-    def run(self, fn: Callable[[Tensor], Tensor], n: int, n_active: int, max_iter: int, check) -> tuple:
+    def restart(self, start: dict[str, Tensor], carried: dict[str, Tensor], device: torch.device) -> None:
+        """A later solve: its start (``BUFFERS``) and its carried tensors, next iterate included, into the
+        kept buffers, after the last solve's work (which may have run on another stream)."""
+        if self.finished is not None:
+            torch.cuda.current_stream(device).wait_event(self.finished)
+        for name in self.BUFFERS:
+            self.buffers[name].copy_(start[name])
+        self.static.copy_in(carried)
+
+    def run(
+        self, fn: Callable[[Tensor], Tensor], n: int, n_active: int, max_iter: int,
+        check: Callable[[int, Tensor, int], int],
+    ) -> tuple[int, int, Tensor, Tensor]:  # fmt: skip
         """Iterate from position 0 until max_iter or no sample is active: f eagerly, then one replay.
         ``check(n, counts, n_active)`` gives the active count the host knows after iteration n. Returns
         the iterations run, the active count and the last evaluated pair."""
         j = 0
         while n < max_iter and n_active:
-            self.fx_buffers[j % 2].copy_(fn(self.iterate_input(j)))
+            self.fx_buffers[j % 2].copy_(fn(_position_input(self.static, self.outputs, j)))
             if len(self.replays) == j:  # the first pass through a position captures it
                 self.replays.append(self.capture(j))
             self.replays[j]()
             n_active = check(n, self.outputs[j][1], n_active)
             n, j = n + 1, (j + 1) % self.period
         return n, n_active, *self.outputs[j - 1][2:]
+
+    def result(self, solution: Solution, device: torch.device) -> Solution:
+        """``solution``, read from the kept buffers, copied out of them (the next solve overwrites them)."""
+        copies = {f.name: getattr(solution, f.name).clone() for f in fields(solution) if f.name != "nfev"}
+        if device.type == "cuda":  # the next solve waits for these copies
+            self.finished = torch.cuda.Event()
+            self.finished.record(torch.cuda.current_stream(device))
+        return replace(solution, **copies)
+
+
+def _map_not_captured(z: Tensor) -> Tensor:
+    raise RuntimeError(
+        "graph='solver' does not capture f, so the solver's step may not call it (Jacobian-vector products): "
+        "use graph=False or graph=True"
+    )
 
 
 GRAPH_CACHE_SIZE = 4  # graph="solver" sessions kept (least recently used dropped)
@@ -463,14 +501,14 @@ def _loop(solver: Solver, f, x0: Tensor, *, tol, max_iter, stop, divergence, che
     freezes = getattr(solver, "freezes", False)
     own_residual = getattr(solver, "residual", None)
 
-    def advance(all_active: bool) -> Tensor:
+    def advance(all_active: bool, step_map: Callable[[Tensor], Tensor] = fn) -> Tensor:
         """The solver's next iterate (B, D) to evaluate; stopped samples sit at their best iterate
-        (f always sees the whole batch)."""
+        (f always sees the whole batch). ``step_map``: the f a solver's step may call."""
         nonlocal state
         if freezes:
-            x, state = solver.step(fn, state, active, None if all_active else best_x)
+            x, state = solver.step(step_map, state, active, None if all_active else best_x)
             return x
-        x_next, state = solver.step(fn, state, active)
+        x_next, state = solver.step(step_map, state, active)
         return x_next if all_active else torch.where(active[:, None], x_next, best_x)
 
     def absorb(x: Tensor, fx: Tensor, n: int | None, sync: bool) -> tuple[int | None, Tensor]:
@@ -569,6 +607,11 @@ def _loop(solver: Solver, f, x0: Tensor, *, tol, max_iter, stop, divergence, che
             n_active = int(active.sum())
         return n, n_active
 
+    def loop_buffers() -> dict[str, Tensor]:
+        """The tensors the loop updates in place (``_SolverGraphs.BUFFERS``)."""
+        return {"gnorm0": gnorm0, "status": status, "best_res": best_res, "pending": pending, "nsteps": nsteps,
+                "trace": trace, "done": done, "best_x": best_x, "best_fx": best_fx}  # fmt: skip
+
     def build_solver_graphs() -> _SolverGraphs:
         """graph="solver" (after the warm-up): f runs eagerly, and the rest of each iteration (residuals,
         accounting, the solver's update and next step) is one graph replay. One graph per position in a
@@ -577,8 +620,6 @@ def _loop(solver: Solver, f, x0: Tensor, *, tol, max_iter, stop, divergence, che
         static = _StaticBuffers({"next_x": advance(all_active=False), **carried()})
         bind(static)
         start_state = state  # a period's first position starts from here (Anderson's ring slot included)
-        buffers = {"gnorm0": gnorm0, "status": status, "best_res": best_res, "pending": pending, "nsteps": nsteps,
-                   "trace": trace, "done": done, "best_x": best_x, "best_fx": best_fx}  # fmt: skip
         fx_buffers = (torch.empty_like(static["next_x"]), static["prev_fx"])
         period = math.lcm(solver.period, 2)
         outputs: list[tuple[Tensor, ...]] = []
@@ -590,14 +631,15 @@ def _loop(solver: Solver, f, x0: Tensor, *, tol, max_iter, stop, divergence, che
                 bind(static)
                 state = start_state
             _, counts = absorb(_position_input(static, outputs, j), fx_buffers[j % 2], None, sync=False)
-            x_next = advance(all_active=False)
+            x_next = advance(all_active=False, step_map=_map_not_captured)  # f is never captured
             if j == period - 1:  # the period's results into the buffers its first position reads
                 static.copy_in({"next_x": x_next, **carried()})
                 bind(static)
                 x_next = static["next_x"]
             outputs[j : j + 1] = [(x_next, counts, prev_x, prev_fx)]
 
-        return _SolverGraphs(buffers, static, fx_buffers, period, lambda j: capture(partial(body, j), pool), outputs)
+        capture_position = lambda j: capture(partial(body, j), pool)  # noqa: E731
+        return _SolverGraphs(loop_buffers(), static, fx_buffers, period, capture_position, outputs)
 
     n = 0
     # Host syncs: with check_every == 1, one per iteration (how many samples are active); otherwise the
@@ -613,14 +655,10 @@ def _loop(solver: Solver, f, x0: Tensor, *, tol, max_iter, stop, divergence, che
         except TypeError:  # an unhashable solver (a mutable dataclass): nothing is kept
             key = None
         if session is not None:
-            if session.finished is not None:  # the last solve's work, on whatever stream it ran
-                torch.cuda.current_stream(device).wait_event(session.finished)
-            start = {"gnorm0": gnorm0, "status": status, "best_res": best_res, "pending": pending, "nsteps": nsteps,
-                     "trace": trace, "done": done, "best_x": best_x, "best_fx": best_fx}  # fmt: skip
-            for name, value in start.items():
-                session.buffers[name].copy_(value)
-            session.static.copy_in({"next_x": advance(all_active=False), **carried()})
-            gnorm0, status, best_res, pending, nsteps, trace, done, best_x, best_fx = session.buffers.values()
+            session.restart(loop_buffers(), {"next_x": advance(all_active=False), **carried()}, device)
+            gnorm0, status, best_res, pending, nsteps, trace, done, best_x, best_fx = (
+                session.buffers[name] for name in _SolverGraphs.BUFFERS
+            )
     if graph and session is None:
         # warm up one period eagerly, off the main stream: compiles every kernel specialization the
         # capture will use and creates library handles (nothing may be compiled or loaded while capturing)
@@ -629,6 +667,8 @@ def _loop(solver: Solver, f, x0: Tensor, *, tol, max_iter, stop, divergence, che
                 _, counts = iterate(None, sync=False, all_active=False)
                 n_active = check(n, counts, n_active)  # as the eager loop: the same calls of f
                 n += 1
+        if graph is True and n_active:  # its chunks check convergence only after replaying: know it now
+            n_active = int(active.sum())
         if n < max_iter and n_active:
             if graph is True:
                 n, n_active = run_captured(n, n_active)
@@ -660,10 +700,7 @@ def _loop(solver: Solver, f, x0: Tensor, *, tol, max_iter, stop, divergence, che
         return solution
     # the session's buffers serve the next solve: the result gets its own copies, and the session
     # keeps no reference to this solve's f
-    copies = {f.name: getattr(solution, f.name).clone() for f in fields(solution) if f.name != "nfev"}
+    solution = session.result(solution, device)
     fn.release()
-    if device.type == "cuda":  # behind the copies too
-        session.finished = torch.cuda.Event()
-        session.finished.record(torch.cuda.current_stream(device))
     _keep_graphs(key, session)
-    return replace(solution, **copies)
+    return solution

@@ -40,11 +40,15 @@ _DOC_PARTS = {
             stalls the device (up to k extra calls of f once all have stopped;
             the results are the same). 1 syncs once per iteration, exactly.""",
     "{graph}": """graph: on CUDA, replay the loop's per-iteration work from CUDA graphs.
-            True: f included; a replay runs check_every iterations (rounded up to
-            whole solver periods, Anderson's m) and then checks convergence. f must
-            be capturable: static shapes, no host syncs, no CPU tensors.
+            True: f included; a replay runs a chunk of whole solver periods
+            (Anderson's m), at least 4 iterations, and convergence is checked
+            after every ceil(check_every / chunk) replays. f must be capturable:
+            static shapes, no host syncs, no CPU tensors.
             "solver": f runs eagerly (any f) and everything else in an iteration
-            is one graph launch; convergence is checked as without graphs.""",
+            is one graph launch; convergence is checked as without graphs. The
+            graphs and their buffers (GPU memory) are kept for later solves with
+            the same solver, options and shapes, whatever f;
+            fixedpoint.clear_graph_cache() drops them.""",
     "{impl}": """impl: "auto" (fused Triton kernels on CUDA when triton imports, PyTorch
             otherwise), "torch", or "triton" (an error where it cannot run).""",
 }

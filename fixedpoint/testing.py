@@ -1,5 +1,5 @@
-"""Problems with known fixed points, shared by the demo, the benchmarks and the tests, and a stand-in
-for CUDA graphs that runs the graph loops' logic on any device."""
+"""Problems with known fixed points, shared by the demo, the benchmarks and the tests, and two stand-ins
+for CUDA graphs that run the graph loops' logic on any device."""
 
 from __future__ import annotations
 
@@ -9,8 +9,10 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
-__all__ = ["symmetric_matrix", "linear_deq", "EagerGraphs"]
+__all__ = ["symmetric_matrix", "linear_deq", "EagerGraphs", "ReplayedGraphs"]
 
 
 def symmetric_matrix(dim: int, low: float, high: float, *, seed: int = 0, dtype=torch.float64) -> Tensor:
@@ -75,5 +77,59 @@ class EagerGraphs:
             runs[0] += 1
             if runs[0] > 1:
                 body()
+
+        return replay
+
+
+class _RecordedOps(TorchDispatchMode):
+    """Records every aten op run under it (with its arguments and output); a host sync is an error."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[tuple[Any, tuple, dict, Any]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.item.default):
+            raise RuntimeError("a host sync (.item(), .tolist(), int(tensor)) while capturing a graph")
+        out = func(*args, **(kwargs or {}))
+        self.ops.append((func, args, kwargs or {}, out))
+        return out
+
+
+def _same_view(a: Tensor, b: Tensor) -> bool:
+    return (
+        a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+        and a.storage_offset() == b.storage_offset()
+        and a.shape == b.shape
+        and a.stride() == b.stride()
+    )
+
+
+class ReplayedGraphs(EagerGraphs):
+    """Closer to CUDA graphs than EagerGraphs: Python runs only at capture. A replay reruns the aten ops the
+    capture recorded, on the same tensors, and writes each op's result into the tensor it gave at capture
+    (a graph reads and writes fixed memory). So Python-side state and branches are frozen at capture, as
+    on CUDA, and a host sync while capturing is a RuntimeError. PyTorch kernels only: Triton launches are
+    not aten ops (use EagerGraphs with them)."""
+
+    def capture(self, body: Callable[[], None], device: torch.device, pool: Any) -> Callable[[], None]:
+        recorded = _RecordedOps()
+
+        def recording_body() -> None:
+            with recorded:
+                body()
+
+        super().capture(recording_body, device, pool)  # runs it once: the recording; its replay is dropped
+        runs = [0]
+
+        def replay() -> None:
+            runs[0] += 1
+            if runs[0] == 1:  # on CUDA the first replay is the first run; here the capture ran it
+                return
+            for func, args, kwargs, out in recorded.ops:
+                fresh = func(*args, **kwargs)
+                for captured, new in zip(tree_leaves(out), tree_leaves(fresh)):
+                    if isinstance(captured, Tensor) and captured is not new and not _same_view(captured, new):
+                        captured.copy_(new)
 
         return replay

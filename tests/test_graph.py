@@ -11,7 +11,7 @@ from problems import transient_growth
 import fixedpoint
 from fixedpoint import Status, _solve
 from fixedpoint.kernels.reference import solve_spd
-from fixedpoint.testing import EagerGraphs
+from fixedpoint.testing import EagerGraphs, ReplayedGraphs
 
 
 def _problem(batch=5, dim=12, seed=0):
@@ -35,14 +35,18 @@ def _problem(batch=5, dim=12, seed=0):
 GRAPH_LOOPS = [True, "solver"]
 
 
+STAND_INS = [EagerGraphs, ReplayedGraphs]  # Python reruns at replay / only recorded ops rerun, as on CUDA
+
+
 @pytest.mark.parametrize("solver,options", [("anderson", {"m": 3}), ("picard", {"beta": 0.8}), ("picard", {})])
 @pytest.mark.parametrize("check_every", [1, 4])
 @pytest.mark.parametrize("graph", GRAPH_LOOPS)
-def test_graph_loop_gives_the_default_loop_result(monkeypatch, solver, options, check_every, graph):
+@pytest.mark.parametrize("stand_in", STAND_INS)
+def test_graph_loop_gives_the_default_loop_result(monkeypatch, solver, options, check_every, graph, stand_in):
     f, x0, calls = _problem()
     solve = getattr(fixedpoint, solver)
     reference = solve(f, x0, tol=1e-6, max_iter=40, check_every=check_every, **options)
-    graphs = EagerGraphs()
+    graphs = stand_in()
     monkeypatch.setattr(_solve, "GRAPHS", graphs)
     calls[0] = 0
     captured = solve(f, x0, tol=1e-6, max_iter=40, graph=graph, check_every=check_every, **options)
@@ -75,7 +79,8 @@ def test_graph_loop_keeps_the_best_iterate_when_the_residual_rises(monkeypatch, 
 @pytest.mark.parametrize("solver,options", [("anderson", {"m": 1}), ("anderson", {"m": 2}), ("picard", {"beta": 0.9})])
 @pytest.mark.parametrize("check_every", [1, 8])
 @pytest.mark.parametrize("graph", GRAPH_LOOPS)
-def test_graph_loop_returns_the_lowest_residual_pair(monkeypatch, solver, options, check_every, graph):
+@pytest.mark.parametrize("stand_in", STAND_INS)
+def test_graph_loop_returns_the_lowest_residual_pair(monkeypatch, solver, options, check_every, graph, stand_in):
     """Whatever the solver, the returned pair is the one with the lowest residual seen (start included),
     including when the best was the previous pair, carried across a replay in the static buffers."""
     f_linear, x0, _ = transient_growth(batch=8, seed=3)
@@ -83,7 +88,7 @@ def test_graph_loop_returns_the_lowest_residual_pair(monkeypatch, solver, option
     def f(z):
         return f_linear(z) + 0.3 * torch.sin(3 * z)
 
-    monkeypatch.setattr(_solve, "GRAPHS", EagerGraphs())
+    monkeypatch.setattr(_solve, "GRAPHS", stand_in())
     sol = getattr(fixedpoint, solver)(f, x0, tol=1e-30, max_iter=20, stop="abs", graph=graph, check_every=check_every,
                                       **options)  # fmt: skip
     assert (sol.trace.diff(dim=0) > 0).any(), "the residuals must rise somewhere for this test to mean anything"
@@ -302,10 +307,10 @@ def _assert_same_solve(sol, reference):
     torch.testing.assert_close(sol.trace, reference.trace, rtol=1e-4, atol=1e-9, equal_nan=True)
 
 
-@pytest.fixture
-def kept_graphs(monkeypatch):
-    """The eager stand-in for CUDA graphs, with an empty cache of graph="solver" sessions."""
-    graphs = EagerGraphs()
+@pytest.fixture(params=STAND_INS, ids=lambda cls: cls.__name__)
+def kept_graphs(monkeypatch, request):
+    """Each stand-in for CUDA graphs in turn, with an empty cache of graph="solver" sessions."""
+    graphs = request.param()
     monkeypatch.setattr(_solve, "GRAPHS", graphs)
     _solve.clear_graph_cache()
     yield graphs

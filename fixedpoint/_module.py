@@ -107,5 +107,5 @@ class FixedPoint(nn.Module):
     def _differentiate(self, backward: BackwardFn, g: Callable[[Tensor], Tensor], z: Tensor) -> Tensor:
         """``backward(g, z)``, recording its GradInfo in ``last_info`` where it takes one."""
         self.last_info = GradInfo()
-        takes_info = self._backward_takes_info if backward is self.backward else _accepts_info(backward)
+        takes_info = self._backward_takes_info if backward is self.backward else backward is implicit
         return backward(g, z, info=self.last_info) if takes_info else backward(g, z)

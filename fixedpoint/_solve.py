@@ -491,7 +491,7 @@ def _loop(solver: Solver, f, x0: Tensor, *, tol, max_iter, stop, divergence, che
     status = torch.full_like(nsteps, Status.MAX_ITER)  # (B,) int64 codes
     best_res = torch.full_like(gnorm0, torch.nan)
     pending = torch.zeros_like(status, dtype=torch.bool)  # (B,) the best pair is the newest, not copied yet
-    gnorm, active, _, _ = kernels.bookkeep(
+    gnorm, active, _, counts = kernels.bookkeep(
         gsq, fsq, gnorm0, status, torch.ones_like(pending), best_res, torch.zeros_like(pending),
         torch.zeros_like(nsteps), trace, max_iter, done, tol, divergence, stop == "rel", max_iter,
     )  # fmt: skip
@@ -559,6 +559,10 @@ def _loop(solver: Solver, f, x0: Tensor, *, tol, max_iter, stop, divergence, che
         state_tensors = {f"state.{name}": value for name, value in _state_tensors(state).items()}
         return {"active": active, "prev_x": prev_x, "prev_fx": prev_fx, **state_tensors}
 
+    def period_start() -> dict[str, Tensor]:
+        """What a graph="solver" period's first position reads: the next iterate and the carried tensors."""
+        return {"next_x": advance(all_active=False), **carried()}
+
     def bind(static: _StaticBuffers) -> None:
         """Point the loop's carried tensors at their static buffers."""
         nonlocal active, prev_x, prev_fx, state
@@ -588,12 +592,14 @@ def _loop(solver: Solver, f, x0: Tensor, *, tol, max_iter, stop, divergence, che
         # copied into static buffers after each chunk
         static = _StaticBuffers(carried())
         bind(static)
+        last_counts: list[Tensor] = []  # the chunk's last counts (2,): convergence is read from them
 
         def run_chunk() -> None:
             for _ in range(chunk):
-                iterate(None, sync=False, all_active=False)
+                _, counts = iterate(None, sync=False, all_active=False)
             static.copy_in(carried())
             bind(static)
+            last_counts[:] = [counts]
 
         calls = fn.calls
         replay = capture(run_chunk, GRAPHS.memory_pool(device))
@@ -604,7 +610,7 @@ def _loop(solver: Solver, f, x0: Tensor, *, tol, max_iter, stop, divergence, che
                     replay()
                     fn.calls += per_replay
                     n += chunk
-            n_active = int(active.sum())
+            n_active = int(last_counts[0][0])
         return n, n_active
 
     def loop_buffers() -> dict[str, Tensor]:
@@ -617,7 +623,7 @@ def _loop(solver: Solver, f, x0: Tensor, *, tol, max_iter, stop, divergence, che
         accounting, the solver's update and next step) is one graph replay. One graph per position in a
         period of lcm(solver period, 2) iterations: f's output is copied into one of two buffers, in
         turn, so that the previous pair survives. Positions are captured on their first run."""
-        static = _StaticBuffers({"next_x": advance(all_active=False), **carried()})
+        static = _StaticBuffers(period_start())
         bind(static)
         start_state = state  # a period's first position starts from here (Anderson's ring slot included)
         fx_buffers = (torch.empty_like(static["next_x"]), static["prev_fx"])
@@ -645,7 +651,7 @@ def _loop(solver: Solver, f, x0: Tensor, *, tol, max_iter, stop, divergence, che
     # Host syncs: with check_every == 1, one per iteration (how many samples are active); otherwise the
     # count is asked for every check_every iterations and read one iteration later (`check`), and the
     # loop masks unconditionally in between; graph=True checks after every `replays` chunks.
-    n_active = int(active.sum())
+    n_active = int(counts[0])  # after the start
     session = key = None
     if graph == "solver":  # a kept session: the start into its buffers, then straight to its graphs
         key = (GRAPHS, solver, kernels, tuple(x.shape), x.dtype, device, tol, max_iter, stop, divergence,
@@ -655,7 +661,7 @@ def _loop(solver: Solver, f, x0: Tensor, *, tol, max_iter, stop, divergence, che
         except TypeError:  # an unhashable solver (a mutable dataclass): nothing is kept
             key = None
         if session is not None:
-            session.restart(loop_buffers(), {"next_x": advance(all_active=False), **carried()}, device)
+            session.restart(loop_buffers(), period_start(), device)
             gnorm0, status, best_res, pending, nsteps, trace, done, best_x, best_fx = (
                 session.buffers[name] for name in _SolverGraphs.BUFFERS
             )
@@ -667,8 +673,8 @@ def _loop(solver: Solver, f, x0: Tensor, *, tol, max_iter, stop, divergence, che
                 _, counts = iterate(None, sync=False, all_active=False)
                 n_active = check(n, counts, n_active)  # as the eager loop: the same calls of f
                 n += 1
-        if graph is True and n_active:  # its chunks check convergence only after replaying: know it now
-            n_active = int(active.sum())
+        if graph is True and n_active and check_every > 1:  # the warm-up's count lags; the chunks check
+            n_active = int(counts[0])  # only after replaying: know it now
         if n < max_iter and n_active:
             if graph is True:
                 n, n_active = run_captured(n, n_active)

@@ -1,5 +1,5 @@
 """The CUDA-graph loops (graph=True, graph="solver" and its kept graphs) and the lagged convergence check. On CPU
-the loops' logic runs with an eager stand-in for capture and replay (fixedpoint.testing.EagerGraphs)."""
+the loops' logic runs with stand-ins for capture and replay (fixedpoint.testing.EagerGraphs, ReplayedGraphs)."""
 
 from contextlib import nullcontext
 from functools import partial
@@ -14,22 +14,33 @@ from fixedpoint.kernels.reference import solve_spd
 from fixedpoint.testing import EagerGraphs, ReplayedGraphs
 
 
-def _problem(batch=5, dim=12, seed=0):
+def _contraction_map(seed, dim=12, batch=5, nan_after=None, shift=True, rate=0.9):
+    """tanh(W z + b), a contraction of Lipschitz constant ``rate`` (W, b drawn per seed); with ``shift``,
+    sample 4 has no fixed point (a shift); with ``nan_after``, sample 2 turns NaN from that call on. Returns
+    f (its calls counted in ``f.calls[0]``) and a random start."""
     gen = torch.Generator().manual_seed(seed)
     w = torch.randn(dim, dim, generator=gen)
-    w = 0.9 * w / torch.linalg.matrix_norm(w, ord=2)
+    w = rate * w / torch.linalg.matrix_norm(w, ord=2)
     b = torch.randn(batch, dim, generator=gen)
     calls = [0]
 
-    def f(z):  # sample 2 turns NaN on the 6th call; sample 4 has no fixed point (a shift): MAX_ITER
+    def f(z):
         calls[0] += 1
         out = torch.tanh(z @ w.T + b)
-        out[4] = z[4] + 0.01
-        if calls[0] >= 6:
+        if shift:
+            out[4] = z[4] + 0.01
+        if nan_after is not None and calls[0] >= nan_after:
             out[2] = float("nan")
         return out
 
-    return f, torch.zeros(batch, dim), calls
+    f.calls = calls
+    return f, torch.randn(batch, dim, generator=gen)
+
+
+def _problem(batch=5, dim=12, seed=0):
+    """From zeros: sample 2 turns NaN on the 6th call; sample 4 has no fixed point (MAX_ITER). Also the calls."""
+    f, _ = _contraction_map(seed, dim=dim, batch=batch, nan_after=6)
+    return f, torch.zeros(batch, dim), f.calls
 
 
 GRAPH_LOOPS = [True, "solver"]
@@ -274,27 +285,6 @@ def test_lagged_check_on_gpu_runs_the_iterations_it_runs_on_cpu(graph):
     cpu, gpu = runs["cpu"], runs["cuda"]
     assert gpu.nfev == cpu.nfev and gpu.nsteps.tolist() == cpu.nsteps.tolist() and gpu.converged.all()
     torch.testing.assert_close(gpu.x.cpu(), cpu.x, rtol=1e-9, atol=1e-10)
-
-
-def _contraction_map(seed, dim=12, batch=5, nan_after=None, shift=True, rate=0.9):
-    """tanh(W z + b), a contraction of Lipschitz constant ``rate`` (W, b drawn per seed); with ``shift``,
-    sample 4 has no fixed point (a shift); with ``nan_after``, sample 2 turns NaN from that call on."""
-    gen = torch.Generator().manual_seed(seed)
-    w = torch.randn(dim, dim, generator=gen)
-    w = rate * w / torch.linalg.matrix_norm(w, ord=2)
-    b = torch.randn(batch, dim, generator=gen)
-    calls = [0]
-
-    def f(z):
-        calls[0] += 1
-        out = torch.tanh(z @ w.T + b)
-        if shift:
-            out[4] = z[4] + 0.01
-        if nan_after is not None and calls[0] >= nan_after:
-            out[2] = float("nan")
-        return out
-
-    return f, torch.randn(batch, dim, generator=gen)
 
 
 def _assert_same_solve(sol, reference):

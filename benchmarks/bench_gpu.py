@@ -35,7 +35,7 @@ import pytest
 import torch
 
 import fixedpoint
-from fixedpoint import _solve
+from fixedpoint import _graphs
 from fixedpoint._solvers import Anderson
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU benchmarks need CUDA")
@@ -156,8 +156,8 @@ def _anderson_step(impl: str, batch: int, dim: int, dtype: torch.dtype):
 def _replayed(thunk):
     """``thunk`` captured in a CUDA graph (after a warm-up): its replay, i.e. GPU time without launch overhead.
     On a CPU dry run, through the graph stand-in when one is swapped in (else ``thunk`` itself)."""
-    graphs, device = _solve.GRAPHS, torch.device(DEVICE)
-    if DEVICE != "cuda" and isinstance(graphs, _solve.CudaGraphs):
+    graphs, device = _graphs.GRAPHS, torch.device(DEVICE)
+    if DEVICE != "cuda" and isinstance(graphs, _graphs.CudaGraphs):
         return thunk
     with graphs.warmup_stream(device):
         thunk()

@@ -21,7 +21,7 @@ import torch  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 import fixedpoint  # noqa: E402
-from fixedpoint import _solve  # noqa: E402
+from fixedpoint import _graphs  # noqa: E402
 from fixedpoint.testing import EagerGraphs  # noqa: E402
 
 NO_LAUNCH = {"empty", "empty_like", "empty_strided", "new_empty", "lift_fresh", "_to_copy_noop", "detach", "alias"}
@@ -85,7 +85,7 @@ def count(solver: str, impl: str, iters: int, graph: bool | str = False) -> tupl
         with mode.pause():
             return torch.tanh(z @ w.T + b)
 
-    original, graphs = InterpretedFunction.run, _solve.GRAPHS
+    original, graphs = InterpretedFunction.run, _graphs.GRAPHS
 
     def run(self, *args, **kwargs):
         mode.triton += not mode.paused
@@ -94,7 +94,7 @@ def count(solver: str, impl: str, iters: int, graph: bool | str = False) -> tupl
 
     InterpretedFunction.run = run
     if graph:
-        _solve.GRAPHS = CountedGraphs(mode)
+        _graphs.GRAPHS = CountedGraphs(mode)
     try:
         with mode:
             getattr(fixedpoint, solver)(
@@ -102,8 +102,8 @@ def count(solver: str, impl: str, iters: int, graph: bool | str = False) -> tupl
                 **({"graph": graph} if graph else {}),
             )  # fmt: skip
     finally:
-        InterpretedFunction.run, _solve.GRAPHS = original, graphs
-        _solve.clear_graph_cache()  # the stand-in's sessions
+        InterpretedFunction.run, _graphs.GRAPHS = original, graphs
+        _graphs.clear_graph_cache()  # the stand-in's sessions
     return mode.torch, mode.triton, mode.graphs
 
 

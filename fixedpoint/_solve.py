@@ -15,6 +15,10 @@ solver's own residual pass: Picard never reads g (None: not written), Anderson
 writes g straight into its history with f(x) and the new Gram row in the same
 pass. Without it the loop runs the ``residual`` kernel into a new g.
 
+Optionally ``reinit(state, x, fx, g, gnorm) -> state`` is ``init`` into the tensors
+of an existing state: a later solve on kept graph="solver" buffers starts in them
+(Anderson: no second history), where ``init`` would allocate and the loop copy.
+
 A solver with a ``period`` (the iterations after which its Python-side state,
 e.g. Anderson's ring slot, repeats) and no host syncs can run with
 ``graph=True``: its iterations are captured in a CUDA graph and replayed; and
@@ -36,15 +40,16 @@ import enum
 import math
 import numbers
 import operator
-from collections import OrderedDict
 from collections.abc import Callable
-from contextlib import contextmanager, suppress
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, fields, replace
 from functools import partial
-from typing import Any, ClassVar, NamedTuple, Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
+
+from . import _graphs
+from ._graphs import clear_graph_cache
 
 __all__ = ["Solution", "Solver", "Status", "clear_graph_cache", "solve"]
 
@@ -243,9 +248,9 @@ def solve(
     check_every = check_int("check_every", check_every, 1)
     if not isinstance(graph, (bool, str)):
         raise TypeError(f"graph must be a bool or 'solver', got {type(graph).__name__}")
-    if graph not in GRAPH_MODES:
+    if graph not in _graphs.GRAPH_MODES:
         raise ValueError(f"graph must be False, True or 'solver', got {graph!r}")
-    if graph and not GRAPHS.supports(x0):
+    if graph and not _graphs.GRAPHS.supports(x0):
         raise ValueError(f"graph={graph!r} captures a CUDA graph and needs CUDA tensors, got x0 on {x0.device}")
     if graph and not hasattr(solver, "period"):
         raise ValueError(f"graph={graph!r} is not supported by {type(solver).__name__} (it syncs with the host)")
@@ -256,71 +261,6 @@ def solve(
     with torch.no_grad():
         return _loop(solver, f, x0.detach(), tol=tol, max_iter=max_iter, stop=stop, divergence=divergence,
                      check_every=check_every, graph=graph, kernels=kernels)  # fmt: skip
-
-
-class CapturePool(NamedTuple):
-    """A CUDA graph memory pool and the side stream its graphs are captured on."""
-
-    handle: Any  # torch.cuda.graph_pool_handle()
-    stream: Any  # torch.cuda.Stream
-
-
-class CudaGraphs:
-    """What the graph loops need from CUDA: a side stream for warm-up, a memory pool that captures can
-    share, and capture into a replayable graph."""
-
-    @staticmethod
-    def supports(x: Tensor) -> bool:
-        return x.is_cuda
-
-    @staticmethod
-    @contextmanager
-    def warmup_stream(device: torch.device):
-        side = torch.cuda.Stream(device=device)
-        side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):
-            yield
-        torch.cuda.current_stream(device).wait_stream(side)
-
-    @staticmethod
-    def memory_pool(device: torch.device) -> CapturePool:
-        """What the captures of one graph=True solve or one graph="solver" session share: a memory pool
-        (graphs replayed in the order they were captured may share memory) and the stream they are
-        captured on (the allocator reuses a freed block on its own stream only).
-
-        Empties the allocator's cache first, before the first capture into the pool: that is what returns
-        the pools of dropped graphs to the driver, and an allocation that fails inside a capture cannot
-        retry after it. (A kept session may capture its last positions in a later solve, without this.)
-        """
-        torch.cuda.empty_cache()
-        return CapturePool(torch.cuda.graph_pool_handle(), torch.cuda.Stream(device=device))
-
-    @staticmethod
-    def capture(body: Callable[[], None], device: torch.device, pool: CapturePool) -> Callable[[], None]:
-        """Record ``body`` on ``pool``'s stream into its memory (nothing runs yet) and return the replay.
-
-        capture_begin/capture_end rather than ``torch.cuda.graph``, which also synchronizes and empties
-        the allocator's cache before each capture: f's next eager call would allocate from the driver again.
-        """
-        handle, side = pool
-        graph = torch.cuda.CUDAGraph()
-        side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):
-            graph.capture_begin(handle)
-            try:
-                body()
-            except BaseException:
-                with suppress(RuntimeError):  # the capture is invalid; end it so the stream can be used again
-                    graph.capture_end()
-                raise
-            graph.capture_end()
-        torch.cuda.current_stream(device).wait_stream(side)
-        return graph.replay
-
-
-GRAPHS = CudaGraphs()  # tests swap in an eager stand-in to run the graph paths' logic on CPU
-GRAPH_CHUNK = 4  # iterations per captured chunk of graph=True, at least (rounded up to whole solver periods)
-GRAPH_MODES = (False, True, "solver")
 
 
 def _state_tensors(state: Any) -> dict[str, Tensor]:
@@ -357,356 +297,309 @@ class _LaggedCount:
         return int(self.host)
 
 
-class _StaticBuffers:
-    """Tensors carried from one graph replay to the next, in fixed buffers: one dense copy per distinct
-    tensor (two names for one tensor share it). Copies, so that nothing f returned is written into."""
-
-    def __init__(self, values: dict[str, Tensor]):
-        buffers: dict[int, Tensor] = {}
-        for v in values.values():
-            if id(v) not in buffers:
-                buffers[id(v)] = v.clone(memory_format=torch.contiguous_format)
-        self.tensors = {name: buffers[id(v)] for name, v in values.items()}
-
-    def __getitem__(self, name: str) -> Tensor:
-        return self.tensors[name]
-
-    def copy_in(self, values: dict[str, Tensor]) -> None:
-        """Write a replay's results into the buffers the next replay reads (each shared buffer once)."""
-        sources: dict[int, Tensor] = {}  # buffer -> the value copied into it
-        for name, value in values.items():
-            target = self.tensors[name]
-            if id(target) in sources:  # shared by two names: they must still hold the same tensor
-                if sources[id(target)] is not value:
-                    raise RuntimeError(f"graph: {name} no longer aliases the tensor it shared a buffer with")
-                continue
-            sources[id(target)] = value
-            if value is not target:
-                target.copy_(value)
+def _new_buffers(x: Tensor, max_iter: int) -> dict[str, Tensor]:
+    """The loop's in-place tensors (``SolverGraphs.BUFFERS``) for iterates like x (B, D), uninitialised:
+    ``_Loop.start`` fills them (a kept graph="solver" session brings its own instead)."""
+    batch, sdt, device = x.shape[0], stat_dtype(x.dtype), x.device
+    vector = partial(torch.empty, batch, device=device)
+    return {
+        "gnorm0": vector(dtype=sdt),  # (B,) the start's ||f(x) - x||
+        "status": vector(dtype=torch.long),  # (B,) Status codes
+        "best_res": vector(dtype=sdt),  # (B,) the lowest residual so far
+        "pending": vector(dtype=torch.bool),  # (B,) the best pair is the newest, not copied yet
+        "nsteps": vector(dtype=torch.long),  # (B,)
+        "trace": torch.empty(max_iter + 1, batch, dtype=sdt, device=device),  # last row: scratch
+        "done": torch.empty((), dtype=torch.long, device=device),  # iterations run, counted on the device (graph)
+        "best_x": torch.empty_like(x),  # (B, D)
+        "best_fx": torch.empty_like(x),  # (B, D)
+    }
 
 
-def _position_input(static: _StaticBuffers, outputs: list[tuple[Tensor, ...]], j: int) -> Tensor:
-    """The iterate position j evaluates: the static one at a period's start, else the previous output."""
-    return static["next_x"] if j == 0 else outputs[j - 1][0]
+class _Loop:
+    """One solve: the per-sample accounting every loop mode shares (``advance`` then ``absorb`` is one
+    iteration) and the modes built from it: eager, graph=True's captured chunks, graph="solver"'s graphs.
 
+    A graph="solver" session's graphs call into the loop that captured them, also in later solves, so
+    a loop holds no reference to x0 (only to tensors the session owns), and f is released when the
+    session is kept.
+    """
 
-@dataclass
-class _SolverGraphs:
-    """graph="solver": one period's graphs and every buffer they read and write. f is not captured, so
-    any later solve with the same key (solver, shapes, options) copies its start into these buffers and
-    replays the same graphs: no warm-up, no capture."""
+    def __init__(
+        self, solver: Solver, fn: _CountedMap, buffers: dict[str, Tensor], *, tol: float, max_iter: int,
+        relative: bool, divergence: float, check_every: int, graph: bool | str, kernels: Any,
+    ):  # fmt: skip
+        self.solver, self.fn, self.kernels = solver, fn, kernels
+        self.tol, self.max_iter, self.relative, self.divergence = tol, max_iter, relative, divergence
+        self.check_every, self.graph = check_every, graph
+        self.freezes = getattr(solver, "freezes", False)  # the solver's step applies `frozen` itself
+        self.own_residual = getattr(solver, "residual", None)  # the solver's own residual pass
+        self.gnorm0, self.status, self.best_res, self.pending, self.nsteps, self.trace, self.done = (
+            buffers[name] for name in ("gnorm0", "status", "best_res", "pending", "nsteps", "trace", "done")
+        )
+        self.best_x, self.best_fx = buffers["best_x"], buffers["best_fx"]
+        self.device = self.best_x.device
+        self.lagged = _LaggedCount(self.device) if check_every > 1 else None
+        # carried from one iteration to the next (rebound to static buffers by the graph modes)
+        self.state: Any = None
+        self.active: Tensor | None = None  # (B,) bool: samples still iterating
+        self.prev_x: Tensor | None = None  # (B, D) the last evaluated pair: best_update copies it when it was the best
+        self.prev_fx: Tensor | None = None
 
-    buffers: dict[str, Tensor]  # updated in place: the start's residual and the per-sample accounting
-    static: _StaticBuffers  # what a period's first position reads: the next iterate, the carried tensors
-    fx_buffers: tuple[Tensor, Tensor]  # f(x) of position j goes into fx_buffers[j % 2]
-    period: int  # lcm(solver period, 2)
-    capture: Callable[[int], Callable[[], None]]  # position -> its replay, capturing it (never refers to self)
-    outputs: list[tuple[Tensor, ...]]  # per captured position: x_{j+1}, counts, x_j, f(x_j)
-    replays: list[Callable[[], None]] = field(default_factory=list)  # captured positions, in order
-    finished: Any = None  # CUDA: an event behind the last solve's work, which the next one waits for
+    def buffers(self) -> dict[str, Tensor]:
+        """The tensors the loop updates in place (``SolverGraphs.BUFFERS``)."""
+        return {name: getattr(self, name) for name in _graphs.SolverGraphs.BUFFERS}
 
-    BUFFERS: ClassVar[tuple[str, ...]] = (
-        "gnorm0", "status", "best_res", "pending", "nsteps", "trace", "done", "best_x", "best_fx"
-    )  # fmt: skip
+    def start(self, x: Tensor, reuse: Any = None) -> int:
+        """Evaluate the start x (B, D) and take it through the same per-sample accounting as every
+        iteration (status, best residual: NaN for a non-finite start), its residual into the trace's
+        scratch row and its step into a throwaway count. ``reuse``: a kept session's solver state,
+        re-initialised in place when the solver can (``reinit``). Returns the active count (a sync)."""
+        fx = self.fn(x)
+        g = torch.empty_like(x)
+        gsq, fsq = self.kernels.residual(x, fx, g)  # (B,), (B,): one pass over (x, f(x)), g written
+        torch.sqrt(gsq, out=self.gnorm0)
+        self.status.fill_(Status.MAX_ITER)
+        self.best_res.fill_(math.nan)
+        self.trace.fill_(math.nan)
+        for count in (self.pending, self.nsteps, self.done):
+            count.zero_()
+        gnorm, self.active, _, counts = self.kernels.bookkeep(
+            gsq, fsq, self.gnorm0, self.status, torch.ones_like(self.pending), self.best_res,
+            torch.zeros_like(self.pending), torch.zeros_like(self.nsteps), self.trace, self.max_iter, self.done,
+            self.tol, self.divergence, self.relative, self.max_iter,
+        )  # fmt: skip
+        self.best_x.copy_(x)  # the start, also for samples that never improve on it
+        self.best_fx.copy_(fx)
+        self.prev_x, self.prev_fx = x, fx
+        reinit = getattr(self.solver, "reinit", None)
+        if reuse is not None and reinit is not None:
+            self.state = reinit(reuse, x, fx, g, gnorm)
+        else:
+            self.state = self.solver.init(x, fx, g, gnorm)
+        return int(counts[0])
 
-    def restart(self, start: dict[str, Tensor], carried: dict[str, Tensor], device: torch.device) -> None:
-        """A later solve: its start (``BUFFERS``) and its carried tensors, next iterate included, into the
-        kept buffers, after the last solve's work (which may have run on another stream)."""
-        if self.finished is not None:
-            torch.cuda.current_stream(device).wait_event(self.finished)
-        for name in self.BUFFERS:
-            self.buffers[name].copy_(start[name])
-        self.static.copy_in(carried)
-
-    def run(
-        self, fn: Callable[[Tensor], Tensor], n: int, n_active: int, max_iter: int,
-        check: Callable[[int, Tensor, int], int],
-    ) -> tuple[int, int, Tensor, Tensor]:  # fmt: skip
-        """Iterate from position 0 until max_iter or no sample is active: f eagerly, then one replay.
-        ``check(n, counts, n_active)`` gives the active count the host knows after iteration n. Returns
-        the iterations run, the active count and the last evaluated pair."""
-        j = 0
-        while n < max_iter and n_active:
-            self.fx_buffers[j % 2].copy_(fn(_position_input(self.static, self.outputs, j)))
-            if len(self.replays) == j:  # the first pass through a position captures it
-                self.replays.append(self.capture(j))
-            self.replays[j]()
-            n_active = check(n, self.outputs[j][1], n_active)
-            n, j = n + 1, (j + 1) % self.period
-        return n, n_active, *self.outputs[j - 1][2:]
-
-    def result(self, solution: Solution, device: torch.device) -> Solution:
-        """``solution``, read from the kept buffers, copied out of them (the next solve overwrites them)."""
-        copies = {f.name: getattr(solution, f.name).clone() for f in fields(solution) if f.name != "nfev"}
-        if device.type == "cuda":  # the next solve waits for these copies
-            self.finished = torch.cuda.Event()
-            self.finished.record(torch.cuda.current_stream(device))
-        return replace(solution, **copies)
-
-
-def _map_not_captured(z: Tensor) -> Tensor:
-    raise RuntimeError(
-        "graph='solver' does not capture f, so the solver's step may not call it (Jacobian-vector products): "
-        "use graph=False or graph=True"
-    )
-
-
-GRAPH_CACHE_SIZE = 4  # graph="solver" sessions kept (least recently used dropped)
-_graph_cache: OrderedDict[tuple, _SolverGraphs] = OrderedDict()
-
-
-def clear_graph_cache() -> None:
-    """Drop every graph="solver" session kept for later solves, and return the memory it held to the
-    device (a dead graph's memory pool is freed only when the allocator's cache is emptied)."""
-    _graph_cache.clear()
-    if torch.cuda.is_initialized():
-        torch.cuda.empty_cache()
-
-
-def _keep_graphs(key: tuple, session: _SolverGraphs) -> None:
-    _graph_cache[key] = session
-    _graph_cache.move_to_end(key)
-    while len(_graph_cache) > GRAPH_CACHE_SIZE:
-        _graph_cache.popitem(last=False)
-
-
-def _loop(solver: Solver, f, x0: Tensor, *, tol, max_iter, stop, divergence, check_every, graph, kernels) -> Solution:
-    batch = x0.shape[0]
-    sdt = stat_dtype(x0.dtype)
-    fn = _CountedMap(f, x0.shape)
-    x = x0.reshape(batch, -1).clone(memory_format=torch.contiguous_format)  # (B, D), rows at stride 1
-    device = x.device  # what the nested functions use: kept graphs must not keep x alive
-
-    nsteps = torch.zeros(batch, dtype=torch.long, device=device)
-    trace = torch.full((max_iter + 1, batch), float("nan"), dtype=sdt, device=device)  # last row: scratch
-    done = torch.zeros((), dtype=torch.long, device=device)  # iterations run, counted on the device (graph)
-    divergence = math.inf if divergence is None else float(divergence)
-
-    fx = fn(x)
-    g = torch.empty_like(x)
-    gsq, fsq = kernels.residual(x, fx, g)  # (B,), (B,): one pass over (x, f(x)), g written
-    gnorm0 = gsq.sqrt()
-    # the start goes through the same per-sample accounting as every iteration (status, best residual:
-    # NaN for a non-finite start), its residual into the trace's scratch row, its step into a throwaway count
-    status = torch.full_like(nsteps, Status.MAX_ITER)  # (B,) int64 codes
-    best_res = torch.full_like(gnorm0, torch.nan)
-    pending = torch.zeros_like(status, dtype=torch.bool)  # (B,) the best pair is the newest, not copied yet
-    gnorm, active, _, counts = kernels.bookkeep(
-        gsq, fsq, gnorm0, status, torch.ones_like(pending), best_res, torch.zeros_like(pending),
-        torch.zeros_like(nsteps), trace, max_iter, done, tol, divergence, stop == "rel", max_iter,
-    )  # fmt: skip
-    best_x, best_fx = x.clone(), fx.clone()  # the start, also for samples that never improve on it
-    prev_x, prev_fx = x, fx  # the last evaluated pair: best_update copies it when it was the best
-    state = solver.init(x, fx, g, gnorm)
-    freezes = getattr(solver, "freezes", False)
-    own_residual = getattr(solver, "residual", None)
-
-    def advance(all_active: bool, step_map: Callable[[Tensor], Tensor] = fn) -> Tensor:
+    def advance(self, all_active: bool, step_map: Callable[[Tensor], Tensor] | None = None) -> Tensor:
         """The solver's next iterate (B, D) to evaluate; stopped samples sit at their best iterate
-        (f always sees the whole batch). ``step_map``: the f a solver's step may call."""
-        nonlocal state
-        if freezes:
-            x, state = solver.step(step_map, state, active, None if all_active else best_x)
+        (f always sees the whole batch). ``step_map``: the f a solver's step may call (default f)."""
+        step_map = self.fn if step_map is None else step_map
+        if self.freezes:
+            x, self.state = self.solver.step(step_map, self.state, self.active, None if all_active else self.best_x)
             return x
-        x_next, state = solver.step(step_map, state, active)
-        return x_next if all_active else torch.where(active[:, None], x_next, best_x)
+        x_next, self.state = self.solver.step(step_map, self.state, self.active)
+        return x_next if all_active else torch.where(self.active[:, None], x_next, self.best_x)
 
-    def absorb(x: Tensor, fx: Tensor, n: int | None, sync: bool) -> tuple[int | None, Tensor]:
+    def absorb(self, x: Tensor, fx: Tensor, n: int | None, sync: bool) -> tuple[int | None, Tensor]:
         """Everything after evaluating (x, f(x)): residuals, per-sample accounting, the lazy best copy and
         the solver's update. ``n``: the iteration's index, or None inside a CUDA graph (the device counts).
 
         ``sync``: one host sync for the counts of active samples (returned) and of best pairs to copy
         (no launch when there are none: while every residual falls). Also returns the counts (2,).
         """
-        nonlocal active, state, prev_x, prev_fx
-        if own_residual is not None:  # (B, D) or None, (B,), (B,): one pass over (x, f(x)), the solver's
-            g, gsq, fsq, state = own_residual(state, x, fx)
+        if self.own_residual is not None:  # (B, D) or None, (B,), (B,): one pass over (x, f(x)), the solver's
+            g, gsq, fsq, self.state = self.own_residual(self.state, x, fx)
         else:
             g = torch.empty_like(x)
-            gsq, fsq = kernels.residual(x, fx, g)
+            gsq, fsq = self.kernels.residual(x, fx, g)
         # status, best residual, step counts, the trace row and what to copy as best, in one go
-        gnorm, active, take, counts = kernels.bookkeep(
-            gsq, fsq, gnorm0, status, active, best_res, pending, nsteps, trace, n, done, tol, divergence,
-            stop == "rel", max_iter,
+        gnorm, self.active, take, counts = self.kernels.bookkeep(
+            gsq, fsq, self.gnorm0, self.status, self.active, self.best_res, self.pending, self.nsteps, self.trace,
+            n, self.done, self.tol, self.divergence, self.relative, self.max_iter,
         )  # fmt: skip
         n_active, n_copies = counts.tolist() if sync else (None, -1)  # -1: unknown without a sync
         if n_copies:  # copies only samples whose best pair would otherwise be lost
-            kernels.best_update(best_x, best_fx, x, fx, prev_x, prev_fx, take)
-        prev_x, prev_fx = x, fx
-        state = solver.update(state, x, fx, g, gnorm)
+            self.kernels.best_update(self.best_x, self.best_fx, x, fx, self.prev_x, self.prev_fx, take)
+        self.prev_x, self.prev_fx = x, fx
+        self.state = self.solver.update(self.state, x, fx, g, gnorm)
         return n_active, counts
 
-    def iterate(n: int | None, sync: bool, all_active: bool) -> tuple[int | None, Tensor]:
+    def iterate(self, n: int | None, sync: bool, all_active: bool) -> tuple[int | None, Tensor]:
         """One eager iteration: the count of active samples when ``sync``, and the counts (2,) on the device."""
-        x = advance(all_active)
-        return absorb(x, fn(x), n, sync)
+        x = self.advance(all_active)
+        return self.absorb(x, self.fn(x), n, sync)
 
-    lagged = _LaggedCount(device) if check_every > 1 else None
-
-    def check(n: int, counts: Tensor, n_active: int) -> int:
+    def check(self, n: int, counts: Tensor, n_active: int) -> int:
         """After iteration ``n`` (queued): the count of active samples the host knows. With check_every 1,
         this iteration's (a sync). Otherwise the one asked for one iteration ago (``n_active`` when none
         was), and every check_every iterations a new ask: the host waits for iteration n - 1 only."""
-        if lagged is None:
+        if self.lagged is None:
             return int(counts[0])
-        answer = lagged.answer()
-        if (n + 1) % check_every == 0:
-            lagged.ask(counts[0])
+        answer = self.lagged.answer()
+        if (n + 1) % self.check_every == 0:
+            self.lagged.ask(counts[0])
         return n_active if answer is None else answer
 
-    def carried() -> dict[str, Tensor]:
+    def run_eager(self, n: int, n_active: int) -> int:
+        """Iterate eagerly from iteration n until max_iter or no sample is active; returns the iterations run.
+        Host syncs: with check_every 1, one per iteration (how many samples are active); otherwise the count
+        is asked for every check_every iterations and read one iteration later (``check``), and everything
+        is masked on the device in between."""
+        while n < self.max_iter and n_active:
+            if self.check_every == 1:
+                n_active, _ = self.iterate(n, sync=True, all_active=n_active == self.best_x.shape[0])
+            else:
+                _, counts = self.iterate(n, sync=False, all_active=False)
+                n_active = self.check(n, counts, n_active)
+            n += 1
+        return n
+
+    def warm_up(self, n_active: int) -> tuple[int, int]:
+        """The graph modes' first solver period, eagerly, off the main stream: compiles every kernel
+        specialization the capture will use and creates library handles (nothing may be compiled or
+        loaded while capturing). Checks convergence as the eager loop does (the same calls of f).
+        Returns the iterations run and the active count."""
+        n = 0
+        with _graphs.GRAPHS.warmup_stream(self.device):
+            while n < min(self.solver.period, self.max_iter) and n_active:
+                _, counts = self.iterate(None, sync=False, all_active=False)
+                n_active = self.check(n, counts, n_active)
+                n += 1
+        if self.graph is True and n_active and self.check_every > 1:  # the count lags; the chunks check
+            n_active = int(counts[0])  # only after replaying: know it now
+        return n, n_active
+
+    def carried(self) -> dict[str, Tensor]:
         """What one iteration hands the next, besides the tensors updated in place."""
-        state_tensors = {f"state.{name}": value for name, value in _state_tensors(state).items()}
-        return {"active": active, "prev_x": prev_x, "prev_fx": prev_fx, **state_tensors}
+        state_tensors = {f"state.{name}": value for name, value in _state_tensors(self.state).items()}
+        return {"active": self.active, "prev_x": self.prev_x, "prev_fx": self.prev_fx, **state_tensors}
 
-    def period_start() -> dict[str, Tensor]:
+    def period_start(self) -> dict[str, Tensor]:
         """What a graph="solver" period's first position reads: the next iterate and the carried tensors."""
-        return {"next_x": advance(all_active=False), **carried()}
+        return {"next_x": self.advance(all_active=False), **self.carried()}
 
-    def bind(static: _StaticBuffers) -> None:
-        """Point the loop's carried tensors at their static buffers."""
-        nonlocal active, prev_x, prev_fx, state
-        active, prev_x, prev_fx = static["active"], static["prev_x"], static["prev_fx"]
-        state = replace(state, **{name: static[f"state.{name}"] for name in _state_tensors(state)})
+    def bind(self, static: _graphs.StaticBuffers) -> None:
+        """Point the carried tensors at their static buffers."""
+        self.active, self.prev_x, self.prev_fx = static["active"], static["prev_x"], static["prev_fx"]
+        self.state = replace(self.state, **{name: static[f"state.{name}"] for name in _state_tensors(self.state)})
 
-    def capture(body: Callable[[], None], pool: Any) -> Callable[[], None]:
+    def capture(self, body: Callable[[], None], pool: Any) -> Callable[[], None]:
         try:
-            return GRAPHS.capture(body, device, pool)
+            return _graphs.GRAPHS.capture(body, self.device, pool)
         except RuntimeError as err:
-            what = "the iteration" if graph is True else "the solver's part of the iteration"
-            advice = (
-                "; f must be capturable (static shapes, no host syncs such as .item() or printing, no CPU tensors)"
-                if graph is True
-                else ""
-            )
-            raise RuntimeError(f"graph={graph!r} could not capture {what} in a CUDA graph{advice}: {err}") from err
+            what, advice = "the solver's part of the iteration", ""
+            if self.graph is True:
+                what = "the iteration"
+                advice = (
+                    "; f must be capturable (static shapes, no host syncs such as .item() or printing, no CPU tensors)"
+                )
+            raise RuntimeError(f"graph={self.graph!r} could not capture {what} in a CUDA graph{advice}: {err}") from err
 
-    def run_captured(n: int, n_active: int) -> tuple[int, int]:
+    def run_captured(self, n: int, n_active: int) -> tuple[int, int]:
         """graph=True: chunks of whole solver periods (Anderson's ring slot repeats), f included, captured
         once and replayed; at least GRAPH_CHUNK iterations per chunk, so that copying its results back
         costs little per iteration. Convergence is checked every `replays` chunks (check_every rounded
         up). Returns the iterations run and the active count."""
-        chunk = solver.period * math.ceil(GRAPH_CHUNK / solver.period)
-        replays = math.ceil(check_every / chunk)
+        period = self.solver.period
+        chunk = period * math.ceil(_graphs.GRAPH_CHUNK / period)
+        replays = math.ceil(self.check_every / chunk)
         # status, best_res, pending, nsteps, trace, best_x, best_fx are updated in place; the rest is
         # copied into static buffers after each chunk
-        static = _StaticBuffers(carried())
-        bind(static)
+        static = _graphs.StaticBuffers(self.carried())
+        self.bind(static)
         last_counts: list[Tensor] = []  # the chunk's last counts (2,): convergence is read from them
 
         def run_chunk() -> None:
             for _ in range(chunk):
-                _, counts = iterate(None, sync=False, all_active=False)
-            static.copy_in(carried())
-            bind(static)
+                _, counts = self.iterate(None, sync=False, all_active=False)
+            static.copy_in(self.carried())
+            self.bind(static)
             last_counts[:] = [counts]
 
-        calls = fn.calls
-        replay = capture(run_chunk, GRAPHS.memory_pool(device))
-        per_replay, fn.calls = fn.calls - calls, calls
-        while n < max_iter and n_active:
+        calls = self.fn.calls
+        replay = self.capture(run_chunk, _graphs.GRAPHS.memory_pool(self.device))
+        per_replay, self.fn.calls = self.fn.calls - calls, calls
+        while n < self.max_iter and n_active:
             for _ in range(replays):
-                if n < max_iter:
+                if n < self.max_iter:
                     replay()
-                    fn.calls += per_replay
+                    self.fn.calls += per_replay
                     n += chunk
             n_active = int(last_counts[0][0])
         return n, n_active
 
-    def loop_buffers() -> dict[str, Tensor]:
-        """The tensors the loop updates in place (``_SolverGraphs.BUFFERS``)."""
-        return {"gnorm0": gnorm0, "status": status, "best_res": best_res, "pending": pending, "nsteps": nsteps,
-                "trace": trace, "done": done, "best_x": best_x, "best_fx": best_fx}  # fmt: skip
-
-    def build_solver_graphs() -> _SolverGraphs:
+    def build_solver_graphs(self) -> _graphs.SolverGraphs:
         """graph="solver" (after the warm-up): f runs eagerly, and the rest of each iteration (residuals,
         accounting, the solver's update and next step) is one graph replay. One graph per position in a
         period of lcm(solver period, 2) iterations: f's output is copied into one of two buffers, in
         turn, so that the previous pair survives. Positions are captured on their first run."""
-        static = _StaticBuffers(period_start())
-        bind(static)
-        start_state = state  # a period's first position starts from here (Anderson's ring slot included)
+        static = _graphs.StaticBuffers(self.period_start())
+        self.bind(static)
+        start_state = self.state  # a period's first position starts from here (Anderson's ring slot included)
         fx_buffers = (torch.empty_like(static["next_x"]), static["prev_fx"])
-        period = math.lcm(solver.period, 2)
+        period = math.lcm(self.solver.period, 2)
         outputs: list[tuple[Tensor, ...]] = []
-        pool = GRAPHS.memory_pool(device)  # the graphs replay in the order they were captured
+        pool = _graphs.GRAPHS.memory_pool(self.device)  # the graphs replay in the order they were captured
 
         def body(j: int) -> None:  # no reference to the session: dropping it frees it, no cycle to collect
-            nonlocal state
             if j == 0:  # from the static buffers (also where an earlier solve stopped mid-period)
-                bind(static)
-                state = start_state
-            _, counts = absorb(_position_input(static, outputs, j), fx_buffers[j % 2], None, sync=False)
-            x_next = advance(all_active=False, step_map=_map_not_captured)  # f is never captured
+                self.bind(static)
+                self.state = start_state
+            _, counts = self.absorb(_graphs.position_input(static, outputs, j), fx_buffers[j % 2], None, sync=False)
+            x_next = self.advance(all_active=False, step_map=_graphs.map_not_captured)  # f is never captured
             if j == period - 1:  # the period's results into the buffers its first position reads
-                static.copy_in({"next_x": x_next, **carried()})
-                bind(static)
+                static.copy_in({"next_x": x_next, **self.carried()})
+                self.bind(static)
                 x_next = static["next_x"]
-            outputs[j : j + 1] = [(x_next, counts, prev_x, prev_fx)]
+            outputs[j : j + 1] = [(x_next, counts, self.prev_x, self.prev_fx)]
 
-        capture_position = lambda j: capture(partial(body, j), pool)  # noqa: E731
-        return _SolverGraphs(loop_buffers(), static, fx_buffers, period, capture_position, outputs)
+        capture_position = lambda j: self.capture(partial(body, j), pool)  # noqa: E731
+        return _graphs.SolverGraphs(self.buffers(), static, start_state, fx_buffers, period, capture_position, outputs)
 
+    def finish(self, n: int, shape: torch.Size) -> Solution:
+        """The Solution after n iterations, in the start's ``shape``: samples still iterating at the end
+        whose last pair was their best take it (TAKE_NEW == 1)."""
+        self.kernels.best_update(
+            self.best_x, self.best_fx, self.prev_x, self.prev_fx, self.prev_x, self.prev_fx, self.pending.to(torch.int8)
+        )
+        if self.check_every > 1 or self.graph:  # drop the rows run after every sample stopped
+            n = int(self.nsteps.max())
+        return Solution(
+            x=self.best_x.view(shape),
+            fx=self.best_fx.view(shape),
+            residual=self.best_res,
+            nsteps=self.nsteps,
+            status=self.status,
+            trace=self.trace[:n],
+            nfev=self.fn.calls,
+        )
+
+
+def _loop(solver: Solver, f, x0: Tensor, *, tol, max_iter, stop, divergence, check_every, graph, kernels) -> Solution:
+    fn = _CountedMap(f, x0.shape)
+    x = x0.reshape(x0.shape[0], -1).clone(memory_format=torch.contiguous_format)  # (B, D), rows at stride 1
+    key = session = None
+    if graph == "solver":  # a kept session: the start goes into its buffers, then straight to its graphs
+        key, session = _graphs.take_graphs(
+            (_graphs.GRAPHS, solver, kernels, tuple(x.shape), x.dtype, x.device, tol, max_iter, stop, divergence,
+             torch.is_inference_mode_enabled())
+        )  # fmt: skip
+    if session is not None:
+        session.wait(x.device)
+    loop = _Loop(
+        solver, fn, _new_buffers(x, max_iter) if session is None else session.buffers, tol=tol, max_iter=max_iter,
+        relative=stop == "rel", divergence=math.inf if divergence is None else divergence, check_every=check_every,
+        graph=graph, kernels=kernels,
+    )  # fmt: skip
+    n_active = loop.start(x, reuse=None if session is None else session.state)
+    del x  # from here on held as the last evaluated pair, which the graph modes rebind to their buffers
     n = 0
-    # Host syncs: with check_every == 1, one per iteration (how many samples are active); otherwise the
-    # count is asked for every check_every iterations and read one iteration later (`check`), and the
-    # loop masks unconditionally in between; graph=True checks after every `replays` chunks.
-    n_active = int(counts[0])  # after the start
-    session = key = None
-    if graph == "solver":  # a kept session: the start into its buffers, then straight to its graphs
-        key = (GRAPHS, solver, kernels, tuple(x.shape), x.dtype, device, tol, max_iter, stop, divergence,
-               torch.is_inference_mode_enabled())  # fmt: skip
-        try:
-            session = _graph_cache.pop(key, None)  # while in use, a nested solve with the same key builds its own
-        except TypeError:  # an unhashable solver (a mutable dataclass): nothing is kept
-            key = None
-        if session is not None:
-            session.restart(loop_buffers(), period_start(), device)
-            gnorm0, status, best_res, pending, nsteps, trace, done, best_x, best_fx = (
-                session.buffers[name] for name in _SolverGraphs.BUFFERS
-            )
-    if graph and session is None:
-        # warm up one period eagerly, off the main stream: compiles every kernel specialization the
-        # capture will use and creates library handles (nothing may be compiled or loaded while capturing)
-        with GRAPHS.warmup_stream(device):
-            while n < min(solver.period, max_iter) and n_active:
-                _, counts = iterate(None, sync=False, all_active=False)
-                n_active = check(n, counts, n_active)  # as the eager loop: the same calls of f
-                n += 1
-        if graph is True and n_active and check_every > 1:  # the warm-up's count lags; the chunks check
-            n_active = int(counts[0])  # only after replaying: know it now
+    if session is not None:
+        session.static.copy_in(loop.period_start())  # what is not in place already
+    elif graph:
+        n, n_active = loop.warm_up(n_active)
         if n < max_iter and n_active:
             if graph is True:
-                n, n_active = run_captured(n, n_active)
+                n, n_active = loop.run_captured(n, n_active)
             else:
-                session = build_solver_graphs()
+                session = loop.build_solver_graphs()
     if session is not None and n < max_iter and n_active:
-        n, n_active, prev_x, prev_fx = session.run(fn, n, n_active, max_iter, check)
-    while n < max_iter and n_active:
-        if check_every == 1:
-            n_active, _ = iterate(n, sync=True, all_active=n_active == batch)
-        else:
-            _, counts = iterate(n, sync=False, all_active=False)
-            n_active = check(n, counts, n_active)
-        n += 1
-
-    # samples still iterating at the end whose last pair was their best: take it (TAKE_NEW == 1)
-    kernels.best_update(best_x, best_fx, prev_x, prev_fx, prev_x, prev_fx, pending.to(torch.int8))
-    n = int(nsteps.max()) if (check_every > 1 or graph) else n  # drop the rows run after every sample stopped
-    solution = Solution(
-        x=best_x.view(x0.shape),
-        fx=best_fx.view(x0.shape),
-        residual=best_res,
-        nsteps=nsteps,
-        status=status,
-        trace=trace[:n],
-        nfev=fn.calls,
-    )
+        n, n_active, loop.prev_x, loop.prev_fx = session.run(fn, n, n_active, max_iter, loop.check)
+    n = loop.run_eager(n, n_active)
+    solution = loop.finish(n, x0.shape)
     if session is None or key is None:
         return solution
     # the session's buffers serve the next solve: the result gets its own copies, and the session
     # keeps no reference to this solve's f
-    solution = session.result(solution, device)
+    solution = session.result(solution, loop.device)
     fn.release()
-    _keep_graphs(key, session)
+    _graphs.keep_graphs(key, session)
     return solution

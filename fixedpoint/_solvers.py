@@ -161,19 +161,30 @@ class Anderson:
     def init(self, x, fx, g, gnorm):
         batch, dim = x.shape
         sdt = stat_dtype(x.dtype)
-        F, G = x.new_zeros(batch, self.m, dim), x.new_zeros(batch, self.m, dim)
         state = _AndersonState(
-            F=F,
-            G=G,
-            gram=x.new_zeros(batch, self.m, self.m, dtype=sdt),
-            valid=torch.zeros(batch, self.m, dtype=torch.bool, device=x.device),
+            F=x.new_empty(batch, self.m, dim),
+            G=x.new_empty(batch, self.m, dim),
+            gram=x.new_empty(batch, self.m, self.m, dtype=sdt),
+            valid=torch.empty(batch, self.m, dtype=torch.bool, device=x.device),
             count=0,
-            newest=torch.zeros(batch, self.m, dtype=torch.bool, device=x.device),
-            row=self.kernels.anderson_write(F, G, 0, fx, g),  # the start pair into slot 0
-            gnorm=gnorm.clone(),  # updated in place
-            restarts=torch.zeros(batch, dtype=torch.long, device=x.device),
+            newest=torch.empty(batch, self.m, dtype=torch.bool, device=x.device),
+            row=x.new_empty(batch, self.m, dtype=sdt),
+            gnorm=torch.empty_like(gnorm),
+            restarts=torch.empty(batch, dtype=torch.long, device=x.device),
         )
-        return self._absorb(state, gnorm, growth=None)
+        return self.reinit(state, x, fx, g, gnorm)
+
+    def reinit(self, state: _AndersonState, x, fx, g, gnorm) -> _AndersonState:
+        """``init`` into the tensors of ``state`` (a kept graph session's buffers): no new history.
+
+        The history is zeroed, not just marked invalid: a slot the mixing weighs by 0 must not hold a
+        NaN from an earlier solve (0 * NaN is NaN)."""
+        for t in (state.F, state.G, state.gram, state.valid, state.newest, state.restarts):
+            t.zero_()
+        state.gnorm.copy_(gnorm)  # the last kept ||g||, updated in place
+        row = self.kernels.anderson_write(state.F, state.G, 0, fx, g)  # the start pair into slot 0
+        state.row.copy_(row)
+        return self._absorb(replace(state, count=0), gnorm, growth=None)
 
     def _absorb(self, state: _AndersonState, gnorm, growth: float | None) -> _AndersonState:
         """The pair just written to the next slot joins the history: its Gram row and column, and the

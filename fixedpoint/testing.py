@@ -45,7 +45,7 @@ def linear_deq(
 
 
 class EagerGraphs:
-    """The graph loops' logic, eagerly, on any device: swap it in for ``fixedpoint._solve.GRAPHS``.
+    """The graph loops' logic, eagerly, on any device: swap it in for ``fixedpoint._graphs.GRAPHS``.
 
     Capture runs the body once for real (recording it, which on CUDA runs nothing); the replay after
     it is skipped (on CUDA that is the first run), later replays run the body again. Counts captures

@@ -42,6 +42,7 @@ from torch import Tensor, nn
 from . import checks
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .data import DataError, ImageData, load_dataset
+from .models import FPDM, DiT
 from .sample import SampleError, generate, load_model, plan_compute
 
 __all__ = [
@@ -249,15 +250,23 @@ def check_variants(variants: list[str]) -> None:
         raise EvaluateError(f"unknown variant(s) {', '.join(unknown)}; valid: {', '.join(FPDM_VARIANTS)}")
 
 
+def load_models(checkpoints: list[str]) -> list[tuple[str, DiT | FPDM, dict]]:
+    """(checkpoint, model, run settings) for each checkpoint, in order: what ``sweep`` evaluates."""
+    return [(ckpt, *load_model(ckpt)) for ckpt in checkpoints]
+
+
 def sweep(
-    checkpoints: list[str], *, dit_steps: list[int], dit_depth: int | None, variants: list[str], num_samples: int,
-    ref: Reference, guidance: float, seed: int, batch_size: int, progress: bool, grids: Path | None = None,
+    models: list[tuple[str, DiT | FPDM, dict]], *, dit_steps: list[int], dit_depth: int | None, variants: list[str],
+    num_samples: int, ref: Reference, guidance: float, seed: int, batch_size: int, progress: bool,
+    grids: Path | None = None,
 ) -> list[dict]:  # fmt: skip
-    """Sample and score every checkpoint (and FPDM variant) at every budget; one row each.
+    """Sample and score every checkpoint's model (and FPDM variant) at every budget; one row each.
+    ``models``: from ``load_models``.
 
     Every setting is planned, and checked against the diffusion timesteps its checkpoint was trained
     with, before anything is sampled."""
-    loaded = [load_model(c) for c in checkpoints]  # (model, run settings)
+    loaded = [(model, run) for _, model, run in models]
+    checkpoints = [ckpt for ckpt, _, _ in models]
     depths = [m.config.depth for m, _ in loaded if m.config.kind == "dit"]
     dit_depth = dit_depth or (depths[0] if depths else None)
     if dit_depth is None:
@@ -374,13 +383,13 @@ def main(args: argparse.Namespace) -> dict | list[dict]:
     if not args.ckpt:
         raise EvaluateError("give --samples FILE or at least one --ckpt")
     check_variants(args.variants)  # before the reference, which may train a feature network
-    first = load_checkpoint(args.ckpt[0], hint="give a checkpoint of python -m fpdm.train")
-    dataset = args.dataset or first.get("run", {}).get("dataset")
+    models = load_models(args.ckpt)  # every checkpoint read once, and checked before any feature network trains
+    dataset = args.dataset or models[0][2].get("dataset")
     ref = reference_for(dataset, data_dir=args.data_dir, cache_dir=args.cache_dir, inception=args.inception,
                         progress=progress)  # fmt: skip
     out = Path(args.out)  # checked by cli before any work
     start = time.perf_counter()
-    rows = sweep(args.ckpt, dit_steps=args.dit_steps, dit_depth=args.dit_depth, variants=args.variants,
+    rows = sweep(models, dit_steps=args.dit_steps, dit_depth=args.dit_depth, variants=args.variants,
                  num_samples=args.num_samples, ref=ref, guidance=args.guidance, seed=args.seed,
                  batch_size=args.batch_size, progress=progress, grids=out / "grids")  # fmt: skip
     title = (f"{dataset}: quality vs sampling compute ({args.num_samples} samples, guidance {args.guidance}; "

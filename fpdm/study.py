@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from . import checks
-from .evaluate import FPDM_VARIANTS, EvaluateError, check_variants, reference_for, sweep, write_reports
+from .evaluate import FPDM_VARIANTS, EvaluateError, check_variants, load_models, reference_for, sweep, write_reports
 from .sample import SampleError, load_model
 from .train import read_metrics
 
@@ -115,7 +115,8 @@ def main(args: argparse.Namespace) -> Path:
     (out / "training.json").write_text(json.dumps(summary, indent=2))
 
     ref = reference_for(args.dataset, data_dir=args.data_dir, progress=True)
-    rows = sweep([str(c) for c in checkpoints.values()], dit_steps=args.dit_steps, dit_depth=args.dit_depth,
+    models = load_models([str(c) for c in checkpoints.values()])
+    rows = sweep(models, dit_steps=args.dit_steps, dit_depth=args.dit_depth,
                  variants=args.variants, num_samples=args.num_samples, ref=ref, guidance=args.guidance, seed=0,
                  batch_size=args.sample_batch, progress=True, grids=out / "grids")  # fmt: skip
     title = (f"{args.dataset}: quality vs sampling compute ({args.num_samples} samples; "

@@ -145,3 +145,19 @@ def test_score_existing_samples_and_bad_input(tmp_path, cache_dir, digits_refere
         bad = subprocess.run([*base, *args], capture_output=True, text=True, timeout=300)
         assert bad.returncode == 2 and "Traceback" not in bad.stderr, bad.stderr
         assert len(bad.stderr.strip().splitlines()) == 1 and match in bad.stderr
+
+
+def test_a_sweep_reads_each_checkpoint_once(tmp_path, cache_dir, digits_reference, monkeypatch):
+    """Every checkpoint is read once, before the reference (whose feature network may have to train)."""
+    import fpdm.evaluate
+    import fpdm.sample
+
+    ckpt = _checkpoint(tmp_path, "FPDM-T/2")
+    reads, read = [], fpdm.sample.load_checkpoint
+    for module in (fpdm.sample, fpdm.evaluate):  # the evaluation also reads its cached feature network
+        monkeypatch.setattr(module, "load_checkpoint", lambda path, **kw: reads.append(str(path)) or read(path, **kw))
+    code = fpdm.evaluate.cli(["--ckpt", ckpt, "--dit-steps", "2", "--dit-depth", "4", "--variants", "uniform",
+                              "--num-samples", "10", "--cache-dir", str(cache_dir), "--out", str(tmp_path / "e"),
+                              "--quiet"])  # fmt: skip
+    assert code == 0 and reads.count(ckpt) == 1
+    assert len(json.loads((tmp_path / "e" / "results.json").read_text())) == 1

@@ -22,7 +22,7 @@ sys.path.insert(0, str(BENCHMARKS))
 import bench_gpu  # noqa: E402
 import gpu_tune  # noqa: E402
 
-from fixedpoint import _solve  # noqa: E402
+from fixedpoint import _graphs  # noqa: E402
 from fixedpoint.testing import EagerGraphs  # noqa: E402
 
 
@@ -57,7 +57,7 @@ def test_bench_gpu_kernel_cases_and_anderson_step_run(cpu_dry_run, monkeypatch):
         step()
         step()
     graphs = EagerGraphs()
-    monkeypatch.setattr(_solve, "GRAPHS", graphs)
+    monkeypatch.setattr(_graphs, "GRAPHS", graphs)
     calls = []
     bench_gpu._replayed(lambda: calls.append(1))()  # warm-up, capture (runs here), the skipped first replay
     assert graphs.captures == 1 and len(calls) == 2
@@ -78,7 +78,7 @@ def _never_converging():
 def test_bench_gpu_overhead_tables_are_filled(cpu_dry_run, monkeypatch):
     """Every row of both overhead tables runs its solve for exactly its iterations (the graph rows with
     the eager stand-in for CUDA graphs)."""
-    monkeypatch.setattr(_solve, "GRAPHS", EagerGraphs())
+    monkeypatch.setattr(_graphs, "GRAPHS", EagerGraphs())
     monkeypatch.setattr(bench_gpu, "STEADY_ROUNDS", 1)
     f = _never_converging()
     report, z0 = Rows(), torch.zeros(2, 3, 8)

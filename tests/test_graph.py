@@ -7,9 +7,11 @@ from functools import partial
 import pytest
 import torch
 from problems import transient_growth
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 import fixedpoint
-from fixedpoint import Status, _solve
+from fixedpoint import Status, _graphs, _solve
 from fixedpoint.kernels.reference import solve_spd
 from fixedpoint.testing import EagerGraphs, ReplayedGraphs
 
@@ -58,7 +60,7 @@ def test_graph_loop_gives_the_default_loop_result(monkeypatch, solver, options, 
     solve = getattr(fixedpoint, solver)
     reference = solve(f, x0, tol=1e-6, max_iter=40, check_every=check_every, **options)
     graphs = stand_in()
-    monkeypatch.setattr(_solve, "GRAPHS", graphs)
+    monkeypatch.setattr(_graphs, "GRAPHS", graphs)
     calls[0] = 0
     captured = solve(f, x0, tol=1e-6, max_iter=40, graph=graph, check_every=check_every, **options)
     assert len(graphs.pools) == 1  # one per solve
@@ -81,7 +83,7 @@ def test_graph_loop_keeps_the_best_iterate_when_the_residual_rises(monkeypatch, 
     """The lazy best copy across captured chunks: the previous pair is carried from one replay to the next."""
     f, x0, iterates = transient_growth()
     residuals = (f(iterates) - iterates).norm(dim=2)[: max_iter + 1]
-    monkeypatch.setattr(_solve, "GRAPHS", EagerGraphs())
+    monkeypatch.setattr(_graphs, "GRAPHS", EagerGraphs())
     sol = fixedpoint.picard(f, x0, tol=1e-30, max_iter=max_iter, stop="abs", graph=graph)
     expected = iterates[residuals.argmin(dim=0), torch.arange(x0.shape[0])]
     assert torch.equal(sol.x, expected) and torch.equal(sol.fx, f(expected))
@@ -99,7 +101,7 @@ def test_graph_loop_returns_the_lowest_residual_pair(monkeypatch, solver, option
     def f(z):
         return f_linear(z) + 0.3 * torch.sin(3 * z)
 
-    monkeypatch.setattr(_solve, "GRAPHS", stand_in())
+    monkeypatch.setattr(_graphs, "GRAPHS", stand_in())
     sol = getattr(fixedpoint, solver)(f, x0, tol=1e-30, max_iter=20, stop="abs", graph=graph, check_every=check_every,
                                       **options)  # fmt: skip
     assert (sol.trace.diff(dim=0) > 0).any(), "the residuals must rise somewhere for this test to mean anything"
@@ -112,7 +114,7 @@ def test_graph_loop_returns_the_lowest_residual_pair(monkeypatch, solver, option
 
 @pytest.mark.parametrize("graph", GRAPH_LOOPS)
 def test_graph_loop_stops_early_when_every_sample_converges(monkeypatch, graph):
-    monkeypatch.setattr(_solve, "GRAPHS", EagerGraphs())
+    monkeypatch.setattr(_graphs, "GRAPHS", EagerGraphs())
     sol = fixedpoint.anderson(lambda z: 0.5 * z + 1.0, torch.zeros(3, 4), tol=1e-6, max_iter=500, graph=graph, m=2)
     assert sol.converged.all() and sol.trace.shape[0] == int(sol.nsteps.max()) < 40
     torch.testing.assert_close(sol.x, torch.full((3, 4), 2.0))
@@ -133,7 +135,7 @@ def test_graph_loops_never_write_into_what_f_returned(monkeypatch, solver, optio
         kept.append((out, out.clone()))
         return out
 
-    monkeypatch.setattr(_solve, "GRAPHS", EagerGraphs())
+    monkeypatch.setattr(_graphs, "GRAPHS", EagerGraphs())
     getattr(fixedpoint, solver)(f, x0, tol=1e-30, max_iter=13, stop="abs", graph=graph, **options)
     assert len(kept) >= 14 and all(torch.equal(out, copy) for out, copy in kept)
 
@@ -143,7 +145,7 @@ def test_solver_graphs_stop_at_any_position_with_the_last_pair(monkeypatch, stop
     """graph="solver" checks convergence after every iteration: a stop mid-period returns the pair of the
     position that stopped (the last pair is taken from that graph's outputs), as the eager loop does."""
     f, x0, iterates = transient_growth(batch=3, seed=1)
-    monkeypatch.setattr(_solve, "GRAPHS", EagerGraphs())
+    monkeypatch.setattr(_graphs, "GRAPHS", EagerGraphs())
     reference = fixedpoint.picard(f, x0, tol=1e-30, max_iter=stop_at, stop="abs")
     sol = fixedpoint.picard(f, x0, tol=1e-30, max_iter=stop_at, stop="abs", graph="solver")
     assert sol.nfev == reference.nfev == stop_at + 1 and torch.equal(sol.nsteps, reference.nsteps)
@@ -162,7 +164,7 @@ def test_graph_loops_with_triton_kernels_equal_the_eager_loop(monkeypatch, solve
     f, x0 = (lambda z: f_cpu(z.cpu()).to(z.device)), x0.to(device)
     solve = getattr(fixedpoint, solver)
     eager = solve(f, x0, tol=1e-6, max_iter=12, impl="triton", **options)
-    monkeypatch.setattr(_solve, "GRAPHS", EagerGraphs())
+    monkeypatch.setattr(_graphs, "GRAPHS", EagerGraphs())
     calls[0] = 0
     graphed = solve(f, x0, tol=1e-6, max_iter=12, impl="triton", graph=graph, **options)
     assert graphed.nsteps.tolist() == eager.nsteps.tolist() and graphed.status.tolist() == eager.status.tolist()
@@ -179,7 +181,7 @@ def test_graph_needs_cuda_and_a_graph_capable_solver(monkeypatch):
         fixedpoint.picard(lambda z: z, torch.zeros(2, 3), graph=1)
     with pytest.raises(ValueError, match="graph='solver' captures a CUDA graph and needs CUDA tensors, got x0 on cpu"):
         fixedpoint.picard(lambda z: z, torch.zeros(2, 3), graph="solver")
-    monkeypatch.setattr(_solve, "GRAPHS", EagerGraphs())
+    monkeypatch.setattr(_graphs, "GRAPHS", EagerGraphs())
     with pytest.raises(ValueError, match="graph='solver' is not supported by Broyden"):
         _solve.solve(
             fixedpoint._solvers.Broyden(),
@@ -246,7 +248,7 @@ def test_every_graph_solve_warms_up_before_capture(monkeypatch, graph):
     graphs = EagerGraphs()
     warmups = []
     graphs.warmup_stream = lambda device: warmups.append(device) or nullcontext()
-    monkeypatch.setattr(_solve, "GRAPHS", graphs)
+    monkeypatch.setattr(_graphs, "GRAPHS", graphs)
     f, x0, _ = _problem()
     for beta in (1.0, 0.5):
         fixedpoint.picard(f, x0, tol=1e-6, max_iter=20, graph=graph, beta=beta)
@@ -301,10 +303,10 @@ def _assert_same_solve(sol, reference):
 def kept_graphs(monkeypatch, request):
     """Each stand-in for CUDA graphs in turn, with an empty cache of graph="solver" sessions."""
     graphs = request.param()
-    monkeypatch.setattr(_solve, "GRAPHS", graphs)
-    _solve.clear_graph_cache()
+    monkeypatch.setattr(_graphs, "GRAPHS", graphs)
+    _graphs.clear_graph_cache()
     yield graphs
-    _solve.clear_graph_cache()
+    _graphs.clear_graph_cache()
 
 
 @pytest.mark.parametrize("solver,options", [("anderson", {"m": 3}), ("picard", {"beta": 0.8})])
@@ -323,9 +325,9 @@ def test_solver_graphs_are_kept_for_later_solves_of_any_map(kept_graphs, solver,
 
     fresh = []
     for args in solves:
-        _solve.clear_graph_cache()
+        _graphs.clear_graph_cache()
         fresh.append(run(*args, graph="solver"))
-    _solve.clear_graph_cache()
+    _graphs.clear_graph_cache()
     captures = kept_graphs.captures
     kept = [run(*solves[0], graph="solver")]
     first, captured = kept[0].x.clone(), kept_graphs.captures - captures
@@ -344,6 +346,38 @@ def test_solver_graphs_are_kept_for_later_solves_of_any_map(kept_graphs, solver,
     assert torch.equal(kept[0].x, first)
 
 
+class _NewTensors(TorchDispatchMode):
+    """The shapes of the tensors aten ops allocate (outputs that are neither views nor an argument)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shapes: list[tuple[int, ...]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if not func.is_view:
+            given = {id(t) for t in tree_leaves((args, kwargs))}
+            made = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor) and id(t) not in given]
+            self.shapes += [tuple(t.shape) for t in made]
+        return out
+
+
+def test_a_kept_solve_starts_in_the_kept_buffers(kept_graphs):
+    """A later solve writes its start where the kept graphs read: no second Anderson history (reinit
+    zeroes the kept one in place), no new best pair or accounting tensors. The first solve allocates them."""
+    batch, dim, m = 5, 12, 3
+    runs = []
+    for seed in (1, 2):
+        f, x0 = _contraction_map(seed, batch=batch, dim=dim)
+        with _NewTensors() as new:
+            runs.append(fixedpoint.anderson(f, x0, m=m, tol=1e-6, max_iter=30, graph="solver"))
+        trace_shape = (31, batch)
+        counts = [new.shapes.count(shape) for shape in ((batch, m, dim), trace_shape)]
+        assert counts == ([2 + 2, 1] if seed == 1 else [0, 0]), (seed, counts)  # init's F, G, then the static copies
+    _graphs.clear_graph_cache()
+    _assert_same_solve(runs[1], fixedpoint.anderson(f, x0, m=m, tol=1e-6, max_iter=30, graph="solver"))
+
+
 def test_solver_graphs_are_kept_per_key_and_cleared(kept_graphs):
     f, x0 = _contraction_map(1)
     fixedpoint.picard(f, x0, tol=1e-6, max_iter=30, graph="solver")
@@ -352,7 +386,7 @@ def test_solver_graphs_are_kept_per_key_and_cleared(kept_graphs):
     assert kept_graphs.captures == 6 and len(kept_graphs.pools) == 3
     fixedpoint.picard(f, x0, tol=1e-5, max_iter=30, graph="solver")
     assert kept_graphs.captures == 6
-    _solve.clear_graph_cache()
+    _graphs.clear_graph_cache()
     fixedpoint.picard(f, x0, tol=1e-5, max_iter=30, graph="solver")
     assert kept_graphs.captures == 8 and len(kept_graphs.pools) == 4
 
@@ -392,7 +426,7 @@ def test_kept_solver_graphs_do_not_keep_f_alive(kept_graphs):
     ref = weakref.ref(f)
     del f
     gc.collect()
-    assert ref() is None and len(_solve._graph_cache) == 1
+    assert ref() is None and len(_graphs._graph_cache) == 1
 
 
 def test_solver_graphs_kept_in_inference_mode_serve_only_inference_mode(kept_graphs):
@@ -401,7 +435,7 @@ def test_solver_graphs_kept_in_inference_mode_serve_only_inference_mode(kept_gra
     with torch.inference_mode():
         inside = fixedpoint.anderson(f, x0, tol=1e-6, max_iter=30, graph="solver")
     outside = fixedpoint.anderson(f, x0, tol=1e-6, max_iter=30, graph="solver")
-    assert len(_solve._graph_cache) == 2 and torch.equal(inside.x, outside.x)
+    assert len(_graphs._graph_cache) == 2 and torch.equal(inside.x, outside.x)
 
 
 def test_dropped_solver_graphs_are_freed_at_once(kept_graphs):
@@ -412,12 +446,12 @@ def test_dropped_solver_graphs_are_freed_at_once(kept_graphs):
 
     f, x0 = _contraction_map(1)
     fixedpoint.anderson(f, x0, tol=1e-6, max_iter=30, graph="solver")
-    (session,) = _solve._graph_cache.values()
+    (session,) = _graphs._graph_cache.values()
     refs = [weakref.ref(session), weakref.ref(session.static["state.F"])]
     del session
     gc.disable()
     try:
-        _solve.clear_graph_cache()
+        _graphs.clear_graph_cache()
         assert all(ref() is None for ref in refs)
     finally:
         gc.enable()
@@ -431,7 +465,7 @@ def test_an_unhashable_solver_runs_solver_graphs_without_keeping_them(kept_graph
     sol = _solve.solve(Unhashable(beta=0.8), f, x0, tol=1e-6, max_iter=30, stop="rel", divergence=None,
                        graph="solver")  # fmt: skip
     _assert_same_solve(sol, fixedpoint.picard(f, x0, tol=1e-6, max_iter=30, divergence=None, beta=0.8))
-    assert not _solve._graph_cache
+    assert not _graphs._graph_cache
 
 
 @pytest.mark.parametrize("check_every", [1, 3])
@@ -440,7 +474,7 @@ def test_a_solve_that_converges_in_the_warm_up_calls_f_as_the_eager_loop(kept_gr
     eager = fixedpoint.anderson(lambda z: 0.01 * z + 1.0, torch.zeros(3, 4), tol=1e-6, m=5, check_every=check_every)
     graphed = fixedpoint.anderson(lambda z: 0.01 * z + 1.0, torch.zeros(3, 4), tol=1e-6, m=5, graph="solver",
                                   check_every=check_every)  # fmt: skip
-    assert graphed.nfev == eager.nfev and int(eager.nsteps.max()) < 5 and not _solve._graph_cache
+    assert graphed.nfev == eager.nfev and int(eager.nsteps.max()) < 5 and not _graphs._graph_cache
 
 
 def test_solver_graphs_refuse_a_step_that_calls_f(kept_graphs):

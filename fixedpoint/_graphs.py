@@ -1,0 +1,208 @@
+"""What the solver loop's CUDA-graph modes are built from: capture and replay (swappable for stand-ins on
+CPU), the static buffers carried between replays, and graph="solver"'s sessions kept for later solves.
+
+The loop itself (which iterations are captured, how convergence is checked) is in ``_solve``.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass, field, fields, replace
+from typing import Any, ClassVar, NamedTuple
+
+import torch
+from torch import Tensor
+
+__all__ = ["GRAPHS", "CudaGraphs", "SolverGraphs", "StaticBuffers", "clear_graph_cache"]
+
+
+class CapturePool(NamedTuple):
+    """A CUDA graph memory pool and the side stream its graphs are captured on."""
+
+    handle: Any  # torch.cuda.graph_pool_handle()
+    stream: Any  # torch.cuda.Stream
+
+
+class CudaGraphs:
+    """What the graph loops need from CUDA: a side stream for warm-up, a memory pool that captures can
+    share, and capture into a replayable graph."""
+
+    @staticmethod
+    def supports(x: Tensor) -> bool:
+        return x.is_cuda
+
+    @staticmethod
+    @contextmanager
+    def warmup_stream(device: torch.device):
+        side = torch.cuda.Stream(device=device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            yield
+        torch.cuda.current_stream(device).wait_stream(side)
+
+    @staticmethod
+    def memory_pool(device: torch.device) -> CapturePool:
+        """What the captures of one graph=True solve or one graph="solver" session share: a memory pool
+        (graphs replayed in the order they were captured may share memory) and the stream they are
+        captured on (the allocator reuses a freed block on its own stream only).
+
+        Empties the allocator's cache first, before the first capture into the pool: that is what returns
+        the pools of dropped graphs to the driver, and an allocation that fails inside a capture cannot
+        retry after it. (A kept session may capture its last positions in a later solve, without this.)
+        """
+        torch.cuda.empty_cache()
+        return CapturePool(torch.cuda.graph_pool_handle(), torch.cuda.Stream(device=device))
+
+    @staticmethod
+    def capture(body: Callable[[], None], device: torch.device, pool: CapturePool) -> Callable[[], None]:
+        """Record ``body`` on ``pool``'s stream into its memory (nothing runs yet) and return the replay.
+
+        capture_begin/capture_end rather than ``torch.cuda.graph``, which also synchronizes and empties
+        the allocator's cache before each capture: f's next eager call would allocate from the driver again.
+        """
+        handle, side = pool
+        graph = torch.cuda.CUDAGraph()
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            graph.capture_begin(handle)
+            try:
+                body()
+            except BaseException:
+                with suppress(RuntimeError):  # the capture is invalid; end it so the stream can be used again
+                    graph.capture_end()
+                raise
+            graph.capture_end()
+        torch.cuda.current_stream(device).wait_stream(side)
+        return graph.replay
+
+
+GRAPHS = CudaGraphs()  # tests swap in a stand-in (fixedpoint.testing) to run the graph paths' logic on CPU
+GRAPH_CHUNK = 4  # iterations per captured chunk of graph=True, at least (rounded up to whole solver periods)
+GRAPH_MODES = (False, True, "solver")
+
+
+class StaticBuffers:
+    """Tensors carried from one graph replay to the next, in fixed buffers: one dense copy per distinct
+    tensor (two names for one tensor share it). Copies, so that nothing f returned is written into."""
+
+    def __init__(self, values: dict[str, Tensor]):
+        buffers: dict[int, Tensor] = {}
+        for v in values.values():
+            if id(v) not in buffers:
+                buffers[id(v)] = v.clone(memory_format=torch.contiguous_format)
+        self.tensors = {name: buffers[id(v)] for name, v in values.items()}
+
+    def __getitem__(self, name: str) -> Tensor:
+        return self.tensors[name]
+
+    def copy_in(self, values: dict[str, Tensor]) -> None:
+        """Write a replay's results into the buffers the next replay reads (each shared buffer once; a
+        value that already is its buffer is not copied)."""
+        sources: dict[int, Tensor] = {}  # buffer -> the value copied into it
+        for name, value in values.items():
+            target = self.tensors[name]
+            if id(target) in sources:  # shared by two names: they must still hold the same tensor
+                if sources[id(target)] is not value:
+                    raise RuntimeError(f"graph: {name} no longer aliases the tensor it shared a buffer with")
+                continue
+            sources[id(target)] = value
+            if value is not target:
+                target.copy_(value)
+
+
+def position_input(static: StaticBuffers, outputs: list[tuple[Tensor, ...]], j: int) -> Tensor:
+    """The iterate position j evaluates: the static one at a period's start, else the previous output."""
+    return static["next_x"] if j == 0 else outputs[j - 1][0]
+
+
+def map_not_captured(z: Tensor) -> Tensor:
+    """The f a solver's step sees under graph="solver": f is never captured, so calling it is an error."""
+    raise RuntimeError(
+        "graph='solver' does not capture f, so the solver's step may not call it (Jacobian-vector products): "
+        "use graph=False or graph=True"
+    )
+
+
+@dataclass
+class SolverGraphs:
+    """graph="solver": one period's graphs and every buffer they read and write. f is not captured, so
+    any later solve with the same key (solver, shapes, options) starts in these buffers and replays the
+    same graphs: no warm-up, no capture."""
+
+    buffers: dict[str, Tensor]  # the loop's in-place tensors (``BUFFERS``): a later solve's start goes here
+    static: StaticBuffers  # what a period's first position reads: the next iterate, the carried tensors
+    state: Any  # the solver's state over the static buffers at a period's start (a later solve's ``reinit``)
+    fx_buffers: tuple[Tensor, Tensor]  # f(x) of position j goes into fx_buffers[j % 2]
+    period: int  # lcm(solver period, 2)
+    capture: Callable[[int], Callable[[], None]]  # position -> its replay, capturing it (never refers to self)
+    outputs: list[tuple[Tensor, ...]]  # per captured position: x_{j+1}, counts, x_j, f(x_j)
+    replays: list[Callable[[], None]] = field(default_factory=list)  # captured positions, in order
+    finished: Any = None  # CUDA: an event behind the last solve's work, which the next one waits for
+
+    BUFFERS: ClassVar[tuple[str, ...]] = (
+        "gnorm0", "status", "best_res", "pending", "nsteps", "trace", "done", "best_x", "best_fx"
+    )  # fmt: skip
+
+    def wait(self, device: torch.device) -> None:
+        """Before a later solve writes its start into the buffers: after the last solve's work (which may
+        have run on another stream)."""
+        if self.finished is not None:
+            torch.cuda.current_stream(device).wait_event(self.finished)
+
+    def run(
+        self, fn: Callable[[Tensor], Tensor], n: int, n_active: int, max_iter: int,
+        check: Callable[[int, Tensor, int], int],
+    ) -> tuple[int, int, Tensor, Tensor]:  # fmt: skip
+        """Iterate from position 0 until max_iter or no sample is active: f eagerly, then one replay.
+        ``check(n, counts, n_active)`` gives the active count the host knows after iteration n. Returns
+        the iterations run, the active count and the last evaluated pair."""
+        j = 0
+        while n < max_iter and n_active:
+            self.fx_buffers[j % 2].copy_(fn(position_input(self.static, self.outputs, j)))
+            if len(self.replays) == j:  # the first pass through a position captures it
+                self.replays.append(self.capture(j))
+            self.replays[j]()
+            n_active = check(n, self.outputs[j][1], n_active)
+            n, j = n + 1, (j + 1) % self.period
+        return n, n_active, *self.outputs[j - 1][2:]
+
+    def result(self, solution: Any, device: torch.device) -> Any:
+        """``solution`` (a Solution), read from the kept buffers, copied out of them (the next solve
+        overwrites them)."""
+        copies = {f.name: getattr(solution, f.name).clone() for f in fields(solution) if f.name != "nfev"}
+        if device.type == "cuda":  # the next solve waits for these copies
+            self.finished = torch.cuda.Event()
+            self.finished.record(torch.cuda.current_stream(device))
+        return replace(solution, **copies)
+
+
+GRAPH_CACHE_SIZE = 4  # graph="solver" sessions kept (least recently used dropped)
+_graph_cache: OrderedDict[tuple, SolverGraphs] = OrderedDict()
+
+
+def clear_graph_cache() -> None:
+    """Drop every graph="solver" session kept for later solves, and return the memory it held to the
+    device (a dead graph's memory pool is freed only when the allocator's cache is emptied)."""
+    _graph_cache.clear()
+    if torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
+
+
+def take_graphs(key: tuple) -> tuple[tuple | None, SolverGraphs | None]:
+    """The kept session for ``key``, out of the cache while in use (a nested solve with the same key
+    builds its own), or None. The key comes back None when it is unhashable (a mutable dataclass solver):
+    nothing is kept for it."""
+    try:
+        return key, _graph_cache.pop(key, None)
+    except TypeError:
+        return None, None
+
+
+def keep_graphs(key: tuple, session: SolverGraphs) -> None:
+    """Keep ``session`` for later solves with ``key``, dropping the least recently used beyond the size."""
+    _graph_cache[key] = session
+    _graph_cache.move_to_end(key)
+    while len(_graph_cache) > GRAPH_CACHE_SIZE:
+        _graph_cache.popitem(last=False)

@@ -108,7 +108,7 @@ def compile_launch(launch: Launch, arch: int = 90):
                 aligned.append(i)
         else:
             signature[p.name] = "fp32"
-    options = {k: v for k, v in launch.kwargs.items() if k in ("num_warps", "num_stages")}
+    options = {k: v for k, v in launch.kwargs.items() if k in ("num_warps", "num_stages", "enable_fp_fusion")}
     attrs = {(i,): [["tt.divisibility", 16]] for i in aligned}
     source = ASTSource(fn=launch.fn, signature=signature, constexprs=constexprs, attrs=attrs)
     return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options), options.get("num_warps", 4)

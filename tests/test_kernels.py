@@ -731,3 +731,30 @@ def test_each_launcher_takes_its_kernels_setting_for_its_element_size(monkeypatc
     _, kwargs = launches["_anderson_write_kernel"]
     assert kwargs["BLOCK"] == settings["anderson_write"][itemsize].nbytes // (itemsize * 4)
     assert kwargs["num_warps"] == settings["anderson_write"][itemsize].warps
+
+
+def test_every_launch_pins_fma_contraction(monkeypatch):
+    """Every kernel is launched with enable_fp_fusion given (triton 3.9 warns when it is unset and 3.10 flips
+    its default): the three solvers run, each kernel wrapped to record its launch keywords."""
+    launched = {}
+
+    class Recording:
+        def __init__(self, name, kernel):
+            self.name, self.kernel = name, kernel
+
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                launched.setdefault(self.name, []).append(kwargs.get("enable_fp_fusion"))
+                return self.kernel[grid](*args, **kwargs)
+
+            return launch
+
+    kernels = [name for name in dir(triton_kernels) if name.startswith("_") and name.endswith("_kernel")]
+    for name in kernels:
+        monkeypatch.setattr(triton_kernels, name, Recording(name, getattr(triton_kernels, name)))
+    f, x0 = (lambda z: torch.tanh(0.5 * z + 1.0)), torch.zeros(3, 8, device=DEVICE)
+    for solve in (fixedpoint.picard, fixedpoint.anderson, fixedpoint.broyden):
+        solve(f, x0, tol=1e-30, max_iter=12, divergence=None, impl="triton")
+    fixedpoint.picard(f, x0, tol=1e-30, max_iter=3, divergence=None, impl="triton", beta=0.5)  # the damped step
+    assert sorted(launched) == sorted(kernels)
+    assert all(flags == [True] * len(flags) for flags in launched.values()), launched

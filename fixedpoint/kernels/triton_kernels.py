@@ -79,6 +79,9 @@ LAUNCH_SETTINGS: dict[str, dict[int, LaunchSetting]] = {
     # a row's block: combine walks the n history rows in each step
     "broyden_combine": {2: LaunchSetting(2048, warps=8), 4: LaunchSetting(2048)},
 }
+# Fused multiply-add contraction on, explicitly, in every launch: what every GPU run measured (triton 3.6's
+# default). Triton 3.9 warns when a kernel leaves it unset, and 3.10 turns the default off.
+COMPILE_OPTIONS = {"enable_fp_fusion": True}
 MIN_PROGRAMS = 1024  # enough programs to keep every SM's memory pipes busy (H100: 132 SMs)
 MAX_FEATURES = 2**31 - 2**24  # per sample: offsets within a sample are 32-bit (the margin: a chunk's overrun)
 
@@ -190,7 +193,7 @@ def residual(x: Tensor, fx: Tensor, g_out: Tensor | None) -> tuple[Tensor, Tenso
     vec, sizes = _aligned(x.element_size(), dim, x.stride(0), fx.stride(0), g.stride(0))
     _residual_kernel[(batch * chunks,)](
         x, fx, g, partials, *sizes, chunks, batch * chunks, BLOCK=block, STEPS=steps,
-        STAGES=setting.stages, WRITE_G=g_out is not None, VEC=vec, num_warps=setting.warps,
+        STAGES=setting.stages, WRITE_G=g_out is not None, VEC=vec, num_warps=setting.warps, **COMPILE_OPTIONS,
     )  # fmt: skip
     gsq, fsq = partials.sum(dim=2)  # contiguous (B,) each
     return gsq, fsq
@@ -253,7 +256,7 @@ def _launch_anderson_write(F: Tensor, G: Tensor, slot: int, fx: Tensor, src: Ten
     _anderson_write_kernel[(batch * chunks,)](
         F, G, fx, src, partials, D, slot, *strides, chunks, batch, width, M=m, MP=mp, BLOCK=block, STEPS=steps,
         STAGES=setting.stages, STORE_G=from_x or not reference.is_slot(G, slot, src), FROM_X=from_x, VEC=vec,
-        num_warps=setting.warps,
+        num_warps=setting.warps, **COMPILE_OPTIONS,
     )  # fmt: skip
     return partials.sum(dim=0)
 
@@ -311,7 +314,7 @@ def anderson_mix(
     vec, (D, *strides) = _aligned(F.element_size(), dim, *F.stride()[:2], *G.stride()[:2], frozen.stride(0), dim)
     _anderson_mix_kernel[(batch * chunks,)](
         F, G, alpha32, frozen, active8, out, D, float(beta - 1.0), *strides, chunks, M=m, BLOCK=block,
-        USE_G=beta != 1.0, ALL_ACTIVE=all_active, VEC=vec, num_warps=setting.warps,
+        USE_G=beta != 1.0, ALL_ACTIVE=all_active, VEC=vec, num_warps=setting.warps, **COMPILE_OPTIONS,
     )  # fmt: skip
     return out
 
@@ -359,7 +362,7 @@ def picard_step(x: Tensor, fx: Tensor, beta: float, frozen: Tensor | None, activ
     vec, (D, *strides) = _aligned(x.element_size(), dim, x.stride(0), fx.stride(0), frozen.stride(0), dim)
     _picard_step_kernel[(batch * chunks,)](
         x, fx, frozen, active8, out, D, float(beta), *strides, chunks, BLOCK=block, DAMPED=beta != 1.0,
-        ALL_ACTIVE=all_active, VEC=vec, num_warps=setting.warps,
+        ALL_ACTIVE=all_active, VEC=vec, num_warps=setting.warps, **COMPILE_OPTIONS,
     )  # fmt: skip
     return out
 
@@ -402,7 +405,7 @@ def broyden_dots(U: Tensor, V: Tensor, n: int, g: Tensor, dx: Tensor) -> Tensor:
         vec, (D, *strides) = _aligned(U.element_size(), *sizes)
         _broyden_dots_kernel[(batch * chunks,)](
             U, V, g, dx, partials, D, n, *strides, chunks, MP=mp, BLOCK=block, STEPS=steps,
-            STAGES=setting.stages, VEC=vec, num_warps=setting.warps,
+            STAGES=setting.stages, VEC=vec, num_warps=setting.warps, **COMPILE_OPTIONS,
         )  # fmt: skip
     return partials.sum(dim=1)
 
@@ -463,7 +466,7 @@ def broyden_combine(
     vec, (D, *strides) = _aligned(U.element_size(), *sizes)
     _broyden_combine_kernel[(batch * chunks,)](
         U, V, coeff32, g, dx, h_g, hg, v, partials, D, n, *strides, chunks, BLOCK=block, STEPS=steps,
-        STAGES=setting.stages, VEC=vec, num_warps=setting.warps,
+        STAGES=setting.stages, VEC=vec, num_warps=setting.warps, **COMPILE_OPTIONS,
     )  # fmt: skip
     return h_g, v, partials.sum(dim=1)
 
@@ -550,6 +553,7 @@ def bookkeep(
         gsq, fsq, gnorm0, status, active.view(torch.uint8), best_res, pending.view(torch.uint8), nsteps, trace, done,
         gnorm, new_active.view(torch.uint8), take, counts, batch, 0 if row is None else row, max_iter, float(tol),
         float(divergence), reference.REL_FLOOR, RELATIVE=bool(relative), USE_DONE=row is None, BLOCK=block,
+        **COMPILE_OPTIONS,
     )  # fmt: skip
     return gnorm, new_active, take, counts
 
@@ -609,7 +613,7 @@ def anderson_coefficients(
     alpha = torch.empty(batch, m, dtype=torch.float32, device=gram.device)
     _anderson_coefficients_kernel[(batch,)](
         gram, valid.view(torch.int8), newest.view(torch.int8), restarts, alpha, float(ridge), float(max_coeff),
-        newest.stride(0), M=m, MP=_next_pow2(max(m, 2)),
+        newest.stride(0), M=m, MP=_next_pow2(max(m, 2)), **COMPILE_OPTIONS,
     )  # fmt: skip
     return alpha
 
@@ -640,7 +644,7 @@ def best_update(
     pairs = (best_x, best_fx, x, fx, prev_x, prev_fx)
     vec, (D, *strides) = _aligned(x.element_size(), dim, *(t.stride(0) for t in pairs))
     _best_update_kernel[(batch * chunks,)](
-        *pairs, take, D, *strides, chunks, BLOCK=block, VEC=vec, num_warps=setting.warps,
+        *pairs, take, D, *strides, chunks, BLOCK=block, VEC=vec, num_warps=setting.warps, **COMPILE_OPTIONS,
     )  # fmt: skip
 
 
@@ -689,7 +693,7 @@ def anderson_absorb(
     _anderson_absorb_kernel[(batch,)](
         gram, row, valid.view(torch.int8), newest.view(torch.int8), kept_gnorm, gnorm, restarts, slot,
         float(growth if growth is not None else 0.0), M=m, MP=_next_pow2(max(m, 2)),
-        USE_GROWTH=growth is not None,
+        USE_GROWTH=growth is not None, **COMPILE_OPTIONS,
     )  # fmt: skip
 
 
@@ -774,6 +778,6 @@ def broyden_finish(
     _broyden_finish_kernel[(batch * chunks,)](
         U, V, x, x_old, g, g_old, dx, h_g, v, hg_old, sums, gnorm, gnorm_old, alive.view(torch.int8), restarts,
         x_new, g_new, gnorm_new, hg_new, D, slot, float(growth), *strides, chunks, M=m,
-        MP=_next_pow2(max(m, 2)), BLOCK=block, VEC=vec, num_warps=setting.warps,
+        MP=_next_pow2(max(m, 2)), BLOCK=block, VEC=vec, num_warps=setting.warps, **COMPILE_OPTIONS,
     )  # fmt: skip
     return x_new, g_new, gnorm_new, hg_new

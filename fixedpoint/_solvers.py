@@ -140,6 +140,7 @@ class _AndersonState:
     row: Tensor  # (B, m) the Gram row of the pair just written to the next slot (by ``residual``)
     gnorm: Tensor  # (B,) ||g|| of that pair
     restarts: Tensor  # (B,) history restarts per sample
+    alpha: Tensor | None = None  # (B, m) the next step's mixing weights (by ``update``, with the bookkeeping)
 
 
 @dataclass(frozen=True)
@@ -189,12 +190,14 @@ class Anderson:
     def _absorb(self, state: _AndersonState, gnorm, growth: float | None) -> _AndersonState:
         """The pair just written to the next slot joins the history: its Gram row and column, and the
         bookkeeping in place (a step that multiplied ||g|| by more than ``growth`` restarts the history
-        from the pair it came from; None: never)."""
+        from the pair it came from; None: never); and the next step's mixing weights, in the same launch
+        (ill-conditioned samples restart, in place: valid, restarts, with a damped step)."""
         slot = state.count % self.m
-        self.kernels.anderson_absorb(
-            state.gram, state.row, state.valid, state.newest, state.gnorm, gnorm, state.restarts, slot, growth
-        )
-        return replace(state, count=state.count + 1)
+        alpha = self.kernels.anderson_absorb(
+            state.gram, state.row, state.valid, state.newest, state.gnorm, gnorm, state.restarts, slot, growth,
+            self.ridge, self.max_coeff, self.graph_safe,
+        )  # fmt: skip
+        return replace(state, count=state.count + 1, alpha=alpha)
 
     def residual(self, state, x, fx):
         # one pass: g = f(x) - x straight into the next slot, f(x) beside it, the norms and the new Gram row
@@ -203,12 +206,8 @@ class Anderson:
         return state.G[:, slot], gsq, fsq, replace(state, row=row)
 
     def step(self, fn, state, active, frozen=None):
-        # mixing weights (B, m); ill-conditioned samples restart (in place: valid, restarts) with a damped step
-        alpha = self.kernels.anderson_coefficients(
-            state.gram, state.valid, state.newest, state.restarts, self.ridge, self.max_coeff, self.graph_safe
-        )
         # x = sum_i alpha_i (x_i + beta g_i) = sum_i alpha_i f(x_i) + (beta - 1) sum_i alpha_i g_i
-        return self.kernels.anderson_mix(state.F, state.G, alpha, self.beta, frozen, active), state
+        return self.kernels.anderson_mix(state.F, state.G, state.alpha, self.beta, frozen, active), state
 
     def update(self, state, x, fx, g, gnorm):
         # the pair is already in its slot (residual); a step that blew the residual up restarts from

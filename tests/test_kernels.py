@@ -490,7 +490,9 @@ def test_bookkeep_kernel_equals_twin(relative, graph_mode, batch):
 
 
 @pytest.mark.parametrize("m", [1, 3, 5])
-def test_anderson_coefficients_kernel_equals_twin(m):
+def test_anderson_mixing_weights_kernel_equals_twin(m):
+    """The weights the absorb kernel computes after its bookkeeping (rewriting the newest slot's row with itself
+    here, so the Gram matrices stay as built): equal to the twin's LAPACK-free solve, with its restarts."""
     gen = torch.Generator().manual_seed(m)
     batch = 6
     residuals = torch.randn(batch, m, 40, generator=gen, dtype=torch.float64)
@@ -504,7 +506,9 @@ def test_anderson_coefficients_kernel_equals_twin(m):
     results = []
     for module in (triton_kernels, reference):
         v, r = valid.clone().to(DEVICE), torch.arange(batch).to(DEVICE)
-        alpha = module.anderson_coefficients(gram.to(DEVICE), v, newest.to(DEVICE), r, 1e-6, 50.0, True)
+        g, n, kept = gram.clone().to(DEVICE), newest.clone().to(DEVICE), torch.ones(batch, device=DEVICE)
+        alpha = module.anderson_absorb(g, g[:, m - 1].clone(), v, n, kept, kept, r, m - 1, None, 1e-6, 50.0, True)
+        assert torch.equal(g.nan_to_num(), gram.to(DEVICE).nan_to_num()) and torch.equal(n, newest.to(DEVICE))
         results.append((alpha, v, r))
     (a1, v1, r1), (a2, v2, r2) = results
     torch.testing.assert_close(a1, a2, rtol=1e-5, atol=1e-6)
@@ -569,15 +573,21 @@ def test_anderson_absorb_kernel_equals_twin(growth):
     kept = torch.rand(batch, generator=gen) + 0.5
     gnorm = kept * torch.tensor([0.5, 20.0, 1.0, float("nan"), 11.0])  # samples 1, 3 (NaN) and 4 blow up
     restarts = torch.arange(batch)
-    results = []
+    gram = gram @ gram.transpose(1, 2) + torch.eye(m)  # positive definite: weights to compare
+    row = gram[:, 0] * 0.9
+    results, weights = [], []
     for module in (triton_kernels, reference):
         bufs = [t.clone().to(DEVICE) for t in (gram, valid, newest, kept, restarts)]
-        module.anderson_absorb(
-            bufs[0], row.to(DEVICE), bufs[1], bufs[2], bufs[3], gnorm.to(DEVICE), bufs[4], slot, growth
-        )
+        alpha = module.anderson_absorb(
+            bufs[0], row.to(DEVICE), bufs[1], bufs[2], bufs[3], gnorm.to(DEVICE), bufs[4], slot, growth, 1e-6, 1e4,
+            True,
+        )  # fmt: skip
         results.append(bufs)
+        weights.append(alpha)
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(weights[0], weights[1], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(weights[0].sum(dim=1), torch.ones(batch, device=DEVICE))
     gram_out, valid_out, newest_out, _, restarts_out = results[0]
     torch.testing.assert_close(gram_out[:, slot], row.to(DEVICE))
     torch.testing.assert_close(gram_out[:, :, slot], row.to(DEVICE))

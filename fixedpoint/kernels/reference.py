@@ -260,8 +260,12 @@ def anderson_absorb(
     restarts: Tensor,
     slot: int,
     growth: float | None,
-) -> None:
-    """Anderson's history bookkeeping after a write to ring slot ``slot``, in place.
+    ridge: float,
+    max_coeff: float,
+    graph_safe: bool,
+) -> Tensor:
+    """Anderson's history bookkeeping after a write to ring slot ``slot``, in place, and the next step's
+    mixing weights alpha (B, m) (``anderson_coefficients`` with ridge, max_coeff, graph_safe).
 
     row (B, m): the new pair's Gram row, stored as row and column ``slot`` of gram (B, m, m).
     A sample whose ||g|| (gnorm, (B,)) exceeds ``growth`` times the last kept one (kept_gnorm)
@@ -278,6 +282,7 @@ def anderson_absorb(
     torch.where(blown[:, None], newest, is_slot, out=newest)
     torch.where(blown, kept_gnorm, gnorm, out=kept_gnorm)
     restarts += blown
+    return anderson_coefficients(gram, valid, newest, restarts, ridge, max_coeff, graph_safe)
 
 
 def broyden_finish(

@@ -28,7 +28,6 @@ __all__ = [
     "LaunchSetting",
     "anderson_absorb",
     "anderson_residual_write",
-    "anderson_coefficients",
     "anderson_mix",
     "anderson_write",
     "best_update",
@@ -559,66 +558,6 @@ def bookkeep(
 
 
 @triton.jit
-def _anderson_coefficients_kernel(gram_ptr, valid_ptr, newest_ptr, restarts_ptr, alpha_ptr, ridge, max_coeff, s_newest,
-                                  M: tl.constexpr, MP: tl.constexpr):  # fmt: skip
-    # One program per sample: scale the m x m Gram matrix to unit diagonal, add the ridge, solve by
-    # elimination in fp64 registers (SPD: no pivoting), normalise, restart if ill-conditioned.
-    b = tl.program_id(0).to(tl.int64)  # 64-bit offsets: B * m * D may pass 2**31
-    i = tl.arange(0, MP)
-    rows, cols = i[:, None], i[None, :]
-    inside = (rows < M) & (cols < M)
-    gram = tl.load(gram_ptr + b * M * M + rows * M + cols, mask=inside, other=0.0).to(tl.float64)
-    valid = tl.load(valid_ptr + b * M + i, mask=i < M, other=0) != 0
-    newest = tl.load(newest_ptr + b * s_newest + i, mask=i < M, other=0) != 0  # batch stride 0: a broadcast row
-    diag = tl.sum(tl.where(rows == cols, gram, 0.0), axis=1)
-    scale = tl.where(valid, 1.0 / tl.sqrt(tl.maximum(diag, 1e-300)), 0.0)
-    a = scale[:, None] * gram * scale[None, :]
-    a = tl.where(rows == cols, a + tl.where(valid, ridge, 1.0)[:, None], a)  # unused (and padded) slots: 1
-    rhs = scale
-    for k in tl.static_range(M - 1):  # forward elimination
-        pivot_row = tl.sum(tl.where(rows == k, a, 0.0), axis=0)  # (MP,) over columns
-        pivot = tl.sum(tl.where(i == k, pivot_row, 0.0), axis=0)
-        factor = tl.where(i > k, tl.sum(tl.where(cols == k, a, 0.0), axis=1) / pivot, 0.0)  # (MP,) over rows
-        a -= factor[:, None] * pivot_row[None, :]
-        rhs -= factor * tl.sum(tl.where(i == k, rhs, 0.0), axis=0)
-    y = tl.zeros([MP], dtype=tl.float64)
-    for kk in tl.static_range(M):  # back substitution
-        k = M - 1 - kk
-        row = tl.sum(tl.where(rows == k, a, 0.0), axis=0)
-        akk = tl.sum(tl.where(i == k, row, 0.0), axis=0)
-        rest = tl.sum(tl.where(i > k, row * y, 0.0), axis=0)
-        y = tl.where(i == k, (tl.sum(tl.where(i == k, rhs, 0.0), axis=0) - rest) / akk, y)
-    w = scale * y
-    alpha = (w / tl.sum(w, axis=0)).to(tl.float32)
-    size = tl.sum(tl.abs(alpha), axis=0)
-    ill = (size != size) | (size > max_coeff)  # NaN (inf - inf, 0 / 0) or too large; +inf > max_coeff
-    alpha = tl.where(ill, tl.where(newest, 1.0, 0.0), alpha)
-    tl.store(alpha_ptr + b * M + i, alpha, mask=i < M)
-    tl.store(valid_ptr + b * M + i, (valid & ((ill == 0) | newest)).to(tl.int8), mask=i < M)
-    tl.store(restarts_ptr + b, tl.load(restarts_ptr + b) + ill.to(tl.int64))
-
-
-def anderson_coefficients(
-    gram: Tensor, valid: Tensor, newest: Tensor, restarts: Tensor, ridge: float, max_coeff: float, graph_safe: bool
-) -> Tensor:
-    """Triton twin of reference.anderson_coefficients (fp32 Gram matrix; always graph safe)."""
-    batch, m, _ = gram.shape
-    if gram.dtype != torch.float32:
-        raise ValueError(f"anderson_coefficients: the Gram matrix must be fp32, got {gram.dtype}")
-    for name, t in {"gram": gram, "valid": valid, "restarts": restarts}.items():
-        if not t.is_contiguous():
-            raise ValueError(f"anderson_coefficients: {name} must be contiguous, got strides {t.stride()}")
-    if newest.stride(1) != 1:
-        raise ValueError(f"anderson_coefficients: newest's rows must be contiguous, got strides {newest.stride()}")
-    alpha = torch.empty(batch, m, dtype=torch.float32, device=gram.device)
-    _anderson_coefficients_kernel[(batch,)](
-        gram, valid.view(torch.int8), newest.view(torch.int8), restarts, alpha, float(ridge), float(max_coeff),
-        newest.stride(0), M=m, MP=_next_pow2(max(m, 2)), **COMPILE_OPTIONS,
-    )  # fmt: skip
-    return alpha
-
-
-@triton.jit
 def _best_update_kernel(bx_ptr, bf_ptr, x_ptr, fx_ptr, px_ptr, pf_ptr, take_ptr, D, sbx, sbf, sx, sf, spx, spf,
                         n_chunks, BLOCK: tl.constexpr, VEC: tl.constexpr):  # fmt: skip
     D, sbx, sbf, sx, sf, spx, spf = D * VEC, sbx * VEC, sbf * VEC, sx * VEC, sf * VEC, spx * VEC, spf * VEC
@@ -649,10 +588,47 @@ def best_update(
 
 
 @triton.jit
-def _anderson_absorb_kernel(gram_ptr, row_ptr, valid_ptr, newest_ptr, kept_ptr, gnorm_ptr, restarts_ptr, slot, growth,
-                            M: tl.constexpr, MP: tl.constexpr, USE_GROWTH: tl.constexpr):  # fmt: skip
+def _mixing_weights(gram, valid, newest, ridge, max_coeff, M: tl.constexpr, MP: tl.constexpr):
+    """One sample's Anderson weights from its (MP, MP) fp32 Gram tile: scale to unit diagonal, add the ridge,
+    solve by elimination in fp64 registers (SPD: no pivoting), normalise. Returns (alpha, ill): a sample whose
+    weights are not finite or too large is ill and gets alpha = newest."""
+    i = tl.arange(0, MP)
+    rows, cols = i[:, None], i[None, :]
+    gram = gram.to(tl.float64)
+    diag = tl.sum(tl.where(rows == cols, gram, 0.0), axis=1)
+    scale = tl.where(valid, 1.0 / tl.sqrt(tl.maximum(diag, 1e-300)), 0.0)
+    a = scale[:, None] * gram * scale[None, :]
+    a = tl.where(rows == cols, a + tl.where(valid, ridge, 1.0)[:, None], a)  # unused (and padded) slots: 1
+    rhs = scale
+    for k in tl.static_range(M - 1):  # forward elimination
+        pivot_row = tl.sum(tl.where(rows == k, a, 0.0), axis=0)  # (MP,) over columns
+        pivot = tl.sum(tl.where(i == k, pivot_row, 0.0), axis=0)
+        factor = tl.where(i > k, tl.sum(tl.where(cols == k, a, 0.0), axis=1) / pivot, 0.0)  # (MP,) over rows
+        a -= factor[:, None] * pivot_row[None, :]
+        rhs -= factor * tl.sum(tl.where(i == k, rhs, 0.0), axis=0)
+    y = tl.zeros([MP], dtype=tl.float64)
+    for kk in tl.static_range(M):  # back substitution
+        k = M - 1 - kk
+        row = tl.sum(tl.where(rows == k, a, 0.0), axis=0)
+        akk = tl.sum(tl.where(i == k, row, 0.0), axis=0)
+        rest = tl.sum(tl.where(i > k, row * y, 0.0), axis=0)
+        y = tl.where(i == k, (tl.sum(tl.where(i == k, rhs, 0.0), axis=0) - rest) / akk, y)
+    w = scale * y
+    alpha = (w / tl.sum(w, axis=0)).to(tl.float32)
+    size = tl.sum(tl.abs(alpha), axis=0)
+    ill = (size != size) | (size > max_coeff)  # NaN (inf - inf, 0 / 0) or too large; +inf > max_coeff
+    return tl.where(ill, tl.where(newest, 1.0, 0.0), alpha), ill
+
+
+@triton.jit
+def _anderson_absorb_kernel(gram_ptr, row_ptr, valid_ptr, newest_ptr, kept_ptr, gnorm_ptr, restarts_ptr, alpha_ptr,
+                            slot, growth, ridge, max_coeff, M: tl.constexpr, MP: tl.constexpr,
+                            USE_GROWTH: tl.constexpr):  # fmt: skip
+    # One program per sample: the new pair's Gram row and column, the history's validity, the newest slot and
+    # the blow-up restart; then the next mixing weights from the updated Gram matrix, still in registers.
     b = tl.program_id(0).to(tl.int64)  # 64-bit offsets: B * m * D may pass 2**31
     i = tl.arange(0, MP)
+    rows, cols = i[:, None], i[None, :]
     inside = i < M
     kept = tl.load(kept_ptr + b)
     gnorm = tl.load(gnorm_ptr + b)
@@ -661,14 +637,19 @@ def _anderson_absorb_kernel(gram_ptr, row_ptr, valid_ptr, newest_ptr, kept_ptr, 
     newest = tl.load(newest_ptr + b * M + i, mask=inside, other=0) != 0
     valid = valid & ((blown == 0) | newest)
     row = tl.load(row_ptr + b * M + i, mask=inside, other=0.0)
+    gram = tl.load(gram_ptr + b * M * M + rows * M + cols, mask=(rows < M) & (cols < M), other=0.0)
+    gram = tl.where(rows == slot, row[None, :], gram)
+    gram = tl.where(cols == slot, row[:, None], gram)
     tl.store(gram_ptr + b * M * M + slot * M + i, row, mask=inside)
     tl.store(gram_ptr + b * M * M + i * M + slot, row, mask=inside)
     valid = tl.where(i == slot, blown == 0, valid)
     newest = tl.where(blown, newest, i == slot)
-    tl.store(valid_ptr + b * M + i, valid.to(tl.int8), mask=inside)
+    alpha, ill = _mixing_weights(gram, valid, newest, ridge, max_coeff, M, MP)
+    tl.store(alpha_ptr + b * M + i, alpha, mask=inside)
+    tl.store(valid_ptr + b * M + i, (valid & ((ill == 0) | newest)).to(tl.int8), mask=inside)
     tl.store(newest_ptr + b * M + i, newest.to(tl.int8), mask=inside)
     tl.store(kept_ptr + b, tl.where(blown, kept, gnorm))
-    tl.store(restarts_ptr + b, tl.load(restarts_ptr + b) + blown.to(tl.int64))
+    tl.store(restarts_ptr + b, tl.load(restarts_ptr + b) + blown.to(tl.int64) + ill.to(tl.int64))
 
 
 def anderson_absorb(
@@ -681,8 +662,12 @@ def anderson_absorb(
     restarts: Tensor,
     slot: int,
     growth: float | None,
-) -> None:
-    """Triton twin of reference.anderson_absorb (fp32 Gram matrix and norms, contiguous buffers)."""
+    ridge: float,
+    max_coeff: float,
+    graph_safe: bool,
+) -> Tensor:
+    """Triton twin of reference.anderson_absorb (fp32 Gram matrix and norms, contiguous buffers; always graph
+    safe): one launch for the history's bookkeeping and the next mixing weights."""
     batch, m, _ = gram.shape
     for name, t in {"gram": gram, "row": row, "kept_gnorm": kept_gnorm, "gnorm": gnorm}.items():
         if t.dtype != torch.float32:
@@ -690,11 +675,13 @@ def anderson_absorb(
     for name, t in {"gram": gram, "row": row, "valid": valid, "newest": newest, "restarts": restarts}.items():
         if not t.is_contiguous():
             raise ValueError(f"anderson_absorb: {name} must be contiguous, got strides {t.stride()}")
+    alpha = torch.empty(batch, m, dtype=torch.float32, device=gram.device)
     _anderson_absorb_kernel[(batch,)](
-        gram, row, valid.view(torch.int8), newest.view(torch.int8), kept_gnorm, gnorm, restarts, slot,
-        float(growth if growth is not None else 0.0), M=m, MP=_next_pow2(max(m, 2)),
-        USE_GROWTH=growth is not None, **COMPILE_OPTIONS,
+        gram, row, valid.view(torch.int8), newest.view(torch.int8), kept_gnorm, gnorm, restarts, alpha, slot,
+        float(growth if growth is not None else 0.0), float(ridge), float(max_coeff), M=m,
+        MP=_next_pow2(max(m, 2)), USE_GROWTH=growth is not None, **COMPILE_OPTIONS,
     )  # fmt: skip
+    return alpha
 
 
 @triton.jit

@@ -349,12 +349,11 @@ class _Loop:
         """The tensors the loop updates in place (``SolverGraphs.BUFFERS``)."""
         return {name: getattr(self, name) for name in _graphs.SolverGraphs.BUFFERS}
 
-    def start(self, x: Tensor, reuse: Any = None) -> int:
-        """Evaluate the start x (B, D) and take it through the same per-sample accounting as every
-        iteration (status, best residual: NaN for a non-finite start), its residual into the trace's
-        scratch row and its step into a throwaway count. ``reuse``: a kept session's solver state,
-        re-initialised in place when the solver can (``reinit``). Returns the active count (a sync)."""
-        fx = self.fn(x)
+    def start(self, x: Tensor, fx: Tensor, reuse: Any = None) -> int:
+        """Take the start x and f(x) (B, D) through the same per-sample accounting as every iteration
+        (status, best residual: NaN for a non-finite start), its residual into the trace's scratch row
+        and its step into a throwaway count. ``reuse``: a kept session's solver state, re-initialised in
+        place when the solver can (``reinit``). Returns the active count (a sync)."""
         g = torch.empty_like(x)
         gsq, fsq = self.kernels.residual(x, fx, g)  # (B,), (B,): one pass over (x, f(x)), g written
         torch.sqrt(gsq, out=self.gnorm0)
@@ -566,6 +565,7 @@ class _Loop:
 def _loop(solver: Solver, f, x0: Tensor, *, tol, max_iter, stop, divergence, check_every, graph, kernels) -> Solution:
     fn = _CountedMap(f, x0.shape)
     x = x0.reshape(x0.shape[0], -1).clone(memory_format=torch.contiguous_format)  # (B, D), rows at stride 1
+    fx = fn(x)  # before a kept session is taken: if f fails, it stays kept; a solve inside f may use it
     key = session = None
     if graph == "solver":  # a kept session: the start goes into its buffers, then straight to its graphs
         key, session = _graphs.take_graphs(
@@ -579,8 +579,8 @@ def _loop(solver: Solver, f, x0: Tensor, *, tol, max_iter, stop, divergence, che
         relative=stop == "rel", divergence=math.inf if divergence is None else divergence, check_every=check_every,
         graph=graph, kernels=kernels,
     )  # fmt: skip
-    n_active = loop.start(x, reuse=None if session is None else session.state)
-    del x  # from here on held as the last evaluated pair, which the graph modes rebind to their buffers
+    n_active = loop.start(x, fx, reuse=None if session is None else session.state)
+    del x, fx  # from here on held as the last evaluated pair, which the graph modes rebind to their buffers
     n = 0
     if session is not None:
         session.static.copy_in(loop.period_start())  # what is not in place already

@@ -417,6 +417,26 @@ def test_solver_graphs_survive_a_failed_solve_and_a_nested_one(kept_graphs):
     _assert_same_solve(fixedpoint.anderson(g, y0, graph="solver", **opts), fixedpoint.anderson(g, y0, **opts))
 
 
+def test_a_map_that_fails_at_the_start_leaves_the_kept_session(kept_graphs):
+    """f is called at the start before a kept session is taken: a solve whose f fails there (or returns a
+    wrong shape) wrote nothing into the session, which stays kept, and the next solve captures nothing."""
+    f, x0 = _contraction_map(1)
+    opts = dict(tol=1e-6, max_iter=30, m=2)
+    fixedpoint.anderson(f, x0, graph="solver", **opts)
+    captures = kept_graphs.captures
+
+    def failing(z):
+        raise RuntimeError("f failed")
+
+    with pytest.raises(RuntimeError, match="f failed"):
+        fixedpoint.anderson(failing, x0, graph="solver", **opts)
+    with pytest.raises(ValueError, match="f changed the shape"):
+        fixedpoint.anderson(lambda z: z[:, :3], x0, graph="solver", **opts)
+    assert len(_graphs._graph_cache) == 1
+    _assert_same_solve(fixedpoint.anderson(f, x0, graph="solver", **opts), fixedpoint.anderson(f, x0, **opts))
+    assert kept_graphs.captures == captures
+
+
 def test_kept_solver_graphs_do_not_keep_f_alive(kept_graphs):
     import gc
     import weakref

@@ -86,6 +86,7 @@ def _kernel_cases(dim: int, dtype: torch.dtype):
     U, V = rand(BATCH, N_BROYDEN, dim), rand(BATCH, N_BROYDEN, dim)
     alpha = torch.softmax(torch.randn(BATCH, M, device=DEVICE), dim=1)
     coeff = torch.randn(BATCH, 2, N_BROYDEN, device=DEVICE)
+    alive = torch.ones(BATCH, N_BROYDEN, dtype=torch.bool, device=DEVICE)
     active = torch.rand(BATCH, device=DEVICE) < 0.9
     n = N_BROYDEN
     cases = [
@@ -97,7 +98,7 @@ def _kernel_cases(dim: int, dtype: torch.dtype):
         (f"anderson_residual_write m={M}", M + 3, lambda k: k.anderson_residual_write(F, G, 2, x, fx)),
         (f"anderson_mix m={M}", M + 1, lambda k: k.anderson_mix(F, G, alpha, 1.0, frozen, active)),
         (f"broyden_dots n={n}", 2 * n + 2, lambda k: k.broyden_dots(U, V, n, g, dx)),
-        (f"broyden_combine n={n}", 2 * n + 5, lambda k: k.broyden_combine(U, V, n, coeff, g, dx, hg)),
+        (f"broyden_combine n={n}", 2 * n + 5, lambda k: k.broyden_combine(U, V, n, coeff, alive, g, dx, hg)),
     ]
     for name, passes, run in cases:
         yield (

@@ -45,6 +45,7 @@ def _cases(module) -> dict:
     F, G, U, V = new(BATCH, M, FEATURES), new(BATCH, M, FEATURES), new(BATCH, N, FEATURES), new(BATCH, N, FEATURES)
     active = torch.ones(BATCH, dtype=torch.bool)
     alpha, coeff = new(BATCH, M, dtype=torch.float32), new(BATCH, 2, N, dtype=torch.float32)
+    alive = torch.ones(BATCH, N, dtype=torch.bool)
     take = torch.zeros(BATCH, dtype=torch.int8)
     return {
         "residual": lambda: module.residual(x, fx, None),
@@ -53,7 +54,7 @@ def _cases(module) -> dict:
         f"anderson_mix m={M}": lambda: module.anderson_mix(F, G, alpha, 1.0, x, active),
         "best_update": lambda: module.best_update(x, fx, x, fx, g, dx, take),
         f"broyden_dots n={N}": lambda: module.broyden_dots(U, V, N, g, dx),
-        f"broyden_combine n={N}": lambda: module.broyden_combine(U, V, N, coeff, g, dx, hg),
+        f"broyden_combine n={N}": lambda: module.broyden_combine(U, V, N, coeff, alive, g, dx, hg),
     }
 
 

@@ -154,7 +154,7 @@ def kernel_cases(dtype: torch.dtype, dim: int = TOKENS * WIDTH) -> dict[str, cal
         f"anderson_mix m={M}": lambda: tk.anderson_mix(F, G, torch.zeros(BATCH, M), 1.0, x, active),
         "best_update": lambda: tk.best_update(x, fx, x, fx, g, dx, torch.zeros(BATCH, dtype=torch.int8)),
         f"broyden_dots n={N}": lambda: tk.broyden_dots(U, V, N, g, dx),
-        f"broyden_combine n={N}": lambda: tk.broyden_combine(U, V, N, torch.zeros(BATCH, 2, N), g, dx, hg),
+        f"broyden_combine n={N}": lambda: tk.broyden_combine(U, V, N, torch.zeros(BATCH, 2, N), alive, g, dx, hg),
         "broyden_finish": lambda: tk.broyden_finish(
             U, V, 0, x, fx, g, dx, hg, v, g, dx, torch.zeros(BATCH, 4), vec, vec, alive, restarts, 100.0
         ),  # fmt: skip

@@ -54,7 +54,8 @@ def _case(kernel: str, dim: int, dtype: torch.dtype) -> tuple[str, int, Callable
     if kernel == "broyden_dots":
         return f"broyden_dots n={N}", 2 * N + 2, lambda: tk.broyden_dots(U, V, N, g, dx)
     coeff = torch.randn(BATCH, 2, N, device="cuda")
-    return f"broyden_combine n={N}", 2 * N + 5, lambda: tk.broyden_combine(U, V, N, coeff, g, dx, hg)
+    alive = torch.ones_like(coeff[:, 0], dtype=torch.bool)  # (BATCH, N), every term live
+    return f"broyden_combine n={N}", 2 * N + 5, lambda: tk.broyden_combine(U, V, N, coeff, alive, g, dx, hg)
 
 
 def _time(thunk: Callable[[], object], kernel: str, itemsize: int, setting: tk.LaunchSetting) -> float:

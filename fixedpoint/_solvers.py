@@ -279,6 +279,7 @@ class _BroydenState:
     alive: Tensor  # (B, m) bool: the term belongs to this sample's current H
     count: int  # slots in use (0..count-1)
     restarts: Tensor  # (B,)
+    next_x: Tensor  # (B, D) x - H g: the next iterate
 
 
 def _reduce_rank(U: Tensor, V: Tensor, alive: Tensor, rank: int) -> None:
@@ -326,7 +327,7 @@ class Broyden:
         zeros = x.new_zeros(batch, self.m, dim)
         alive = torch.zeros(batch, self.m, dtype=torch.bool, device=x.device)
         restarts = torch.zeros(batch, dtype=torch.long, device=x.device)
-        return _BroydenState(x, g, gnorm, -g, zeros, zeros.clone(), alive, 0, restarts)
+        return _BroydenState(x, g, gnorm, -g, zeros, zeros.clone(), alive, 0, restarts, fx)  # x - (-g) = f(x)
 
     @staticmethod
     def _apply(state: _BroydenState, y: Tensor, transpose: bool = False) -> Tensor:
@@ -337,25 +338,26 @@ class Broyden:
         return torch.baddbmm(-y.unsqueeze(1), coeff.unsqueeze(1), second[:, :n]).squeeze(1)
 
     def step(self, fn, state, active):
-        return state.x - state.hg, state
+        return state.next_x, state  # written by the update's last pass
 
     def update(self, state, x, fx, g, gnorm):
         n = state.count
         dx = x - state.x  # (B, D)
         # H g_new and H^T dx, and the dot products below, in two passes over U and V
-        coeff = self.kernels.broyden_dots(state.U, state.V, n, g, dx) * state.alive[:, None, :n]  # (B, 2, n)
-        h_g, v, sums = self.kernels.broyden_combine(state.U, state.V, n, coeff, g, dx, state.hg)
+        coeff = self.kernels.broyden_dots(state.U, state.V, n, g, dx)  # (B, 2, n), of every term
+        h_g, v, sums = self.kernels.broyden_combine(state.U, state.V, n, coeff, state.alive, g, dx, state.hg)
         # u, v into the next slot; H' g_new = H g_new + u (v . g_new) without another pass over U, V;
         # a step that blew the residual up forgets the Jacobian and stays at the old iterate
-        x, g, gnorm, hg = self.kernels.broyden_finish(
+        x, g, gnorm, hg, next_x = self.kernels.broyden_finish(
             state.U, state.V, n, x, state.x, g, state.g, dx, h_g, v, state.hg, sums, gnorm, state.gnorm,
             state.alive, state.restarts, self.growth,
         )  # fmt: skip
-        state = replace(state, x=x, g=g, gnorm=gnorm, hg=hg, count=n + 1)
+        state = replace(state, x=x, g=g, gnorm=gnorm, hg=hg, count=n + 1, next_x=next_x)
         if state.count == self.m:  # memory full: keep the dominant half of H + I
             _reduce_rank(state.U, state.V, state.alive, self.m // 2)
             state.count = self.m // 2
             state.hg = self._apply(state, state.g)
+            state.next_x = state.x - state.hg
         return state
 
 

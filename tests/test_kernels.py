@@ -234,7 +234,8 @@ def test_streaming_kernels_equal_twins_at_every_row_alignment(dtype, dim, pad):
         torch.testing.assert_close(a, b, rtol=4 * ULPS[dtype] + 1e-5, atol=1e-3 + 4 * ULPS[dtype])
     coeff = triton_kernels.broyden_dots(U, V, 3, g, dx)
     torch.testing.assert_close(coeff, reference.broyden_dots(U, V, 3, g, dx), rtol=1e-5, atol=1e-3)
-    got, want = (k.broyden_combine(U, V, 3, coeff, g, dx, hg) for k in (triton_kernels, reference))
+    alive = torch.ones(U.shape[:2], dtype=torch.bool, device=U.device)
+    got, want = (k.broyden_combine(U, V, 3, coeff, alive, g, dx, hg) for k in (triton_kernels, reference))
     _close(got[0], want[0], dtype, scale=8)
     _close(got[1], want[1], dtype, scale=8)
     torch.testing.assert_close(got[2], want[2], rtol=8 * ULPS[dtype] + 1e-5, atol=8 * ULPS[dtype] * dim)  # reads hg
@@ -329,9 +330,8 @@ def test_kernels_on_gpu_at_real_sizes(dtype):
     assert rel(mix, reference.anderson_mix(F, G, alpha, 0.5, x, active)) < tol
     coeff = triton_kernels.broyden_dots(U, V, 4, g, dx)
     assert rel(coeff, reference.broyden_dots(U, V, 4, g, dx)) < 1e-5
-    for a, b in zip(
-        triton_kernels.broyden_combine(U, V, 4, coeff, g, dx, hg), reference.broyden_combine(U, V, 4, coeff, g, dx, hg)
-    ):
+    alive = torch.rand(U.shape[:2], device=U.device) < 0.7
+    for a, b in zip(*(k.broyden_combine(U, V, 4, coeff, alive, g, dx, hg) for k in (triton_kernels, reference))):
         assert rel(a, b) < tol
     sums = torch.rand(32, 4, device="cuda") + 0.1
     gnorm_old = torch.rand(32, device="cuda") + 0.5
@@ -377,10 +377,14 @@ def test_broyden_kernels_equal_twins(dtype, n):
     coeff = triton_kernels.broyden_dots(U, V, n, g, dx)
     torch.testing.assert_close(coeff, reference.broyden_dots(U, V, n, g, dx), rtol=1e-5, atol=1e-4)
     assert coeff.shape == (2, 2, n)
-    h1, v1, sums1 = triton_kernels.broyden_combine(U, V, n, coeff, g, dx, hg)
-    h2, v2, sums2 = reference.broyden_combine(U, V, n, coeff, g, dx, hg)
+    alive = torch.tensor([[True, False, True, True], [True, True, True, False]], device=DEVICE)  # dead terms
+    h1, v1, sums1 = triton_kernels.broyden_combine(U, V, n, coeff, alive, g, dx, hg)
+    h2, v2, sums2 = reference.broyden_combine(U, V, n, coeff, alive, g, dx, hg)
     _close(h1, h2, dtype, scale=8)
     _close(v1, v2, dtype, scale=8)
+    # H g = -g + sum_j coeff_j u_j over the live terms only
+    live = torch.einsum("bj,bjd->bd", coeff[:, 0].double() * alive[:, :n], U[:, :n].double())
+    _close(h1, (live - g.double()).to(dtype), dtype, scale=8)
     # the sums read h and v rounded to storage: a 1-ulp difference there moves them by ~1 ulp, relative
     torch.testing.assert_close(sums1, sums2, rtol=8 * ULPS[dtype] + 1e-5, atol=8 * ULPS[dtype] * 29)
 
@@ -423,7 +427,8 @@ def test_streaming_kernels_over_several_steps_and_chunks(monkeypatch, dtype, min
         torch.testing.assert_close(a, b, rtol=4 * ULPS[dtype] + 1e-5, atol=1e-3)
     coeff = triton_kernels.broyden_dots(U, V, 3, g, dx)
     torch.testing.assert_close(coeff, reference.broyden_dots(U, V, 3, g, dx), rtol=1e-5, atol=1e-3)
-    got, want = (k.broyden_combine(U, V, 3, coeff, g, dx, hg) for k in (triton_kernels, reference))
+    alive = torch.ones(U.shape[:2], dtype=torch.bool, device=U.device)
+    got, want = (k.broyden_combine(U, V, 3, coeff, alive, g, dx, hg) for k in (triton_kernels, reference))
     _close(got[0], want[0], dtype, scale=8)
     _close(got[1], want[1], dtype, scale=8)
     torch.testing.assert_close(got[2], want[2], rtol=8 * ULPS[dtype] + 1e-5, atol=8 * ULPS[dtype] * dim)
@@ -617,11 +622,14 @@ def test_broyden_finish_kernel_equals_twin(dtype, dim, pad):
         vecs = [t.to(DEVICE) for t in (x, x_old, g, g_old, dx, h_g, v, hg_old, sums, gnorm, gnorm_old)]
         out = module.broyden_finish(bufs[0], bufs[1], slot, *vecs, bufs[2], bufs[3], 100.0)
         results.append(list(out) + bufs)
-    (x1, g1, n1, hg1, U1, V1, a1, r1), (x2, g2, n2, hg2, U2, V2, a2, r2) = results
+    (x1, g1, n1, hg1, s1, U1, V1, a1, r1), (x2, g2, n2, hg2, s2, U2, V2, a2, r2) = results
     for a, b in ((x1, x2), (g1, g2), (V1, V2)):
         assert torch.equal(a, b)
     for a, b in ((hg1, hg2), (U1, U2)):
         _close(a, b, dtype, scale=8)
+    # the next iterate x - H g, each from its own H g as stored (the interpreter truncates to bf16: 1 ulp)
+    assert torch.equal(s2, (x2.to(torch.float64) - hg2.to(torch.float64)).to(dtype))
+    _close(s1, (x1.to(torch.float64) - hg1.to(torch.float64)).to(dtype), dtype)
     torch.testing.assert_close(n1, n2)
     assert torch.equal(a1, a2) and torch.equal(r1, r2)
     assert a1[1].tolist() == [False] * m and not a1[2, slot] and a1[0, slot]  # blown: all dead; not ok: slot dead
@@ -685,7 +693,8 @@ def _launch_every_feature_kernel(batch: int, dim: int, dtype: torch.dtype) -> No
     triton_kernels.anderson_residual_write(F, F, 1, x, x)
     triton_kernels.anderson_mix(F, F, new(batch, 3, dtype=torch.float32), 0.5, x, active)
     triton_kernels.broyden_dots(U, U, 2, x, x)
-    triton_kernels.broyden_combine(U, U, 2, new(batch, 2, 2, dtype=torch.float32), x, x, x)
+    alive = torch.ones(batch, 3, dtype=torch.bool, device="meta")
+    triton_kernels.broyden_combine(U, U, 2, new(batch, 2, 2, dtype=torch.float32), alive, x, x, x)
     stats = new(batch, dtype=torch.float32)
     alive, restarts = new(batch, 3, dtype=torch.int8), new(batch, dtype=torch.int64)
     triton_kernels.broyden_finish(U, U, 0, x, x, x, x, x, x, x, x, new(batch, 4, dtype=torch.float32), stats, stats,

@@ -116,16 +116,17 @@ def broyden_dots(U: Tensor, V: Tensor, n: int, g: Tensor, dx: Tensor) -> Tensor:
 
 
 def broyden_combine(
-    U: Tensor, V: Tensor, n: int, coeff: Tensor, g: Tensor, dx: Tensor, hg: Tensor
+    U: Tensor, V: Tensor, n: int, coeff: Tensor, alive: Tensor, g: Tensor, dx: Tensor, hg: Tensor
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Broyden's two applies and the dot products of its update, in one pass.
 
-    With H = -I + sum_i u_i v_i^T over the first n slots (coefficients already masked):
+    With H = -I + sum_i alive_i u_i v_i^T over the first n slots (coeff (B, 2, n) from ``broyden_dots``,
+    alive (B, m) bool):
     h_g = H g = -g + coeff[:, 0] U, v = H^T dx = -dx + coeff[:, 1] V, both (B, D) in g's dtype, and
     sums (B, 4) fp32/fp64: [dx . (h_g - hg), ||dx||^2, ||h_g - hg||^2, v . g].
     """
     acc = stat_dtype(g.dtype)
-    c = coeff.to(acc)
+    c = coeff.to(acc) * alive[:, None, :n]
     h_g = (torch.bmm(c[:, :1], U[:, :n].to(acc)).squeeze(1) - g.to(acc)).to(g.dtype)
     v = (torch.bmm(c[:, 1:], V[:, :n].to(acc)).squeeze(1) - dx.to(acc)).to(g.dtype)
     dxa, h_dg = dx.to(acc), h_g.to(acc) - hg.to(acc)
@@ -303,14 +304,15 @@ def broyden_finish(
     alive: Tensor,
     restarts: Tensor,
     growth: float,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """The rest of a good-Broyden update after ``broyden_combine``, in one pass.
 
     u = (dx - H dg) / (dx . H dg) with H dg = h_g - hg_old (skipped, ok = False, when that
     denominator is not finite or negligible); u and v go to slot ``slot`` of U, V; the next
     step H' g = h_g + u (v . g). A sample whose ||g|| exceeds ``growth`` times its last one
     blew up: its terms die (alive), it stays at (x_old, g_old) with H = -I, restarts += 1.
-    In place: U, V (slot), alive (B, m), restarts (B,). Returns x, g, ||g|| and H g to keep.
+    In place: U, V (slot), alive (B, m), restarts (B,). Returns x, g, ||g|| and H g to keep, and the
+    next iterate x - H g (from H g as stored; arithmetic in fp32/fp64).
     """
     acc = stat_dtype(x.dtype)
     denom, dx_sq, h_dg_sq, v_g = sums.to(acc).unbind(1)  # (B,) each; denom = dx^T H dg
@@ -324,9 +326,6 @@ def broyden_finish(
     alive[:, slot] = ok & ~blown
     restarts += blown
     keep = blown[:, None]
-    return (
-        torch.where(keep, x_old, x),
-        torch.where(keep, g_old, g),
-        torch.where(blown, gnorm_old, gnorm),
-        torch.where(keep, -g_old, hg.to(x.dtype)),
-    )
+    x_keep, hg_keep = torch.where(keep, x_old, x), torch.where(keep, -g_old, hg.to(x.dtype))
+    step = (x_keep.to(acc) - hg_keep.to(acc)).to(x.dtype)
+    return x_keep, torch.where(keep, g_old, g), torch.where(blown, gnorm_old, gnorm), hg_keep, step

@@ -410,8 +410,8 @@ def broyden_dots(U: Tensor, V: Tensor, n: int, g: Tensor, dx: Tensor) -> Tensor:
 
 
 @triton.jit
-def _broyden_combine_kernel(U_ptr, V_ptr, c_ptr, g_ptr, dx_ptr, hg_ptr, hgo_ptr, v_ptr, out_ptr, D, n,
-                            sUb, sUm, sVb, sVm, sg, sdx, shg, shgo, sv, n_chunks,
+def _broyden_combine_kernel(U_ptr, V_ptr, c_ptr, alive_ptr, g_ptr, dx_ptr, hg_ptr, hgo_ptr, v_ptr, out_ptr, D, n,
+                            s_alive, sUb, sUm, sVb, sVm, sg, sdx, shg, shgo, sv, n_chunks,
                             BLOCK: tl.constexpr, STEPS: tl.constexpr, STAGES: tl.constexpr,
                             VEC: tl.constexpr):  # fmt: skip
     D, sUb, sUm, sVb, sVm = D * VEC, sUb * VEC, sUm * VEC, sVb * VEC, sVm * VEC
@@ -429,12 +429,17 @@ def _broyden_combine_kernel(U_ptr, V_ptr, c_ptr, g_ptr, dx_ptr, hg_ptr, hgo_ptr,
         h = -g
         v = -dx
         for j in range(n):
-            h += tl.load(c_ptr + (b * 2) * n + j) * tl.load(
-                U_ptr + b * sUb + tl.cast(j, tl.int64) * sUm + idx, mask=mask, other=0.0
-            ).to(tl.float32)
-            v += tl.load(c_ptr + (b * 2 + 1) * n + j) * tl.load(
-                V_ptr + b * sVb + tl.cast(j, tl.int64) * sVm + idx, mask=mask, other=0.0
-            ).to(tl.float32)
+            term = tl.load(alive_ptr + b * s_alive + j).to(tl.float32)  # 0 for a term no longer in H
+            h += (
+                tl.load(c_ptr + (b * 2) * n + j)
+                * term
+                * tl.load(U_ptr + b * sUb + tl.cast(j, tl.int64) * sUm + idx, mask=mask, other=0.0).to(tl.float32)
+            )
+            v += (
+                tl.load(c_ptr + (b * 2 + 1) * n + j)
+                * term
+                * tl.load(V_ptr + b * sVb + tl.cast(j, tl.int64) * sVm + idx, mask=mask, other=0.0).to(tl.float32)
+            )
         h = h.to(hg_ptr.dtype.element_ty)
         v = v.to(v_ptr.dtype.element_ty)
         tl.store(hg_ptr + b * shg + idx, h, mask=mask)
@@ -452,7 +457,7 @@ def _broyden_combine_kernel(U_ptr, V_ptr, c_ptr, g_ptr, dx_ptr, hg_ptr, hgo_ptr,
 
 
 def broyden_combine(
-    U: Tensor, V: Tensor, n: int, coeff: Tensor, g: Tensor, dx: Tensor, hg: Tensor
+    U: Tensor, V: Tensor, n: int, coeff: Tensor, alive: Tensor, g: Tensor, dx: Tensor, hg: Tensor
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Triton twin of reference.broyden_combine."""
     _check("broyden_combine", U, V, g, dx, hg)
@@ -463,8 +468,11 @@ def broyden_combine(
     coeff32 = coeff.to(torch.float32).contiguous()
     sizes = (dim, *U.stride()[:2], *V.stride()[:2], *(t.stride(0) for t in (g, dx, h_g, hg, v)))
     vec, (D, *strides) = _aligned(U.element_size(), *sizes)
+    if alive.stride(1) != 1:
+        raise ValueError(f"broyden_combine: alive's rows must be contiguous, got strides {alive.stride()}")
     _broyden_combine_kernel[(batch * chunks,)](
-        U, V, coeff32, g, dx, h_g, hg, v, partials, D, n, *strides, chunks, BLOCK=block, STEPS=steps,
+        U, V, coeff32, alive.view(torch.int8), g, dx, h_g, hg, v, partials, D, n, alive.stride(0), *strides, chunks,
+        BLOCK=block, STEPS=steps,
         STAGES=setting.stages, VEC=vec, num_warps=setting.warps, **COMPILE_OPTIONS,
     )  # fmt: skip
     return h_g, v, partials.sum(dim=1)
@@ -686,7 +694,8 @@ def anderson_absorb(
 
 @triton.jit
 def _broyden_finish_kernel(U_ptr, V_ptr, x_ptr, xo_ptr, g_ptr, go_ptr, dx_ptr, hg_ptr, v_ptr, hgo_ptr, sums_ptr,
-                           gn_ptr, gno_ptr, alive_ptr, restarts_ptr, x_out, g_out, gn_out, hg_out, D, slot, growth,
+                           gn_ptr, gno_ptr, alive_ptr, restarts_ptr, x_out, g_out, gn_out, hg_out, step_out, D, slot,
+                           growth,
                            sUb, sUm, sVb, sVm, n_chunks, M: tl.constexpr, MP: tl.constexpr,
                            BLOCK: tl.constexpr, VEC: tl.constexpr):  # fmt: skip
     D, sUb, sUm, sVb, sVm = D * VEC, sUb * VEC, sUm * VEC, sVb * VEC, sVm * VEC  # the vectors: contiguous rows of D
@@ -712,14 +721,17 @@ def _broyden_finish_kernel(U_ptr, V_ptr, x_ptr, xo_ptr, g_ptr, go_ptr, dx_ptr, h
     )
     g_old = tl.load(go_ptr + row, mask=mask, other=0.0)
     if blown:  # stay at the old iterate with H = -I
-        tl.store(x_out + row, tl.load(xo_ptr + row, mask=mask, other=0.0), mask=mask)
+        x_keep = tl.load(xo_ptr + row, mask=mask, other=0.0)
         tl.store(g_out + row, g_old, mask=mask)
-        tl.store(hg_out + row, (-g_old.to(tl.float32)).to(hg_out.dtype.element_ty), mask=mask)  # fp32 math
+        hg = (-g_old.to(tl.float32)).to(hg_out.dtype.element_ty)  # fp32 math
     else:
-        hg = h_g + tl.where(ok, v_g, 0.0) * u
-        tl.store(x_out + row, tl.load(x_ptr + row, mask=mask, other=0.0), mask=mask)
+        x_keep = tl.load(x_ptr + row, mask=mask, other=0.0)
         tl.store(g_out + row, tl.load(g_ptr + row, mask=mask, other=0.0), mask=mask)
-        tl.store(hg_out + row, hg.to(hg_out.dtype.element_ty), mask=mask)
+        hg = (h_g + tl.where(ok, v_g, 0.0) * u).to(hg_out.dtype.element_ty)
+    tl.store(x_out + row, x_keep, mask=mask)
+    tl.store(hg_out + row, hg, mask=mask)
+    step = x_keep.to(tl.float32) - hg.to(tl.float32)  # the next iterate x - H g, from H g as stored
+    tl.store(step_out + row, step.to(step_out.dtype.element_ty), mask=mask)
     if c == 0:  # the per-sample part, once
         j = tl.arange(0, MP)
         alive = tl.load(alive_ptr + b * M + j, mask=j < M, other=0) != 0
@@ -747,7 +759,7 @@ def broyden_finish(
     alive: Tensor,
     restarts: Tensor,
     growth: float,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Triton twin of reference.broyden_finish (contiguous (B, D) vectors, fp32 sums and norms)."""
     _check("broyden_finish", U, V, x, x_old, g, g_old, dx, h_g, v, hg_old)
     vectors = {"x": x, "x_old": x_old, "g": g, "g_old": g_old, "dx": dx, "h_g": h_g, "v": v, "hg_old": hg_old}
@@ -758,13 +770,13 @@ def broyden_finish(
         if t.dtype != torch.float32 or not t.is_contiguous():
             raise ValueError(f"broyden_finish: {name} must be contiguous fp32, got {t.dtype}, strides {t.stride()}")
     batch, m, dim = U.shape
-    x_new, g_new, hg_new = torch.empty_like(x), torch.empty_like(g), torch.empty_like(g)
+    x_new, g_new, hg_new, step = torch.empty_like(x), torch.empty_like(g), torch.empty_like(g), torch.empty_like(x)
     gnorm_new = torch.empty_like(gnorm)
     setting, block, chunks = _stream_grid(dim, x.element_size())
     vec, (D, *strides) = _aligned(x.element_size(), dim, *U.stride()[:2], *V.stride()[:2])
     _broyden_finish_kernel[(batch * chunks,)](
         U, V, x, x_old, g, g_old, dx, h_g, v, hg_old, sums, gnorm, gnorm_old, alive.view(torch.int8), restarts,
-        x_new, g_new, gnorm_new, hg_new, D, slot, float(growth), *strides, chunks, M=m,
+        x_new, g_new, gnorm_new, hg_new, step, D, slot, float(growth), *strides, chunks, M=m,
         MP=_next_pow2(max(m, 2)), BLOCK=block, VEC=vec, num_warps=setting.warps, **COMPILE_OPTIONS,
     )  # fmt: skip
-    return x_new, g_new, gnorm_new, hg_new
+    return x_new, g_new, gnorm_new, hg_new, step

@@ -327,7 +327,8 @@ class Broyden:
         zeros = x.new_zeros(batch, self.m, dim)
         alive = torch.zeros(batch, self.m, dtype=torch.bool, device=x.device)
         restarts = torch.zeros(batch, dtype=torch.long, device=x.device)
-        return _BroydenState(x, g, gnorm, -g, zeros, zeros.clone(), alive, 0, restarts, fx)  # x - (-g) = f(x)
+        hg = -g  # H = -I
+        return _BroydenState(x, g, gnorm, hg, zeros, zeros.clone(), alive, 0, restarts, x - hg)
 
     @staticmethod
     def _apply(state: _BroydenState, y: Tensor, transpose: bool = False) -> Tensor:

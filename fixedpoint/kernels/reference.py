@@ -312,7 +312,7 @@ def broyden_finish(
     step H' g = h_g + u (v . g). A sample whose ||g|| exceeds ``growth`` times its last one
     blew up: its terms die (alive), it stays at (x_old, g_old) with H = -I, restarts += 1.
     In place: U, V (slot), alive (B, m), restarts (B,). Returns x, g, ||g|| and H g to keep, and the
-    next iterate x - H g (from H g as stored; arithmetic in fp32/fp64).
+    next iterate x - H g (from H g as stored).
     """
     acc = stat_dtype(x.dtype)
     denom, dx_sq, h_dg_sq, v_g = sums.to(acc).unbind(1)  # (B,) each; denom = dx^T H dg
@@ -327,5 +327,5 @@ def broyden_finish(
     restarts += blown
     keep = blown[:, None]
     x_keep, hg_keep = torch.where(keep, x_old, x), torch.where(keep, -g_old, hg.to(x.dtype))
-    step = (x_keep.to(acc) - hg_keep.to(acc)).to(x.dtype)
+    step = x_keep - hg_keep  # half precision: computed in fp32 and rounded once, as the kernel does
     return x_keep, torch.where(keep, g_old, g), torch.where(blown, gnorm_old, gnorm), hg_keep, step

@@ -3,9 +3,10 @@
 Each kernel makes one pass over the data it needs: the residual epilogue
 reads (x, f(x)) once and writes g; Picard's damped step reads (x, f(x)) once;
 the Anderson write stores the new pair in the ring buffer and computes the
-new Gram row in the same pass; the mixing step reads the history once;
-Broyden's two applies share one pass for their coefficients and one for the
-combination (with the update's dot products). Per-sample sums are split over
+new Gram row in the same pass; one program per sample then absorbs that row
+and solves for the next mixing weights; the mixing step reads the history
+once; Broyden's two applies share one pass for their coefficients and one for
+the combination (with the update's dot products). Per-sample sums are split over
 chunks of the feature dimension (grid (B, chunks)) into fp32 partials that
 torch adds up, so results are deterministic. fp32, fp16 and bf16 storage;
 fp32 arithmetic.

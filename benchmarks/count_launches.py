@@ -99,7 +99,7 @@ def count(solver: str, impl: str, iters: int, graph: bool | str = False) -> tupl
         with mode:
             getattr(fixedpoint, solver)(
                 f, torch.zeros(4, 16), tol=1e-30, max_iter=iters, divergence=None, impl=impl,
-                **({"graph": graph} if graph else {}),
+                **({"graph": graph} if graph else {}),  # broyden takes no graph argument
             )  # fmt: skip
     finally:
         InterpretedFunction.run, _graphs.GRAPHS = original, graphs

@@ -70,15 +70,25 @@ class EagerGraphs:
         if not any(pool is made for made in self.pools):
             raise ValueError("a capture must use a memory pool made by memory_pool()")
         self.captures += 1
+        return _skip_first(self._record(body))
+
+    def _record(self, body: Callable[[], None]) -> Callable[[], None]:
+        """Run ``body`` once (the capture) and return what a later replay runs: the body again."""
         body()
-        runs = [0]
+        return body
 
-        def replay():
-            runs[0] += 1
-            if runs[0] > 1:
-                body()
 
-        return replay
+def _skip_first(run: Callable[[], None]) -> Callable[[], None]:
+    """A graph's replay: the first does nothing (on CUDA it is the first run, which the capture here already
+    did), later ones call ``run``."""
+    runs = [0]
+
+    def replay() -> None:
+        runs[0] += 1
+        if runs[0] > 1:
+            run()
+
+    return replay
 
 
 class _RecordedOps(TorchDispatchMode):
@@ -112,24 +122,16 @@ class ReplayedGraphs(EagerGraphs):
     on CUDA, and a host sync while capturing is a RuntimeError. PyTorch kernels only: Triton launches are
     not aten ops (use EagerGraphs with them)."""
 
-    def capture(self, body: Callable[[], None], device: torch.device, pool: Any) -> Callable[[], None]:
+    def _record(self, body: Callable[[], None]) -> Callable[[], None]:
         recorded = _RecordedOps()
+        with recorded:
+            body()
 
-        def recording_body() -> None:
-            with recorded:
-                body()
-
-        super().capture(recording_body, device, pool)  # runs it once: the recording; its replay is dropped
-        runs = [0]
-
-        def replay() -> None:
-            runs[0] += 1
-            if runs[0] == 1:  # on CUDA the first replay is the first run; here the capture ran it
-                return
+        def rerun() -> None:
             for func, args, kwargs, out in recorded.ops:
                 fresh = func(*args, **kwargs)
                 for captured, new in zip(tree_leaves(out), tree_leaves(fresh)):
                     if isinstance(captured, Tensor) and captured is not new and not _same_view(captured, new):
                         captured.copy_(new)
 
-        return replay
+        return rerun

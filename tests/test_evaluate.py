@@ -159,5 +159,5 @@ def test_a_sweep_reads_each_checkpoint_once(tmp_path, cache_dir, digits_referenc
     code = fpdm.evaluate.cli(["--ckpt", ckpt, "--dit-steps", "2", "--dit-depth", "4", "--variants", "uniform",
                               "--num-samples", "10", "--cache-dir", str(cache_dir), "--out", str(tmp_path / "e"),
                               "--quiet"])  # fmt: skip
-    assert code == 0 and reads.count(ckpt) == 1
+    assert code == 0 and reads.count(ckpt) == 1 and reads[0] == ckpt  # before the feature network's read
     assert len(json.loads((tmp_path / "e" / "results.json").read_text())) == 1

@@ -1,6 +1,7 @@
 """The CUDA-graph loops (graph=True, graph="solver" and its kept graphs) and the lagged convergence check. On CPU
 the loops' logic runs with stand-ins for capture and replay (fixedpoint.testing.EagerGraphs, ReplayedGraphs)."""
 
+import math
 from contextlib import nullcontext
 from functools import partial
 
@@ -303,10 +304,8 @@ def _assert_same_solve(sol, reference):
 def kept_graphs(monkeypatch, request):
     """Each stand-in for CUDA graphs in turn, with an empty cache of graph="solver" sessions."""
     graphs = request.param()
-    monkeypatch.setattr(_graphs, "GRAPHS", graphs)
-    _graphs.clear_graph_cache()
-    yield graphs
-    _graphs.clear_graph_cache()
+    monkeypatch.setattr(_graphs, "GRAPHS", graphs)  # the cache is emptied around every test (conftest)
+    return graphs
 
 
 @pytest.mark.parametrize("solver,options", [("anderson", {"m": 3}), ("picard", {"beta": 0.8})])
@@ -407,13 +406,19 @@ def test_solver_graphs_survive_a_failed_solve_and_a_nested_one(kept_graphs):
     failing.calls = 0
     with pytest.raises(RuntimeError, match="f failed"):
         fixedpoint.anderson(failing, x0, graph="solver", **opts)
+    assert not _graphs._graph_cache  # dropped
     g, y0 = _contraction_map(2)
 
     def nested(z):  # an inner solve of the same key inside f
         inner = fixedpoint.anderson(g, y0, graph="solver", **opts)
         return f(z) + 0 * inner.x
 
+    captures = kept_graphs.captures
     _assert_same_solve(fixedpoint.anderson(nested, x0, graph="solver", **opts), fixedpoint.anderson(f, x0, **opts))
+    period = 2 * opts["m"] // math.gcd(2, opts["m"])
+    # two sessions: the one the first inner solve (inside the outer start's call of f) built and the outer solve
+    # then took, and the one the later inner solves built and shared while the outer solve held the first
+    assert kept_graphs.captures - captures == 2 * period
     _assert_same_solve(fixedpoint.anderson(g, y0, graph="solver", **opts), fixedpoint.anderson(g, y0, **opts))
 
 

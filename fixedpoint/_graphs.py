@@ -1,11 +1,13 @@
 """What the solver loop's CUDA-graph modes are built from: capture and replay (swappable for stand-ins on
-CPU), the static buffers carried between replays, and graph="solver"'s sessions kept for later solves.
+CPU), the static buffers carried between replays, and the sessions kept for later solves: graph="solver"'s,
+and graph=True's where f's changing inputs are declared.
 
 The loop itself (which iterations are captured, how convergence is checked) is in ``_solve``.
 """
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 from collections.abc import Callable
 from contextlib import contextmanager, suppress
@@ -15,7 +17,7 @@ from typing import Any, ClassVar, NamedTuple
 import torch
 from torch import Tensor
 
-__all__ = ["GRAPHS", "CudaGraphs", "SolverGraphs", "StaticBuffers", "clear_graph_cache"]
+__all__ = ["GRAPHS", "ChunkGraphs", "CudaGraphs", "KeptSession", "SolverGraphs", "StaticBuffers", "clear_graph_cache"]
 
 
 class CapturePool(NamedTuple):
@@ -125,21 +127,14 @@ def map_not_captured(z: Tensor) -> Tensor:
     )
 
 
-@dataclass
-class SolverGraphs:
-    """graph="solver": one period's graphs and every buffer they read and write. f is not captured, so
-    any later solve with the same key (solver, shapes, options) starts in these buffers and replays the
-    same graphs: no warm-up, no capture."""
+class KeptSession:
+    """What the two kinds of graph session share: the loop's in-place buffers and the solver state their
+    graphs read, and the handover from one solve to the next. A subclass is a dataclass with these fields."""
 
     buffers: dict[str, Tensor]  # the loop's in-place tensors (``BUFFERS``): a later solve's start goes here
-    static: StaticBuffers  # what a period's first position reads: the next iterate, the carried tensors
-    state: Any  # the solver's state over the static buffers at a period's start (a later solve's ``reinit``)
-    fx_buffers: tuple[Tensor, Tensor]  # f(x) of position j goes into fx_buffers[j % 2]
-    period: int  # lcm(solver period, 2)
-    capture: Callable[[int], Callable[[], None]]  # position -> its replay, capturing it (never refers to self)
-    outputs: list[tuple[Tensor, ...]]  # per captured position: x_{j+1}, counts, x_j, f(x_j)
-    replays: list[Callable[[], None]] = field(default_factory=list)  # captured positions, in order
-    finished: Any = None  # CUDA: an event behind the last solve's work, which the next one waits for
+    static: StaticBuffers  # the tensors carried from one replay to the next
+    state: Any  # the solver's state over the static buffers where a replay starts (a later solve's ``reinit``)
+    finished: Any  # CUDA: an event behind the last solve's work, which the next one waits for
 
     BUFFERS: ClassVar[tuple[str, ...]] = (
         "gnorm0", "status", "best_res", "pending", "nsteps", "trace", "done", "best_x", "best_fx"
@@ -151,23 +146,6 @@ class SolverGraphs:
         if self.finished is not None:
             torch.cuda.current_stream(device).wait_event(self.finished)
 
-    def run(
-        self, fn: Callable[[Tensor], Tensor], n: int, n_active: int, max_iter: int,
-        check: Callable[[int, Tensor, int], int],
-    ) -> tuple[int, int, Tensor, Tensor]:  # fmt: skip
-        """Iterate from position 0 until max_iter or no sample is active: f eagerly, then one replay.
-        ``check(n, counts, n_active)`` gives the active count the host knows after iteration n. Returns
-        the iterations run, the active count and the last evaluated pair."""
-        j = 0
-        while n < max_iter and n_active:
-            self.fx_buffers[j % 2].copy_(fn(position_input(self.static, self.outputs, j)))
-            if len(self.replays) == j:  # the first pass through a position captures it
-                self.replays.append(self.capture(j))
-            self.replays[j]()
-            n_active = check(n, self.outputs[j][1], n_active)
-            n, j = n + 1, (j + 1) % self.period
-        return n, n_active, *self.outputs[j - 1][2:]
-
     def result(self, solution: Any, device: torch.device) -> Any:
         """``solution`` (a Solution), read from the kept buffers, copied out of them (the next solve
         overwrites them)."""
@@ -178,19 +156,116 @@ class SolverGraphs:
         return replace(solution, **copies)
 
 
-GRAPH_CACHE_SIZE = 4  # graph="solver" sessions kept (least recently used dropped)
-_graph_cache: OrderedDict[tuple, SolverGraphs] = OrderedDict()
+@dataclass
+class ChunkGraphs(KeptSession):
+    """graph=True: one chunk of whole solver periods, f included, captured once and replayed. Kept for
+    later solves when f's changing inputs are declared (``args``): a later solve with the same f, solver,
+    options and shapes writes its start and its args into these buffers and replays: no warm-up, no capture."""
+
+    buffers: dict[str, Tensor]
+    static: StaticBuffers
+    state: Any
+    args: tuple  # f's further inputs as the graph reads them: tensors are copies, written by each solve
+    chunk: int  # iterations per replay
+    calls: int  # calls of f per replay
+    replay: Callable[[], None]
+    counts: list[Tensor]  # [the chunk's last counts (2,)], in the graph's memory
+    finished: Any = None
+
+    def begin(self, loop: Any, args: tuple) -> None:
+        """A later solve, after its start: its args and what is not in place already into the buffers."""
+        for static, value in zip(self.args, args):
+            if isinstance(static, Tensor):
+                static.copy_(value)
+        self.static.copy_in(loop.carried())
+        loop.bind(self.static)
+
+    def run(self, loop: Any, n: int, n_active: int) -> tuple[int, int]:
+        """Replay from iteration n until max_iter or no sample is active; convergence is read after every
+        ceil(check_every / chunk) replays. Returns the iterations run and the active count."""
+        replays = math.ceil(loop.check_every / self.chunk)
+        while n < loop.max_iter and n_active:
+            for _ in range(replays):
+                if n < loop.max_iter:
+                    self.replay()
+                    loop.fn.calls += self.calls
+                    n += self.chunk
+            n_active = int(self.counts[0][0])
+        return n, n_active
+
+
+@dataclass
+class SolverGraphs(KeptSession):
+    """graph="solver": one period's graphs and every buffer they read and write. f is not captured, so
+    any later solve with the same key (solver, shapes, options) starts in these buffers and replays the
+    same graphs: no warm-up, no capture."""
+
+    buffers: dict[str, Tensor]
+    static: StaticBuffers  # here also the next iterate a period's first position evaluates
+    state: Any
+    fx_buffers: tuple[Tensor, Tensor]  # f(x) of position j goes into fx_buffers[j % 2]
+    period: int  # lcm(solver period, 2)
+    capture: Callable[[int], Callable[[], None]]  # position -> its replay, capturing it (never refers to self)
+    outputs: list[tuple[Tensor, ...]]  # per captured position: x_{j+1}, counts, x_j, f(x_j)
+    replays: list[Callable[[], None]] = field(default_factory=list)  # captured positions, in order
+    finished: Any = None
+
+    def begin(self, loop: Any, args: tuple) -> None:
+        """A later solve, after its start: what is not in place already into the buffers (f is eager:
+        its args need no copy)."""
+        self.static.copy_in(loop.period_start())
+
+    def run(self, loop: Any, n: int, n_active: int) -> tuple[int, int]:
+        """Iterate from position 0 until max_iter or no sample is active: f eagerly, then one replay.
+        ``loop.check`` gives the active count the host knows after each iteration. Returns the iterations
+        run and the active count; the last evaluated pair becomes the loop's."""
+        j = 0
+        while n < loop.max_iter and n_active:
+            self.fx_buffers[j % 2].copy_(loop.fn(position_input(self.static, self.outputs, j)))
+            if len(self.replays) == j:  # the first pass through a position captures it
+                self.replays.append(self.capture(j))
+            self.replays[j]()
+            n_active = loop.check(n, self.outputs[j][1], n_active)
+            n, j = n + 1, (j + 1) % self.period
+        loop.prev_x, loop.prev_fx = self.outputs[j - 1][2:]
+        return n, n_active
+
+
+GRAPH_CACHE_SIZE = 4  # sessions kept (least recently used dropped)
+_graph_cache: OrderedDict[tuple, KeptSession] = OrderedDict()
 
 
 def clear_graph_cache() -> None:
-    """Drop every graph="solver" session kept for later solves, and return the memory it held to the
+    """Drop every graph session kept for later solves, and return the memory it held to the
     device (a dead graph's memory pool is freed only when the allocator's cache is emptied)."""
     _graph_cache.clear()
     if torch.cuda.is_initialized():
         torch.cuda.empty_cache()
 
 
-def take_graphs(key: tuple) -> tuple[tuple | None, SolverGraphs | None]:
+def session_key(graph: bool | str, f: Callable, args: tuple | None, x: Tensor, options: tuple) -> tuple | None:
+    """What a later solve must share with the solve that kept a session to replay its graphs (``options``:
+    the solver, the kernels and the loop's options), or None where nothing is kept: graph=True captures f,
+    so only where f's changing inputs are declared (``args``, even empty). Then the key holds f itself
+    (which keeps it alive: its graph reads f's weights), the autocast state, the tensor args' shapes and
+    dtypes (their values are copied in) and every other arg by value (it is baked into the graph)."""
+    if graph is False or (graph is True and args is None):
+        return None
+    key = (GRAPHS, graph, tuple(x.shape), x.dtype, x.device, torch.is_inference_mode_enabled(), *options)
+    if graph is True:
+        device = x.device.type
+        autocast = torch.is_autocast_enabled(device), torch.get_autocast_dtype(device)
+        signature = tuple(("tensor", a.shape, a.dtype, a.device) if isinstance(a, Tensor) else a for a in args)
+        key += (f, autocast, signature)
+    return key
+
+
+def static_args(args: tuple) -> tuple:
+    """f's further inputs as a captured graph reads them: the tensors copied into buffers of their own."""
+    return tuple(a.clone() if isinstance(a, Tensor) else a for a in args)
+
+
+def take_graphs(key: tuple) -> tuple[tuple | None, KeptSession | None]:
     """The kept session for ``key``, out of the cache while in use (a nested solve with the same key
     builds its own), or None. The key comes back None when it is unhashable (a mutable dataclass solver):
     nothing is kept for it."""
@@ -200,7 +275,7 @@ def take_graphs(key: tuple) -> tuple[tuple | None, SolverGraphs | None]:
         return None, None
 
 
-def keep_graphs(key: tuple, session: SolverGraphs) -> None:
+def keep_graphs(key: tuple, session: KeptSession) -> None:
     """Keep ``session`` for later solves with ``key``, dropping the least recently used beyond the size."""
     _graph_cache[key] = session
     _graph_cache.move_to_end(key)

@@ -12,7 +12,7 @@ from ._backward import GradInfo, implicit
 from ._solve import Solution
 from ._solvers import anderson
 
-SolverFn = Callable[..., Solution]  # solver(f, x0) -> Solution, e.g. functools.partial(anderson, m=5)
+SolverFn = Callable[..., Solution]  # solver(f, x0, args=...) -> Solution, e.g. functools.partial(anderson, m=5)
 BackwardFn = Callable[..., Tensor]  # backward(f, z, ...) -> Tensor, e.g. jfb or partial(implicit, tol=1e-6)
 
 
@@ -42,8 +42,10 @@ class FixedPoint(nn.Module):
 
     Args:
         f: the map, called as ``f(z, *inputs)``; an nn.Module is registered as a submodule.
-        solver: forward solver in training, ``solver(g, z0) -> Solution`` (use
-            functools.partial for options). None: no forward solve in training;
+        solver: forward solver in training, ``solver(f, z0, args=inputs) ->
+            Solution``: any fixedpoint solver (functools.partial for options;
+            with ``graph=True`` its graph is kept across forwards, as f's
+            inputs are declared). None: no forward solve in training;
             the backward mode starts from z0 itself (``stochastic_jfb``, ``unrolled``).
         eval_solver: solver in eval mode or without grad (default: ``solver``,
             or ``anderson`` if that is None). In eval mode with grad enabled,
@@ -90,7 +92,7 @@ class FixedPoint(nn.Module):
             z0 = torch.zeros_like(inputs[0])
         g = lambda z: self.f(z, *inputs)  # noqa: E731
         if not (self.training and torch.is_grad_enabled()):
-            self.last_solution = self.eval_solver(g, z0)
+            self.last_solution = self.eval_solver(self.f, z0, args=inputs)
             self.last_info = None
             if not (torch.is_grad_enabled() and _needs_grad(g, self.last_solution.x, inputs, self)):
                 return self.last_solution.fx  # f at the best iterate, as the training modes return
@@ -100,7 +102,7 @@ class FixedPoint(nn.Module):
         start = z0
         self.last_solution = None
         if self.solver is not None:
-            self.last_solution = self.solver(g, z0)
+            self.last_solution = self.solver(self.f, z0, args=inputs)
             start = self.last_solution.x
         return self._differentiate(self.backward, g, start)
 

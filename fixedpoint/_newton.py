@@ -171,6 +171,7 @@ def newton(
     f: Map,
     x0: Tensor,
     *,
+    args: tuple | None = None,
     tol: float = 1e-4,
     max_iter: int = 50,
     stop: str = "rel",
@@ -207,5 +208,5 @@ def newton(
     if jvp not in ("forward", "reverse"):
         raise ValueError(f"jvp must be 'forward' or 'reverse', got {jvp!r}")
     solver = Newton(krylov_dim=krylov_dim, max_restarts=max_restarts, eta_max=eta_max, min_step=min_step, jvp=jvp)
-    return solve(solver, f, x0, tol=tol, max_iter=max_iter, stop=stop, divergence=divergence,
+    return solve(solver, f, x0, args=args, tol=tol, max_iter=max_iter, stop=stop, divergence=divergence,
                  check_every=check_every)  # fmt: skip

@@ -123,7 +123,8 @@ def _data_ptr(t: Tensor) -> int | None:
 
 
 class _CountedMap:
-    """f on flat (B, D) tensors: reshapes to the user's shape, checks it, counts calls.
+    """f on flat (B, D) tensors: reshapes to the user's shape, passes f's further inputs (``args``, which a
+    kept graph=True session points at its own copies), checks the output, counts calls.
 
     The loop keeps earlier outputs (the best and the last pair, Anderson's history), so f must
     return a new tensor on every call: an output at the previous call's address (a static
@@ -132,18 +133,19 @@ class _CountedMap:
     also f's input (Picard with beta = 1 feeds f its last output) cannot be told apart from that.
     """
 
-    def __init__(self, f: Callable[[Tensor], Tensor], shape: torch.Size):
-        self.f, self.shape, self.calls = f, shape, 0
+    def __init__(self, f: Callable[..., Tensor], shape: torch.Size, args: tuple = ()):
+        self.f, self.shape, self.args, self.calls = f, shape, args, 0
         self.last: Tensor | None = None  # the previous output, kept alive so its address cannot be reused
 
     def release(self) -> None:
-        """Drop f and its last output (kept graphs hold this object, not its map)."""
+        """Drop f, its args and its last output (kept graphs hold this object, not its map)."""
         self.f = self.last = None
+        self.args = ()
 
     def __call__(self, z: Tensor) -> Tensor:
         self.calls += 1
         version = None if torch.is_inference(z) else z._version  # inference tensors keep no version counter
-        out = self.f(z.view(self.shape))
+        out = self.f(z.view(self.shape), *self.args)
         if version is not None and z._version != version:
             raise ValueError(
                 "f modified its input in place (e.g. z.clamp_() or an in-place activation on z); the solver "
@@ -216,9 +218,10 @@ def check_interval(name: str, value: float, low: float, high: float) -> float:
 
 def solve(
     solver: Solver,
-    f: Callable[[Tensor], Tensor],
+    f: Callable[..., Tensor],
     x0: Tensor,
     *,
+    args: tuple | None = None,
     tol: float,
     max_iter: int,
     stop: str,
@@ -227,9 +230,11 @@ def solve(
     graph: bool | str = False,
     kernels=None,
 ) -> Solution:
-    """Run ``solver`` on z = f(z) from ``x0`` (B, ...) and return the :class:`Solution`."""
+    """Run ``solver`` on z = f(z, *args) from ``x0`` (B, ...) and return the :class:`Solution`."""
     if not callable(f):
         raise TypeError(f"f must be callable, got {type(f).__name__}")
+    if args is not None and not isinstance(args, tuple):
+        raise TypeError(f"args must be a tuple of f's further inputs (or None), got {type(args).__name__}")
     if not isinstance(x0, Tensor):
         raise TypeError(f"x0 must be a torch.Tensor, got {type(x0).__name__}")
     if not x0.is_floating_point():
@@ -259,7 +264,7 @@ def solve(
 
     kernels = kernels or kernel_modules.reference
     with torch.no_grad():
-        return _loop(solver, f, x0.detach(), tol=tol, max_iter=max_iter, stop=stop, divergence=divergence,
+        return _loop(solver, f, args, x0.detach(), tol=tol, max_iter=max_iter, stop=stop, divergence=divergence,
                      check_every=check_every, graph=graph, kernels=kernels)  # fmt: skip
 
 
@@ -298,7 +303,7 @@ class _LaggedCount:
 
 
 def _new_buffers(x: Tensor, max_iter: int) -> dict[str, Tensor]:
-    """The loop's in-place tensors (``SolverGraphs.BUFFERS``) for iterates like x (B, D), uninitialised:
+    """The loop's in-place tensors (``KeptSession.BUFFERS``) for iterates like x (B, D), uninitialised:
     ``_Loop.start`` fills them (a kept graph="solver" session brings its own instead)."""
     batch, sdt, device = x.shape[0], stat_dtype(x.dtype), x.device
     vector = partial(torch.empty, batch, device=device)
@@ -346,8 +351,8 @@ class _Loop:
         self.prev_fx: Tensor | None = None
 
     def buffers(self) -> dict[str, Tensor]:
-        """The tensors the loop updates in place (``SolverGraphs.BUFFERS``)."""
-        return {name: getattr(self, name) for name in _graphs.SolverGraphs.BUFFERS}
+        """The tensors the loop updates in place (``KeptSession.BUFFERS``)."""
+        return {name: getattr(self, name) for name in _graphs.KeptSession.BUFFERS}
 
     def start(self, x: Tensor, fx: Tensor, reuse: Any = None) -> int:
         """Take the start x and f(x) (B, D) through the same per-sample accounting as every iteration
@@ -482,21 +487,19 @@ class _Loop:
                 )
             raise RuntimeError(f"graph={self.graph!r} could not capture {what} in a CUDA graph{advice}: {err}") from err
 
-    def run_captured(self, n: int, n_active: int) -> tuple[int, int]:
-        """graph=True: chunks of whole solver periods (Anderson's ring slot repeats), f included, captured
-        once and replayed; at least GRAPH_CHUNK iterations per chunk, so that copying its results back
-        costs little per iteration. Convergence is checked every `replays` chunks (check_every rounded
-        up). Returns the iterations run and the active count."""
+    def capture_chunks(self) -> _graphs.ChunkGraphs:
+        """graph=True (after the warm-up): a chunk of whole solver periods (Anderson's ring slot repeats),
+        f included, captured once to be replayed; at least GRAPH_CHUNK iterations, so that copying its
+        results back costs little per iteration. status, best_res, pending, nsteps, trace, best_x and
+        best_fx are updated in place; the rest is copied into static buffers at the chunk's end."""
         period = self.solver.period
         chunk = period * math.ceil(_graphs.GRAPH_CHUNK / period)
-        replays = math.ceil(self.check_every / chunk)
-        # status, best_res, pending, nsteps, trace, best_x, best_fx are updated in place; the rest is
-        # copied into static buffers after each chunk
         static = _graphs.StaticBuffers(self.carried())
         self.bind(static)
+        start_state = self.state  # a chunk starts from here (Anderson's ring slot included)
         last_counts: list[Tensor] = []  # the chunk's last counts (2,): convergence is read from them
 
-        def run_chunk() -> None:
+        def run_chunk() -> None:  # no reference to the session: dropping it frees it, no cycle to collect
             for _ in range(chunk):
                 _, counts = self.iterate(None, sync=False, all_active=False)
             static.copy_in(self.carried())
@@ -506,14 +509,9 @@ class _Loop:
         calls = self.fn.calls
         replay = self.capture(run_chunk, _graphs.GRAPHS.memory_pool(self.device))
         per_replay, self.fn.calls = self.fn.calls - calls, calls
-        while n < self.max_iter and n_active:
-            for _ in range(replays):
-                if n < self.max_iter:
-                    replay()
-                    self.fn.calls += per_replay
-                    n += chunk
-            n_active = int(last_counts[0][0])
-        return n, n_active
+        return _graphs.ChunkGraphs(
+            self.buffers(), static, start_state, self.fn.args, chunk, per_replay, replay, last_counts
+        )
 
     def build_solver_graphs(self) -> _graphs.SolverGraphs:
         """graph="solver" (after the warm-up): f runs eagerly, and the rest of each iteration (residuals,
@@ -562,18 +560,18 @@ class _Loop:
         )
 
 
-def _loop(solver: Solver, f, x0: Tensor, *, tol, max_iter, stop, divergence, check_every, graph, kernels) -> Solution:
-    fn = _CountedMap(f, x0.shape)
+def _loop(
+    solver: Solver, f, args: tuple | None, x0: Tensor, *, tol, max_iter, stop, divergence, check_every, graph, kernels
+) -> Solution:  # fmt: skip
+    fn = _CountedMap(f, x0.shape, () if args is None else args)
     x = x0.reshape(x0.shape[0], -1).clone(memory_format=torch.contiguous_format)  # (B, D), rows at stride 1
     fx = fn(x)  # before a kept session is taken: if f fails, it stays kept; a solve inside f may use it
-    key = session = None
-    if graph == "solver":  # a kept session: the start goes into its buffers, then straight to its graphs
-        key, session = _graphs.take_graphs(
-            (_graphs.GRAPHS, solver, kernels, tuple(x.shape), x.dtype, x.device, tol, max_iter, stop, divergence,
-             torch.is_inference_mode_enabled())
-        )  # fmt: skip
+    options = (solver, kernels, tol, max_iter, stop, divergence)
+    key, session = _graphs.take_graphs(_graphs.session_key(graph, f, args, x, options))
     if session is not None:
         session.wait(x.device)
+    elif key is not None and graph is True:  # the graph reads its own copies, which later solves overwrite
+        fn.args = _graphs.static_args(fn.args)
     loop = _Loop(
         solver, fn, _new_buffers(x, max_iter) if session is None else session.buffers, tol=tol, max_iter=max_iter,
         relative=stop == "rel", divergence=math.inf if divergence is None else divergence, check_every=check_every,
@@ -582,24 +580,22 @@ def _loop(solver: Solver, f, x0: Tensor, *, tol, max_iter, stop, divergence, che
     n_active = loop.start(x, fx, reuse=None if session is None else session.state)
     del x, fx  # from here on held as the last evaluated pair, which the graph modes rebind to their buffers
     n = 0
-    if session is not None:
-        session.static.copy_in(loop.period_start())  # what is not in place already
+    if session is not None:  # a kept session: straight to its graphs
+        session.begin(loop, fn.args)
     elif graph:
         n, n_active = loop.warm_up(n_active)
         if n < max_iter and n_active:
-            if graph is True:
-                n, n_active = loop.run_captured(n, n_active)
-            else:
-                session = loop.build_solver_graphs()
+            session = loop.capture_chunks() if graph is True else loop.build_solver_graphs()
     if session is not None and n < max_iter and n_active:
-        n, n_active, loop.prev_x, loop.prev_fx = session.run(fn, n, n_active, max_iter, loop.check)
+        n, n_active = session.run(loop, n, n_active)
     n = loop.run_eager(n, n_active)
     solution = loop.finish(n, x0.shape)
     if session is None or key is None:
         return solution
-    # the session's buffers serve the next solve: the result gets its own copies, and the session
-    # keeps no reference to this solve's f
+    # the session's buffers serve the next solve: the result gets its own copies. graph="solver" keeps
+    # no reference to this solve's f; graph=True replays f, so its key keeps f alive
     solution = session.result(solution, loop.device)
-    fn.release()
+    if graph == "solver":
+        fn.release()
     _graphs.keep_graphs(key, session)
     return solution

@@ -19,13 +19,16 @@ from ._solve import Solution, check_int, check_interval, check_positive, solve, 
 
 __all__ = ["picard", "anderson", "broyden"]
 
-Map = Callable[[Tensor], Tensor]
+Map = Callable[..., Tensor]  # f(z, *args) -> same shape as z
 
 
 _DOC_PARTS = {
     "{common}": """f: maps a batch (B, ...) to the same shape; the first dimension is the batch.
         x0: (B, ...) floating-point start. Low precision stays low precision in
             storage; norms and small solves run in fp32 (fp64 for fp64 input).
+        args: f's further inputs, a tuple: f is called as f(z, *args). None
+            (default): f(z). With graph=True, giving args declares them as all
+            that f reads and that changes between solves (see graph).
         tol: stop a sample when its residual is <= tol.
         max_iter: at most this many iterations (one call of f each, for Newton
             plus its Jacobian-vector products).
@@ -43,12 +46,19 @@ _DOC_PARTS = {
             True: f included; a replay runs a chunk of whole solver periods
             (Anderson's m), at least 4 iterations, and convergence is checked
             after every ceil(check_every / chunk) replays. f must be capturable:
-            static shapes, no host syncs, no CPU tensors.
+            static shapes, no host syncs, no CPU tensors. With args given, the
+            graph is kept for later solves with the same f (the same function
+            or bound method, kept alive with it), solver, options, shapes and
+            non-tensor args: they copy their start and tensor args in and
+            replay, with no warm-up and no capture. Anything else f reads is
+            read where it was at capture: change it in place only (parameters
+            updated by an optimizer are fine).
             "solver": f runs eagerly (any f) and everything else in an iteration
             is one graph launch; convergence is checked as without graphs. The
-            graphs and their buffers (GPU memory) are kept for later solves with
-            the same solver, options and shapes, whatever f;
-            fixedpoint.clear_graph_cache() drops them.""",
+            graphs are kept for later solves with the same solver, options and
+            shapes, whatever f.
+            Kept graphs hold their buffers (GPU memory), the 4 most recently
+            used; fixedpoint.clear_graph_cache() drops them.""",
     "{impl}": """impl: "auto" (fused Triton kernels on CUDA when triton imports, PyTorch
             otherwise), "torch", or "triton" (an error where it cannot run).""",
 }
@@ -103,6 +113,7 @@ def picard(
     f: Map,
     x0: Tensor,
     *,
+    args: tuple | None = None,
     tol: float = 1e-4,
     max_iter: int = 50,
     stop: str = "rel",
@@ -122,8 +133,8 @@ def picard(
     """
     beta = check_interval("beta", beta, 0.0, 2.0)
     kern = _kernels(impl, x0)
-    return solve(Picard(beta, kernels=kern), f, x0, tol=tol, max_iter=max_iter, stop=stop, divergence=divergence,
-                 check_every=check_every, graph=graph, kernels=kern)  # fmt: skip
+    return solve(Picard(beta, kernels=kern), f, x0, args=args, tol=tol, max_iter=max_iter, stop=stop,
+                 divergence=divergence, check_every=check_every, graph=graph, kernels=kern)  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- Anderson
@@ -220,6 +231,7 @@ def anderson(
     f: Map,
     x0: Tensor,
     *,
+    args: tuple | None = None,
     tol: float = 1e-4,
     max_iter: int = 50,
     stop: str = "rel",
@@ -261,7 +273,7 @@ def anderson(
     solver = Anderson(
         m=m, beta=beta, ridge=ridge, max_coeff=max_coeff, growth=growth, kernels=kern, graph_safe=bool(graph)
     )
-    return solve(solver, f, x0, tol=tol, max_iter=max_iter, stop=stop, divergence=divergence,
+    return solve(solver, f, x0, args=args, tol=tol, max_iter=max_iter, stop=stop, divergence=divergence,
                  check_every=check_every, graph=graph, kernels=kern)  # fmt: skip
 
 
@@ -367,6 +379,7 @@ def broyden(
     f: Map,
     x0: Tensor,
     *,
+    args: tuple | None = None,
     tol: float = 1e-4,
     max_iter: int = 50,
     stop: str = "rel",
@@ -394,5 +407,5 @@ def broyden(
     m = check_int("m", m, 2)
     growth = check_positive("growth", growth)
     kern = _kernels(impl, x0)
-    return solve(Broyden(m=m, growth=growth, kernels=kern), f, x0, tol=tol, max_iter=max_iter, stop=stop,
-                 divergence=divergence, check_every=check_every, kernels=kern)  # fmt: skip
+    return solve(Broyden(m=m, growth=growth, kernels=kern), f, x0, args=args, tol=tol, max_iter=max_iter,
+                 stop=stop, divergence=divergence, check_every=check_every, kernels=kern)  # fmt: skip

@@ -144,9 +144,9 @@ def fixed_iterations(n: int, solver: Callable[..., Solution] = fixedpoint.picard
     return partial(solver, **{"max_iter": n - 1, "tol": 1e-30, "divergence": None, "check_every": n - 1, **options})
 
 
-def _single_call(f: Callable[[Tensor], Tensor], x0: Tensor) -> Solution:
-    """The one-call 'solver': x = x0, fx = f(x0)."""
-    fx = f(x0)
+def _single_call(f: Callable[..., Tensor], x0: Tensor, *, args: tuple = ()) -> Solution:
+    """The one-call 'solver': x = x0, fx = f(x0, *args)."""
+    fx = f(x0, *args)
     batch = x0.shape[0]
     res = (fx - x0).flatten(1).norm(dim=1) / fx.flatten(1).norm(dim=1).clamp_min(1e-30)
     zeros = torch.zeros(batch, dtype=torch.long, device=x0.device)
@@ -391,8 +391,8 @@ class FPDM(DiT):
             tokens = self.run_block(block, tokens, c_outer)
         x_inj = self.injection(tokens)  # (N, T, D), computed once
         start = tokens if z0 is None else z0.to(tokens.dtype)
-        f = lambda z: self.fixed_point_map(z, x_inj, c_full)  # noqa: E731
         if self.training and torch.is_grad_enabled():
+            f = lambda z: self.fixed_point_map(z, x_inj, c_full)  # noqa: E731
             info = GradInfo()
             cfg = self.config
             z = fixedpoint.stochastic_jfb(
@@ -400,7 +400,8 @@ class FPDM(DiT):
             )
             state = FixedPointState(z.detach(), info.no_grad_steps + info.grad_steps, None, info)
         else:
-            solution = self.eval_solver(f, start.detach())
+            # f and its changing inputs apart: a solver with graph=True keeps its graph across timesteps
+            solution = self.eval_solver(self.fixed_point_map, start.detach(), args=(x_inj, c_full))
             z = solution.fx
             state = FixedPointState(z.detach(), solution.nfev, solution)
         self.last_fixed_point = state

@@ -141,6 +141,33 @@ def test_fpdm_eval_with_anderson_converges_and_warm_start_matches():
     torch.testing.assert_close(warm, cold, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("stand_in", ["EagerGraphs", "ReplayedGraphs"])
+def test_fpdm_eval_with_graph_true_keeps_one_graph_across_timesteps(monkeypatch, stand_in):
+    """The block is passed with its injection and conditioning as args: a graph=True solver captures the
+    fixed-point block once, and every later forward (another timestep, another noisy input) replays it,
+    giving what the eager solver gives. CUDA graphs run here through a stand-in (fixedpoint.testing)."""
+    from functools import partial
+
+    from fixedpoint import _graphs, testing
+
+    graphs = getattr(testing, stand_in)()
+    monkeypatch.setattr(_graphs, "GRAPHS", graphs)
+    model = _tiny_fpdm().eval()
+    y = torch.tensor([1, 2])
+    solver = partial(fixedpoint.picard, tol=1e-6, max_iter=12, check_every=4)
+    with torch.no_grad():
+        for step, t in enumerate(([900, 900], [500, 400], [20, 5])):
+            x, t = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(step)), torch.tensor(t)
+            model.eval_solver = partial(solver, graph=True)
+            graphed = model(x, t, y)
+            graphed_nsteps = model.last_fixed_point.solution.nsteps
+            model.eval_solver = solver
+            eager = model(x, t, y)
+            assert graphs.captures == 1, step
+            assert torch.equal(graphed_nsteps, model.last_fixed_point.solution.nsteps)
+            torch.testing.assert_close(graphed, eager, rtol=0, atol=0)
+
+
 def test_pre_post_blocks_see_the_timestep_only_when_asked():
     x, y = torch.randn(1, 1, 8, 8), torch.tensor([3])
     for flag in (False, True):

@@ -283,6 +283,27 @@ def test_implicit_refuses_second_derivatives():
         torch.autograd.grad((z * c).sum(), x, create_graph=True)
 
 
+def test_fixed_point_module_passes_its_inputs_as_args_so_a_graph_is_kept(monkeypatch):
+    """FixedPoint calls solver(f, z0, args=inputs): with a graph=True eval solver, later forwards with new inputs
+    replay the first one's graph (through the CPU stand-in for CUDA graphs) and equal the eager solver's output."""
+    from fixedpoint import _graphs
+    from fixedpoint.testing import ReplayedGraphs
+
+    graphs = ReplayedGraphs()
+    monkeypatch.setattr(_graphs, "GRAPHS", graphs)
+    torch.manual_seed(0)
+    cell = nn.Linear(6, 6, dtype=torch.float64)
+    solver = partial(fp.anderson, tol=1e-10, max_iter=40, m=3)
+    layer = fp.FixedPoint(lambda z, x: torch.tanh(0.5 * cell(z) + x), eval_solver=partial(solver, graph=True)).eval()
+    eager = fp.FixedPoint(layer.f, eval_solver=solver).eval()
+    with torch.no_grad():
+        for seed in range(3):
+            x = torch.randn(3, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+            torch.testing.assert_close(layer(x), eager(x), rtol=1e-9, atol=1e-12)
+            assert layer.last_solution.converged.all()
+    assert graphs.captures == 1
+
+
 def test_fixed_point_module_in_eval_mode_keeps_gradients_when_grad_is_on():
     """eval() with autograd on (saliency maps, attacks): the eval output carries the layer's gradient, equal to the
     training mode's; without grad, or with nothing that requires it, nothing is attached."""

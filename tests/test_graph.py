@@ -463,14 +463,15 @@ def test_solver_graphs_kept_in_inference_mode_serve_only_inference_mode(kept_gra
     assert len(_graphs._graph_cache) == 2 and torch.equal(inside.x, outside.x)
 
 
-def test_dropped_solver_graphs_are_freed_at_once(kept_graphs):
+@pytest.mark.parametrize("graph", GRAPH_LOOPS)
+def test_dropped_graph_sessions_are_freed_at_once(kept_graphs, graph):
     """No reference cycle: clearing (or evicting) a session frees its graphs and buffers without waiting
     for the garbage collector."""
     import gc
     import weakref
 
-    f, x0 = _contraction_map(1)
-    fixedpoint.anderson(f, x0, tol=1e-6, max_iter=30, graph="solver")
+    x0, args = _kept_args(1)
+    fixedpoint.anderson(_kept_map, x0, args=args, tol=1e-6, max_iter=30, graph=graph)
     (session,) = _graphs._graph_cache.values()
     refs = [weakref.ref(session), weakref.ref(session.static["state.F"])]
     del session
@@ -513,3 +514,110 @@ def test_solver_graphs_refuse_a_step_that_calls_f(kept_graphs):
     f, x0 = _contraction_map(1)
     with pytest.raises(RuntimeError, match="the solver's step may not call it"):
         _solve.solve(CallingPicard(), f, x0, tol=1e-6, max_iter=30, stop="rel", divergence=None, graph="solver")
+
+
+# ----------------------------------------------------------------------------- graph=True kept (f's args declared)
+
+_KEPT_W = 0.9 * torch.linalg.qr(torch.randn(12, 12, generator=torch.Generator().manual_seed(7)))[0]  # f's weights
+
+
+def _kept_map(z, b, drift, rate):
+    """tanh(rate z W^T + b), a contraction; samples with a non-zero drift have no fixed point (z + drift)."""
+    return torch.where(drift == 0, torch.tanh(rate * z @ _KEPT_W.T + b), z + drift)
+
+
+def _kept_args(seed, batch=5, dim=12, nan_sample=None, drift=True):
+    """A start and the args of one solve: sample 4 drifts (MAX_ITER), ``nan_sample`` is NaN from the start."""
+    gen = torch.Generator().manual_seed(seed)
+    b = torch.randn(batch, dim, generator=gen)
+    if nan_sample is not None:
+        b[nan_sample] = float("nan")
+    shift = torch.zeros(batch, 1)
+    if drift:
+        shift[4] = 0.01
+    return torch.randn(batch, dim, generator=gen), (b, shift, 1.0)
+
+
+@pytest.mark.parametrize("solver,options,chunk", [("anderson", {"m": 3}, 6), ("picard", {"beta": 0.8}, 4)])
+@pytest.mark.parametrize("check_every", [1, 7])
+def test_graph_true_with_args_is_kept_for_later_solves(kept_graphs, solver, options, chunk, check_every):
+    """graph=True with f's changing inputs in args: one capture serves later solves with other starts and
+    args (no warm-up, no capture), each bit for bit the result of a solve with nothing kept and the eager
+    loop's iterations; the earlier result and the caller's tensors are left as they were."""
+    solve = getattr(fixedpoint, solver)
+    problems = [_kept_args(1), _kept_args(2, nan_sample=2), _kept_args(3, drift=False)]
+
+    def run(x0, args, **graph):
+        return solve(_kept_map, x0, args=args, tol=1e-6, max_iter=40, check_every=check_every, **options, **graph)
+
+    fresh = []
+    for problem in problems:
+        _graphs.clear_graph_cache()
+        fresh.append(run(*problem, graph=True))
+    _graphs.clear_graph_cache()
+    captures = kept_graphs.captures
+    originals = [[a.clone() for a in args[:2]] for _, args in problems]
+    kept = [run(*problems[0], graph=True)]
+    first = kept[0].x.clone()
+    kept += [run(*problem, graph=True) for problem in problems[1:]]
+    assert kept_graphs.captures - captures == 1 and len(_graphs._graph_cache) == 1
+    for sol, reference, eager in zip(kept, fresh, (run(*problem) for problem in problems)):
+        assert torch.equal(sol.nsteps, eager.nsteps) and torch.equal(sol.status, eager.status)
+        for name in ("x", "fx", "residual", "trace"):
+            assert torch.equal(getattr(sol, name).nan_to_num(), getattr(reference, name).nan_to_num()), name
+    assert [sol.statuses()[2] for sol in kept] == [Status.CONVERGED, Status.NONFINITE, Status.CONVERGED]
+    assert kept[0].nfev == fresh[0].nfev
+    for sol in kept[1:]:  # the start's call, then whole chunks: the first solve's warm-up is not repeated
+        assert (sol.nfev - 1) % chunk == 0 and int(sol.nsteps.max()) <= sol.nfev - 1
+        if check_every == 1:
+            assert sol.nfev - 1 == chunk * math.ceil(int(sol.nsteps.max()) / chunk)
+    assert torch.equal(kept[0].x, first)
+    for (_, args), original in zip(problems, originals):
+        assert all(torch.equal(a.nan_to_num(), b.nan_to_num()) for a, b in zip(args[:2], original, strict=True))
+
+
+def test_graph_true_is_kept_per_f_args_and_options(kept_graphs):
+    """The key: f itself, the non-tensor args by value, the tensor args' shapes, the autocast state, the
+    options. Without args (f may read anything), graph=True keeps nothing."""
+    x0, args = _kept_args(1)
+    opts = dict(tol=1e-6, max_iter=30, m=2)
+
+    def captures_of(f=_kept_map, x=x0, a=args, **options):
+        before = kept_graphs.captures
+        fixedpoint.anderson(f, x, args=a, graph=True, **{**opts, **options})
+        return kept_graphs.captures - before
+
+    assert captures_of() == 1 and captures_of() == 0
+    assert captures_of(a=(*args[:2], 0.8)) == 1  # another rate: baked into the graph
+    assert captures_of(a=(args[0], args[1].expand(5, 12).clone(), 1.0)) == 1  # another shape
+    assert captures_of(f=partial(_kept_map)) == 1  # another f
+    assert captures_of(tol=1e-5) == 1
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert captures_of() == 1
+    assert len(_graphs._graph_cache) == _graphs.GRAPH_CACHE_SIZE  # the least recently used were dropped
+    assert captures_of(tol=1e-5) == 0  # still kept
+    closure = lambda z: _kept_map(z, *args)  # noqa: E731
+    for _ in range(2):
+        assert captures_of(f=closure, a=None) == 1
+    assert all(key[1] is True or key[1] == "solver" for key in _graphs._graph_cache)
+    assert not any(closure in key for key in _graphs._graph_cache)
+
+
+def test_kept_graph_true_keeps_f_alive_until_cleared(kept_graphs):
+    """Its graph replays f (reading f's weights where they were): the key keeps f, until dropped."""
+    import gc
+    import weakref
+
+    x0, args = _kept_args(1)
+
+    def f(z, b, drift, rate):
+        return _kept_map(z, b, drift, rate)
+
+    fixedpoint.picard(f, x0, args=args, tol=1e-6, max_iter=30, graph=True)
+    ref = weakref.ref(f)
+    del f
+    gc.collect()
+    assert ref() is not None
+    _graphs.clear_graph_cache()
+    gc.collect()
+    assert ref() is None

@@ -255,6 +255,13 @@ def test_bad_inputs_are_type_errors():
         fixedpoint.anderson(lambda z: z, torch.zeros(0, 3))
 
 
+@pytest.mark.parametrize("args", [torch.ones(2, 2), [torch.ones(2, 2)], 1.0])
+def test_args_that_are_not_a_tuple_are_a_type_error(args):
+    """A lone tensor or a list is not unpacked silently as f's further inputs."""
+    with pytest.raises(TypeError, match=f"args must be a tuple .*got {type(args).__name__}"):
+        fixedpoint.anderson(lambda z, b: z + b, torch.zeros(2, 2), args=args)
+
+
 @st.composite
 def contractions(draw):
     """A random batched affine contraction z -> W z + b and its fixed point."""

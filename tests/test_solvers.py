@@ -8,6 +8,7 @@ from problems import ALL, linear_deq, per_sample_root, problem_set, transient_gr
 
 import fixedpoint
 from fixedpoint import Status
+from fixedpoint.testing import symmetric_matrix
 
 PROBLEMS = problem_set()
 CASES = [(p, s) for p in PROBLEMS for s in ALL if s in p.solvers]
@@ -100,6 +101,27 @@ def test_agrees_with_scipy_optimize(ours, theirs, index):
     assert sol.converged.all()
     reference = per_sample_root(problem.f, problem.x0, lambda F, v0: theirs(F, v0, f_tol=1e-11))
     np.testing.assert_allclose(sol.x.numpy(), reference.numpy(), atol=1e-8, rtol=1e-7)
+
+
+@pytest.mark.parametrize("solver", ALL)
+def test_args_are_passed_to_f_after_the_iterate(solver):
+    """f(z, *args) with args=(W, b, 0.5) gives exactly the solve of the closure over them, and the
+    fixed point of z = 0.5 (W z + b) in closed form."""
+    w = symmetric_matrix(16, -0.5, 0.9)
+    b = torch.randn(3, 16, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+
+    def affine(z, w, b, scale):
+        return scale * (z @ w.T + b)
+
+    solve = getattr(fixedpoint, solver)
+    x0 = torch.zeros(3, 16, dtype=torch.float64)
+    with_args = solve(affine, x0, args=(w, b, 0.5), tol=1e-12, max_iter=200)
+    closure = solve(lambda z: affine(z, w, b, 0.5), x0, tol=1e-12, max_iter=200)
+    for name in ("x", "fx", "residual", "nsteps", "status", "trace"):
+        assert torch.equal(getattr(with_args, name).nan_to_num(), getattr(closure, name).nan_to_num()), name
+    assert with_args.nfev == closure.nfev and with_args.converged.all()
+    z_star = torch.linalg.solve(torch.eye(16, dtype=torch.float64) - 0.5 * w, 0.5 * b.T).T
+    torch.testing.assert_close(with_args.x, z_star, rtol=1e-9, atol=1e-10)
 
 
 def test_anderson_reaches_tight_tolerance_without_stalling():

@@ -81,8 +81,17 @@ class CudaGraphs:
 
 
 GRAPHS = CudaGraphs()  # tests swap in a stand-in (fixedpoint.testing) to run the graph paths' logic on CPU
-GRAPH_CHUNK = 4  # iterations per captured chunk of graph=True, at least (rounded up to whole solver periods)
+GRAPH_CHUNK = 4  # iterations per captured chunk of graph=True, at least (see chunk_length)
 GRAPH_MODES = (False, True, "solver")
+
+
+def chunk_length(period: int, check_every: int, max_iter: int) -> int:
+    """Iterations in one graph=True chunk, convergence being checked after each: check_every, at least
+    GRAPH_CHUNK (copying a chunk's results back then costs little per iteration), rounded up to whole
+    solver periods; where that passes max_iter, the whole periods within it (at least one). A solve of
+    max_iter = check_every iterations (fixed budgets) is then one replay where the period divides it."""
+    chunk = period * math.ceil(max(GRAPH_CHUNK, check_every) / period)
+    return chunk if chunk <= max_iter else period * max(1, max_iter // period)
 
 
 class StaticBuffers:
@@ -171,6 +180,7 @@ class ChunkGraphs(KeptSession):
     replay: Callable[[], None]
     counts: list[Tensor]  # [the chunk's last counts (2,)], in the graph's memory
     finished: Any = None
+    replayed: bool = False  # on CUDA a capture runs nothing: the solve that captured must replay once
 
     def begin(self, loop: Any, args: tuple) -> None:
         """A later solve, after its start: its args and what is not in place already into the buffers."""
@@ -181,15 +191,16 @@ class ChunkGraphs(KeptSession):
         loop.bind(self.static)
 
     def run(self, loop: Any, n: int, n_active: int) -> tuple[int, int]:
-        """Replay from iteration n until max_iter or no sample is active; convergence is read after every
-        ceil(check_every / chunk) replays. Returns the iterations run and the active count."""
-        replays = math.ceil(loop.check_every / self.chunk)
-        while n < loop.max_iter and n_active:
-            for _ in range(replays):
-                if n < loop.max_iter:
-                    self.replay()
-                    loop.fn.calls += self.calls
-                    n += self.chunk
+        """Replay from iteration n while a whole chunk fits within max_iter and a sample is active,
+        reading the active count after each replay; the loop runs what is left eagerly. (The solve that
+        captured replays at least once, even past max_iter: the device stops every sample there.) Returns
+        the iterations run and the active count."""
+        while n_active and (n + self.chunk <= loop.max_iter or not self.replayed):
+            calls = loop.fn.calls
+            self.replay()
+            self.replayed = True
+            loop.fn.calls = calls + self.calls  # (a stand-in's replay may call f itself)
+            n += self.chunk
             n_active = int(self.counts[0][0])
         return n, n_active
 
@@ -243,21 +254,59 @@ def clear_graph_cache() -> None:
         torch.cuda.empty_cache()
 
 
-def session_key(graph: bool | str, f: Callable, args: tuple | None, x: Tensor, options: tuple) -> tuple | None:
-    """What a later solve must share with the solve that kept a session to replay its graphs (``options``:
-    the solver, the kernels and the loop's options), or None where nothing is kept: graph=True captures f,
-    so only where f's changing inputs are declared (``args``, even empty). Then the key holds f itself
-    (which keeps it alive: its graph reads f's weights), the autocast state, the tensor args' shapes and
-    dtypes (their values are copied in) and every other arg by value (it is baked into the graph)."""
+def session_key(
+    graph: bool | str, f: Callable, args: tuple | None, x0: Tensor, chunk: int | None, options: tuple
+) -> tuple | None:
+    """What a later solve must share with the solve that kept a session to replay its graphs, or None where
+    nothing is kept. ``x0``: the start as given (its shape: f's view); ``chunk``: graph=True's chunk length;
+    ``options``: the solver, the kernels and the loop's options.
+
+    graph=True captures f, so it keeps a session only where f's changing inputs are declared (``args``, even
+    empty). Its key then also holds what the captured f depends on: f itself (which keeps it alive: its graph
+    reads f's weights), the train/eval flags of f's modules (f a module or a module's method), the autocast
+    state and the numerics settings, the tensor args' shapes and dtypes (their values are copied in) and
+    every other arg by type and value (baked into the graph)."""
     if graph is False or (graph is True and args is None):
         return None
-    key = (GRAPHS, graph, tuple(x.shape), x.dtype, x.device, torch.is_inference_mode_enabled(), *options)
+    inference = torch.is_inference_mode_enabled()
+    key = (GRAPHS, graph, tuple(x0.shape), x0.dtype, x0.device, inference, *options)
     if graph is True:
-        device = x.device.type
-        autocast = torch.is_autocast_enabled(device), torch.get_autocast_dtype(device)
-        signature = tuple(("tensor", a.shape, a.dtype, a.device) if isinstance(a, Tensor) else a for a in args)
-        key += (f, autocast, signature)
+        signature = tuple(
+            ("tensor", a.shape, a.dtype, a.device) if isinstance(a, Tensor) else (type(a), a) for a in args
+        )
+        key += (chunk, f, _module_modes(f), _numerics(x0.device), signature)
     return key
+
+
+def _module_modes(f: Callable) -> tuple[bool, ...]:
+    """The train/eval flags of f's modules, where f is a module or a module's method (dropout and batch norm
+    are captured as they run at capture); () otherwise."""
+    module = f if isinstance(f, torch.nn.Module) else getattr(f, "__self__", None)
+    return tuple(m.training for m in module.modules()) if isinstance(module, torch.nn.Module) else ()
+
+
+def _numerics(device: torch.device) -> tuple:
+    """Settings a captured f computes with: autocast, matmul precision (TF32), deterministic algorithms, the
+    attention backends."""
+    backends = torch.backends.cuda
+    return (
+        torch.is_autocast_enabled(device.type), torch.get_autocast_dtype(device.type),
+        torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32,
+        torch.are_deterministic_algorithms_enabled(),
+        backends.flash_sdp_enabled(), backends.mem_efficient_sdp_enabled(), backends.math_sdp_enabled(),
+    )  # fmt: skip
+
+
+@contextmanager
+def uncached_autocast(device: torch.device):
+    """graph=True's warm-up and capture: where autocast is on, with its cache of cast weights off, so that the
+    graph casts the weights itself (a cached copy would go stale when they change in place, and is freed
+    when the autocast region that made it ends)."""
+    if not torch.is_autocast_enabled(device.type):
+        yield
+        return
+    with torch.autocast(device.type, dtype=torch.get_autocast_dtype(device.type), cache_enabled=False):
+        yield
 
 
 def static_args(args: tuple) -> tuple:

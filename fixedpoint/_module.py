@@ -43,9 +43,10 @@ class FixedPoint(nn.Module):
     Args:
         f: the map, called as ``f(z, *inputs)``; an nn.Module is registered as a submodule.
         solver: forward solver in training, ``solver(f, z0, args=inputs) ->
-            Solution``: any fixedpoint solver (functools.partial for options;
-            with ``graph=True`` its graph is kept across forwards, as f's
-            inputs are declared). None: no forward solve in training;
+            Solution``: any fixedpoint solver (functools.partial for options).
+            With ``graph=True`` its graph is kept across forwards: the inputs
+            must then be all that f reads and that changes between forwards
+            (besides parameters changed in place). None: no forward solve in training;
             the backward mode starts from z0 itself (``stochastic_jfb``, ``unrolled``).
         eval_solver: solver in eval mode or without grad (default: ``solver``,
             or ``anderson`` if that is None). In eval mode with grad enabled,

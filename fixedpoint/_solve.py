@@ -16,8 +16,8 @@ writes g straight into its history with f(x) and the new Gram row in the same
 pass. Without it the loop runs the ``residual`` kernel into a new g.
 
 Optionally ``reinit(state, x, fx, g, gnorm) -> state`` is ``init`` into the tensors
-of an existing state: a later solve on kept graph="solver" buffers starts in them
-(Anderson: no second history), where ``init`` would allocate and the loop copy.
+of an existing state: a later solve on a kept graph session's buffers starts in
+them (Anderson: no second history), where ``init`` would allocate and the loop copy.
 
 A solver with a ``period`` (the iterations after which its Python-side state,
 e.g. Anderson's ring slot, repeats) and no host syncs can run with
@@ -41,6 +41,7 @@ import math
 import numbers
 import operator
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, fields, replace
 from functools import partial
 from typing import Any, Protocol
@@ -304,7 +305,7 @@ class _LaggedCount:
 
 def _new_buffers(x: Tensor, max_iter: int) -> dict[str, Tensor]:
     """The loop's in-place tensors (``KeptSession.BUFFERS``) for iterates like x (B, D), uninitialised:
-    ``_Loop.start`` fills them (a kept graph="solver" session brings its own instead)."""
+    ``_Loop.start`` fills them (a kept graph session brings its own instead)."""
     batch, sdt, device = x.shape[0], stat_dtype(x.dtype), x.device
     vector = partial(torch.empty, batch, device=device)
     return {
@@ -489,17 +490,19 @@ class _Loop:
 
     def capture_chunks(self) -> _graphs.ChunkGraphs:
         """graph=True (after the warm-up): a chunk of whole solver periods (Anderson's ring slot repeats),
-        f included, captured once to be replayed; at least GRAPH_CHUNK iterations, so that copying its
-        results back costs little per iteration. status, best_res, pending, nsteps, trace, best_x and
-        best_fx are updated in place; the rest is copied into static buffers at the chunk's end."""
+        f included, captured once to be replayed (``chunk_length``). status, best_res, pending, nsteps,
+        trace, best_x and best_fx are updated in place; the rest is copied into static buffers at the
+        chunk's end."""
         period = self.solver.period
-        chunk = period * math.ceil(_graphs.GRAPH_CHUNK / period)
+        chunk = _graphs.chunk_length(period, self.check_every, self.max_iter)  # as in the session's key
         static = _graphs.StaticBuffers(self.carried())
         self.bind(static)
         start_state = self.state  # a chunk starts from here (Anderson's ring slot included)
         last_counts: list[Tensor] = []  # the chunk's last counts (2,): convergence is read from them
 
         def run_chunk() -> None:  # no reference to the session: dropping it frees it, no cycle to collect
+            self.state = start_state  # from the static buffers, as the graph reads (a stand-in reruns this
+            self.bind(static)  # Python after an eager tail that left the loop bound elsewhere)
             for _ in range(chunk):
                 _, counts = self.iterate(None, sync=False, all_active=False)
             static.copy_in(self.carried())
@@ -567,7 +570,8 @@ def _loop(
     x = x0.reshape(x0.shape[0], -1).clone(memory_format=torch.contiguous_format)  # (B, D), rows at stride 1
     fx = fn(x)  # before a kept session is taken: if f fails, it stays kept; a solve inside f may use it
     options = (solver, kernels, tol, max_iter, stop, divergence)
-    key, session = _graphs.take_graphs(_graphs.session_key(graph, f, args, x, options))
+    chunk = _graphs.chunk_length(solver.period, check_every, max_iter) if graph is True else None
+    key, session = _graphs.take_graphs(_graphs.session_key(graph, f, args, x0, chunk, options))
     if session is not None:
         session.wait(x.device)
     elif key is not None and graph is True:  # the graph reads its own copies, which later solves overwrite
@@ -580,15 +584,16 @@ def _loop(
     n_active = loop.start(x, fx, reuse=None if session is None else session.state)
     del x, fx  # from here on held as the last evaluated pair, which the graph modes rebind to their buffers
     n = 0
-    if session is not None:  # a kept session: straight to its graphs
-        session.begin(loop, fn.args)
-    elif graph:
-        n, n_active = loop.warm_up(n_active)
-        if n < max_iter and n_active:
-            session = loop.capture_chunks() if graph is True else loop.build_solver_graphs()
-    if session is not None and n < max_iter and n_active:
-        n, n_active = session.run(loop, n, n_active)
-    n = loop.run_eager(n, n_active)
+    with _graphs.uncached_autocast(loop.device) if graph is True else nullcontext():
+        if session is not None:  # a kept session: straight to its graphs
+            session.begin(loop, fn.args)
+        elif graph:
+            n, n_active = loop.warm_up(n_active)
+            if n < max_iter and n_active:
+                session = loop.capture_chunks() if graph is True else loop.build_solver_graphs()
+        if session is not None and n < max_iter and n_active:
+            n, n_active = session.run(loop, n, n_active)
+        n = loop.run_eager(n, n_active)
     solution = loop.finish(n, x0.shape)
     if session is None or key is None:
         return solution

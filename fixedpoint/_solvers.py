@@ -43,10 +43,11 @@ _DOC_PARTS = {
             stalls the device (up to k extra calls of f once all have stopped;
             the results are the same). 1 syncs once per iteration, exactly.""",
     "{graph}": """graph: on CUDA, replay the loop's per-iteration work from CUDA graphs.
-            True: f included; a replay runs a chunk of whole solver periods
-            (Anderson's m), at least 4 iterations, and convergence is checked
-            after every ceil(check_every / chunk) replays. f must be capturable:
-            static shapes, no host syncs, no CPU tensors. With args given, the
+            True: f included; a replay runs check_every iterations (at least
+            4) rounded up to whole solver periods (Anderson's m), convergence
+            is checked after each, and what is left past the last whole chunk
+            within max_iter runs eagerly. f must be capturable: static
+            shapes, no host syncs, no CPU tensors. With args given, the
             graph is kept for later solves with the same f (the same function
             or bound method, kept alive with it), solver, options, shapes and
             non-tensor args: they copy their start and tensor args in and

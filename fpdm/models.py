@@ -144,9 +144,9 @@ def fixed_iterations(n: int, solver: Callable[..., Solution] = fixedpoint.picard
     return partial(solver, **{"max_iter": n - 1, "tol": 1e-30, "divergence": None, "check_every": n - 1, **options})
 
 
-def _single_call(f: Callable[..., Tensor], x0: Tensor, *, args: tuple = ()) -> Solution:
+def _single_call(f: Callable[..., Tensor], x0: Tensor, *, args: tuple | None = None) -> Solution:
     """The one-call 'solver': x = x0, fx = f(x0, *args)."""
-    fx = f(x0, *args)
+    fx = f(x0, *(args or ()))
     batch = x0.shape[0]
     res = (fx - x0).flatten(1).norm(dim=1) / fx.flatten(1).norm(dim=1).clamp_min(1e-30)
     zeros = torch.zeros(batch, dtype=torch.long, device=x0.device)

@@ -14,7 +14,10 @@ budget) fix the third:
 (more where the noise is high), ``low-noise``, or ``adaptive`` (stop each step
 at ``--tol``, never exceeding the budget). ``--solver`` is any fixedpoint
 solver run for that many calls; ``--reuse`` starts each step's solve at the
-previous step's fixed point.
+previous step's fixed point. ``--graph on`` (CUDA) captures the fixed-point
+block in a CUDA graph once and replays it at every later step with the same
+calls (a step with other calls captures its own); ``--graph solver`` replays
+the solver's own work only.
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ __all__ = ["ComputePlan", "plan_compute", "generate", "SampleStats", "SCHEDULES"
 
 SCHEDULES = ("uniform", "high-noise", "low-noise", "adaptive")
 SOLVERS = {"picard": fixedpoint.picard, "anderson": fixedpoint.anderson, "broyden": fixedpoint.broyden}
+GRAPH_FLAGS = {"off": False, "on": True, "solver": "solver"}  # --graph: fixedpoint's graph option
 
 
 class SampleError(ValueError):
@@ -188,15 +192,30 @@ def generate(
     guidance: float = 1.0,
     solver: str = "picard",
     reuse: bool = False,
+    graph: bool | str = False,
     clip: bool = True,
     seed: int = 0,
     batch_size: int = 100,
     num_timesteps: int = 1000,
     progress: bool = True,
 ) -> tuple[Tensor, SampleStats]:
-    """Sample ``len(labels)`` images (N, C, H, W) in batches; returns them and the compute used."""
+    """Sample ``len(labels)`` images (N, C, H, W) in batches; returns them and the compute used.
+
+    ``graph``: the fixed-point solves' CUDA-graph mode (fixedpoint's ``graph``; picard and anderson).
+    True captures the block once per solver setting and replays it at every later step.
+    """
     if solver not in SOLVERS:
         raise SampleError(f"unknown solver {solver!r}; valid: {', '.join(SOLVERS)} (a budget bounds their calls)")
+    if not any(graph is mode for mode in (False, True)) and graph != "solver":
+        raise SampleError(f"graph must be False, True or 'solver', got {graph!r}")
+    if graph and solver == "broyden":
+        raise SampleError("CUDA graphs work with the picard and anderson solvers; broyden syncs with the host")
+    if graph is True and plan.schedule == "adaptive":
+        raise SampleError(
+            "graph=True (--graph on) would capture anew at every step of an adaptive plan (its calls change "
+            "per step): use graph='solver' (--graph solver)"
+        )
+    step_solver = partial(SOLVERS[solver], graph=graph) if graph else SOLVERS[solver]
     model.eval()
     device = next(model.parameters()).device
     diffusion = Diffusion.create(num_timesteps, learn_sigma=model.config.learn_sigma, steps=plan.steps)
@@ -212,7 +231,7 @@ def generate(
         noise = torch.randn(len(y), *image_shape, generator=gen).to(device)
         batch_stats = SampleStats(steps=plan.steps)
         if isinstance(model, FPDM):
-            fn = _FixedPointDriver(model, plan, SOLVERS[solver], reuse, batch_stats)
+            fn = _FixedPointDriver(model, plan, step_solver, reuse, batch_stats)
         else:
             fn = model
             batch_stats.block_evaluations = plan.steps * model.config.depth
@@ -270,8 +289,10 @@ def main(args: argparse.Namespace) -> dict:
         raise SampleError("--tol applies to --schedule adaptive")
     model, run = load_model(args.ckpt, weights=args.weights, device=str(dev))
     cfg = model.config
-    if cfg.kind == "dit" and (args.reuse or args.solver != "picard"):
-        raise SampleError("--reuse and --solver apply to FPDM checkpoints; a DiT has no fixed-point layer")
+    if cfg.kind == "dit" and (args.reuse or args.solver != "picard" or args.graph != "off"):
+        raise SampleError("--reuse, --solver and --graph apply to FPDM checkpoints; a DiT has no fixed-point layer")
+    if args.graph != "off" and dev.type != "cuda":
+        raise SampleError(f"--graph {args.graph} replays CUDA graphs and needs a CUDA device, got {dev}")
     plan = plan_compute(cfg, steps=args.steps, iters=args.iters, budget=args.budget, schedule=args.schedule,
                         tol=args.tol)  # fmt: skip
     num_timesteps = int(run.get("num_timesteps", 1000))  # the schedule the checkpoint was trained with
@@ -287,7 +308,8 @@ def main(args: argparse.Namespace) -> dict:
     out = checks.output_dir(args.out)
     images, stats = generate(
         model, labels, plan, image_shape=(cfg.in_channels, cfg.input_size, cfg.input_size), method=args.method,
-        eta=args.eta, guidance=args.guidance, solver=args.solver, reuse=args.reuse, clip=not is_latent,
+        eta=args.eta, guidance=args.guidance, solver=args.solver, reuse=args.reuse, graph=GRAPH_FLAGS[args.graph],
+        clip=not is_latent,
         seed=args.seed, batch_size=args.batch_size, num_timesteps=num_timesteps, progress=not args.quiet,
     )  # fmt: skip
     if vae is not None:
@@ -297,6 +319,7 @@ def main(args: argparse.Namespace) -> dict:
     summary = {
         "checkpoint": str(args.ckpt), "num_samples": len(labels), "method": args.method, "steps": plan.steps,
         "schedule": plan.schedule, "solver": args.solver if cfg.kind == "fpdm" else None, "reuse": args.reuse,
+        "graph": args.graph,
         "guidance": args.guidance, "budget": plan.budget, "num_timesteps": num_timesteps,
         "block_evaluations_per_sample": round(stats.block_evaluations, 6),
         "calls_per_step": [round(c, 6) for c in stats.calls_per_step], "seconds": stats.seconds,
@@ -325,6 +348,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--solver", default="picard", help="FPDM: " + " | ".join(SOLVERS))
     p.add_argument("--reuse", action=argparse.BooleanOptionalAction, default=False,
                    help="FPDM: start each step at the previous step's fixed point")  # fmt: skip
+    p.add_argument("--graph", default="off", choices=list(GRAPH_FLAGS),
+                   help="FPDM on CUDA: 'on' captures the fixed-point block once and replays it at every step; "
+                   "'solver' replays the solver's work only (any block)")  # fmt: skip
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta")
     p.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale")
     p.add_argument("--classes", default="random", help="'random' or comma-separated class labels")

@@ -232,6 +232,30 @@ def test_cuda_graph_equals_the_default_loop_on_gpu(solver, graph):
 
 
 @cuda
+@pytest.mark.parametrize("solver", ["anderson", "picard"])
+def test_kept_cuda_graph_with_args_equals_the_default_loop_on_gpu(solver):
+    """graph=True with the injection passed as an arg: one capture, replayed by the later solves with other
+    injections, each equal to the eager loop; the caller's injections are never written."""
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    w = torch.randn(256, 256, device="cuda", generator=gen)
+    w = 0.9 * w / torch.linalg.matrix_norm(w, ord=2)
+    injections = torch.randn(3, 16, 8, 256, device="cuda", generator=gen)
+    original = injections.clone()
+    solve = getattr(fixedpoint, solver)
+    x0 = torch.zeros(16, 8, 256, device="cuda")
+
+    def block(z, b):
+        return torch.tanh(z @ w.T + b)
+
+    for b in (injections[0], injections[1], injections[2], injections[0]):
+        eager = solve(block, x0, args=(b,), tol=1e-5, max_iter=80)
+        graphed = solve(block, x0, args=(b,), tol=1e-5, max_iter=80, graph=True, check_every=5)
+        assert graphed.nsteps.tolist() == eager.nsteps.tolist() and graphed.status.tolist() == eager.status.tolist()
+        torch.testing.assert_close(graphed.x, eager.x, rtol=1e-4, atol=1e-5)
+    assert len(_graphs._graph_cache) == 1 and torch.equal(injections, original)
+
+
+@cuda
 def test_cuda_graph_rejects_a_map_that_syncs():
     w = 0.5 * torch.eye(8, device="cuda")
 
@@ -538,12 +562,16 @@ def _kept_args(seed, batch=5, dim=12, nan_sample=None, drift=True):
     return torch.randn(batch, dim, generator=gen), (b, shift, 1.0)
 
 
-@pytest.mark.parametrize("solver,options,chunk", [("anderson", {"m": 3}, 6), ("picard", {"beta": 0.8}, 4)])
-@pytest.mark.parametrize("check_every", [1, 7])
-def test_graph_true_with_args_is_kept_for_later_solves(kept_graphs, solver, options, chunk, check_every):
+@pytest.mark.parametrize(
+    "solver,options,check_every,chunk",  # chunk: check_every, at least 4, rounded up to whole periods
+    [("anderson", {"m": 3}, 1, 6), ("anderson", {"m": 3}, 7, 9), ("picard", {"beta": 0.8}, 1, 4),
+     ("picard", {"beta": 0.8}, 7, 7)],
+)  # fmt: skip
+def test_graph_true_with_args_is_kept_for_later_solves(kept_graphs, solver, options, check_every, chunk):
     """graph=True with f's changing inputs in args: one capture serves later solves with other starts and
     args (no warm-up, no capture), each bit for bit the result of a solve with nothing kept and the eager
-    loop's iterations; the earlier result and the caller's tensors are left as they were."""
+    loop's iterations, in whole chunks while they fit within max_iter and eagerly after; the earlier
+    result and the caller's tensors are left as they were."""
     solve = getattr(fixedpoint, solver)
     problems = [_kept_args(1), _kept_args(2, nan_sample=2), _kept_args(3, drift=False)]
 
@@ -567,18 +595,18 @@ def test_graph_true_with_args_is_kept_for_later_solves(kept_graphs, solver, opti
             assert torch.equal(getattr(sol, name).nan_to_num(), getattr(reference, name).nan_to_num()), name
     assert [sol.statuses()[2] for sol in kept] == [Status.CONVERGED, Status.NONFINITE, Status.CONVERGED]
     assert kept[0].nfev == fresh[0].nfev
-    for sol in kept[1:]:  # the start's call, then whole chunks: the first solve's warm-up is not repeated
-        assert (sol.nfev - 1) % chunk == 0 and int(sol.nsteps.max()) <= sol.nfev - 1
-        if check_every == 1:
-            assert sol.nfev - 1 == chunk * math.ceil(int(sol.nsteps.max()) / chunk)
+    for sol in kept[1:]:  # the start's call, then whole chunks, checked after each, up to max_iter
+        assert sol.nfev - 1 == min(chunk * math.ceil(int(sol.nsteps.max()) / chunk), 40)
+    assert [sol.nfev for sol in kept[:2]] == [41, 41]  # a sample runs to max_iter: exactly its calls
     assert torch.equal(kept[0].x, first)
     for (_, args), original in zip(problems, originals):
         assert all(torch.equal(a.nan_to_num(), b.nan_to_num()) for a, b in zip(args[:2], original, strict=True))
 
 
 def test_graph_true_is_kept_per_f_args_and_options(kept_graphs):
-    """The key: f itself, the non-tensor args by value, the tensor args' shapes, the autocast state, the
-    options. Without args (f may read anything), graph=True keeps nothing."""
+    """The key: f itself, the non-tensor args by type and value, the tensor args' shapes, the start's shape
+    (f's view of it), the chunk, the numerics settings, the options, and the train/eval flags of f's modules.
+    Without args (f may read anything), graph=True keeps nothing."""
     x0, args = _kept_args(1)
     opts = dict(tol=1e-6, max_iter=30, m=2)
 
@@ -589,18 +617,70 @@ def test_graph_true_is_kept_per_f_args_and_options(kept_graphs):
 
     assert captures_of() == 1 and captures_of() == 0
     assert captures_of(a=(*args[:2], 0.8)) == 1  # another rate: baked into the graph
+    assert captures_of(a=(*args[:2], 1)) == 1  # 1 == 1.0, but another type
     assert captures_of(a=(args[0], args[1].expand(5, 12).clone(), 1.0)) == 1  # another shape
     assert captures_of(f=partial(_kept_map)) == 1  # another f
     assert captures_of(tol=1e-5) == 1
+    _graphs.clear_graph_cache()
+    for shape in ((5, 12), (5, 3, 4)):  # f's view of the same flat iterate: a softmax over its last dimension
+        assert captures_of(f=_view_map, x=x0.view(shape), a=(args[0],)) == 1
+        eager = fixedpoint.anderson(_view_map, x0.view(shape), args=(args[0],), **opts)
+        kept = fixedpoint.anderson(_view_map, x0.view(shape), args=(args[0],), graph=True, **opts)
+        torch.testing.assert_close(kept.x, eager.x, rtol=0, atol=0)
+    assert captures_of(check_every=5) == 1 and captures_of(check_every=6) == 0  # chunks of 6 (m = 2), either way
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert captures_of() == 1
+    torch.set_float32_matmul_precision("medium")
+    try:
+        assert captures_of() == 1
+    finally:
+        torch.set_float32_matmul_precision("highest")
     assert len(_graphs._graph_cache) == _graphs.GRAPH_CACHE_SIZE  # the least recently used were dropped
-    assert captures_of(tol=1e-5) == 0  # still kept
+    assert captures_of(check_every=5) == 0  # still kept
+    _graphs.clear_graph_cache()
+    module = _KeptModule()
+    assert captures_of(f=module) == 1 and captures_of(f=module.forward) == 1  # a module, a module's method
+    module.eval()
+    assert captures_of(f=module) == 1 and captures_of(f=module.forward) == 1  # dropout captured in eval
     closure = lambda z: _kept_map(z, *args)  # noqa: E731
     for _ in range(2):
         assert captures_of(f=closure, a=None) == 1
     assert all(key[1] is True or key[1] == "solver" for key in _graphs._graph_cache)
     assert not any(closure in key for key in _graphs._graph_cache)
+
+
+def _view_map(z, b):
+    return 0.5 * z.softmax(-1) + b.view_as(z)
+
+
+class _KeptModule(torch.nn.Module):
+    """_kept_map with a linear layer and dropout (captured as it runs: in train or eval mode)."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = torch.nn.Linear(12, 12, bias=False)
+        self.dropout = torch.nn.Dropout(0.0)
+
+    def forward(self, z, b, drift, rate):
+        return torch.where(drift == 0, torch.tanh(self.dropout(self.linear(rate * z)) + b), z + drift)
+
+
+@pytest.mark.parametrize("graph", GRAPH_LOOPS)
+def test_a_kept_graph_reads_weights_changed_in_place_under_autocast(kept_graphs, graph):
+    """Under autocast, graph=True warms up and captures with autocast's cache of cast weights off: the graph
+    casts the weights itself, so a later solve sees weights an optimizer changed in place."""
+    x0, args = _kept_args(1)
+    module = _KeptModule()
+    solve = partial(fixedpoint.anderson, module, x0, args=args, tol=1e-6, max_iter=20, m=2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        solve(graph=graph)
+    with torch.no_grad():
+        module.linear.weight.mul_(-0.5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        kept, eager = solve(graph=graph), solve()
+    assert kept_graphs.captures == (1 if graph is True else 2)  # graph="solver": both positions in the first solve
+    assert torch.equal(kept.nsteps, eager.nsteps)
+    torch.testing.assert_close(kept.x, eager.x, rtol=0, atol=0)
 
 
 def test_kept_graph_true_keeps_f_alive_until_cleared(kept_graphs):

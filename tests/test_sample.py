@@ -186,6 +186,7 @@ def test_sample_command_writes_grid_npz_and_stats(tmp_path, trained):
         (["--steps", "2000"], "2000 sampling steps > the 1000 diffusion timesteps of this checkpoint"),
         (["--tol", "0.1"], "--tol applies to --schedule adaptive"),
         (["--method", "ddpm", "--eta", "0.5"], "--eta applies to --method ddim"),
+        (["--graph", "on"], "--graph on replays CUDA graphs and needs a CUDA device, got cpu"),
     ],
 )
 def test_sample_command_bad_input(tmp_path, trained, args, match):
@@ -245,3 +246,33 @@ def test_sample_command_checks_its_output_and_vae_before_sampling(tmp_path, trai
     assert result.returncode == 2 and "Traceback" not in result.stderr and not (tmp_path / "l").exists()
     vae_errors = (f"cannot load an AutoencoderKL from {tmp_path / 'none'}", "the VAE needs diffusers")
     assert any(message in result.stderr for message in vae_errors), result.stderr
+
+
+@pytest.mark.parametrize("graph", [True, "solver"])
+def test_sampling_with_cuda_graphs_gives_the_eager_images(monkeypatch, graph):
+    """With the CPU stand-in for CUDA graphs: the same images as without graphs, one capture per solver
+    setting (graph=True) reused by every later step, and the planned calls. graph=True's first solve
+    captures after an eager period and replays a whole chunk past it (one call more); later steps make
+    exactly their calls."""
+    from fixedpoint import _graphs
+    from fixedpoint.testing import EagerGraphs
+
+    graphs = EagerGraphs()
+    monkeypatch.setattr(_graphs, "GRAPHS", graphs)
+    model = _fpdm()
+    plan = plan_compute(model.config, steps=5, iters=5)
+    eager, eager_stats = _run(model, plan, guidance=2.0)
+    images, stats = _run(model, plan, guidance=2.0, graph=graph)
+    torch.testing.assert_close(images, eager, rtol=1e-5, atol=1e-6)
+    assert eager_stats.calls_per_step == [5.0] * 5
+    if graph is True:
+        assert graphs.captures == 1 and stats.calls_per_step == [6.0] + [5.0] * 4
+    else:
+        assert graphs.captures == 2 and stats.calls_per_step == [5.0] * 5  # f eager: a period of 2 positions
+    with pytest.raises(SampleError, match="broyden syncs"):
+        _run(model, plan, graph=True, solver="broyden")
+    adaptive = plan_compute(model.config, steps=3, budget=30, schedule="adaptive", tol=1e-3)
+    with pytest.raises(SampleError, match="capture anew at every step of an adaptive plan"):
+        _run(model, adaptive, graph=True)
+    with pytest.raises(SampleError, match="graph must be False, True or 'solver', got 1"):
+        _run(model, plan, graph=1)

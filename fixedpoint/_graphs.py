@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, ClassVar, NamedTuple
@@ -192,9 +192,12 @@ class ChunkGraphs(KeptSession):
 
     def run(self, loop: Any, n: int, n_active: int) -> tuple[int, int]:
         """Replay from iteration n while a whole chunk fits within max_iter and a sample is active,
-        reading the active count after each replay; the loop runs what is left eagerly. (The solve that
-        captured replays at least once, even past max_iter: the device stops every sample there.) Returns
-        the iterations run and the active count."""
+        reading the active count after each replay; the loop runs what is left eagerly. Returns the
+        iterations run and the active count.
+
+        The solve that captured replays at least once, even past max_iter (the device stops every sample
+        there). On CUDA it could go on eagerly instead, since a capture runs nothing; the stand-ins that
+        test this on CPU run the captured body at capture, so that its first replay is the one skipped."""
         while n_active and (n + self.chunk <= loop.max_iter or not self.replayed):
             calls = loop.fn.calls
             self.replay()
@@ -255,17 +258,20 @@ def clear_graph_cache() -> None:
 
 
 def session_key(
-    graph: bool | str, f: Callable, args: tuple | None, x0: Tensor, chunk: int | None, options: tuple
-) -> tuple | None:
+    graph: bool | str, f: Callable, args: tuple | None, x0: Tensor, chunk: int | None,
+    autocast: torch.dtype | None, options: tuple,
+) -> tuple | None:  # fmt: skip
     """What a later solve must share with the solve that kept a session to replay its graphs, or None where
     nothing is kept. ``x0``: the start as given (its shape: f's view); ``chunk``: graph=True's chunk length;
-    ``options``: the solver, the kernels and the loop's options.
+    ``autocast``: the dtype f runs in under autocast, or None; ``options``: the solver, the kernels and the
+    loop's options.
 
     graph=True captures f, so it keeps a session only where f's changing inputs are declared (``args``, even
     empty). Its key then also holds what the captured f depends on: f itself (which keeps it alive: its graph
-    reads f's weights), the train/eval flags of f's modules (f a module or a module's method), the autocast
-    state and the numerics settings, the tensor args' shapes and dtypes (their values are copied in) and
-    every other arg by type and value (baked into the graph)."""
+    reads f's weights), the train/eval flags of f's modules (f a module or a module's method), autocast and
+    the numerics settings, the tensor args' shapes and dtypes (their values are copied in) and every other
+    arg by type and value (baked into the graph). graph="solver" captures only the solver's own ops, which
+    never run under autocast."""
     if graph is False or (graph is True and args is None):
         return None
     inference = torch.is_inference_mode_enabled()
@@ -274,7 +280,7 @@ def session_key(
         signature = tuple(
             ("tensor", a.shape, a.dtype, a.device) if isinstance(a, Tensor) else (type(a), a) for a in args
         )
-        key += (chunk, f, _module_modes(f), _numerics(x0.device), signature)
+        key += (chunk, f, _module_modes(f), autocast, _numerics(), signature)
     return key
 
 
@@ -285,28 +291,31 @@ def _module_modes(f: Callable) -> tuple[bool, ...]:
     return tuple(m.training for m in module.modules()) if isinstance(module, torch.nn.Module) else ()
 
 
-def _numerics(device: torch.device) -> tuple:
-    """Settings a captured f computes with: autocast, matmul precision (TF32), deterministic algorithms, the
-    attention backends."""
-    backends = torch.backends.cuda
+def _numerics() -> tuple:
+    """Settings a captured f computes with besides autocast: float32 matmul precision (TF32) and reduced-
+    precision reductions, deterministic algorithms, the attention backends."""
+    cuda = torch.backends.cuda
+    sdp = [cuda.flash_sdp_enabled(), cuda.mem_efficient_sdp_enabled(), cuda.math_sdp_enabled()]
+    if hasattr(cuda, "cudnn_sdp_enabled"):  # torch >= 2.5
+        sdp.append(cuda.cudnn_sdp_enabled())
     return (
-        torch.is_autocast_enabled(device.type), torch.get_autocast_dtype(device.type),
         torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32,
-        torch.are_deterministic_algorithms_enabled(),
-        backends.flash_sdp_enabled(), backends.mem_efficient_sdp_enabled(), backends.math_sdp_enabled(),
+        cuda.matmul.allow_fp16_reduced_precision_reduction, cuda.matmul.allow_bf16_reduced_precision_reduction,
+        torch.are_deterministic_algorithms_enabled(), *sdp,
     )  # fmt: skip
 
 
 @contextmanager
-def uncached_autocast(device: torch.device):
-    """graph=True's warm-up and capture: where autocast is on, with its cache of cast weights off, so that the
-    graph casts the weights itself (a cached copy would go stale when they change in place, and is freed
-    when the autocast region that made it ends)."""
-    if not torch.is_autocast_enabled(device.type):
+def uncached_autocast() -> Iterator[None]:
+    """graph=True under autocast: its warm-up and capture with autocast's cache of cast weights off, so that
+    the graph casts the weights itself (a cached copy would go stale when they change in place, and is freed
+    when the autocast region that made it ends). f's autocast takes the setting when it is entered."""
+    cached = torch.is_autocast_cache_enabled()
+    torch.set_autocast_cache_enabled(False)
+    try:
         yield
-        return
-    with torch.autocast(device.type, dtype=torch.get_autocast_dtype(device.type), cache_enabled=False):
-        yield
+    finally:
+        torch.set_autocast_cache_enabled(cached)
 
 
 def static_args(args: tuple) -> tuple:
@@ -314,10 +323,10 @@ def static_args(args: tuple) -> tuple:
     return tuple(a.clone() if isinstance(a, Tensor) else a for a in args)
 
 
-def take_graphs(key: tuple) -> tuple[tuple | None, KeptSession | None]:
+def take_graphs(key: tuple | None) -> tuple[tuple | None, KeptSession | None]:
     """The kept session for ``key``, out of the cache while in use (a nested solve with the same key
-    builds its own), or None. The key comes back None when it is unhashable (a mutable dataclass solver):
-    nothing is kept for it."""
+    builds its own), or None. The key comes back None when it is None (nothing to keep) or unhashable (a
+    mutable dataclass solver): nothing is kept for it."""
     try:
         return key, _graph_cache.pop(key, None)
     except TypeError:

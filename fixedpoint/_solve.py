@@ -123,9 +123,18 @@ def _data_ptr(t: Tensor) -> int | None:
         return None
 
 
+def autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The dtype autocast runs ops in on this device type, or None where it is off (or not supported)."""
+    try:
+        return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+    except RuntimeError:
+        return None
+
+
 class _CountedMap:
     """f on flat (B, D) tensors: reshapes to the user's shape, passes f's further inputs (``args``, which a
-    kept graph=True session points at its own copies), checks the output, counts calls.
+    kept graph=True session points at its own copies), runs it under the caller's autocast (``autocast``:
+    its dtype, or None; the solver's own ops run without), checks the output, counts calls.
 
     The loop keeps earlier outputs (the best and the last pair, Anderson's history), so f must
     return a new tensor on every call: an output at the previous call's address (a static
@@ -134,8 +143,9 @@ class _CountedMap:
     also f's input (Picard with beta = 1 feeds f its last output) cannot be told apart from that.
     """
 
-    def __init__(self, f: Callable[..., Tensor], shape: torch.Size, args: tuple = ()):
+    def __init__(self, f: Callable[..., Tensor], shape: torch.Size, args: tuple = (), autocast=None, device="cpu"):
         self.f, self.shape, self.args, self.calls = f, shape, args, 0
+        self.autocast, self.device_type = autocast, device
         self.last: Tensor | None = None  # the previous output, kept alive so its address cannot be reused
 
     def release(self) -> None:
@@ -146,7 +156,11 @@ class _CountedMap:
     def __call__(self, z: Tensor) -> Tensor:
         self.calls += 1
         version = None if torch.is_inference(z) else z._version  # inference tensors keep no version counter
-        out = self.f(z.view(self.shape), *self.args)
+        if self.autocast is None:
+            out = self.f(z.view(self.shape), *self.args)
+        else:  # made per call: it takes autocast's cache setting of the moment (off while graph=True captures)
+            with torch.autocast(self.device_type, dtype=self.autocast):
+                out = self.f(z.view(self.shape), *self.args)
         if version is not None and z._version != version:
             raise ValueError(
                 "f modified its input in place (e.g. z.clamp_() or an in-place activation on z); the solver "
@@ -264,9 +278,11 @@ def solve(
     from . import kernels as kernel_modules
 
     kernels = kernels or kernel_modules.reference
-    with torch.no_grad():
+    f_autocast = autocast_dtype(x0.device.type)  # f runs under it; norms, Gram matrices, small solves never do
+    own_precision = torch.autocast(x0.device.type, enabled=False) if f_autocast is not None else nullcontext()
+    with torch.no_grad(), own_precision:
         return _loop(solver, f, args, x0.detach(), tol=tol, max_iter=max_iter, stop=stop, divergence=divergence,
-                     check_every=check_every, graph=graph, kernels=kernels)  # fmt: skip
+                     check_every=check_every, graph=graph, kernels=kernels, f_autocast=f_autocast)  # fmt: skip
 
 
 def _state_tensors(state: Any) -> dict[str, Tensor]:
@@ -460,6 +476,7 @@ class _Loop:
                 n += 1
         if self.graph is True and n_active and self.check_every > 1:  # the count lags; the chunks check
             n_active = int(counts[0])  # only after replaying: know it now
+            self.lagged.asked = False  # (a question still pending is answered by this)
         return n, n_active
 
     def carried(self) -> dict[str, Tensor]:
@@ -488,13 +505,11 @@ class _Loop:
                 )
             raise RuntimeError(f"graph={self.graph!r} could not capture {what} in a CUDA graph{advice}: {err}") from err
 
-    def capture_chunks(self) -> _graphs.ChunkGraphs:
-        """graph=True (after the warm-up): a chunk of whole solver periods (Anderson's ring slot repeats),
-        f included, captured once to be replayed (``chunk_length``). status, best_res, pending, nsteps,
-        trace, best_x and best_fx are updated in place; the rest is copied into static buffers at the
+    def capture_chunks(self, chunk: int) -> _graphs.ChunkGraphs:
+        """graph=True (after the warm-up): ``chunk`` iterations (``chunk_length``: whole solver periods, as
+        Anderson's ring slot repeats), f included, captured once to be replayed. status, best_res, pending,
+        nsteps, trace, best_x and best_fx are updated in place; the rest is copied into static buffers at the
         chunk's end."""
-        period = self.solver.period
-        chunk = _graphs.chunk_length(period, self.check_every, self.max_iter)  # as in the session's key
         static = _graphs.StaticBuffers(self.carried())
         self.bind(static)
         start_state = self.state  # a chunk starts from here (Anderson's ring slot included)
@@ -564,14 +579,15 @@ class _Loop:
 
 
 def _loop(
-    solver: Solver, f, args: tuple | None, x0: Tensor, *, tol, max_iter, stop, divergence, check_every, graph, kernels
+    solver: Solver, f, args: tuple | None, x0: Tensor, *, tol, max_iter, stop, divergence, check_every, graph, kernels,
+    f_autocast: torch.dtype | None,
 ) -> Solution:  # fmt: skip
-    fn = _CountedMap(f, x0.shape, () if args is None else args)
+    fn = _CountedMap(f, x0.shape, () if args is None else args, f_autocast, x0.device.type)
     x = x0.reshape(x0.shape[0], -1).clone(memory_format=torch.contiguous_format)  # (B, D), rows at stride 1
     fx = fn(x)  # before a kept session is taken: if f fails, it stays kept; a solve inside f may use it
     options = (solver, kernels, tol, max_iter, stop, divergence)
     chunk = _graphs.chunk_length(solver.period, check_every, max_iter) if graph is True else None
-    key, session = _graphs.take_graphs(_graphs.session_key(graph, f, args, x0, chunk, options))
+    key, session = _graphs.take_graphs(_graphs.session_key(graph, f, args, x0, chunk, f_autocast, options))
     if session is not None:
         session.wait(x.device)
     elif key is not None and graph is True:  # the graph reads its own copies, which later solves overwrite
@@ -584,13 +600,13 @@ def _loop(
     n_active = loop.start(x, fx, reuse=None if session is None else session.state)
     del x, fx  # from here on held as the last evaluated pair, which the graph modes rebind to their buffers
     n = 0
-    with _graphs.uncached_autocast(loop.device) if graph is True else nullcontext():
+    with _graphs.uncached_autocast() if graph is True and f_autocast is not None else nullcontext():
         if session is not None:  # a kept session: straight to its graphs
             session.begin(loop, fn.args)
         elif graph:
             n, n_active = loop.warm_up(n_active)
             if n < max_iter and n_active:
-                session = loop.capture_chunks() if graph is True else loop.build_solver_graphs()
+                session = loop.capture_chunks(chunk) if graph is True else loop.build_solver_graphs()
         if session is not None and n < max_iter and n_active:
             n, n_active = session.run(loop, n, n_active)
         n = loop.run_eager(n, n_active)

@@ -44,16 +44,20 @@ _DOC_PARTS = {
             the results are the same). 1 syncs once per iteration, exactly.""",
     "{graph}": """graph: on CUDA, replay the loop's per-iteration work from CUDA graphs.
             True: f included; a replay runs check_every iterations (at least
-            4) rounded up to whole solver periods (Anderson's m), convergence
-            is checked after each, and what is left past the last whole chunk
-            within max_iter runs eagerly. f must be capturable: static
-            shapes, no host syncs, no CPU tensors. With args given, the
-            graph is kept for later solves with the same f (the same function
-            or bound method, kept alive with it), solver, options, shapes and
-            non-tensor args: they copy their start and tensor args in and
-            replay, with no warm-up and no capture. Anything else f reads is
-            read where it was at capture: change it in place only (parameters
-            updated by an optimizer are fine).
+            4) rounded up to whole solver periods (Anderson's m), or the
+            whole periods within max_iter where fewer; convergence is checked
+            after each, and what is left within max_iter runs eagerly. The
+            solve that captures first runs one period eagerly and replays
+            once even past max_iter (extra calls, counted in nfev). f must be
+            capturable: static shapes, no host syncs, no CPU tensors. With
+            args given, the graph is kept for later solves with the same f
+            (the same function, bound method or module, kept alive with it),
+            solver, options, shapes, non-tensor args, train/eval flags of
+            f's modules, autocast and numerics settings: they copy their
+            start and tensor args in and replay, with no warm-up and no
+            capture. Anything else f reads is read where it was at capture:
+            change it in place only (parameters updated by an optimizer are
+            fine).
             "solver": f runs eagerly (any f) and everything else in an iteration
             is one graph launch; convergence is checked as without graphs. The
             graphs are kept for later solves with the same solver, options and

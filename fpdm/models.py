@@ -135,7 +135,9 @@ def fixed_iterations(n: int, solver: Callable[..., Solution] = fixedpoint.picard
     (``check_every = n - 1``: no host sync per iteration on GPUs), so the n calls are
     made even when every sample stops sooner (a NaN, an exact fixed point; only a
     start where all have stopped makes one call). Newton adds its Jacobian-vector
-    products to the n.
+    products to the n. With ``graph=True`` in ``options`` a solve checks after
+    every whole chunk instead (it stops sooner there), and the solve that captures
+    makes up to one solver period more (counted in ``nfev``).
     """
     if not isinstance(n, int) or n < 1:
         raise ValueError(f"iterations must be an integer >= 1, got {n!r}")

@@ -37,6 +37,7 @@ import torch
 from torch import Tensor
 
 import fixedpoint
+from fixedpoint import _graphs
 
 from . import checks
 from .checkpoint import CheckpointError, load_checkpoint
@@ -45,7 +46,16 @@ from .encode import EncodeError, decode, load_vae
 from .images import save_grid, to_uint8
 from .models import FPDM, DiT, ModelConfig, build_model, fixed_iterations
 
-__all__ = ["ComputePlan", "plan_compute", "generate", "SampleStats", "SCHEDULES", "SOLVERS", "load_model"]
+__all__ = [
+    "ComputePlan",
+    "plan_compute",
+    "generate",
+    "check_graph",
+    "SampleStats",
+    "SCHEDULES",
+    "SOLVERS",
+    "load_model",
+]
 
 SCHEDULES = ("uniform", "high-noise", "low-noise", "adaptive")
 SOLVERS = {"picard": fixedpoint.picard, "anderson": fixedpoint.anderson, "broyden": fixedpoint.broyden}
@@ -201,20 +211,13 @@ def generate(
 ) -> tuple[Tensor, SampleStats]:
     """Sample ``len(labels)`` images (N, C, H, W) in batches; returns them and the compute used.
 
-    ``graph``: the fixed-point solves' CUDA-graph mode (fixedpoint's ``graph``; picard and anderson).
-    True captures the block once per solver setting and replays it at every later step.
+    ``graph``: the fixed-point solves' CUDA-graph mode (fixedpoint's ``graph``; picard and anderson; see
+    ``check_graph``). True captures the block once per calls-per-step and batch size and replays it at every
+    later step; the graphs stay kept after sampling (``fixedpoint.clear_graph_cache()`` frees them).
     """
     if solver not in SOLVERS:
         raise SampleError(f"unknown solver {solver!r}; valid: {', '.join(SOLVERS)} (a budget bounds their calls)")
-    if not any(graph is mode for mode in (False, True)) and graph != "solver":
-        raise SampleError(f"graph must be False, True or 'solver', got {graph!r}")
-    if graph and solver == "broyden":
-        raise SampleError("CUDA graphs work with the picard and anderson solvers; broyden syncs with the host")
-    if graph is True and plan.schedule == "adaptive":
-        raise SampleError(
-            "graph=True (--graph on) would capture anew at every step of an adaptive plan (its calls change "
-            "per step): use graph='solver' (--graph solver)"
-        )
+    check_graph(graph, solver, plan, model.config.kind)
     step_solver = partial(SOLVERS[solver], graph=graph) if graph else SOLVERS[solver]
     model.eval()
     device = next(model.parameters()).device
@@ -266,6 +269,34 @@ def load_model(ckpt_path: str | Path, *, weights: str = "ema", device: str = "cp
     return model.to(device).eval(), ckpt.get("run", {})
 
 
+def check_graph(graph: bool | str, solver: str, plan: ComputePlan | None, kind: str) -> None:
+    """A SampleError unless the fixed-point solves can run in CUDA-graph mode ``graph`` (False: always).
+    graph=True keeps one graph per calls-per-step (a step with a count not seen before captures, and makes
+    up to one solver period more calls), so the plan's counts must fit the graphs fixedpoint keeps."""
+    if not any(graph is mode for mode in (False, True)) and graph != "solver":
+        raise SampleError(f"graph must be False, True or 'solver', got {graph!r}")
+    if not graph:
+        return
+    if kind != "fpdm":
+        raise SampleError(f"graph={graph!r} (--graph) applies to FPDM; a DiT has no fixed-point layer")
+    if solver == "broyden":
+        raise SampleError(f"graph={graph!r} (--graph) works with the picard and anderson solvers, not broyden")
+    if graph is not True or plan is None:
+        return
+    if plan.calls is None:
+        raise SampleError(
+            "graph=True (--graph on) would capture anew at every step of an adaptive plan (its calls change "
+            "per step): use graph='solver' (--graph solver)"
+        )
+    counts = sorted(set(plan.calls))
+    if len(counts) > _graphs.GRAPH_CACHE_SIZE:
+        raise SampleError(
+            f"graph=True (--graph on) keeps one graph per calls-per-step, at most {_graphs.GRAPH_CACHE_SIZE}, and this "
+            f"{plan.schedule} plan has {len(counts)} ({counts[0]}..{counts[-1]}): use a uniform schedule or "
+            "graph='solver' (--graph solver)"
+        )
+
+
 def _labels(spec: str, num: int, num_classes: int, seed: int) -> Tensor:
     if spec == "random":
         return torch.randint(num_classes, (num,), generator=torch.Generator().manual_seed(seed + 1))
@@ -287,14 +318,16 @@ def main(args: argparse.Namespace) -> dict:
         raise SampleError("--eta applies to --method ddim (DDPM has no eta)")
     if args.tol is not None and args.schedule != "adaptive":
         raise SampleError("--tol applies to --schedule adaptive")
+    if args.graph != "off" and dev.type != "cuda":
+        raise SampleError(f"--graph {args.graph} replays CUDA graphs and needs a CUDA device, got {dev}")
+    check_graph(GRAPH_FLAGS[args.graph], args.solver, None, "fpdm")
     model, run = load_model(args.ckpt, weights=args.weights, device=str(dev))
     cfg = model.config
     if cfg.kind == "dit" and (args.reuse or args.solver != "picard" or args.graph != "off"):
         raise SampleError("--reuse, --solver and --graph apply to FPDM checkpoints; a DiT has no fixed-point layer")
-    if args.graph != "off" and dev.type != "cuda":
-        raise SampleError(f"--graph {args.graph} replays CUDA graphs and needs a CUDA device, got {dev}")
     plan = plan_compute(cfg, steps=args.steps, iters=args.iters, budget=args.budget, schedule=args.schedule,
                         tol=args.tol)  # fmt: skip
+    check_graph(GRAPH_FLAGS[args.graph], args.solver, plan, cfg.kind)
     num_timesteps = int(run.get("num_timesteps", 1000))  # the schedule the checkpoint was trained with
     if plan.steps > num_timesteps:
         raise SampleError(f"{plan.steps} sampling steps > the {num_timesteps} diffusion timesteps of this checkpoint")

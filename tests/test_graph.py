@@ -665,6 +665,33 @@ class _KeptModule(torch.nn.Module):
         return torch.where(drift == 0, torch.tanh(self.dropout(self.linear(rate * z)) + b), z + drift)
 
 
+def test_chunks_are_check_every_iterations_in_whole_periods_within_max_iter():
+    assert [_graphs.chunk_length(1, c, 50) for c in (1, 4, 5, 11)] == [4, 4, 5, 11]
+    assert [_graphs.chunk_length(5, c, 50) for c in (1, 5, 6, 11)] == [5, 5, 10, 15]
+    assert [_graphs.chunk_length(5, 11, n) for n in (15, 14, 11, 7, 3)] == [15, 10, 10, 5, 5]
+    assert [_graphs.chunk_length(1, 11, n) for n in (11, 3, 1)] == [11, 3, 1]
+
+
+@pytest.mark.parametrize("solver,m,calls", [("picard", None, [13, 12, 12]), ("anderson", 5, [16, 12, 12]),
+                                            ("anderson", 3, [13, 12, 12])])  # fmt: skip
+def test_a_kept_graph_makes_exactly_a_fixed_budget(kept_graphs, solver, m, calls):
+    """A fixed budget of 12 calls (max_iter = check_every = 11): the solve that captures runs one period
+    eagerly and replays a whole chunk past max_iter; kept solves replay whole chunks within max_iter and run
+    the rest eagerly, making exactly the 12 calls, as the eager loop does, with its result."""
+    from fpdm.models import fixed_iterations
+
+    options = {} if m is None else {"m": m}
+    solve = fixed_iterations(12, getattr(fixedpoint, solver), **options)
+    runs = []
+    for seed in range(3):
+        x0, args = _kept_args(seed)
+        graphed, eager = solve(_kept_map, x0, args=args, graph=True), solve(_kept_map, x0, args=args)
+        torch.testing.assert_close(graphed.x, eager.x, rtol=0, atol=0)
+        assert torch.equal(graphed.nsteps, eager.nsteps) and eager.nfev == 12
+        runs.append(graphed.nfev)
+    assert runs == calls and kept_graphs.captures == 1
+
+
 @pytest.mark.parametrize("graph", GRAPH_LOOPS)
 def test_a_kept_graph_reads_weights_changed_in_place_under_autocast(kept_graphs, graph):
     """Under autocast, graph=True warms up and captures with autocast's cache of cast weights off: the graph
@@ -681,6 +708,9 @@ def test_a_kept_graph_reads_weights_changed_in_place_under_autocast(kept_graphs,
     assert kept_graphs.captures == (1 if graph is True else 2)  # graph="solver": both positions in the first solve
     assert torch.equal(kept.nsteps, eager.nsteps)
     torch.testing.assert_close(kept.x, eager.x, rtol=0, atol=0)
+    outside = solve(graph=graph)  # graph="solver": the solver's ops never autocast, so its session serves both
+    assert kept_graphs.captures == (2 if graph is True else 2)
+    _assert_same_solve(outside, solve())
 
 
 def test_kept_graph_true_keeps_f_alive_until_cleared(kept_graphs):

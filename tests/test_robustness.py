@@ -255,6 +255,28 @@ def test_bad_inputs_are_type_errors():
         fixedpoint.anderson(lambda z: z, torch.zeros(0, 3))
 
 
+@pytest.mark.parametrize("solver", SOLVERS, ids=ALL)
+def test_autocast_applies_to_f_and_never_to_the_solver(solver):
+    """Under torch.autocast f runs autocast (a mixed-precision model), while the solver's norms, Gram matrices
+    and small solves stay in fp32: with an f autocast leaves alone (elementwise), the solve is bit for bit the
+    one without autocast. (Anderson's matmuls in bf16 used to stall it at max_iter.)"""
+    gen = torch.Generator().manual_seed(0)
+    a, b = 0.9 * torch.rand(4, 64, generator=gen), torch.randn(4, 64, generator=gen)
+    seen = []
+
+    def f(z):
+        seen.append(torch.is_autocast_enabled("cpu"))
+        return torch.tanh(z * a + b)
+
+    plain = solver(f, torch.zeros(4, 64), tol=1e-7, max_iter=100)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = solver(f, torch.zeros(4, 64), tol=1e-7, max_iter=100)
+        assert torch.is_autocast_enabled("cpu")  # restored
+    assert seen == [False] * plain.nfev + [True] * mixed.nfev and mixed.converged.all()
+    for name in ("x", "fx", "residual", "nsteps", "status"):
+        assert torch.equal(getattr(mixed, name), getattr(plain, name)), name
+
+
 @pytest.mark.parametrize("args", [torch.ones(2, 2), [torch.ones(2, 2)], 1.0])
 def test_args_that_are_not_a_tuple_are_a_type_error(args):
     """A lone tensor or a list is not unpacked silently as f's further inputs."""

@@ -269,10 +269,19 @@ def test_sampling_with_cuda_graphs_gives_the_eager_images(monkeypatch, graph):
         assert graphs.captures == 1 and stats.calls_per_step == [6.0] + [5.0] * 4
     else:
         assert graphs.captures == 2 and stats.calls_per_step == [5.0] * 5  # f eager: a period of 2 positions
-    with pytest.raises(SampleError, match="broyden syncs"):
-        _run(model, plan, graph=True, solver="broyden")
+    with pytest.raises(SampleError, match=f"graph={graph!r} \\(--graph\\) works with the picard and anderson"):
+        _run(model, plan, graph=graph, solver="broyden")
+    varied = plan_compute(model.config, steps=12, budget=12 * 2 + 60, schedule="high-noise")
+    assert len(set(varied.calls)) > 4
+    if graph is True:
+        low, high, n = min(varied.calls), max(varied.calls), len(set(varied.calls))
+        with pytest.raises(SampleError, match=rf"at most 4, and this high-noise plan has {n} \({low}\.\.{high}\)"):
+            _run(model, varied, graph=True)
     adaptive = plan_compute(model.config, steps=3, budget=30, schedule="adaptive", tol=1e-3)
     with pytest.raises(SampleError, match="capture anew at every step of an adaptive plan"):
         _run(model, adaptive, graph=True)
     with pytest.raises(SampleError, match="graph must be False, True or 'solver', got 1"):
         _run(model, plan, graph=1)
+    dit = create_model("DiT-T/2", input_size=8, in_channels=1, num_classes=10).eval()
+    with pytest.raises(SampleError, match="applies to FPDM; a DiT has no fixed-point layer"):
+        _run(dit, plan_compute(dit.config, steps=3), graph=graph)

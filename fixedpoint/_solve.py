@@ -143,7 +143,10 @@ class _CountedMap:
     also f's input (Picard with beta = 1 feeds f its last output) cannot be told apart from that.
     """
 
-    def __init__(self, f: Callable[..., Tensor], shape: torch.Size, args: tuple = (), autocast=None, device="cpu"):
+    def __init__(
+        self, f: Callable[..., Tensor], shape: torch.Size, args: tuple = (), autocast: torch.dtype | None = None,
+        device: str = "cpu",
+    ):  # fmt: skip
         self.f, self.shape, self.args, self.calls = f, shape, args, 0
         self.autocast, self.device_type = autocast, device
         self.last: Tensor | None = None  # the previous output, kept alive so its address cannot be reused

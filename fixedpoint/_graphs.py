@@ -180,7 +180,7 @@ class ChunkGraphs(KeptSession):
     replay: Callable[[], None]
     counts: list[Tensor]  # [the chunk's last counts (2,)], in the graph's memory
     finished: Any = None
-    replayed: bool = False  # on CUDA a capture runs nothing: the solve that captured must replay once
+    replayed: bool = False  # the solve that captured replays once at least (see run)
 
     def begin(self, loop: Any, args: tuple) -> None:
         """A later solve, after its start: its args and what is not in place already into the buffers."""

@@ -187,8 +187,7 @@ class ChunkGraphs(KeptSession):
         for static, value in zip(self.args, args):
             if isinstance(static, Tensor):
                 static.copy_(value)
-        self.static.copy_in(loop.carried())
-        loop.bind(self.static)
+        loop.store(self.static)
 
     def run(self, loop: Any, n: int, n_active: int) -> tuple[int, int]:
         """Replay from iteration n while a whole chunk fits within max_iter and a sample is active,

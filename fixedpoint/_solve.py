@@ -496,6 +496,11 @@ class _Loop:
         self.active, self.prev_x, self.prev_fx = static["active"], static["prev_x"], static["prev_fx"]
         self.state = replace(self.state, **{name: static[f"state.{name}"] for name in _state_tensors(self.state)})
 
+    def store(self, static: _graphs.StaticBuffers, **extra: Tensor) -> None:
+        """Copy the carried tensors (and ``extra``) into their static buffers and point the loop at them."""
+        static.copy_in({**extra, **self.carried()})
+        self.bind(static)
+
     def capture(self, body: Callable[[], None], pool: Any) -> Callable[[], None]:
         try:
             return _graphs.GRAPHS.capture(body, self.device, pool)
@@ -523,8 +528,7 @@ class _Loop:
             self.bind(static)  # Python after an eager tail that left the loop bound elsewhere)
             for _ in range(chunk):
                 _, counts = self.iterate(None, sync=False, all_active=False)
-            static.copy_in(self.carried())
-            self.bind(static)
+            self.store(static)
             last_counts[:] = [counts]
 
         calls = self.fn.calls
@@ -549,13 +553,12 @@ class _Loop:
 
         def body(j: int) -> None:  # no reference to the session: dropping it frees it, no cycle to collect
             if j == 0:  # from the static buffers (also where an earlier solve stopped mid-period)
-                self.bind(static)
                 self.state = start_state
+                self.bind(static)
             _, counts = self.absorb(_graphs.position_input(static, outputs, j), fx_buffers[j % 2], None, sync=False)
             x_next = self.advance(all_active=False, step_map=_graphs.map_not_captured)  # f is never captured
             if j == period - 1:  # the period's results into the buffers its first position reads
-                static.copy_in({"next_x": x_next, **self.carried()})
-                self.bind(static)
+                self.store(static, next_x=x_next)
                 x_next = static["next_x"]
             outputs[j : j + 1] = [(x_next, counts, self.prev_x, self.prev_fx)]
 

@@ -269,11 +269,11 @@ def load_model(ckpt_path: str | Path, *, weights: str = "ema", device: str = "cp
     return model.to(device).eval(), ckpt.get("run", {})
 
 
-def check_graph(graph: bool | str, solver: str, plan: ComputePlan | None, kind: str) -> None:
+def check_graph(graph: bool | str, solver: str, plan: ComputePlan, kind: str) -> None:
     """A SampleError unless the fixed-point solves can run in CUDA-graph mode ``graph`` (False: always).
     graph=True keeps one graph per calls-per-step (a step with a count not seen before captures, and makes
     up to one solver period more calls), so the plan's counts must fit the graphs fixedpoint keeps."""
-    if not any(graph is mode for mode in (False, True)) and graph != "solver":
+    if graph is not False and graph is not True and graph != "solver":  # identity: 1 == True
         raise SampleError(f"graph must be False, True or 'solver', got {graph!r}")
     if not graph:
         return
@@ -281,7 +281,7 @@ def check_graph(graph: bool | str, solver: str, plan: ComputePlan | None, kind: 
         raise SampleError(f"graph={graph!r} (--graph) applies to FPDM; a DiT has no fixed-point layer")
     if solver == "broyden":
         raise SampleError(f"graph={graph!r} (--graph) works with the picard and anderson solvers, not broyden")
-    if graph is not True or plan is None:
+    if graph is not True:
         return
     if plan.calls is None:
         raise SampleError(
@@ -320,7 +320,6 @@ def main(args: argparse.Namespace) -> dict:
         raise SampleError("--tol applies to --schedule adaptive")
     if args.graph != "off" and dev.type != "cuda":
         raise SampleError(f"--graph {args.graph} replays CUDA graphs and needs a CUDA device, got {dev}")
-    check_graph(GRAPH_FLAGS[args.graph], args.solver, None, "fpdm")
     model, run = load_model(args.ckpt, weights=args.weights, device=str(dev))
     cfg = model.config
     if cfg.kind == "dit" and (args.reuse or args.solver != "picard" or args.graph != "off"):

@@ -8,8 +8,9 @@ The loop itself (which iterations are captured, how convergence is checked) is i
 from __future__ import annotations
 
 import math
+import warnings
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, ClassVar, NamedTuple
@@ -174,7 +175,7 @@ class ChunkGraphs(KeptSession):
     buffers: dict[str, Tensor]
     static: StaticBuffers
     state: Any
-    args: tuple  # f's further inputs as the graph reads them: tensors are copies, written by each solve
+    args: tuple  # f's further inputs as the graph reads them: their tensors are copies, written by each solve
     chunk: int  # iterations per replay
     calls: int  # calls of f per replay
     replay: Callable[[], None]
@@ -184,9 +185,8 @@ class ChunkGraphs(KeptSession):
 
     def begin(self, loop: Any, args: tuple) -> None:
         """A later solve, after its start: its args and what is not in place already into the buffers."""
-        for static, value in zip(self.args, args):
-            if isinstance(static, Tensor):
-                static.copy_(value)
+        for static, value in zip(arg_tensors(self.args), arg_tensors(args), strict=True):
+            static.copy_(value)
         loop.store(self.static)
 
     def run(self, loop: Any, n: int, n_active: int) -> tuple[int, int]:
@@ -268,19 +268,56 @@ def session_key(
     graph=True captures f, so it keeps a session only where f's changing inputs are declared (``args``, even
     empty). Its key then also holds what the captured f depends on: f itself (which keeps it alive: its graph
     reads f's weights), the train/eval flags of f's modules (f a module or a module's method), autocast and
-    the numerics settings, the tensor args' shapes and dtypes (their values are copied in) and every other
-    arg by type and value (baked into the graph). graph="solver" captures only the solver's own ops, which
-    never run under autocast."""
+    the numerics settings, and the args' signature (``arg_signature``: the tensors' shapes and dtypes, in
+    tuples, lists and dicts too, whose values are copied in; every other value by type and value, baked into
+    the graph). Args that hold an unhashable value keep nothing, with a warning. graph="solver" captures only
+    the solver's own ops, which never run under autocast."""
     if graph is False or (graph is True and args is None):
         return None
     inference = torch.is_inference_mode_enabled()
     key = (GRAPHS, graph, tuple(x0.shape), x0.dtype, x0.device, inference, *options)
     if graph is True:
-        signature = tuple(
-            ("tensor", a.shape, a.dtype, a.device) if isinstance(a, Tensor) else (type(a), a) for a in args
-        )
+        signature = arg_signature(args)
+        try:
+            hash(signature)
+        except TypeError as error:
+            warnings.warn(f"graph=True keeps nothing for later solves: its args hold an unhashable value ({error})",
+                          stacklevel=5)  # fmt: skip
+            return None
         key += (chunk, f, _module_modes(f), autocast, _numerics(), signature)
     return key
+
+
+def _is_container(a: Any) -> bool:
+    """Whether graph=True looks inside one of f's args: a tuple (named or not), a list or a dict. Anything
+    else is one value, tensors inside it included (read by the graph where they are: changed in place only)."""
+    return type(a) in (tuple, list, dict) or (isinstance(a, tuple) and hasattr(a, "_fields"))
+
+
+def _items(a: tuple | list | dict) -> Iterable[tuple[Any, Any]]:
+    return a.items() if isinstance(a, dict) else enumerate(a)
+
+
+def arg_signature(a: Any) -> tuple:
+    """What a kept graph=True session bakes in of f's args ``a``: a tensor's shape, dtype and device (its values
+    are copied in), a container's type, keys and items' signatures, anything else its type and value (NaN as
+    "nan", which matches itself)."""
+    if isinstance(a, Tensor):
+        return ("tensor", a.shape, a.dtype, a.device)
+    if _is_container(a):
+        return (type(a), tuple((k, arg_signature(v)) for k, v in _items(a)))
+    if isinstance(a, float) and math.isnan(a):
+        return (float, "nan")
+    return (type(a), a)
+
+
+def arg_tensors(a: Any) -> Iterator[Tensor]:
+    """The tensors of f's args ``a`` that a kept graph reads copies of, in order (where arg_signature finds them)."""
+    if isinstance(a, Tensor):
+        yield a
+    elif _is_container(a):
+        for _, v in _items(a):
+            yield from arg_tensors(v)
 
 
 def _module_modes(f: Callable) -> tuple[bool, ...]:
@@ -317,9 +354,17 @@ def uncached_autocast() -> Iterator[None]:
         torch.set_autocast_cache_enabled(cached)
 
 
-def static_args(args: tuple) -> tuple:
-    """f's further inputs as a captured graph reads them: the tensors copied into buffers of their own."""
-    return tuple(a.clone() if isinstance(a, Tensor) else a for a in args)
+def static_args(a: Any) -> Any:
+    """f's further inputs ``a`` as a captured graph reads them: each tensor arg_tensors finds copied into a
+    buffer of its own, in a container of the same type."""
+    if isinstance(a, Tensor):
+        return a.clone()
+    if not _is_container(a):
+        return a
+    if isinstance(a, dict):
+        return {k: static_args(v) for k, v in a.items()}
+    values = [static_args(v) for v in a]
+    return type(a)(*values) if type(a) not in (tuple, list) else type(a)(values)
 
 
 def take_graphs(key: tuple | None) -> tuple[tuple | None, KeptSession | None]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from functools import partial
 
@@ -28,13 +29,24 @@ def _needs_grad(g: Callable[[Tensor], Tensor], x: Tensor, inputs: tuple, module:
 
 
 def _accepts_info(fn: Callable) -> bool:
-    import inspect
-
     target = fn.func if isinstance(fn, partial) else fn
     try:
         return "info" in inspect.signature(target).parameters
     except (TypeError, ValueError):
         return False
+
+
+def _takes_args(solver: SolverFn) -> bool:
+    """Whether ``solver`` takes f's inputs apart as ``args=`` (a keyword of that name, or any keyword); True
+    where its signature cannot be read (every fixedpoint solver takes it)."""
+    try:
+        parameters = inspect.signature(solver).parameters.values()
+    except (TypeError, ValueError):
+        return True
+    return any(
+        (p.name == "args" and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)) or p.kind == p.VAR_KEYWORD
+        for p in parameters
+    )
 
 
 class FixedPoint(nn.Module):
@@ -44,6 +56,8 @@ class FixedPoint(nn.Module):
         f: the map, called as ``f(z, *inputs)``; an nn.Module is registered as a submodule.
         solver: forward solver in training, ``solver(f, z0, args=inputs) ->
             Solution``: any fixedpoint solver (functools.partial for options).
+            A solver without an ``args`` keyword gets ``solver(g, z0)``, g
+            closing over the inputs.
             With ``graph=True`` its graph is kept across forwards: the inputs
             must then be all that f reads and that changes between forwards
             (besides parameters changed in place). None: no forward solve in training;
@@ -93,7 +107,7 @@ class FixedPoint(nn.Module):
             z0 = torch.zeros_like(inputs[0])
         g = lambda z: self.f(z, *inputs)  # noqa: E731
         if not (self.training and torch.is_grad_enabled()):
-            self.last_solution = self.eval_solver(self.f, z0, args=inputs)
+            self.last_solution = self._solve(self.eval_solver, g, z0, inputs)
             self.last_info = None
             if not (torch.is_grad_enabled() and _needs_grad(g, self.last_solution.x, inputs, self)):
                 return self.last_solution.fx  # f at the best iterate, as the training modes return
@@ -103,9 +117,14 @@ class FixedPoint(nn.Module):
         start = z0
         self.last_solution = None
         if self.solver is not None:
-            self.last_solution = self.solver(self.f, z0, args=inputs)
+            self.last_solution = self._solve(self.solver, g, z0, inputs)
             start = self.last_solution.x
         return self._differentiate(self.backward, g, start)
+
+    def _solve(self, solver: SolverFn, g: Callable[[Tensor], Tensor], z0: Tensor, inputs: tuple) -> Solution:
+        """``solver`` on z = f(z, *inputs): f and its inputs apart where it takes ``args`` (a graph=True
+        solver then keeps its graph across forwards), else on g, which closes over them."""
+        return solver(self.f, z0, args=inputs) if _takes_args(solver) else solver(g, z0)
 
     def _differentiate(self, backward: BackwardFn, g: Callable[[Tensor], Tensor], z: Tensor) -> Tensor:
         """``backward(g, z)``, recording its GradInfo in ``last_info`` where it takes one."""

@@ -304,6 +304,32 @@ def test_fixed_point_module_passes_its_inputs_as_args_so_a_graph_is_kept(monkeyp
     assert graphs.captures == 1
 
 
+def test_fixed_point_module_gives_a_solver_without_args_a_closure():
+    """A custom solver written as solver(f, z0), without an ``args`` keyword, gets f closed over the inputs:
+    the same output and gradient as a fixedpoint solver, in training and in eval."""
+    torch.manual_seed(0)
+    cell = nn.Linear(6, 6, dtype=torch.float64)
+    x = torch.randn(3, 6, dtype=torch.float64, requires_grad=True)
+    seen = []
+
+    def my_solver(f, z0):  # a user's own solver: no args keyword
+        seen.append(f)
+        return fp.anderson(f, z0, tol=1e-12, max_iter=60)
+
+    def f(z, x):
+        return torch.tanh(0.5 * cell(z) + x)
+
+    custom = fp.FixedPoint(f, solver=my_solver)
+    reference = fp.FixedPoint(f, solver=partial(fp.anderson, tol=1e-12, max_iter=60))
+    for mode in ("train", "eval"):
+        getattr(custom, mode)(), getattr(reference, mode)()
+        out, expected = custom(x), reference(x)
+        torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-12)
+        (grad,), (expected_grad,) = torch.autograd.grad(out.sum(), x), torch.autograd.grad(expected.sum(), x)
+        torch.testing.assert_close(grad, expected_grad, rtol=1e-8, atol=1e-10)
+    assert len(seen) == 2 and all(g is not f for g in seen)  # a closure over x, each time
+
+
 def test_fixed_point_module_in_eval_mode_keeps_gradients_when_grad_is_on():
     """eval() with autograd on (saliency maps, attacks): the eval output carries the layer's gradient, equal to the
     training mode's; without grad, or with nothing that requires it, nothing is attached."""

@@ -4,6 +4,7 @@ the loops' logic runs with stand-ins for capture and replay (fixedpoint.testing.
 import math
 from contextlib import nullcontext
 from functools import partial
+from typing import NamedTuple
 
 import pytest
 import torch
@@ -647,6 +648,79 @@ def test_graph_true_is_kept_per_f_args_and_options(kept_graphs):
         assert captures_of(f=closure, a=None) == 1
     assert all(key[1] is True or key[1] == "solver" for key in _graphs._graph_cache)
     assert not any(closure in key for key in _graphs._graph_cache)
+
+
+class _Inputs(NamedTuple):
+    b: torch.Tensor
+    drift: torch.Tensor
+    rate: float
+
+
+_PACKINGS = {  # f's args (b, drift, rate) in containers, and the f that unpacks them
+    "list and dict": (
+        lambda b, drift, rate: ([b], {"drift": drift, "rate": rate}),
+        lambda z, bs, extra: _kept_map(z, bs[0], extra["drift"], extra["rate"]),
+    ),
+    "named tuple": (lambda b, drift, rate: (_Inputs(b, drift, rate),), lambda z, inputs: _kept_map(z, *inputs)),
+}
+
+
+@pytest.mark.parametrize("packing", _PACKINGS)
+def test_graph_true_copies_the_tensors_nested_in_args(kept_graphs, packing):
+    """Tensors inside tuples, named tuples, lists and dicts in args are copied in like top-level ones: one
+    capture serves later solves with other values, each the result of a solve with nothing kept; the
+    caller's tensors are left as they were."""
+    pack, f = _PACKINGS[packing]
+    problems = [_kept_args(1), _kept_args(2, nan_sample=2), _kept_args(3, drift=False)]
+    opts = dict(tol=1e-6, max_iter=40, m=3)
+    fresh = []
+    for x0, args in problems:
+        _graphs.clear_graph_cache()
+        fresh.append(fixedpoint.anderson(_kept_map, x0, args=args, graph=True, **opts))
+    _graphs.clear_graph_cache()
+    originals = [[a.clone() for a in args[:2]] for _, args in problems]
+    captures = kept_graphs.captures
+    kept = [fixedpoint.anderson(f, x0, args=pack(*args), graph=True, **opts) for x0, args in problems]
+    assert kept_graphs.captures - captures == 1 and len(_graphs._graph_cache) == 1
+    for sol, reference in zip(kept, fresh, strict=True):
+        assert torch.equal(sol.nsteps, reference.nsteps) and torch.equal(sol.status, reference.status)
+        assert torch.equal(sol.x.nan_to_num(), reference.x.nan_to_num())
+    for (_, args), original in zip(problems, originals):
+        assert all(torch.equal(a.nan_to_num(), b.nan_to_num()) for a, b in zip(args[:2], original, strict=True))
+
+
+def test_the_args_signature_sees_into_containers_and_matches_nan():
+    """What a kept graph=True session is keyed by: tensors by shape, dtype and device wherever they sit in
+    tuples, lists and dicts; containers by type and keys; other values by type and value, NaN matching NaN."""
+    sig = _graphs.arg_signature
+    b = torch.zeros(2, 3)
+    assert sig(([b], {"r": 1.0})) == sig(([torch.ones(2, 3)], {"r": 1.0}))
+    assert sig(([b], {"r": 1.0})) != sig(([b.T], {"r": 1.0}))  # another shape
+    assert sig(([b], {"r": 1.0})) != sig(((b,), {"r": 1.0}))  # a tuple, not a list
+    assert sig(([b], {"r": 1.0})) != sig(([b], {"s": 1.0}))  # another key
+    assert sig(([b], {"r": 1.0})) != sig(([b.double()], {"r": 1.0}))  # another dtype
+    assert sig((float("nan"),)) == sig((float("nan"),))
+    assert sig((_Inputs(b, b, 1.0),)) != sig(((b, b, 1.0),))  # a named tuple is its own type
+    assert [t.shape for t in _graphs.arg_tensors((b, [b.T], {"k": b[0]}, _Inputs(b[:1], b, 0.5)))] == [
+        (2, 3), (3, 2), (3,), (1, 3), (2, 3)
+    ]  # fmt: skip
+
+
+def test_args_holding_an_unhashable_value_keep_nothing_and_warn(kept_graphs):
+    """A value graph=True cannot key a session by (here a set): a warning, each solve captures its own graph,
+    and its result is still the eager loop's."""
+    x0, args = _kept_args(1)
+
+    def f(z, b, drift, rate, labels):
+        return _kept_map(z, b, drift, rate)
+
+    for _ in range(2):
+        with pytest.warns(UserWarning, match="unhashable"):
+            graphed = fixedpoint.anderson(f, x0, args=(*args, {"a"}), tol=1e-6, max_iter=30, m=2, graph=True)
+    eager = fixedpoint.anderson(_kept_map, x0, args=args, tol=1e-6, max_iter=30, m=2)
+    assert kept_graphs.captures == 2 and not _graphs._graph_cache
+    assert torch.equal(graphed.nsteps, eager.nsteps) and torch.equal(graphed.status, eager.status)
+    torch.testing.assert_close(graphed.x, eager.x, rtol=1e-4, atol=1e-5)
 
 
 def _view_map(z, b):

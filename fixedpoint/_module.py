@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable
-from functools import partial
 
 import torch
 from torch import Tensor, nn
@@ -28,23 +27,15 @@ def _needs_grad(g: Callable[[Tensor], Tensor], x: Tensor, inputs: tuple, module:
         return g(x.detach()).requires_grad
 
 
-def _accepts_info(fn: Callable) -> bool:
-    target = fn.func if isinstance(fn, partial) else fn
+def _takes_keyword(fn: Callable, name: str, *, unknown: bool) -> bool:
+    """Whether ``fn`` takes the keyword ``name`` (by that name, or as any keyword); ``unknown`` where its
+    signature cannot be read."""
     try:
-        return "info" in inspect.signature(target).parameters
+        parameters = inspect.signature(fn).parameters.values()
     except (TypeError, ValueError):
-        return False
-
-
-def _takes_args(solver: SolverFn) -> bool:
-    """Whether ``solver`` takes f's inputs apart as ``args=`` (a keyword of that name, or any keyword); True
-    where its signature cannot be read (every fixedpoint solver takes it)."""
-    try:
-        parameters = inspect.signature(solver).parameters.values()
-    except (TypeError, ValueError):
-        return True
+        return unknown
     return any(
-        (p.name == "args" and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)) or p.kind == p.VAR_KEYWORD
+        (p.name == name and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)) or p.kind == p.VAR_KEYWORD
         for p in parameters
     )
 
@@ -95,7 +86,7 @@ class FixedPoint(nn.Module):
         self.solver = solver
         self.eval_solver = eval_solver if eval_solver is not None else (solver or anderson)
         self.backward = backward
-        self._backward_takes_info = _accepts_info(backward)
+        self._backward_takes_info = _takes_keyword(backward, "info", unknown=False)
         self.last_solution: Solution | None = None
         self.last_info: GradInfo | None = None
 
@@ -124,7 +115,8 @@ class FixedPoint(nn.Module):
     def _solve(self, solver: SolverFn, g: Callable[[Tensor], Tensor], z0: Tensor, inputs: tuple) -> Solution:
         """``solver`` on z = f(z, *inputs): f and its inputs apart where it takes ``args`` (a graph=True
         solver then keeps its graph across forwards), else on g, which closes over them."""
-        return solver(self.f, z0, args=inputs) if _takes_args(solver) else solver(g, z0)
+        takes_args = _takes_keyword(solver, "args", unknown=True)  # every fixedpoint solver does
+        return solver(self.f, z0, args=inputs) if takes_args else solver(g, z0)
 
     def _differentiate(self, backward: BackwardFn, g: Callable[[Tensor], Tensor], z: Tensor) -> Tensor:
         """``backward(g, z)``, recording its GradInfo in ``last_info`` where it takes one."""

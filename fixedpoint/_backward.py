@@ -17,7 +17,17 @@ import torch
 from torch import Tensor
 
 from ._newton import gmres
-from ._solve import Solution, as_integer, check_int, check_interval, check_positive, row_norms, stat_dtype
+from ._solve import (
+    Solution,
+    as_integer,
+    autocast_dtype,
+    check_int,
+    check_interval,
+    check_map_output,
+    check_positive,
+    row_norms,
+    stat_dtype,
+)
 from ._solvers import anderson
 
 __all__ = [
@@ -60,8 +70,15 @@ def _check_map(f) -> None:
 
 
 def _check_tensor(name: str, z) -> None:
-    if not isinstance(z, Tensor) or not z.is_floating_point():
+    if not isinstance(z, Tensor):
         raise TypeError(f"{name} must be a floating-point torch.Tensor, got {type(z).__name__}")
+    if not z.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point torch.Tensor, got dtype {z.dtype}")
+
+
+def _apply(f: Map, z: Tensor) -> Tensor:
+    """f(z), checked: a floating-point tensor of z's shape, on z's device."""
+    return check_map_output(f(z), z.shape, z.device)
 
 
 def jfb(f: Map, z: Tensor) -> Tensor:
@@ -72,7 +89,7 @@ def jfb(f: Map, z: Tensor) -> Tensor:
     """
     _check_map(f)
     _check_tensor("z", z)
-    return f(z.detach())
+    return _apply(f, z.detach())
 
 
 def phantom(f: Map, z: Tensor, *, k: int = 5, damping: float = 0.5) -> Tensor:
@@ -86,7 +103,7 @@ def phantom(f: Map, z: Tensor, *, k: int = 5, damping: float = 0.5) -> Tensor:
     damping = check_interval("damping", damping, 0.0, 1.0)
     z = z.detach()
     for _ in range(k):
-        z = (1 - damping) * z + damping * f(z) if damping != 1.0 else f(z)
+        z = (1 - damping) * z + damping * _apply(f, z) if damping != 1.0 else _apply(f, z)
     return z
 
 
@@ -102,7 +119,7 @@ def unrolled(f: Map, z0: Tensor, *, steps: int, damping: float = 1.0) -> Tensor:
     damping = check_interval("damping", damping, 0.0, 1.0)
     z = z0
     for _ in range(steps):
-        z = (1 - damping) * z + damping * f(z) if damping != 1.0 else f(z)
+        z = (1 - damping) * z + damping * _apply(f, z) if damping != 1.0 else _apply(f, z)
     return z
 
 
@@ -139,9 +156,9 @@ def stochastic_jfb(
     z = x0.detach()
     with torch.no_grad():
         for _ in range(n_ng):
-            z = f(z)
+            z = _apply(f, z)
     for _ in range(n_g):
-        z = f(z)
+        z = _apply(f, z)
     if info is not None:
         info.no_grad_steps, info.grad_steps = n_ng, n_g
     return z
@@ -170,9 +187,12 @@ class _Adjoint(torch.autograd.Function):
             )
         fz, z = ctx.fz, ctx.z
 
-        def vjp(u: Tensor) -> Tensor:
+        def vjp(u: Tensor) -> Tensor:  # u^T J_f(z*); 0 where f(z) does not depend on z
+            if not fz.requires_grad:
+                return torch.zeros_like(u)
             with torch.enable_grad():
-                return torch.autograd.grad(fz, z, u, retain_graph=True)[0]
+                (product,) = torch.autograd.grad(fz, z, u, retain_graph=True, allow_unused=True)
+            return torch.zeros_like(u) if product is None else product
 
         u = ctx.solve(vjp, grad)
         return u, None, None
@@ -200,7 +220,8 @@ def implicit(
     with ``create_graph=True`` is a RuntimeError, not a wrong second derivative. The defaults are
     tight on purpose (an inaccurate adjoint is the usual reason IFT gradients
     are wrong): ``tol=None`` means 1e-8 for fp64, 1e-6 for fp32 and 1e-2 for
-    fp16/bf16 gradients, near what each precision can reach. Memory is one
+    fp16/bf16 gradients or for f run under fp16/bf16 autocast, near what each
+    precision can reach. Memory is one
     graph of f, whatever the forward iterations.
 
     If the adjoint solve does not converge, a :class:`ConvergenceWarning`
@@ -220,8 +241,10 @@ def implicit(
         raise ValueError(f"stop must be 'rel' or 'abs', got {stop!r}")
     _check_adjoint_options(solver, newton, solver_options)
 
+    computed_in = autocast_dtype(z.device.type)  # f's precision under autocast: its graph's, so the adjoint's
+
     def solve_adjoint(vjp: Callable[[Tensor], Tensor], grad: Tensor) -> Tensor:
-        tol_ = tol if tol is not None else DEFAULT_ADJOINT_TOL.get(grad.dtype, 1e-2)
+        tol_ = tol if tol is not None else default_adjoint_tol(grad.dtype, computed_in)
         if solver is newton:
             sol = _gmres_adjoint(vjp, grad, tol=tol_, max_iter=max_iter, stop=stop, **solver_options)
         else:
@@ -239,8 +262,15 @@ def implicit(
 
     z = z.detach().requires_grad_(True)
     with torch.enable_grad():
-        fz = f(z)
+        fz = _apply(f, z)
         return _Adjoint.apply(fz, z, solve_adjoint)
+
+
+def default_adjoint_tol(grad_dtype: torch.dtype, autocast: torch.dtype | None = None) -> float:
+    """implicit's tolerance where none is given: near what the gradient's precision, or the lower precision
+    autocast ran f in, can reach (1e-8 fp64, 1e-6 fp32, 1e-2 fp16/bf16)."""
+    dtypes = [grad_dtype] if autocast is None else [grad_dtype, autocast]
+    return max(DEFAULT_ADJOINT_TOL.get(dtype, 1e-2) for dtype in dtypes)
 
 
 def _check_adjoint_options(solver: Callable, newton: Callable, options: dict) -> None:
@@ -270,7 +300,8 @@ def _check_adjoint_options(solver: Callable, newton: Callable, options: dict) ->
 def _gmres_adjoint(
     vjp, grad: Tensor, *, tol: float, max_iter: int, stop: str = "rel", krylov_dim: int = 20
 ) -> Solution:
-    """(I - J^T) u = grad by GMRES(krylov_dim) within max_iter products; a Solution for the caller.
+    """(I - J^T) u = grad by GMRES(krylov_dim) within max_iter products (at least 2: one Krylov step and the
+    residual's check); a Solution for the caller.
 
     ``stop`` measures the residual ||grad - (I - J^T) u|| relative to ||grad|| or absolutely.
     ``nsteps`` and ``nfev`` count the vector-Jacobian products used.
@@ -289,8 +320,10 @@ def _gmres_adjoint(
     rhs = grad.reshape(batch, -1).to(sdt)
     scale = row_norms(rhs, sdt).clamp_min(torch.finfo(sdt).tiny)  # (B,) ||grad||
     rtol = torch.full((batch,), tol, dtype=sdt, device=grad.device) if stop == "rel" else tol / scale
-    restart = min(krylov_dim, max_iter)
-    u = gmres(matvec, rhs, rtol=rtol, restart=restart, max_restarts=max(max_iter // restart - 1, 0))
+    # products: restart in the first cycle, one more (its residual) in each later one, one for the check
+    restart = min(krylov_dim, max(max_iter - 1, 1))
+    cycles = max(max_iter // (restart + 1), 1)
+    u = gmres(matvec, rhs, rtol=rtol, restart=restart, max_restarts=cycles - 1)
     resid = row_norms(rhs - matvec(u), sdt) / (scale if stop == "rel" else 1.0)
     status = torch.where(resid <= tol, Status.CONVERGED, Status.MAX_ITER)
     nsteps = torch.full((batch,), products[0], dtype=torch.long, device=grad.device)
@@ -310,7 +343,7 @@ def jacobian_penalty(f: Map, z: Tensor, *, samples: int = 1, generator: torch.Ge
     samples = check_int("samples", samples, 1)
     z = z.detach().requires_grad_(True)
     with torch.enable_grad():
-        fz = f(z)
+        fz = _apply(f, z)
         total = z.new_zeros(z.shape[0])
         for _ in range(samples):
             v = torch.randn(z.shape, generator=generator, dtype=z.dtype).to(z.device)

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable
+from functools import partial
 
 import torch
 from torch import Tensor, nn
 
-from ._backward import GradInfo, implicit
+from ._backward import GradInfo, implicit, jfb, phantom
 from ._solve import Solution
 from ._solvers import anderson
 
@@ -82,6 +83,12 @@ class FixedPoint(nn.Module):
                 raise TypeError(f"{name} must be callable, got {type(fn).__name__}")
         if f is None:
             raise TypeError("f must be callable, got NoneType")
+        mode = backward.func if isinstance(backward, partial) else backward
+        if solver is None and mode in (implicit, jfb, phantom):
+            raise ValueError(
+                f"solver=None runs no forward solve, so backward must iterate from z0 itself (stochastic_jfb, "
+                f"unrolled); {mode.__name__} would start at z0 as if it were the fixed point"
+            )
         self.f = f
         self.solver = solver
         self.eval_solver = eval_solver if eval_solver is not None else (solver or anderson)

@@ -207,6 +207,11 @@ def newton(
     min_step = check_interval("min_step", min_step, 0.0, 1.0)
     if jvp not in ("forward", "reverse"):
         raise ValueError(f"jvp must be 'forward' or 'reverse', got {jvp!r}")
+    if jvp == "reverse" and torch.is_inference_mode_enabled():
+        raise ValueError(
+            "newton(jvp='reverse') differentiates f with autograd, which torch.inference_mode() turns off: "
+            "use jvp='forward' (the default) or torch.no_grad()"
+        )
     solver = Newton(krylov_dim=krylov_dim, max_restarts=max_restarts, eta_max=eta_max, min_step=min_step, jvp=jvp)
     return solve(solver, f, x0, args=args, tol=tol, max_iter=max_iter, stop=stop, divergence=divergence,
                  check_every=check_every)  # fmt: skip

@@ -131,6 +131,22 @@ def autocast_dtype(device_type: str) -> torch.dtype | None:
         return None
 
 
+def check_map_output(out: object, shape: torch.Size, device: torch.device) -> Tensor:
+    """f's output, checked: a floating-point tensor of its input's shape, on its input's device."""
+    if not isinstance(out, Tensor):
+        raise TypeError(f"f must return a tensor, got {type(out).__name__}")
+    if not out.is_floating_point():
+        raise TypeError(f"f must return a floating-point tensor, got dtype {out.dtype}")
+    if out.shape != shape:
+        raise ValueError(
+            f"f changed the shape: input {tuple(shape)}, output {tuple(out.shape)}; "
+            "f must map a batch to the same shape"
+        )
+    if out.device != device:
+        raise ValueError(f"f returned a tensor on {out.device}, its input is on {device}; f must keep the device")
+    return out
+
+
 class _CountedMap:
     """f on flat (B, D) tensors: reshapes to the user's shape, passes f's further inputs (``args``, which a
     kept graph=True session points at its own copies), runs it under the caller's autocast (``autocast``:
@@ -169,15 +185,7 @@ class _CountedMap:
                 "f modified its input in place (e.g. z.clamp_() or an in-place activation on z); the solver "
                 "still needs that iterate, so f must leave it unchanged: use the out-of-place op (z.clamp())"
             )
-        if not isinstance(out, Tensor):
-            raise TypeError(f"f must return a tensor, got {type(out).__name__}")
-        if not out.is_floating_point():
-            raise TypeError(f"f must return a floating-point tensor, got dtype {out.dtype}")
-        if out.shape != self.shape:
-            raise ValueError(
-                f"f changed the shape: input {tuple(self.shape)}, output {tuple(out.shape)}; "
-                "f must map a batch to the same shape"
-            )
+        check_map_output(out, self.shape, z.device)
         address = _data_ptr(out)
         if address is not None:
             if self.last is not None and address == self.last.data_ptr() and address != _data_ptr(z):
@@ -270,7 +278,8 @@ def solve(
         divergence = number
     check_every = check_int("check_every", check_every, 1)
     if not isinstance(graph, (bool, str)):
-        raise TypeError(f"graph must be a bool or 'solver', got {type(graph).__name__}")
+        kind = f"{type(graph).__module__}.{type(graph).__qualname__}".removeprefix("builtins.")
+        raise TypeError(f"graph must be a bool or 'solver', got {graph!r} ({kind})")
     if graph not in _graphs.GRAPH_MODES:
         raise ValueError(f"graph must be False, True or 'solver', got {graph!r}")
     if graph and not _graphs.GRAPHS.supports(x0):

@@ -245,6 +245,79 @@ def test_non_callable_f_is_a_type_error():
             fn("f", torch.zeros(2, 3))
 
 
+@pytest.mark.parametrize("mode", [fp.jfb, fp.phantom, fp.implicit, fp.stochastic_jfb, fp.jacobian_penalty])
+def test_backward_modes_check_what_f_returns(mode):
+    """f's output, as the solvers check it: a tensor, of z's shape and device; z of a floating dtype."""
+    z = torch.zeros(3, 4)
+    with pytest.raises(TypeError, match="f must return a tensor, got tuple"):
+        mode(lambda z: (0.5 * z,), z)
+    with pytest.raises(ValueError, match=r"f changed the shape.*\(3, 4\).*\(3, 2\)"):
+        mode(lambda z: z[:, :2], z)
+    with pytest.raises(ValueError, match="f returned a tensor on meta, its input is on cpu"):
+        mode(lambda z: z.to("meta"), z)
+    with pytest.raises(TypeError, match="must be a floating-point torch.Tensor, got dtype torch.int64"):
+        mode(lambda z: z, torch.zeros(3, 4, dtype=torch.long))
+
+
+def test_implicit_through_a_map_that_ignores_z():
+    """f(z) = 2 b does not depend on z: J = 0, the adjoint is the incoming gradient, d sum(z*) / db = 2."""
+    b = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    fp.implicit(lambda z: 2 * b, torch.zeros(3, 4, dtype=torch.float64)).sum().backward()
+    torch.testing.assert_close(b.grad, torch.full_like(b, 2.0))
+    constant = torch.ones(3, 4)  # nothing requires grad: backward runs, gives nothing, raises nothing
+    z0 = torch.zeros(3, 4)
+    fp.implicit(lambda z: constant, z0).sum().backward()
+    assert z0.grad is None
+
+
+@pytest.mark.parametrize("max_iter,krylov_dim", [(9, 2), (200, 2), (7, 20), (2, 5), (25, 4)])
+def test_implicit_newton_adjoint_stays_within_max_iter(max_iter, krylov_dim):
+    """GMRES's products, its restarts' residuals and the final check included, stay within max_iter."""
+    f, u, x, c, _, _ = _linear_deq()
+    info = fp.GradInfo()
+    z = fp.implicit(f, torch.zeros_like(x), solver=fp.newton, krylov_dim=krylov_dim, max_iter=max_iter, tol=1e-300,
+                    stop="abs", warn=False, info=info)  # fmt: skip
+    (z * c).sum().backward()
+    assert info.backward.nfev <= max_iter and int(info.backward.nsteps.max()) <= max_iter
+    assert info.backward.nfev >= max_iter - krylov_dim  # the budget is spent, not cut short
+
+
+def test_implicit_default_tolerance_follows_autocast():
+    """Under fp16/bf16 autocast f's graph, and so the adjoint's products, compute in half precision: the default
+    tolerance is half precision's (1e-2), not the fp32 gradient's (1e-6), so the adjoint does not run to
+    max_iter and warn at every step. Its gradient is the fp32 one to half precision."""
+    from fixedpoint._backward import default_adjoint_tol
+
+    assert default_adjoint_tol(torch.float32) == 1e-6 and default_adjoint_tol(torch.float64) == 1e-8
+    assert default_adjoint_tol(torch.float32, torch.bfloat16) == 1e-2
+    assert default_adjoint_tol(torch.bfloat16, torch.float32) == 1e-2
+    torch.manual_seed(0)
+    lin = nn.Linear(64, 64)
+    with torch.no_grad():
+        lin.weight.mul_(0.6)
+    x = torch.randn(4, 64)
+    grads = []
+    for dtype in (None, torch.bfloat16):
+        layer = fp.FixedPoint(lambda z, x: torch.tanh(lin(z) + x), solver=partial(fp.anderson, tol=1e-3))
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", fp.ConvergenceWarning)
+            with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+                out = layer(x)
+            (grad,) = torch.autograd.grad(out.float().pow(2).sum(), lin.weight)
+        assert layer.last_info.backward.converged.all() and int(layer.last_info.backward.nsteps.max()) < 50
+        grads.append(grad)
+    assert _rel(grads[1], grads[0].double()) < 5e-2
+
+
+def test_fixed_point_without_a_solver_needs_a_backward_that_iterates():
+    """solver=None runs no forward solve: implicit, jfb and phantom would take z0 for the fixed point."""
+    for backward in (fp.implicit, fp.jfb, fp.phantom, partial(fp.implicit, tol=1e-6)):
+        with pytest.raises(ValueError, match="solver=None runs no forward solve"):
+            fp.FixedPoint(lambda z: 0.5 * z, solver=None, backward=backward)
+    for backward in (partial(fp.unrolled, steps=3), fp.stochastic_jfb):
+        fp.FixedPoint(lambda z: 0.5 * z, solver=None, backward=backward)
+
+
 def test_adjoint_options_are_checked_before_the_backward():
     """A misspelt adjoint option, a bad stop, or a Newton option GMRES does not take fail at the call, not later."""
     f, u, x, c, _, _ = _linear_deq()

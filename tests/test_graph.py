@@ -6,6 +6,7 @@ from contextlib import nullcontext
 from functools import partial
 from typing import NamedTuple
 
+import numpy as np
 import pytest
 import torch
 from problems import transient_growth
@@ -179,8 +180,10 @@ def test_graph_needs_cuda_and_a_graph_capable_solver(monkeypatch):
         fixedpoint.anderson(lambda z: z, torch.zeros(2, 3), graph=True)
     with pytest.raises(ValueError, match="graph must be False, True or 'solver', got 'yes'"):
         fixedpoint.picard(lambda z: z, torch.zeros(2, 3), graph="yes")
-    with pytest.raises(TypeError, match="graph must be a bool or 'solver', got int"):
+    with pytest.raises(TypeError, match=r"graph must be a bool or 'solver', got 1 \(int\)"):
         fixedpoint.picard(lambda z: z, torch.zeros(2, 3), graph=1)
+    with pytest.raises(TypeError, match=r"got (np\.)?False_? \(numpy\.bool_?\)"):  # NumPy's bool, named
+        fixedpoint.picard(lambda z: z, torch.zeros(2, 3), graph=np.bool_(False))
     with pytest.raises(ValueError, match="graph='solver' captures a CUDA graph and needs CUDA tensors, got x0 on cpu"):
         fixedpoint.picard(lambda z: z, torch.zeros(2, 3), graph="solver")
     monkeypatch.setattr(_graphs, "GRAPHS", EagerGraphs())

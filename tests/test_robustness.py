@@ -166,6 +166,17 @@ def test_f_changing_shape_or_batch_is_a_value_error(solver):
         solver(lambda z: z[:, :2], torch.zeros(3, 4))
     with pytest.raises(ValueError, match=r"\(3, 4\).*\(1, 4\)"):
         solver(lambda z: z[:1], torch.zeros(3, 4))
+    with pytest.raises(ValueError, match="f returned a tensor on meta, its input is on cpu"):
+        solver(lambda z: z.to("meta"), torch.zeros(3, 4))
+
+
+def test_newton_reverse_jvp_under_inference_mode_is_a_clear_error():
+    """Reverse-mode products need autograd, which inference mode turns off; forward mode runs there."""
+    f, b, _ = linear_deq(dim=4, batch=2)
+    with torch.inference_mode():
+        with pytest.raises(ValueError, match=r"jvp='reverse'.*inference_mode.*jvp='forward'"):
+            fixedpoint.newton(f, b, jvp="reverse")
+        assert fixedpoint.newton(f, b, tol=1e-10).converged.all()
 
 
 @pytest.mark.parametrize("name", ALL)

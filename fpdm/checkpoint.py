@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from contextlib import suppress
 from pathlib import Path
 
 import torch
@@ -27,8 +28,13 @@ def save_checkpoint(path: Path, state: dict) -> None:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as err:  # torch.save reports a full disk as a RuntimeError
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        kept = f"{path} still holds the previous checkpoint" if path.exists() else "no checkpoint was written"
+        raise CheckpointError(f"cannot write checkpoint {path} ({reason}); {kept}") from None
     finally:
-        tmp.unlink(missing_ok=True)
+        with suppress(OSError):  # a read-only folder refuses even removing what is not there
+            tmp.unlink(missing_ok=True)
     _remove_stale_temporaries(path)
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
@@ -52,7 +58,8 @@ def _remove_stale_temporaries(path: Path) -> None:
 def load_checkpoint(
     path: Path, *, run: dict | None = None, config: dict | None = None, hint: str | None = None
 ) -> dict:
-    """Read a checkpoint; if ``run`` / ``config`` are given they must match what it was written with.
+    """Read a checkpoint; if ``run`` / ``config`` are given, each of their keys must match what it was written
+    with (a key the checkpoint lacks reads None).
 
     ``hint`` ends the message of an unreadable file (default: how a training run starts over).
     """
@@ -71,7 +78,7 @@ def load_checkpoint(
         saved = state.get(name, {})
         diff = [
             f"{key}={_show(saved.get(key))} (now {_show(expected.get(key))})"
-            for key in sorted(set(saved) | set(expected))
+            for key in sorted(expected)
             if _show(saved.get(key)) != _show(expected.get(key))
         ]
         if diff:

@@ -2,20 +2,57 @@
 
 from __future__ import annotations
 
+import argparse
 import math
+import os
+import sys
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
-__all__ = ["InputError", "device", "number", "output_dir"]
+__all__ = ["InputError", "Parser", "device", "number", "output_dir", "run_cli", "run_lock", "seed"]
 
 
 class InputError(ValueError):
     """A command-line value that cannot work; the message names the flag and the value."""
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with a one-line error (the usage block is for --help)."""
+
+    def error(self, message: str) -> None:
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def run_cli(
+    parser: argparse.ArgumentParser, argv: Sequence[str] | None, run: Callable[[argparse.Namespace], None],
+    errors: tuple[type[BaseException], ...],
+    interrupted: str | Callable[[argparse.Namespace], str] = "interrupted",
+) -> int:  # fmt: skip
+    """A command's entry point: parse, ``run``, and turn what a user can cause into one line on stderr, no
+    traceback: ``errors`` and InputError exit 2, a file that cannot be read or written (OSError) 1, Ctrl-C
+    130 with ``interrupted`` (a line, or a function of the arguments giving it)."""
+    args = parser.parse_args(argv)
+    try:
+        run(args)
+    except (InputError, *errors) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(interrupted(args) if callable(interrupted) else interrupted, file=sys.stderr)
+        return 130
+    return 0
+
+
 def output_dir(path: str | Path, flag: str = "--out") -> Path:
-    """``path`` as an existing directory (created now, before any work is done), or an InputError."""
+    """``path`` as an existing directory we can write in (created now, before any work is done), or an
+    InputError."""
     path = Path(path)
     try:
         path.mkdir(parents=True, exist_ok=True)
@@ -23,7 +60,49 @@ def output_dir(path: str | Path, flag: str = "--out") -> Path:
         raise InputError(f"{flag} {path}: it or a folder above it is a file, not a directory") from None
     except OSError as err:
         raise InputError(f"{flag} {path} cannot be created: {err.strerror}") from None
+    try:
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as err:
+        raise InputError(f"{flag} {path} is not writable: {err.strerror}") from None
     return path
+
+
+@contextmanager
+def run_lock(out: Path, flag: str = "--out") -> Iterator[None]:
+    """Hold ``out``'s lock for the body: a second run on the same folder (which would interleave its
+    checkpoints and metrics with this one's) is an InputError naming the holder. The lock goes with the
+    process, however it ends. Where the OS has no fcntl (Windows) nothing is locked."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    fd = os.open(out / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            raise InputError(
+                f"{flag} {out} is in use by another run (process {holder}); wait for it, or use another {flag}"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def seed(text: str) -> int:
+    """An argparse type: a seed, an integer in [0, 2^32) (the range every generator and derived seed takes)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value < 2**32:
+        raise argparse.ArgumentTypeError(f"expected an integer in [0, 2^32), got {text!r}")
+    return value
 
 
 def device(name: str, flag: str = "--device") -> torch.device:

@@ -100,8 +100,15 @@ def _fashion_mnist(split: str, directory: Path) -> ImageData:
             )
     try:
         images, labels = _read_idx(images_path), _read_idx(labels_path)
-    except (OSError, ValueError, IndexError) as err:
+    except (OSError, ValueError, IndexError, EOFError) as err:  # EOFError: a truncated .gz
         raise DataError(f"cannot read Fashion-MNIST in {directory}: {err}") from None
+    if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels) or not len(labels):
+        raise DataError(
+            f"Fashion-MNIST in {directory}: {images_path.name} holds images {images.shape} and {labels_path.name} "
+            f"labels {labels.shape}; expected (N, 28, 28) and (N,) with N >= 1"
+        )
+    if labels.max() > 9:
+        raise DataError(f"Fashion-MNIST in {directory}: {labels_path.name} holds label {labels.max()}; expected 0-9")
     return ImageData(
         _to_unit_range(images[:, None], 255.0), torch.from_numpy(labels.copy()).long(), 10, "fashion-mnist"
     )
@@ -158,6 +165,8 @@ def _latents(root: Path) -> ImageData:
             raise DataError(f"latent shard {shard} has latents of shape {latents[-1].shape[1:]}, "
                             f"{shards[0]} of {latents[0].shape[1:]}: one encoding per folder")  # fmt: skip
     y = torch.from_numpy(np.concatenate(labels))
+    if int(y.min()) < 0:
+        raise DataError(f"latent shards at {root} hold label {int(y.min())}; labels are class indices >= 0")
     return ImageData(
         torch.from_numpy(np.concatenate(latents)), y, max(num_classes, int(y.max()) + 1), f"latents:{root}", True
     )

@@ -22,8 +22,17 @@ __all__ = ["Diffusion", "ModelFn", "space_timesteps", "guided"]
 ModelFn = Callable[[Tensor, Tensor, Tensor], Tensor]
 
 
+MIN_TIMESTEPS = 21  # linear_betas: the last beta is 0.02 * 1000 / T < 1
+
+
 def linear_betas(num_timesteps: int) -> Tensor:
-    """DiT's linear schedule, scaled so that 1000 steps give 1e-4..0.02."""
+    """DiT's linear schedule, scaled so that 1000 steps give 1e-4..0.02 (at least MIN_TIMESTEPS: fewer
+    scale the last beta to 1 or beyond, which no noise schedule survives)."""
+    if num_timesteps < MIN_TIMESTEPS:
+        raise ValueError(
+            f"num_timesteps must be at least {MIN_TIMESTEPS} (the linear schedule's last beta, 20/T, must stay "
+            f"below 1), got {num_timesteps}"
+        )
     scale = 1000 / num_timesteps
     return torch.linspace(scale * 1e-4, scale * 0.02, num_timesteps, dtype=torch.float64)
 

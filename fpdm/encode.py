@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .checks import InputError, output_dir
+from .checks import Parser, output_dir, run_cli, seed
 from .data import DataError, load_dataset
 
 
@@ -88,7 +88,7 @@ def main(args: argparse.Namespace) -> list[Path]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m fpdm.encode", description=__doc__.split("\n\n")[0])
+    p = Parser(prog="python -m fpdm.encode", description=__doc__.split("\n\n")[0])
     p.add_argument("--dataset", required=True, help="folder:PATH (RGB images, one subfolder per class)")
     p.add_argument("--vae", required=True, help="local directory of a diffusers AutoencoderKL")
     p.add_argument("--out", required=True, help="directory for the latent shards")
@@ -98,21 +98,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--shard-size", type=int, default=10000)
     p.add_argument("--device", default="auto")
-    p.add_argument("--seed", type=int, default=0, help="seed of the posterior samples")
+    p.add_argument("--seed", type=seed, default=0, help="seed of the posterior samples, in [0, 2^32)")
     p.add_argument("--quiet", action="store_true")
     return p
 
 
+def _run(args: argparse.Namespace) -> None:
+    if args.batch_size < 1 or args.shard_size < 1 or args.image_size < 8:
+        raise EncodeError("--batch-size and --shard-size must be >= 1 and --image-size >= 8")
+    main(args)
+
+
 def cli(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        if args.batch_size < 1 or args.shard_size < 1 or args.image_size < 8:
-            raise EncodeError("--batch-size and --shard-size must be >= 1 and --image-size >= 8")
-        main(args)
-    except (EncodeError, DataError, InputError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    return run_cli(build_parser(), argv, _run, (EncodeError, DataError))
 
 
 if __name__ == "__main__":

@@ -371,6 +371,10 @@ def main(args: argparse.Namespace) -> dict | list[dict]:
                 raise ValueError(f"images of shape {data['images'].shape}, not (N, H, W, C)")
             images = torch.from_numpy(data["images"]).permute(0, 3, 1, 2).float() / 127.5 - 1
             labels = torch.from_numpy(data["labels"]).long()
+            if labels.shape != images.shape[:1]:
+                raise ValueError(f"{len(images)} images but labels of shape {tuple(labels.shape)}")
+            if len(images) < 2:
+                raise ValueError(f"{len(images)} image(s); scoring needs at least 2 (a covariance)")
         except (OSError, KeyError, ValueError, IndexError, TypeError) as err:
             raise EvaluateError(f"cannot read samples {args.samples} (a samples.npz of python -m fpdm.sample): "
                                 f"{str(err).splitlines()[0]}") from None  # fmt: skip
@@ -384,6 +388,10 @@ def main(args: argparse.Namespace) -> dict | list[dict]:
         raise EvaluateError("give --samples FILE or at least one --ckpt")
     check_variants(args.variants)  # before the reference, which may train a feature network
     models = load_models(args.ckpt)  # every checkpoint read once, and checked before any feature network trains
+    shapes = {f"{m.config.in_channels}x{m.config.input_size}x{m.config.input_size}" for _, m, _ in models}
+    if len(shapes) > 1:
+        raise EvaluateError(f"the checkpoints generate different shapes ({', '.join(sorted(shapes))}): "
+                            "evaluate the models of one dataset together")  # fmt: skip
     dataset = args.dataset or models[0][2].get("dataset")
     ref = reference_for(dataset, data_dir=args.data_dir, cache_dir=args.cache_dir, inception=args.inception,
                         progress=progress)  # fmt: skip
@@ -411,7 +419,7 @@ def _int_list(text: str) -> list[int]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m fpdm.evaluate", description=__doc__.split("\n\n")[0],
+    p = checks.Parser(prog="python -m fpdm.evaluate", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # fmt: skip
     p.add_argument("--samples", default=None, help="score a samples.npz of python -m fpdm.sample")
     p.add_argument("--ckpt", action="append", default=[], help="checkpoint(s) for a budget sweep")
@@ -425,29 +433,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-samples", type=int, default=1000)
     p.add_argument("--guidance", type=float, default=1.0)
     p.add_argument("--batch-size", type=int, default=250)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=checks.seed, default=0, help="an integer in [0, 2^32)")
     p.add_argument("--out", default="runs/evaluate")
     p.add_argument("--quiet", action="store_true")
     return p
 
 
+def _run(args: argparse.Namespace) -> None:
+    if args.num_samples < 2:
+        raise EvaluateError("--num-samples must be at least 2 (a covariance needs two samples)")
+    if args.batch_size < 1 or (args.dit_depth is not None and args.dit_depth < 1):
+        raise EvaluateError("--batch-size and --dit-depth must be >= 1")
+    checks.number("--guidance", args.guidance)
+    if args.ckpt and not args.samples:
+        checks.output_dir(args.out)
+    if args.cache_dir is not None:
+        checks.output_dir(args.cache_dir, "--cache-dir")
+    main(args)
+
+
 def cli(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        if args.num_samples < 2:
-            raise EvaluateError("--num-samples must be at least 2 (a covariance needs two samples)")
-        if args.batch_size < 1 or (args.dit_depth is not None and args.dit_depth < 1):
-            raise EvaluateError("--batch-size and --dit-depth must be >= 1")
-        checks.number("--guidance", args.guidance)
-        if args.ckpt and not args.samples:
-            checks.output_dir(args.out)
-        if args.cache_dir is not None:
-            checks.output_dir(args.cache_dir, "--cache-dir")
-        main(args)
-    except (EvaluateError, SampleError, DataError, CheckpointError, checks.InputError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    return checks.run_cli(build_parser(), argv, _run, (EvaluateError, SampleError, DataError, CheckpointError))
 
 
 if __name__ == "__main__":

@@ -365,7 +365,7 @@ def main(args: argparse.Namespace) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m fpdm.sample", description=__doc__.split("\n\n")[0],
+    p = checks.Parser(prog="python -m fpdm.sample", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # fmt: skip
     p.add_argument("--ckpt", required=True, help="a checkpoint of python -m fpdm.train")
     p.add_argument("--num-samples", type=int, default=100)
@@ -386,7 +386,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta")
     p.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale")
     p.add_argument("--classes", default="random", help="'random' or comma-separated class labels")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=checks.seed, default=0, help="an integer in [0, 2^32)")
     p.add_argument("--batch-size", type=int, default=100)
     p.add_argument("--vae", default=None, help="latent checkpoints: local AutoencoderKL directory to decode")
     p.add_argument("--device", default="auto")
@@ -394,18 +394,16 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _run(args: argparse.Namespace) -> None:
+    if args.num_samples < 1 or args.batch_size < 1:
+        raise SampleError("--num-samples and --batch-size must be >= 1")
+    if args.steps is None and args.budget is None:
+        args.steps = 50
+    main(args)
+
+
 def cli(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        if args.num_samples < 1 or args.batch_size < 1:
-            raise SampleError("--num-samples and --batch-size must be >= 1")
-        if args.steps is None and args.budget is None:
-            args.steps = 50
-        main(args)
-    except (SampleError, checks.InputError, EncodeError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    return checks.run_cli(build_parser(), argv, _run, (SampleError, EncodeError))
 
 
 if __name__ == "__main__":

@@ -143,8 +143,19 @@ def main(args: argparse.Namespace) -> Path:
     return report
 
 
+def _integers(text: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _names(text: str) -> list[str]:
+    return text.split(",")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m fpdm.study", description=__doc__.split("\n\n")[0],
+    p = checks.Parser(prog="python -m fpdm.study", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # fmt: skip
     p.add_argument("--out", default="runs/study")
     p.add_argument("--dataset", default="fashion-mnist")
@@ -153,8 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dit-depth", type=int, default=8)
     p.add_argument("--steps", type=int, default=2000, help="training steps of each model")
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--dit-steps", type=lambda s: [int(v) for v in s.split(",")], default=[5, 10, 20, 50])
-    p.add_argument("--variants", type=lambda s: s.split(","), default=list(FPDM_VARIANTS))
+    p.add_argument("--dit-steps", type=_integers, default=[5, 10, 20, 50], help="comma-separated DiT step counts")
+    p.add_argument("--variants", type=_names, default=list(FPDM_VARIANTS), help="comma-separated FPDM variants")
     p.add_argument("--num-samples", type=int, default=500)
     p.add_argument("--sample-batch", type=int, default=250)
     p.add_argument("--guidance", type=float, default=1.0)
@@ -175,15 +186,16 @@ def validate(args: argparse.Namespace) -> None:
     checks.output_dir(args.out)
 
 
+def _run(args: argparse.Namespace) -> None:
+    validate(args)
+    main(args)
+
+
 def cli(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
     try:
-        validate(args)
-        main(args)
-    except (EvaluateError, SampleError, checks.InputError, subprocess.CalledProcessError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+        return checks.run_cli(build_parser(), argv, _run, (EvaluateError, SampleError))
+    except subprocess.CalledProcessError as err:  # the training command said why, in one line: not again
+        return err.returncode
 
 
 if __name__ == "__main__":

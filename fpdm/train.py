@@ -20,6 +20,7 @@ import math
 import os
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -29,7 +30,7 @@ from torch import nn
 from . import checks
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .data import DataError, ImageData, load_dataset
-from .diffusion import Diffusion, guided
+from .diffusion import MIN_TIMESTEPS, Diffusion, guided
 from .images import plot_loss_curve, save_grid
 from .models import create_model, model_names
 
@@ -119,15 +120,26 @@ def sample_grid(model: nn.Module, data: ImageData, args, device: torch.device, p
     return save_grid(images, path, nrow=per_class, scale=max(1, 64 // data.image_size))
 
 
+def out_dir(args: argparse.Namespace) -> Path:
+    """The run's folder: --out, or runs/DATASET-MODEL."""
+    return Path(args.out or f"runs/{args.dataset.split(':')[0]}-{args.model.replace('/', '-')}")
+
+
 def main(args: argparse.Namespace) -> None:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if args.batch_size % world:  # before any process group: every process says it and stops
         raise UsageError(f"--batch-size {args.batch_size} is not divisible by the {world} processes")
     rank, world, device = setup_distributed(args.device)
+    out = checks.output_dir(out_dir(args))
+    with checks.run_lock(out) if rank == 0 else nullcontext():  # one run per folder: its files are the run's
+        train(args, rank, world, device, out)
+
+
+def train(args: argparse.Namespace, rank: int, world: int, device: torch.device, out: Path) -> None:
+    """The run in ``out``: data, model, resume, the training loop, then the pictures (rank 0 writes)."""
     is_main = rank == 0
     log = (lambda msg: print(msg, flush=True)) if is_main else (lambda msg: None)
     local_batch = args.batch_size // world
-    out = checks.output_dir(args.out or f"runs/{args.dataset.split(':')[0]}-{args.model.replace('/', '-')}")
     ckpt_path = out / "checkpoints" / "latest.pt"
 
     # ---------------------------------------------------------------- data
@@ -171,16 +183,24 @@ def main(args: argparse.Namespace) -> None:
     run["world_size"] = world
     start_step, window = 0, (0.0, 0)  # window: the loss sum and steps since the last metrics record
     if ckpt_path.exists():
+        # depth is compared through the model's config: --depth 4 and a named size of depth 4 are one run
+        resumed = {k: v for k, v in run.items() if k != "depth"}
+        ckpt = load_checkpoint(ckpt_path, run=resumed, config=dataclasses.asdict(model.config))
         try:
-            ckpt = load_checkpoint(ckpt_path, run=run, config=dataclasses.asdict(model.config))
-        except CheckpointError as err:
-            raise UsageError(str(err)) from None
-        model.load_state_dict(ckpt["model"])
-        ema.load_state_dict(ckpt["ema"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        restore_rng_states(ckpt["rng"][rank], generators)
-        start_step = ckpt["step"]
-        window = tuple(ckpt.get("log_window", window))  # a record spanning the resume averages the same steps
+            model.load_state_dict(ckpt["model"])
+            ema.load_state_dict(ckpt["ema"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+            restore_rng_states(ckpt["rng"][rank], generators)
+            start_step = ckpt["step"]
+            if not isinstance(start_step, int) or start_step < 0:
+                raise ValueError(f"its step is {start_step!r}")
+            window = tuple(ckpt.get("log_window", window))  # a record spanning the resume averages the same steps
+        except (KeyError, IndexError, RuntimeError, TypeError, ValueError) as err:
+            reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+            raise UsageError(
+                f"checkpoint {ckpt_path} is incomplete or damaged ({type(err).__name__}: {reason}); move it away "
+                "to start over, or use another --out"
+            ) from None
         log(f"resuming from {ckpt_path} at step {start_step}")
         if start_step >= args.steps:
             log(f"already trained to step {start_step} (--steps {args.steps}): nothing to train")
@@ -294,7 +314,7 @@ def _positive_int(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m fpdm.train", description=__doc__.split("\n\n")[0],
+    p = checks.Parser(prog="python -m fpdm.train", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # fmt: skip
     p.add_argument("--dataset", default="digits", help="digits | fashion-mnist | folder:PATH | latents:PATH")
     p.add_argument("--data-dir", default=None, help="directory of the Fashion-MNIST idx files")
@@ -315,7 +335,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grad-checkpointing", action="store_true", help="recompute blocks in backward (less memory)")
     p.add_argument("--num-timesteps", type=_positive_int, default=1000, help="diffusion steps in training")
     p.add_argument("--out", default=None, help="output directory (default runs/DATASET-MODEL)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=checks.seed, default=0, help="an integer in [0, 2^32)")
     p.add_argument("--ckpt-every", type=_positive_int, default=250, help="checkpoint interval in steps")
     p.add_argument("--log-every", type=_positive_int, default=10, help="metrics interval in steps")
     p.add_argument("--sample-steps", type=int, default=50, help="DDIM steps for the final grid (0: no grid)")
@@ -335,6 +355,11 @@ def validate(args: argparse.Namespace) -> None:
         (0 <= args.ema_decay < 1, f"--ema-decay must be in [0, 1), got {args.ema_decay}"),
         (args.warmup >= 0, f"--warmup must be >= 0, got {args.warmup}"),
         (args.sample_steps >= 0, f"--sample-steps must be >= 0, got {args.sample_steps}"),
+        (
+            args.num_timesteps >= MIN_TIMESTEPS,
+            f"--num-timesteps must be at least {MIN_TIMESTEPS} (the linear noise schedule's last beta, 20/T, must "
+            f"stay below 1), got {args.num_timesteps}",
+        ),
         (args.sample_steps <= args.num_timesteps, f"--sample-steps {args.sample_steps} > --num-timesteps"),
         (args.model in model_names(), f"unknown --model {args.model!r}; valid: {', '.join(model_names())}"),
         (args.device in ("auto", "cpu", "cuda"), f"--device must be auto, cpu or cuda, got {args.device!r}"),
@@ -354,18 +379,21 @@ def validate(args: argparse.Namespace) -> None:
         raise UsageError(f"--image-size resizes folder:PATH images; {args.dataset} has its own size")
 
 
+def _run(args: argparse.Namespace) -> None:
+    validate(args)
+    main(args)
+
+
+def _interrupted(args: argparse.Namespace) -> str:
+    ckpt = out_dir(args) / "checkpoints" / "latest.pt"
+    if ckpt.exists():
+        return f"interrupted: run the same command again to resume from {ckpt}"
+    return "interrupted before the first checkpoint: the same command starts over"
+
+
 def cli(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        validate(args)
-        main(args)
-    except (UsageError, DataError, checks.InputError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted: run the same command again to resume from the last checkpoint", file=sys.stderr)
-        return 130
-    return 0
+    errors = (UsageError, DataError, CheckpointError)
+    return checks.run_cli(build_parser(), argv, _run, errors, interrupted=_interrupted)
 
 
 if __name__ == "__main__":

@@ -36,6 +36,19 @@ def test_fashion_mnist_reads_idx_files(tmp_path):
     torch.testing.assert_close(data.images[2, 0], torch.from_numpy(images[2]).float() / 255 * 2 - 1)
 
 
+def test_damaged_fashion_mnist_files_are_one_line_errors(tmp_path):
+    """A truncated .gz, and a labels file that does not match the images file, name the problem."""
+    images = np.zeros((5, 28, 28))
+    _write_idx(tmp_path / "t10k-images-idx3-ubyte.gz", images)
+    _write_idx(tmp_path / "t10k-labels-idx1-ubyte.gz", np.zeros(3))
+    with pytest.raises(DataError, match=r"images \(5, 28, 28\) and t10k-labels-idx1-ubyte.gz labels \(3,\)"):
+        load_dataset("fashion-mnist", split="test", data_dir=str(tmp_path))
+    whole = (tmp_path / "t10k-images-idx3-ubyte.gz").read_bytes()
+    (tmp_path / "t10k-images-idx3-ubyte.gz").write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(DataError, match="cannot read Fashion-MNIST"):
+        load_dataset("fashion-mnist", split="test", data_dir=str(tmp_path))
+
+
 def test_fashion_mnist_missing_says_how_to_get_it(tmp_path):
     with pytest.raises(DataError, match="apt-get install dataset-fashion-mnist"):
         load_dataset("fashion-mnist", data_dir=str(tmp_path))
@@ -78,6 +91,9 @@ def test_unreadable_images_and_latent_shards_are_one_line_errors(tmp_path):
         load_dataset(f"latents:{shards}")
     (shards / "b.npz").write_bytes((shards / "a.npz").read_bytes()[:50])  # truncated
     with pytest.raises(DataError, match="cannot read latent shard"):
+        load_dataset(f"latents:{shards}")
+    np.savez(shards / "b.npz", latents=np.zeros((2, 4, 2, 2), np.float16), labels=-np.ones(2), num_classes=2)
+    with pytest.raises(DataError, match="hold label -1; labels are class indices >= 0"):
         load_dataset(f"latents:{shards}")
 
 

@@ -7,6 +7,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from fpdm.evaluate import Reference, feature_net_for, frechet_distance, reference_for, score
 
@@ -132,6 +133,18 @@ def test_score_existing_samples_and_bad_input(tmp_path, cache_dir, digits_refere
     result = json.loads(ok.stdout)
     assert result["frechet"] > 0 and 0 <= result["cond_accuracy"] <= 1
     np.save(tmp_path / "s" / "x.npy", np.zeros(3))  # an array, not a samples.npz
+    images = np.zeros((20, 8, 8, 1), np.uint8)
+    np.savez(tmp_path / "s" / "few_labels.npz", images=images, labels=np.zeros(5, np.int64))
+    np.savez(tmp_path / "s" / "one.npz", images=images[:1], labels=np.zeros(1, np.int64))
+    folder = tmp_path / "imgs" / "a"  # a model of another image shape (3x32x32: folders default to 32)
+    folder.mkdir(parents=True)
+    for i in range(2):
+        Image.new("RGB", (16, 16), (40 * i, 0, 0)).save(folder / f"{i}.png")
+    other = tmp_path / "other"
+    train = [sys.executable, "-m", "fpdm.train", "--model", "DiT-T/2", "--steps", "1", "--batch-size", "2",
+             "--sample-steps", "0", "--quiet", "--dataset", f"folder:{tmp_path / 'imgs'}",
+             "--out", str(other)]  # fmt: skip
+    assert subprocess.run(train, capture_output=True, timeout=120).returncode == 0
     for args, match in (
         (["--samples", str(tmp_path / "s" / "samples.npz")], "--samples needs --dataset"),
         (["--ckpt", ckpt, "--variants", "magic"], "unknown variant(s) magic"),
@@ -141,6 +154,13 @@ def test_score_existing_samples_and_bad_input(tmp_path, cache_dir, digits_refere
         (["--ckpt", ckpt, "--batch-size", "0"], "--batch-size and --dit-depth must be >= 1"),
         (["--ckpt", ckpt, "--dit-steps", "2000", "--out", str(tmp_path / "e")], "more than the 1000 diffusion"),
         (["--ckpt", ckpt, "--out", str(tmp_path / "s" / "samples.npz")], "is a file, not a directory"),
+        (["--samples", str(tmp_path / "s" / "few_labels.npz"), "--dataset", "digits"], "20 images but labels"),
+        (["--samples", str(tmp_path / "s" / "one.npz"), "--dataset", "digits"], "needs at least 2"),
+        (
+            ["--ckpt", ckpt, "--ckpt", str(other / "checkpoints" / "latest.pt"), "--out", str(tmp_path / "e2")],
+            "generate different shapes (1x8x8, 3x32x32)",
+        ),
+        (["--ckpt", ckpt, "--seed", "-1"], "--seed: expected an integer in [0, 2^32)"),
     ):
         bad = subprocess.run([*base, *args], capture_output=True, text=True, timeout=300)
         assert bad.returncode == 2 and "Traceback" not in bad.stderr, bad.stderr

@@ -198,3 +198,124 @@ def test_a_save_removes_temporaries_that_killed_saves_left_behind(tmp_path):
     mine.write_bytes(b"a save in progress")
     save_checkpoint(tmp_path / "latest.pt", {"step": 1})
     assert not stale.exists() and mine.exists()
+
+
+def _cli_error(capsys, module, argv, match, code=2):
+    """One line on stderr naming the problem, exit ``code``, no traceback: parse errors included."""
+    try:
+        returned = module.cli(argv)
+    except SystemExit as exit_:  # argparse
+        returned = exit_.code
+    err = capsys.readouterr().err
+    assert returned == code, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err and match in lines[0], err
+
+
+@pytest.mark.parametrize("module_name", ["train", "sample", "evaluate", "encode", "study"])
+def test_every_command_reports_a_bad_flag_in_one_line(capsys, module_name):
+    import importlib
+
+    module = importlib.import_module(f"fpdm.{module_name}")
+    _cli_error(capsys, module, ["--no-such-flag"], f"python -m fpdm.{module_name}: error: ")  # (or a missing one)
+
+
+@pytest.mark.parametrize(
+    "argv,match",
+    [
+        (["--steps", "-1"], "argument --steps: expected a positive integer, got '-1'"),
+        (["--seed", "-1"], "argument --seed: expected an integer in [0, 2^32), got '-1'"),
+        (["--seed", str(2**64)], "expected an integer in [0, 2^32)"),
+        (["--num-timesteps", "5"], "--num-timesteps must be at least 21"),
+    ],
+)
+def test_bad_train_values_are_one_line(capsys, tmp_path, argv, match):
+    from fpdm import train
+
+    _cli_error(capsys, train, ["--out", str(tmp_path), "--quiet", *argv], match)
+
+
+def test_a_second_run_on_the_same_out_is_refused(capsys, tmp_path):
+    """Two runs on one folder would interleave their checkpoints and metrics: the second stops at once."""
+    from fpdm import checks, train
+
+    with checks.run_lock(tmp_path):
+        _cli_error(capsys, train, ["--steps", "1", "--out", str(tmp_path), *FAST],
+                   f"--out {tmp_path} is in use by another run (process {os.getpid()})")  # fmt: skip
+    assert not (tmp_path / "checkpoints").exists()
+    with checks.run_lock(tmp_path):  # released with the run that held it
+        pass
+
+
+def test_a_damaged_checkpoint_is_one_line_and_the_same_model_resumes(tmp_path):
+    """A checkpoint that loads but lacks a part (or holds a bad step) is refused in one line and left as it was;
+    --depth equal to the named size's depth is the same model, so it resumes."""
+    assert run("--steps", "2", "--out", str(tmp_path), *FAST).returncode == 0
+    path = tmp_path / "checkpoints" / "latest.pt"
+    good = path.read_bytes()
+    for damage, match in ((lambda c: c.pop("rng"), "incomplete or damaged (KeyError: 'rng')"),
+                          (lambda c: c.update(step="abc"), "its step is 'abc'")):  # fmt: skip
+        path.write_bytes(good)
+        ckpt = torch.load(path, weights_only=False)
+        damage(ckpt)
+        torch.save(ckpt, path)
+        damaged = path.read_bytes()
+        _one_line_error(run("--steps", "3", "--out", str(tmp_path), *FAST), match)
+        assert path.read_bytes() == damaged
+    path.write_bytes(good)
+    resumed = run("--steps", "3", "--out", str(tmp_path), *FAST, "--depth", "4")  # DiT-T's depth
+    assert resumed.returncode == 0 and "resuming from" in resumed.stdout, resumed.stderr
+
+
+def test_a_failed_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch):
+    """A full disk (torch.save's RuntimeError) or an OSError: one line naming the file; the last good checkpoint
+    and no temporary file remain."""
+    from fpdm.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+
+    path = tmp_path / "latest.pt"
+    save_checkpoint(path, {"step": 1})
+
+    def full_disk(obj, fh):
+        fh.write(b"partial")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64\nmore")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(CheckpointError, match=r"cannot write checkpoint .*unexpected pos 64\); .* still holds the"):
+        save_checkpoint(path, {"step": 2})
+    assert load_checkpoint(path)["step"] == 1 and [p.name for p in tmp_path.iterdir()] == ["latest.pt"]
+
+
+def test_an_unwritable_out_and_file_errors_are_one_line(capsys, tmp_path, monkeypatch):
+    """--out that cannot be written is refused before any work; a file error later (OSError) is one line, exit 1;
+    Ctrl-C says whether there is a checkpoint to resume from."""
+    import argparse
+    import errno
+    import tempfile
+
+    from fpdm import checks, train
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(tempfile, "TemporaryFile", read_only)
+        with pytest.raises(checks.InputError, match=f"--out {tmp_path} is not writable: Read-only file system"):
+            checks.output_dir(tmp_path)
+
+    def fails(error):
+        def run(args):
+            raise error
+
+        return run
+
+    parser = checks.Parser(prog="p")
+    disk = OSError(errno.ENOSPC, "No space left on device", "out/samples.npz")
+    assert checks.run_cli(parser, [], fails(disk), ()) == 1
+    assert capsys.readouterr().err == "error: [Errno 28] No space left on device: 'out/samples.npz'\n"
+    assert checks.run_cli(parser, [], fails(KeyboardInterrupt()), (), interrupted=lambda a: "stopped") == 130
+    assert capsys.readouterr().err == "stopped\n"
+    args = argparse.Namespace(out=str(tmp_path), dataset="digits", model="DiT-T/2")
+    assert "starts over" in train._interrupted(args)
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "latest.pt").write_bytes(b"")
+    assert f"resume from {tmp_path / 'checkpoints' / 'latest.pt'}" in train._interrupted(args)

@@ -420,7 +420,7 @@ def _int_list(text: str) -> list[int]:
 
 def build_parser() -> argparse.ArgumentParser:
     p = checks.Parser(prog="python -m fpdm.evaluate", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # fmt: skip
+                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # fmt: skip
     p.add_argument("--samples", default=None, help="score a samples.npz of python -m fpdm.sample")
     p.add_argument("--ckpt", action="append", default=[], help="checkpoint(s) for a budget sweep")
     p.add_argument("--dataset", default=None, help="the real data (default: the first checkpoint's)")

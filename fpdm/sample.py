@@ -366,7 +366,7 @@ def main(args: argparse.Namespace) -> dict:
 
 def build_parser() -> argparse.ArgumentParser:
     p = checks.Parser(prog="python -m fpdm.sample", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # fmt: skip
+                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # fmt: skip
     p.add_argument("--ckpt", required=True, help="a checkpoint of python -m fpdm.train")
     p.add_argument("--num-samples", type=int, default=100)
     p.add_argument("--out", required=True, help="directory for samples.png, samples.npz, stats.json")

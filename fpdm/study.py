@@ -156,7 +156,7 @@ def _names(text: str) -> list[str]:
 
 def build_parser() -> argparse.ArgumentParser:
     p = checks.Parser(prog="python -m fpdm.study", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # fmt: skip
+                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # fmt: skip
     p.add_argument("--out", default="runs/study")
     p.add_argument("--dataset", default="fashion-mnist")
     p.add_argument("--data-dir", default=None)

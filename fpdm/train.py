@@ -315,7 +315,7 @@ def _positive_int(text: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = checks.Parser(prog="python -m fpdm.train", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # fmt: skip
+                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # fmt: skip
     p.add_argument("--dataset", default="digits", help="digits | fashion-mnist | folder:PATH | latents:PATH")
     p.add_argument("--data-dir", default=None, help="directory of the Fashion-MNIST idx files")
     p.add_argument("--image-size", type=_positive_int, default=None, help="resize folder:PATH images to this")

@@ -270,21 +270,22 @@ def session_key(
     reads f's weights), the train/eval flags of f's modules (f a module or a module's method), autocast and
     the numerics settings, and the args' signature (``arg_signature``: the tensors' shapes and dtypes, in
     tuples, lists and dicts too, whose values are copied in; every other value by type and value, baked into
-    the graph). Args that hold an unhashable value keep nothing, with a warning. graph="solver" captures only
-    the solver's own ops, which never run under autocast."""
+    the graph). graph="solver" captures only the solver's own ops, which never run under autocast.
+
+    A key that cannot be hashed (args holding a set or an array, a mutable dataclass solver) keeps nothing,
+    with a warning: each solve then captures its own graphs."""
     if graph is False or (graph is True and args is None):
         return None
     inference = torch.is_inference_mode_enabled()
     key = (GRAPHS, graph, tuple(x0.shape), x0.dtype, x0.device, inference, *options)
     if graph is True:
-        signature = arg_signature(args)
-        try:
-            hash(signature)
-        except TypeError as error:
-            warnings.warn(f"graph=True keeps nothing for later solves: its args hold an unhashable value ({error})",
-                          stacklevel=5)  # fmt: skip
-            return None
-        key += (chunk, f, _module_modes(f), autocast, _numerics(), signature)
+        key += (chunk, f, _module_modes(f), autocast, _numerics(), arg_signature(args))
+    try:
+        hash(key)
+    except TypeError as error:
+        warnings.warn(f"graph={graph!r} keeps nothing for later solves: its key holds an unhashable value ({error})",
+                      stacklevel=5)  # fmt: skip
+        return None
     return key
 
 
@@ -367,14 +368,10 @@ def static_args(a: Any) -> Any:
     return type(a)(*values) if type(a) not in (tuple, list) else type(a)(values)
 
 
-def take_graphs(key: tuple | None) -> tuple[tuple | None, KeptSession | None]:
-    """The kept session for ``key``, out of the cache while in use (a nested solve with the same key
-    builds its own), or None. The key comes back None when it is None (nothing to keep) or unhashable (a
-    mutable dataclass solver): nothing is kept for it."""
-    try:
-        return key, _graph_cache.pop(key, None)
-    except TypeError:
-        return None, None
+def take_graphs(key: tuple | None) -> KeptSession | None:
+    """The kept session for ``key`` (from ``session_key``; None: nothing is kept), out of the cache while in
+    use (a nested solve with the same key builds its own), or None."""
+    return None if key is None else _graph_cache.pop(key, None)
 
 
 def keep_graphs(key: tuple, session: KeptSession) -> None:

@@ -94,6 +94,7 @@ class FixedPoint(nn.Module):
         self.eval_solver = eval_solver if eval_solver is not None else (solver or anderson)
         self.backward = backward
         self._backward_takes_info = _takes_keyword(backward, "info", unknown=False)
+        self._takes_args: dict[int, tuple[SolverFn, bool]] = {}  # id -> (solver, takes args=): read once each
         self.last_solution: Solution | None = None
         self.last_info: GradInfo | None = None
 
@@ -122,8 +123,10 @@ class FixedPoint(nn.Module):
     def _solve(self, solver: SolverFn, g: Callable[[Tensor], Tensor], z0: Tensor, inputs: tuple) -> Solution:
         """``solver`` on z = f(z, *inputs): f and its inputs apart where it takes ``args`` (a graph=True
         solver then keeps its graph across forwards), else on g, which closes over them."""
-        takes_args = _takes_keyword(solver, "args", unknown=True)  # every fixedpoint solver does
-        return solver(self.f, z0, args=inputs) if takes_args else solver(g, z0)
+        known = self._takes_args.get(id(solver))
+        if known is None or known[0] is not solver:  # reading a signature costs ~80 us: once per solver
+            known = self._takes_args[id(solver)] = (solver, _takes_keyword(solver, "args", unknown=True))
+        return solver(self.f, z0, args=inputs) if known[1] else solver(g, z0)
 
     def _differentiate(self, backward: BackwardFn, g: Callable[[Tensor], Tensor], z: Tensor) -> Tensor:
         """``backward(g, z)``, recording its GradInfo in ``last_info`` where it takes one."""

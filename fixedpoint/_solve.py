@@ -602,7 +602,8 @@ def _loop(
     fx = fn(x)  # before a kept session is taken: if f fails, it stays kept; a solve inside f may use it
     options = (solver, kernels, tol, max_iter, stop, divergence)
     chunk = _graphs.chunk_length(solver.period, check_every, max_iter) if graph is True else None
-    key, session = _graphs.take_graphs(_graphs.session_key(graph, f, args, x0, chunk, f_autocast, options))
+    key = _graphs.session_key(graph, f, args, x0, chunk, f_autocast, options)
+    session = _graphs.take_graphs(key)
     if session is not None:
         session.wait(x.device)
     elif key is not None and graph is True:  # the graph reads its own copies, which later solves overwrite

@@ -516,8 +516,9 @@ def test_an_unhashable_solver_runs_solver_graphs_without_keeping_them(kept_graph
         __hash__ = None
 
     f, x0 = _contraction_map(1)
-    sol = _solve.solve(Unhashable(beta=0.8), f, x0, tol=1e-6, max_iter=30, stop="rel", divergence=None,
-                       graph="solver")  # fmt: skip
+    with pytest.warns(UserWarning, match="graph='solver' keeps nothing for later solves: .* unhashable"):
+        sol = _solve.solve(Unhashable(beta=0.8), f, x0, tol=1e-6, max_iter=30, stop="rel", divergence=None,
+                           graph="solver")  # fmt: skip
     _assert_same_solve(sol, fixedpoint.picard(f, x0, tol=1e-6, max_iter=30, divergence=None, beta=0.8))
     assert not _graphs._graph_cache
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ._solve import Solution, check_int, check_interval, row_norms, solve, stat_dtype
+from ._solve import Solution, check_int, check_interval, check_memory, row_norms, solve, stat_dtype
 from ._solvers import Map, _common_doc
 
 __all__ = ["newton", "gmres"]
@@ -75,12 +75,27 @@ def _least_squares(h: Tensor, rhs: Tensor) -> Tensor:
     return torch.nan_to_num(y, nan=0.0, posinf=0.0, neginf=0.0).to(h.dtype)
 
 
+# what torch says when f has no forward-mode derivative: an autograd.Function without a jvp staticmethod
+# (or without setup_context, which torch.func needs), or an op without a forward-mode formula
+_NO_FORWARD_AD = ("jvp function", "setup_context", "forward AD", "forward mode AD", "forward-mode AD")
+
+
 def _jvp_forward(fn: Map, x: Tensor) -> Callable[[Tensor], Tensor]:
     """v -> J_f(x) v by forward-mode autograd (one call of f per product)."""
 
     def product(v: Tensor) -> Tensor:
-        with torch.enable_grad():
-            return torch.func.jvp(fn, (x,), (v.to(x.dtype),))[1]
+        try:
+            with torch.enable_grad():
+                return torch.func.jvp(fn, (x,), (v.to(x.dtype),))[1]
+        except (RuntimeError, NotImplementedError) as err:
+            if not any(marker in str(err) for marker in _NO_FORWARD_AD):
+                raise
+            raise ValueError(
+                "newton(jvp='forward') takes Jacobian-vector products of f by forward-mode autograd "
+                "(torch.func.jvp), which f does not support (e.g. a torch.autograd.Function without a jvp "
+                "staticmethod): use jvp='reverse', which needs only f's backward; torch said: "
+                f"{type(err).__name__}: {err}"
+            ) from err
 
     return product
 
@@ -120,8 +135,10 @@ class Newton:
     jvp: str = "forward"
 
     def init(self, x, fx, g, gnorm):
-        batch = x.shape[0]
+        batch, dim = x.shape
         sdt = stat_dtype(x.dtype)
+        nbytes = batch * (self.krylov_dim + 1) * (dim + self.krylov_dim) * sdt.itemsize  # GMRES's basis, Hessenberg
+        check_memory("krylov_dim", self.krylov_dim, nbytes, f"GMRES's ({batch}, krylov_dim + 1, {dim}) basis", x.device)
         ones = torch.ones(batch, dtype=sdt, device=x.device)
         fresh = torch.ones(batch, dtype=torch.bool, device=x.device)
         return _NewtonState(x, g, gnorm, torch.zeros_like(x), ones, ones * 0.5, fresh)

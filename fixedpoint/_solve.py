@@ -242,6 +242,39 @@ def check_interval(name: str, value: float, low: float, high: float) -> float:
     return number
 
 
+MEMORY_CHECKED = 2**28  # bytes from which an option's buffers are checked against the memory available
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Bytes that ``device`` can still allocate (CPU: free RAM and swap; CUDA: free plus cached by torch),
+    or None where unknown."""
+    try:
+        if device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(device)
+            return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        if device.type == "cpu":
+            with open("/proc/meminfo") as info:
+                kib = {line.split(":")[0]: int(line.split()[1]) for line in info if line.split()[1:2]}
+            return 1024 * (kib["MemAvailable"] + kib.get("SwapFree", 0))
+    except (OSError, KeyError, ValueError, RuntimeError):
+        pass
+    return None
+
+
+def check_memory(name: str, value: int, nbytes: int, what: str, device: torch.device) -> None:
+    """A ValueError naming option ``name`` when the ``nbytes`` it makes ``what`` take exceed the memory
+    ``device`` has available: before allocating (an allocator error would not name the option, and an
+    overcommitted CPU allocation would fail only when written). Sizes below MEMORY_CHECKED are not checked."""
+    if nbytes < MEMORY_CHECKED:
+        return
+    available = available_memory(device)
+    if available is not None and nbytes > available:
+        raise ValueError(
+            f"{name}={value} asks for {nbytes / 2**30:.4g} GiB ({nbytes} bytes) for {what}, more than the "
+            f"{available / 2**30:.4g} GiB available on {device}: choose a smaller {name}"
+        )
+
+
 def solve(
     solver: Solver,
     f: Callable[..., Tensor],
@@ -331,10 +364,19 @@ class _LaggedCount:
         return int(self.host)
 
 
-def _new_buffers(x: Tensor, max_iter: int) -> dict[str, Tensor]:
+TRACE_ROWS = 64  # the eager loop's first trace rows (then doubled as iterations need them, up to max_iter)
+
+
+def _new_buffers(x: Tensor, max_iter: int, graph: bool | str) -> dict[str, Tensor]:
     """The loop's in-place tensors (``KeptSession.BUFFERS``) for iterates like x (B, D), uninitialised:
-    ``_Loop.start`` fills them (a kept graph session brings its own instead)."""
+    ``_Loop.start`` fills them (a kept graph session brings its own instead). The trace has a row per
+    iteration and a last, scratch row: the graph modes write it from the device at fixed addresses, so all
+    max_iter + 1 rows are allocated (and checked against the memory available); the eager loop grows it."""
     batch, sdt, device = x.shape[0], stat_dtype(x.dtype), x.device
+    rows = max_iter + 1 if graph else min(max_iter, TRACE_ROWS) + 1
+    if graph:
+        nbytes = rows * batch * sdt.itemsize
+        check_memory("max_iter", max_iter, nbytes, f"the static trace ({rows}, {batch}) of graph={graph!r}", device)
     vector = partial(torch.empty, batch, device=device)
     return {
         "gnorm0": vector(dtype=sdt),  # (B,) the start's ||f(x) - x||
@@ -342,7 +384,7 @@ def _new_buffers(x: Tensor, max_iter: int) -> dict[str, Tensor]:
         "best_res": vector(dtype=sdt),  # (B,) the lowest residual so far
         "pending": vector(dtype=torch.bool),  # (B,) the best pair is the newest, not copied yet
         "nsteps": vector(dtype=torch.long),  # (B,)
-        "trace": torch.empty(max_iter + 1, batch, dtype=sdt, device=device),  # last row: scratch
+        "trace": torch.empty(rows, batch, dtype=sdt, device=device),  # (rows, B) last row: scratch
         "done": torch.empty((), dtype=torch.long, device=device),  # iterations run, counted on the device (graph)
         "best_x": torch.empty_like(x),  # (B, D)
         "best_fx": torch.empty_like(x),  # (B, D)
@@ -398,7 +440,7 @@ class _Loop:
             count.zero_()
         gnorm, self.active, _, counts = self.kernels.bookkeep(
             gsq, fsq, self.gnorm0, self.status, torch.ones_like(self.pending), self.best_res,
-            torch.zeros_like(self.pending), torch.zeros_like(self.nsteps), self.trace, self.max_iter, self.done,
+            torch.zeros_like(self.pending), torch.zeros_like(self.nsteps), self.trace, len(self.trace) - 1, self.done,
             self.tol, self.divergence, self.relative, self.max_iter,
         )  # fmt: skip
         self.best_x.copy_(x)  # the start, also for samples that never improve on it
@@ -467,6 +509,8 @@ class _Loop:
         is asked for every check_every iterations and read one iteration later (``check``), and everything
         is masked on the device in between."""
         while n < self.max_iter and n_active:
+            if n == len(self.trace):
+                self.grow_trace()
             if self.check_every == 1:
                 n_active, _ = self.iterate(n, sync=True, all_active=n_active == self.best_x.shape[0])
             else:
@@ -474,6 +518,14 @@ class _Loop:
                 n_active = self.check(n, counts, n_active)
             n += 1
         return n
+
+    def grow_trace(self) -> None:
+        """Twice the trace's rows (at most max_iter + 1), NaN where not written yet: the eager loop's trace
+        follows the iterations run, not max_iter."""
+        rows, batch = self.trace.shape
+        trace = self.trace.new_full((min(2 * rows, self.max_iter + 1), batch), math.nan)  # (rows', B)
+        trace[:rows] = self.trace
+        self.trace = trace
 
     def warm_up(self, n_active: int) -> tuple[int, int]:
         """The graph modes' first solver period, eagerly, off the main stream: compiles every kernel
@@ -608,8 +660,9 @@ def _loop(
         session.wait(x.device)
     elif key is not None and graph is True:  # the graph reads its own copies, which later solves overwrite
         fn.args = _graphs.static_args(fn.args)
+    buffers = _new_buffers(x, max_iter, graph) if session is None else session.buffers
     loop = _Loop(
-        solver, fn, _new_buffers(x, max_iter) if session is None else session.buffers, tol=tol, max_iter=max_iter,
+        solver, fn, buffers, tol=tol, max_iter=max_iter,
         relative=stop == "rel", divergence=math.inf if divergence is None else divergence, check_every=check_every,
         graph=graph, kernels=kernels,
     )  # fmt: skip

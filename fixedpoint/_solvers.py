@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from . import kernels as kernel_modules
-from ._solve import Solution, check_int, check_interval, check_positive, solve, stat_dtype
+from ._solve import Solution, check_int, check_interval, check_memory, check_positive, solve, stat_dtype
 
 __all__ = ["picard", "anderson", "broyden"]
 
@@ -63,7 +63,9 @@ _DOC_PARTS = {
             graphs are kept for later solves with the same solver, options and
             shapes, whatever f.
             Kept graphs hold their buffers (GPU memory), the 4 most recently
-            used; fixedpoint.clear_graph_cache() drops them.""",
+            used; fixedpoint.clear_graph_cache() drops them. Both modes keep
+            the trace in a static (max_iter + 1, B) buffer (without graphs it
+            grows with the iterations run).""",
     "{impl}": """impl: "auto" (fused Triton kernels on CUDA when triton imports, PyTorch
             otherwise), "torch", or "triton" (an error where it cannot run).""",
 }
@@ -178,6 +180,8 @@ class Anderson:
     def init(self, x, fx, g, gnorm):
         batch, dim = x.shape
         sdt = stat_dtype(x.dtype)
+        nbytes = batch * self.m * (2 * dim * x.element_size() + self.m * sdt.itemsize)  # F, G; the Gram matrix
+        check_memory("m", self.m, nbytes, f"the ({batch}, m, {dim}) history and its Gram matrix", x.device)
         state = _AndersonState(
             F=x.new_empty(batch, self.m, dim),
             G=x.new_empty(batch, self.m, dim),
@@ -341,6 +345,8 @@ class Broyden:
 
     def init(self, x, fx, g, gnorm):
         batch, dim = x.shape
+        check_memory("m", self.m, 2 * batch * self.m * dim * x.element_size(), f"the ({batch}, m, {dim}) factors U, V",
+                     x.device)  # fmt: skip
         zeros = x.new_zeros(batch, self.m, dim)
         alive = torch.zeros(batch, self.m, dtype=torch.bool, device=x.device)
         restarts = torch.zeros(batch, dtype=torch.long, device=x.device)

@@ -1,58 +1,70 @@
-"""Checkpoints written atomically and read back with checks: never half-written, never silently replaced."""
+"""Checkpoints written atomically and read back safely: never half-written, never silently replaced, and
+never a file that runs code when it is read (``torch.load(weights_only=True)``: tensors, containers, numbers)."""
 
 from __future__ import annotations
 
-import os
-from contextlib import suppress
+import argparse
+import pickle
+import re
 from pathlib import Path
 
 import torch
 
-__all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint"]
+from .files import WriteError, atomic_write
+
+__all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "check_settings", "read_file", "first_line"]
 
 FORMAT = 1
 
+torch.serialization.add_safe_globals([argparse.Namespace])  # DiT's train.py stores its arguments as one
 
-class CheckpointError(Exception):
-    """A checkpoint that cannot be used; the message says why in one line."""
+
+class CheckpointError(ValueError):
+    """A checkpoint or weights file that cannot be used; the message says why in one line."""
+
+
+def first_line(err: BaseException) -> str:
+    """An exception's message in one line (its type's name when it has none)."""
+    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+
+
+def read_file(path: str | Path) -> object:
+    """A .pt file's content through ``torch.load(weights_only=True)``, or a .safetensors file's tensors.
+
+    A CheckpointError for a missing, unreadable or unsafe file: one that needs code to load is refused
+    and nothing in it runs."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path} is unreadable (no such file)")
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(path)
+        except (SafetensorError, OSError) as err:
+            raise CheckpointError(f"{path} is not a readable safetensors file ({first_line(err)})") from None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:  # torch's weights-only unpickler: something other than data
+        wanted = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(err))
+        if wanted:  # a function or class to call: what a payload needs
+            raise CheckpointError(f"{path} is not a plain weights file (it asks for {wanted.group(1)}); refused: "
+                                  "nothing in it was run") from None  # fmt: skip
+        detail = re.search(r"WeightsUnpickler error: (.+)", str(err))
+        reason = detail.group(1).strip() if detail and detail.group(1).strip() else "not a pickle of tensors"
+        raise CheckpointError(f"{path} is unreadable ({reason})") from None
+    except Exception as err:  # noqa: BLE001 (a damaged file fails in many ways; each is one answer to the user)
+        raise CheckpointError(f"{path} is unreadable ({first_line(err)})") from None
 
 
 def save_checkpoint(path: Path, state: dict) -> None:
     """Write ``state`` to ``path`` atomically: a temporary file in the same folder, fsync, then rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        with open(tmp, "wb") as fh:
-            torch.save({"format": FORMAT, **state}, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except (OSError, RuntimeError) as err:  # torch.save reports a full disk as a RuntimeError
-        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-        kept = f"{path} still holds the previous checkpoint" if path.exists() else "no checkpoint was written"
-        raise CheckpointError(f"cannot write checkpoint {path} ({reason}); {kept}") from None
-    finally:
-        with suppress(OSError):  # a read-only folder refuses even removing what is not there
-            tmp.unlink(missing_ok=True)
-    _remove_stale_temporaries(path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
-def _remove_stale_temporaries(path: Path) -> None:
-    """Temporary files of saves that a killed process left behind (never a live writer's)."""
-    for tmp in path.parent.glob(f".{path.name}.tmp-*"):
-        try:
-            pid = int(tmp.name.rsplit("-", 1)[1])
-            os.kill(pid, 0)  # raises when no such process exists
-        except ProcessLookupError:
-            tmp.unlink(missing_ok=True)
-        except (ValueError, OSError):
-            continue  # not ours, or a live process of another user
+        atomic_write(path, lambda fh: torch.save({"format": FORMAT, **state}, fh))
+    except WriteError as err:
+        kept = f"{path} still holds the previous checkpoint" if Path(path).exists() else "no checkpoint was written"
+        raise CheckpointError(f"cannot write checkpoint {path} ({err.why}); {kept}") from None
 
 
 def load_checkpoint(
@@ -65,27 +77,35 @@ def load_checkpoint(
     """
     path = Path(path)
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:  # noqa: BLE001 (any failure to read is the same answer to the user)
-        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        state = read_file(path)
+    except CheckpointError as err:
+        if "not a plain weights file" in str(err):
+            raise
         hint = hint if hint is not None else "move it away to start over, or use another --out"
-        raise CheckpointError(f"checkpoint {path} is unreadable ({reason}); {hint}") from None
+        raise CheckpointError(f"checkpoint {err}; {hint}") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a checkpoint of this program (format {FORMAT})")
-    for name, expected in (("run", run), ("config", config)):
-        if expected is None:
+    check_settings(path, state, run=run, config=config)
+    return state
+
+
+def check_settings(path: Path, state: dict, **expected: dict | None) -> None:
+    """A CheckpointError unless each given dict's keys match what the checkpoint ``state`` was written with
+    under that name (a key the checkpoint lacks reads None)."""
+    for name, wanted in expected.items():
+        if wanted is None:
             continue
         saved = state.get(name, {})
+        saved = saved if isinstance(saved, dict) else {}
         diff = [
-            f"{key}={_show(saved.get(key))} (now {_show(expected.get(key))})"
-            for key in sorted(expected)
-            if _show(saved.get(key)) != _show(expected.get(key))
+            f"{key}={_show(saved.get(key))} (now {_show(wanted.get(key))})"
+            for key in sorted(wanted)
+            if _show(saved.get(key)) != _show(wanted.get(key))
         ]
         if diff:
             raise CheckpointError(
                 f"checkpoint {path} was made with {', '.join(diff)}; use the same settings to resume, or another --out"
             )
-    return state
 
 
 def _show(value) -> str:

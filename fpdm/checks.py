@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["InputError", "Parser", "device", "number", "output_dir", "run_cli", "run_lock", "seed"]
+__all__ = ["InputError", "Parser", "device", "memory", "number", "output_dir", "run_cli", "run_lock", "seed"]
 
 
 class InputError(ValueError):
@@ -137,3 +137,22 @@ def number(flag: str, value: float, low: float | None = None, high: float | None
     else:
         bounds = "a finite number"
     raise InputError(f"{flag} must be {bounds}, got {value}")
+
+
+def physical_memory() -> int:
+    """Bytes of this machine's RAM (0 where the OS does not say)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
+def memory(flag: str, value: object, nbytes: float, device: torch.device | None = None) -> None:
+    """An InputError when ``flag value`` asks for more memory (``nbytes``, an estimate) than the machine (or
+    the CUDA device) has: one line naming the option and the memory, instead of an allocator's traceback."""
+    on_cuda = device is not None and device.type == "cuda"
+    have = torch.cuda.get_device_properties(device).total_memory if on_cuda else physical_memory()
+    if have and nbytes > have:
+        where = f"{device}" if on_cuda else "this machine"
+        raise InputError(f"{flag} {value} needs about {nbytes / 2**30:.1f} GiB, more than the {have / 2**30:.1f} GiB "
+                         f"of {where}")  # fmt: skip

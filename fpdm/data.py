@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["ImageData", "DataError", "load_dataset", "DATASETS", "FASHION_MNIST_DIR"]
+__all__ = ["ImageData", "DataError", "load_dataset", "check_dataset", "DATASETS", "FASHION_MNIST_DIR"]
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 DATASETS = ("digits", "fashion-mnist", "folder:PATH", "latents:PATH")
@@ -48,21 +48,44 @@ class ImageData:
         return self.images.shape[0]
 
 
+def check_dataset(name: str, data_dir: str | None = None) -> None:
+    """A DataError for a dataset name of no known form or a folder that does not exist: cheap, before any
+    output is created."""
+    if name in ("digits", "fashion-mnist"):
+        return
+    if name.startswith("folder:"):
+        if not Path(name[len("folder:") :]).is_dir():
+            raise DataError(f"image folder {name[len('folder:'):]} does not exist")
+        return
+    if name.startswith("latents:"):
+        if not Path(name[len("latents:") :]).is_dir():
+            raise DataError(f"no latent shards (*.npz) at {name[len('latents:'):]}: no such folder; make them with "
+                            "`python -m fpdm.encode`")  # fmt: skip
+        return
+    raise DataError(f"unknown dataset {name!r}; valid: {', '.join(DATASETS)}")
+
+
 def load_dataset(
     name: str, *, split: str = "train", data_dir: str | None = None, image_size: int | None = None
 ) -> ImageData:
     """Load a dataset by name (see the module docstring); ``split`` is "train" or "test"."""
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    check_dataset(name, data_dir)
     if name == "digits":
-        return _digits(split)
-    if name == "fashion-mnist":
-        return _fashion_mnist(split, Path(data_dir) if data_dir else FASHION_MNIST_DIR)
-    if name.startswith("folder:"):
-        return _folder(Path(name[len("folder:") :]), image_size)
-    if name.startswith("latents:"):
-        return _latents(Path(name[len("latents:") :]))
-    raise DataError(f"unknown dataset {name!r}; valid: {', '.join(DATASETS)}")
+        data = _digits(split)
+    elif name == "fashion-mnist":
+        data = _fashion_mnist(split, Path(data_dir) if data_dir else FASHION_MNIST_DIR)
+    elif name.startswith("folder:"):
+        data = _folder(Path(name[len("folder:") :]), image_size)
+    else:
+        data = _latents(Path(name[len("latents:") :]))
+    finite = torch.isfinite(data.images.flatten(1)).all(dim=1)  # (N,)
+    if not finite.all():
+        first = int((~finite).nonzero()[0])
+        raise DataError(f"{name} holds non-finite values (NaN or Inf) in {int((~finite).sum())} of {len(data)} "
+                        f"images (the first: index {first}); fix or re-encode the data")  # fmt: skip
+    return data
 
 
 def _to_unit_range(pixels: np.ndarray, high: float) -> Tensor:

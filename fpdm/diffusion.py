@@ -5,7 +5,8 @@ The model is only a callable ``model(x, t, y) -> out`` with ``out`` (N, C, H, W)
 Improved DDPM, when the variance is learned). As in DiT (which follows
 Improved DDPM): linear betas 1e-4..0.02 over 1000 steps, epsilon MSE plus the
 variational bound term for a learned variance, and samplers over a respaced
-subset of the timesteps.
+subset of the timesteps. The arithmetic is DiT's (diffusion/gaussian_diffusion.py,
+respace.py): float64 coefficient tables, indexed and then cast to float32.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -34,21 +36,60 @@ def linear_betas(num_timesteps: int) -> Tensor:
             f"below 1), got {num_timesteps}"
         )
     scale = 1000 / num_timesteps
-    return torch.linspace(scale * 1e-4, scale * 0.02, num_timesteps, dtype=torch.float64)
+    return torch.from_numpy(np.linspace(scale * 1e-4, scale * 0.02, num_timesteps, dtype=np.float64))
 
 
-def space_timesteps(num_timesteps: int, steps: int) -> list[int]:
-    """``steps`` timesteps spread evenly over [0, num_timesteps) (Improved DDPM's respacing, one section)."""
+def _section_steps(size: int, count: int) -> list[int]:
+    """DiT's striding of one section: ``count`` indices in [0, size), the stride accumulated as a float."""
+    frac_stride = 1 if count <= 1 else (size - 1) / (count - 1)
+    cur_idx, taken = 0.0, []
+    for _ in range(count):
+        taken.append(round(cur_idx))
+        cur_idx += frac_stride
+    return taken
+
+
+def space_timesteps(num_timesteps: int, steps: int | str) -> list[int]:
+    """The timesteps of [0, num_timesteps) a respaced process keeps, sorted; DiT's ``space_timesteps``.
+
+    ``steps`` is an int (one evenly strided section), or as in DiT a string: ``"ddimN"`` (the integer
+    stride giving N steps) or comma-separated counts, one per equal section (``"10,15,20"``).
+    """
+    if isinstance(steps, str):
+        return _space_timesteps_str(num_timesteps, steps)
     if not isinstance(steps, int) or not 1 <= steps <= num_timesteps:
         raise ValueError(f"sampling steps must be an integer in [1, {num_timesteps}], got {steps!r}")
-    if steps == 1:
-        return [0]
-    stride = (num_timesteps - 1) / (steps - 1)
-    return sorted({round(i * stride) for i in range(steps)})
+    return sorted(set(_section_steps(num_timesteps, steps)))
+
+
+def _space_timesteps_str(num_timesteps: int, spec: str) -> list[int]:
+    ddim = spec.startswith("ddim")
+    try:
+        counts = [int(spec[len("ddim") :])] if ddim else [int(c) for c in spec.split(",")]
+    except ValueError:
+        raise ValueError(
+            f"sampling steps must be an integer, 'ddimN' or comma-separated counts, got {spec!r}"
+        ) from None
+    if ddim:
+        for stride in range(1, num_timesteps):
+            if len(range(0, num_timesteps, stride)) == counts[0]:
+                return list(range(0, num_timesteps, stride))
+        raise ValueError(f"cannot make exactly {counts[0]} steps of {num_timesteps} with an integer stride ({spec!r})")
+    if any(c < 0 for c in counts) or sum(counts) < 1:
+        raise ValueError(f"sampling steps {spec!r}: section counts must be >= 0 and not all 0")
+    size_per, extra = divmod(num_timesteps, len(counts))
+    start, taken = 0, set()
+    for i, count in enumerate(counts):
+        size = size_per + (1 if i < extra else 0)
+        if size < count:
+            raise ValueError(f"sampling steps {spec!r}: cannot divide a section of {size} steps into {count}")
+        taken.update(start + j for j in _section_steps(size, count))
+        start += size
+    return sorted(taken)
 
 
 def _extract(values: Tensor, t: Tensor, ndim: int) -> Tensor:
-    """values[t] as float32 shaped (N, 1, 1, ...) to broadcast over a (N, ...) tensor."""
+    """values[t] (a float64 table) cast to float32 after indexing, shaped (N, 1, 1, ...) to broadcast."""
     out = values.to(t.device)[t].float()
     return out.view(-1, *([1] * (ndim - 1)))
 
@@ -91,37 +132,54 @@ class Diffusion:
     learn_sigma: bool = True
 
     @classmethod
-    def create(cls, num_timesteps: int = 1000, *, learn_sigma: bool = True, steps: int | None = None) -> Diffusion:
-        """The linear-schedule process, respaced to ``steps`` steps if given."""
-        betas = linear_betas(num_timesteps)
-        if steps is None or steps == num_timesteps:
-            return cls(betas, torch.arange(num_timesteps), learn_sigma)
-        keep = space_timesteps(num_timesteps, steps)
-        alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
+    def create(
+        cls, num_timesteps: int = 1000, *, learn_sigma: bool = True, steps: int | str | None = None
+    ) -> Diffusion:
+        """The linear-schedule process, respaced to ``steps`` (see ``space_timesteps``) if given.
+
+        As DiT's ``create_diffusion``, even the full process has its betas recomputed from alphas_cumprod.
+        """
+        betas = linear_betas(num_timesteps).numpy()
+        keep = list(range(num_timesteps)) if steps is None else space_timesteps(num_timesteps, steps)
+        alphas_cumprod = np.cumprod(1.0 - betas, axis=0)
         new_betas, last = [], 1.0
         for t in keep:
-            new_betas.append(1.0 - alphas_cumprod[t].item() / last)
-            last = alphas_cumprod[t].item()
-        return cls(torch.tensor(new_betas, dtype=torch.float64), torch.tensor(keep), learn_sigma)
+            new_betas.append(1.0 - alphas_cumprod[t] / last)
+            last = alphas_cumprod[t]
+        return cls(torch.from_numpy(np.array(new_betas, dtype=np.float64)), torch.tensor(keep), learn_sigma)
 
     def __post_init__(self) -> None:
-        b = self.betas
+        # DiT's float64 tables, computed with numpy as DiT does; _extract casts to float32 after indexing.
+        b = self.betas.double().numpy()  # (S,)
         self.num_timesteps = len(b)
-        self.alphas_cumprod = torch.cumprod(1.0 - b, dim=0)
-        self.alphas_cumprod_prev = torch.cat([torch.ones(1, dtype=b.dtype), self.alphas_cumprod[:-1]])
-        self.posterior_variance = b * (1.0 - self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod)
-        self.posterior_log_variance_clipped = torch.log(
-            torch.cat([self.posterior_variance[1:2], self.posterior_variance[1:]])
+        ac = np.cumprod(1.0 - b, axis=0)
+        ac_prev = np.append(1.0, ac[:-1])
+        posterior_variance = b * (1.0 - ac_prev) / (1.0 - ac)
+        self.alphas_cumprod = torch.from_numpy(ac)
+        self.alphas_cumprod_prev = torch.from_numpy(ac_prev)
+        self.sqrt_alphas_cumprod = torch.from_numpy(np.sqrt(ac))
+        self.sqrt_one_minus_alphas_cumprod = torch.from_numpy(np.sqrt(1.0 - ac))
+        self.sqrt_recip_alphas_cumprod = torch.from_numpy(np.sqrt(1.0 / ac))
+        self.sqrt_recipm1_alphas_cumprod = torch.from_numpy(np.sqrt(1.0 / ac - 1))
+        self.posterior_variance = torch.from_numpy(posterior_variance)
+        # clipped: the posterior variance is 0 at t = 0
+        self.posterior_log_variance_clipped = torch.from_numpy(
+            np.log(np.append(posterior_variance[1:2], posterior_variance[1:]))
         )
-        self.posterior_mean_coef1 = b * torch.sqrt(self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod)
-        self.posterior_mean_coef2 = (1.0 - self.alphas_cumprod_prev) * torch.sqrt(1.0 - b) / (1.0 - self.alphas_cumprod)
+        self.posterior_mean_coef1 = torch.from_numpy(b * np.sqrt(ac_prev) / (1.0 - ac))
+        self.posterior_mean_coef2 = torch.from_numpy((1.0 - ac_prev) * np.sqrt(1.0 - b) / (1.0 - ac))
+        self.log_betas = torch.from_numpy(np.log(b))  # the learned range's upper bound
+        # fixed large variance (no learned sigma); its first entry the posterior's, for a better decoder NLL
+        self.fixed_log_variance = torch.from_numpy(np.log(np.append(posterior_variance[1:2], b[1:])))
 
     # ------------------------------------------------------------------ forward process and loss
 
     def q_sample(self, x0: Tensor, t: Tensor, noise: Tensor) -> Tensor:
         """x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) noise; t indexes this process's steps."""
-        ab = _extract(self.alphas_cumprod, t, x0.ndim)
-        return ab.sqrt() * x0 + (1 - ab).sqrt() * noise
+        return (
+            _extract(self.sqrt_alphas_cumprod, t, x0.ndim) * x0
+            + _extract(self.sqrt_one_minus_alphas_cumprod, t, x0.ndim) * noise
+        )
 
     def q_posterior(self, x0: Tensor, xt: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
         """Mean and log variance of q(x_{t-1} | x_t, x_0)."""
@@ -133,24 +191,27 @@ class Diffusion:
     def p_mean_variance(self, out: Tensor, xt: Tensor, t: Tensor, *, clip: bool) -> tuple[Tensor, Tensor, Tensor]:
         """From the model output: predicted x0, and mean and log variance of p(x_{t-1} | x_t)."""
         channels = xt.shape[1]
-        eps = out[:, :channels]
         if self.learn_sigma:
             frac = (out[:, channels:] + 1) / 2  # interpolate between the two bounds of Improved DDPM
             min_log = _extract(self.posterior_log_variance_clipped, t, xt.ndim)
-            max_log = _extract(torch.log(self.betas), t, xt.ndim)
+            max_log = _extract(self.log_betas, t, xt.ndim)
             log_var = frac * max_log + (1 - frac) * min_log
         else:  # fixed large variance (DiT without learned sigma)
-            variance = torch.cat([self.posterior_variance[1:2], self.betas[1:]])
-            log_var = _extract(torch.log(variance), t, xt.ndim).expand_as(xt)
-        x0 = self.predict_x0(xt, t, eps)
-        if clip:
-            x0 = x0.clamp(-1, 1)
+            log_var = _extract(self.fixed_log_variance, t, xt.ndim).expand_as(xt)
+        x0 = self._pred_x0(out, xt, t, clip)
         mean, _ = self.q_posterior(x0, xt, t)
         return x0, mean, log_var
 
+    def _pred_x0(self, out: Tensor, xt: Tensor, t: Tensor, clip: bool) -> Tensor:
+        x0 = self.predict_x0(xt, t, out[:, : xt.shape[1]])
+        return x0.clamp(-1, 1) if clip else x0
+
     def predict_x0(self, xt: Tensor, t: Tensor, eps: Tensor) -> Tensor:
-        ab = _extract(self.alphas_cumprod, t, xt.ndim)
-        return (xt - (1 - ab).sqrt() * eps) / ab.sqrt()
+        """x0 = sqrt(1 / abar_t) x_t - sqrt(1 / abar_t - 1) eps."""
+        return (
+            _extract(self.sqrt_recip_alphas_cumprod, t, xt.ndim) * xt
+            - _extract(self.sqrt_recipm1_alphas_cumprod, t, xt.ndim) * eps
+        )
 
     def training_losses(self, model: ModelFn, x0: Tensor, t: Tensor, y: Tensor, noise: Tensor | None = None) -> Tensor:
         """Per-sample loss (N,): epsilon MSE, plus the variational bound term when the variance is learned.
@@ -204,24 +265,26 @@ class Diffusion:
         clip: bool = False,
         generator: torch.Generator | None = None,
     ) -> Iterator[Tensor]:
-        """DDIM sampling (eta = 0: deterministic); yields x after each step."""
+        """DDIM sampling (eta = 0: deterministic); yields x after each step.
+
+        DiT's ``ddim_sample`` operation for operation: eps is re-derived from the
+        (possibly clipped) x0, and abar, abar_prev are float32 casts of the tables.
+        """
         if not 0.0 <= eta <= 1.0:
             raise ValueError(f"eta must be in [0, 1], got {eta!r}")
         x = noise
         for i in reversed(range(self.num_timesteps)):
             t = torch.full((x.shape[0],), i, dtype=torch.long, device=x.device)
             out = model(x, self.timesteps.to(x.device)[t], y).float()
-            eps = out[:, : x.shape[1]]
-            x0 = self.predict_x0(x, t, eps)
-            if clip:
-                x0 = x0.clamp(-1, 1)
-                eps = (x - _extract(self.alphas_cumprod, t, x.ndim).sqrt() * x0) / (
-                    1 - _extract(self.alphas_cumprod, t, x.ndim)
-                ).sqrt()
+            x0 = self._pred_x0(out, x, t, clip)
+            eps = (_extract(self.sqrt_recip_alphas_cumprod, t, x.ndim) * x - x0) / _extract(
+                self.sqrt_recipm1_alphas_cumprod, t, x.ndim
+            )
             ab = _extract(self.alphas_cumprod, t, x.ndim)
             ab_prev = _extract(self.alphas_cumprod_prev, t, x.ndim)
-            sigma = eta * ((1 - ab_prev) / (1 - ab) * (1 - ab / ab_prev)).sqrt()
-            x = ab_prev.sqrt() * x0 + (1 - ab_prev - sigma**2).clamp_min(0).sqrt() * eps
+            sigma = eta * torch.sqrt((1 - ab_prev) / (1 - ab)) * torch.sqrt(1 - ab / ab_prev)
+            # clamp: identity wherever DiT's value is finite (fp32 rounding can take it below 0 at eta = 1)
+            x = x0 * torch.sqrt(ab_prev) + torch.sqrt((1 - ab_prev - sigma**2).clamp_min(0)) * eps
             if i > 0 and eta > 0:
                 z = torch.randn(x.shape, generator=generator, device=x.device if generator is None else "cpu")
                 x = x + sigma * z.to(x.device)
@@ -251,21 +314,29 @@ class Diffusion:
         return x
 
 
-def guided(model: ModelFn, scale: float, null_class: int) -> ModelFn:
+def guided(model: ModelFn, scale: float, null_class: int, *, channels: int | None = None) -> ModelFn:
     """Classifier-free guidance: eps = eps(x, null) + scale * (eps(x, y) - eps(x, null)).
 
-    One model call on the doubled batch [conditional; unconditional]. The
-    variance channels (if any) are taken from the conditional half. scale = 1
-    is plain conditional sampling (and skips the doubling).
+    One model call on the doubled batch [conditional; unconditional]. ``channels``
+    = k guides only the first k channels of eps; the rest of eps and the variance
+    channels come from the conditional half. None (all of the input's channels) is
+    standard CFG; 3 on 4-channel latents is DiT's ``forward_with_cfg``, the protocol
+    of DiT's and the FPDM release's published FIDs. scale = 1 is plain conditional
+    sampling (and skips the doubling).
     """
+    if channels is not None and (not isinstance(channels, int) or channels < 1):
+        raise ValueError(f"guided channels must be a positive integer or None, got {channels!r}")
     if scale == 1.0:
         return model
 
     def guided_model(x: Tensor, t: Tensor, y: Tensor) -> Tensor:
-        n, channels = x.shape[0], x.shape[1]
+        n = x.shape[0]
+        k = x.shape[1] if channels is None else channels
+        if k > x.shape[1]:
+            raise ValueError(f"guided channels={channels} exceeds the input's {x.shape[1]} channels")
         out = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, torch.full_like(y, null_class)])).float()
         cond, uncond = out[:n], out[n:]
-        eps = uncond[:, :channels] + scale * (cond[:, :channels] - uncond[:, :channels])
-        return torch.cat([eps, cond[:, channels:]], dim=1)
+        eps = uncond[:, :k] + scale * (cond[:, :k] - uncond[:, :k])
+        return torch.cat([eps, cond[:, k:]], dim=1)
 
     return guided_model

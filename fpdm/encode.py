@@ -16,8 +16,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .checks import Parser, output_dir, run_cli, seed
+from .checks import Parser, output_dir, run_cli, run_lock, seed
 from .data import DataError, load_dataset
+from .files import atomic_write
 
 
 class EncodeError(Exception):
@@ -68,20 +69,25 @@ def main(args: argparse.Namespace) -> list[Path]:
     if data.is_latent or data.channels != 3:
         raise EncodeError(f"the VAE encodes RGB images; {data.name} has {data.channels} channel(s)")
     vae = load_vae(args.vae, device)
-    from rich.progress import track
 
     out = output_dir(args.out)
+    with run_lock(out):  # one encoder per folder
+        return _encode_into(out, data, vae, device, args)
+
+
+def _encode_into(out: Path, data, vae, device: torch.device, args: argparse.Namespace) -> list[Path]:
+    from rich.progress import track
+
     generator = torch.Generator(device).manual_seed(args.seed)
     written = []
     starts = range(0, len(data), args.shard_size)
     for index, start in enumerate(track(starts, description="encoding", disable=args.quiet)):
         latents = encode(vae, data.images[start : start + args.shard_size], args.batch_size, generator)
         path = out / f"latents-{index:05d}.npz"
-        tmp = path.with_name(path.name + ".tmp")  # not *.npz: a crash here leaves nothing the loader would read
-        with open(tmp, "wb") as fh:
-            labels = data.labels[start : start + args.shard_size].numpy()
-            np.savez(fh, latents=latents.numpy().astype(np.float16), labels=labels, num_classes=data.num_classes)
-        tmp.replace(path)
+        labels = data.labels[start : start + args.shard_size].numpy()
+        # the temporary name is not *.npz: a crash leaves nothing the loader would read
+        atomic_write(path, lambda fh, latents=latents, labels=labels: np.savez(
+            fh, latents=latents.numpy().astype(np.float16), labels=labels, num_classes=data.num_classes))
         written.append(path)
     print(f"wrote {len(data)} latents of shape {tuple(latents.shape[1:])} in {len(written)} shard(s) to {out}")
     return written

@@ -30,6 +30,8 @@ import os
 import sys
 import time
 import warnings
+import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,8 +44,10 @@ from torch import Tensor, nn
 from . import checks
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .data import DataError, ImageData, load_dataset
+from .files import atomic_write, write_json, write_text
 from .models import FPDM, DiT
-from .sample import SampleError, generate, load_model, plan_compute
+from .sample import SampleError, generate, plan_compute
+from .weights import read_weights
 
 __all__ = [
     "FeatureNet", "frechet_distance", "feature_net_for", "score", "Variant", "FPDM_VARIANTS", "sweep",
@@ -147,9 +151,37 @@ def feature_net_for(
 # ----------------------------------------------------------------------------- scores
 
 
+def read_samples(path: str | Path) -> tuple[Tensor, Tensor]:
+    """Images (N, C, H, W) in [-1, 1] and labels (N,) from a samples npz: ``images`` (or ADM's ``arr_0``) uint8
+    (N, H, W, C), ``labels`` integers. Anything else is an EvaluateError naming what was found."""
+    what = f"samples {path} (uint8 images (N, H, W, C) and integer labels, as python -m fpdm.sample writes)"
+    try:
+        data = np.load(path)
+        if not isinstance(data, np.lib.npyio.NpzFile):
+            raise ValueError(f"a single {type(data).__name__}, not an npz archive")
+        with data:
+            key = "images" if "images" in data.files else "arr_0"
+            pixels, labels = data[key], data["labels"]
+    except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile) as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise EvaluateError(f"cannot read {what}: {reason}") from None
+    if pixels.dtype != np.uint8 or pixels.ndim != 4 or pixels.shape[-1] not in (1, 3):
+        raise EvaluateError(f"{what}: its images are {pixels.dtype} of shape {pixels.shape}")
+    if labels.dtype.kind not in "iu" or labels.shape != pixels.shape[:1]:
+        raise EvaluateError(f"{what}: its labels are {labels.dtype} of shape {labels.shape} for {len(pixels)} images")
+    if len(pixels) < 2:
+        raise EvaluateError(f"{what}: {len(pixels)} image(s); scoring needs at least 2 (a covariance)")
+    images = torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 127.5 - 1  # (N, C, H, W)
+    return images, torch.from_numpy(labels.astype(np.int64))
+
+
 def frechet_distance(a: np.ndarray | Tensor, b: np.ndarray | Tensor) -> float:
     """||mu_a - mu_b||^2 + Tr(S_a + S_b - 2 (S_a S_b)^(1/2)) between two sets of features (N, d), in float64."""
     a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    for name, feats in (("first", a), ("second", b)):
+        if not np.isfinite(feats).all():
+            raise EvaluateError(f"the {name} set's features hold NaN or Inf (non-finite images?): no Frechet "
+                                "distance")  # fmt: skip
     mu_a, mu_b = a.mean(0), b.mean(0)
     cov_a, cov_b = np.atleast_2d(np.cov(a, rowvar=False)), np.atleast_2d(np.cov(b, rowvar=False))
     with warnings.catch_warnings():  # fewer samples than dimensions: singular, and expected
@@ -251,17 +283,19 @@ def check_variants(variants: list[str]) -> None:
 
 
 def load_models(checkpoints: list[str]) -> list[tuple[str, DiT | FPDM, dict]]:
-    """(checkpoint, model, run settings) for each checkpoint, in order: what ``sweep`` evaluates."""
-    return [(ckpt, *load_model(ckpt)) for ckpt in checkpoints]
+    """(checkpoint, model, run settings) for each weights file, in order: what ``sweep`` evaluates."""
+    loaded = [read_weights(ckpt) for ckpt in checkpoints]
+    return [(ckpt, weights.build(), weights.run) for ckpt, weights in zip(checkpoints, loaded)]
 
 
 def sweep(
     models: list[tuple[str, DiT | FPDM, dict]], *, dit_steps: list[int], dit_depth: int | None, variants: list[str],
     num_samples: int, ref: Reference, guidance: float, seed: int, batch_size: int, progress: bool,
-    grids: Path | None = None,
+    grids: Path | None = None, on_row: Callable[[list[dict]], None] | None = None,
 ) -> list[dict]:  # fmt: skip
     """Sample and score every checkpoint's model (and FPDM variant) at every budget; one row each.
-    ``models``: from ``load_models``.
+    ``models``: from ``load_models``. ``on_row(rows)`` is called with the rows so far after each one (the
+    command writes results.json then: a sweep that fails keeps what it finished).
 
     Every setting is planned, and checked against the diffusion timesteps its checkpoint was trained
     with, before anything is sampled."""
@@ -303,6 +337,8 @@ def sweep(
             **score(images, labels, ref),
         }  # fmt: skip
         rows.append(row)
+        if on_row is not None:
+            on_row(rows)
         if progress:
             print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}))
         if grids is not None and steps_dit == min(dit_steps):
@@ -316,7 +352,7 @@ def sweep(
 def write_reports(rows: list[dict], out: Path, *, title: str) -> None:
     """results.json, results.md and quality_vs_compute.png."""
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(rows, indent=2))
+    write_json(out / "results.json", rows)
     has_fid = any("inception_fid" in r for r in rows)
     header = ["model", "variant", "DiT steps", "budget (blocks)", "steps", "block evals", "Frechet (ours)",
               "cond. acc.", *(["Inception FID"] if has_fid else []), "seconds"]  # fmt: skip
@@ -327,7 +363,7 @@ def write_reports(rows: list[dict], out: Path, *, title: str) -> None:
                  f"{r['block_evaluations']:g}", f"{r['frechet']:.2f}", f"{r['cond_accuracy']:.3f}",
                  *fid, f"{r['seconds']:.1f}"]  # fmt: skip
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
-    (out / "results.md").write_text(f"# {title}\n\n" + "\n".join(lines) + "\n")
+    write_text(out / "results.md", f"# {title}\n\n" + "\n".join(lines) + "\n")
 
     import matplotlib
 
@@ -353,8 +389,10 @@ def write_reports(rows: list[dict], out: Path, *, title: str) -> None:
     right.legend(fontsize=8)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    fig.savefig(out / "quality_vs_compute.png", dpi=110)
-    plt.close(fig)
+    try:
+        atomic_write(out / "quality_vs_compute.png", lambda fh: fig.savefig(fh, format="png", dpi=110))
+    finally:
+        plt.close(fig)
 
 
 # ----------------------------------------------------------------------------- command line
@@ -365,19 +403,11 @@ def main(args: argparse.Namespace) -> dict | list[dict]:
     if args.samples:
         if not args.dataset:
             raise EvaluateError("--samples needs --dataset (the data the samples imitate)")
-        try:
-            data = np.load(args.samples)
-            if data["images"].ndim != 4:
-                raise ValueError(f"images of shape {data['images'].shape}, not (N, H, W, C)")
-            images = torch.from_numpy(data["images"]).permute(0, 3, 1, 2).float() / 127.5 - 1
-            labels = torch.from_numpy(data["labels"]).long()
-            if labels.shape != images.shape[:1]:
-                raise ValueError(f"{len(images)} images but labels of shape {tuple(labels.shape)}")
-            if len(images) < 2:
-                raise ValueError(f"{len(images)} image(s); scoring needs at least 2 (a covariance)")
-        except (OSError, KeyError, ValueError, IndexError, TypeError) as err:
-            raise EvaluateError(f"cannot read samples {args.samples} (a samples.npz of python -m fpdm.sample): "
-                                f"{str(err).splitlines()[0]}") from None  # fmt: skip
+        images, labels = read_samples(args.samples)
+        classes = load_dataset(args.dataset, split="test", data_dir=args.data_dir).num_classes
+        if labels.min() < 0 or labels.max() >= classes:  # before the reference (it may train a network)
+            raise EvaluateError(f"samples {args.samples} have labels {int(labels.min())}..{int(labels.max())}; "
+                                f"{args.dataset} has classes 0..{classes - 1}")  # fmt: skip
         ref = reference_for(args.dataset, data_dir=args.data_dir, cache_dir=args.cache_dir,
                             inception=args.inception, progress=progress)  # fmt: skip
         result = {"samples": str(args.samples), **score(images, labels, ref),
@@ -397,12 +427,14 @@ def main(args: argparse.Namespace) -> dict | list[dict]:
                         progress=progress)  # fmt: skip
     out = Path(args.out)  # checked by cli before any work
     start = time.perf_counter()
-    rows = sweep(models, dit_steps=args.dit_steps, dit_depth=args.dit_depth, variants=args.variants,
-                 num_samples=args.num_samples, ref=ref, guidance=args.guidance, seed=args.seed,
-                 batch_size=args.batch_size, progress=progress, grids=out / "grids")  # fmt: skip
-    title = (f"{dataset}: quality vs sampling compute ({args.num_samples} samples, guidance {args.guidance}; "
-             f"feature net test accuracy {ref.record['test_accuracy']:.3f})")  # fmt: skip
-    write_reports(rows, out, title=title)
+    with checks.run_lock(out):  # one evaluation per folder
+        rows = sweep(models, dit_steps=args.dit_steps, dit_depth=args.dit_depth, variants=args.variants,
+                     num_samples=args.num_samples, ref=ref, guidance=args.guidance, seed=args.seed,
+                     batch_size=args.batch_size, progress=progress, grids=out / "grids",
+                     on_row=lambda rows: write_json(out / "results.json", rows))  # fmt: skip
+        title = (f"{dataset}: quality vs sampling compute ({args.num_samples} samples, guidance {args.guidance}; "
+                 f"feature net test accuracy {ref.record['test_accuracy']:.3f})")  # fmt: skip
+        write_reports(rows, out, title=title)
     print(f"{len(rows)} settings in {time.perf_counter() - start:.0f} s; wrote {out}/results.md, results.json, "
           "quality_vs_compute.png")  # fmt: skip
     return rows

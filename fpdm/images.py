@@ -9,7 +9,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["to_uint8", "save_grid", "plot_loss_curve"]
+from .files import atomic_write
+
+__all__ = ["to_uint8", "grid_image", "save_grid", "plot_loss_curve"]
 
 
 def to_uint8(images: Tensor) -> np.ndarray:
@@ -18,8 +20,8 @@ def to_uint8(images: Tensor) -> np.ndarray:
     return pixels.permute(0, 2, 3, 1).numpy()
 
 
-def save_grid(images: Tensor, path: Path, *, nrow: int, scale: int = 1, pad: int = 1) -> Path:
-    """Write (N, C, H, W) images in [-1, 1] as one PNG grid with ``nrow`` images per row."""
+def grid_image(images: Tensor, *, nrow: int, scale: int = 1, pad: int = 1):
+    """(N, C, H, W) images in [-1, 1] as one PIL image: a grid with ``nrow`` images per row."""
     from PIL import Image
 
     pixels = to_uint8(images)  # (N, H, W, C)
@@ -27,17 +29,18 @@ def save_grid(images: Tensor, path: Path, *, nrow: int, scale: int = 1, pad: int
     rows = math.ceil(n / nrow)
     grid = np.full((rows * (h + pad) + pad, nrow * (w + pad) + pad, c), 255, dtype=np.uint8)
     for i in range(n):
-        r, col = divmod(i, nrow)
-        grid[pad + r * (h + pad) : pad + r * (h + pad) + h, pad + col * (w + pad) : pad + col * (w + pad) + w] = pixels[
-            i
-        ]
+        top, left = pad + (i // nrow) * (h + pad), pad + (i % nrow) * (w + pad)
+        grid[top : top + h, left : left + w] = pixels[i]
     image = Image.fromarray(grid[:, :, 0] if c == 1 else grid, mode="L" if c == 1 else "RGB")
     if scale > 1:
         image = image.resize((image.width * scale, image.height * scale), Image.NEAREST)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    image.save(path)
-    return path
+    return image
+
+
+def save_grid(images: Tensor, path: Path, *, nrow: int, scale: int = 1, pad: int = 1) -> Path:
+    """Write (N, C, H, W) images in [-1, 1] as one PNG grid with ``nrow`` images per row (atomically)."""
+    image = grid_image(images, nrow=nrow, scale=scale, pad=pad)
+    return atomic_write(path, lambda fh: image.save(fh, format="PNG"))
 
 
 def plot_loss_curve(records: list[dict], png_path: Path, *, title: str = "training loss") -> Path:
@@ -67,8 +70,7 @@ def plot_loss_curve(records: list[dict], png_path: Path, *, title: str = "traini
     ax.legend()
     ax.set_title(title, fontsize=10)
     fig.tight_layout()
-    png_path = Path(png_path)
-    png_path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(png_path, dpi=110)
-    plt.close(fig)
-    return png_path
+    try:
+        return atomic_write(png_path, lambda fh: fig.savefig(fh, format="png", dpi=110))
+    finally:
+        plt.close(fig)

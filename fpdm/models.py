@@ -28,7 +28,11 @@ from torch import Tensor, nn
 import fixedpoint
 from fixedpoint import GradInfo, Solution
 
-__all__ = ["ModelConfig", "DiT", "FPDM", "MODEL_SIZES", "create_model", "model_names", "fixed_iterations"]
+__all__ = [
+    "ModelConfig", "DiT", "FPDM", "MODEL_SIZES", "LEGACY_FIELDS", "create_model", "model_config", "build_model",
+    "model_names",
+    "fixed_iterations", "plain_iterations",
+]  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- config and registry
@@ -55,6 +59,20 @@ class ModelConfig:
     no_grad_iters: tuple[int, int] = (0, 10)  # FPDM S-JFB: iterations without gradient, inclusive range
     grad_iters: tuple[int, int] = (1, 12)  # FPDM S-JFB: iterations with gradient
     eval_iters: int = 12  # FPDM: default calls of the fixed-point block in eval (plain iteration)
+    projection_gelu: str = "tanh"  # FPDM: the projection's GELU, "tanh" (the release) or "none" (exact)
+    final_conditioning: str = "outer"  # FPDM: final layer sees "outer" (as pre/post blocks: the release) or "full"
+    null_class: bool = True  # an extra class-embedding row for guidance (DiT trained without label dropout: none)
+
+    @classmethod
+    def from_dict(cls, saved: dict) -> ModelConfig:
+        """A config as saved in a checkpoint; fields it predates take the values it was trained with
+        (``LEGACY_FIELDS``), so an old checkpoint computes what it computed. Unknown fields are a ValueError."""
+        if not isinstance(saved, dict):
+            raise ValueError(f"a model config must be a dict, got {type(saved).__name__}")
+        unknown = sorted(set(saved) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise ValueError(f"unknown model config field(s) {', '.join(map(str, unknown))}")
+        return cls(**{**LEGACY_FIELDS, **saved})
 
     def __post_init__(self) -> None:
         self.no_grad_iters = tuple(self.no_grad_iters)
@@ -68,15 +86,20 @@ class ModelConfig:
             "num_heads": self.num_heads >= 1,
             "depth": self.depth >= 1,
             "num_classes": self.num_classes >= 1,
-            "class_dropout_prob": 0 <= self.class_dropout_prob < 1,
             "pre_depth": self.pre_depth >= 0,
             "post_depth": self.post_depth >= 0,
             "eval_iters": self.eval_iters >= 1,
+            "projection_gelu": self.projection_gelu in ("tanh", "none"),
+            "final_conditioning": self.final_conditioning in ("outer", "full"),
+            "class_dropout_prob": 0 <= self.class_dropout_prob < 1
+            and (self.null_class or self.class_dropout_prob == 0),
         }
         for name, ok in checks.items():
             if not ok:
                 detail = f" (input_size {self.input_size})" if name == "patch_size" else ""
                 detail = f" (num_heads {self.num_heads})" if name == "hidden_size" else detail
+                no_null = name == "class_dropout_prob" and not self.null_class
+                detail = " (no null class to drop labels to)" if no_null else detail
                 raise ValueError(f"invalid model config: {name}={getattr(self, name)!r}{detail}")
         for name in ("no_grad_iters", "grad_iters"):
             lo, hi = getattr(self, name)
@@ -91,6 +114,21 @@ class ModelConfig:
     def num_tokens(self) -> int:
         return (self.input_size // self.patch_size) ** 2
 
+    @property
+    def num_parameters(self) -> int:
+        """Trainable parameters of the model this config builds (closed form: no model is built)."""
+        d, h, p = self.hidden_size, int(self.hidden_size * self.mlp_ratio), self.patch_size
+        block = 10 * d * d + 2 * d * h + 11 * d + h  # qkv, proj, MLP, adaLN (6D)
+        embed = self.in_channels * p * p * d + d + (256 * d + d + d * d + d) + (self.num_classes + self.null_class) * d
+        final = 2 * d * d + 2 * d + (d + 1) * p * p * self.out_channels
+        if self.kind == "dit":
+            return embed + self.depth * block + final
+        fixed_point = (d * d + d) + (4 * d * d + 2 * d) + (2 * d * d + d)  # injection, projection
+        return embed + (self.pre_depth + 1 + self.post_depth) * block + fixed_point + final
+
+
+# Fields added after checkpoints were written, with the behaviour those checkpoints were trained with.
+LEGACY_FIELDS = {"projection_gelu": "none", "final_conditioning": "full"}
 
 # DiT's sizes (Peebles & Xie, Table 1) and a tiny one for CPU demos: (hidden, depth, heads)
 MODEL_SIZES = {"XL": (1152, 28, 16), "L": (1024, 24, 16), "B": (768, 12, 12), "S": (384, 12, 6), "T": (128, 4, 4)}
@@ -107,6 +145,11 @@ def create_model(name: str, **overrides) -> DiT | FPDM:
 
     Overrides are ModelConfig fields; an unknown name or field is a ValueError listing the valid ones.
     """
+    return build_model(model_config(name, **overrides))
+
+
+def model_config(name: str, **overrides) -> ModelConfig:
+    """The config ``create_model(name, **overrides)`` builds (checked, nothing allocated)."""
     if name not in model_names():
         raise ValueError(f"unknown model {name!r}; valid: {', '.join(model_names())}")
     kind, rest = name.split("-", 1)
@@ -117,8 +160,7 @@ def create_model(name: str, **overrides) -> DiT | FPDM:
     if unknown:
         raise ValueError(f"unknown model config field(s) {', '.join(unknown)}; valid: {', '.join(sorted(fields))}")
     base = dict(kind=kind.lower(), hidden_size=hidden, depth=depth, num_heads=heads, patch_size=int(patch))
-    config = ModelConfig(**{**base, **overrides})
-    return build_model(config)
+    return ModelConfig(**{**base, **overrides})
 
 
 def build_model(config: ModelConfig) -> DiT | FPDM:
@@ -126,10 +168,11 @@ def build_model(config: ModelConfig) -> DiT | FPDM:
     return FPDM(config) if config.kind == "fpdm" else DiT(config)
 
 
-def fixed_iterations(n: int, solver: Callable[..., Solution] = fixedpoint.picard, **options) -> Callable:
+def fixed_iterations(n: int, solver: Callable[..., Solution] | None = None, **options) -> Callable:
     """An eval solver making exactly ``n`` calls of the fixed-point block (for budgets and the paper's setting).
 
-    The shared loop calls f once at the start and once per iteration, so this is
+    With no ``solver``: the release's plain iteration, z_n = f^n(z_0), its last iterate (``plain_iterations``).
+    With a fixedpoint solver: the shared loop calls f once at the start and once per iteration, so this is
     ``max_iter = n - 1`` with a tolerance no residual reaches; n = 1 is one call.
     The loop need not ask the device after every iteration whether to go on
     (``check_every = n - 1``: no host sync per iteration on GPUs), so the n calls are
@@ -141,19 +184,28 @@ def fixed_iterations(n: int, solver: Callable[..., Solution] = fixedpoint.picard
     """
     if not isinstance(n, int) or n < 1:
         raise ValueError(f"iterations must be an integer >= 1, got {n!r}")
+    if solver is None:
+        if options:
+            raise TypeError(f"plain iteration takes no options, got {', '.join(sorted(options))}")
+        return partial(plain_iterations, n=n)
     if n == 1:
-        return _single_call
+        return partial(plain_iterations, n=1)
     return partial(solver, **{"max_iter": n - 1, "tol": 1e-30, "divergence": None, "check_every": n - 1, **options})
 
 
-def _single_call(f: Callable[..., Tensor], x0: Tensor, *, args: tuple | None = None) -> Solution:
-    """The one-call 'solver': x = x0, fx = f(x0, *args)."""
-    fx = f(x0, *(args or ()))
+def plain_iterations(f: Callable[..., Tensor], x0: Tensor, *, n: int, args: tuple | None = None) -> Solution:
+    """The release's fixed-point layer: n calls of f from x0; ``fx`` = f^n(x0) and ``x`` = f^(n-1)(x0).
+
+    No stopping and no best iterate: what the paper's code computes. The residual is the last pair's
+    relative one; ``nsteps`` is n - 1 (the shared loop's count for n calls) and the status MAX_ITER."""
+    x, fx = x0, f(x0, *(args or ()))
+    for _ in range(n - 1):
+        x, fx = fx, f(fx, *(args or ()))
     batch = x0.shape[0]
-    res = (fx - x0).flatten(1).norm(dim=1) / fx.flatten(1).norm(dim=1).clamp_min(1e-30)
-    zeros = torch.zeros(batch, dtype=torch.long, device=x0.device)
-    status = torch.full_like(zeros, fixedpoint.Status.MAX_ITER)
-    return Solution(x0, fx, res.float(), zeros, status, res.new_empty(0, batch, dtype=torch.float32), nfev=1)
+    res = (fx - x).flatten(1).float().norm(dim=1) / fx.flatten(1).float().norm(dim=1).clamp_min(1e-30)  # (B,)
+    nsteps = torch.full((batch,), n - 1, dtype=torch.long, device=x0.device)
+    status = torch.full_like(nsteps, fixedpoint.Status.MAX_ITER)
+    return Solution(x, fx, res, nsteps, status, res.new_empty(0, batch), nfev=n)
 
 
 # ----------------------------------------------------------------------------- building blocks
@@ -191,9 +243,9 @@ class TimestepEmbedder(nn.Module):
 class LabelEmbedder(nn.Module):
     """Class embedding with one extra row: the null class used for classifier-free guidance."""
 
-    def __init__(self, num_classes: int, hidden_size: int, dropout_prob: float) -> None:
+    def __init__(self, num_classes: int, hidden_size: int, dropout_prob: float, null_class: bool = True) -> None:
         super().__init__()
-        self.embedding = nn.Embedding(num_classes + 1, hidden_size)
+        self.embedding = nn.Embedding(num_classes + int(null_class), hidden_size)
         self.num_classes, self.dropout_prob = num_classes, dropout_prob
 
     def forward(self, y: Tensor) -> Tensor:
@@ -281,7 +333,7 @@ class DiT(nn.Module):
         d = config.hidden_size
         self.x_embedder = nn.Conv2d(config.in_channels, d, kernel_size=config.patch_size, stride=config.patch_size)
         self.t_embedder = TimestepEmbedder(d)
-        self.y_embedder = LabelEmbedder(config.num_classes, d, config.class_dropout_prob)
+        self.y_embedder = LabelEmbedder(config.num_classes, d, config.class_dropout_prob, config.null_class)
         grid = config.input_size // config.patch_size
         pos = torch.from_numpy(sincos_pos_embed_2d(d, grid)).float().unsqueeze(0).to(self.x_embedder.weight.device)
         self.register_buffer("pos_embed", pos, persistent=False)  # (1, T, D), fixed
@@ -347,7 +399,11 @@ class DiT(nn.Module):
         """x (N, C, H, W), t (N,), y (N,) -> (N, C_out, H, W). ``z0`` is ignored (FPDM's warm start)."""
         tokens, t_emb, y_emb = self.embed(x, t, y)
         tokens = self.body(tokens, t_emb, y_emb, z0)
-        return self.unpatchify(self.final_layer(tokens, t_emb + y_emb))
+        return self.unpatchify(self.final_layer(tokens, self.final_condition(t_emb, y_emb)))
+
+    def final_condition(self, t_emb: Tensor, y_emb: Tensor) -> Tensor:
+        """The final layer's conditioning (N, D): timestep + class."""
+        return t_emb + y_emb
 
     @property
     def block_evaluations(self) -> int:
@@ -375,7 +431,8 @@ class FPDM(DiT):
         cfg, d = self.config, self.config.hidden_size
         self.blocks_pre = nn.ModuleList([self.block() for _ in range(cfg.pre_depth)])
         self.injection = nn.Linear(d, d)
-        self.projection = nn.Sequential(nn.Linear(2 * d, 2 * d), nn.GELU(), nn.Linear(2 * d, d))
+        gelu = nn.GELU(approximate=cfg.projection_gelu)
+        self.projection = nn.Sequential(nn.Linear(2 * d, 2 * d), gelu, nn.Linear(2 * d, d))
         self.block_fixed_point = self.block()
         self.blocks_post = nn.ModuleList([self.block() for _ in range(cfg.post_depth)])
         self.eval_solver: Callable[..., Solution] = fixed_iterations(cfg.eval_iters)
@@ -386,9 +443,19 @@ class FPDM(DiT):
         """One iteration: z <- Block(Linear(GELU(Linear(concat[z, x_inj]))), c); all (N, T, D)."""
         return self.block_fixed_point(self.projection(torch.cat([z, x_inj], dim=-1)), c)
 
+    def outer_condition(self, t_emb: Tensor, y_emb: Tensor) -> Tensor:
+        """The pre/post blocks' conditioning (N, D): the class alone unless ``timestep_in_pre_post``."""
+        return t_emb + y_emb if self.config.timestep_in_pre_post else y_emb
+
+    def final_condition(self, t_emb: Tensor, y_emb: Tensor) -> Tensor:
+        """As the post blocks (the release), or timestep + class with ``final_conditioning="full"``."""
+        if self.config.final_conditioning == "full":
+            return t_emb + y_emb
+        return self.outer_condition(t_emb, y_emb)
+
     def body(self, tokens: Tensor, t_emb: Tensor, y_emb: Tensor, z0: Tensor | None) -> Tensor:
         c_full = t_emb + y_emb
-        c_outer = c_full if self.config.timestep_in_pre_post else y_emb
+        c_outer = self.outer_condition(t_emb, y_emb)
         for block in self.blocks_pre:
             tokens = self.run_block(block, tokens, c_outer)
         x_inj = self.injection(tokens)  # (N, T, D), computed once

@@ -40,11 +40,13 @@ import fixedpoint
 from fixedpoint import _graphs
 
 from . import checks
-from .checkpoint import CheckpointError, load_checkpoint
+from .checkpoint import CheckpointError
 from .diffusion import Diffusion, guided
 from .encode import EncodeError, decode, load_vae
-from .images import save_grid, to_uint8
-from .models import FPDM, DiT, ModelConfig, build_model, fixed_iterations
+from .files import write_set
+from .images import grid_image, to_uint8
+from .models import FPDM, DiT, ModelConfig, fixed_iterations
+from .weights import read_weights
 
 __all__ = [
     "ComputePlan",
@@ -54,7 +56,6 @@ __all__ = [
     "SampleStats",
     "SCHEDULES",
     "SOLVERS",
-    "load_model",
 ]
 
 SCHEDULES = ("uniform", "high-noise", "low-noise", "adaptive")
@@ -94,9 +95,9 @@ def _weights(steps: int, schedule: str) -> list[float]:
 
 def _allocate(total: int, weights: list[float]) -> list[int]:
     """Split ``total`` calls over the steps: 1 each, the rest by weight (largest remainder): sums to ``total``."""
-    steps = len(weights)
+    steps, weight_sum = len(weights), sum(weights)
     extra = total - steps
-    shares = [extra * w / sum(weights) for w in weights]
+    shares = [extra * w / weight_sum for w in weights]
     calls = [1 + math.floor(s) for s in shares]
     order = sorted(range(steps), key=lambda i: shares[i] - math.floor(shares[i]), reverse=True)
     for i in order[: total - sum(calls)]:
@@ -149,8 +150,8 @@ def plan_compute(
             f"--budget {budget} cannot give {steps} steps a call each: it needs at least {steps * (cost + 1)} blocks"
         )
     if schedule == "adaptive":
-        if tol is None or not tol > 0:
-            raise SampleError("--schedule adaptive needs a positive --tol")
+        if tol is None or not (tol > 0 and math.isfinite(tol)):
+            raise SampleError(f"--schedule adaptive needs a positive finite --tol, got {tol}")
         return ComputePlan(steps, None, budget, schedule, tol)
     return ComputePlan(steps, _allocate(total_calls, _weights(steps, schedule)), budget, schedule)
 
@@ -171,8 +172,9 @@ class _FixedPointDriver:
         self.step, self.z = 0, None
 
     def _solver_for_step(self) -> Callable:
-        if self.plan.calls is not None:
-            return fixed_iterations(self.plan.calls[self.step], self.solver)
+        if self.plan.calls is not None:  # picard: the release's plain iteration (its last iterate)
+            plain = self.solver is fixedpoint.picard
+            return fixed_iterations(self.plan.calls[self.step], None if plain else self.solver)
         # adaptive: stop at tol, but leave every later step at least one call
         spent = sum(self.stats.calls_per_step)
         later = self.plan.steps - self.step - 1
@@ -200,6 +202,7 @@ def generate(
     method: str = "ddim",
     eta: float = 0.0,
     guidance: float = 1.0,
+    guidance_channels: int | None = None,
     solver: str = "picard",
     reuse: bool = False,
     graph: bool | str = False,
@@ -211,6 +214,9 @@ def generate(
 ) -> tuple[Tensor, SampleStats]:
     """Sample ``len(labels)`` images (N, C, H, W) in batches; returns them and the compute used.
 
+    ``guidance_channels``: guide only the first k channels of epsilon (DiT's published protocol: 3; None: all).
+    ``solver``: "picard" is the release's plain iteration for a fixed number of calls (fixedpoint's picard, with
+    its best iterate, only under the adaptive schedule), the others are fixedpoint's solvers.
     ``graph``: the fixed-point solves' CUDA-graph mode (fixedpoint's ``graph``; picard and anderson; see
     ``check_graph``). True captures the block once per calls-per-step and batch size and replays it at every
     later step; the graphs stay kept after sampling (``fixedpoint.clear_graph_cache()`` frees them).
@@ -238,8 +244,11 @@ def generate(
         else:
             fn = model
             batch_stats.block_evaluations = plan.steps * model.config.depth
-        out = diffusion.sample(guided(fn, guidance, model.config.num_classes), noise, y, method=method, eta=eta,
-                               clip=clip, generator=gen)  # fmt: skip
+        fn = guided(fn, guidance, model.config.num_classes, channels=guidance_channels)
+        out = diffusion.sample(fn, noise, y, method=method, eta=eta, clip=clip, generator=gen)
+        if not torch.isfinite(out).all():
+            raise SampleError(f"sampling gave non-finite values (NaN/Inf) in the batch of samples {first}.."
+                              f"{first + len(y) - 1}: the weights or this plan diverge")  # fmt: skip
         images.append(out.cpu())
         share = len(y) / len(labels)  # per-sample averages over the batches (they differ only when adaptive)
         stats.block_evaluations += share * batch_stats.block_evaluations
@@ -251,22 +260,6 @@ def generate(
     if original_solver is not None:
         model.eval_solver = original_solver
     return torch.cat(images), stats
-
-
-def load_model(ckpt_path: str | Path, *, weights: str = "ema", device: str = "cpu") -> tuple[DiT | FPDM, dict]:
-    """A model and its checkpoint's run settings; a checkpoint that does not fit its config is an error."""
-    if weights not in ("ema", "model"):
-        raise SampleError(f"--weights must be 'ema' or 'model', got {weights!r}")
-    try:
-        ckpt = load_checkpoint(ckpt_path, hint="give a checkpoint of python -m fpdm.train")
-        model = build_model(ModelConfig(**ckpt["config"]))
-        model.load_state_dict(ckpt[weights])
-    except CheckpointError as err:
-        raise SampleError(str(err)) from None
-    except (KeyError, TypeError, ValueError, RuntimeError) as err:
-        reason = str(err).splitlines()[0]
-        raise SampleError(f"checkpoint {ckpt_path} does not match its model config: {reason}") from None
-    return model.to(device).eval(), ckpt.get("run", {})
 
 
 def check_graph(graph: bool | str, solver: str, plan: ComputePlan, kind: str) -> None:
@@ -313,15 +306,31 @@ def _labels(spec: str, num: int, num_classes: int, seed: int) -> Tensor:
 def main(args: argparse.Namespace) -> dict:
     dev = checks.device(args.device)
     checks.number("--eta", args.eta, 0.0, 1.0)
-    checks.number("--guidance", args.guidance)
-    if args.eta and args.method != "ddim":
-        raise SampleError("--eta applies to --method ddim (DDPM has no eta)")
     if args.tol is not None and args.schedule != "adaptive":
         raise SampleError("--tol applies to --schedule adaptive")
     if args.graph != "off" and dev.type != "cuda":
         raise SampleError(f"--graph {args.graph} replays CUDA graphs and needs a CUDA device, got {dev}")
-    model, run = load_model(args.ckpt, weights=args.weights, device=str(dev))
-    cfg = model.config
+    if args.weights not in ("ema", "model"):
+        raise SampleError(f"--weights must be 'ema' or 'model', got {args.weights!r}")
+    loaded = read_weights(args.ckpt, weights=args.weights)
+    model, run, cfg = loaded.build(dev), loaded.run, loaded.config
+    defaults = loaded.sampling  # the training run's grid, or the field's sample.py for outside weights
+    args.method = args.method or defaults["method"]
+    args.guidance = defaults["guidance"] if args.guidance is None else args.guidance
+    args.guidance_channels = args.guidance_channels or defaults["guidance_channels"]
+    if args.steps is None and args.budget is None:
+        args.steps = defaults["steps"]
+    checks.number("--guidance", args.guidance)
+    if args.eta and args.method != "ddim":
+        raise SampleError("--eta applies to --method ddim (DDPM has no eta)")
+    if args.guidance != 1 and not cfg.null_class:
+        raise SampleError(f"--guidance {args.guidance} needs a null class, and this model has none (use 1)")
+    if args.guidance_channels is not None and not 1 <= args.guidance_channels <= cfg.in_channels:
+        raise SampleError(f"--guidance-channels must be in 1..{cfg.in_channels}, got {args.guidance_channels}")
+    if not args.quiet:
+        channels = "all" if args.guidance_channels is None else f"the first {args.guidance_channels}"
+        print(f"{loaded.source} weights: {args.method.upper()}, {args.steps or 'budgeted'} steps, guidance "
+              f"{args.guidance:g} on {channels} channels", flush=True)  # fmt: skip
     if cfg.kind == "dit" and (args.reuse or args.solver != "picard" or args.graph != "off"):
         raise SampleError("--reuse, --solver and --graph apply to FPDM checkpoints; a DiT has no fixed-point layer")
     plan = plan_compute(cfg, steps=args.steps, iters=args.iters, budget=args.budget, schedule=args.schedule,
@@ -330,6 +339,10 @@ def main(args: argparse.Namespace) -> dict:
     num_timesteps = int(run.get("num_timesteps", 1000))  # the schedule the checkpoint was trained with
     if plan.steps > num_timesteps:
         raise SampleError(f"{plan.steps} sampling steps > the {num_timesteps} diffusion timesteps of this checkpoint")
+    per_sample = 8 + cfg.in_channels * cfg.input_size**2 * 5  # its label, its float image and uint8 copy
+    checks.memory("--num-samples", args.num_samples, args.num_samples * per_sample)
+    batch = min(args.batch_size, args.num_samples) * (1 if args.guidance == 1 else 2)
+    checks.memory("--batch-size", args.batch_size, batch * cfg.num_tokens * cfg.hidden_size * 4 * ACTIVATIONS_PER_TOKEN)
     labels = _labels(args.classes, args.num_samples, cfg.num_classes, args.seed)
     is_latent = str(run.get("dataset", "")).startswith("latents:")
     vae = None
@@ -338,25 +351,44 @@ def main(args: argparse.Namespace) -> dict:
             raise SampleError("this checkpoint generates VAE latents: pass --vae PATH to decode them")
         vae = load_vae(args.vae, dev)
     out = checks.output_dir(args.out)
+    with checks.run_lock(out):  # one sampler per folder: its files are one run's
+        return _sample_into(out, args, model, cfg, plan, labels, num_timesteps, is_latent, vae)
+
+
+# float32 values a forward keeps per token and width at once (attention, MLP, the fixed-point state): a bound
+# for the memory check, not a measurement
+ACTIVATIONS_PER_TOKEN = 16
+
+
+def _sample_into(out: Path, args: argparse.Namespace, model: DiT | FPDM, cfg: ModelConfig, plan: ComputePlan,
+                 labels: Tensor, num_timesteps: int, is_latent: bool, vae) -> dict:  # fmt: skip
+    """Sample, then write samples.npz, samples.png and last stats.json (the manifest of a complete set)."""
     images, stats = generate(
         model, labels, plan, image_shape=(cfg.in_channels, cfg.input_size, cfg.input_size), method=args.method,
-        eta=args.eta, guidance=args.guidance, solver=args.solver, reuse=args.reuse, graph=GRAPH_FLAGS[args.graph],
+        eta=args.eta, guidance=args.guidance, guidance_channels=args.guidance_channels, solver=args.solver,
+        reuse=args.reuse, graph=GRAPH_FLAGS[args.graph],
         clip=not is_latent,
         seed=args.seed, batch_size=args.batch_size, num_timesteps=num_timesteps, progress=not args.quiet,
     )  # fmt: skip
     if vae is not None:
         images = decode(vae, images)
-    np.savez(out / "samples.npz", images=to_uint8(images), labels=labels.numpy())
-    save_grid(images[:100], out / "samples.png", nrow=10, scale=max(1, 64 // images.shape[-1]))
+    pixels = to_uint8(images)  # (N, H, W, C) uint8: ADM's layout
     summary = {
         "checkpoint": str(args.ckpt), "num_samples": len(labels), "method": args.method, "steps": plan.steps,
         "schedule": plan.schedule, "solver": args.solver if cfg.kind == "fpdm" else None, "reuse": args.reuse,
         "graph": args.graph,
-        "guidance": args.guidance, "budget": plan.budget, "num_timesteps": num_timesteps,
+        "guidance": args.guidance, "guidance_channels": args.guidance_channels, "budget": plan.budget,
+        "num_timesteps": num_timesteps,
         "block_evaluations_per_sample": round(stats.block_evaluations, 6),
         "calls_per_step": [round(c, 6) for c in stats.calls_per_step], "seconds": stats.seconds,
+        "files": ["samples.npz", "samples.png"],
     }  # fmt: skip
-    (out / "stats.json").write_text(json.dumps(summary, indent=2))
+    grid = grid_image(images[:100], nrow=10, scale=max(1, 64 // images.shape[-1]))
+    write_set(out, {  # all written before any replaces the last run's; stats.json, the manifest, last
+        "samples.npz": lambda fh: np.savez(fh, images=pixels, labels=labels.numpy()),
+        "samples.png": lambda fh: grid.save(fh, format="PNG"),
+        "stats.json": lambda fh: fh.write((json.dumps(summary, indent=2) + "\n").encode()),
+    })  # fmt: skip
     print(
         f"{len(labels)} samples in {stats.seconds:.1f} s, {plan.steps} steps, "
         f"{stats.block_evaluations:g} block evaluations per sample; wrote {out}/samples.png, samples.npz"
@@ -367,12 +399,13 @@ def main(args: argparse.Namespace) -> dict:
 def build_parser() -> argparse.ArgumentParser:
     p = checks.Parser(prog="python -m fpdm.sample", description=__doc__.split("\n\n")[0],
                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # fmt: skip
-    p.add_argument("--ckpt", required=True, help="a checkpoint of python -m fpdm.train")
+    p.add_argument("--ckpt", required=True, help="weights: an fpdm.train checkpoint, an fpdm.export folder, an "
+                   "official DiT checkpoint or an FPDM-release checkpoint (read without running code)")
     p.add_argument("--num-samples", type=int, default=100)
     p.add_argument("--out", required=True, help="directory for samples.png, samples.npz, stats.json")
     p.add_argument("--weights", default="ema", help="ema | model")
-    p.add_argument("--method", default="ddim", choices=["ddim", "ddpm"])
-    p.add_argument("--steps", type=int, default=None, help="sampling steps (50 unless --budget sets them)")
+    p.add_argument("--method", default=None, choices=["ddim", "ddpm"], help="default: the training run's (ddim)")
+    p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the training run's grid's)")
     p.add_argument("--iters", type=int, default=None, help="FPDM: fixed-point calls per step")
     p.add_argument("--budget", type=int, default=None, help="block evaluations per sample in total")
     p.add_argument("--schedule", default="uniform", help="|".join(SCHEDULES))
@@ -384,7 +417,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="FPDM on CUDA: 'on' captures the fixed-point block once and replays it at every step; "
                    "'solver' replays the solver's work only (any block)")  # fmt: skip
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta")
-    p.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale")
+    p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (default: the "
+                   "training run's grid's; outside weights: 4, as their sample.py)")
+    p.add_argument("--guidance-channels", type=int, default=None, help="guide only the first K channels of epsilon "
+                   "(DiT's FID protocol on latents: 3; default: all, or 3 for outside weights)")
     p.add_argument("--classes", default="random", help="'random' or comma-separated class labels")
     p.add_argument("--seed", type=checks.seed, default=0, help="an integer in [0, 2^32)")
     p.add_argument("--batch-size", type=int, default=100)
@@ -397,13 +433,11 @@ def build_parser() -> argparse.ArgumentParser:
 def _run(args: argparse.Namespace) -> None:
     if args.num_samples < 1 or args.batch_size < 1:
         raise SampleError("--num-samples and --batch-size must be >= 1")
-    if args.steps is None and args.budget is None:
-        args.steps = 50
     main(args)
 
 
 def cli(argv: list[str] | None = None) -> int:
-    return checks.run_cli(build_parser(), argv, _run, (SampleError, EncodeError))
+    return checks.run_cli(build_parser(), argv, _run, (SampleError, EncodeError, CheckpointError))
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """python -m fpdm.study: the FPDM-vs-DiT study, reproducible by one command.
 
-1. trains a DiT and an FPDM of the same width on the same data (resumable:
-   run the command again and it continues where it stopped);
+1. trains a DiT and an FPDM of the same width on the same data (a rerun resumes each training from its
+   last checkpoint; the measurements and the sweep are redone);
 2. measures parameters, training memory (bytes autograd keeps for backward,
    plus weights, gradients and AdamW state) and training throughput;
 3. sweeps quality (Frechet distance in our feature space, conditional
@@ -18,7 +18,6 @@ FPDM with 1 + fixed-point + 1 blocks and the paper's S-JFB ranges.
 from __future__ import annotations
 
 import argparse
-import json
 import subprocess
 import sys
 from pathlib import Path
@@ -26,9 +25,12 @@ from pathlib import Path
 import torch
 
 from . import checks
+from .checkpoint import CheckpointError
 from .evaluate import FPDM_VARIANTS, EvaluateError, check_variants, load_models, reference_for, sweep, write_reports
-from .sample import SampleError, load_model
+from .files import atomic_write, write_json, write_text
+from .sample import SampleError
 from .train import read_metrics
+from .weights import load_model
 
 
 def _train(kind: str, args: argparse.Namespace, out: Path) -> Path:
@@ -41,14 +43,14 @@ def _train(kind: str, args: argparse.Namespace, out: Path) -> Path:
         cmd += ["--data-dir", args.data_dir]
     if kind == "DiT":
         cmd += ["--depth", str(args.dit_depth)]
-    print(" ".join(cmd[1:]), flush=True)
+    print("python " + " ".join(cmd[1:]), flush=True)  # as a user would type it
     subprocess.run(cmd, check=True)
     return out / "checkpoints" / "latest.pt"
 
 
 def _memory_and_params(ckpt: Path, batch: int) -> dict:
     """Parameters, and training memory at ``batch`` per process: 16 B per parameter + saved activations."""
-    model, _ = load_model(ckpt)
+    model = load_model(ckpt)
     cfg = model.config
     params = sum(p.numel() for p in model.parameters())
     saved = [0]
@@ -97,9 +99,10 @@ def _side_by_side(grids: Path, out: Path, budget: int) -> Path:
         ax.set_title(path.stem.replace("dit-dit", "DiT").replace("fpdm-", "FPDM ").rsplit("-", 1)[0], fontsize=10)
     fig.suptitle(f"samples at {budget} block evaluations per sample (one column per class)", fontsize=11)
     fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    try:
+        return atomic_write(out, lambda fh: fig.savefig(fh, format="png", dpi=110))
+    finally:
+        plt.close(fig)
 
 
 def main(args: argparse.Namespace) -> Path:
@@ -112,7 +115,7 @@ def main(args: argparse.Namespace) -> Path:
         summary[kind] = {**_memory_and_params(ckpt, args.batch_size),
                          "steps_per_s": sorted(speeds)[len(speeds) // 2] if speeds else None,
                          "final_loss": records[-1]["loss"] if records else None}  # fmt: skip
-    (out / "training.json").write_text(json.dumps(summary, indent=2))
+    write_json(out / "training.json", summary)
 
     ref = reference_for(args.dataset, data_dir=args.data_dir, progress=True)
     models = load_models([str(c) for c in checkpoints.values()])
@@ -138,7 +141,7 @@ def main(args: argparse.Namespace) -> Path:
         "![samples at the smallest budget](grids_smallest_budget.png)",
     ]  # fmt: skip
     report = out / "report.md"
-    report.write_text("\n".join(lines) + "\n")
+    write_text(report, "\n".join(lines) + "\n")
     print(f"wrote {report}")
     return report
 
@@ -188,12 +191,13 @@ def validate(args: argparse.Namespace) -> None:
 
 def _run(args: argparse.Namespace) -> None:
     validate(args)
-    main(args)
+    with checks.run_lock(Path(args.out)):  # one study per folder (each training run locks its own)
+        main(args)
 
 
 def cli(argv: list[str] | None = None) -> int:
     try:
-        return checks.run_cli(build_parser(), argv, _run, (EvaluateError, SampleError))
+        return checks.run_cli(build_parser(), argv, _run, (EvaluateError, SampleError, CheckpointError))
     except subprocess.CalledProcessError as err:  # the training command said why, in one line: not again
         return err.returncode
 

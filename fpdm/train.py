@@ -28,11 +28,13 @@ import torch.distributed as dist
 from torch import nn
 
 from . import checks
-from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from .data import DataError, ImageData, load_dataset
+from .checkpoint import CheckpointError, check_settings, load_checkpoint, save_checkpoint
+from .data import DataError, ImageData, check_dataset, load_dataset
 from .diffusion import MIN_TIMESTEPS, Diffusion, guided
+from .files import write_json, write_text
 from .images import plot_loss_curve, save_grid
-from .models import create_model, model_names
+from .models import LEGACY_FIELDS, ModelConfig, create_model, model_config, model_names
+from .weights import initialise_from, read_weights
 
 
 class UsageError(Exception):
@@ -64,13 +66,16 @@ def setup_distributed(device_arg: str) -> tuple[int, int, torch.device]:
 
 
 def read_metrics(path: Path) -> list[dict]:
-    """The records of a metrics JSON-lines file; a line torn by a crash mid-write is dropped."""
+    """The records of a metrics JSON-lines file; a line torn by a crash mid-write, or one that is not a record
+    with an integer step, is dropped."""
     records = []
     for line in path.read_text().splitlines():
         try:
-            records.append(json.loads(line))
+            record = json.loads(line)
         except json.JSONDecodeError:
             continue
+        if isinstance(record, dict) and type(record.get("step")) is int:  # anything else is damage: skipped
+            records.append(record)
     return records
 
 
@@ -115,7 +120,7 @@ def sample_grid(model: nn.Module, data: ImageData, args, device: torch.device, p
     gen = torch.Generator().manual_seed(args.seed)
     noise = torch.randn(len(y), data.channels, data.image_size, data.image_size, generator=gen).to(device)
     diffusion = Diffusion.create(args.num_timesteps, learn_sigma=args.learn_sigma, steps=args.sample_steps)
-    fn = guided(model, args.guidance, null_class=data.num_classes)
+    fn = guided(model, args.guidance, null_class=data.num_classes)  # every channel (images or latents of ours)
     images = diffusion.sample(fn, noise, y, method="ddim", clip=not data.is_latent, generator=gen)
     return save_grid(images, path, nrow=per_class, scale=max(1, 64 // data.image_size))
 
@@ -125,10 +130,28 @@ def out_dir(args: argparse.Namespace) -> Path:
     return Path(args.out or f"runs/{args.dataset.split(':')[0]}-{args.model.replace('/', '-')}")
 
 
+# float32 values a training step keeps per token and width for each block it runs (forward activations for the
+# backward): a bound for the memory check, not a measurement
+ACTIVATIONS_PER_TOKEN = 24
+
+
+def check_memory(args: argparse.Namespace, cfg: ModelConfig, local_batch: int, device: torch.device) -> None:
+    """One line naming the option when the model (weights, gradients, EMA, AdamW: 20 bytes a parameter), the
+    activations of a step or the diffusion tables cannot fit, instead of an allocator's traceback."""
+    params = cfg.num_parameters
+    flag = "--pre-depth/--post-depth" if cfg.kind == "fpdm" else "--model/--depth"
+    checks.memory(flag, f"({params / 1e6:.0f}M parameters)", params * 20, device)
+    blocks = cfg.pre_depth + cfg.post_depth + cfg.grad_iters[1] if cfg.kind == "fpdm" else cfg.depth
+    per_sample = cfg.num_tokens * cfg.hidden_size * 4 * ACTIVATIONS_PER_TOKEN * blocks
+    checks.memory("--batch-size", args.batch_size, local_batch * per_sample, device)
+    checks.memory("--num-timesteps", args.num_timesteps, args.num_timesteps * 8 * 16)
+
+
 def main(args: argparse.Namespace) -> None:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if args.batch_size % world:  # before any process group: every process says it and stops
         raise UsageError(f"--batch-size {args.batch_size} is not divisible by the {world} processes")
+    check_dataset(args.dataset, args.data_dir)  # before --out and its lock exist
     rank, world, device = setup_distributed(args.device)
     out = checks.output_dir(out_dir(args))
     with checks.run_lock(out) if rank == 0 else nullcontext():  # one run per folder: its files are the run's
@@ -148,8 +171,23 @@ def train(args: argparse.Namespace, rank: int, world: int, device: torch.device,
     log(f"data: {data.name}, {len(data)} images {data.channels}x{data.image_size}x{data.image_size}, "
         f"{data.num_classes} classes")  # fmt: skip
 
+    # ---------------------------------------------------------------- a run to resume, or weights to start from
+    run = {k: getattr(args, k) for k in RUN_DEFINING}
+    run["world_size"] = world
+    ckpt = None
+    if ckpt_path.exists():
+        if args.init:
+            raise UsageError(f"--init {args.init}, but {out} holds a run to resume ({ckpt_path}): resume comes first "
+                             "(drop --init), or use another --out")  # fmt: skip
+        # depth is compared through the model's config: --depth 4 and a named size of depth 4 are one run
+        ckpt = load_checkpoint(ckpt_path, run={k: v for k, v in run.items() if k != "depth"})
+    init = read_weights(args.init) if args.init else None  # before any weights are built: a bad file is one line
+
     # ---------------------------------------------------------------- model, EMA, optimiser
     overrides = dict(input_size=data.image_size, in_channels=data.channels, num_classes=data.num_classes)
+    saved_config = ckpt.get("config") if ckpt is not None else None
+    if isinstance(saved_config, dict):  # a run from before a field existed resumes with the behaviour it had
+        overrides.update({k: saved_config.get(k, v) for k, v in LEGACY_FIELDS.items()})
     overrides["learn_sigma"] = args.learn_sigma
     if args.depth is not None:
         if not args.model.startswith("DiT"):
@@ -159,12 +197,16 @@ def train(args: argparse.Namespace, rank: int, world: int, device: torch.device,
         overrides.update(pre_depth=args.pre_depth, post_depth=args.post_depth)
     if args.model.startswith("FPDM"):
         overrides.update(no_grad_iters=args.no_grad_iters, grad_iters=args.grad_iters)
-    torch.manual_seed(args.seed)  # the same initial weights in every process and every run
     try:
+        check_memory(args, model_config(args.model, **overrides), local_batch, device)
+        torch.manual_seed(args.seed)  # the same initial weights in every process and every run
         model = create_model(args.model, **overrides).to(device)
     except ValueError as err:
         raise UsageError(str(err)) from None
     model.grad_checkpointing = args.grad_checkpointing
+    if init is not None:
+        initialise_from(model, init)
+        log(f"initialised from {args.init} ({init.source} weights of a {init.config.kind.upper()})")
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     diffusion = Diffusion.create(args.num_timesteps, learn_sigma=args.learn_sigma)
@@ -179,13 +221,16 @@ def train(args: argparse.Namespace, rank: int, world: int, device: torch.device,
     if hasattr(model, "generator"):
         model.generator = generators["sjfb"]
 
-    run = {k: getattr(args, k) for k in RUN_DEFINING}
-    run["world_size"] = world
     start_step, window = 0, (0.0, 0)  # window: the loss sum and steps since the last metrics record
-    if ckpt_path.exists():
-        # depth is compared through the model's config: --depth 4 and a named size of depth 4 are one run
-        resumed = {k: v for k, v in run.items() if k != "depth"}
-        ckpt = load_checkpoint(ckpt_path, run=resumed, config=dataclasses.asdict(model.config))
+    sampling = {"method": "ddim", "steps": args.sample_steps or 50, "guidance": args.guidance,
+                "guidance_channels": None}  # what the grid uses: fpdm.sample's defaults for this run  # fmt: skip
+    if ckpt is not None:
+        try:  # fields the checkpoint predates read as what it was trained with
+            saved = {"config": dataclasses.asdict(ModelConfig.from_dict(ckpt.get("config")))}
+        except (TypeError, ValueError) as err:
+            raise UsageError(f"checkpoint {ckpt_path} has a damaged model config ({err}); move it away to start "
+                             "over, or use another --out") from None  # fmt: skip
+        check_settings(ckpt_path, saved, config=dataclasses.asdict(model.config))
         try:
             model.load_state_dict(ckpt["model"])
             ema.load_state_dict(ckpt["ema"])
@@ -195,6 +240,8 @@ def train(args: argparse.Namespace, rank: int, world: int, device: torch.device,
             if not isinstance(start_step, int) or start_step < 0:
                 raise ValueError(f"its step is {start_step!r}")
             window = tuple(ckpt.get("log_window", window))  # a record spanning the resume averages the same steps
+            if len(window) != 2 or type(window[0]) is not float or type(window[1]) is not int:
+                raise ValueError(f"its log_window is {ckpt.get('log_window')!r}")
         except (KeyError, IndexError, RuntimeError, TypeError, ValueError) as err:
             reason = str(err).splitlines()[0] if str(err) else type(err).__name__
             raise UsageError(
@@ -205,14 +252,14 @@ def train(args: argparse.Namespace, rank: int, world: int, device: torch.device,
         if start_step >= args.steps:
             log(f"already trained to step {start_step} (--steps {args.steps}): nothing to train")
     elif is_main:
-        (out / "config.json").write_text(json.dumps({"run": run, "model": dataclasses.asdict(model.config)}, indent=2))
+        write_json(out / "config.json", {"run": run, "model": dataclasses.asdict(model.config), "init": args.init})
 
     net = nn.parallel.DistributedDataParallel(model) if world > 1 else model
     metrics_path = out / "metrics.jsonl"
     seen: list[dict] = []  # the records the checkpoint we start from had seen
     if is_main and metrics_path.exists():  # keep only those
-        seen = [r for r in read_metrics(metrics_path) if r.get("step", 0) <= start_step]
-        metrics_path.write_text("".join(json.dumps(r) + "\n" for r in seen))
+        seen = [r for r in read_metrics(metrics_path) if r["step"] <= start_step]
+        write_text(metrics_path, "".join(json.dumps(r) + "\n" for r in seen))  # atomic: a kill keeps the old file
     last_loss = seen[-1].get("loss", float("nan")) if seen else float("nan")  # the bar's loss until the next log
     metrics = open(metrics_path, "a") if is_main else None  # noqa: SIM115 (kept open for the loop)
 
@@ -275,7 +322,7 @@ def train(args: argparse.Namespace, rank: int, world: int, device: torch.device,
                         "step": step + 1, "model": model.state_dict(), "ema": ema.state_dict(),
                         "optimizer": optimizer.state_dict(), "rng": rng, "run": run,
                         "log_window": [window_loss, window_steps],
-                        "config": dataclasses.asdict(model.config),
+                        "config": dataclasses.asdict(model.config), "sampling": sampling,
                     })  # fmt: skip
                 saved_step = step + 1
     if metrics:
@@ -335,6 +382,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grad-checkpointing", action="store_true", help="recompute blocks in backward (less memory)")
     p.add_argument("--num-timesteps", type=_positive_int, default=1000, help="diffusion steps in training")
     p.add_argument("--out", default=None, help="output directory (default runs/DATASET-MODEL)")
+    p.add_argument("--init", default=None, help="start from these weights (any format load_model reads; an FPDM "
+                   "from a DiT: see docs/fpdm.md); optimiser state starts fresh")
     p.add_argument("--seed", type=checks.seed, default=0, help="an integer in [0, 2^32)")
     p.add_argument("--ckpt-every", type=_positive_int, default=250, help="checkpoint interval in steps")
     p.add_argument("--log-every", type=_positive_int, default=10, help="metrics interval in steps")

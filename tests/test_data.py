@@ -127,7 +127,7 @@ def test_encode_writes_latent_shards_that_train_reads(tmp_path):
     out = tmp_path / "latents"
     args = ["--dataset", f"folder:{images}", "--vae", str(tmp_path / "vae"), "--out", str(out), "--image-size", "16"]
     assert cli([*args, "--shard-size", "4", "--quiet", "--device", "cpu"]) == 0
-    assert sorted(p.name for p in out.iterdir()) == ["latents-00000.npz", "latents-00001.npz"]
+    assert sorted(p.name for p in out.iterdir()) == [".lock", "latents-00000.npz", "latents-00001.npz"]
     data = load_dataset(f"latents:{out}")
     assert data.images.shape == (6, 4, 8, 8) and data.is_latent and data.num_classes == 2
     assert data.labels.tolist() == [0, 0, 0, 1, 1, 1]

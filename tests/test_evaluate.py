@@ -154,7 +154,7 @@ def test_score_existing_samples_and_bad_input(tmp_path, cache_dir, digits_refere
         (["--ckpt", ckpt, "--batch-size", "0"], "--batch-size and --dit-depth must be >= 1"),
         (["--ckpt", ckpt, "--dit-steps", "2000", "--out", str(tmp_path / "e")], "more than the 1000 diffusion"),
         (["--ckpt", ckpt, "--out", str(tmp_path / "s" / "samples.npz")], "is a file, not a directory"),
-        (["--samples", str(tmp_path / "s" / "few_labels.npz"), "--dataset", "digits"], "20 images but labels"),
+        (["--samples", str(tmp_path / "s" / "few_labels.npz"), "--dataset", "digits"], "of shape (5,) for 20 images"),
         (["--samples", str(tmp_path / "s" / "one.npz"), "--dataset", "digits"], "needs at least 2"),
         (
             ["--ckpt", ckpt, "--ckpt", str(other / "checkpoints" / "latest.pt"), "--out", str(tmp_path / "e2")],
@@ -170,12 +170,14 @@ def test_score_existing_samples_and_bad_input(tmp_path, cache_dir, digits_refere
 def test_a_sweep_reads_each_checkpoint_once(tmp_path, cache_dir, digits_reference, monkeypatch):
     """Every checkpoint is read once, before the reference (whose feature network may have to train)."""
     import fpdm.evaluate
-    import fpdm.sample
+    import fpdm.weights
 
     ckpt = _checkpoint(tmp_path, "FPDM-T/2")
-    reads, read = [], fpdm.sample.load_checkpoint
-    for module in (fpdm.sample, fpdm.evaluate):  # the evaluation also reads its cached feature network
-        monkeypatch.setattr(module, "load_checkpoint", lambda path, **kw: reads.append(str(path)) or read(path, **kw))
+    reads, read, load = [], fpdm.weights.read_file, fpdm.evaluate.load_checkpoint
+    monkeypatch.setattr(fpdm.weights, "read_file", lambda path: reads.append(str(path)) or read(path))
+    # the evaluation also reads its cached feature network
+    monkeypatch.setattr(fpdm.evaluate, "load_checkpoint",
+                        lambda path, **kw: reads.append(str(path)) or load(path, **kw))  # fmt: skip
     code = fpdm.evaluate.cli(["--ckpt", ckpt, "--dit-steps", "2", "--dit-depth", "4", "--variants", "uniform",
                               "--num-samples", "10", "--cache-dir", str(cache_dir), "--out", str(tmp_path / "e"),
                               "--quiet"])  # fmt: skip

@@ -28,7 +28,16 @@ def test_parameter_counts_of_every_named_size(name):
     with torch.device("meta"):
         model = create_model(name)
     count = sum(p.numel() for p in model.parameters())
-    assert count == _expected_parameters(kind.lower(), hidden, depth, int(patch))
+    assert count == _expected_parameters(kind.lower(), hidden, depth, int(patch)) == model.config.num_parameters
+
+
+@pytest.mark.parametrize("overrides", [dict(mlp_ratio=2.0), dict(null_class=False, class_dropout_prob=0.0),
+                                       dict(learn_sigma=False, in_channels=3), dict(pre_depth=3, post_depth=0)])
+def test_the_closed_form_parameter_count_follows_every_field(overrides):
+    """Bug: the memory check's count ignoring a field (MLP ratio, the null row, sigma channels, pre depth)."""
+    for name in ("DiT-T/2", "FPDM-T/4"):
+        model = create_model(name, input_size=8, num_classes=7, **overrides)
+        assert model.config.num_parameters == sum(p.numel() for p in model.parameters())
 
 
 def test_dit_xl2_has_dit_published_parameter_count():
@@ -114,13 +123,30 @@ def test_fpdm_eval_runs_the_configured_solver_and_reports_calls():
         model(x, t, y)
     assert model.last_fixed_point.calls == 7 and model.block_evaluations == 9
     assert model.last_fixed_point.solution.nsteps.tolist() == [6, 6]
-    # the same iterates as the default loop (which syncs after every iteration)
-    options = fixed_iterations(7).keywords
-    assert options["check_every"] == 6 and fixed_iterations(7, check_every=1).keywords["check_every"] == 1
+    # with picard: the same iterates as the default loop (which syncs after every iteration)
+    options = fixed_iterations(7, fixedpoint.picard).keywords
+    assert options["check_every"] == 6
+    assert fixed_iterations(7, fixedpoint.picard, check_every=1).keywords["check_every"] == 1
     f = lambda z: 0.5 * torch.tanh(z) + 1.0  # noqa: E731
     z0 = torch.randn(3, 5)
     synced = fixedpoint.picard(f, z0, **{**options, "check_every": 1})
-    assert torch.equal(fixed_iterations(7)(f, z0).x, synced.x)
+    assert torch.equal(fixed_iterations(7, fixedpoint.picard)(f, z0).x, synced.x)
+
+
+def test_default_eval_is_the_release_plain_iteration():
+    """The bug: the default eval returning picard's best iterate (or f of it) instead of f^n(z0), the release's
+    output; or a call too many or too few."""
+    f = lambda z: torch.sin(3 * z) + 0.1 * z  # noqa: E731  (not a contraction: the best iterate is not the last)
+    z0 = torch.randn(4, 6, dtype=torch.float64)
+    expected = z0
+    for _ in range(9):
+        previous, expected = expected, f(expected)
+    sol = fixed_iterations(9)(f, z0)
+    assert torch.equal(sol.fx, expected) and torch.equal(sol.x, previous) and sol.nfev == 9
+    assert sol.nsteps.tolist() == [8] * 4
+    torch.testing.assert_close(sol.residual, ((expected - previous).norm(dim=1) / expected.norm(dim=1)).float())
+    with pytest.raises(TypeError, match="check_every"):
+        fixed_iterations(3, check_every=1)
 
 
 def test_fpdm_eval_with_anderson_converges_and_warm_start_matches():

@@ -337,3 +337,106 @@ def test_checking_every_k_iterations_gives_the_same_solution(solver):
     assert sparse.nfev == every.nfev + extra if solver is not fixedpoint.newton else sparse.nfev > every.nfev
     with pytest.raises(ValueError, match="check_every.*0"):
         solver(f, b, check_every=0)
+
+
+def test_a_huge_max_iter_costs_memory_for_the_iterations_run_only():
+    """The trace was allocated for max_iter + 1 rows up front: max_iter=10**9 on a 14-step solve asked for
+    4 GB per sample (an allocator error that names no option, or a minute spent filling it with NaN), and the
+    Solution's trace, a view, kept all of it alive."""
+    f, b, _ = linear_deq(dim=8, batch=1, high=0.5, dtype=torch.float32)
+    sol = fixedpoint.picard(f, torch.zeros_like(b), tol=1e-6, max_iter=10**9)
+    reference = fixedpoint.picard(f, torch.zeros_like(b), tol=1e-6, max_iter=50)
+    assert sol.converged.all() and sol.trace.shape == (int(sol.nsteps.max()), 1) == reference.trace.shape
+    torch.testing.assert_close(sol.trace, reference.trace, rtol=0, atol=0, equal_nan=True)
+    assert sol.trace.untyped_storage().nbytes() < 2**12  # a few dozen rows of one fp32 residual
+
+
+@pytest.mark.parametrize("solver", SOLVERS, ids=ALL)
+@pytest.mark.parametrize("check_every", [1, 3])
+def test_the_trace_grown_while_iterating_equals_one_allocated_up_front(monkeypatch, solver, check_every):
+    """The eager loop grows its trace (TRACE_ROWS rows, then doubling up to max_iter + 1): a growth that
+    dropped, shifted or left unwritten rows, or put the start's scratch row into the result, shows here,
+    where it grows from 3 rows (many times but for Newton; a NaN sample and the lagged check included)."""
+    from fixedpoint import _solve
+
+    f, b, _ = linear_deq(dim=16, batch=3, high=0.95)
+
+    def run():
+        return solver(_poisoned(f, sample=1, after=5), torch.zeros_like(b), tol=1e-10, max_iter=99,
+                      check_every=check_every)  # fmt: skip
+
+    monkeypatch.setattr(_solve, "TRACE_ROWS", 2)
+    grown = run()
+    monkeypatch.setattr(_solve, "TRACE_ROWS", 10**4)  # max_iter + 1 rows up front, as the graph modes
+    upfront = run()
+    assert grown.trace.shape == upfront.trace.shape and grown.trace.shape[0] > 3  # grown
+    torch.testing.assert_close(grown.trace, upfront.trace, rtol=0, atol=0, equal_nan=True)
+    assert grown.nsteps.tolist() == upfront.nsteps.tolist() and torch.equal(grown.x, upfront.x)
+
+
+@pytest.mark.parametrize("solver,option", [("anderson", "m"), ("broyden", "m"), ("newton", "krylov_dim")])
+def test_an_option_whose_buffers_cannot_fit_in_memory_is_a_value_error_naming_it(solver, option):
+    """m sizes Anderson's (B, m, D) history and (B, m, m) Gram matrix (Broyden's factors, Newton's GMRES
+    basis: krylov_dim): m=10**12 was an allocator error that names no option, and a size the OS overcommits
+    would kill the process when the history is zeroed. Checked before allocating: at once."""
+    import time
+
+    f, b, _ = linear_deq(dim=4, batch=2)
+    start = time.perf_counter()
+    with pytest.raises(ValueError, match=rf"{option}=1000000000000 asks for .* bytes.*available"):
+        getattr(fixedpoint, solver)(f, b, **{option: 10**12})
+    assert time.perf_counter() - start < 1
+
+
+@pytest.mark.parametrize("graph", [True, "solver"])
+def test_graph_modes_refuse_a_max_iter_whose_static_trace_cannot_fit(monkeypatch, graph):
+    """The graph modes keep max_iter + 1 trace rows at fixed addresses (the device counts the row): a
+    max_iter too large for memory was an allocator error that names no option. One that fits still runs."""
+    from fixedpoint import _graphs
+    from fixedpoint.testing import EagerGraphs
+
+    monkeypatch.setattr(_graphs, "GRAPHS", EagerGraphs())
+    f, b, _ = linear_deq(dim=4, batch=2, high=0.5, dtype=torch.float32)
+    with pytest.raises(ValueError, match=r"max_iter=1000000000000 asks for .* bytes\) for the static trace"):
+        fixedpoint.picard(f, b, graph=graph, max_iter=10**12)
+    sol = fixedpoint.picard(f, b, graph=graph, max_iter=10**4)
+    assert sol.converged.all() and sol.trace.shape == (int(sol.nsteps.max()), 2)
+
+
+@pytest.mark.parametrize("style", ["setup_context", "ctx_in_forward"])
+def test_newton_on_an_autograd_function_without_jvp_names_the_problem_and_jvp_reverse(style):
+    """A custom torch.autograd.Function with only a backward (the usual kind) has no forward-mode derivative:
+    newton's default jvp='forward' failed with torch.func's internal message, which never says that
+    jvp='reverse' (backward only) solves the same problem."""
+
+    class HalfTanh(torch.autograd.Function):
+        @staticmethod
+        def backward(ctx, grad):
+            (z,) = ctx.saved_tensors
+            return grad * 0.5 * (1 - torch.tanh(z) ** 2)
+
+    if style == "setup_context":
+        HalfTanh.forward = staticmethod(lambda z: 0.5 * torch.tanh(z))
+        HalfTanh.setup_context = staticmethod(lambda ctx, inputs, output: ctx.save_for_backward(inputs[0]))
+    else:
+        HalfTanh.forward = staticmethod(lambda ctx, z: ctx.save_for_backward(z) or 0.5 * torch.tanh(z))
+    b = torch.linspace(-1, 1, 6, dtype=torch.float64).view(2, 3)
+    f = lambda z: HalfTanh.apply(z) + b  # noqa: E731
+    with pytest.raises(ValueError, match=r"forward-mode autograd.*does not support.*use jvp='reverse'"):
+        fixedpoint.newton(f, torch.zeros_like(b))
+    sol = fixedpoint.newton(f, torch.zeros_like(b), jvp="reverse", tol=1e-12)
+    assert sol.converged.all()
+    torch.testing.assert_close(sol.x, 0.5 * torch.tanh(sol.x) + b)
+
+
+@pytest.mark.parametrize("solver", SOLVERS, ids=ALL)
+@pytest.mark.parametrize(
+    "option,value",
+    [("tol", float("inf")), ("tol", float("nan")), ("tol", torch.tensor(float("inf"))), ("max_iter", float("inf"))],
+)
+def test_infinite_or_nan_tolerances_and_budgets_are_value_errors_naming_the_value(solver, option, value):
+    """tol=inf would stop every sample as CONVERGED at its start, tol=nan never (nan comparisons are false):
+    both are refused, as is an infinite max_iter (a budget is an integer)."""
+    f, b, _ = linear_deq(dim=4, batch=1)
+    with pytest.raises(ValueError, match=rf"{option}.*{re.escape(repr(value))}"):
+        solver(f, b, **{option: value})

@@ -57,7 +57,8 @@ def test_dit_plans_count_its_depth():
         (dict(steps=10, budget=15), "at least 30 blocks"),
         (dict(budget=2, iters=3), "less than one step"),
         (dict(steps=5, budget=40, schedule="fancy"), "unknown schedule 'fancy'"),
-        (dict(steps=5, budget=40, schedule="adaptive"), "positive --tol"),
+        (dict(steps=5, budget=40, schedule="adaptive"), "positive finite --tol"),
+        (dict(steps=5, budget=40, schedule="adaptive", tol=float("inf")), "positive finite --tol, got inf"),
         (dict(steps=0, budget=40), "--steps must be a positive integer"),
         (dict(budget=40), "give two of"),
     ],
@@ -205,7 +206,7 @@ def test_sample_command_rejects_a_mismatched_checkpoint(tmp_path, trained):
     torch.save(state, bad)
     cmd = [sys.executable, "-m", "fpdm.sample", "--ckpt", str(bad), "--out", str(tmp_path / "s"), "--quiet"]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 2 and "does not match its model config" in result.stderr
+    assert result.returncode == 2 and "do not match its model config" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
 
 

@@ -9,6 +9,7 @@ tensors it closes over (an injection, say). Shapes: z is (B, ...), like x0.
 from __future__ import annotations
 
 import inspect
+import sys
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -45,6 +46,8 @@ Map = Callable[[Tensor], Tensor]
 
 
 DEFAULT_ADJOINT_TOL = {torch.float64: 1e-8, torch.float32: 1e-6}  # half precision: 1e-2
+UNCONVERGED = ("jfb", "phantom", "exact")  # implicit's policies for samples without a converged solve
+PHANTOM_FALLBACK = {"k": 5, "damping": 0.5}  # unconverged="phantom": phantom's own defaults
 
 
 class ConvergenceWarning(RuntimeWarning):
@@ -55,13 +58,28 @@ class ConvergenceWarning(RuntimeWarning):
 class GradInfo:
     """Statistics a backward mode leaves for the caller (pass one in as ``info=``).
 
-    backward: the adjoint Solution of the last ``implicit`` backward pass (filled during backward).
-    no_grad_steps, grad_steps: iterations ``stochastic_jfb`` drew and ran.
+    implicit, filled during backward:
+        backward: the adjoint Solution of the samples whose adjoint was solved (None when none was).
+        adjoint_samples: their indices in the batch (B,) when not every sample's adjoint was solved
+            (samples whose forward did not converge are not solved under a fallback policy); None: all.
+        fallback_forward: samples given the fallback gradient because their forward solve had not converged.
+        fallback_adjoint: samples given it because their adjoint solve missed ``slack`` x its tolerance.
+    stochastic_jfb: no_grad_steps, grad_steps, the iterations it drew and ran.
     """
 
     backward: Solution | None = None
     no_grad_steps: int | None = None
     grad_steps: int | None = None
+    adjoint_samples: Tensor | None = None
+    fallback_forward: int | None = None
+    fallback_adjoint: int | None = None
+
+    @property
+    def fallbacks(self) -> int | None:
+        """Samples that took implicit's fallback gradient, for either reason (None before a backward)."""
+        if self.fallback_forward is None or self.fallback_adjoint is None:
+            return None
+        return self.fallback_forward + self.fallback_adjoint
 
 
 def _check_map(f) -> None:
@@ -206,8 +224,11 @@ def implicit(
     tol: float | None = None,
     max_iter: int = 200,
     stop: str = "rel",
-    warn: bool = True,
+    warn: bool | str = True,
     info: GradInfo | None = None,
+    status: Solution | Tensor | None = None,
+    unconverged: str = "jfb",
+    slack: float = 10.0,
     **solver_options,
 ) -> Tensor:
     """Exact implicit-function-theorem gradient through the fixed point z* of f.
@@ -224,9 +245,30 @@ def implicit(
     precision can reach. Memory is one
     graph of f, whatever the forward iterations.
 
-    If the adjoint solve does not converge, a :class:`ConvergenceWarning`
-    names its residual (``warn=False`` silences it); its Solution is left in
-    ``info.backward`` either way.
+    Samples without a converged solve (the adjoint is per sample, as f is):
+
+    - ``status``: the forward Solution (or its (B,) ``status``). A sample whose
+      forward did not converge (MAX_ITER, DIVERGED, NONFINITE) sits where the
+      IFT does not hold, often where J's spectral radius is near 1, and its
+      adjoint can explode. Without ``status`` every sample counts as converged.
+    - An adjoint that stops with residual <= ``slack`` x tol is used (its best
+      iterate); one that misses by more (or is not finite) is not.
+    - ``unconverged`` says what such a sample gets instead: ``"jfb"`` (default)
+      the JFB gradient, u = grad (one application of f); ``"phantom"``
+      Geng et al.'s phantom gradient linearised at z, k = 5 damped adjoint steps
+      u <- 0.5 u + 0.5 (J^T u + grad) from 0; ``"exact"`` no fallback: every
+      sample's adjoint is solved and used as it stands (the behaviour before
+      fallbacks existed). Under a fallback, samples whose forward did not
+      converge are left out of the adjoint solve. ``info`` counts them
+      (``fallback_forward``, ``fallback_adjoint``).
+
+    Warnings: an adjoint residual above ``slack`` x tol raises a
+    :class:`ConvergenceWarning` naming it, at ``implicit``'s call site; a miss
+    within ``slack`` x tol (what the precision allows, e.g. 1.25e-6 against
+    1e-6) does not. ``warn=True`` rate-limits them per call site (FixedPoint
+    layers share one): the 1st, 10th, 100th, ... miss there warns, with the
+    count; ``warn="always"`` warns at every miss, ``warn=False`` never. The
+    adjoint Solution is left in ``info.backward`` either way.
     """
     from ._newton import newton
 
@@ -239,31 +281,148 @@ def implicit(
     max_iter = check_int("max_iter", max_iter, 1)
     if stop not in ("rel", "abs"):
         raise ValueError(f"stop must be 'rel' or 'abs', got {stop!r}")
+    if not isinstance(unconverged, str) or unconverged not in UNCONVERGED:
+        raise ValueError(f"unconverged must be one of {', '.join(map(repr, UNCONVERGED))}, got {unconverged!r}")
+    slack = check_positive("slack", slack)
+    if slack < 1:
+        raise ValueError(f"slack must be >= 1 (a factor on tol), got {slack!r}")
+    if not (isinstance(warn, bool) or (isinstance(warn, str) and warn == "always")):
+        raise ValueError(f"warn must be True, False or 'always', got {warn!r}")
+    forward_status = _check_status(status, z)
     _check_adjoint_options(solver, newton, solver_options)
 
     computed_in = autocast_dtype(z.device.type)  # f's precision under autocast: its graph's, so the adjoint's
+    site = _call_site() if warn else None
+
+    def run_solver(vjp: Callable[[Tensor], Tensor], grad: Tensor, tol_: float) -> Solution:
+        if solver is newton:
+            return _gmres_adjoint(vjp, grad, tol=tol_, max_iter=max_iter, stop=stop, **solver_options)
+        return solver(lambda u: vjp(u) + grad, grad, tol=tol_, max_iter=max_iter, stop=stop, **solver_options)
 
     def solve_adjoint(vjp: Callable[[Tensor], Tensor], grad: Tensor) -> Tensor:
         tol_ = tol if tol is not None else default_adjoint_tol(grad.dtype, computed_in)
-        if solver is newton:
-            sol = _gmres_adjoint(vjp, grad, tol=tol_, max_iter=max_iter, stop=stop, **solver_options)
-        else:
-            sol = solver(lambda u: vjp(u) + grad, grad, tol=tol_, max_iter=max_iter, stop=stop, **solver_options)
+        u, sol, missed, counts = _adjoint_with_fallback(run_solver, vjp, grad, tol_, slack, forward_status, unconverged)
         if info is not None:
-            info.backward = sol
-        if warn and not bool(sol.converged.all()):
-            warnings.warn(
-                f"implicit: the adjoint solve stopped at residual {float(sol.residual.max()):.3g} "
-                f"(tol {tol_:g}) after {int(sol.nsteps.max())} iterations; gradients are approximate",
-                ConvergenceWarning,
-                stacklevel=2,
-            )
-        return sol.x
+            info.backward, info.adjoint_samples = sol, counts["rows"]
+            info.fallback_forward, info.fallback_adjoint = counts["forward"], counts["adjoint"]
+        if missed and site is not None:
+            _warn_adjoint_miss(sol, missed, tol_, slack, unconverged, site, always=warn == "always")
+        return u
 
     z = z.detach().requires_grad_(True)
     with torch.enable_grad():
         fz = _apply(f, z)
         return _Adjoint.apply(fz, z, solve_adjoint)
+
+
+def _check_status(status, z: Tensor) -> Tensor | None:
+    """implicit's ``status``: a Solution or its (B,) integer status codes, for z's batch; None: not given."""
+    if status is None:
+        return None
+    if isinstance(status, Solution):
+        status = status.status
+    if not isinstance(status, Tensor) or status.dtype.is_floating_point or status.dtype == torch.bool:
+        what = type(status).__name__ if not isinstance(status, Tensor) else f"a {status.dtype} tensor"
+        raise TypeError(f"status must be the forward Solution or its (B,) integer status codes, got {what}")
+    if status.shape != z.shape[:1]:
+        raise ValueError(f"status must have shape ({z.shape[0]},), one code per sample of z, got {tuple(status.shape)}")
+    return status
+
+
+def _rows_map(vjp: Callable[[Tensor], Tensor], like: Tensor, rows: Tensor | None) -> Callable[[Tensor], Tensor]:
+    """The vector-Jacobian product on the samples ``rows`` of the batch only (b, ...) -> (b, ...): the others'
+    rows are zero, and f acts on each sample on its own, so the kept rows are those of the whole batch's."""
+    if rows is None:
+        return vjp
+
+    def product(u: Tensor) -> Tensor:
+        full = like.new_zeros(like.shape).index_copy_(0, rows, u)
+        return vjp(full).index_select(0, rows)
+
+    return product
+
+
+def _adjoint_with_fallback(
+    run_solver: Callable, vjp: Callable, grad: Tensor, tol: float, slack: float, status: Tensor | None, policy: str
+) -> tuple[Tensor, Solution | None, int, dict]:
+    """implicit's backward: the adjoint u (B, ...), its Solution, the count of samples whose adjoint missed
+    ``slack`` x tol (a warning's), and the counts for GradInfo. See implicit's docstring for the policy."""
+    from ._solve import Status
+
+    batch = grad.shape[0]
+    fallback = policy != "exact"
+    forward_bad = None
+    if fallback and status is not None:
+        forward_bad = status.to(grad.device) != Status.CONVERGED
+        if not bool(forward_bad.any()):  # the usual case: one sync, and the whole batch is solved as it is
+            forward_bad = None
+    rows = None if forward_bad is None else (~forward_bad).nonzero().squeeze(1)
+    n_forward = 0 if forward_bad is None else batch - rows.numel()
+    sol, missed, accepted = None, 0, None
+    if rows is None or rows.numel():
+        sol = run_solver(_rows_map(vjp, grad, rows), grad if rows is None else grad.index_select(0, rows), tol)
+        accepted = sol.converged | (sol.residual <= slack * tol)  # NaN residuals are not accepted
+        missed = int((~accepted).sum())
+    counts = {"rows": rows, "forward": n_forward, "adjoint": missed if fallback else 0}
+    if not fallback:
+        return sol.x, sol, missed, counts
+    u = grad.clone()  # samples without a usable adjoint: JFB's u = grad (phantom's below)
+    bad = torch.ones(batch, dtype=torch.bool, device=grad.device)
+    if sol is not None:
+        solved = sol.x
+        if missed:
+            keep = accepted.view(-1, *[1] * (grad.ndim - 1))
+            solved = torch.where(keep, sol.x, grad if rows is None else grad.index_select(0, rows))
+        if rows is None:
+            u, bad = solved, ~accepted
+        else:
+            u.index_copy_(0, rows, solved)
+            bad.index_copy_(0, rows, ~accepted)
+    if policy == "phantom" and (n_forward or missed):
+        fallen = bad.nonzero().squeeze(1)
+        u.index_copy_(0, fallen, _phantom_adjoint(_rows_map(vjp, grad, fallen), grad.index_select(0, fallen)))
+    return u, sol, missed, counts
+
+
+def _phantom_adjoint(vjp: Callable[[Tensor], Tensor], grad: Tensor) -> Tensor:
+    """k damped adjoint steps u <- (1 - d) u + d (J^T u + grad) from 0: the backward of phantom's k damped
+    forward steps with J held at z (its exact gradient for a linear f). k = 1, d = 1 is JFB's u = grad."""
+    k, damping = PHANTOM_FALLBACK["k"], PHANTOM_FALLBACK["damping"]
+    u = torch.zeros_like(grad)
+    for _ in range(k):
+        u = (1 - damping) * u + damping * (vjp(u) + grad)
+    return u
+
+
+_MISSES: dict[tuple[str, int], int] = {}  # adjoint misses counted per implicit call site (warn=True)
+
+
+def _call_site() -> tuple[str, int]:
+    """The file and line that called implicit (its caller's frame): where its warnings point."""
+    frame = sys._getframe(2)
+    return frame.f_code.co_filename, frame.f_lineno
+
+
+def _warn_adjoint_miss(
+    sol: Solution, missed: int, tol: float, slack: float, policy: str, site: tuple[str, int], *, always: bool
+) -> None:
+    """A ConvergenceWarning at implicit's call site: every miss when ``always``, else the 1st, 10th, 100th, ...
+    miss at that site."""
+    count = _MISSES[site] = _MISSES.get(site, 0) + 1
+    if not always and str(count).rstrip("0") != "1":  # 1, 10, 100, ...
+        return
+    consequence = {
+        "jfb": "they took the JFB gradient (unconverged='jfb')",
+        "phantom": "they took the phantom gradient (unconverged='phantom')",
+        "exact": "their gradients are approximate (unconverged='exact')",
+    }[policy]
+    repeat = "" if always else f"; miss {count} at this call site (reported at the 1st, 10th, 100th, ...)"
+    message = (
+        f"implicit: the adjoint solve of {missed} of {sol.x.shape[0]} samples stopped at residual "
+        f"{float(sol.residual.max()):.3g} (tol {tol:g}, accepted up to {slack:g}x) after {int(sol.nsteps.max())} "
+        f"iterations; {consequence}{repeat}"
+    )
+    warnings.warn_explicit(message, ConvergenceWarning, site[0], site[1])
 
 
 def default_adjoint_tol(grad_dtype: torch.dtype, autocast: torch.dtype | None = None) -> float:

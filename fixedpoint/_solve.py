@@ -131,6 +131,17 @@ def autocast_dtype(device_type: str) -> torch.dtype | None:
         return None
 
 
+class ShapeChangeError(ValueError):
+    """f returned another shape than its input's; both are kept (``input_shape``, ``output_shape``), so that
+    a caller that made the start (FixedPoint) can say how to give the state's shape."""
+
+    def __init__(self, input_shape: tuple[int, ...], output_shape: tuple[int, ...]):
+        self.input_shape, self.output_shape = input_shape, output_shape
+        super().__init__(
+            f"f changed the shape: input {input_shape}, output {output_shape}; f must map a batch to the same shape"
+        )
+
+
 def check_map_output(out: object, shape: torch.Size, device: torch.device) -> Tensor:
     """f's output, checked: a floating-point tensor of its input's shape, on its input's device."""
     if not isinstance(out, Tensor):
@@ -138,10 +149,7 @@ def check_map_output(out: object, shape: torch.Size, device: torch.device) -> Te
     if not out.is_floating_point():
         raise TypeError(f"f must return a floating-point tensor, got dtype {out.dtype}")
     if out.shape != shape:
-        raise ValueError(
-            f"f changed the shape: input {tuple(shape)}, output {tuple(out.shape)}; "
-            "f must map a batch to the same shape"
-        )
+        raise ShapeChangeError(tuple(shape), tuple(out.shape))
     if out.device != device:
         raise ValueError(f"f returned a tensor on {out.device}, its input is on {device}; f must keep the device")
     return out

@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import checks
-from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from .checkpoint import CheckpointError, first_line, load_checkpoint, save_checkpoint
 from .data import DataError, ImageData, load_dataset
 from .files import atomic_write, write_json, write_text
 from .models import FPDM, DiT
@@ -163,8 +163,7 @@ def read_samples(path: str | Path) -> tuple[Tensor, Tensor]:
             key = "images" if "images" in data.files else "arr_0"
             pixels, labels = data[key], data["labels"]
     except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile) as err:
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise EvaluateError(f"cannot read {what}: {reason}") from None
+        raise EvaluateError(f"cannot read {what}: {first_line(err)}") from None
     if pixels.dtype != np.uint8 or pixels.ndim != 4 or pixels.shape[-1] not in (1, 3):
         raise EvaluateError(f"{what}: its images are {pixels.dtype} of shape {pixels.shape}")
     if labels.dtype.kind not in "iu" or labels.shape != pixels.shape[:1]:
@@ -427,14 +426,13 @@ def main(args: argparse.Namespace) -> dict | list[dict]:
                         progress=progress)  # fmt: skip
     out = Path(args.out)  # checked by cli before any work
     start = time.perf_counter()
-    with checks.run_lock(out):  # one evaluation per folder
-        rows = sweep(models, dit_steps=args.dit_steps, dit_depth=args.dit_depth, variants=args.variants,
-                     num_samples=args.num_samples, ref=ref, guidance=args.guidance, seed=args.seed,
-                     batch_size=args.batch_size, progress=progress, grids=out / "grids",
-                     on_row=lambda rows: write_json(out / "results.json", rows))  # fmt: skip
-        title = (f"{dataset}: quality vs sampling compute ({args.num_samples} samples, guidance {args.guidance}; "
-                 f"feature net test accuracy {ref.record['test_accuracy']:.3f})")  # fmt: skip
-        write_reports(rows, out, title=title)
+    rows = sweep(models, dit_steps=args.dit_steps, dit_depth=args.dit_depth, variants=args.variants,
+                 num_samples=args.num_samples, ref=ref, guidance=args.guidance, seed=args.seed,
+                 batch_size=args.batch_size, progress=progress, grids=out / "grids",
+                 on_row=lambda rows: write_json(out / "results.json", rows))  # fmt: skip
+    title = (f"{dataset}: quality vs sampling compute ({args.num_samples} samples, guidance {args.guidance}; "
+             f"feature net test accuracy {ref.record['test_accuracy']:.3f})")  # fmt: skip
+    write_reports(rows, out, title=title)
     print(f"{len(rows)} settings in {time.perf_counter() - start:.0f} s; wrote {out}/results.md, results.json, "
           "quality_vs_compute.png")  # fmt: skip
     return rows
@@ -477,11 +475,13 @@ def _run(args: argparse.Namespace) -> None:
     if args.batch_size < 1 or (args.dit_depth is not None and args.dit_depth < 1):
         raise EvaluateError("--batch-size and --dit-depth must be >= 1")
     checks.number("--guidance", args.guidance)
-    if args.ckpt and not args.samples:
-        checks.output_dir(args.out)
     if args.cache_dir is not None:
         checks.output_dir(args.cache_dir, "--cache-dir")
-    main(args)
+    if args.ckpt and not args.samples:  # a sweep writes into --out: one evaluation per folder, locked first
+        with checks.run_lock(checks.output_dir(args.out)):
+            main(args)
+    else:
+        main(args)
 
 
 def cli(argv: list[str] | None = None) -> int:

@@ -16,8 +16,6 @@ from .weights import export_weights, read_weights
 
 
 def _run(args: argparse.Namespace) -> None:
-    if args.weights not in ("ema", "model"):
-        raise checks.InputError(f"--weights must be 'ema' or 'model', got {args.weights!r}")
     loaded = read_weights(args.ckpt, weights=args.weights)
     loaded.build()  # the weights fit their config before anything is written
     out = checks.output_dir(args.out)
@@ -32,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = checks.Parser(prog="python -m fpdm.export", description=__doc__.split("\n\n")[0])
     p.add_argument("ckpt", help="weights in any format load_model reads")
     p.add_argument("--out", required=True, help="folder for model.safetensors and config.json")
-    p.add_argument("--weights", default="ema", help="ema | model")
+    p.add_argument("--weights", default="ema", choices=["ema", "model"], help="EMA or raw training weights")
     return p
 
 

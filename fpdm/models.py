@@ -62,6 +62,7 @@ class ModelConfig:
     projection_gelu: str = "tanh"  # FPDM: the projection's GELU, "tanh" (the release) or "none" (exact)
     final_conditioning: str = "outer"  # FPDM: final layer sees "outer" (as pre/post blocks: the release) or "full"
     null_class: bool = True  # an extra class-embedding row for guidance (DiT trained without label dropout: none)
+    eval_iterate: str = "last"  # FPDM eval with n calls: "last" f^n(z0) (the release) or "best" (fixedpoint's picard)
 
     @classmethod
     def from_dict(cls, saved: dict) -> ModelConfig:
@@ -91,6 +92,7 @@ class ModelConfig:
             "eval_iters": self.eval_iters >= 1,
             "projection_gelu": self.projection_gelu in ("tanh", "none"),
             "final_conditioning": self.final_conditioning in ("outer", "full"),
+            "eval_iterate": self.eval_iterate in ("last", "best"),
             "class_dropout_prob": 0 <= self.class_dropout_prob < 1
             and (self.null_class or self.class_dropout_prob == 0),
         }
@@ -128,7 +130,7 @@ class ModelConfig:
 
 
 # Fields added after checkpoints were written, with the behaviour those checkpoints were trained with.
-LEGACY_FIELDS = {"projection_gelu": "none", "final_conditioning": "full"}
+LEGACY_FIELDS = {"projection_gelu": "none", "final_conditioning": "full", "eval_iterate": "best"}
 
 # DiT's sizes (Peebles & Xie, Table 1) and a tiny one for CPU demos: (hidden, depth, heads)
 MODEL_SIZES = {"XL": (1152, 28, 16), "L": (1024, 24, 16), "B": (768, 12, 12), "S": (384, 12, 6), "T": (128, 4, 4)}
@@ -435,9 +437,16 @@ class FPDM(DiT):
         self.projection = nn.Sequential(nn.Linear(2 * d, 2 * d), gelu, nn.Linear(2 * d, d))
         self.block_fixed_point = self.block()
         self.blocks_post = nn.ModuleList([self.block() for _ in range(cfg.post_depth)])
-        self.eval_solver: Callable[..., Solution] = fixed_iterations(cfg.eval_iters)
+        self.eval_solver: Callable[..., Solution] = fixed_iterations(cfg.eval_iters, self.picard_solver)
         self.generator: torch.Generator | None = None  # S-JFB draws; set for reproducible training
         self.last_fixed_point: FixedPointState | None = None
+
+    @property
+    def picard_solver(self) -> Callable[..., Solution] | None:
+        """What plain iteration with a fixed number of calls means for this model (``fixed_iterations``'s
+        solver): None, the release's last iterate, or fixedpoint's picard (its best iterate) for checkpoints
+        from before the release's was the default (``eval_iterate="best"``)."""
+        return fixedpoint.picard if self.config.eval_iterate == "best" else None
 
     def fixed_point_map(self, z: Tensor, x_inj: Tensor, c: Tensor) -> Tensor:
         """One iteration: z <- Block(Linear(GELU(Linear(concat[z, x_inj]))), c); all (N, T, D)."""

@@ -172,9 +172,10 @@ class _FixedPointDriver:
         self.step, self.z = 0, None
 
     def _solver_for_step(self) -> Callable:
-        if self.plan.calls is not None:  # picard: the release's plain iteration (its last iterate)
-            plain = self.solver is fixedpoint.picard
-            return fixed_iterations(self.plan.calls[self.step], None if plain else self.solver)
+        if self.plan.calls is not None:
+            if self.solver is fixedpoint.picard:  # plain iteration as the model defines it (the release: the last)
+                return fixed_iterations(self.plan.calls[self.step], self.model.picard_solver)
+            return fixed_iterations(self.plan.calls[self.step], self.solver)
         # adaptive: stop at tol, but leave every later step at least one call
         spent = sum(self.stats.calls_per_step)
         later = self.plan.steps - self.step - 1
@@ -223,7 +224,7 @@ def generate(
     """
     if solver not in SOLVERS:
         raise SampleError(f"unknown solver {solver!r}; valid: {', '.join(SOLVERS)} (a budget bounds their calls)")
-    check_graph(graph, solver, plan, model.config.kind)
+    check_graph(graph, solver, plan, model.config)
     step_solver = partial(SOLVERS[solver], graph=graph) if graph else SOLVERS[solver]
     model.eval()
     device = next(model.parameters()).device
@@ -262,10 +263,12 @@ def generate(
     return torch.cat(images), stats
 
 
-def check_graph(graph: bool | str, solver: str, plan: ComputePlan, kind: str) -> None:
+def check_graph(graph: bool | str, solver: str, plan: ComputePlan, config: ModelConfig) -> None:
     """A SampleError unless the fixed-point solves can run in CUDA-graph mode ``graph`` (False: always).
     graph=True keeps one graph per calls-per-step (a step with a count not seen before captures, and makes
-    up to one solver period more calls), so the plan's counts must fit the graphs fixedpoint keeps."""
+    up to one solver period more calls), so the plan's counts must fit the graphs fixedpoint keeps. The
+    graphs replay fixedpoint's picard (its best iterate), not the release's plain iteration (the last)."""
+    kind = config.kind
     if graph is not False and graph is not True and graph != "solver":  # identity: 1 == True
         raise SampleError(f"graph must be False, True or 'solver', got {graph!r}")
     if not graph:
@@ -274,6 +277,10 @@ def check_graph(graph: bool | str, solver: str, plan: ComputePlan, kind: str) ->
         raise SampleError(f"graph={graph!r} (--graph) applies to FPDM; a DiT has no fixed-point layer")
     if solver == "broyden":
         raise SampleError(f"graph={graph!r} (--graph) works with the picard and anderson solvers, not broyden")
+    if solver == "picard" and plan.calls is not None and config.eval_iterate == "last":
+        raise SampleError(f"graph={graph!r} (--graph) replays fixedpoint's picard, whose output is its best iterate; "
+                          "this model's fixed-point layer is the release's plain iteration (its last iterate): sample "
+                          "without --graph, or with --solver anderson")  # fmt: skip
     if graph is not True:
         return
     if plan.calls is None:
@@ -310,14 +317,13 @@ def main(args: argparse.Namespace) -> dict:
         raise SampleError("--tol applies to --schedule adaptive")
     if args.graph != "off" and dev.type != "cuda":
         raise SampleError(f"--graph {args.graph} replays CUDA graphs and needs a CUDA device, got {dev}")
-    if args.weights not in ("ema", "model"):
-        raise SampleError(f"--weights must be 'ema' or 'model', got {args.weights!r}")
     loaded = read_weights(args.ckpt, weights=args.weights)
     model, run, cfg = loaded.build(dev), loaded.run, loaded.config
     defaults = loaded.sampling  # the training run's grid, or the field's sample.py for outside weights
     args.method = args.method or defaults["method"]
     args.guidance = defaults["guidance"] if args.guidance is None else args.guidance
-    args.guidance_channels = args.guidance_channels or defaults["guidance_channels"]
+    if args.guidance_channels is None:
+        args.guidance_channels = defaults["guidance_channels"]
     if args.steps is None and args.budget is None:
         args.steps = defaults["steps"]
     checks.number("--guidance", args.guidance)
@@ -335,14 +341,15 @@ def main(args: argparse.Namespace) -> dict:
         raise SampleError("--reuse, --solver and --graph apply to FPDM checkpoints; a DiT has no fixed-point layer")
     plan = plan_compute(cfg, steps=args.steps, iters=args.iters, budget=args.budget, schedule=args.schedule,
                         tol=args.tol)  # fmt: skip
-    check_graph(GRAPH_FLAGS[args.graph], args.solver, plan, cfg.kind)
+    check_graph(GRAPH_FLAGS[args.graph], args.solver, plan, cfg)
     num_timesteps = int(run.get("num_timesteps", 1000))  # the schedule the checkpoint was trained with
     if plan.steps > num_timesteps:
         raise SampleError(f"{plan.steps} sampling steps > the {num_timesteps} diffusion timesteps of this checkpoint")
     per_sample = 8 + cfg.in_channels * cfg.input_size**2 * 5  # its label, its float image and uint8 copy
     checks.memory("--num-samples", args.num_samples, args.num_samples * per_sample)
     batch = min(args.batch_size, args.num_samples) * (1 if args.guidance == 1 else 2)
-    checks.memory("--batch-size", args.batch_size, batch * cfg.num_tokens * cfg.hidden_size * 4 * ACTIVATIONS_PER_TOKEN)
+    checks.memory("--batch-size", args.batch_size, batch * cfg.num_tokens * cfg.hidden_size * 4 * ACTIVATIONS_PER_TOKEN,
+                  dev)  # fmt: skip
     labels = _labels(args.classes, args.num_samples, cfg.num_classes, args.seed)
     is_latent = str(run.get("dataset", "")).startswith("latents:")
     vae = None
@@ -403,7 +410,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "official DiT checkpoint or an FPDM-release checkpoint (read without running code)")
     p.add_argument("--num-samples", type=int, default=100)
     p.add_argument("--out", required=True, help="directory for samples.png, samples.npz, stats.json")
-    p.add_argument("--weights", default="ema", help="ema | model")
+    p.add_argument("--weights", default="ema", choices=["ema", "model"], help="EMA or raw training weights")
     p.add_argument("--method", default=None, choices=["ddim", "ddpm"], help="default: the training run's (ddim)")
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the training run's grid's)")
     p.add_argument("--iters", type=int, default=None, help="FPDM: fixed-point calls per step")

@@ -158,6 +158,14 @@ def main(args: argparse.Namespace) -> None:
         train(args, rank, world, device, out)
 
 
+def _recorded_init(out: Path) -> str | None:
+    """The --init a run in ``out`` started from (its config.json), None if none or unreadable."""
+    try:
+        return json.loads((out / "config.json").read_text()).get("init")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def train(args: argparse.Namespace, rank: int, world: int, device: torch.device, out: Path) -> None:
     """The run in ``out``: data, model, resume, the training loop, then the pictures (rank 0 writes)."""
     is_main = rank == 0
@@ -174,14 +182,15 @@ def train(args: argparse.Namespace, rank: int, world: int, device: torch.device,
     # ---------------------------------------------------------------- a run to resume, or weights to start from
     run = {k: getattr(args, k) for k in RUN_DEFINING}
     run["world_size"] = world
-    ckpt = None
+    ckpt, init_path = None, args.init
     if ckpt_path.exists():
-        if args.init:
-            raise UsageError(f"--init {args.init}, but {out} holds a run to resume ({ckpt_path}): resume comes first "
-                             "(drop --init), or use another --out")  # fmt: skip
+        if init_path is not None and init_path != _recorded_init(out):
+            raise UsageError(f"--init {args.init}, but {out} holds a run to resume ({ckpt_path}) that did not start "
+                             "from it: resume comes first (drop --init), or use another --out")  # fmt: skip
+        init_path = None  # the same command again resumes: its --init was applied at the start
         # depth is compared through the model's config: --depth 4 and a named size of depth 4 are one run
         ckpt = load_checkpoint(ckpt_path, run={k: v for k, v in run.items() if k != "depth"})
-    init = read_weights(args.init) if args.init else None  # before any weights are built: a bad file is one line
+    init = read_weights(init_path) if init_path else None  # before any weights are built: a bad file is one line
 
     # ---------------------------------------------------------------- model, EMA, optimiser
     overrides = dict(input_size=data.image_size, in_channels=data.channels, num_classes=data.num_classes)

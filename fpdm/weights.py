@@ -24,7 +24,6 @@ import argparse
 import dataclasses
 import json
 import math
-import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -35,6 +34,7 @@ from torch import Tensor, nn
 
 from .checkpoint import FORMAT as CHECKPOINT_FORMAT
 from .checkpoint import CheckpointError, first_line, read_file
+from .files import write_set
 from .models import FPDM, MODEL_SIZES, DiT, ModelConfig, build_model, sincos_pos_embed_2d
 
 __all__ = ["LoadedWeights", "read_weights", "load_model", "load_state", "export_weights",
@@ -219,7 +219,21 @@ def _count(state: Mapping[str, Tensor], prefix: str) -> int:
 
 
 def _infer_config(path: Path, state: dict[str, Tensor], args: dict, kind: str, overrides: dict) -> ModelConfig:
-    """The architecture the tensors imply, then the saved arguments, the release's defaults, the overrides."""
+    """The architecture the tensors imply, then the saved arguments, the release's defaults, the overrides;
+    a missing or misshapen tensor or argument is a CheckpointError naming it."""
+    try:
+        return _infer(path, state, args, kind, overrides)
+    except CheckpointError:
+        raise
+    except KeyError as err:
+        raise CheckpointError(f"{path}: it has no {err.args[0]} tensor or argument; it is damaged or no "
+                              "DiT/FPDM") from None  # fmt: skip
+    except (IndexError, TypeError, ValueError, AttributeError) as err:
+        reason = first_line(err)
+        raise CheckpointError(f"{path}: its tensors or arguments are not a DiT's or FPDM's ({reason})") from None
+
+
+def _infer(path: Path, state: dict[str, Tensor], args: dict, kind: str, overrides: dict) -> ModelConfig:
     patch_weight = state["x_embedder.proj.weight"]  # (D, C, p, p)
     hidden, in_channels, patch = patch_weight.shape[0], patch_weight.shape[1], patch_weight.shape[2]
     block = "blocks.0" if kind == "dit" else "block_fixed_point"
@@ -353,24 +367,18 @@ def initialise_from(model: DiT | FPDM, loaded: LoadedWeights) -> None:
 def export_weights(loaded: LoadedWeights, out: str | Path) -> Path:
     """Write ``model.safetensors`` (the loaded weights, our names) and ``config.json`` into the folder ``out``.
 
-    Each file is written to a temporary name and renamed; config.json comes last, so a folder with a
-    config.json always holds the weights it describes."""
-    from safetensors.torch import save_file
+    Both are staged and renamed as one set, config.json last (``fpdm.files.write_set``): a folder with a
+    config.json always holds the weights it describes, and a failure leaves an earlier export as it was."""
+    from safetensors.torch import save
 
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     meta = {"format": EXPORT_FORMAT, "model": dataclasses.asdict(loaded.config), "source": loaded.source,
             "run": _plain(loaded.run), "sampling": _plain(loaded.sampling)}  # fmt: skip
     tensors = {k: v.detach().contiguous().cpu() for k, v in loaded.state_dict.items()}
-    for name, write in (("model.safetensors", lambda p: save_file(tensors, str(p))),
-                        ("config.json", lambda p: p.write_text(json.dumps(meta, indent=2) + "\n"))):  # fmt: skip
-        tmp = out / f".{name}.tmp-{os.getpid()}"
-        try:
-            write(tmp)
-            os.replace(tmp, out / name)
-        finally:
-            tmp.unlink(missing_ok=True)
-    return out
+    write_set(out, {
+        "model.safetensors": lambda fh: fh.write(save(tensors)),
+        "config.json": lambda fh: fh.write((json.dumps(meta, indent=2) + "\n").encode()),
+    })  # fmt: skip
+    return Path(out)
 
 
 def _plain(value: object) -> object:

@@ -236,6 +236,12 @@ def test_training_sizes_that_cannot_fit_are_one_line(tmp_path, capsys, argv, mat
     _one_line(capsys, 2, code, match)
 
 
+def test_guidance_channels_zero_is_refused_not_read_as_all(trained, tmp_path, capsys):
+    """Bug: ``--guidance-channels 0`` taken as unset (all channels) instead of an error."""
+    _one_line(capsys, 2, _sample(trained, tmp_path / "s", "--guidance-channels", "0"),
+              "--guidance-channels must be in 1..1, got 0")  # fmt: skip
+
+
 def test_a_bad_dataset_creates_no_run_folder(tmp_path, capsys, monkeypatch):
     """Bug: ``--dataset nope`` left runs/nope-FPDM-T-2/.lock behind."""
     monkeypatch.chdir(tmp_path)

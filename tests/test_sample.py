@@ -12,9 +12,9 @@ from fpdm.models import create_model
 from fpdm.sample import SampleError, generate, plan_compute
 
 
-def _fpdm():
+def _fpdm(**overrides):
     torch.manual_seed(0)
-    model = create_model("FPDM-T/2", input_size=8, in_channels=1, num_classes=10)
+    model = create_model("FPDM-T/2", input_size=8, in_channels=1, num_classes=10, **overrides)
     for module in (model.block_fixed_point.adaLN_modulation[-1], model.final_layer.linear):
         torch.nn.init.normal_(module.weight, std=0.05)  # as if trained: a non-trivial map and output
     return model.eval()
@@ -180,7 +180,6 @@ def test_sample_command_writes_grid_npz_and_stats(tmp_path, trained):
     [
         (["--classes", "3,12"], "--classes [12] outside 0..9"),
         (["--budget", "5", "--steps", "5"], "at least 15 blocks"),
-        (["--weights", "best"], "--weights must be 'ema' or 'model'"),
         (["--eta", "2"], "--eta must be in [0.0, 1.0], got 2.0"),
         (["--guidance", "nan"], "--guidance must be a finite number, got nan"),
         (["--device", "foo"], "--device must be auto, cpu, cuda or cuda:N, got 'foo'"),
@@ -260,8 +259,13 @@ def test_sampling_with_cuda_graphs_gives_the_eager_images(monkeypatch, graph):
 
     graphs = EagerGraphs()
     monkeypatch.setattr(_graphs, "GRAPHS", graphs)
-    model = _fpdm()
-    plan = plan_compute(model.config, steps=5, iters=5)
+    release = _fpdm()  # the release's plain iteration (last iterate): the graphs replay picard's best one
+    plan = plan_compute(release.config, steps=5, iters=5)
+    with pytest.raises(SampleError, match="replays fixedpoint's picard, whose output is its best iterate"):
+        _run(release, plan, graph=graph)
+    _run(release, plan, graph=graph, solver="anderson")  # anderson is the same solver either way
+    graphs.captures = 0
+    model = _fpdm(eval_iterate="best")  # plain iteration as checkpoints before the release's default
     eager, eager_stats = _run(model, plan, guidance=2.0)
     images, stats = _run(model, plan, guidance=2.0, graph=graph)
     torch.testing.assert_close(images, eager, rtol=1e-5, atol=1e-6)

@@ -11,6 +11,7 @@ import pytest
 import torch
 from release_reference import release_forward, release_state_dict
 
+import fpdm.models
 from fpdm import CheckpointError, create_model, load_model, read_weights
 from fpdm.checkpoint import FORMAT
 from fpdm.models import LEGACY_FIELDS
@@ -114,6 +115,20 @@ def test_a_file_of_no_known_format_is_one_line_naming_what_was_found(tmp_path):
         load_model(tmp_path / "missing.pt")
 
 
+def test_damaged_outside_weights_are_one_line(tmp_path):
+    """Bug: a missing or misshapen tensor of an outside file read straight (KeyError, IndexError traceback)."""
+    sd = release_state_dict("dit", seed=5)
+    del sd["final_layer.linear.weight"]
+    torch.save(sd, tmp_path / "nofinal.pt")
+    with pytest.raises(CheckpointError, match="has no final_layer.linear.weight tensor or argument"):
+        load_model(tmp_path / "nofinal.pt", num_heads=4)
+    sd = release_state_dict("dit", seed=5)
+    sd["x_embedder.proj.weight"] = sd["x_embedder.proj.weight"].flatten(1)
+    torch.save(sd, tmp_path / "flat.pt")
+    with pytest.raises(CheckpointError, match="not a DiT's or FPDM's"):
+        load_model(tmp_path / "flat.pt", num_heads=4)
+
+
 def test_weights_that_do_not_fit_name_the_tensors(tmp_path):
     sd = release_state_dict("dit", seed=5)
     torch.save(sd, tmp_path / "dit.pt")
@@ -145,10 +160,11 @@ def _trained_like(name: str, **overrides):
 
 def test_old_checkpoints_keep_their_architecture_and_outputs(tmp_path):
     """Bug: an old checkpoint (exact GELU, final layer on t + y) loaded with the new defaults silently changes."""
-    old = _trained_like("FPDM-T/2", projection_gelu="none", final_conditioning="full")
+    old = _trained_like("FPDM-T/2", projection_gelu="none", final_conditioning="full", eval_iterate="best")
     path = _our_checkpoint(tmp_path / "old.pt", old, drop=tuple(LEGACY_FIELDS) + ("null_class",))
     loaded = load_model(path)
     assert (loaded.config.projection_gelu, loaded.config.final_conditioning) == ("none", "full")
+    assert loaded.config.eval_iterate == "best" and loaded.eval_solver.func is fpdm.models.fixedpoint.picard
     with torch.no_grad():
         before, after = old(X, T, Y), loaded(X, T, Y)
         new_default = create_model("FPDM-T/2", input_size=8, in_channels=4, num_classes=10).eval()
@@ -240,14 +256,41 @@ def test_no_entry_point_unpickles_a_payload(tmp_path, capsys, wrap):
 
 
 def test_the_feature_net_cache_is_read_without_running_code(tmp_path):
-    """The evaluation's cached feature network goes through the same safe reader (a payload is never run)."""
-    from fpdm.checkpoint import load_checkpoint
+    """Bug: the evaluation's cached feature network unpickled as it is (a payload there runs): it goes through
+    the safe reader, is refused, and is replaced by a network trained again."""
+    from fpdm import evaluate
 
     marker = tmp_path / "pwned"
-    bad = _malicious(tmp_path / "featurenet-digits.pt", marker, lambda p: {"format": FORMAT, "weights": p})
-    with pytest.raises(CheckpointError, match="not a plain weights file"):
-        load_checkpoint(bad)
-    assert not marker.exists()
+    _malicious(tmp_path / "featurenet-digits.pt", marker, lambda p: {"format": FORMAT, "weights": p})
+    net, record = evaluate.feature_net_for("digits", cache_dir=tmp_path, epochs=1, progress=False)
+    assert not marker.exists() and record["epochs"] == 1
+    assert evaluate.load_checkpoint(tmp_path / "featurenet-digits.pt")["epochs"] == 1  # replaced by a plain one
+
+
+def test_an_export_that_fails_keeps_the_earlier_one(tmp_path, monkeypatch, capsys):
+    """Bug: the weights renamed into place before config.json was written (new weights, old config)."""
+    import fpdm.files
+    from fpdm import export
+
+    torch.save(release_state_dict("dit", hidden=128, depth=2, channels=1, std=0.02), tmp_path / "a.pt")
+    torch.save(release_state_dict("dit", hidden=128, depth=3, channels=1, std=0.02), tmp_path / "b.pt")
+    assert export.cli([str(tmp_path / "a.pt"), "--out", str(tmp_path / "exp")]) == 0
+    before = {p.name: p.read_bytes() for p in (tmp_path / "exp").iterdir() if not p.name.startswith(".")}
+    real = fpdm.files.os.fsync
+    calls = []
+
+    def full_at_the_second_file(fd):
+        calls.append(fd)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        real(fd)
+
+    monkeypatch.setattr(fpdm.files.os, "fsync", full_at_the_second_file)
+    assert export.cli([str(tmp_path / "b.pt"), "--out", str(tmp_path / "exp")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "config.json (no space left on the device)" in err[0], err
+    assert {p.name: p.read_bytes() for p in (tmp_path / "exp").iterdir() if not p.name.startswith(".")} == before
+    assert load_model(tmp_path / "exp").config.depth == 2
 
 
 # ----------------------------------------------------------------------------- --init, resume, sampling defaults
@@ -294,13 +337,19 @@ def test_init_fine_tunes_the_same_kind_and_refuses_what_cannot_work(tmp_path, ca
     torch.testing.assert_close(_ckpt(out)["model"]["injection.weight"], release["block_pre_projection.weight"],
                                atol=1e-8, rtol=0)  # fmt: skip
     capsys.readouterr()
+    # the same command again resumes (its --init was applied at the start)
+    assert train.cli(["--model", "FPDM-T/2", "--init", str(tmp_path / "f.pt"), "--steps", "2", "--lr", "1e-12",
+                      "--out", str(out), *DIGITS]) == 0  # fmt: skip
+    assert _ckpt(out)["step"] == 2
+    torch.save(release, tmp_path / "other.pt")
     refusals = [
-        (["--model", "FPDM-T/2", "--out", str(out)], "holds a run to resume"),  # resume comes first
+        (["--model", "FPDM-T/2", "--out", str(out)], "holds a run to resume"),  # another --init: resume comes first
         (["--model", "DiT-T/2", "--out", str(tmp_path / "d")], "cannot start a DIT from fpdm-release weights"),
         (["--model", "FPDM-T/4", "--out", str(tmp_path / "p")], "shape of x_embedder.weight"),
     ]
-    for argv, match in refusals:
-        assert train.cli([*argv, "--init", str(tmp_path / "f.pt"), "--steps", "1", *DIGITS]) == 2
+    for i, (argv, match) in enumerate(refusals):
+        source = tmp_path / ("other.pt" if i == 0 else "f.pt")
+        assert train.cli([*argv, "--init", str(source), "--steps", "3", *DIGITS]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and match in err[0], err
 

@@ -154,9 +154,14 @@ class FixedPoint(nn.Module):
         self.last_solution: Solution | None = None
         self.last_info: GradInfo | None = None
 
+    @torch.compiler.disable  # a compiled model runs the solve eagerly: one graph break, no recompiles
     def forward(self, *inputs: Tensor, z0: Tensor | None = None) -> Tensor:
         """Solve from ``z0`` (default: the layer's start, see ``z0``/``state_shape``, else zeros shaped like
-        ``inputs[0]``); returns z* (B, ...)."""
+        ``inputs[0]``); returns z* (B, ...).
+
+        Under ``torch.compile`` the layer is skipped (run eagerly; the solver's loop has per-sample stopping and
+        host decisions a graph cannot hold): the model around it compiles, with a break here. Compile f itself
+        (``FixedPoint(torch.compile(cell))``) to have its calls compiled too."""
         z0, start = self._start(inputs, z0)
         try:
             out = self._forward(inputs, z0)

@@ -234,3 +234,47 @@ def test_convergence_statistics_equal_the_solutions():
     assert stats["adjoint_iterations"] == float(info.backward.nsteps.double().mean())
     assert before["converged"] == stats["converged"] and before["fallbacks"] != before["fallbacks"]
     torch.testing.assert_close(deq.x.grad[1], deq.x_grad(deq.c)[1])  # the fallback took effect in the layer
+
+
+def test_a_model_containing_fixedpoint_compiles_and_stops_recompiling():
+    """Bugs: dynamo tracing the solver's loop (54 graph breaks and the recompile limit hit in _solve.py), a
+    compiled model computing something else than the eager one, or recompiling at every new batch."""
+    import torch._dynamo
+
+    from fixedpoint import FixedPoint
+
+    class Cell(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.W, self.U = torch.nn.Linear(16, 16, bias=False), torch.nn.Linear(8, 16)
+
+        def forward(self, z, x):
+            return torch.tanh(self.W(z) + self.U(x))
+
+    class Model(torch.nn.Module):
+        def __init__(self, cell):
+            super().__init__()
+            self.deq, self.out = FixedPoint(cell, state_shape=(16,)), torch.nn.Linear(16, 3)
+
+        def forward(self, x):
+            return self.out(torch.relu(self.deq(x)))
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    eager = Model(Cell())
+    assert torch._dynamo.explain(eager)(torch.randn(4, 8)).graph_break_count <= 1
+    compiled_cell = Model(torch.compile(Cell(), backend="eager"))  # f compiled too
+    compiled_cell.load_state_dict({k.replace("deq.f.", "deq.f._orig_mod."): v for k, v in eager.state_dict().items()})
+    model = torch.compile(compiled_cell, backend="eager")
+    graphs = []
+    for step in range(12):
+        x = torch.randn(4, 8, generator=torch.Generator().manual_seed(step))
+        out = model(x)
+        out.square().sum().backward()
+        reference = eager(x)
+        reference.square().sum().backward()
+        torch.testing.assert_close(out, reference)
+        graphs.append(torch._dynamo.utils.counters["stats"]["unique_graphs"])
+    assert graphs[-1] == graphs[2]  # no new graph after the first steps: new inputs replay
+    for p, q in zip(compiled_cell.parameters(), eager.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad)

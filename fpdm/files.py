@@ -11,7 +11,7 @@ from contextlib import suppress
 from pathlib import Path
 from typing import BinaryIO
 
-__all__ = ["WriteError", "atomic_write", "write_set", "write_text", "write_json", "reason"]
+__all__ = ["WriteError", "atomic_write", "write_set", "write_text", "write_json", "json_writer", "reason"]
 
 
 class WriteError(OSError):
@@ -81,9 +81,14 @@ def write_text(path: str | Path, text: str) -> Path:
     return atomic_write(path, lambda fh: fh.write(text.encode()))
 
 
+def json_writer(value: object) -> Callable[[BinaryIO], None]:
+    """A writer (for ``atomic_write`` / ``write_set``) of ``value`` as indented JSON."""
+    return lambda fh: fh.write((json.dumps(value, indent=2) + "\n").encode())
+
+
 def write_json(path: str | Path, value: object) -> Path:
     """``value`` as indented JSON, atomically."""
-    return write_text(path, json.dumps(value, indent=2) + "\n")
+    return atomic_write(path, json_writer(value))
 
 
 def remove_stale_temporaries(path: Path) -> None:

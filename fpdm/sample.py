@@ -23,7 +23,6 @@ the solver's own work only.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 import time
@@ -43,7 +42,7 @@ from . import checks
 from .checkpoint import CheckpointError
 from .diffusion import Diffusion, guided
 from .encode import EncodeError, decode, load_vae
-from .files import write_set
+from .files import json_writer, write_set
 from .images import grid_image, to_uint8
 from .models import FPDM, DiT, ModelConfig, fixed_iterations
 from .weights import read_weights
@@ -318,7 +317,7 @@ def main(args: argparse.Namespace) -> dict:
     if args.graph != "off" and dev.type != "cuda":
         raise SampleError(f"--graph {args.graph} replays CUDA graphs and needs a CUDA device, got {dev}")
     loaded = read_weights(args.ckpt, weights=args.weights)
-    model, run, cfg = loaded.build(dev), loaded.run, loaded.config
+    run, cfg = loaded.run, loaded.config  # the model is built once every flag is checked
     defaults = loaded.sampling  # the training run's grid, or the field's sample.py for outside weights
     args.method = args.method or defaults["method"]
     args.guidance = defaults["guidance"] if args.guidance is None else args.guidance
@@ -357,6 +356,7 @@ def main(args: argparse.Namespace) -> dict:
         if not args.vae:
             raise SampleError("this checkpoint generates VAE latents: pass --vae PATH to decode them")
         vae = load_vae(args.vae, dev)
+    model = loaded.build(dev)  # weights that do not fit their config: one line, before --out is made
     out = checks.output_dir(args.out)
     with checks.run_lock(out):  # one sampler per folder: its files are one run's
         return _sample_into(out, args, model, cfg, plan, labels, num_timesteps, is_latent, vae)
@@ -394,7 +394,7 @@ def _sample_into(out: Path, args: argparse.Namespace, model: DiT | FPDM, cfg: Mo
     write_set(out, {  # all written before any replaces the last run's; stats.json, the manifest, last
         "samples.npz": lambda fh: np.savez(fh, images=pixels, labels=labels.numpy()),
         "samples.png": lambda fh: grid.save(fh, format="PNG"),
-        "stats.json": lambda fh: fh.write((json.dumps(summary, indent=2) + "\n").encode()),
+        "stats.json": json_writer(summary),
     })  # fmt: skip
     print(
         f"{len(labels)} samples in {stats.seconds:.1f} s, {plan.steps} steps, "

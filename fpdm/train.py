@@ -190,13 +190,17 @@ def train(args: argparse.Namespace, rank: int, world: int, device: torch.device,
         init_path = None  # the same command again resumes: its --init was applied at the start
         # depth is compared through the model's config: --depth 4 and a named size of depth 4 are one run
         ckpt = load_checkpoint(ckpt_path, run={k: v for k, v in run.items() if k != "depth"})
+        try:  # fields the checkpoint predates read as what it was trained with
+            saved_config = ModelConfig.from_dict(ckpt.get("config"))
+        except (TypeError, ValueError) as err:
+            raise UsageError(f"checkpoint {ckpt_path} has a damaged model config ({err}); move it away to start "
+                             "over, or use another --out") from None  # fmt: skip
     init = read_weights(init_path) if init_path else None  # before any weights are built: a bad file is one line
 
     # ---------------------------------------------------------------- model, EMA, optimiser
     overrides = dict(input_size=data.image_size, in_channels=data.channels, num_classes=data.num_classes)
-    saved_config = ckpt.get("config") if ckpt is not None else None
-    if isinstance(saved_config, dict):  # a run from before a field existed resumes with the behaviour it had
-        overrides.update({k: saved_config.get(k, v) for k, v in LEGACY_FIELDS.items()})
+    if ckpt is not None:  # a run from before a field existed resumes with the behaviour it had
+        overrides.update({k: getattr(saved_config, k) for k in LEGACY_FIELDS})
     overrides["learn_sigma"] = args.learn_sigma
     if args.depth is not None:
         if not args.model.startswith("DiT"):
@@ -234,12 +238,7 @@ def train(args: argparse.Namespace, rank: int, world: int, device: torch.device,
     sampling = {"method": "ddim", "steps": args.sample_steps or 50, "guidance": args.guidance,
                 "guidance_channels": None}  # what the grid uses: fpdm.sample's defaults for this run  # fmt: skip
     if ckpt is not None:
-        try:  # fields the checkpoint predates read as what it was trained with
-            saved = {"config": dataclasses.asdict(ModelConfig.from_dict(ckpt.get("config")))}
-        except (TypeError, ValueError) as err:
-            raise UsageError(f"checkpoint {ckpt_path} has a damaged model config ({err}); move it away to start "
-                             "over, or use another --out") from None  # fmt: skip
-        check_settings(ckpt_path, saved, config=dataclasses.asdict(model.config))
+        check_settings(ckpt_path, {"config": dataclasses.asdict(saved_config)}, config=dataclasses.asdict(model.config))
         try:
             model.load_state_dict(ckpt["model"])
             ema.load_state_dict(ckpt["ema"])

@@ -34,7 +34,7 @@ from torch import Tensor, nn
 
 from .checkpoint import FORMAT as CHECKPOINT_FORMAT
 from .checkpoint import CheckpointError, first_line, read_file
-from .files import write_set
+from .files import json_writer, write_set
 from .models import FPDM, MODEL_SIZES, DiT, ModelConfig, build_model, sincos_pos_embed_2d
 
 __all__ = ["LoadedWeights", "read_weights", "load_model", "load_state", "export_weights",
@@ -376,7 +376,7 @@ def export_weights(loaded: LoadedWeights, out: str | Path) -> Path:
     tensors = {k: v.detach().contiguous().cpu() for k, v in loaded.state_dict.items()}
     write_set(out, {
         "model.safetensors": lambda fh: fh.write(save(tensors)),
-        "config.json": lambda fh: fh.write((json.dumps(meta, indent=2) + "\n").encode()),
+        "config.json": json_writer(meta),
     })  # fmt: skip
     return Path(out)
 

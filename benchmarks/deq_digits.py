@@ -6,8 +6,8 @@ configuration starts from the same weights (one draw per seed) and sees the same
 order; the configurations train in lockstep (one batch each, in an order rotated every batch), so the
 load of a shared machine falls on all of them alike.
 
-Configurations: ``FixedPoint(cell)`` with whatever its defaults are when this runs, and with
-``backward=`` implicit / jfb / phantom (its default solver); TorchDEQ's ``get_deq()`` defaults, its
+Configurations: ``FixedPoint(cell)`` with whatever its defaults are when this runs, and with each other
+``backward=`` of implicit / jfb / phantom (its default solver); TorchDEQ's ``get_deq()`` defaults, its
 IFT mode (``ift=True``) and its phantom gradient (``grad=5, tau=0.5``, the k and damping of our
 ``phantom``). TorchDEQ is used as its docs show: ``z_out, info = deq(f, z0)``, loss on ``z_out[-1]``
 only (the final state; its default returns that one state anyway).
@@ -21,7 +21,8 @@ median (gradient spikes).
 One torch thread by default (``--threads``): the ops are small (64 x 128), and on a loaded machine
 more threads mostly spin, which slows the library that launches more small ops far more than the other.
 
-Run: ``python benchmarks/deq_digits.py [--seeds 3] [--epochs 10] [--threads 1] [--json runs/deq_digits.json]``.
+Run: ``python benchmarks/deq_digits.py [--seeds 3] [--epochs 10] [--threads 1] [--json runs/deq_digits.json]``;
+``--candidates`` trains the configurations FixedPoint's defaults were chosen from instead (``candidates()``).
 """
 
 from __future__ import annotations
@@ -195,12 +196,14 @@ def _has_torchdeq() -> bool:
 
 
 def configurations(torchdeq: bool | None = None) -> list[Config]:
-    """fixedpoint with its defaults and each backward mode; TorchDEQ's defaults, IFT and phantom (if installed)."""
-    configs = [
-        Config("fixedpoint defaults", FixedPointLayer),
-        Config("fixedpoint implicit", partial(FixedPointLayer, backward=fp.implicit)),
-        Config("fixedpoint jfb", partial(FixedPointLayer, backward=fp.jfb)),
-        Config("fixedpoint phantom", partial(FixedPointLayer, backward=fp.phantom)),
+    """fixedpoint with its defaults and each other backward mode; TorchDEQ's defaults, IFT and phantom (if
+    installed)."""
+    default = fp.FixedPoint(Cell(1)).backward
+    configs = [Config("fixedpoint defaults", FixedPointLayer)]
+    configs += [
+        Config(f"fixedpoint {mode.__name__}", partial(FixedPointLayer, backward=mode))
+        for mode in (fp.implicit, fp.jfb, fp.phantom)
+        if mode is not default
     ]
     if torchdeq is None:
         torchdeq = _has_torchdeq()
@@ -210,6 +213,26 @@ def configurations(torchdeq: bool | None = None) -> list[Config]:
             Config("torchdeq ift", partial(TorchDEQLayer, ift=True)),
             Config("torchdeq phantom", partial(TorchDEQLayer, **TORCHDEQ_PHANTOM)),
         ]
+    return configs
+
+
+def candidates(torchdeq: bool | None = None) -> list[Config]:
+    """The training configurations FixedPoint's defaults were chosen from (``--candidates``), named solver,
+    tolerance exponent, iteration cap and backward mode: A4-50 is Anderson at 1e-4 in 50 iterations (the
+    defaults before this comparison, with implicit), P3-40 plain iteration at 1e-3 in 40; and TorchDEQ's defaults."""
+    solvers = {
+        "A4-50": partial(fp.anderson, tol=1e-4, max_iter=50),
+        "A3-30": partial(fp.anderson, tol=1e-3, max_iter=30),
+        "P3-40": partial(fp.picard, tol=1e-3, max_iter=40),
+    }
+    grid = [("A4-50", "implicit"), ("A4-50", "jfb"), ("A3-30", "jfb"), ("A3-30", "phantom"), ("A3-30", "implicit"),
+            ("P3-40", "jfb"), ("P3-40", "phantom"), ("P3-40", "implicit")]  # fmt: skip
+    configs = [
+        Config(f"{name} {mode}", partial(FixedPointLayer, solver=solvers[name], backward=getattr(fp, mode)))
+        for name, mode in grid
+    ]
+    if torchdeq if torchdeq is not None else _has_torchdeq():
+        configs.append(Config("torchdeq defaults", TorchDEQLayer))
     return configs
 
 
@@ -254,6 +277,7 @@ def train_lockstep(
     seed: int,
     *,
     data: tuple[Tensor, Tensor, Tensor, Tensor] | None = None,
+    make_model: Callable[[], nn.Module] | None = None,
     epochs: int = EPOCHS,
     width: int = WIDTH,
     batch: int = BATCH,
@@ -261,12 +285,14 @@ def train_lockstep(
 ) -> list[RunResult]:
     """Train one model per configuration from the same initial weights on the same batches, batch by batch.
 
-    The order of the configurations rotates every batch. Only the training step (forward, backward,
-    optimizer step) is timed; statistics are read after it.
+    ``make_model()``: the model, with a ``cell`` (f's parameters) and a ``deq`` attribute that each
+    configuration sets (default: :class:`DEQClassifier` of ``width`` for the data). The order of the
+    configurations rotates every batch. Only the training step (forward, backward, optimizer step) is
+    timed; statistics are read after it.
     """
     x_train, y_train, x_test, y_test = data if data is not None else load_digits_split()
     torch.manual_seed(seed)
-    base = DEQClassifier(width, x_train.shape[1], int(y_train.max()) + 1)
+    base = make_model() if make_model is not None else DEQClassifier(width, x_train.shape[1], int(y_train.max()) + 1)
     models, optimizers, results, records = [], [], [], []
     for config in configs:
         model = copy.deepcopy(base)
@@ -293,8 +319,7 @@ def train_lockstep(
                 loss.backward()
                 opt.step()
                 seconds[i] += time.perf_counter() - t0
-                grad = model.cell.W.weight.grad
-                records[i]["grad"].append(float(grad.norm()) if grad is not None else np.nan)
+                records[i]["grad"].append(_grad_norm(model.cell))
                 records[i]["stats"].append(model.deq.stats())
                 losses[i].append(loss.item())
             step += 1
@@ -305,6 +330,12 @@ def train_lockstep(
         _summarise(result, record)
         result.test_accuracy, result.test_iters = evaluate(model, x_test, y_test)
     return results
+
+
+def _grad_norm(cell: nn.Module) -> float:
+    """|dL/d theta| (Frobenius, over the cell's parameters: f's own), NaN before any gradient."""
+    grads = [p.grad for p in cell.parameters() if p.grad is not None]
+    return float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))) if grads else np.nan
 
 
 def _summarise(result: RunResult, record: dict) -> None:
@@ -467,21 +498,29 @@ def run(
     batch: int = BATCH,
     lr: float = LR,
     json_path: str | Path | None = None,
+    task: str = "digits",
+    data: tuple[Tensor, Tensor, Tensor, Tensor] | None = None,
+    make_model: Callable[[], nn.Module] | None = None,
 ) -> dict:
     """The whole benchmark: every seed in turn (configurations in lockstep); returns (and writes) the results.
 
-    Convergence warnings of the backward solves are silenced: the statistics report them.
+    ``task`` names the data and model in the report: digits and :class:`DEQClassifier` unless ``data``
+    and ``make_model`` say otherwise (``deq_fashion.py``). Convergence warnings of the backward solves are
+    silenced: the statistics report them.
     """
     configs = list(configs) if configs is not None else configurations()
-    data = load_digits_split()
+    data = data if data is not None else load_digits_split()
     results: list[RunResult] = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", fp.ConvergenceWarning)
         for seed in seeds:
-            results += train_lockstep(configs, seed, data=data, epochs=epochs, width=width, batch=batch, lr=lr)
+            results += train_lockstep(
+                configs, seed, data=data, make_model=make_model, epochs=epochs, width=width, batch=batch, lr=lr
+            )
     rows = summarise(results)
     report = {
         "settings": {
+            "task": task,
             "seeds": list(seeds),
             "epochs": epochs,
             "width": width,
@@ -513,13 +552,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--batch", type=int, default=BATCH)
     parser.add_argument("--lr", type=float, default=LR)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
+    parser.add_argument("--candidates", action="store_true", help="the configurations the defaults were chosen from")
     parser.add_argument("--json", default="runs/deq_digits.json", help="where to write the results ('' for nowhere)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    configs = candidates() if args.candidates else configurations()
     report = run(
-        range(args.seeds), args.epochs, width=args.width, batch=args.batch, lr=args.lr, json_path=args.json or None
-    )
+        range(args.seeds), args.epochs, configs=configs, width=args.width, batch=args.batch, lr=args.lr,
+        json_path=args.json or None,
+    )  # fmt: skip
     print(json.dumps(report["defaults"], indent=1))
     s = report["settings"]
     print(

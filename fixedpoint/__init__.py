@@ -10,9 +10,10 @@ from ._backward import (
     stochastic_jfb,
     unrolled,
 )
+from ._common import Status
 from ._module import FixedPoint
 from ._newton import newton
-from ._solve import Solution, Status, clear_graph_cache
+from ._solve import Solution, clear_graph_cache
 from ._solvers import anderson, broyden, picard
 
 __all__ = [
@@ -33,4 +34,4 @@ __all__ = [
     "stochastic_jfb",
     "unrolled",
 ]
-__version__ = "0.1.0"
+__version__ = "0.2.0"

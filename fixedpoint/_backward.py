@@ -17,18 +17,18 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ._newton import gmres
-from ._solve import (
-    Solution,
+from ._common import (
+    Status,
     as_integer,
     autocast_dtype,
     check_int,
     check_interval,
-    check_map_output,
     check_positive,
     row_norms,
     stat_dtype,
 )
+from ._newton import gmres, newton
+from ._solve import Solution, check_map_output
 from ._solvers import anderson
 
 __all__ = [
@@ -270,7 +270,6 @@ def implicit(
     count; ``warn="always"`` warns at every miss, ``warn=False`` never. The
     adjoint Solution is left in ``info.backward`` either way.
     """
-    from ._newton import newton
 
     _check_map(f)
     _check_tensor("z", z)
@@ -347,7 +346,6 @@ def _adjoint_with_fallback(
 ) -> tuple[Tensor, Solution | None, int, dict]:
     """implicit's backward: the adjoint u (B, ...), its Solution, the count of samples whose adjoint missed
     ``slack`` x tol (a warning's), and the counts for GradInfo. See implicit's docstring for the policy."""
-    from ._solve import Status
 
     batch = grad.shape[0]
     fallback = policy != "exact"
@@ -465,7 +463,6 @@ def _gmres_adjoint(
     ``stop`` measures the residual ||grad - (I - J^T) u|| relative to ||grad|| or absolutely.
     ``nsteps`` and ``nfev`` count the vector-Jacobian products used.
     """
-    from ._solve import Status
 
     batch, shape = grad.shape[0], grad.shape
     sdt = stat_dtype(grad.dtype)

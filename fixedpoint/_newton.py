@@ -8,7 +8,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ._solve import Solution, check_int, check_interval, check_memory, row_norms, solve, stat_dtype
+from ._common import check_int, check_interval, check_memory, row_norms, stat_dtype
+from ._solve import Solution, solve
 from ._solvers import Map, _common_doc
 
 __all__ = ["newton", "gmres"]

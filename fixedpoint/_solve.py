@@ -36,10 +36,7 @@ All tensors inside the loop are flattened to ``(B, D)``.
 
 from __future__ import annotations
 
-import enum
 import math
-import numbers
-import operator
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, fields, replace
@@ -50,18 +47,19 @@ import torch
 from torch import Tensor
 
 from . import _graphs
+from . import kernels as kernel_modules
+from ._common import (
+    Status,
+    as_real,
+    autocast_dtype,
+    check_int,
+    check_memory,
+    check_positive,
+    stat_dtype,
+)
 from ._graphs import clear_graph_cache
 
 __all__ = ["Solution", "Solver", "Status", "clear_graph_cache", "solve"]
-
-
-class Status(enum.IntEnum):
-    """Why a sample stopped iterating (stored per sample in ``Solution.status``)."""
-
-    CONVERGED = 0  #: residual <= tol
-    MAX_ITER = 1  #: max_iter reached without converging
-    DIVERGED = 2  #: ||f(x) - x|| grew beyond ``divergence`` times its start
-    NONFINITE = 3  #: f produced NaN/Inf; the sample keeps its last finite iterate
 
 
 @dataclass
@@ -105,28 +103,10 @@ class Solver(Protocol):
     def update(self, state: Any, x: Tensor, fx: Tensor, g: Tensor, gnorm: Tensor) -> Any: ...
 
 
-def stat_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Precision for norms, Gram matrices and small solves: fp64 for fp64 data, else fp32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def row_norms(v: Tensor, dtype: torch.dtype) -> Tensor:
-    """(B, D) -> (B,) Euclidean norms accumulated in ``dtype``."""
-    return torch.linalg.vector_norm(v, dim=1, dtype=dtype)
-
-
 def _data_ptr(t: Tensor) -> int | None:
     """t's address, or None for tensors without storage (torch.func wrappers inside Newton's jvp)."""
     try:
         return t.data_ptr()
-    except RuntimeError:
-        return None
-
-
-def autocast_dtype(device_type: str) -> torch.dtype | None:
-    """The dtype autocast runs ops in on this device type, or None where it is off (or not supported)."""
-    try:
-        return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
     except RuntimeError:
         return None
 
@@ -206,83 +186,6 @@ class _CountedMap:
         return out.reshape(z.shape).to(z.dtype).contiguous()  # the kernels read rows of (B, D) at stride 1
 
 
-def as_real(value: object) -> float | None:
-    """A Python, NumPy or 0-d tensor real number as a float; None for anything else (bools included)."""
-    if isinstance(value, Tensor):
-        ok = value.ndim == 0 and value.dtype != torch.bool and not value.is_complex()
-        return float(value) if ok else None
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        return None
-    return float(value)
-
-
-def as_integer(value: object) -> int | None:
-    """A Python, NumPy or 0-d integer tensor as an int; None for anything else (bools and floats included)."""
-    if isinstance(value, bool) or (isinstance(value, Tensor) and value.dtype == torch.bool):
-        return None
-    try:
-        return operator.index(value)
-    except TypeError:
-        return None
-
-
-def check_positive(name: str, value: float) -> float:
-    """``value`` as a float, or a ValueError naming it: a positive finite number."""
-    number = as_real(value)
-    if number is None or not number > 0 or not math.isfinite(number):
-        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
-    return number
-
-
-def check_int(name: str, value: int, minimum: int) -> int:
-    """``value`` as an int, or a ValueError naming it: an integer >= minimum."""
-    number = as_integer(value)
-    if number is None or number < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return number
-
-
-def check_interval(name: str, value: float, low: float, high: float) -> float:
-    """``value`` as a float with low < value <= high, or a ValueError naming it."""
-    number = as_real(value)
-    if number is None or not low < number <= high:
-        raise ValueError(f"{name} must be in ({low}, {high}], got {value!r}")
-    return number
-
-
-MEMORY_CHECKED = 2**28  # bytes from which an option's buffers are checked against the memory available
-
-
-def available_memory(device: torch.device) -> int | None:
-    """Bytes that ``device`` can still allocate (CPU: free RAM and swap; CUDA: free plus cached by torch),
-    or None where unknown."""
-    try:
-        if device.type == "cuda":
-            free, _ = torch.cuda.mem_get_info(device)
-            return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
-        if device.type == "cpu":
-            with open("/proc/meminfo") as info:
-                kib = {line.split(":")[0]: int(line.split()[1]) for line in info if line.split()[1:2]}
-            return 1024 * (kib["MemAvailable"] + kib.get("SwapFree", 0))
-    except (OSError, KeyError, ValueError, RuntimeError):
-        pass
-    return None
-
-
-def check_memory(name: str, value: int, nbytes: int, what: str, device: torch.device) -> None:
-    """A ValueError naming option ``name`` when the ``nbytes`` it makes ``what`` take exceed the memory
-    ``device`` has available: before allocating (an allocator error would not name the option, and an
-    overcommitted CPU allocation would fail only when written). Sizes below MEMORY_CHECKED are not checked."""
-    if nbytes < MEMORY_CHECKED:
-        return
-    available = available_memory(device)
-    if available is not None and nbytes > available:
-        raise ValueError(
-            f"{name}={value} asks for {nbytes / 2**30:.4g} GiB ({nbytes} bytes) for {what}, more than the "
-            f"{available / 2**30:.4g} GiB available on {device}: choose a smaller {name}"
-        )
-
-
 def solve(
     solver: Solver,
     f: Callable[..., Tensor],
@@ -328,9 +231,9 @@ def solve(
     if graph and not hasattr(solver, "period"):
         raise ValueError(f"graph={graph!r} is not supported by {type(solver).__name__} (it syncs with the host)")
 
-    from . import kernels as kernel_modules
-
-    kernels = kernels or kernel_modules.reference
+    kernels = kernels or kernel_modules.default_for(x0)
+    if graph and kernels is kernel_modules.host:  # its NumPy views are host work: graphs capture the twins
+        kernels = kernel_modules.reference
     f_autocast = autocast_dtype(x0.device.type)  # f runs under it; norms, Gram matrices, small solves never do
     own_precision = torch.autocast(x0.device.type, enabled=False) if f_autocast is not None else nullcontext()
     with torch.no_grad(), own_precision:

@@ -15,7 +15,8 @@ import torch
 from torch import Tensor
 
 from . import kernels as kernel_modules
-from ._solve import Solution, check_int, check_interval, check_memory, check_positive, solve, stat_dtype
+from ._common import check_int, check_interval, check_memory, check_positive, stat_dtype
+from ._solve import Solution, solve
 
 __all__ = ["picard", "anderson", "broyden"]
 

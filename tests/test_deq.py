@@ -160,25 +160,47 @@ def _tanh_deq(width=128, features=64, batch=64, seed=0):
 
 
 def test_bf16_autocast_forward_converges_at_the_default_tolerance():
-    """Catches: the fp32 tolerance 1e-4 kept under bf16 autocast, where it cannot be reached: nearly every
-    sample ran to max_iter at every training step (and then took the fallback gradient)."""
+    """Catches: an fp32 tolerance kept under bf16 autocast, where it cannot be reached: nearly every sample ran
+    to max_iter at every training step (and then took implicit's fallback gradient)."""
     cell, x, w = _tanh_deq()
-    layer = fp.FixedPoint(cell, state_shape=(128,))
+    layer = fp.FixedPoint(cell, state_shape=(128,))  # the default solver: tol 1e-3, bf16 needs 3e-3
+    exact = fp.FixedPoint(cell, state_shape=(128,), solver=fp.anderson, backward=fp.implicit)  # its own 1e-4
     old = fp.FixedPoint(cell, state_shape=(128,), solver=partial(fp.anderson, tol=1e-4))  # set: kept as is
     with torch.autocast("cpu", dtype=torch.bfloat16):
         layer(x).float().pow(2).sum().backward()
+        exact(x).float().pow(2).sum().backward()
         old(x)
-    sol = layer.last_solution
-    assert float(sol.converged.double().mean()) >= 0.9
-    assert float(sol.residual[sol.converged].max()) <= 3e-3  # bf16's tolerance was used
-    assert float(old.last_solution.converged.double().mean()) < 0.5  # what the fp32 default gave
-    assert layer.last_info.fallback_forward == int((~sol.converged).sum())
-    layer(x)  # fp32 again: the solver's own default tolerance
-    assert float(layer.last_solution.residual.max()) <= 1e-4 and layer.last_solution.converged.all()
+    for sol in (layer.last_solution, exact.last_solution):
+        assert float(sol.converged.double().mean()) >= 0.9
+        assert float(sol.residual[sol.converged].max()) <= 3e-3  # bf16's tolerance was used
+    assert float(layer.last_solution.residual.max()) > 1e-3  # not the fp32 default (it would have run longer)
+    assert float(old.last_solution.converged.double().mean()) < 0.5  # what an fp32 tolerance gives
+    assert exact.last_info.fallback_forward == int((~exact.last_solution.converged).sum())
+    layer(x)  # fp32 again: the default solver's own tolerance
+    assert float(layer.last_solution.residual.max()) <= 1e-3 and layer.last_solution.converged.all()
     loose = fp.FixedPoint(cell, state_shape=(128,), half_tol=2e-2)  # one argument away
     with torch.autocast("cpu", dtype=torch.bfloat16):
         loose(x)
     assert float(loose.last_solution.residual.max()) > 3e-3
+
+
+def test_half_tolerance_never_tightens_a_looser_default():
+    """Catches: the half-precision tolerance replacing a default that is already looser (fp16's 5e-4 over a
+    solver's own 1e-3 would make it iterate longer in half precision than in fp32), or applied to a
+    tolerance the user set."""
+    seen = []
+
+    def solver(f, z0, *, args=(), tol: float = 1e-3, max_iter: int = 40):
+        seen.append(tol)
+        return fp.picard(f, z0, args=args, tol=tol, max_iter=max_iter)
+
+    cell = lambda z, x: torch.tanh(0.5 * z + x)  # noqa: E731
+    x = torch.rand(3, 16)
+    for dtype, expected in ((torch.float16, 1e-3), (torch.bfloat16, 3e-3)):
+        seen.clear()
+        fp.FixedPoint(cell, solver=solver)(x.to(dtype))  # a half state, no autocast
+        fp.FixedPoint(cell, solver=partial(solver, tol=1e-5))(x.to(dtype))
+        assert seen == [expected, 1e-5], dtype
 
 
 class _WideCell(nn.Module):
@@ -219,7 +241,7 @@ def test_convergence_statistics_equal_the_solutions():
     """Catches: per-step statistics that disagree with the Solution they summarise, or that miss the
     fallbacks FixedPoint's implicit took (it must pass its forward Solution to implicit)."""
     deq = PerSampleLinear([0.5, 0.999, 0.3])
-    layer = fp.FixedPoint(lambda z, x: deq(z), solver=partial(fp.picard, tol=1e-12, max_iter=60))
+    layer = fp.FixedPoint(lambda z, x: deq(z), solver=partial(fp.picard, tol=1e-12, max_iter=60), backward=fp.implicit)
     values = layer.convergence()
     assert all(v != v for v in values.values())  # NaN before any forward
     z = layer(deq.x)
@@ -278,3 +300,23 @@ def test_a_model_containing_fixedpoint_compiles_and_stops_recompiling():
     assert graphs[-1] == graphs[2]  # no new graph after the first steps: new inputs replay
     for p, q in zip(compiled_cell.parameters(), eager.parameters(), strict=True):
         torch.testing.assert_close(p.grad, q.grad)
+
+
+def test_the_defaults_are_plain_iteration_to_1e_3_and_the_jfb_gradient():
+    """Pins FixedPoint's training defaults (chosen by benchmarks/deq_digits.py and deq_fashion.py): a change
+    of solver, tolerance, cap or backward mode fails here, not silently in users' training runs. The
+    gradient is JFB's: one f at the detached forward solution (U^T c here), which is plain iteration's
+    (Picard from zeros) stopped at relative 1e-3 or 40 iterations; eval solves the same way."""
+    deq = PerSampleLinear([0.5, 0.8, 0.995])  # the last needs more than 40 plain iterations for 1e-3
+    layer = fp.FixedPoint(lambda z, x: deq(z))
+    z = layer(deq.x)
+    (deq.c * z).sum().backward()
+    reference = fp.picard(lambda v: deq(v).detach(), torch.zeros_like(deq.x), tol=1e-3, max_iter=40)
+    sol = layer.last_solution
+    torch.testing.assert_close(sol.x, reference.x, rtol=0, atol=0)
+    assert sol.statuses() == [fp.Status.CONVERGED, fp.Status.CONVERGED, fp.Status.MAX_ITER]
+    assert sol.nsteps.tolist() == reference.nsteps.tolist() and int(sol.nsteps.max()) == 40
+    torch.testing.assert_close(deq.x.grad, deq.x_grad(deq.c))  # JFB's closed form: dL/dx = U^T c (exact: U^T u)
+    assert layer.last_info.backward is None  # no adjoint solve ran
+    with torch.no_grad():
+        torch.testing.assert_close(layer.eval()(deq.x), z)  # the eval solve is the same

@@ -298,7 +298,9 @@ def test_implicit_default_tolerance_follows_autocast():
     x = torch.randn(4, 64)
     grads = []
     for dtype in (None, torch.bfloat16):
-        layer = fp.FixedPoint(lambda z, x: torch.tanh(lin(z) + x), solver=partial(fp.anderson, tol=1e-3))
+        layer = fp.FixedPoint(
+            lambda z, x: torch.tanh(lin(z) + x), solver=partial(fp.anderson, tol=1e-3), backward=fp.implicit
+        )
         with warnings.catch_warnings():
             warnings.simplefilter("error", fp.ConvergenceWarning)
             with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
@@ -408,7 +410,8 @@ def test_fixed_point_module_in_eval_mode_keeps_gradients_when_grad_is_on():
     training mode's; without grad, or with nothing that requires it, nothing is attached."""
     torch.manual_seed(0)
     cell = nn.Linear(6, 6, dtype=torch.float64)
-    layer = fp.FixedPoint(lambda z, x: torch.tanh(0.5 * cell(z) + x), solver=partial(fp.anderson, tol=1e-12))
+    f = lambda z, x: torch.tanh(0.5 * cell(z) + x)  # noqa: E731
+    layer = fp.FixedPoint(f, solver=partial(fp.anderson, tol=1e-12), backward=fp.implicit)
     x = torch.randn(3, 6, dtype=torch.float64, requires_grad=True)
     (train_grad,) = torch.autograd.grad(layer(x).sum(), x)
     layer.eval()

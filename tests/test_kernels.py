@@ -8,7 +8,7 @@ from problems import transient_growth
 
 import fixedpoint
 from fixedpoint import Status
-from fixedpoint.kernels import reference, resolve
+from fixedpoint.kernels import host, reference, resolve
 
 triton_kernels = pytest.importorskip("fixedpoint.kernels.triton_kernels", reason="triton is not installed")
 on_cpu_interpreter = not torch.cuda.is_available()
@@ -269,9 +269,9 @@ def test_anderson_triton_gives_the_same_solve_as_torch():
 
 def test_impl_choices_and_errors():
     x64 = torch.zeros(2, 3, dtype=torch.float64)
-    assert resolve("auto", x64) is reference and resolve("torch", torch.zeros(2, 3)) is reference
+    assert resolve("auto", x64) is host and resolve("torch", torch.zeros(2, 3)) is reference
     if not torch.cuda.is_available():
-        assert resolve("auto", torch.zeros(2, 3)) is reference  # auto never picks the CPU interpreter
+        assert resolve("auto", torch.zeros(2, 3)) is host  # auto never picks the CPU interpreter
     with pytest.raises(ValueError, match="impl must be one of 'auto', 'torch', 'triton', got 'cuda'"):
         fixedpoint.anderson(lambda z: z, torch.zeros(2, 3), impl="cuda")
     with pytest.raises(ValueError, match="impl='triton' needs CUDA tensors of fp32/fp16/bf16.*torch.float64"):

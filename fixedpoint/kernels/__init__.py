@@ -1,7 +1,8 @@
 """Fused kernels for the solver inner loop: Triton on CUDA, their PyTorch twins everywhere.
 
 ``resolve(impl, tensor)`` picks the implementation: ``"auto"`` takes Triton for
-CUDA tensors when it imports (fp32/fp16/bf16 data, under 2**31 features per sample), PyTorch otherwise
+CUDA tensors when it imports (fp32/fp16/bf16 data, under 2**31 features per sample), the host path for
+CPU tensors (the twins, with the per-iteration bookkeeping in NumPy: ``host``), PyTorch otherwise
 (never the slow CPU interpreter);
 ``"triton"`` insists and says why when it cannot run; ``"torch"`` is the twin.
 """
@@ -14,9 +15,9 @@ from types import ModuleType
 import torch
 from torch import Tensor
 
-from . import reference
+from . import host, reference
 
-__all__ = ["resolve", "check_impl", "reference", "IMPLS"]
+__all__ = ["resolve", "check_impl", "default_for", "host", "reference", "IMPLS"]
 
 IMPLS = ("auto", "torch", "triton")
 
@@ -35,8 +36,13 @@ def check_impl(impl: str) -> None:
         raise ValueError(f"impl must be one of {', '.join(map(repr, IMPLS))}, got {impl!r}")
 
 
+def default_for(x: Tensor) -> ModuleType:
+    """The PyTorch kernels for data like ``x``: ``host`` on a CPU, ``reference`` elsewhere."""
+    return host if x.device.type == "cpu" else reference
+
+
 def resolve(impl: str, x: Tensor) -> ModuleType:
-    """The kernel module (reference or triton_kernels) for ``impl`` and data like ``x``."""
+    """The kernel module (host, reference or triton_kernels) for ``impl`` and data like ``x``."""
     check_impl(impl)
     if impl == "torch":
         return reference
@@ -44,7 +50,7 @@ def resolve(impl: str, x: Tensor) -> ModuleType:
     features = x.numel() // x.shape[0] if x.dim() and x.shape[0] else x.numel()  # per sample, as the loop sees it
     if impl == "auto":  # Triton only where it is fast: CUDA
         module = _triton_module() if (x.is_cuda and supported) else None
-        return module if module is not None and features <= module.MAX_FEATURES else reference
+        return module if module is not None and features <= module.MAX_FEATURES else default_for(x)
     interpreted = os.environ.get("TRITON_INTERPRET") == "1"
     runnable = supported and (x.is_cuda or (interpreted and x.device.type == "cpu"))
     module = _triton_module()

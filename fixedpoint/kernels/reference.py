@@ -11,7 +11,7 @@ import math
 import torch
 from torch import Tensor
 
-from .._solve import stat_dtype
+from .._common import Status, stat_dtype
 
 __all__ = [
     "best_update",
@@ -30,7 +30,7 @@ __all__ = [
     "broyden_finish",
 ]
 
-CONVERGED, MAX_ITER, DIVERGED, NONFINITE = 0, 1, 2, 3  # fixedpoint.Status codes
+CONVERGED, MAX_ITER, DIVERGED, NONFINITE = Status.CONVERGED, Status.MAX_ITER, Status.DIVERGED, Status.NONFINITE
 KEEP, TAKE_NEW, TAKE_PREV = 0, 1, 2  # what best_update does per sample (bookkeep's ``take``)
 REL_FLOOR = 1e-3  # stop="rel" divides by max(||f(x)||, REL_FLOOR * ||g(x0)||): a fixed point at 0 converges too
 

@@ -1,0 +1,115 @@
+"""The CPU path: the PyTorch twins, with the per-iteration bookkeeping on NumPy views of the same memory.
+
+On a CPU the loop's per-sample accounting is some 30 small ops on (B,) vectors every iteration, and
+each PyTorch op costs 2-4 us of dispatch against NumPy's 0.5-1 us: ``bookkeep`` takes ~80 us as
+PyTorch ops and ~35 us here (B = 64), a fifth of a small DEQ's iteration. ``best_update`` copies rows
+with ``np.copyto`` where the data has a NumPy dtype (fp16/32/64; bf16 stays with PyTorch).
+
+Results are bit for bit the twins' (tests/test_kernels.py compares them on NaN, inf, zero and both
+stopping measures): the square roots are PyTorch's (its float32 sqrt rounds differently from NumPy's
+in the last bit), everything after them is IEEE arithmetic and comparisons, which agree. Every other
+kernel is reference's. ``resolve("auto", x)`` picks this module for CPU tensors; ``impl="torch"``
+keeps the pure PyTorch twins.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from . import reference
+from .reference import (  # noqa: F401  (the rest of the kernel set, as reference has it)
+    CONVERGED,
+    DIVERGED,
+    KEEP,
+    MAX_ITER,
+    NONFINITE,
+    REL_FLOOR,
+    TAKE_NEW,
+    TAKE_PREV,
+    anderson_absorb,
+    anderson_coefficients,
+    anderson_mix,
+    anderson_residual_write,
+    anderson_write,
+    broyden_combine,
+    broyden_dots,
+    broyden_finish,
+    is_slot,
+    picard_step,
+    residual,
+    solve_spd,
+)
+
+__all__ = list(reference.__all__)
+
+_NUMPY_DATA = (torch.float16, torch.float32, torch.float64)  # dtypes .numpy() can view
+
+
+def bookkeep(
+    gsq: Tensor,
+    fsq: Tensor,
+    gnorm0: Tensor,
+    status: Tensor,
+    active: Tensor,
+    best_res: Tensor,
+    pending: Tensor,
+    nsteps: Tensor,
+    trace: Tensor,
+    row: int | None,
+    done: Tensor,
+    tol: float,
+    divergence: float,
+    relative: bool,
+    max_iter: int,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``reference.bookkeep`` (same arguments, results and in-place updates) on NumPy views: CPU tensors only."""
+    gnorm_t = gsq.sqrt()  # PyTorch's rounding, as the twin
+    gnorm, fnorm, g0 = gnorm_t.numpy(), fsq.sqrt().numpy(), gnorm0.numpy()
+    st, act, best, pend, steps, tr = (t.numpy() for t in (status, active, best_res, pending, nsteps, trace))
+    real = gnorm.dtype.type
+    with np.errstate(all="ignore"):  # inf / inf and the like: NaN, as PyTorch gives, without a warning
+        if relative:  # near a fixed point at 0, relative to the start's residual instead (NaN-safe: compare)
+            floor = real(REL_FLOOR) * g0
+            res = gnorm / np.maximum(np.where(floor > fnorm, floor, fnorm), np.finfo(real).tiny)
+        else:
+            res = gnorm
+        finite = np.isfinite(gnorm + fnorm)
+        now = np.where(gnorm > real(divergence) * g0, DIVERGED, MAX_ITER) if divergence < math.inf else MAX_ITER
+        now = np.where(finite, np.where(res <= real(tol), CONVERGED, now), NONFINITE)
+        improved = act & finite & ~(res >= best)  # also true where best is NaN
+        np.copyto(st, now, where=act)
+        np.copyto(best, res, where=improved)
+        steps += act
+        residuals = np.where(act, res, real(math.nan))
+        new_active = st == MAX_ITER
+        if row is None:  # CUDA graphs only; kept for the same signature
+            count = int(done)
+            tr[min(count, max_iter)] = residuals
+            done.add_(1)
+            new_active &= count + 1 < max_iter
+        else:
+            tr[row] = residuals
+        take = np.where(pend & ~improved, np.int8(TAKE_PREV), (improved & ~new_active).astype(np.int8))
+        np.logical_and(improved, new_active, out=pend)
+    counts = np.array([np.count_nonzero(new_active), np.count_nonzero(take)], dtype=np.int64)
+    return gnorm_t, torch.from_numpy(new_active), torch.from_numpy(take), torch.from_numpy(counts)
+
+
+def best_update(
+    best_x: Tensor, best_fx: Tensor, x: Tensor, fx: Tensor, prev_x: Tensor, prev_fx: Tensor, take: Tensor
+) -> None:
+    """``reference.best_update`` with ``np.copyto`` where every tensor has a NumPy dtype (else the twin)."""
+    tensors = (best_x, best_fx, x, fx, prev_x, prev_fx)
+    if any(t.dtype not in _NUMPY_DATA for t in tensors):
+        return reference.best_update(best_x, best_fx, x, fx, prev_x, prev_fx, take)
+    bx, bfx, nx, nfx, px, pfx = (t.detach().numpy() for t in tensors)  # f's outputs may be leaves that require grad
+    codes = take.numpy()[:, None]  # (B, 1)
+    new, prev = codes == TAKE_NEW, codes == TAKE_PREV
+    np.copyto(bx, px, where=prev)  # prev first: a row is one or the other, and x may be prev_x (finish)
+    np.copyto(bfx, pfx, where=prev)
+    np.copyto(bx, nx, where=new)
+    np.copyto(bfx, nfx, where=new)

@@ -12,6 +12,7 @@ Targets from the issue: Anderson (m=5) <= 0.25, Broyden <= 0.5.
 from __future__ import annotations
 
 import time
+from functools import partial
 
 import pytest
 import torch
@@ -120,3 +121,59 @@ def bench_overhead_torchdeq(benchmark, report, cheap_map, block_seconds, name):
     calls = N + (1 if name != "anderson" else 0)  # anderson evaluates f N times in all
     label = name + (" m=5" if name == "anderson" else "")
     _record(report, "torchdeq", label, seconds, calls, cheap_seconds, block_seconds)
+
+
+# ---------------------------------------------------------------- a small DEQ's training solve (issue 23's size)
+
+SMALL = "small DEQ solve, tanh(W z + x) on (64, 128), one thread: ms per iteration, fixedpoint vs TorchDEQ (same run)"
+SMALL_ITERS = 40  # TorchDEQ's default cap; FixedPoint's default solver: plain iteration within 40
+LIBRARIES = ("fixedpoint", "torchdeq")
+
+
+def _small_deq():
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(128, 128, generator=gen)
+    w *= 0.9 / torch.linalg.matrix_norm(w, ord=2)
+    x = torch.randn(64, 128, generator=gen)
+    return (lambda z, x: torch.tanh(z @ w.T + x)), x
+
+
+SMALL_SOLVERS = {  # name: (fixedpoint, torchdeq name and options)
+    "plain iteration": (fixedpoint.picard, ("fixed_point_iter", {})),
+    "anderson m=5": (fixedpoint.anderson, ("anderson", {"m": 5})),
+}
+
+
+@pytest.mark.parametrize("name", list(SMALL_SOLVERS))
+def bench_small_deq_iteration(benchmark, report, name):
+    """Per-iteration cost of the whole solve (f, the loop, the solver) at the digits DEQ's size: a solve of 1 and
+    of 40 iterations per library, both timed here; the ratio is what to read (a shared machine moves both)."""
+    ours, (theirs, options) = SMALL_SOLVERS[name]
+    solvers = pytest.importorskip("torchdeq.solver")
+    f, x = _small_deq()
+    z0 = torch.zeros_like(x)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        solver, g = solvers.get_solver(theirs), lambda z: f(z, x)
+        runs = {}
+        for n in (1, SMALL_ITERS):
+            run_ours = partial(ours, f, z0, args=(x,), tol=1e-30, max_iter=n)
+            run_theirs = partial(solver, g, z0, max_iter=n, tol=1e-30, stop_mode="abs", **options)
+            runs["fixedpoint", n] = best_time(run_ours, rounds=30)
+            runs["torchdeq", n] = best_time(run_theirs, rounds=30)
+        timed(benchmark, lambda: ours(f, z0, args=(x,), tol=1e-30, max_iter=SMALL_ITERS), rounds=3)
+    finally:
+        torch.set_num_threads(threads)
+    per_iter = {lib: (runs[lib, SMALL_ITERS] - runs[lib, 1]) / (SMALL_ITERS - 1) * 1e3 for lib in LIBRARIES}
+    report.add(
+        SMALL,
+        solver=name,
+        fixedpoint_ms_per_iter=per_iter["fixedpoint"],
+        torchdeq_ms_per_iter=per_iter["torchdeq"],
+        ratio=per_iter["fixedpoint"] / per_iter["torchdeq"],
+        fixedpoint_solve_40_ms=runs["fixedpoint", SMALL_ITERS] * 1e3,
+        torchdeq_solve_40_ms=runs["torchdeq", SMALL_ITERS] * 1e3,
+    )
+    report.note(SMALL, "ms per iteration = (solve of 40 - solve of 1) / 39, best of 30; f itself is ~0.06 ms here")
+    assert per_iter["fixedpoint"] > 0 and per_iter["torchdeq"] > 0

@@ -1,7 +1,8 @@
 """Where an FPDM-XL/2 solve spends its time on a GPU: torch.profiler tables (run by hand on a CUDA machine).
 
-python benchmarks/gpu_profile.py [out_dir]: for picard and anderson (eager, and graph over 100 iterations;
-anderson with graph="solver" over 20),
+python benchmarks/gpu_profile.py [out_dir]: for picard and anderson over 20 iterations (eager, and with
+graph="solver"), then on f compiled with torch.compile(f, mode="reduce-overhead") (graph=True's replacement,
+``bench_gpu.compiled``: compiled and recorded at its first calls, so these run last: a timeout loses only them),
 the kernels by total GPU time and the host ops by total CPU time, per iteration.
 """
 
@@ -11,7 +12,7 @@ import sys
 from pathlib import Path
 
 import torch
-from bench_gpu import make_fpdm_xl_map  # benchmarks/ is on the path when run as a script
+from bench_gpu import compiled, make_fpdm_xl_map  # benchmarks/ is on the path when run as a script
 from torch.profiler import ProfilerActivity, profile
 
 import fixedpoint
@@ -21,17 +22,21 @@ def main(out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     f, z0 = make_fpdm_xl_map()
     free = dict(tol=1e-30, divergence=None)
+    fc = compiled(f)  # compiled and recorded in its first calls (the "f compiled x20" warm-up below)
     runs = {
         "f x20": lambda: [f(z0) for _ in range(20)],
         "picard 20": lambda: fixedpoint.picard(f, z0, max_iter=20, **free),
-        "picard graph 100": lambda: fixedpoint.picard(f, z0, max_iter=100, graph=True, check_every=20, **free),
+        "picard graph=solver 20": lambda: fixedpoint.picard(f, z0, max_iter=20, graph="solver", **free),
         "anderson 20": lambda: fixedpoint.anderson(f, z0, max_iter=20, **free),
-        "anderson graph 100": lambda: fixedpoint.anderson(f, z0, max_iter=100, graph=True, check_every=20, **free),
         "anderson graph=solver 20": lambda: fixedpoint.anderson(f, z0, max_iter=20, graph="solver", **free),
+        "f compiled x20": lambda: [fc(z0) for _ in range(20)],
+        "picard f compiled graph=solver 20": lambda: fixedpoint.picard(fc, z0, max_iter=20, graph="solver", **free),
+        "anderson f compiled 20": lambda: fixedpoint.anderson(fc, z0, max_iter=20, **free),
+        "anderson f compiled graph=solver 20": lambda: fixedpoint.anderson(fc, z0, max_iter=20, graph="solver", **free),
     }
     with torch.no_grad():
         for name, run in runs.items():
-            run()  # warm-up: compile, allocate
+            run()  # warm-up: compile (the compiled f: also warm up and record, in its first calls), allocate
             torch.cuda.synchronize()
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()

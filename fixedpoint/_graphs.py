@@ -1,8 +1,12 @@
-"""What the solver loop's CUDA-graph modes are built from: capture and replay (swappable for stand-ins on
-CPU), the static buffers carried between replays, and the sessions kept for later solves: graph="solver"'s,
-and graph=True's where f's changing inputs are declared.
+"""graph="solver": f runs eagerly, and the rest of each iteration (residuals, per-sample accounting, the
+solver's update and next step) is one CUDA graph replay, from graphs kept for later solves.
 
-The loop itself (which iterations are captured, how convergence is checked) is in ``_solve``.
+The loop (``_solve``) calls one function here, :func:`solve`, after its start; it builds on the loop's
+``absorb``/``advance`` and its eager tail. What is here: capture and replay (swappable for stand-ins on
+CPU), the static buffers carried between replays, the warm-up, the graphs of one solver period, and the
+sessions kept for later solves. To capture f itself, compile it: ``step = torch.compile(f,
+mode="reduce-overhead")`` (CUDA graph trees, re-recorded for new shapes) composes with any solver as
+``lambda z: step(z).clone()`` (the trees overwrite an output at the next call).
 """
 
 from __future__ import annotations
@@ -10,15 +14,16 @@ from __future__ import annotations
 import math
 import warnings
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field, fields, replace
+from functools import partial
 from typing import Any, ClassVar, NamedTuple
 
 import torch
 from torch import Tensor
 
-__all__ = ["GRAPHS", "ChunkGraphs", "CudaGraphs", "KeptSession", "SolverGraphs", "StaticBuffers", "clear_graph_cache"]
+__all__ = ["GRAPHS", "CudaGraphs", "SolverGraphs", "StaticBuffers", "clear_graph_cache", "solve"]
 
 
 class CapturePool(NamedTuple):
@@ -47,7 +52,7 @@ class CudaGraphs:
 
     @staticmethod
     def memory_pool(device: torch.device) -> CapturePool:
-        """What the captures of one graph=True solve or one graph="solver" session share: a memory pool
+        """What the captures of one graph="solver" session share: a memory pool
         (graphs replayed in the order they were captured may share memory) and the stream they are
         captured on (the allocator reuses a freed block on its own stream only).
 
@@ -82,17 +87,7 @@ class CudaGraphs:
 
 
 GRAPHS = CudaGraphs()  # tests swap in a stand-in (fixedpoint.testing) to run the graph paths' logic on CPU
-GRAPH_CHUNK = 4  # iterations per captured chunk of graph=True, at least (see chunk_length)
-GRAPH_MODES = (False, True, "solver")
-
-
-def chunk_length(period: int, check_every: int, max_iter: int) -> int:
-    """Iterations in one graph=True chunk, convergence being checked after each: check_every, at least
-    GRAPH_CHUNK (copying a chunk's results back then costs little per iteration), rounded up to whole
-    solver periods; where that passes max_iter, the whole periods within it (at least one). A solve of
-    max_iter = check_every iterations (fixed budgets) is then one replay where the period divides it."""
-    chunk = period * math.ceil(max(GRAPH_CHUNK, check_every) / period)
-    return chunk if chunk <= max_iter else period * max(1, max_iter // period)
+GRAPH_MODES = (False, "solver")
 
 
 class StaticBuffers:
@@ -133,18 +128,25 @@ def map_not_captured(z: Tensor) -> Tensor:
     """The f a solver's step sees under graph="solver": f is never captured, so calling it is an error."""
     raise RuntimeError(
         "graph='solver' does not capture f, so the solver's step may not call it (Jacobian-vector products): "
-        "use graph=False or graph=True"
+        "use graph=False"
     )
 
 
-class KeptSession:
-    """What the two kinds of graph session share: the loop's in-place buffers and the solver state their
-    graphs read, and the handover from one solve to the next. A subclass is a dataclass with these fields."""
+@dataclass
+class SolverGraphs:
+    """graph="solver": one period's graphs and every buffer they read and write. f is not captured, so
+    any later solve with the same key (solver, shapes, options) starts in these buffers and replays the
+    same graphs: no warm-up, no capture."""
 
     buffers: dict[str, Tensor]  # the loop's in-place tensors (``BUFFERS``): a later solve's start goes here
-    static: StaticBuffers  # the tensors carried from one replay to the next
+    static: StaticBuffers  # the tensors carried from one replay to the next, and the next iterate to evaluate
     state: Any  # the solver's state over the static buffers where a replay starts (a later solve's ``reinit``)
-    finished: Any  # CUDA: an event behind the last solve's work, which the next one waits for
+    fx_buffers: tuple[Tensor, Tensor]  # f(x) of position j goes into fx_buffers[j % 2]
+    period: int  # lcm(solver period, 2)
+    capture: Callable[[int], Callable[[], None]]  # position -> its replay, capturing it (never refers to self)
+    outputs: list[tuple[Tensor, ...]]  # per captured position: x_{j+1}, counts, x_j, f(x_j)
+    replays: list[Callable[[], None]] = field(default_factory=list)  # captured positions, in order
+    finished: Any = None  # CUDA: an event behind the last solve's work, which the next one waits for
 
     BUFFERS: ClassVar[tuple[str, ...]] = (
         "gnorm0", "status", "best_res", "pending", "nsteps", "trace", "done", "best_x", "best_fx"
@@ -165,68 +167,10 @@ class KeptSession:
             self.finished.record(torch.cuda.current_stream(device))
         return replace(solution, **copies)
 
-
-@dataclass
-class ChunkGraphs(KeptSession):
-    """graph=True: one chunk of whole solver periods, f included, captured once and replayed. Kept for
-    later solves when f's changing inputs are declared (``args``): a later solve with the same f, solver,
-    options and shapes writes its start and its args into these buffers and replays: no warm-up, no capture."""
-
-    buffers: dict[str, Tensor]
-    static: StaticBuffers
-    state: Any
-    args: tuple  # f's further inputs as the graph reads them: their tensors are copies, written by each solve
-    chunk: int  # iterations per replay
-    calls: int  # calls of f per replay
-    replay: Callable[[], None]
-    counts: list[Tensor]  # [the chunk's last counts (2,)], in the graph's memory
-    finished: Any = None
-    replayed: bool = False  # the solve that captured replays once at least (see run)
-
-    def begin(self, loop: Any, args: tuple) -> None:
-        """A later solve, after its start: its args and what is not in place already into the buffers."""
-        for static, value in zip(arg_tensors(self.args), arg_tensors(args), strict=True):
-            static.copy_(value)
-        loop.store(self.static)
-
-    def run(self, loop: Any, n: int, n_active: int) -> tuple[int, int]:
-        """Replay from iteration n while a whole chunk fits within max_iter and a sample is active,
-        reading the active count after each replay; the loop runs what is left eagerly. Returns the
-        iterations run and the active count.
-
-        The solve that captured replays at least once, even past max_iter (the device stops every sample
-        there). On CUDA it could go on eagerly instead, since a capture runs nothing; the stand-ins that
-        test this on CPU run the captured body at capture, so that its first replay is the one skipped."""
-        while n_active and (n + self.chunk <= loop.max_iter or not self.replayed):
-            calls = loop.fn.calls
-            self.replay()
-            self.replayed = True
-            loop.fn.calls = calls + self.calls  # (a stand-in's replay may call f itself)
-            n += self.chunk
-            n_active = int(self.counts[0][0])
-        return n, n_active
-
-
-@dataclass
-class SolverGraphs(KeptSession):
-    """graph="solver": one period's graphs and every buffer they read and write. f is not captured, so
-    any later solve with the same key (solver, shapes, options) starts in these buffers and replays the
-    same graphs: no warm-up, no capture."""
-
-    buffers: dict[str, Tensor]
-    static: StaticBuffers  # here also the next iterate a period's first position evaluates
-    state: Any
-    fx_buffers: tuple[Tensor, Tensor]  # f(x) of position j goes into fx_buffers[j % 2]
-    period: int  # lcm(solver period, 2)
-    capture: Callable[[int], Callable[[], None]]  # position -> its replay, capturing it (never refers to self)
-    outputs: list[tuple[Tensor, ...]]  # per captured position: x_{j+1}, counts, x_j, f(x_j)
-    replays: list[Callable[[], None]] = field(default_factory=list)  # captured positions, in order
-    finished: Any = None
-
-    def begin(self, loop: Any, args: tuple) -> None:
+    def begin(self, loop: Any) -> None:
         """A later solve, after its start: what is not in place already into the buffers (f is eager:
         its args need no copy)."""
-        self.static.copy_in(loop.period_start())
+        self.static.copy_in(_period_start(loop))
 
     def run(self, loop: Any, n: int, n_active: int) -> tuple[int, int]:
         """Iterate from position 0 until max_iter or no sample is active: f eagerly, then one replay.
@@ -245,7 +189,7 @@ class SolverGraphs(KeptSession):
 
 
 GRAPH_CACHE_SIZE = 4  # sessions kept (least recently used dropped)
-_graph_cache: OrderedDict[tuple, KeptSession] = OrderedDict()
+_graph_cache: OrderedDict[tuple, SolverGraphs] = OrderedDict()
 
 
 def clear_graph_cache() -> None:
@@ -256,30 +200,18 @@ def clear_graph_cache() -> None:
         torch.cuda.empty_cache()
 
 
-def session_key(
-    graph: bool | str, f: Callable, args: tuple | None, x0: Tensor, chunk: int | None,
-    autocast: torch.dtype | None, options: tuple,
-) -> tuple | None:  # fmt: skip
+def session_key(graph: bool | str, x0: Tensor, options: tuple) -> tuple | None:
     """What a later solve must share with the solve that kept a session to replay its graphs, or None where
-    nothing is kept. ``x0``: the start as given (its shape: f's view); ``chunk``: graph=True's chunk length;
-    ``autocast``: the dtype f runs in under autocast, or None; ``options``: the solver, the kernels and the
-    loop's options.
+    nothing is kept (no graphs). ``x0``: the start as given; ``options``: the solver, the kernels and the
+    loop's options. The graphs capture only the solver's own ops, which never run under autocast, so f
+    and its inputs are not part of it.
 
-    graph=True captures f, so it keeps a session only where f's changing inputs are declared (``args``, even
-    empty). Its key then also holds what the captured f depends on: f itself (which keeps it alive: its graph
-    reads f's weights), the train/eval flags of f's modules (f a module or a module's method), autocast and
-    the numerics settings, and the args' signature (``arg_signature``: the tensors' shapes and dtypes, in
-    tuples, lists and dicts too, whose values are copied in; every other value by type and value, baked into
-    the graph). graph="solver" captures only the solver's own ops, which never run under autocast.
-
-    A key that cannot be hashed (args holding a set or an array, a mutable dataclass solver) keeps nothing,
-    with a warning: each solve then captures its own graphs."""
-    if graph is False or (graph is True and args is None):
+    A key that cannot be hashed (a mutable dataclass solver) keeps nothing, with a warning: each solve then
+    captures its own graphs."""
+    if not graph:
         return None
     inference = torch.is_inference_mode_enabled()
     key = (GRAPHS, graph, tuple(x0.shape), x0.dtype, x0.device, inference, *options)
-    if graph is True:
-        key += (chunk, f, _module_modes(f), autocast, _numerics(), arg_signature(args))
     try:
         hash(key)
     except TypeError as error:
@@ -289,94 +221,124 @@ def session_key(
     return key
 
 
-def _is_container(a: Any) -> bool:
-    """Whether graph=True looks inside one of f's args: a tuple (named or not), a list or a dict. Anything
-    else is one value, tensors inside it included (read by the graph where they are: changed in place only)."""
-    return type(a) in (tuple, list, dict) or (isinstance(a, tuple) and hasattr(a, "_fields"))
-
-
-def _items(a: tuple | list | dict) -> Iterable[tuple[Any, Any]]:
-    return a.items() if isinstance(a, dict) else enumerate(a)
-
-
-def arg_signature(a: Any) -> tuple:
-    """What a kept graph=True session bakes in of f's args ``a``: a tensor's shape, dtype and device (its values
-    are copied in), a container's type, keys and items' signatures, anything else its type and value (NaN as
-    "nan", which matches itself)."""
-    if isinstance(a, Tensor):
-        return ("tensor", a.shape, a.dtype, a.device)
-    if _is_container(a):
-        return (type(a), tuple((k, arg_signature(v)) for k, v in _items(a)))
-    if isinstance(a, float) and math.isnan(a):
-        return (float, "nan")
-    return (type(a), a)
-
-
-def arg_tensors(a: Any) -> Iterator[Tensor]:
-    """The tensors of f's args ``a`` that a kept graph reads copies of, in order (where arg_signature finds them)."""
-    if isinstance(a, Tensor):
-        yield a
-    elif _is_container(a):
-        for _, v in _items(a):
-            yield from arg_tensors(v)
-
-
-def _module_modes(f: Callable) -> tuple[bool, ...]:
-    """The train/eval flags of f's modules, where f is a module or a module's method (dropout and batch norm
-    are captured as they run at capture); () otherwise."""
-    module = f if isinstance(f, torch.nn.Module) else getattr(f, "__self__", None)
-    return tuple(m.training for m in module.modules()) if isinstance(module, torch.nn.Module) else ()
-
-
-def _numerics() -> tuple:
-    """Settings a captured f computes with besides autocast: float32 matmul precision (TF32) and reduced-
-    precision reductions, deterministic algorithms, the attention backends."""
-    cuda = torch.backends.cuda
-    sdp = [cuda.flash_sdp_enabled(), cuda.mem_efficient_sdp_enabled(), cuda.math_sdp_enabled()]
-    if hasattr(cuda, "cudnn_sdp_enabled"):  # torch >= 2.5
-        sdp.append(cuda.cudnn_sdp_enabled())
-    return (
-        torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32,
-        cuda.matmul.allow_fp16_reduced_precision_reduction, cuda.matmul.allow_bf16_reduced_precision_reduction,
-        torch.are_deterministic_algorithms_enabled(), *sdp,
-    )  # fmt: skip
-
-
-@contextmanager
-def uncached_autocast() -> Iterator[None]:
-    """graph=True under autocast: its warm-up and capture with autocast's cache of cast weights off, so that
-    the graph casts the weights itself (a cached copy would go stale when they change in place, and is freed
-    when the autocast region that made it ends). f's autocast takes the setting when it is entered."""
-    cached = torch.is_autocast_cache_enabled()
-    torch.set_autocast_cache_enabled(False)
-    try:
-        yield
-    finally:
-        torch.set_autocast_cache_enabled(cached)
-
-
-def static_args(a: Any) -> Any:
-    """f's further inputs ``a`` as a captured graph reads them: each tensor arg_tensors finds copied into a
-    buffer of its own, in a container of the same type."""
-    if isinstance(a, Tensor):
-        return a.clone()
-    if not _is_container(a):
-        return a
-    if isinstance(a, dict):
-        return {k: static_args(v) for k, v in a.items()}
-    values = [static_args(v) for v in a]
-    return type(a)(*values) if type(a) not in (tuple, list) else type(a)(values)
-
-
-def take_graphs(key: tuple | None) -> KeptSession | None:
+def take_graphs(key: tuple | None, device: torch.device) -> SolverGraphs | None:
     """The kept session for ``key`` (from ``session_key``; None: nothing is kept), out of the cache while in
-    use (a nested solve with the same key builds its own), or None."""
-    return None if key is None else _graph_cache.pop(key, None)
+    use (a nested solve with the same key builds its own), once the last solve's work on it is done; or None."""
+    session = None if key is None else _graph_cache.pop(key, None)
+    if session is not None:
+        session.wait(device)
+    return session
 
 
-def keep_graphs(key: tuple, session: KeptSession) -> None:
+def keep_graphs(key: tuple, session: SolverGraphs) -> None:
     """Keep ``session`` for later solves with ``key``, dropping the least recently used beyond the size."""
     _graph_cache[key] = session
     _graph_cache.move_to_end(key)
     while len(_graph_cache) > GRAPH_CACHE_SIZE:
         _graph_cache.popitem(last=False)
+
+
+# ---------------------------------------------------------------- the mode, on a started loop (_solve._Loop)
+
+
+def solve(loop: Any, session: SolverGraphs | None, key: tuple | None, n_active: int, shape: torch.Size) -> Any:
+    """The rest of a started solve with graph="solver", to its Solution in ``shape``: a kept ``session``
+    replays at once; otherwise the first solver period runs eagerly (the warm-up) and the graphs are
+    captured as their positions first run. The loop's eager tail runs what is left (a sample still
+    iterating past the graphs' end never happens: they run to max_iter). The session is kept under
+    ``key`` (not when None), and the Solution gets copies of its buffers."""
+    n = 0
+    if session is not None:
+        session.begin(loop)
+    else:
+        n, n_active = _warm_up(loop, n_active)
+        if n < loop.max_iter and n_active:
+            session = _build(loop)
+    if session is not None and n < loop.max_iter and n_active:
+        n, n_active = session.run(loop, n, n_active)
+    solution = loop.finish(loop.run_eager(n, n_active), shape)
+    if session is None or key is None:
+        return solution
+    solution = session.result(solution, loop.device)
+    loop.fn.release()  # the graphs keep no reference to this solve's f
+    keep_graphs(key, session)
+    return solution
+
+
+def _warm_up(loop: Any, n_active: int) -> tuple[int, int]:
+    """The first solver period, eagerly, off the main stream: compiles every kernel specialization the
+    capture will use and creates library handles (nothing may be compiled or loaded while capturing).
+    Checks convergence as the eager loop does (the same calls of f). Returns the iterations run and the
+    active count."""
+    n = 0
+    with GRAPHS.warmup_stream(loop.device):
+        while n < min(loop.solver.period, loop.max_iter) and n_active:
+            _, counts = loop.iterate(None, sync=False, all_active=False)
+            n_active = loop.check(n, counts, n_active)
+            n += 1
+    return n, n_active
+
+
+def _state_tensors(state: Any) -> dict[str, Tensor]:
+    """The tensor fields of a solver state dataclass."""
+    return {f.name: getattr(state, f.name) for f in fields(state) if isinstance(getattr(state, f.name), Tensor)}
+
+
+def _carried(loop: Any) -> dict[str, Tensor]:
+    """What one iteration hands the next, besides the tensors updated in place."""
+    state_tensors = {f"state.{name}": value for name, value in _state_tensors(loop.state).items()}
+    return {"active": loop.active, "prev_x": loop.prev_x, "prev_fx": loop.prev_fx, **state_tensors}
+
+
+def _period_start(loop: Any) -> dict[str, Tensor]:
+    """What a period's first position reads: the next iterate and the carried tensors."""
+    return {"next_x": loop.advance(all_active=False), **_carried(loop)}
+
+
+def _bind(loop: Any, static: StaticBuffers) -> None:
+    """Point the loop's carried tensors at their static buffers."""
+    loop.active, loop.prev_x, loop.prev_fx = static["active"], static["prev_x"], static["prev_fx"]
+    loop.state = replace(loop.state, **{name: static[f"state.{name}"] for name in _state_tensors(loop.state)})
+
+
+def _store(loop: Any, static: StaticBuffers, **extra: Tensor) -> None:
+    """Copy the carried tensors (and ``extra``) into their static buffers and point the loop at them."""
+    static.copy_in({**extra, **_carried(loop)})
+    _bind(loop, static)
+
+
+def _capture(loop: Any, body: Callable[[], None], pool: Any) -> Callable[[], None]:
+    try:
+        return GRAPHS.capture(body, loop.device, pool)
+    except RuntimeError as err:
+        raise RuntimeError(f"graph='solver' could not capture the solver's part of the iteration in a CUDA graph: "
+                           f"{err}") from err  # fmt: skip
+
+
+def _build(loop: Any) -> SolverGraphs:
+    """After the warm-up: f runs eagerly, and the rest of each iteration (residuals, accounting, the
+    solver's update and next step) is one graph replay. One graph per position in a period of
+    lcm(solver period, 2) iterations: f's output is copied into one of two buffers, in turn, so that the
+    previous pair survives. Positions are captured on their first run."""
+    static = StaticBuffers(_period_start(loop))
+    _bind(loop, static)
+    start_state = loop.state  # a period's first position starts from here (Anderson's ring slot included)
+    fx_buffers = (torch.empty_like(static["next_x"]), static["prev_fx"])
+    period = math.lcm(loop.solver.period, 2)
+    outputs: list[tuple[Tensor, ...]] = []
+    pool = GRAPHS.memory_pool(loop.device)  # the graphs replay in the order they were captured
+
+    def body(j: int) -> None:  # no reference to the session: dropping it frees it, no cycle to collect
+        if j == 0:  # from the static buffers (also where an earlier solve stopped mid-period)
+            loop.state = start_state
+            _bind(loop, static)
+        _, counts = loop.absorb(position_input(static, outputs, j), fx_buffers[j % 2], None, sync=False)
+        x_next = loop.advance(all_active=False, step_map=map_not_captured)  # f is never captured
+        if j == period - 1:  # the period's results into the buffers its first position reads
+            _store(loop, static, next_x=x_next)
+            x_next = static["next_x"]
+        outputs[j : j + 1] = [(x_next, counts, loop.prev_x, loop.prev_fx)]
+
+    buffers = {name: getattr(loop, name) for name in SolverGraphs.BUFFERS}
+    capture_position = lambda j: _capture(loop, partial(body, j), pool)  # noqa: E731
+    return SolverGraphs(buffers, static, start_state, fx_buffers, period, capture_position, outputs)

@@ -101,10 +101,7 @@ class FixedPoint(nn.Module):
             with the JFB gradient, what trained best per second on the DEQ
             benchmarks; ``anderson`` solves tighter).
             A solver without an ``args`` keyword gets ``solver(g, z0)``, g
-            closing over the inputs.
-            With ``graph=True`` its graph is kept across forwards: the inputs
-            must then be all that f reads and that changes between forwards
-            (besides parameters changed in place). None: no forward solve in training;
+            closing over the inputs. None: no forward solve in training;
             the backward mode starts from z0 itself (``stochastic_jfb``, ``unrolled``).
         eval_solver: solver in eval mode or without grad (default: ``solver``,
             or ``anderson`` if that is None). In eval mode with grad enabled,
@@ -253,8 +250,8 @@ class FixedPoint(nn.Module):
         return self._differentiate(self.backward, g, start, self.last_solution)
 
     def _solve(self, solver: SolverFn, g: Callable[[Tensor], Tensor], z0: Tensor, inputs: tuple) -> Solution:
-        """``solver`` on z = f(z, *inputs): f and its inputs apart where it takes ``args`` (a graph=True
-        solver then keeps its graph across forwards), else on g, which closes over them. In half precision,
+        """``solver`` on z = f(z, *inputs): f and its inputs apart where it takes ``args``, else on g, which
+        closes over them. In half precision,
         a solver whose tolerance is a default (its own, or FixedPoint's default solver's) gets at least half
         precision's (``half_tol``)."""
         known = self._signatures.get(id(solver))

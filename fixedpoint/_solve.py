@@ -21,9 +21,12 @@ them (Anderson: no second history), where ``init`` would allocate and the loop c
 
 A solver with a ``period`` (the iterations after which its Python-side state,
 e.g. Anderson's ring slot, repeats) and no host syncs can run with
-``graph=True``: its iterations are captured in a CUDA graph and replayed; and
-with ``graph="solver"``, where f runs eagerly and the rest of each iteration is
-replayed from graphs kept for later solves (its step must not call ``fn``).
+``graph="solver"``: f runs eagerly and the rest of each iteration is replayed
+from CUDA graphs kept for later solves (its step must not call ``fn``); that
+mode lives in ``_graphs`` (one call from the loop). To capture f itself,
+compile it: ``step = torch.compile(f, mode="reduce-overhead")`` and solve
+``lambda z: step(z).clone()`` (CUDA graph trees overwrite an output at the next
+call; the loop keeps earlier outputs).
 
 The loop in :func:`solve` owns everything else: evaluating ``f``, residuals in
 the stopping measure, per-sample stopping and freezing, the best iterate per
@@ -39,7 +42,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass
 from functools import partial
 from typing import Any, Protocol
 
@@ -136,8 +139,8 @@ def check_map_output(out: object, shape: torch.Size, device: torch.device) -> Te
 
 
 class _CountedMap:
-    """f on flat (B, D) tensors: reshapes to the user's shape, passes f's further inputs (``args``, which a
-    kept graph=True session points at its own copies), runs it under the caller's autocast (``autocast``:
+    """f on flat (B, D) tensors: reshapes to the user's shape, passes f's further inputs (``args``), runs it
+    under the caller's autocast (``autocast``:
     its dtype, or None; the solver's own ops run without), checks the output, counts calls.
 
     The loop keeps earlier outputs (the best and the last pair, Anderson's history), so f must
@@ -163,11 +166,12 @@ class _CountedMap:
     def __call__(self, z: Tensor) -> Tensor:
         self.calls += 1
         version = None if torch.is_inference(z) else z._version  # inference tensors keep no version counter
+        view = z if z.shape == self.shape else z.view(self.shape)  # (a view costs ~2 us: not for (B, D) states)
         if self.autocast is None:
-            out = self.f(z.view(self.shape), *self.args)
-        else:  # made per call: it takes autocast's cache setting of the moment (off while graph=True captures)
+            out = self.f(view, *self.args)
+        else:  # made per call: it takes autocast's cache setting of the moment
             with torch.autocast(self.device_type, dtype=self.autocast):
-                out = self.f(z.view(self.shape), *self.args)
+                out = self.f(view, *self.args)
         if version is not None and z._version != version:
             raise ValueError(
                 "f modified its input in place (e.g. z.clamp_() or an in-place activation on z); the solver "
@@ -183,6 +187,8 @@ class _CountedMap:
                     "outputs, so f must return a new tensor on every call: return out.clone()"
                 )
             self.last = out
+        if out.shape == z.shape and out.dtype == z.dtype and out.is_contiguous():
+            return out  # already (B, D) rows at stride 1
         return out.reshape(z.shape).to(z.dtype).contiguous()  # the kernels read rows of (B, D) at stride 1
 
 
@@ -223,9 +229,16 @@ def solve(
     check_every = check_int("check_every", check_every, 1)
     if not isinstance(graph, (bool, str)):
         kind = f"{type(graph).__module__}.{type(graph).__qualname__}".removeprefix("builtins.")
-        raise TypeError(f"graph must be a bool or 'solver', got {graph!r} ({kind})")
+        raise TypeError(f"graph must be False or 'solver', got {graph!r} ({kind})")
+    if graph is True:
+        raise ValueError(
+            "graph=True (f captured with the loop) was removed in fixedpoint 0.2: compile f instead, "
+            "torch.compile(f, mode='reduce-overhead') (CUDA graphs of f, re-recorded for new shapes) with its "
+            "output cloned (the next call overwrites it), and "
+            "pass graph='solver' for the solver's own work in one graph launch per iteration"
+        )
     if graph not in _graphs.GRAPH_MODES:
-        raise ValueError(f"graph must be False, True or 'solver', got {graph!r}")
+        raise ValueError(f"graph must be False or 'solver', got {graph!r}")
     if graph and not _graphs.GRAPHS.supports(x0):
         raise ValueError(f"graph={graph!r} captures a CUDA graph and needs CUDA tensors, got x0 on {x0.device}")
     if graph and not hasattr(solver, "period"):
@@ -239,11 +252,6 @@ def solve(
     with torch.no_grad(), own_precision:
         return _loop(solver, f, args, x0.detach(), tol=tol, max_iter=max_iter, stop=stop, divergence=divergence,
                      check_every=check_every, graph=graph, kernels=kernels, f_autocast=f_autocast)  # fmt: skip
-
-
-def _state_tensors(state: Any) -> dict[str, Tensor]:
-    """The tensor fields of a solver state dataclass."""
-    return {f.name: getattr(state, f.name) for f in fields(state) if isinstance(getattr(state, f.name), Tensor)}
 
 
 class _LaggedCount:
@@ -304,7 +312,8 @@ def _new_buffers(x: Tensor, max_iter: int, graph: bool | str) -> dict[str, Tenso
 
 class _Loop:
     """One solve: the per-sample accounting every loop mode shares (``advance`` then ``absorb`` is one
-    iteration) and the modes built from it: eager, graph=True's captured chunks, graph="solver"'s graphs.
+    iteration), the eager loop (``run_eager``) and the Solution (``finish``); graph="solver" replays
+    ``absorb`` and ``advance`` from graphs (``_graphs.solve``).
 
     A graph="solver" session's graphs call into the loop that captured them, also in later solves, so
     a loop holds no reference to x0 (only to tensors the session owns), and f is released when the
@@ -331,10 +340,6 @@ class _Loop:
         self.active: Tensor | None = None  # (B,) bool: samples still iterating
         self.prev_x: Tensor | None = None  # (B, D) the last evaluated pair: best_update copies it when it was the best
         self.prev_fx: Tensor | None = None
-
-    def buffers(self) -> dict[str, Tensor]:
-        """The tensors the loop updates in place (``KeptSession.BUFFERS``)."""
-        return {name: getattr(self, name) for name in _graphs.KeptSession.BUFFERS}
 
     def start(self, x: Tensor, fx: Tensor, reuse: Any = None) -> int:
         """Take the start x and f(x) (B, D) through the same per-sample accounting as every iteration
@@ -438,105 +443,6 @@ class _Loop:
         trace[:rows] = self.trace
         self.trace = trace
 
-    def warm_up(self, n_active: int) -> tuple[int, int]:
-        """The graph modes' first solver period, eagerly, off the main stream: compiles every kernel
-        specialization the capture will use and creates library handles (nothing may be compiled or
-        loaded while capturing). Checks convergence as the eager loop does (the same calls of f).
-        Returns the iterations run and the active count."""
-        n = 0
-        with _graphs.GRAPHS.warmup_stream(self.device):
-            while n < min(self.solver.period, self.max_iter) and n_active:
-                _, counts = self.iterate(None, sync=False, all_active=False)
-                n_active = self.check(n, counts, n_active)
-                n += 1
-        if self.graph is True and n_active and self.check_every > 1:  # the count lags; the chunks check
-            n_active = int(counts[0])  # only after replaying: know it now
-            self.lagged.asked = False  # (a question still pending is answered by this)
-        return n, n_active
-
-    def carried(self) -> dict[str, Tensor]:
-        """What one iteration hands the next, besides the tensors updated in place."""
-        state_tensors = {f"state.{name}": value for name, value in _state_tensors(self.state).items()}
-        return {"active": self.active, "prev_x": self.prev_x, "prev_fx": self.prev_fx, **state_tensors}
-
-    def period_start(self) -> dict[str, Tensor]:
-        """What a graph="solver" period's first position reads: the next iterate and the carried tensors."""
-        return {"next_x": self.advance(all_active=False), **self.carried()}
-
-    def bind(self, static: _graphs.StaticBuffers) -> None:
-        """Point the carried tensors at their static buffers."""
-        self.active, self.prev_x, self.prev_fx = static["active"], static["prev_x"], static["prev_fx"]
-        self.state = replace(self.state, **{name: static[f"state.{name}"] for name in _state_tensors(self.state)})
-
-    def store(self, static: _graphs.StaticBuffers, **extra: Tensor) -> None:
-        """Copy the carried tensors (and ``extra``) into their static buffers and point the loop at them."""
-        static.copy_in({**extra, **self.carried()})
-        self.bind(static)
-
-    def capture(self, body: Callable[[], None], pool: Any) -> Callable[[], None]:
-        try:
-            return _graphs.GRAPHS.capture(body, self.device, pool)
-        except RuntimeError as err:
-            what, advice = "the solver's part of the iteration", ""
-            if self.graph is True:
-                what = "the iteration"
-                advice = (
-                    "; f must be capturable (static shapes, no host syncs such as .item() or printing, no CPU tensors)"
-                )
-            raise RuntimeError(f"graph={self.graph!r} could not capture {what} in a CUDA graph{advice}: {err}") from err
-
-    def capture_chunks(self, chunk: int) -> _graphs.ChunkGraphs:
-        """graph=True (after the warm-up): ``chunk`` iterations (``chunk_length``: whole solver periods, as
-        Anderson's ring slot repeats), f included, captured once to be replayed. status, best_res, pending,
-        nsteps, trace, best_x and best_fx are updated in place; the rest is copied into static buffers at the
-        chunk's end."""
-        static = _graphs.StaticBuffers(self.carried())
-        self.bind(static)
-        start_state = self.state  # a chunk starts from here (Anderson's ring slot included)
-        last_counts: list[Tensor] = []  # the chunk's last counts (2,): convergence is read from them
-
-        def run_chunk() -> None:  # no reference to the session: dropping it frees it, no cycle to collect
-            self.state = start_state  # from the static buffers, as the graph reads (a stand-in reruns this
-            self.bind(static)  # Python after an eager tail that left the loop bound elsewhere)
-            for _ in range(chunk):
-                _, counts = self.iterate(None, sync=False, all_active=False)
-            self.store(static)
-            last_counts[:] = [counts]
-
-        calls = self.fn.calls
-        replay = self.capture(run_chunk, _graphs.GRAPHS.memory_pool(self.device))
-        per_replay, self.fn.calls = self.fn.calls - calls, calls
-        return _graphs.ChunkGraphs(
-            self.buffers(), static, start_state, self.fn.args, chunk, per_replay, replay, last_counts
-        )
-
-    def build_solver_graphs(self) -> _graphs.SolverGraphs:
-        """graph="solver" (after the warm-up): f runs eagerly, and the rest of each iteration (residuals,
-        accounting, the solver's update and next step) is one graph replay. One graph per position in a
-        period of lcm(solver period, 2) iterations: f's output is copied into one of two buffers, in
-        turn, so that the previous pair survives. Positions are captured on their first run."""
-        static = _graphs.StaticBuffers(self.period_start())
-        self.bind(static)
-        start_state = self.state  # a period's first position starts from here (Anderson's ring slot included)
-        fx_buffers = (torch.empty_like(static["next_x"]), static["prev_fx"])
-        period = math.lcm(self.solver.period, 2)
-        outputs: list[tuple[Tensor, ...]] = []
-        pool = _graphs.GRAPHS.memory_pool(self.device)  # the graphs replay in the order they were captured
-
-        def body(j: int) -> None:  # no reference to the session: dropping it frees it, no cycle to collect
-            if j == 0:  # from the static buffers (also where an earlier solve stopped mid-period)
-                self.state = start_state
-                self.bind(static)
-            _, counts = self.absorb(_graphs.position_input(static, outputs, j), fx_buffers[j % 2], None, sync=False)
-            x_next = self.advance(all_active=False, step_map=_graphs.map_not_captured)  # f is never captured
-            if j == period - 1:  # the period's results into the buffers its first position reads
-                self.store(static, next_x=x_next)
-                x_next = static["next_x"]
-            outputs[j : j + 1] = [(x_next, counts, self.prev_x, self.prev_fx)]
-
-        capture_position = lambda j: self.capture(partial(body, j), pool)  # noqa: E731
-        return _graphs.SolverGraphs(self.buffers(), static, start_state, fx_buffers, period, capture_position, outputs)
-
     def finish(self, n: int, shape: torch.Size) -> Solution:
         """The Solution after n iterations, in the start's ``shape``: samples still iterating at the end
         whose last pair was their best take it (TAKE_NEW == 1)."""
@@ -563,40 +469,15 @@ def _loop(
     fn = _CountedMap(f, x0.shape, () if args is None else args, f_autocast, x0.device.type)
     x = x0.reshape(x0.shape[0], -1).clone(memory_format=torch.contiguous_format)  # (B, D), rows at stride 1
     fx = fn(x)  # before a kept session is taken: if f fails, it stays kept; a solve inside f may use it
-    options = (solver, kernels, tol, max_iter, stop, divergence)
-    chunk = _graphs.chunk_length(solver.period, check_every, max_iter) if graph is True else None
-    key = _graphs.session_key(graph, f, args, x0, chunk, f_autocast, options)
-    session = _graphs.take_graphs(key)
-    if session is not None:
-        session.wait(x.device)
-    elif key is not None and graph is True:  # the graph reads its own copies, which later solves overwrite
-        fn.args = _graphs.static_args(fn.args)
-    buffers = _new_buffers(x, max_iter, graph) if session is None else session.buffers
+    key = _graphs.session_key(graph, x0, (solver, kernels, tol, max_iter, stop, divergence))
+    session = _graphs.take_graphs(key, x.device)
     loop = _Loop(
-        solver, fn, buffers, tol=tol, max_iter=max_iter,
-        relative=stop == "rel", divergence=math.inf if divergence is None else divergence, check_every=check_every,
-        graph=graph, kernels=kernels,
+        solver, fn, _new_buffers(x, max_iter, graph) if session is None else session.buffers, tol=tol,
+        max_iter=max_iter, relative=stop == "rel", divergence=math.inf if divergence is None else divergence,
+        check_every=check_every, graph=graph, kernels=kernels,
     )  # fmt: skip
     n_active = loop.start(x, fx, reuse=None if session is None else session.state)
-    del x, fx  # from here on held as the last evaluated pair, which the graph modes rebind to their buffers
-    n = 0
-    with _graphs.uncached_autocast() if graph is True and f_autocast is not None else nullcontext():
-        if session is not None:  # a kept session: straight to its graphs
-            session.begin(loop, fn.args)
-        elif graph:
-            n, n_active = loop.warm_up(n_active)
-            if n < max_iter and n_active:
-                session = loop.capture_chunks(chunk) if graph is True else loop.build_solver_graphs()
-        if session is not None and n < max_iter and n_active:
-            n, n_active = session.run(loop, n, n_active)
-        n = loop.run_eager(n, n_active)
-    solution = loop.finish(n, x0.shape)
-    if session is None or key is None:
-        return solution
-    # the session's buffers serve the next solve: the result gets its own copies. graph="solver" keeps
-    # no reference to this solve's f; graph=True replays f, so its key keeps f alive
-    solution = session.result(solution, loop.device)
-    if graph == "solver":
-        fn.release()
-    _graphs.keep_graphs(key, session)
-    return solution
+    del x, fx  # from here on held as the last evaluated pair, which the graphs rebind to their buffers
+    if graph:
+        return _graphs.solve(loop, session, key, n_active, x0.shape)
+    return loop.finish(loop.run_eager(0, n_active), x0.shape)

@@ -28,8 +28,7 @@ _DOC_PARTS = {
         x0: (B, ...) floating-point start. Low precision stays low precision in
             storage; norms and small solves run in fp32 (fp64 for fp64 input).
         args: f's further inputs, a tuple: f is called as f(z, *args). None
-            (default): f(z). With graph=True, giving args declares them as all
-            that f reads and that changes between solves (see graph).
+            (default): f(z).
         tol: stop a sample when its residual is <= tol.
         max_iter: at most this many iterations (one call of f each, for Newton
             plus its Jacobian-vector products).
@@ -43,30 +42,18 @@ _DOC_PARTS = {
             without waiting and read one iteration later, so the host never
             stalls the device (up to k extra calls of f once all have stopped;
             the results are the same). 1 syncs once per iteration, exactly.""",
-    "{graph}": """graph: on CUDA, replay the loop's per-iteration work from CUDA graphs.
-            True: f included; a replay runs check_every iterations (at least
-            4) rounded up to whole solver periods (Anderson's m), or the
-            whole periods within max_iter where fewer; convergence is checked
-            after each, and what is left within max_iter runs eagerly. The
-            solve that captures first runs one period eagerly and replays
-            once even past max_iter (extra calls, counted in nfev). f must be
-            capturable: static shapes, no host syncs, no CPU tensors. With
-            args given, the graph is kept for later solves with the same f
-            (the same function, bound method or module, kept alive with it),
-            solver, options, shapes, non-tensor args, train/eval flags of
-            f's modules, autocast and numerics settings: they copy their
-            start and tensor args in and replay, with no warm-up and no
-            capture. Anything else f reads is read where it was at capture:
-            change it in place only (parameters updated by an optimizer are
-            fine).
-            "solver": f runs eagerly (any f) and everything else in an iteration
-            is one graph launch; convergence is checked as without graphs. The
-            graphs are kept for later solves with the same solver, options and
-            shapes, whatever f.
-            Kept graphs hold their buffers (GPU memory), the 4 most recently
-            used; fixedpoint.clear_graph_cache() drops them. Both modes keep
-            the trace in a static (max_iter + 1, B) buffer (without graphs it
-            grows with the iterations run).""",
+    "{graph}": """graph: False, or "solver" on CUDA: f runs eagerly (any f) and everything
+            else in an iteration is one CUDA graph launch; convergence is checked
+            as without graphs. The graphs are kept for later solves with the
+            same solver, options and shapes, whatever f: the 4 most recently
+            used, holding their buffers (GPU memory);
+            fixedpoint.clear_graph_cache() drops them. The trace is then a
+            static (max_iter + 1, B) buffer (without graphs it grows with the
+            iterations run). To capture f as well, compile it:
+            step = torch.compile(f, mode="reduce-overhead") and solve
+            lambda z: step(z).clone() (CUDA graph trees overwrite an
+            output at the next call, and the loop keeps earlier ones; graph=True, which
+            captured f with the loop, was removed in 0.2).""",
     "{impl}": """impl: "auto" (fused Triton kernels on CUDA when triton imports, PyTorch
             otherwise), "torch", or "triton" (an error where it cannot run).""",
 }

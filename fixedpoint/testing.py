@@ -1,5 +1,5 @@
 """Problems with known fixed points, shared by the demo, the benchmarks and the tests, and two stand-ins
-for CUDA graphs that run the graph loops' logic on any device."""
+for CUDA graphs that run graph="solver"'s logic on any device."""
 
 from __future__ import annotations
 
@@ -45,11 +45,12 @@ def linear_deq(
 
 
 class EagerGraphs:
-    """The graph loops' logic, eagerly, on any device: swap it in for ``fixedpoint._graphs.GRAPHS``.
+    """graph="solver"'s logic, eagerly, on any device: swap it in for ``fixedpoint._graphs.GRAPHS``.
 
     Capture runs the body once for real (recording it, which on CUDA runs nothing); the replay after
     it is skipped (on CUDA that is the first run), later replays run the body again. Counts captures
-    and memory pools (one per graph=True solve or graph="solver" session); a capture must use one of them.
+    (one per position of a session's period) and memory pools (one per session); a capture must use one
+    of them.
     """
 
     def __init__(self) -> None:

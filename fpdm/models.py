@@ -180,9 +180,7 @@ def fixed_iterations(n: int, solver: Callable[..., Solution] | None = None, **op
     (``check_every = n - 1``: no host sync per iteration on GPUs), so the n calls are
     made even when every sample stops sooner (a NaN, an exact fixed point; only a
     start where all have stopped makes one call). Newton adds its Jacobian-vector
-    products to the n. With ``graph=True`` in ``options`` a solve checks after
-    every whole chunk instead (it stops sooner there), and the solve that captures
-    makes up to one solver period more (counted in ``nfev``).
+    products to the n.
     """
     if not isinstance(n, int) or n < 1:
         raise ValueError(f"iterations must be an integer >= 1, got {n!r}")
@@ -478,7 +476,7 @@ class FPDM(DiT):
             )
             state = FixedPointState(z.detach(), info.no_grad_steps + info.grad_steps, None, info)
         else:
-            # f and its changing inputs apart: a solver with graph=True keeps its graph across timesteps
+            # f and its changing inputs apart (the solver's args)
             solution = self.eval_solver(self.fixed_point_map, start.detach(), args=(x_inj, c_full))
             z = solution.fx
             state = FixedPointState(z.detach(), solution.nfev, solution)

@@ -14,10 +14,9 @@ budget) fix the third:
 (more where the noise is high), ``low-noise``, or ``adaptive`` (stop each step
 at ``--tol``, never exceeding the budget). ``--solver`` is any fixedpoint
 solver run for that many calls; ``--reuse`` starts each step's solve at the
-previous step's fixed point. ``--graph on`` (CUDA) captures the fixed-point
-block in a CUDA graph once and replays it at every later step with the same
-calls (a step with other calls captures its own); ``--graph solver`` replays
-the solver's own work only.
+previous step's fixed point. ``--graph solver`` (CUDA) replays the solver's
+own work from CUDA graphs (f runs eagerly); ``--graph on`` (the block captured
+with the loop) was removed with fixedpoint's graph=True.
 """
 
 from __future__ import annotations
@@ -36,7 +35,6 @@ import torch
 from torch import Tensor
 
 import fixedpoint
-from fixedpoint import _graphs
 
 from . import checks
 from .checkpoint import CheckpointError
@@ -59,7 +57,7 @@ __all__ = [
 
 SCHEDULES = ("uniform", "high-noise", "low-noise", "adaptive")
 SOLVERS = {"picard": fixedpoint.picard, "anderson": fixedpoint.anderson, "broyden": fixedpoint.broyden}
-GRAPH_FLAGS = {"off": False, "on": True, "solver": "solver"}  # --graph: fixedpoint's graph option
+GRAPH_FLAGS = {"off": False, "solver": "solver"}  # --graph: fixedpoint's graph option
 
 
 class SampleError(ValueError):
@@ -217,9 +215,9 @@ def generate(
     ``guidance_channels``: guide only the first k channels of epsilon (DiT's published protocol: 3; None: all).
     ``solver``: "picard" is the release's plain iteration for a fixed number of calls (fixedpoint's picard, with
     its best iterate, only under the adaptive schedule), the others are fixedpoint's solvers.
-    ``graph``: the fixed-point solves' CUDA-graph mode (fixedpoint's ``graph``; picard and anderson; see
-    ``check_graph``). True captures the block once per calls-per-step and batch size and replays it at every
-    later step; the graphs stay kept after sampling (``fixedpoint.clear_graph_cache()`` frees them).
+    ``graph``: the fixed-point solves' CUDA-graph mode (fixedpoint's ``graph``: False or "solver"; picard and
+    anderson; see ``check_graph``); the graphs stay kept after sampling (``fixedpoint.clear_graph_cache()``
+    frees them).
     """
     if solver not in SOLVERS:
         raise SampleError(f"unknown solver {solver!r}; valid: {', '.join(SOLVERS)} (a budget bounds their calls)")
@@ -263,13 +261,14 @@ def generate(
 
 
 def check_graph(graph: bool | str, solver: str, plan: ComputePlan, config: ModelConfig) -> None:
-    """A SampleError unless the fixed-point solves can run in CUDA-graph mode ``graph`` (False: always).
-    graph=True keeps one graph per calls-per-step (a step with a count not seen before captures, and makes
-    up to one solver period more calls), so the plan's counts must fit the graphs fixedpoint keeps. The
+    """A SampleError unless the fixed-point solves can run in CUDA-graph mode ``graph`` (False: always). The
     graphs replay fixedpoint's picard (its best iterate), not the release's plain iteration (the last)."""
     kind = config.kind
-    if graph is not False and graph is not True and graph != "solver":  # identity: 1 == True
-        raise SampleError(f"graph must be False, True or 'solver', got {graph!r}")
+    if graph is True:
+        raise SampleError("graph=True (--graph on) was removed with fixedpoint's graph=True: use graph='solver' "
+                          "(--graph solver), and torch.compile for the block")  # fmt: skip
+    if graph is not False and graph != "solver":
+        raise SampleError(f"graph must be False or 'solver', got {graph!r}")
     if not graph:
         return
     if kind != "fpdm":
@@ -280,20 +279,6 @@ def check_graph(graph: bool | str, solver: str, plan: ComputePlan, config: Model
         raise SampleError(f"graph={graph!r} (--graph) replays fixedpoint's picard, whose output is its best iterate; "
                           "this model's fixed-point layer is the release's plain iteration (its last iterate): sample "
                           "without --graph, or with --solver anderson")  # fmt: skip
-    if graph is not True:
-        return
-    if plan.calls is None:
-        raise SampleError(
-            "graph=True (--graph on) would capture anew at every step of an adaptive plan (its calls change "
-            "per step): use graph='solver' (--graph solver)"
-        )
-    counts = sorted(set(plan.calls))
-    if len(counts) > _graphs.GRAPH_CACHE_SIZE:
-        raise SampleError(
-            f"graph=True (--graph on) keeps one graph per calls-per-step, at most {_graphs.GRAPH_CACHE_SIZE}, and this "
-            f"{plan.schedule} plan has {len(counts)} ({counts[0]}..{counts[-1]}): use a uniform schedule or "
-            "graph='solver' (--graph solver)"
-        )
 
 
 def _labels(spec: str, num: int, num_classes: int, seed: int) -> Tensor:
@@ -421,8 +406,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reuse", action=argparse.BooleanOptionalAction, default=False,
                    help="FPDM: start each step at the previous step's fixed point")  # fmt: skip
     p.add_argument("--graph", default="off", choices=list(GRAPH_FLAGS),
-                   help="FPDM on CUDA: 'on' captures the fixed-point block once and replays it at every step; "
-                   "'solver' replays the solver's work only (any block)")  # fmt: skip
+                   help="FPDM on CUDA: 'solver' replays the solver's work from CUDA graphs (the block runs "
+                   "eagerly; 'on', the block captured too, was removed)")  # fmt: skip
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta")
     p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (default: the "
                    "training run's grid's; outside weights: 4, as their sample.py)")

@@ -168,10 +168,11 @@ def test_fpdm_eval_with_anderson_converges_and_warm_start_matches():
 
 
 @pytest.mark.parametrize("stand_in", ["EagerGraphs", "ReplayedGraphs"])
-def test_fpdm_eval_with_graph_true_keeps_one_graph_across_timesteps(monkeypatch, stand_in):
-    """The block is passed with its injection and conditioning as args: a graph=True solver captures the
-    fixed-point block once, and every later forward (another timestep, another noisy input) replays it,
-    giving what the eager solver gives. CUDA graphs run here through a stand-in (fixedpoint.testing)."""
+def test_fpdm_eval_with_solver_graphs_keeps_one_session_across_timesteps(monkeypatch, stand_in):
+    """The block is passed with its injection and conditioning as args and runs eagerly: a graph="solver" solver
+    captures the solver's graphs at the first forward, and every later forward (another timestep, another noisy
+    input: the same solver, options and shapes) replays that one kept session, giving what the eager solver gives
+    with the same iterations. CUDA graphs run here through a stand-in (fixedpoint.testing)."""
     from functools import partial
 
     from fixedpoint import _graphs, testing
@@ -184,13 +185,14 @@ def test_fpdm_eval_with_graph_true_keeps_one_graph_across_timesteps(monkeypatch,
     with torch.no_grad():
         for step, t in enumerate(([900, 900], [500, 400], [20, 5])):
             x, t = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(step)), torch.tensor(t)
-            model.eval_solver = partial(solver, graph=True)
+            model.eval_solver = partial(solver, graph="solver")
             graphed = model(x, t, y)
-            graphed_nsteps = model.last_fixed_point.solution.nsteps
+            graphed_solution = model.last_fixed_point.solution
             model.eval_solver = solver
             eager = model(x, t, y)
-            assert graphs.captures == 1, step
-            assert torch.equal(graphed_nsteps, model.last_fixed_point.solution.nsteps)
+            assert graphs.captures == 2 and len(_graphs._graph_cache) == 1, step  # Picard: a period of 2 positions
+            assert graphed_solution.nfev == model.last_fixed_point.solution.nfev
+            assert torch.equal(graphed_solution.nsteps, model.last_fixed_point.solution.nsteps)
             torch.testing.assert_close(graphed, eager, rtol=0, atol=0)
 
 

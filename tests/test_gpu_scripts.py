@@ -77,19 +77,41 @@ def _never_converging():
 
 def test_bench_gpu_overhead_tables_are_filled(cpu_dry_run, monkeypatch):
     """Every row of both overhead tables runs its solve for exactly its iterations (the graph rows with
-    the eager stand-in for CUDA graphs)."""
+    the eager stand-in for CUDA graphs; the "f compiled" rows, graph=True's replacement, through a stand-in
+    for torch.compile that counts the calls reaching it, and with every output cloned)."""
     monkeypatch.setattr(_graphs, "GRAPHS", EagerGraphs())
     monkeypatch.setattr(bench_gpu, "STEADY_ROUNDS", 1)
     f = _never_converging()
-    f.block, f.args = (lambda z, scale: f(z) * scale), (torch.ones(()),)
+    compiles, compiled_calls, outputs = [], [0], []
+
+    def compile_f(g):  # stands in for torch.compile(g, mode="reduce-overhead"): one buffer for every output
+        compiles.append(g)
+
+        def step(z):
+            compiled_calls[0] += 1
+            if not outputs:
+                outputs.append(torch.empty_like(z))
+            return outputs[0].copy_(g(z))  # as a CUDA graph tree's replay: the previous output overwritten
+
+        return step
+
+    monkeypatch.setattr(bench_gpu, "compile_f", compile_f)
     report, z0 = Rows(), torch.zeros(2, 3, 8)
-    for name in bench_gpu.SOLVES:
-        bench_gpu.bench_overhead_fpdm_xl(report, (f, z0), name)
-    for name in bench_gpu.STEADY_SOLVES:
-        bench_gpu.bench_steady_overhead_fpdm_xl(report, (f, z0), name)
+    calls = []  # per row: (name, calls of the compiled f)
+    for bench, names in ((bench_gpu.bench_overhead_fpdm_xl, bench_gpu.SOLVES),
+                         (bench_gpu.bench_steady_overhead_fpdm_xl, bench_gpu.STEADY_SOLVES)):  # fmt: skip
+        for name in names:
+            before = compiled_calls[0]
+            bench(report, (f, z0), name)
+            calls.append((name, compiled_calls[0] - before))
+    assert compiles == [f]  # compiled once, for every compiled row
+    compiled_rows = [n for name, n in calls if bench_gpu.COMPILED in name]
+    assert len(compiled_rows) == 8 and min(compiled_rows) > 20  # 4 per table: picard, anderson; eager, graph=solver
+    assert all(n == 0 for name, n in calls if bench_gpu.COMPILED not in name)
+    assert not any("graph=True" in name or "kept" in name for name, _ in calls)
     tables = [table for table, _ in report.rows]
-    assert tables.count(bench_gpu.OVERHEAD) == len(bench_gpu.SOLVES) >= 13
-    assert tables.count(bench_gpu.STEADY) == len(bench_gpu.STEADY_SOLVES) >= 8
+    assert tables.count(bench_gpu.OVERHEAD) == len(bench_gpu.SOLVES) >= 11
+    assert tables.count(bench_gpu.STEADY) == len(bench_gpu.STEADY_SOLVES) >= 10
     steady = [row for table, row in report.rows if table == bench_gpu.STEADY]
     assert all(row["iterations"] == "20 vs 60" and row["overhead"].endswith("%") for row in steady)
 

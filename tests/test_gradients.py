@@ -359,8 +359,10 @@ def test_implicit_refuses_second_derivatives():
 
 
 def test_fixed_point_module_passes_its_inputs_as_args_so_a_graph_is_kept(monkeypatch):
-    """FixedPoint calls solver(f, z0, args=inputs): with a graph=True eval solver, later forwards with new inputs
-    replay the first one's graph (through the CPU stand-in for CUDA graphs) and equal the eager solver's output."""
+    """FixedPoint calls solver(f, z0, args=inputs): the same f at every forward and that forward's inputs as args
+    (not a closure made per forward, which the solver can tell from nothing else and which no longer separates f
+    from what changes). With a graph="solver" eval solver (through the CPU stand-in for CUDA graphs) later
+    forwards with new inputs replay the first one's kept graphs and equal the eager solver's output."""
     from fixedpoint import _graphs
     from fixedpoint.testing import ReplayedGraphs
 
@@ -369,14 +371,25 @@ def test_fixed_point_module_passes_its_inputs_as_args_so_a_graph_is_kept(monkeyp
     torch.manual_seed(0)
     cell = nn.Linear(6, 6, dtype=torch.float64)
     solver = partial(fp.anderson, tol=1e-10, max_iter=40, m=3)
-    layer = fp.FixedPoint(lambda z, x: torch.tanh(0.5 * cell(z) + x), eval_solver=partial(solver, graph=True)).eval()
+    calls = []
+
+    def recording(f, z0, *, args=None, **options):
+        calls.append((f, args))
+        return solver(f, z0, args=args, graph="solver", **options)
+
+    layer = fp.FixedPoint(lambda z, x: torch.tanh(0.5 * cell(z) + x), eval_solver=recording).eval()
     eager = fp.FixedPoint(layer.f, eval_solver=solver).eval()
+    inputs, captures = [], []
     with torch.no_grad():
         for seed in range(3):
             x = torch.randn(3, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+            inputs.append(x)
             torch.testing.assert_close(layer(x), eager(x), rtol=1e-9, atol=1e-12)
             assert layer.last_solution.converged.all()
-    assert graphs.captures == 1
+            captures.append(graphs.captures)
+    assert [f for f, _ in calls] == [layer.f] * 3
+    assert all(len(args) == 1 and args[0] is x for (_, args), x in zip(calls, inputs, strict=True))
+    assert captures[0] > 0 and captures == [captures[0]] * 3 and len(_graphs._graph_cache) == 1
 
 
 def test_fixed_point_module_gives_a_solver_without_args_a_closure():

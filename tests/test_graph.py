@@ -1,8 +1,10 @@
-"""The CUDA-graph loops (graph=True, graph="solver" and its kept graphs) and the lagged convergence check. On CPU
-the loops' logic runs with stand-ins for capture and replay (fixedpoint.testing.EagerGraphs, ReplayedGraphs)."""
+"""graph="solver" (f eager, the solver's own work replayed from CUDA graphs kept for later solves), the removal of
+graph=True (f captured with the loop: compile f instead), and the lagged convergence check. On CPU the graphs'
+logic runs with stand-ins for capture and replay (fixedpoint.testing.EagerGraphs, ReplayedGraphs)."""
 
 import math
-from contextlib import nullcontext
+import warnings
+from contextlib import contextmanager
 from functools import partial
 from typing import NamedTuple
 
@@ -48,30 +50,27 @@ def _problem(batch=5, dim=12, seed=0):
     return f, torch.zeros(batch, dim), f.calls
 
 
-GRAPH_LOOPS = [True, "solver"]
-
-
 STAND_INS = [EagerGraphs, ReplayedGraphs]  # Python reruns at replay / only recorded ops rerun, as on CUDA
 
 
 @pytest.mark.parametrize("solver,options", [("anderson", {"m": 3}), ("picard", {"beta": 0.8}), ("picard", {})])
 @pytest.mark.parametrize("check_every", [1, 4])
-@pytest.mark.parametrize("graph", GRAPH_LOOPS)
 @pytest.mark.parametrize("stand_in", STAND_INS)
-def test_graph_loop_gives_the_default_loop_result(monkeypatch, solver, options, check_every, graph, stand_in):
+def test_solver_graphs_give_the_default_loop_result(monkeypatch, solver, options, check_every, stand_in):
+    """f eagerly, then one replay per iteration, from one memory pool per session and one graph per position in a
+    period of lcm(solver period, 2): the same calls of f, iterations, statuses, iterates and trace as the loop
+    without graphs, with samples that turn NaN and that never converge (a replay reading a stale buffer, a
+    position captured twice or a wrong count would show here)."""
     f, x0, calls = _problem()
     solve = getattr(fixedpoint, solver)
     reference = solve(f, x0, tol=1e-6, max_iter=40, check_every=check_every, **options)
     graphs = stand_in()
     monkeypatch.setattr(_graphs, "GRAPHS", graphs)
     calls[0] = 0
-    captured = solve(f, x0, tol=1e-6, max_iter=40, graph=graph, check_every=check_every, **options)
-    assert len(graphs.pools) == 1  # one per solve
-    if graph == "solver":  # one graph per position in a period of lcm(m, 2); f eager, checked as without graphs
-        assert graphs.captures == (6 if solver == "anderson" else 2)
-        assert captured.nfev == reference.nfev == calls[0]
-    else:
-        assert graphs.captures == 1
+    captured = solve(f, x0, tol=1e-6, max_iter=40, graph="solver", check_every=check_every, **options)
+    assert len(graphs.pools) == 1  # one per session
+    assert graphs.captures == (6 if solver == "anderson" else 2)
+    assert captured.nfev == reference.nfev == calls[0]  # f eager, checked as without graphs
     assert captured.nsteps.tolist() == reference.nsteps.tolist()
     assert captured.status.tolist() == reference.status.tolist()
     assert Status.NONFINITE in captured.statuses() and Status.MAX_ITER in captured.statuses()
@@ -81,22 +80,22 @@ def test_graph_loop_gives_the_default_loop_result(monkeypatch, solver, options, 
 
 
 @pytest.mark.parametrize("max_iter", [5, 11])
-@pytest.mark.parametrize("graph", GRAPH_LOOPS)
-def test_graph_loop_keeps_the_best_iterate_when_the_residual_rises(monkeypatch, max_iter, graph):
-    """The lazy best copy across captured chunks: the previous pair is carried from one replay to the next."""
+@pytest.mark.parametrize("stand_in", STAND_INS)
+def test_solver_graphs_keep_the_best_iterate_when_the_residual_rises(monkeypatch, max_iter, stand_in):
+    """The lazy best copy across replays: the previous pair is carried from one replay to the next (in the static
+    buffers, and in f's output buffers taken in turn), so a best pair followed by a worse one is still returned."""
     f, x0, iterates = transient_growth()
     residuals = (f(iterates) - iterates).norm(dim=2)[: max_iter + 1]
-    monkeypatch.setattr(_graphs, "GRAPHS", EagerGraphs())
-    sol = fixedpoint.picard(f, x0, tol=1e-30, max_iter=max_iter, stop="abs", graph=graph)
+    monkeypatch.setattr(_graphs, "GRAPHS", stand_in())
+    sol = fixedpoint.picard(f, x0, tol=1e-30, max_iter=max_iter, stop="abs", graph="solver")
     expected = iterates[residuals.argmin(dim=0), torch.arange(x0.shape[0])]
     assert torch.equal(sol.x, expected) and torch.equal(sol.fx, f(expected))
 
 
 @pytest.mark.parametrize("solver,options", [("anderson", {"m": 1}), ("anderson", {"m": 2}), ("picard", {"beta": 0.9})])
 @pytest.mark.parametrize("check_every", [1, 8])
-@pytest.mark.parametrize("graph", GRAPH_LOOPS)
 @pytest.mark.parametrize("stand_in", STAND_INS)
-def test_graph_loop_returns_the_lowest_residual_pair(monkeypatch, solver, options, check_every, graph, stand_in):
+def test_solver_graphs_return_the_lowest_residual_pair(monkeypatch, solver, options, check_every, stand_in):
     """Whatever the solver, the returned pair is the one with the lowest residual seen (start included),
     including when the best was the previous pair, carried across a replay in the static buffers."""
     f_linear, x0, _ = transient_growth(batch=8, seed=3)
@@ -105,8 +104,8 @@ def test_graph_loop_returns_the_lowest_residual_pair(monkeypatch, solver, option
         return f_linear(z) + 0.3 * torch.sin(3 * z)
 
     monkeypatch.setattr(_graphs, "GRAPHS", stand_in())
-    sol = getattr(fixedpoint, solver)(f, x0, tol=1e-30, max_iter=20, stop="abs", graph=graph, check_every=check_every,
-                                      **options)  # fmt: skip
+    sol = getattr(fixedpoint, solver)(f, x0, tol=1e-30, max_iter=20, stop="abs", graph="solver",
+                                      check_every=check_every, **options)  # fmt: skip
     assert (sol.trace.diff(dim=0) > 0).any(), "the residuals must rise somewhere for this test to mean anything"
     start = (f(x0) - x0).norm(dim=1)
     lowest = torch.minimum(start, sol.trace.nan_to_num(float("inf")).min(dim=0).values)
@@ -115,21 +114,23 @@ def test_graph_loop_returns_the_lowest_residual_pair(monkeypatch, solver, option
     torch.testing.assert_close((sol.fx - sol.x).norm(dim=1), sol.residual, rtol=1e-12, atol=0)
 
 
-@pytest.mark.parametrize("graph", GRAPH_LOOPS)
-def test_graph_loop_stops_early_when_every_sample_converges(monkeypatch, graph):
-    monkeypatch.setattr(_graphs, "GRAPHS", EagerGraphs())
-    sol = fixedpoint.anderson(lambda z: 0.5 * z + 1.0, torch.zeros(3, 4), tol=1e-6, max_iter=500, graph=graph, m=2)
+@pytest.mark.parametrize("stand_in", STAND_INS)
+def test_solver_graphs_stop_early_when_every_sample_converges(monkeypatch, stand_in):
+    """The replays stop once every sample has converged (not at max_iter), after exactly the eager loop's calls
+    of f: convergence is checked after every replay as without graphs."""
+    monkeypatch.setattr(_graphs, "GRAPHS", stand_in())
+    sol = fixedpoint.anderson(lambda z: 0.5 * z + 1.0, torch.zeros(3, 4), tol=1e-6, max_iter=500, graph="solver", m=2)
     assert sol.converged.all() and sol.trace.shape[0] == int(sol.nsteps.max()) < 40
     torch.testing.assert_close(sol.x, torch.full((3, 4), 2.0))
     eager = fixedpoint.anderson(lambda z: 0.5 * z + 1.0, torch.zeros(3, 4), tol=1e-6, max_iter=500, m=2)
-    # no call of f after the stop but the rest of a captured chunk (graph=True); none with "solver"
-    assert sol.nfev == eager.nfev if graph == "solver" else eager.nfev <= sol.nfev < eager.nfev + 4
+    assert sol.nfev == eager.nfev and torch.equal(sol.nsteps, eager.nsteps)
 
 
 @pytest.mark.parametrize("solver,options", [("anderson", {"m": 3}), ("picard", {}), ("picard", {"beta": 0.5})])
-@pytest.mark.parametrize("graph", GRAPH_LOOPS)
-def test_graph_loops_never_write_into_what_f_returned(monkeypatch, solver, options, graph):
-    """The static buffers are the loop's own copies: an f that keeps its outputs finds them unchanged."""
+@pytest.mark.parametrize("stand_in", STAND_INS)
+def test_solver_graphs_never_write_into_what_f_returned(monkeypatch, solver, options, stand_in):
+    """f's output is copied into the graphs' own buffers (the static buffers too are copies): an f that keeps its
+    outputs finds them unchanged."""
     f_linear, x0, _ = transient_growth(batch=4, seed=2)
     kept = []
 
@@ -138,8 +139,8 @@ def test_graph_loops_never_write_into_what_f_returned(monkeypatch, solver, optio
         kept.append((out, out.clone()))
         return out
 
-    monkeypatch.setattr(_graphs, "GRAPHS", EagerGraphs())
-    getattr(fixedpoint, solver)(f, x0, tol=1e-30, max_iter=13, stop="abs", graph=graph, **options)
+    monkeypatch.setattr(_graphs, "GRAPHS", stand_in())
+    getattr(fixedpoint, solver)(f, x0, tol=1e-30, max_iter=13, stop="abs", graph="solver", **options)
     assert len(kept) >= 14 and all(torch.equal(out, copy) for out, copy in kept)
 
 
@@ -157,9 +158,8 @@ def test_solver_graphs_stop_at_any_position_with_the_last_pair(monkeypatch, stop
 
 
 @pytest.mark.parametrize("solver,options", [("anderson", {"m": 3}), ("picard", {"beta": 0.7})])
-@pytest.mark.parametrize("graph", GRAPH_LOOPS)
-def test_graph_loops_with_triton_kernels_equal_the_eager_loop(monkeypatch, solver, options, graph):
-    """The Triton launchers inside both graph loops (the stand-in's, eagerly; on a CPU in the interpreter):
+def test_solver_graphs_with_triton_kernels_equal_the_eager_loop(monkeypatch, solver, options):
+    """The Triton launchers inside the solver's graphs (the stand-in's, eagerly; on a CPU in the interpreter):
     the same solve as eagerly."""
     pytest.importorskip("triton")
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -169,18 +169,19 @@ def test_graph_loops_with_triton_kernels_equal_the_eager_loop(monkeypatch, solve
     eager = solve(f, x0, tol=1e-6, max_iter=12, impl="triton", **options)
     monkeypatch.setattr(_graphs, "GRAPHS", EagerGraphs())
     calls[0] = 0
-    graphed = solve(f, x0, tol=1e-6, max_iter=12, impl="triton", graph=graph, **options)
+    graphed = solve(f, x0, tol=1e-6, max_iter=12, impl="triton", graph="solver", **options)
+    assert graphed.nfev == eager.nfev == calls[0]
     assert graphed.nsteps.tolist() == eager.nsteps.tolist() and graphed.status.tolist() == eager.status.tolist()
     torch.testing.assert_close(graphed.x, eager.x, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(graphed.trace, eager.trace, rtol=1e-5, atol=1e-9, equal_nan=True)
 
 
 def test_graph_needs_cuda_and_a_graph_capable_solver(monkeypatch):
-    with pytest.raises(ValueError, match="graph=True captures a CUDA graph and needs CUDA tensors, got x0 on cpu"):
-        fixedpoint.anderson(lambda z: z, torch.zeros(2, 3), graph=True)
-    with pytest.raises(ValueError, match="graph must be False, True or 'solver', got 'yes'"):
+    """graph is False or "solver": another value is an error naming the two (NumPy's bool by its type), and
+    "solver" needs CUDA tensors and a solver with a period (Broyden's step calls f)."""
+    with pytest.raises(ValueError, match="graph must be False or 'solver', got 'yes'"):
         fixedpoint.picard(lambda z: z, torch.zeros(2, 3), graph="yes")
-    with pytest.raises(TypeError, match=r"graph must be a bool or 'solver', got 1 \(int\)"):
+    with pytest.raises(TypeError, match=r"graph must be False or 'solver', got 1 \(int\)"):
         fixedpoint.picard(lambda z: z, torch.zeros(2, 3), graph=1)
     with pytest.raises(TypeError, match=r"got (np\.)?False_? \(numpy\.bool_?\)"):  # NumPy's bool, named
         fixedpoint.picard(lambda z: z, torch.zeros(2, 3), graph=np.bool_(False))
@@ -200,6 +201,37 @@ def test_graph_needs_cuda_and_a_graph_capable_solver(monkeypatch):
         )
 
 
+@pytest.mark.parametrize("solver", ["picard", "anderson"])
+@pytest.mark.parametrize("stand_in", [None, EagerGraphs])  # on CPU as such, and where graphs could run
+def test_graph_true_was_removed_and_names_what_replaces_it(monkeypatch, solver, stand_in):
+    """graph=True (f captured with the loop) was removed in 0.2: asking for it is a ValueError that names the
+    replacements (torch.compile of f, graph='solver'), before any other check (not "needs CUDA tensors"), and
+    never a silent eager or "solver" solve nor a call of f."""
+    if stand_in is not None:
+        monkeypatch.setattr(_graphs, "GRAPHS", stand_in())
+    calls = []
+    message = (r"graph=True \(f captured with the loop\) was removed in fixedpoint 0\.2: compile f instead, "
+               r"torch\.compile\(f, mode='reduce-overhead'\).* pass graph='solver'")  # fmt: skip
+    with pytest.raises(ValueError, match=message):
+        getattr(fixedpoint, solver)(lambda z: calls.append(z) or z, torch.zeros(2, 3), graph=True)
+    assert not calls and not _graphs._graph_cache
+
+
+@pytest.mark.parametrize("solver", ["picard", "anderson"])
+@pytest.mark.parametrize(
+    "graph,error,shown",
+    [("on", ValueError, "'on'"), ("True", ValueError, "'True'"), ("Solver", ValueError, "'Solver'"),
+     (1, TypeError, r"1 \(int\)"), (0, TypeError, r"0 \(int\)"), (None, TypeError, r"None \(NoneType\)"),
+     (np.bool_(True), TypeError, r"(np\.)?True_? \(numpy\.bool_?\)")],
+)  # fmt: skip
+def test_graph_values_other_than_false_and_solver_are_errors(monkeypatch, solver, graph, error, shown):
+    """Only False and "solver" are modes: "on" (the sampler's removed flag), a string spelled otherwise, or an
+    integer or NumPy bool (1 == True) is an error naming the valid values, never taken for graph=True or a mode."""
+    monkeypatch.setattr(_graphs, "GRAPHS", EagerGraphs())
+    with pytest.raises(error, match=rf"^graph must be False or 'solver', got {shown}"):
+        getattr(fixedpoint, solver)(lambda z: z, torch.zeros(2, 3), graph=graph)
+
+
 def test_solve_spd_matches_linalg_solve():
     gen = torch.Generator().manual_seed(0)
     a = torch.randn(6, 5, 5, generator=gen, dtype=torch.float64)
@@ -215,8 +247,9 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 @cuda
 @pytest.mark.parametrize("solver", ["anderson", "picard"])
-@pytest.mark.parametrize("graph", GRAPH_LOOPS)
-def test_cuda_graph_equals_the_default_loop_on_gpu(solver, graph):
+def test_cuda_graph_equals_the_default_loop_on_gpu(solver):
+    """On a GPU, for real: graph="solver" solves equal the eager loop's, and later solves (another f) replay the
+    kept graphs with their own results (a kept session reading the first solve's buffers would repeat it)."""
     gen = torch.Generator(device="cuda").manual_seed(0)
     w = torch.randn(256, 256, device="cuda", generator=gen)
     w = 0.9 * w / torch.linalg.matrix_norm(w, ord=2)
@@ -224,10 +257,10 @@ def test_cuda_graph_equals_the_default_loop_on_gpu(solver, graph):
     solve = getattr(fixedpoint, solver)
     x0 = torch.zeros(16, 8, 256, device="cuda")
     results = []
-    for b in (injections[0], injections[1], injections[0]):  # "solver": later solves replay the kept graphs
+    for b in (injections[0], injections[1], injections[0]):  # later solves replay the kept graphs
         f = partial(lambda z, b: torch.tanh(z @ w.T + b), b=b)
         eager = solve(f, x0, tol=1e-5, max_iter=80)
-        graphed = solve(f, x0, tol=1e-5, max_iter=80, graph=graph, check_every=5)
+        graphed = solve(f, x0, tol=1e-5, max_iter=80, graph="solver", check_every=5)
         assert graphed.nsteps.tolist() == eager.nsteps.tolist() and graphed.status.tolist() == eager.status.tolist()
         torch.testing.assert_close(graphed.x, eager.x, rtol=1e-4, atol=1e-5)
         results.append(graphed.x)
@@ -237,9 +270,10 @@ def test_cuda_graph_equals_the_default_loop_on_gpu(solver, graph):
 
 @cuda
 @pytest.mark.parametrize("solver", ["anderson", "picard"])
-def test_kept_cuda_graph_with_args_equals_the_default_loop_on_gpu(solver):
-    """graph=True with the injection passed as an arg: one capture, replayed by the later solves with other
-    injections, each equal to the eager loop; the caller's injections are never written."""
+def test_kept_cuda_graphs_with_args_equal_the_default_loop_on_gpu(solver):
+    """graph="solver" with the injection passed as an arg (as FixedPoint and FPDM pass their inputs): one session,
+    replayed by the later solves with other injections, each equal to the eager loop; the caller's injections are
+    never written."""
     gen = torch.Generator(device="cuda").manual_seed(0)
     w = torch.randn(256, 256, device="cuda", generator=gen)
     w = 0.9 * w / torch.linalg.matrix_norm(w, ord=2)
@@ -253,40 +287,52 @@ def test_kept_cuda_graph_with_args_equals_the_default_loop_on_gpu(solver):
 
     for b in (injections[0], injections[1], injections[2], injections[0]):
         eager = solve(block, x0, args=(b,), tol=1e-5, max_iter=80)
-        graphed = solve(block, x0, args=(b,), tol=1e-5, max_iter=80, graph=True, check_every=5)
+        graphed = solve(block, x0, args=(b,), tol=1e-5, max_iter=80, graph="solver", check_every=5)
         assert graphed.nsteps.tolist() == eager.nsteps.tolist() and graphed.status.tolist() == eager.status.tolist()
         torch.testing.assert_close(graphed.x, eager.x, rtol=1e-4, atol=1e-5)
     assert len(_graphs._graph_cache) == 1 and torch.equal(injections, original)
 
 
-@cuda
-def test_cuda_graph_rejects_a_map_that_syncs():
-    w = 0.5 * torch.eye(8, device="cuda")
+@pytest.mark.parametrize("solver,m", [("anderson", 3), ("anderson", 2), ("picard", None)])
+def test_every_new_session_warms_up_before_its_captures(monkeypatch, solver, m):
+    """A solve that builds graphs runs its first solver period eagerly inside the warm-up (new kernel
+    specializations compile there, never in a capture), and captures only after it; a solve that replays a kept
+    session neither warms up nor captures."""
+    graphs, events = EagerGraphs(), []
 
-    def syncing(z):  # .item() copies to the host: not allowed while a graph is being captured
-        return torch.tanh(z @ w) * float(z.abs().sum().item() * 0 + 1)
+    @contextmanager
+    def warmup_stream(device):
+        events.append("warm-up")
+        yield
+        events.append("end")
 
-    x0 = torch.ones(2, 8, device="cuda")
-    with pytest.raises(RuntimeError, match="f must be capturable"):  # tol unreachable: the capture happens
-        fixedpoint.anderson(syncing, x0, graph=True, tol=1e-30, max_iter=30, divergence=None)
+    def capture(body, device, pool):
+        events.append("capture")
+        return EagerGraphs.capture(graphs, body, device, pool)
 
-
-@pytest.mark.parametrize("graph", GRAPH_LOOPS)
-def test_every_graph_solve_warms_up_before_capture(monkeypatch, graph):
-    """Each solve runs its first period eagerly (new kernel specializations compile there, never in capture)."""
-    graphs = EagerGraphs()
-    warmups = []
-    graphs.warmup_stream = lambda device: warmups.append(device) or nullcontext()
+    graphs.warmup_stream, graphs.capture = warmup_stream, capture
     monkeypatch.setattr(_graphs, "GRAPHS", graphs)
     f, x0, _ = _problem()
-    for beta in (1.0, 0.5):
-        fixedpoint.picard(f, x0, tol=1e-6, max_iter=20, graph=graph, beta=beta)
-    assert len(warmups) == 2 and graphs.captures == (2 if graph is True else 4)
+    options, period = ({"m": m}, m) if solver == "anderson" else ({}, 1)
+
+    def g(z):
+        events.append("f")
+        return f(z)
+
+    runs = []
+    for beta in (1.0, 0.5, 1.0):  # another beta: another session; the third solve replays the first's
+        events.clear()
+        getattr(fixedpoint, solver)(g, x0, tol=1e-6, max_iter=20, graph="solver", beta=beta, **options)
+        runs.append(list(events))
+    for run in runs[:2]:  # the start's call, one eager period, then f eagerly before each position's capture
+        assert run[: run.index("capture")] == ["f", "warm-up", *["f"] * period, "end", "f"]
+        assert run.count("capture") == math.lcm(period, 2) and run.count("warm-up") == 1
+    assert "warm-up" not in runs[2] and "capture" not in runs[2] and runs[2].count("f") == runs[0].count("f")
 
 
 @cuda
 def test_solver_graphs_take_a_map_that_syncs():
-    """graph="solver" runs f eagerly: a map with a host sync (which graph=True rejects) is fine."""
+    """graph="solver" runs f eagerly: a map with a host sync (which no capture of f allows) is fine."""
     w = 0.5 * torch.eye(8, device="cuda")
 
     def syncing(z):
@@ -316,6 +362,16 @@ def test_lagged_check_on_gpu_runs_the_iterations_it_runs_on_cpu(graph):
     cpu, gpu = runs["cpu"], runs["cuda"]
     assert gpu.nfev == cpu.nfev and gpu.nsteps.tolist() == cpu.nsteps.tolist() and gpu.converged.all()
     torch.testing.assert_close(gpu.x.cpu(), cpu.x, rtol=1e-9, atol=1e-10)
+
+
+def _assert_same_solve(sol, reference):
+    """The same iterations; values to rounding (a graph's Anderson solves its small systems by plain tensor
+    ops, not LAPACK: on the sample without a fixed point the two drift apart by ~3e-5 in 40 iterations)."""
+    assert sol.nfev == reference.nfev
+    assert sol.nsteps.tolist() == reference.nsteps.tolist() and sol.status.tolist() == reference.status.tolist()
+    torch.testing.assert_close(sol.x, reference.x, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(sol.fx, reference.fx, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(sol.trace, reference.trace, rtol=1e-4, atol=1e-9, equal_nan=True)
 
 
 def _assert_same_solve(sol, reference):
@@ -406,6 +462,8 @@ def test_a_kept_solve_starts_in_the_kept_buffers(kept_graphs):
 
 
 def test_solver_graphs_are_kept_per_key_and_cleared(kept_graphs):
+    """A session is kept per key (another tolerance or batch size: another session, its own pool) and replayed by
+    a later solve with its key; clear_graph_cache drops them all (the next solve captures again)."""
     f, x0 = _contraction_map(1)
     fixedpoint.picard(f, x0, tol=1e-6, max_iter=30, graph="solver")
     fixedpoint.picard(f, x0, tol=1e-5, max_iter=30, graph="solver")  # another tolerance: another session
@@ -471,6 +529,8 @@ def test_a_map_that_fails_at_the_start_leaves_the_kept_session(kept_graphs):
 
 
 def test_kept_solver_graphs_do_not_keep_f_alive(kept_graphs):
+    """f is never captured: a kept session holds no reference to it (f and what it closes over, a model's
+    weights, would otherwise stay in memory until the session is dropped)."""
     import gc
     import weakref
 
@@ -491,15 +551,14 @@ def test_solver_graphs_kept_in_inference_mode_serve_only_inference_mode(kept_gra
     assert len(_graphs._graph_cache) == 2 and torch.equal(inside.x, outside.x)
 
 
-@pytest.mark.parametrize("graph", GRAPH_LOOPS)
-def test_dropped_graph_sessions_are_freed_at_once(kept_graphs, graph):
-    """No reference cycle: clearing (or evicting) a session frees its graphs and buffers without waiting
-    for the garbage collector."""
+def test_dropped_graph_sessions_are_freed_at_once(kept_graphs):
+    """No reference cycle: clearing (or evicting) a session frees its graphs and buffers (Anderson's history in the
+    static buffers included) without waiting for the garbage collector."""
     import gc
     import weakref
 
     x0, args = _kept_args(1)
-    fixedpoint.anderson(_kept_map, x0, args=args, tol=1e-6, max_iter=30, graph=graph)
+    fixedpoint.anderson(_kept_map, x0, args=args, tol=1e-6, max_iter=30, graph="solver")
     (session,) = _graphs._graph_cache.values()
     refs = [weakref.ref(session), weakref.ref(session.static["state.F"])]
     del session
@@ -512,6 +571,9 @@ def test_dropped_graph_sessions_are_freed_at_once(kept_graphs, graph):
 
 
 def test_an_unhashable_solver_runs_solver_graphs_without_keeping_them(kept_graphs):
+    """A key that cannot be hashed (a solver without __hash__) is a warning and a solve with its own graphs and the
+    eager result, not a TypeError from the cache."""
+
     class Unhashable(fixedpoint._solvers.Picard):
         __hash__ = None
 
@@ -545,7 +607,7 @@ def test_solver_graphs_refuse_a_step_that_calls_f(kept_graphs):
         _solve.solve(CallingPicard(), f, x0, tol=1e-6, max_iter=30, stop="rel", divergence=None, graph="solver")
 
 
-# ----------------------------------------------------------------------------- graph=True kept (f's args declared)
+# ----------------------------------------------------------------------------- f's args with kept solver graphs
 
 _KEPT_W = 0.9 * torch.linalg.qr(torch.randn(12, 12, generator=torch.Generator().manual_seed(7)))[0]  # f's weights
 
@@ -567,172 +629,14 @@ def _kept_args(seed, batch=5, dim=12, nan_sample=None, drift=True):
     return torch.randn(batch, dim, generator=gen), (b, shift, 1.0)
 
 
-@pytest.mark.parametrize(
-    "solver,options,check_every,chunk",  # chunk: check_every, at least 4, rounded up to whole periods
-    [("anderson", {"m": 3}, 1, 6), ("anderson", {"m": 3}, 7, 9), ("picard", {"beta": 0.8}, 1, 4),
-     ("picard", {"beta": 0.8}, 7, 7)],
-)  # fmt: skip
-def test_graph_true_with_args_is_kept_for_later_solves(kept_graphs, solver, options, check_every, chunk):
-    """graph=True with f's changing inputs in args: one capture serves later solves with other starts and
-    args (no warm-up, no capture), each bit for bit the result of a solve with nothing kept and the eager
-    loop's iterations, in whole chunks while they fit within max_iter and eagerly after; the earlier
-    result and the caller's tensors are left as they were."""
-    solve = getattr(fixedpoint, solver)
-    problems = [_kept_args(1), _kept_args(2, nan_sample=2), _kept_args(3, drift=False)]
-
-    def run(x0, args, **graph):
-        return solve(_kept_map, x0, args=args, tol=1e-6, max_iter=40, check_every=check_every, **options, **graph)
-
-    fresh = []
-    for problem in problems:
-        _graphs.clear_graph_cache()
-        fresh.append(run(*problem, graph=True))
-    _graphs.clear_graph_cache()
-    captures = kept_graphs.captures
-    originals = [[a.clone() for a in args[:2]] for _, args in problems]
-    kept = [run(*problems[0], graph=True)]
-    first = kept[0].x.clone()
-    kept += [run(*problem, graph=True) for problem in problems[1:]]
-    assert kept_graphs.captures - captures == 1 and len(_graphs._graph_cache) == 1
-    for sol, reference, eager in zip(kept, fresh, (run(*problem) for problem in problems)):
-        assert torch.equal(sol.nsteps, eager.nsteps) and torch.equal(sol.status, eager.status)
-        for name in ("x", "fx", "residual", "trace"):
-            assert torch.equal(getattr(sol, name).nan_to_num(), getattr(reference, name).nan_to_num()), name
-    assert [sol.statuses()[2] for sol in kept] == [Status.CONVERGED, Status.NONFINITE, Status.CONVERGED]
-    assert kept[0].nfev == fresh[0].nfev
-    for sol in kept[1:]:  # the start's call, then whole chunks, checked after each, up to max_iter
-        assert sol.nfev - 1 == min(chunk * math.ceil(int(sol.nsteps.max()) / chunk), 40)
-    assert [sol.nfev for sol in kept[:2]] == [41, 41]  # a sample runs to max_iter: exactly its calls
-    assert torch.equal(kept[0].x, first)
-    for (_, args), original in zip(problems, originals):
-        assert all(torch.equal(a.nan_to_num(), b.nan_to_num()) for a, b in zip(args[:2], original, strict=True))
-
-
-def test_graph_true_is_kept_per_f_args_and_options(kept_graphs):
-    """The key: f itself, the non-tensor args by type and value, the tensor args' shapes, the start's shape
-    (f's view of it), the chunk, the numerics settings, the options, and the train/eval flags of f's modules.
-    Without args (f may read anything), graph=True keeps nothing."""
-    x0, args = _kept_args(1)
-    opts = dict(tol=1e-6, max_iter=30, m=2)
-
-    def captures_of(f=_kept_map, x=x0, a=args, **options):
-        before = kept_graphs.captures
-        fixedpoint.anderson(f, x, args=a, graph=True, **{**opts, **options})
-        return kept_graphs.captures - before
-
-    assert captures_of() == 1 and captures_of() == 0
-    assert captures_of(a=(*args[:2], 0.8)) == 1  # another rate: baked into the graph
-    assert captures_of(a=(*args[:2], 1)) == 1  # 1 == 1.0, but another type
-    assert captures_of(a=(args[0], args[1].expand(5, 12).clone(), 1.0)) == 1  # another shape
-    assert captures_of(f=partial(_kept_map)) == 1  # another f
-    assert captures_of(tol=1e-5) == 1
-    _graphs.clear_graph_cache()
-    for shape in ((5, 12), (5, 3, 4)):  # f's view of the same flat iterate: a softmax over its last dimension
-        assert captures_of(f=_view_map, x=x0.view(shape), a=(args[0],)) == 1
-        eager = fixedpoint.anderson(_view_map, x0.view(shape), args=(args[0],), **opts)
-        kept = fixedpoint.anderson(_view_map, x0.view(shape), args=(args[0],), graph=True, **opts)
-        torch.testing.assert_close(kept.x, eager.x, rtol=0, atol=0)
-    assert captures_of(check_every=5) == 1 and captures_of(check_every=6) == 0  # chunks of 6 (m = 2), either way
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert captures_of() == 1
-    torch.set_float32_matmul_precision("medium")
-    try:
-        assert captures_of() == 1
-    finally:
-        torch.set_float32_matmul_precision("highest")
-    assert len(_graphs._graph_cache) == _graphs.GRAPH_CACHE_SIZE  # the least recently used were dropped
-    assert captures_of(check_every=5) == 0  # still kept
-    _graphs.clear_graph_cache()
-    module = _KeptModule()
-    assert captures_of(f=module) == 1 and captures_of(f=module.forward) == 1  # a module, a module's method
-    module.eval()
-    assert captures_of(f=module) == 1 and captures_of(f=module.forward) == 1  # dropout captured in eval
-    closure = lambda z: _kept_map(z, *args)  # noqa: E731
-    for _ in range(2):
-        assert captures_of(f=closure, a=None) == 1
-    assert all(key[1] is True or key[1] == "solver" for key in _graphs._graph_cache)
-    assert not any(closure in key for key in _graphs._graph_cache)
-
-
 class _Inputs(NamedTuple):
     b: torch.Tensor
     drift: torch.Tensor
     rate: float
 
 
-_PACKINGS = {  # f's args (b, drift, rate) in containers, and the f that unpacks them
-    "list and dict": (
-        lambda b, drift, rate: ([b], {"drift": drift, "rate": rate}),
-        lambda z, bs, extra: _kept_map(z, bs[0], extra["drift"], extra["rate"]),
-    ),
-    "named tuple": (lambda b, drift, rate: (_Inputs(b, drift, rate),), lambda z, inputs: _kept_map(z, *inputs)),
-}
-
-
-@pytest.mark.parametrize("packing", _PACKINGS)
-def test_graph_true_copies_the_tensors_nested_in_args(kept_graphs, packing):
-    """Tensors inside tuples, named tuples, lists and dicts in args are copied in like top-level ones: one
-    capture serves later solves with other values, each the result of a solve with nothing kept; the
-    caller's tensors are left as they were."""
-    pack, f = _PACKINGS[packing]
-    problems = [_kept_args(1), _kept_args(2, nan_sample=2), _kept_args(3, drift=False)]
-    opts = dict(tol=1e-6, max_iter=40, m=3)
-    fresh = []
-    for x0, args in problems:
-        _graphs.clear_graph_cache()
-        fresh.append(fixedpoint.anderson(_kept_map, x0, args=args, graph=True, **opts))
-    _graphs.clear_graph_cache()
-    originals = [[a.clone() for a in args[:2]] for _, args in problems]
-    captures = kept_graphs.captures
-    kept = [fixedpoint.anderson(f, x0, args=pack(*args), graph=True, **opts) for x0, args in problems]
-    assert kept_graphs.captures - captures == 1 and len(_graphs._graph_cache) == 1
-    for sol, reference in zip(kept, fresh, strict=True):
-        assert torch.equal(sol.nsteps, reference.nsteps) and torch.equal(sol.status, reference.status)
-        assert torch.equal(sol.x.nan_to_num(), reference.x.nan_to_num())
-    for (_, args), original in zip(problems, originals):
-        assert all(torch.equal(a.nan_to_num(), b.nan_to_num()) for a, b in zip(args[:2], original, strict=True))
-
-
-def test_the_args_signature_sees_into_containers_and_matches_nan():
-    """What a kept graph=True session is keyed by: tensors by shape, dtype and device wherever they sit in
-    tuples, lists and dicts; containers by type and keys; other values by type and value, NaN matching NaN."""
-    sig = _graphs.arg_signature
-    b = torch.zeros(2, 3)
-    assert sig(([b], {"r": 1.0})) == sig(([torch.ones(2, 3)], {"r": 1.0}))
-    assert sig(([b], {"r": 1.0})) != sig(([b.T], {"r": 1.0}))  # another shape
-    assert sig(([b], {"r": 1.0})) != sig(((b,), {"r": 1.0}))  # a tuple, not a list
-    assert sig(([b], {"r": 1.0})) != sig(([b], {"s": 1.0}))  # another key
-    assert sig(([b], {"r": 1.0})) != sig(([b.double()], {"r": 1.0}))  # another dtype
-    assert sig((float("nan"),)) == sig((float("nan"),))
-    assert sig((_Inputs(b, b, 1.0),)) != sig(((b, b, 1.0),))  # a named tuple is its own type
-    assert [t.shape for t in _graphs.arg_tensors((b, [b.T], {"k": b[0]}, _Inputs(b[:1], b, 0.5)))] == [
-        (2, 3), (3, 2), (3,), (1, 3), (2, 3)
-    ]  # fmt: skip
-
-
-def test_args_holding_an_unhashable_value_keep_nothing_and_warn(kept_graphs):
-    """A value graph=True cannot key a session by (here a set): a warning, each solve captures its own graph,
-    and its result is still the eager loop's."""
-    x0, args = _kept_args(1)
-
-    def f(z, b, drift, rate, labels):
-        return _kept_map(z, b, drift, rate)
-
-    for _ in range(2):
-        with pytest.warns(UserWarning, match="unhashable"):
-            graphed = fixedpoint.anderson(f, x0, args=(*args, {"a"}), tol=1e-6, max_iter=30, m=2, graph=True)
-    eager = fixedpoint.anderson(_kept_map, x0, args=args, tol=1e-6, max_iter=30, m=2)
-    assert kept_graphs.captures == 2 and not _graphs._graph_cache
-    assert torch.equal(graphed.nsteps, eager.nsteps) and torch.equal(graphed.status, eager.status)
-    torch.testing.assert_close(graphed.x, eager.x, rtol=1e-4, atol=1e-5)
-
-
-def _view_map(z, b):
-    return 0.5 * z.softmax(-1) + b.view_as(z)
-
-
 class _KeptModule(torch.nn.Module):
-    """_kept_map with a linear layer and dropout (captured as it runs: in train or eval mode)."""
+    """_kept_map with a linear layer and dropout (in train or eval mode)."""
 
     def __init__(self):
         super().__init__()
@@ -743,69 +647,122 @@ class _KeptModule(torch.nn.Module):
         return torch.where(drift == 0, torch.tanh(self.dropout(self.linear(rate * z)) + b), z + drift)
 
 
-def test_chunks_are_check_every_iterations_in_whole_periods_within_max_iter():
-    assert [_graphs.chunk_length(1, c, 50) for c in (1, 4, 5, 11)] == [4, 4, 5, 11]
-    assert [_graphs.chunk_length(5, c, 50) for c in (1, 5, 6, 11)] == [5, 5, 10, 15]
-    assert [_graphs.chunk_length(5, 11, n) for n in (15, 14, 11, 7, 3)] == [15, 10, 10, 5, 5]
-    assert [_graphs.chunk_length(1, 11, n) for n in (11, 3, 1)] == [11, 3, 1]
+@pytest.mark.parametrize(
+    "solver,options,check_every",
+    [("anderson", {"m": 3}, 1), ("anderson", {"m": 3}, 7), ("picard", {"beta": 0.8}, 1), ("picard", {"beta": 0.8}, 7)],
+)
+def test_solver_graphs_with_args_are_kept_for_later_solves(kept_graphs, solver, options, check_every):
+    """f's changing inputs in args (as FixedPoint and FPDM pass them): f runs eagerly on each solve's own args, so
+    one session serves later solves with other starts and args, each bit for bit the result of a solve with
+    nothing kept and the eager loop's iterations and calls; the earlier result and the caller's tensors are left
+    as they were (a kept session that read the first solve's args, or wrote into them, would show here)."""
+    solve = getattr(fixedpoint, solver)
+    problems = [_kept_args(1), _kept_args(2, nan_sample=2), _kept_args(3, drift=False)]
+
+    def run(x0, args, **graph):
+        return solve(_kept_map, x0, args=args, tol=1e-6, max_iter=40, check_every=check_every, **options, **graph)
+
+    fresh = []
+    for problem in problems:
+        _graphs.clear_graph_cache()
+        fresh.append(run(*problem, graph="solver"))
+    _graphs.clear_graph_cache()
+    captures = kept_graphs.captures
+    originals = [[a.clone() for a in args[:2]] for _, args in problems]
+    kept = [run(*problems[0], graph="solver")]
+    first = kept[0].x.clone()
+    kept += [run(*problem, graph="solver") for problem in problems[1:]]
+    assert kept_graphs.captures - captures == (6 if solver == "anderson" else 2) and len(_graphs._graph_cache) == 1
+    for sol, reference, eager in zip(kept, fresh, (run(*problem) for problem in problems), strict=True):
+        assert sol.nfev == eager.nfev and torch.equal(sol.nsteps, eager.nsteps)
+        assert torch.equal(sol.status, eager.status)
+        for name in ("x", "fx", "residual", "trace"):
+            assert torch.equal(getattr(sol, name).nan_to_num(), getattr(reference, name).nan_to_num()), name
+    assert [sol.statuses()[2] for sol in kept] == [Status.CONVERGED, Status.NONFINITE, Status.CONVERGED]
+    assert [sol.nfev for sol in kept[:2]] == [41, 41]  # a sample runs to max_iter: exactly its calls
+    assert torch.equal(kept[0].x, first)
+    for (_, args), original in zip(problems, originals):
+        assert all(torch.equal(a.nan_to_num(), b.nan_to_num()) for a, b in zip(args[:2], original, strict=True))
 
 
-@pytest.mark.parametrize("solver,m,calls", [("picard", None, [13, 12, 12]), ("anderson", 5, [16, 12, 12]),
-                                            ("anderson", 3, [13, 12, 12])])  # fmt: skip
-def test_a_kept_graph_makes_exactly_a_fixed_budget(kept_graphs, solver, m, calls):
-    """A fixed budget of 12 calls (max_iter = check_every = 11): the solve that captures runs one period
-    eagerly and replays a whole chunk past max_iter; kept solves replay whole chunks within max_iter and run
-    the rest eagerly, making exactly the 12 calls, as the eager loop does, with its result."""
+def test_solver_graphs_are_shared_by_any_f_args_modules_and_autocast(kept_graphs):
+    """graph="solver" captures only the solver's own ops: a session is keyed by the solver, its options and the
+    start (shape, dtype, device, inference mode), never by f, f's args (values, types, shapes, containers, an
+    unhashable value), its modules' train/eval flags, autocast or check_every. A key holding any of them would
+    capture anew at every sampling step (whose args change) or, with an unhashable arg, keep nothing with a
+    warning; each solve still gives the eager loop's result."""
+    x0, args = _kept_args(1)
+    module = _KeptModule()
+    opts = dict(tol=1e-6, max_iter=30, m=2)
+    variants = {
+        "the first": (_kept_map, args, {}),
+        "another rate": (_kept_map, (*args[:2], 0.8), {}),
+        "an int rate": (_kept_map, (*args[:2], 1), {}),
+        "another arg shape": (_kept_map, (args[0], args[1].expand(5, 12).clone(), 1.0), {}),
+        "another f": (partial(_kept_map), args, {}),
+        "a closure, no args": (lambda z: _kept_map(z, *args), None, {}),
+        "a named tuple": (lambda z, inputs: _kept_map(z, *inputs), (_Inputs(*args),), {}),
+        "a list and a dict": (
+            lambda z, bs, extra: _kept_map(z, bs[0], extra["drift"], extra["rate"]),
+            ([args[0]], {"drift": args[1], "rate": 1.0}),
+            {},
+        ),
+        "an unhashable arg": (lambda z, b, drift, rate, labels: _kept_map(z, b, drift, rate), (*args, {"a"}), {}),
+        "a module": (module, args, {}),
+        "its method": (module.forward, args, {}),
+        "another check_every": (_kept_map, args, {"check_every": 5}),
+    }
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "keeps nothing" warning
+        for name, (f, a, options) in variants.items():
+            if name == "a module":
+                module.eval()
+            sol = fixedpoint.anderson(f, x0, args=a, graph="solver", **opts, **options)
+            _assert_same_solve(sol, fixedpoint.anderson(f, x0, args=a, **opts, **options))
+            assert kept_graphs.captures == 2, name  # the first solve's two positions (lcm(m, 2)), then none
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            sol = fixedpoint.anderson(module, x0, args=args, graph="solver", **opts)
+            eager = fixedpoint.anderson(module, x0, args=args, **opts)
+        assert torch.equal(sol.nsteps, eager.nsteps)
+        torch.testing.assert_close(sol.x, eager.x, rtol=0, atol=0)
+    assert kept_graphs.captures == 2 and len(_graphs._graph_cache) == 1
+
+
+@pytest.mark.parametrize("solver,m", [("picard", None), ("anderson", 5), ("anderson", 3)])
+def test_solver_graphs_make_exactly_a_fixed_budget(kept_graphs, solver, m):
+    """A fixed budget of 12 calls (fpdm's fixed_iterations: max_iter = check_every = 11, the lagged check): f runs
+    eagerly, so every solve, the one that warms up and captures and the kept ones that go on capturing the
+    period's later positions, makes exactly the 12 calls, with the eager loop's result (graph=True's capture made
+    up to a period more)."""
     from fpdm.models import fixed_iterations
 
     options = {} if m is None else {"m": m}
     solve = fixed_iterations(12, getattr(fixedpoint, solver), **options)
-    runs = []
     for seed in range(3):
         x0, args = _kept_args(seed)
-        graphed, eager = solve(_kept_map, x0, args=args, graph=True), solve(_kept_map, x0, args=args)
+        graphed, eager = solve(_kept_map, x0, args=args, graph="solver"), solve(_kept_map, x0, args=args)
+        assert graphed.nfev == eager.nfev == 12 and torch.equal(graphed.nsteps, eager.nsteps)
         torch.testing.assert_close(graphed.x, eager.x, rtol=0, atol=0)
-        assert torch.equal(graphed.nsteps, eager.nsteps) and eager.nfev == 12
-        runs.append(graphed.nfev)
-    assert runs == calls and kept_graphs.captures == 1
+        torch.testing.assert_close(graphed.fx, eager.fx, rtol=0, atol=0)
+    assert kept_graphs.captures == math.lcm(m or 1, 2) and len(_graphs._graph_cache) == 1
 
 
-@pytest.mark.parametrize("graph", GRAPH_LOOPS)
-def test_a_kept_graph_reads_weights_changed_in_place_under_autocast(kept_graphs, graph):
-    """Under autocast, graph=True warms up and captures with autocast's cache of cast weights off: the graph
-    casts the weights itself, so a later solve sees weights an optimizer changed in place."""
+def test_kept_solver_graphs_read_weights_changed_in_place_under_autocast(kept_graphs):
+    """f runs eagerly under autocast (the graphs hold none of its casts): a later solve sees weights an optimizer
+    changed in place, and the solver's ops never autocast, so a session kept under autocast serves a solve
+    outside it (no capture) with the eager result."""
     x0, args = _kept_args(1)
     module = _KeptModule()
     solve = partial(fixedpoint.anderson, module, x0, args=args, tol=1e-6, max_iter=20, m=2)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        solve(graph=graph)
+        solve(graph="solver")
     with torch.no_grad():
         module.linear.weight.mul_(-0.5)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        kept, eager = solve(graph=graph), solve()
-    assert kept_graphs.captures == (1 if graph is True else 2)  # graph="solver": both positions in the first solve
+        kept, eager = solve(graph="solver"), solve()
+    assert kept_graphs.captures == 2  # both positions in the first solve
     assert torch.equal(kept.nsteps, eager.nsteps)
     torch.testing.assert_close(kept.x, eager.x, rtol=0, atol=0)
-    outside = solve(graph=graph)  # graph=True: autocast is in the key, a capture; graph="solver": the solver's
-    assert kept_graphs.captures == 2  # ops never autocast, so its session serves both (no capture)
+    outside = solve(graph="solver")
+    assert kept_graphs.captures == 2
     _assert_same_solve(outside, solve())
-
-
-def test_kept_graph_true_keeps_f_alive_until_cleared(kept_graphs):
-    """Its graph replays f (reading f's weights where they were): the key keeps f, until dropped."""
-    import gc
-    import weakref
-
-    x0, args = _kept_args(1)
-
-    def f(z, b, drift, rate):
-        return _kept_map(z, b, drift, rate)
-
-    fixedpoint.picard(f, x0, args=args, tol=1e-6, max_iter=30, graph=True)
-    ref = weakref.ref(f)
-    del f
-    gc.collect()
-    assert ref() is not None
-    _graphs.clear_graph_cache()
-    gc.collect()
-    assert ref() is None

@@ -388,9 +388,8 @@ def test_an_option_whose_buffers_cannot_fit_in_memory_is_a_value_error_naming_it
     assert time.perf_counter() - start < 1
 
 
-@pytest.mark.parametrize("graph", [True, "solver"])
-def test_graph_modes_refuse_a_max_iter_whose_static_trace_cannot_fit(monkeypatch, graph):
-    """The graph modes keep max_iter + 1 trace rows at fixed addresses (the device counts the row): a
+def test_solver_graphs_refuse_a_max_iter_whose_static_trace_cannot_fit(monkeypatch):
+    """graph="solver" keeps max_iter + 1 trace rows at fixed addresses (the device counts the row): a
     max_iter too large for memory was an allocator error that names no option. One that fits still runs."""
     from fixedpoint import _graphs
     from fixedpoint.testing import EagerGraphs
@@ -398,8 +397,8 @@ def test_graph_modes_refuse_a_max_iter_whose_static_trace_cannot_fit(monkeypatch
     monkeypatch.setattr(_graphs, "GRAPHS", EagerGraphs())
     f, b, _ = linear_deq(dim=4, batch=2, high=0.5, dtype=torch.float32)
     with pytest.raises(ValueError, match=r"max_iter=1000000000000 asks for .* bytes\) for the static trace"):
-        fixedpoint.picard(f, b, graph=graph, max_iter=10**12)
-    sol = fixedpoint.picard(f, b, graph=graph, max_iter=10**4)
+        fixedpoint.picard(f, b, graph="solver", max_iter=10**12)
+    sol = fixedpoint.picard(f, b, graph="solver", max_iter=10**4)
     assert sol.converged.all() and sol.trace.shape == (int(sol.nsteps.max()), 2)
 
 

@@ -1,6 +1,7 @@
 """Sampling: compute plans spend their budgets, reuse, reproducibility, and the command line."""
 
 import json
+import re
 import subprocess
 import sys
 
@@ -9,7 +10,7 @@ import pytest
 import torch
 
 from fpdm.models import create_model
-from fpdm.sample import SampleError, generate, plan_compute
+from fpdm.sample import SampleError, check_graph, generate, plan_compute
 
 
 def _fpdm(**overrides):
@@ -186,7 +187,10 @@ def test_sample_command_writes_grid_npz_and_stats(tmp_path, trained):
         (["--steps", "2000"], "2000 sampling steps > the 1000 diffusion timesteps of this checkpoint"),
         (["--tol", "0.1"], "--tol applies to --schedule adaptive"),
         (["--method", "ddpm", "--eta", "0.5"], "--eta applies to --method ddim"),
-        (["--graph", "on"], "--graph on replays CUDA graphs and needs a CUDA device, got cpu"),
+        (
+            ["--graph", "solver", "--device", "cpu"],
+            "--graph solver replays CUDA graphs and needs a CUDA device, got cpu",
+        ),
     ],
 )
 def test_sample_command_bad_input(tmp_path, trained, args, match):
@@ -195,6 +199,19 @@ def test_sample_command_bad_input(tmp_path, trained, args, match):
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines() == [f"error: {result.stderr.strip()[7:]}"] and match in result.stderr
+
+
+def test_sample_command_refuses_the_removed_graph_on(tmp_path, trained):
+    """--graph on (the block captured with the loop) was removed with fixedpoint's graph=True: argparse's one-line
+    invalid-choice error naming the choices left, exit 2, before any output is made (not a traceback, and never a
+    run that samples eagerly or in another mode)."""
+    cmd = [sys.executable, "-m", "fpdm.sample", "--ckpt", str(trained), "--out", str(tmp_path / "s"), "--quiet",
+           "--graph", "on"]  # fmt: skip
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    (line,) = result.stderr.strip().splitlines()
+    assert re.search(r"error: argument --graph: invalid choice: 'on' \(choose from '?off'?, '?solver'?\)", line), line
+    assert not (tmp_path / "s").exists()
 
 
 def test_sample_command_rejects_a_mismatched_checkpoint(tmp_path, trained):
@@ -248,12 +265,12 @@ def test_sample_command_checks_its_output_and_vae_before_sampling(tmp_path, trai
     assert any(message in result.stderr for message in vae_errors), result.stderr
 
 
-@pytest.mark.parametrize("graph", [True, "solver"])
-def test_sampling_with_cuda_graphs_gives_the_eager_images(monkeypatch, graph):
-    """With the CPU stand-in for CUDA graphs: the same images as without graphs, one capture per solver
-    setting (graph=True) reused by every later step, and the planned calls. graph=True's first solve
-    captures after an eager period and replays a whole chunk past it (one call more); later steps make
-    exactly their calls."""
+def test_sampling_with_cuda_graphs_gives_the_eager_images(monkeypatch):
+    """With the CPU stand-in for CUDA graphs, graph="solver" (--graph solver): the same images as without graphs
+    and exactly the planned calls, the solver's graphs captured once (Picard: a period of two positions) and
+    replayed by every later step; plans whose calls change per step (a high-noise schedule with more distinct
+    counts than sessions kept, the adaptive schedule) run too, with the eager images. The release's plain
+    iteration, broyden and a DiT are refused in one line each."""
     from fixedpoint import _graphs
     from fixedpoint.testing import EagerGraphs
 
@@ -262,31 +279,52 @@ def test_sampling_with_cuda_graphs_gives_the_eager_images(monkeypatch, graph):
     release = _fpdm()  # the release's plain iteration (last iterate): the graphs replay picard's best one
     plan = plan_compute(release.config, steps=5, iters=5)
     with pytest.raises(SampleError, match="replays fixedpoint's picard, whose output is its best iterate"):
-        _run(release, plan, graph=graph)
-    _run(release, plan, graph=graph, solver="anderson")  # anderson is the same solver either way
+        _run(release, plan, graph="solver")
+    _run(release, plan, graph="solver", solver="anderson")  # anderson is the same solver either way
     graphs.captures = 0
+    _graphs.clear_graph_cache()
     model = _fpdm(eval_iterate="best")  # plain iteration as checkpoints before the release's default
     eager, eager_stats = _run(model, plan, guidance=2.0)
-    images, stats = _run(model, plan, guidance=2.0, graph=graph)
+    images, stats = _run(model, plan, guidance=2.0, graph="solver")
     torch.testing.assert_close(images, eager, rtol=1e-5, atol=1e-6)
     assert eager_stats.calls_per_step == [5.0] * 5
-    if graph is True:
-        assert graphs.captures == 1 and stats.calls_per_step == [6.0] + [5.0] * 4
-    else:
-        assert graphs.captures == 2 and stats.calls_per_step == [5.0] * 5  # f eager: a period of 2 positions
-    with pytest.raises(SampleError, match=f"graph={graph!r} \\(--graph\\) works with the picard and anderson"):
-        _run(model, plan, graph=graph, solver="broyden")
+    assert graphs.captures == 2 and stats.calls_per_step == [5.0] * 5  # f eager: a period of 2 positions
+    with pytest.raises(SampleError, match="graph='solver' \\(--graph\\) works with the picard and anderson"):
+        _run(model, plan, graph="solver", solver="broyden")
     varied = plan_compute(model.config, steps=12, budget=12 * 2 + 60, schedule="high-noise")
-    assert len(set(varied.calls)) > 4
-    if graph is True:
-        low, high, n = min(varied.calls), max(varied.calls), len(set(varied.calls))
-        with pytest.raises(SampleError, match=rf"at most 4, and this high-noise plan has {n} \({low}\.\.{high}\)"):
-            _run(model, varied, graph=True)
     adaptive = plan_compute(model.config, steps=3, budget=30, schedule="adaptive", tol=1e-3)
-    with pytest.raises(SampleError, match="capture anew at every step of an adaptive plan"):
-        _run(model, adaptive, graph=True)
-    with pytest.raises(SampleError, match="graph must be False, True or 'solver', got 1"):
-        _run(model, plan, graph=1)
+    assert len(set(varied.calls)) > _graphs.GRAPH_CACHE_SIZE
+    for other in (varied, adaptive):
+        eager, eager_stats = _run(model, other)
+        images, stats = _run(model, other, graph="solver")
+        torch.testing.assert_close(images, eager, rtol=1e-5, atol=1e-6)
+        assert stats.calls_per_step == eager_stats.calls_per_step
     dit = create_model("DiT-T/2", input_size=8, in_channels=1, num_classes=10).eval()
     with pytest.raises(SampleError, match="applies to FPDM; a DiT has no fixed-point layer"):
-        _run(dit, plan_compute(dit.config, steps=3), graph=graph)
+        _run(dit, plan_compute(dit.config, steps=3), graph="solver")
+
+
+@pytest.mark.parametrize("runs", ["generate", "check_graph"])
+def test_graph_true_and_other_modes_are_sample_errors(runs):
+    """graph=True (--graph on) was removed with fixedpoint's graph=True: a SampleError naming graph='solver' and
+    torch.compile, before any sampling (never fixedpoint's own error mid-run, nor an eager run); any other value
+    but False and "solver" (1 == True, "on") is a SampleError naming the two."""
+    model = _fpdm(eval_iterate="best")
+    plan = plan_compute(model.config, steps=2, iters=3)
+
+    def run(graph):
+        if runs == "check_graph":
+            check_graph(graph, "picard", plan, model.config)
+        else:
+            _run(model, plan, graph=graph)
+
+    removed = (
+        r"graph=True \(--graph on\) was removed with fixedpoint's graph=True: use graph='solver' \(--graph solver\)"
+    )
+    with pytest.raises(SampleError, match=removed + ", and torch.compile for the block"):
+        run(True)
+    for value in (1, "on", "True"):
+        with pytest.raises(SampleError, match=f"^graph must be False or 'solver', got {value!r}$"):
+            run(value)
+    run(False)
+    check_graph("solver", "anderson", plan, model.config)  # allowed (CUDA is checked by the command)

@@ -182,3 +182,29 @@ def test_status_enum_codes():
     sol = fixedpoint.picard(f, torch.zeros_like(b), max_iter=2)
     assert sol.statuses() == [Status.MAX_ITER, Status.MAX_ITER]
     assert not sol.converged.any() and sol.nsteps.tolist() == [2, 2]
+
+
+def test_solvers_compose_with_a_compiled_map():
+    """graph=True's replacement: f compiled with torch.compile (inductor, here on a CPU) inside any solver.
+    Bugs: the loop calling f in a way that makes dynamo recompile at every solve (a changing Python scalar, a
+    new view, a new grad mode per call), hitting the recompile limit over a training run; or the compiled f
+    giving other iterates than the eager one."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(8, 8, generator=gen)
+    w *= 0.8 / torch.linalg.matrix_norm(w, ord=2)
+    cell = lambda z, x: torch.tanh(z @ w.T + x)  # noqa: E731
+    compiled = torch.compile(cell)
+    before = torch._dynamo.utils.counters["stats"]["unique_graphs"]  # a process-wide count: other tests compile too
+    graphs = []
+    for step in range(50):
+        x = torch.randn(4, 8, generator=gen)
+        solver = (fixedpoint.picard, fixedpoint.anderson)[step % 2]
+        fast = solver(compiled, torch.zeros(4, 8), args=(x,), tol=1e-6, max_iter=60)
+        eager = solver(cell, torch.zeros(4, 8), args=(x,), tol=1e-6, max_iter=60)
+        assert fast.converged.all() and fast.nsteps.tolist() == eager.nsteps.tolist()
+        torch.testing.assert_close(fast.x, eager.x, rtol=1e-5, atol=1e-6)
+        graphs.append(torch._dynamo.utils.counters["stats"]["unique_graphs"] - before)
+    assert graphs[-1] == graphs[1] <= 2  # compiled once (at most once per grad mode); 48 more solves replay

@@ -13,7 +13,7 @@ from ._backward import (
 from ._common import Status
 from ._module import FixedPoint
 from ._newton import newton
-from ._solve import Solution, clear_graph_cache
+from ._solve import Solution, Solver, clear_graph_cache, solve
 from ._solvers import anderson, broyden, picard
 
 __all__ = [
@@ -21,6 +21,7 @@ __all__ = [
     "FixedPoint",
     "GradInfo",
     "Solution",
+    "Solver",
     "Status",
     "anderson",
     "broyden",
@@ -31,6 +32,7 @@ __all__ = [
     "newton",
     "phantom",
     "picard",
+    "solve",
     "stochastic_jfb",
     "unrolled",
 ]

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from ._common import check_int, check_interval, check_memory, row_norms, stat_dtype
-from ._solve import Solution, solve
+from ._solve import Solution, Solver, solve
 from ._solvers import Map, _common_doc
 
 __all__ = ["newton", "gmres"]
@@ -128,7 +128,9 @@ class _NewtonState:
 
 
 @dataclass(frozen=True)
-class Newton:
+class Newton(Solver):
+    """Inexact Newton-Krylov on g(x) = f(x) - x: batched GMRES directions (its step calls f for JVPs)."""
+
     krylov_dim: int = 20
     max_restarts: int = 1
     eta_max: float = 0.9
@@ -144,7 +146,7 @@ class Newton:
         fresh = torch.ones(batch, dtype=torch.bool, device=x.device)
         return _NewtonState(x, g, gnorm, torch.zeros_like(x), ones, ones * 0.5, fresh)
 
-    def step(self, fn, state, active):
+    def step(self, fn, state, active, frozen):
         need = active & state.fresh
         if bool(need.any()):
             jv = (_jvp_forward if self.jvp == "forward" else _jvp_reverse)(fn, state.x)

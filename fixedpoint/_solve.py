@@ -1,39 +1,29 @@
-"""The one iteration loop shared by every solver.
+"""The one iteration loop shared by every solver, and the contract a solver implements (:class:`Solver`).
 
-A solver is a small object with three methods (optimistix style):
+A solver is a small object (optimistix style) that implements three methods and inherits the
+defaults of every other hook from :class:`Solver`; the loop calls exactly these, with no probing:
 
 - ``init(x, fx, g, gnorm) -> state``: a state from the first evaluated pair;
-- ``step(fn, state, active) -> (x_next, state)``: the next iterate to evaluate
-  (it may call ``fn`` itself, e.g. for Jacobian-vector products). A solver
-  with ``freezes = True`` also takes ``frozen`` (the iterate stopped samples
-  must keep, or None when every sample is active) and applies it itself, in
-  the same pass as its step (Anderson's fused mixing kernel);
-- ``update(state, x, fx, g, gnorm) -> state``: absorb the evaluated pair.
+- ``step(fn, state, active, frozen) -> (x_next, state)``: the next iterate to evaluate (it may call
+  ``fn`` itself, e.g. for Jacobian-vector products); ``frozen`` is the iterate stopped samples keep
+  (None when every sample is active): a solver with ``freezes = True`` writes it in its own step
+  (Anderson's fused mixing kernel), otherwise the loop does;
+- ``update(state, x, fx, g, gnorm) -> state``: absorb the evaluated pair;
+- ``residual(state, x, fx) -> (g, ||g||^2, ||f(x)||^2, state)``: the residual pass (default: the
+  ``residual`` kernel into a new g; Picard never reads g, Anderson writes g into its history);
+- ``reinit(state, x, fx, g, gnorm) -> state``: ``init`` into an existing state's tensors, for a kept
+  graph session (default: ``init``);
+- ``period``: the iterations after which the Python-side state repeats (None: no graph="solver");
+- ``kernels``: the kernel module (None: the loop's choice for the data).
 
-Optionally ``residual(state, x, fx) -> (g, ||g||^2, ||f(x)||^2, state)`` is the
-solver's own residual pass: Picard never reads g (None: not written), Anderson
-writes g straight into its history with f(x) and the new Gram row in the same
-pass. Without it the loop runs the ``residual`` kernel into a new g.
-
-Optionally ``reinit(state, x, fx, g, gnorm) -> state`` is ``init`` into the tensors
-of an existing state: a later solve on a kept graph session's buffers starts in
-them (Anderson: no second history), where ``init`` would allocate and the loop copy.
-
-A solver with a ``period`` (the iterations after which its Python-side state,
-e.g. Anderson's ring slot, repeats) and no host syncs can run with
-``graph="solver"``: f runs eagerly and the rest of each iteration is replayed
-from CUDA graphs kept for later solves (its step must not call ``fn``); that
-mode lives in ``_graphs`` (one call from the loop). To capture f itself,
-compile it: ``step = torch.compile(f, mode="reduce-overhead")`` and solve
-``lambda z: step(z).clone()`` (CUDA graph trees overwrite an output at the next
-call; the loop keeps earlier outputs).
-
-The loop in :func:`solve` owns everything else: evaluating ``f``, residuals in
-the stopping measure, per-sample stopping and freezing, the best iterate per
-sample, the non-finite check, the trace, the status and the :class:`Solution`
-(through the ``residual``, ``bookkeep`` and ``best_update`` kernels, or their
-PyTorch twins). The best pair is copied lazily: only when a sample stops or
-its residual rises, never while it keeps falling.
+The loop in :func:`solve` owns everything else: evaluating ``f``, residuals in the stopping measure,
+per-sample stopping and freezing, the best iterate per sample, the non-finite check, the trace, the
+status and the :class:`Solution` (through the ``residual``, ``bookkeep`` and ``best_update`` kernels, or
+their PyTorch twins). The best pair is copied lazily: only when a sample stops or its residual rises,
+never while it keeps falling. ``graph="solver"`` (f eagerly, the rest of each iteration replayed from
+CUDA graphs) lives in ``_graphs`` behind one call. To capture f itself, compile it: ``step =
+torch.compile(f, mode="reduce-overhead")`` and solve ``lambda z: step(z).clone()`` (CUDA graph trees
+overwrite an output at the next call; the loop keeps earlier outputs).
 All tensors inside the loop are flattened to ``(B, D)``.
 """
 
@@ -44,7 +34,8 @@ from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Protocol
+from types import ModuleType
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -96,14 +87,38 @@ class Solution:
         )
 
 
-class Solver(Protocol):
-    """The three methods the loop calls; see the module docstring."""
+class Solver:
+    """What the loop calls. Implement ``init``, ``step`` and ``update``; the other hooks have these defaults.
+    Tensors are flat, (B, D); norms (B,) in fp32 (fp64 for fp64 data)."""
 
-    def init(self, x: Tensor, fx: Tensor, g: Tensor, gnorm: Tensor) -> Any: ...
+    freezes: ClassVar[bool] = False  # True: step writes ``frozen`` into stopped samples itself
+    period: ClassVar[int | None] = None  # Python-side state repeats after this many iterations (graph="solver")
+    kernels: ModuleType | None = None  # None: fixedpoint.kernels.default_for the data
 
-    def step(self, fn: Callable[[Tensor], Tensor], state: Any, active: Tensor) -> tuple[Tensor, Any]: ...
+    def init(self, x: Tensor, fx: Tensor, g: Tensor, gnorm: Tensor) -> Any:
+        """A state from the start x, f(x), g = f(x) - x and ||g||."""
+        raise NotImplementedError
 
-    def update(self, state: Any, x: Tensor, fx: Tensor, g: Tensor, gnorm: Tensor) -> Any: ...
+    def step(
+        self, fn: Callable[[Tensor], Tensor], state: Any, active: Tensor, frozen: Tensor | None
+    ) -> tuple[Tensor, Any]:
+        """The next iterate to evaluate, and the state. ``active`` (B,) bool: samples still iterating;
+        ``frozen``: what stopped samples keep (None: all active), applied by the loop unless ``freezes``."""
+        raise NotImplementedError
+
+    def update(self, state: Any, x: Tensor, fx: Tensor, g: Tensor | None, gnorm: Tensor) -> Any:
+        """Absorb the evaluated pair (x, f(x)) with its residual g (None if ``residual`` wrote none)."""
+        raise NotImplementedError
+
+    def residual(self, state: Any, x: Tensor, fx: Tensor) -> tuple[Tensor | None, Tensor, Tensor, Any]:
+        """g = f(x) - x, ||g||^2 and ||f(x)||^2: one pass of the ``residual`` kernel into a new g."""
+        g = torch.empty_like(x)
+        gsq, fsq = (self.kernels or kernel_modules.default_for(x)).residual(x, fx, g)
+        return g, gsq, fsq, state
+
+    def reinit(self, state: Any, x: Tensor, fx: Tensor, g: Tensor, gnorm: Tensor) -> Any:
+        """``init`` into the tensors of ``state`` (a kept graph session's); by default a new ``init``."""
+        return self.init(x, fx, g, gnorm)
 
 
 def _data_ptr(t: Tensor) -> int | None:
@@ -198,15 +213,18 @@ def solve(
     x0: Tensor,
     *,
     args: tuple | None = None,
-    tol: float,
-    max_iter: int,
-    stop: str,
-    divergence: float | None,
+    tol: float = 1e-4,
+    max_iter: int = 50,
+    stop: str = "rel",
+    divergence: float | None = 1e6,
     check_every: int = 1,
     graph: bool | str = False,
-    kernels=None,
 ) -> Solution:
-    """Run ``solver`` on z = f(z, *args) from ``x0`` (B, ...) and return the :class:`Solution`."""
+    """Run ``solver`` (a :class:`Solver`) on z = f(z, *args) from ``x0`` (B, ...) and return the
+    :class:`Solution`. The options are the solvers' (``picard``'s docstring); this is how a new solver
+    runs on the shared loop (docs/solvers.md, "Writing a solver")."""
+    if not isinstance(solver, Solver):
+        raise TypeError(f"solver must be a fixedpoint Solver (a subclass), got {type(solver).__name__}")
     if not callable(f):
         raise TypeError(f"f must be callable, got {type(f).__name__}")
     if args is not None and not isinstance(args, tuple):
@@ -241,10 +259,10 @@ def solve(
         raise ValueError(f"graph must be False or 'solver', got {graph!r}")
     if graph and not _graphs.GRAPHS.supports(x0):
         raise ValueError(f"graph={graph!r} captures a CUDA graph and needs CUDA tensors, got x0 on {x0.device}")
-    if graph and not hasattr(solver, "period"):
+    if graph and solver.period is None:
         raise ValueError(f"graph={graph!r} is not supported by {type(solver).__name__} (it syncs with the host)")
 
-    kernels = kernels or kernel_modules.default_for(x0)
+    kernels = solver.kernels or kernel_modules.default_for(x0)
     if graph and kernels is kernel_modules.host:  # its NumPy views are host work: graphs capture the twins
         kernels = kernel_modules.reference
     f_autocast = autocast_dtype(x0.device.type)  # f runs under it; norms, Gram matrices, small solves never do
@@ -327,8 +345,6 @@ class _Loop:
         self.solver, self.fn, self.kernels = solver, fn, kernels
         self.tol, self.max_iter, self.relative, self.divergence = tol, max_iter, relative, divergence
         self.check_every, self.graph = check_every, graph
-        self.freezes = getattr(solver, "freezes", False)  # the solver's step applies `frozen` itself
-        self.own_residual = getattr(solver, "residual", None)  # the solver's own residual pass
         self.gnorm0, self.status, self.best_res, self.pending, self.nsteps, self.trace, self.done = (
             buffers[name] for name in ("gnorm0", "status", "best_res", "pending", "nsteps", "trace", "done")
         )
@@ -362,9 +378,8 @@ class _Loop:
         self.best_x.copy_(x)  # the start, also for samples that never improve on it
         self.best_fx.copy_(fx)
         self.prev_x, self.prev_fx = x, fx
-        reinit = getattr(self.solver, "reinit", None)
-        if reuse is not None and reinit is not None:
-            self.state = reinit(reuse, x, fx, g, gnorm)
+        if reuse is not None:
+            self.state = self.solver.reinit(reuse, x, fx, g, gnorm)
         else:
             self.state = self.solver.init(x, fx, g, gnorm)
         return int(counts[0])
@@ -373,11 +388,11 @@ class _Loop:
         """The solver's next iterate (B, D) to evaluate; stopped samples sit at their best iterate
         (f always sees the whole batch). ``step_map``: the f a solver's step may call (default f)."""
         step_map = self.fn if step_map is None else step_map
-        if self.freezes:
-            x, self.state = self.solver.step(step_map, self.state, self.active, None if all_active else self.best_x)
+        frozen = None if all_active else self.best_x
+        x, self.state = self.solver.step(step_map, self.state, self.active, frozen)
+        if frozen is None or self.solver.freezes:
             return x
-        x_next, self.state = self.solver.step(step_map, self.state, self.active)
-        return x_next if all_active else torch.where(self.active[:, None], x_next, self.best_x)
+        return torch.where(self.active[:, None], x, frozen)
 
     def absorb(self, x: Tensor, fx: Tensor, n: int | None, sync: bool) -> tuple[int | None, Tensor]:
         """Everything after evaluating (x, f(x)): residuals, per-sample accounting, the lazy best copy and
@@ -386,11 +401,7 @@ class _Loop:
         ``sync``: one host sync for the counts of active samples (returned) and of best pairs to copy
         (no launch when there are none: while every residual falls). Also returns the counts (2,).
         """
-        if self.own_residual is not None:  # (B, D) or None, (B,), (B,): one pass over (x, f(x)), the solver's
-            g, gsq, fsq, self.state = self.own_residual(self.state, x, fx)
-        else:
-            g = torch.empty_like(x)
-            gsq, fsq = self.kernels.residual(x, fx, g)
+        g, gsq, fsq, self.state = self.solver.residual(self.state, x, fx)  # (B, D) or None, (B,), (B,): one pass
         # status, best residual, step counts, the trace row and what to copy as best, in one go
         gnorm, self.active, take, counts = self.kernels.bookkeep(
             gsq, fsq, self.gnorm0, self.status, self.active, self.best_res, self.pending, self.nsteps, self.trace,

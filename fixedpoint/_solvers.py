@@ -16,7 +16,7 @@ from torch import Tensor
 
 from . import kernels as kernel_modules
 from ._common import check_int, check_interval, check_memory, check_positive, stat_dtype
-from ._solve import Solution, solve
+from ._solve import Solution, Solver, solve
 
 __all__ = ["picard", "anderson", "broyden"]
 
@@ -84,7 +84,9 @@ class _PicardState:
 
 
 @dataclass(frozen=True)
-class Picard:
+class Picard(Solver):
+    """x <- x + beta (f(x) - x), in one fused step that also keeps stopped samples (``freezes``)."""
+
     beta: float = 1.0
     kernels: ModuleType = kernel_modules.reference  # the fused damped step
     freezes = True  # the step kernel keeps stopped samples in the same pass
@@ -96,7 +98,7 @@ class Picard:
     def residual(self, state, x, fx):
         return (None, *self.kernels.residual(x, fx, None), state)  # g is never read: not written
 
-    def step(self, fn, state, active, frozen=None):
+    def step(self, fn, state, active, frozen):
         return self.kernels.picard_step(state.x, state.fx, self.beta, frozen, active), state
 
     def update(self, state, x, fx, g, gnorm):
@@ -129,7 +131,7 @@ def picard(
     beta = check_interval("beta", beta, 0.0, 2.0)
     kern = _kernels(impl, x0)
     return solve(Picard(beta, kernels=kern), f, x0, args=args, tol=tol, max_iter=max_iter, stop=stop,
-                 divergence=divergence, check_every=check_every, graph=graph, kernels=kern)  # fmt: skip
+                 divergence=divergence, check_every=check_every, graph=graph)  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- Anderson
@@ -150,7 +152,9 @@ class _AndersonState:
 
 
 @dataclass(frozen=True)
-class Anderson:
+class Anderson(Solver):
+    """Type-II Anderson mixing over a ring of m pairs; its own residual pass writes into the history."""
+
     m: int = 5
     beta: float = 1.0
     ridge: float = 1e-6
@@ -213,7 +217,7 @@ class Anderson:
         gsq, fsq, row = self.kernels.anderson_residual_write(state.F, state.G, slot, x, fx)
         return state.G[:, slot], gsq, fsq, replace(state, row=row)
 
-    def step(self, fn, state, active, frozen=None):
+    def step(self, fn, state, active, frozen):
         # x = sum_i alpha_i (x_i + beta g_i) = sum_i alpha_i f(x_i) + (beta - 1) sum_i alpha_i g_i
         return self.kernels.anderson_mix(state.F, state.G, state.alpha, self.beta, frozen, active), state
 
@@ -271,7 +275,7 @@ def anderson(
         m=m, beta=beta, ridge=ridge, max_coeff=max_coeff, growth=growth, kernels=kern, graph_safe=bool(graph)
     )
     return solve(solver, f, x0, args=args, tol=tol, max_iter=max_iter, stop=stop, divergence=divergence,
-                 check_every=check_every, graph=graph, kernels=kern)  # fmt: skip
+                 check_every=check_every, graph=graph)  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- Broyden
@@ -326,7 +330,9 @@ def _reduce_rank(U: Tensor, V: Tensor, alive: Tensor, rank: int) -> None:
 
 
 @dataclass(frozen=True)
-class Broyden:
+class Broyden(Solver):
+    """Limited-memory good Broyden on g(x) = f(x) - x; the next iterate comes out of the update."""
+
     m: int = 20
     growth: float = 1e2
     kernels: ModuleType = kernel_modules.reference  # the two applies of an update in two fused passes
@@ -349,7 +355,7 @@ class Broyden:
         coeff = torch.bmm(first[:, :n], y.unsqueeze(2)).squeeze(2) * state.alive[:, :n]  # (B, n)
         return torch.baddbmm(-y.unsqueeze(1), coeff.unsqueeze(1), second[:, :n]).squeeze(1)
 
-    def step(self, fn, state, active):
+    def step(self, fn, state, active, frozen):
         return state.next_x, state  # written by the update's last pass
 
     def update(self, state, x, fx, g, gnorm):
@@ -407,4 +413,4 @@ def broyden(
     growth = check_positive("growth", growth)
     kern = _kernels(impl, x0)
     return solve(Broyden(m=m, growth=growth, kernels=kern), f, x0, args=args, tol=tol, max_iter=max_iter,
-                 stop=stop, divergence=divergence, check_every=check_every, kernels=kern)  # fmt: skip
+                 stop=stop, divergence=divergence, check_every=check_every)  # fmt: skip

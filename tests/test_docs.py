@@ -22,8 +22,10 @@ iteration table of docs/solvers.md against the solvers.
 from __future__ import annotations
 
 import re
+import sys
 import textwrap
 import traceback
+import types
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -129,10 +131,17 @@ SETUP: dict[str, Callable[[], None]] = {"docs/sampling.md": _quickstart_run}  # 
 CHECKS: dict[str, Callable[[dict], None]] = {"README.md": _readme_numbers}  # after the file's last block
 
 
+def _docs_module() -> types.ModuleType:
+    """A module for one file's blocks, registered in sys.modules: what a dataclass defined in a block looks up."""
+    module = types.ModuleType(f"__docs_{len(_STATES)}__")
+    sys.modules[module.__name__] = module
+    return module
+
+
 @dataclass
 class _FileState:
     folder: Path
-    namespace: dict = field(default_factory=lambda: {"__name__": "__docs__"})
+    namespace: dict = field(default_factory=lambda: _docs_module().__dict__)
     ran: set[int] = field(default_factory=set)
     failed: str | None = None  # the first block of the file that failed
     set_up: bool = False

@@ -208,3 +208,46 @@ def test_solvers_compose_with_a_compiled_map():
         torch.testing.assert_close(fast.x, eager.x, rtol=1e-5, atol=1e-6)
         graphs.append(torch._dynamo.utils.counters["stats"]["unique_graphs"] - before)
     assert graphs[-1] == graphs[1] <= 2  # compiled once (at most once per grad mode); 48 more solves replay
+
+
+def test_the_solver_contract_is_explicit(monkeypatch):
+    """Bugs: the loop probing for hooks again (a duck-typed object running with whatever it happens to have, e.g.
+    a step without ``frozen``), or a solver without a period admitted to graph="solver". A minimal subclass with
+    only init/step/update runs with the base class's residual pass and the loop's freezing."""
+    from dataclasses import dataclass
+
+    class Duck:
+        def init(self, x, fx, g, gnorm):
+            return x
+
+        def step(self, fn, state, active):
+            return state, state
+
+        def update(self, state, x, fx, g, gnorm):
+            return fx
+
+    f = lambda z: 0.5 * z + 1.0  # noqa: E731
+    with pytest.raises(TypeError, match="solver must be a fixedpoint Solver \\(a subclass\\), got Duck"):
+        fixedpoint.solve(Duck(), f, torch.zeros(2, 3))
+
+    @dataclass(frozen=True)
+    class Plain(fixedpoint.Solver):  # x <- f(x): everything else is the base class's and the loop's
+        def init(self, x, fx, g, gnorm):
+            return fx
+
+        def step(self, fn, state, active, frozen):
+            return state, state
+
+        def update(self, state, x, fx, g, gnorm):
+            return fx
+
+    sol = fixedpoint.solve(Plain(), f, torch.zeros(2, 3), tol=1e-10, max_iter=60)
+    reference = fixedpoint.picard(f, torch.zeros(2, 3), tol=1e-10, max_iter=60)
+    torch.testing.assert_close(sol.x, reference.x, rtol=0, atol=0)
+    assert sol.nsteps.tolist() == reference.nsteps.tolist() and sol.converged.all()
+    from fixedpoint import _graphs
+    from fixedpoint.testing import EagerGraphs
+
+    monkeypatch.setattr(_graphs, "GRAPHS", EagerGraphs())  # graphs on a CPU: the stand-in
+    with pytest.raises(ValueError, match="graph='solver' is not supported by Plain"):
+        fixedpoint.solve(Plain(), f, torch.zeros(2, 3), graph="solver")

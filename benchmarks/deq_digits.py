@@ -562,15 +562,21 @@ def main(argv: Sequence[str] | None = None) -> None:
         range(args.seeds), args.epochs, configs=configs, width=args.width, batch=args.batch, lr=args.lr,
         json_path=args.json or None,
     )  # fmt: skip
+    s = report["settings"]
+    print_report(report, f"digits DEQ, width {s['width']}", args.json)
+
+
+def print_report(report: dict, task: str, json_path: str | None) -> None:
+    """The defaults compared, a heading with the settings, the table, and where the JSON went."""
     print(json.dumps(report["defaults"], indent=1))
     s = report["settings"]
     print(
-        f"\ndigits DEQ, width {s['width']}, batch {s['batch']}, Adam lr {s['lr']:g}, {s['epochs']} epochs, "
-        f"seeds {s['seeds']}, {s['threads']} threads (acc/time: mean over seeds, min acc; s/epoch: median epoch)"
+        f"\n{task}, batch {s['batch']}, Adam lr {s['lr']:g}, {s['epochs']} epochs, seeds {s['seeds']}, "
+        f"{s['threads']} threads (acc/time: mean over seeds, min acc; s/epoch: median epoch)"
     )
     print(format_table(report["summary"]))
-    if args.json:
-        print(f"\nresults: {args.json}")
+    if json_path:
+        print(f"\nresults: {json_path}")
 
 
 if __name__ == "__main__":

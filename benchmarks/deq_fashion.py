@@ -22,13 +22,12 @@ from __future__ import annotations
 
 import argparse
 import gzip
-import json
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
-from deq_digits import candidates, configurations, format_table, run
+from deq_digits import candidates, configurations, print_report, run
 from torch import Tensor, nn
 
 DATA = Path("/usr/share/datasets/fashion-mnist")
@@ -130,15 +129,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         range(args.seeds), args.epochs, configs=configs, batch=args.batch, lr=args.lr, json_path=args.json or None,
         task="fashion-mnist conv", data=data, make_model=ConvDEQClassifier,
     )  # fmt: skip
-    print(json.dumps(report["defaults"], indent=1))
     s = report["settings"]
-    print(
-        f"\nFashion-MNIST conv DEQ ({s['train']} train / {s['test']} test images), batch {s['batch']}, Adam lr "
-        f"{s['lr']:g}, {s['epochs']} epochs, seeds {s['seeds']}, {s['threads']} threads"
-    )
-    print(format_table(report["summary"]))
-    if args.json:
-        print(f"\nresults: {args.json}")
+    print_report(report, f"Fashion-MNIST conv DEQ ({s['train']} train / {s['test']} test images)", args.json)
 
 
 if __name__ == "__main__":

@@ -374,16 +374,6 @@ def _assert_same_solve(sol, reference):
     torch.testing.assert_close(sol.trace, reference.trace, rtol=1e-4, atol=1e-9, equal_nan=True)
 
 
-def _assert_same_solve(sol, reference):
-    """The same iterations; values to rounding (a graph's Anderson solves its small systems by plain tensor
-    ops, not LAPACK: on the sample without a fixed point the two drift apart by ~3e-5 in 40 iterations)."""
-    assert sol.nfev == reference.nfev
-    assert sol.nsteps.tolist() == reference.nsteps.tolist() and sol.status.tolist() == reference.status.tolist()
-    torch.testing.assert_close(sol.x, reference.x, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(sol.fx, reference.fx, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(sol.trace, reference.trace, rtol=1e-4, atol=1e-9, equal_nan=True)
-
-
 @pytest.fixture(params=STAND_INS, ids=lambda cls: cls.__name__)
 def kept_graphs(monkeypatch, request):
     """Each stand-in for CUDA graphs in turn, with an empty cache of graph="solver" sessions."""

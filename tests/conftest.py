@@ -19,3 +19,23 @@ def _no_kept_graphs():
     clear_graph_cache()
     yield
     clear_graph_cache()
+
+
+@pytest.fixture
+def cli(capfd):
+    """A command run in-process through its entry point, ``cli("fpdm.sample", argv) -> (exit code, stdout,
+    stderr)``: the code path of ``python -m fpdm.sample`` (its ``cli(argv)``, argparse's exits included), without
+    an interpreter start per call. For checks of what a command refuses and says; runs that need a process of
+    their own (killed, distributed, environment variables) use subprocess."""
+    import importlib
+
+    def run(module: str, argv) -> tuple[int, str, str]:
+        entry = importlib.import_module(module).cli
+        try:
+            code = entry([str(a) for a in argv])
+        except SystemExit as stop:  # argparse: a bad flag, --help
+            code = stop.code
+        captured = capfd.readouterr()  # file descriptors: a command's own subprocesses (study's runs) too
+        return code, captured.out, captured.err
+
+    return run

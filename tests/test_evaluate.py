@@ -122,7 +122,7 @@ def test_budget_sweep_command(tmp_path, cache_dir, digits_reference):
     assert (out / "quality_vs_compute.png").is_file() and any((out / "grids").iterdir())
 
 
-def test_score_existing_samples_and_bad_input(tmp_path, cache_dir, digits_reference):
+def test_score_existing_samples_and_bad_input(tmp_path, cache_dir, digits_reference, cli):
     ckpt = _checkpoint(tmp_path, "DiT-T/2")
     subprocess.run([sys.executable, "-m", "fpdm.sample", "--ckpt", ckpt, "--num-samples", "20", "--steps", "3",
                     "--out", str(tmp_path / "s"), "--quiet"], check=True, capture_output=True, timeout=120)  # fmt: skip
@@ -162,9 +162,9 @@ def test_score_existing_samples_and_bad_input(tmp_path, cache_dir, digits_refere
         ),
         (["--ckpt", ckpt, "--seed", "-1"], "--seed: expected an integer in [0, 2^32)"),
     ):
-        bad = subprocess.run([*base, *args], capture_output=True, text=True, timeout=300)
-        assert bad.returncode == 2 and "Traceback" not in bad.stderr, bad.stderr
-        assert len(bad.stderr.strip().splitlines()) == 1 and match in bad.stderr
+        code, _, err = cli("fpdm.evaluate", [*base[3:], *args])
+        assert code == 2 and "Traceback" not in err, err
+        assert len(err.strip().splitlines()) == 1 and match in err
 
 
 def test_a_sweep_reads_each_checkpoint_once(tmp_path, cache_dir, digits_reference, monkeypatch):

@@ -193,40 +193,35 @@ def test_sample_command_writes_grid_npz_and_stats(tmp_path, trained):
         ),
     ],
 )
-def test_sample_command_bad_input(tmp_path, trained, args, match):
-    ckpt = trained
-    cmd = [sys.executable, "-m", "fpdm.sample", "--ckpt", str(ckpt), "--out", str(tmp_path / "s"), "--quiet", *args]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert result.stderr.strip().splitlines() == [f"error: {result.stderr.strip()[7:]}"] and match in result.stderr
+def test_sample_command_bad_input(tmp_path, trained, args, match, cli):
+    code, _, err = cli("fpdm.sample", ["--ckpt", trained, "--out", tmp_path / "s", "--quiet", *args])
+    assert code == 2 and "Traceback" not in err
+    assert err.strip().splitlines() == [f"error: {err.strip()[7:]}"] and match in err
 
 
-def test_sample_command_refuses_the_removed_graph_on(tmp_path, trained):
+def test_sample_command_refuses_the_removed_graph_on(tmp_path, trained, cli):
     """--graph on (the block captured with the loop) was removed with fixedpoint's graph=True: argparse's one-line
     invalid-choice error naming the choices left, exit 2, before any output is made (not a traceback, and never a
     run that samples eagerly or in another mode)."""
-    cmd = [sys.executable, "-m", "fpdm.sample", "--ckpt", str(trained), "--out", str(tmp_path / "s"), "--quiet",
-           "--graph", "on"]  # fmt: skip
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 2 and "Traceback" not in result.stderr
-    (line,) = result.stderr.strip().splitlines()
+    code, _, err = cli("fpdm.sample", ["--ckpt", trained, "--out", tmp_path / "s", "--quiet", "--graph", "on"])
+    assert code == 2 and "Traceback" not in err
+    (line,) = err.strip().splitlines()
     assert re.search(r"error: argument --graph: invalid choice: 'on' \(choose from '?off'?, '?solver'?\)", line), line
     assert not (tmp_path / "s").exists()
 
 
-def test_sample_command_rejects_a_mismatched_checkpoint(tmp_path, trained):
+def test_sample_command_rejects_a_mismatched_checkpoint(tmp_path, trained, cli):
     ckpt = trained
     state = torch.load(ckpt, weights_only=False)
     state["config"]["hidden_size"] = 64  # the weights no longer fit the config
     bad = tmp_path / "bad.pt"
     torch.save(state, bad)
-    cmd = [sys.executable, "-m", "fpdm.sample", "--ckpt", str(bad), "--out", str(tmp_path / "s"), "--quiet"]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 2 and "do not match its model config" in result.stderr
-    assert len(result.stderr.strip().splitlines()) == 1
+    code, _, err = cli("fpdm.sample", ["--ckpt", bad, "--out", tmp_path / "s", "--quiet"])
+    assert code == 2 and "do not match its model config" in err
+    assert len(err.strip().splitlines()) == 1
 
 
-def test_sample_command_uses_the_checkpoints_diffusion_timesteps(tmp_path, monkeypatch):
+def test_sample_command_uses_the_checkpoints_diffusion_timesteps(tmp_path, monkeypatch, cli):
     """A model trained on 100 timesteps is sampled on that schedule (it never saw t >= 100), and more sampling
     steps than timesteps is an error before any sampling."""
     ckpt = _train_checkpoint(tmp_path, "--num-timesteps", "100")
@@ -239,30 +234,28 @@ def test_sample_command_uses_the_checkpoints_diffusion_timesteps(tmp_path, monke
                                              "--num-samples", "4", "--quiet"])  # fmt: skip
     summary = sample.main(args)
     assert created == [100] and summary["num_timesteps"] == 100
-    cmd = [sys.executable, "-m", "fpdm.sample", "--ckpt", str(ckpt), "--out", str(tmp_path / "t"), "--steps", "200"]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 2 and "200 sampling steps > the 100 diffusion timesteps" in result.stderr
+    code, _, err = cli("fpdm.sample", ["--ckpt", ckpt, "--out", tmp_path / "t", "--steps", "200"])
+    assert code == 2 and "200 sampling steps > the 100 diffusion timesteps" in err
     assert not (tmp_path / "t").exists()
 
 
-def test_sample_command_checks_its_output_and_vae_before_sampling(tmp_path, trained):
+def test_sample_command_checks_its_output_and_vae_before_sampling(tmp_path, trained, cli):
     ckpt = trained
     (tmp_path / "afile").write_text("keep me")
-    cmd = [sys.executable, "-m", "fpdm.sample", "--ckpt", str(ckpt), "--quiet", "--steps", "2"]
-    result = subprocess.run([*cmd, "--out", str(tmp_path / "afile")], capture_output=True, text=True, timeout=120)
-    assert result.returncode == 2 and "is a file, not a directory" in result.stderr
+    cmd = ["--ckpt", ckpt, "--quiet", "--steps", "2"]
+    code, _, err = cli("fpdm.sample", [*cmd, "--out", tmp_path / "afile"])
+    assert code == 2 and "is a file, not a directory" in err
     assert (tmp_path / "afile").read_text() == "keep me"
     state = torch.load(ckpt, weights_only=False)
     state["run"]["dataset"] = "latents:/somewhere"  # a latent model: needs --vae to decode
     torch.save(state, tmp_path / "latent.pt")
-    cmd[4] = str(tmp_path / "latent.pt")
-    result = subprocess.run([*cmd, "--out", str(tmp_path / "l")], capture_output=True, text=True, timeout=120)
-    assert result.returncode == 2 and "pass --vae PATH" in result.stderr and not (tmp_path / "l").exists()
-    result = subprocess.run([*cmd, "--out", str(tmp_path / "l"), "--vae", str(tmp_path / "none")],
-                            capture_output=True, text=True, timeout=120)  # fmt: skip
-    assert result.returncode == 2 and "Traceback" not in result.stderr and not (tmp_path / "l").exists()
+    cmd[1] = tmp_path / "latent.pt"
+    code, _, err = cli("fpdm.sample", [*cmd, "--out", tmp_path / "l"])
+    assert code == 2 and "pass --vae PATH" in err and not (tmp_path / "l").exists()
+    code, _, err = cli("fpdm.sample", [*cmd, "--out", tmp_path / "l", "--vae", tmp_path / "none"])
+    assert code == 2 and "Traceback" not in err and not (tmp_path / "l").exists()
     vae_errors = (f"cannot load an AutoencoderKL from {tmp_path / 'none'}", "the VAE needs diffusers")
-    assert any(message in result.stderr for message in vae_errors), result.stderr
+    assert any(message in err for message in vae_errors), err
 
 
 def test_sampling_with_cuda_graphs_gives_the_eager_images(monkeypatch):

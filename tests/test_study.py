@@ -27,13 +27,12 @@ def test_study_command_at_toy_size(tmp_path):
     assert (out / "grids_smallest_budget.png").is_file()
 
 
-def test_study_bad_input_is_one_line(tmp_path):
+def test_study_bad_input_is_one_line(tmp_path, cli):
     """A bad list value, and a training run that refuses its input: one line each (the training command's own,
     not repeated with the command line), exit non-zero."""
-    base = [sys.executable, "-m", "fpdm.study", "--out", str(tmp_path / "study")]
     for args, match in ((["--dit-steps", "a"], "expected comma-separated integers, got 'a'"),
                         (["--dataset", "nope", "--steps", "1"], "unknown dataset 'nope'")):  # fmt: skip
-        result = subprocess.run([*base, *args], capture_output=True, text=True, timeout=120)
-        errors = [line for line in result.stderr.strip().splitlines() if "error" in line]
-        assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
-        assert len(errors) == 1 and match in errors[0], result.stderr
+        code, _, err = cli("fpdm.study", ["--out", tmp_path / "study", *args])
+        errors = [line for line in err.strip().splitlines() if "error" in line]
+        assert code == 2 and "Traceback" not in err, err
+        assert len(errors) == 1 and match in errors[0], err

@@ -18,11 +18,12 @@ from ._solvers import anderson, picard
 SolverFn = Callable[..., Solution]  # solver(f, x0, args=...) -> Solution, e.g. functools.partial(anderson, m=5)
 BackwardFn = Callable[..., Tensor]  # backward(f, z, ...) -> Tensor, e.g. jfb or partial(implicit, tol=1e-6)
 
-# FixedPoint's training defaults, chosen by measurement (benchmarks/deq_digits.py and deq_fashion.py, 3 seeds
-# each, docs/deq.md): plain iteration to a relative 1e-3 within 40 iterations and the JFB gradient trained as
-# well as Anderson at 1e-3/1e-4, phantom gradients or the implicit gradient (the digits tanh DEQ: 0.941 test
-# accuracy against 0.932-0.937; Fashion-MNIST's conv DEQ: 0.826-0.830 for all), in the least time per epoch
-# (1.3-5x less). The solver's own defaults (1e-4, 50 iterations) are for solving, not for training.
+# FixedPoint's training defaults, chosen by measurement (benchmarks/deq_digits.py and deq_fashion.py with
+# --candidates, 3 seeds each; docs/gradients.md): plain iteration to a relative 1e-3 within 40 iterations with
+# the JFB gradient trained as well as the other candidates within the seeds' spread (digits tanh DEQ: 0.941 test
+# accuracy; Anderson variants 0.926-0.937, phantom 0.945 in 8% more time, implicit 0.882-0.932; Fashion-MNIST
+# conv DEQ: 0.826, all candidates 0.813-0.830) in the least time per epoch, on both tasks. The solver's own
+# defaults (1e-4, 50 iterations) are for solving, not for training.
 DEFAULT_SOLVER: SolverFn = partial(picard, tol=1e-3, max_iter=40)
 DEFAULT_BACKWARD: BackwardFn = jfb
 

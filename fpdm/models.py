@@ -389,16 +389,21 @@ class DiT(nn.Module):
         x = x.reshape(x.shape[0], h, w, p, p, c)
         return torch.einsum("nhwpqc->nchpwq", x).reshape(x.shape[0], c, h * p, w * p)
 
-    def body(self, tokens: Tensor, t_emb: Tensor, y_emb: Tensor, z0: Tensor | None) -> Tensor:
+    def body(
+        self, tokens: Tensor, t_emb: Tensor, y_emb: Tensor, z0: Tensor | None, solver: Callable | None = None
+    ) -> Tensor:
         c = t_emb + y_emb
         for block in self.blocks:
             tokens = self.run_block(block, tokens, c)
         return tokens
 
-    def forward(self, x: Tensor, t: Tensor, y: Tensor, *, z0: Tensor | None = None) -> Tensor:
-        """x (N, C, H, W), t (N,), y (N,) -> (N, C_out, H, W). ``z0`` is ignored (FPDM's warm start)."""
+    def forward(
+        self, x: Tensor, t: Tensor, y: Tensor, *, z0: Tensor | None = None, solver: Callable | None = None
+    ) -> Tensor:
+        """x (N, C, H, W), t (N,), y (N,) -> (N, C_out, H, W). ``z0`` and ``solver`` are FPDM's (the
+        fixed-point layer's warm start, and its eval solver for this call); a DiT ignores them."""
         tokens, t_emb, y_emb = self.embed(x, t, y)
-        tokens = self.body(tokens, t_emb, y_emb, z0)
+        tokens = self.body(tokens, t_emb, y_emb, z0, solver)
         return self.unpatchify(self.final_layer(tokens, self.final_condition(t_emb, y_emb)))
 
     def final_condition(self, t_emb: Tensor, y_emb: Tensor) -> Tensor:
@@ -460,7 +465,11 @@ class FPDM(DiT):
             return t_emb + y_emb
         return self.outer_condition(t_emb, y_emb)
 
-    def body(self, tokens: Tensor, t_emb: Tensor, y_emb: Tensor, z0: Tensor | None) -> Tensor:
+    def body(
+        self, tokens: Tensor, t_emb: Tensor, y_emb: Tensor, z0: Tensor | None, solver: Callable | None = None
+    ) -> Tensor:
+        """The blocks: pre, the fixed-point layer (S-JFB in training; in eval ``solver``, default
+        ``self.eval_solver``, from ``z0`` or the pre blocks' tokens), post."""
         c_full = t_emb + y_emb
         c_outer = self.outer_condition(t_emb, y_emb)
         for block in self.blocks_pre:
@@ -477,7 +486,8 @@ class FPDM(DiT):
             state = FixedPointState(z.detach(), info.no_grad_steps + info.grad_steps, None, info)
         else:
             # f and its changing inputs apart (the solver's args)
-            solution = self.eval_solver(self.fixed_point_map, start.detach(), args=(x_inj, c_full))
+            solve = self.eval_solver if solver is None else solver
+            solution = solve(self.fixed_point_map, start.detach(), args=(x_inj, c_full))
             z = solution.fx
             state = FixedPointState(z.detach(), solution.nfev, solution)
         self.last_fixed_point = state

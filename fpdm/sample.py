@@ -180,8 +180,7 @@ class _FixedPointDriver:
         return fixed_iterations(1) if cap <= 1 else partial(self.solver, tol=self.plan.tol, max_iter=cap - 1)
 
     def __call__(self, x: Tensor, t: Tensor, y: Tensor) -> Tensor:
-        self.model.eval_solver = self._solver_for_step()
-        out = self.model(x, t, y, z0=self.z if self.reuse else None)
+        out = self.model(x, t, y, z0=self.z if self.reuse else None, solver=self._solver_for_step())
         state = self.model.last_fixed_point
         self.z = state.z
         self.stats.calls_per_step.append(state.calls)
@@ -232,7 +231,6 @@ def generate(
     from rich.progress import track
 
     start = time.perf_counter()
-    original_solver = getattr(model, "eval_solver", None)  # the driver sets one per step; restored below
     for first in track(batches, description="sampling", disable=not progress or len(batches) < 2):
         y = labels[first : first + batch_size].to(device)
         noise = torch.randn(len(y), *image_shape, generator=gen).to(device)
@@ -255,8 +253,6 @@ def generate(
             so_far = torch.tensor(stats.calls_per_step or [0.0] * len(calls), dtype=torch.float64)
             stats.calls_per_step = (so_far + calls).tolist()
     stats.seconds = time.perf_counter() - start
-    if original_solver is not None:
-        model.eval_solver = original_solver
     return torch.cat(images), stats
 
 

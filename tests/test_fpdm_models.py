@@ -123,6 +123,12 @@ def test_fpdm_eval_runs_the_configured_solver_and_reports_calls():
         model(x, t, y)
     assert model.last_fixed_point.calls == 7 and model.block_evaluations == 9
     assert model.last_fixed_point.solution.nsteps.tolist() == [6, 6]
+    with torch.no_grad():  # a solver for one call, as an argument: the model's own is left as it was
+        out3 = model(x, t, y, solver=fixed_iterations(3))
+        assert model.last_fixed_point.calls == 3 and model.block_evaluations == 5
+        model.eval_solver = fixed_iterations(3)
+        torch.testing.assert_close(model(x, t, y), out3, rtol=0, atol=0)
+    model.eval_solver = fixed_iterations(7)
     # with picard: the same iterates as the default loop (which syncs after every iteration)
     options = fixed_iterations(7, fixedpoint.picard).keywords
     assert options["check_every"] == 6

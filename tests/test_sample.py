@@ -137,6 +137,21 @@ def test_ddim_sampling_is_reproducible_with_a_seed():
     assert torch.equal(a, b) and not torch.equal(a, c)
 
 
+def test_sampling_leaves_the_models_eval_solver_as_it_was():
+    """The driver hands each step's solver to the model as an argument (model(..., solver=)): a sampler that set
+    model.eval_solver per step and restored it only on success left a failed run's last step solver behind,
+    and every later forward of that model ran it."""
+    model = _fpdm()
+    own = model.eval_solver
+    plan = plan_compute(model.config, steps=4, iters=6)
+    _run(model, plan)
+    assert model.eval_solver is own
+    model.blocks_post[0].mlp.fc1.weight.data.fill_(float("nan"))  # the run fails mid-way
+    with pytest.raises(SampleError, match="non-finite"):
+        _run(model, plan)
+    assert model.eval_solver is own
+
+
 def test_anderson_at_sampling_time():
     model = _fpdm()
     plan = plan_compute(model.config, steps=4, iters=6)

@@ -100,12 +100,20 @@ def test_killed_run_resumed_equals_an_uninterrupted_run(tmp_path):
 
 
 def test_two_processes_with_gloo(tmp_path):
+    """Two ranks under torchrun. On a timeout the whole process group is killed: torchrun's workers left behind
+    by a killed torchrun kept running and stalled the next run's rendezvous."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "fpdm.train", "--steps", "3", "--out", str(tmp_path), *FAST, "--sample-steps", "0"]  # fmt: skip
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "2 process(es)" in result.stdout and "8 images each" in result.stdout
+    try:
+        stdout, stderr = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        pytest.fail(f"two ranks did not finish 3 steps in 300 s: {stderr[-2000:]}")
+    assert proc.returncode == 0, stderr[-3000:]
+    assert "2 process(es)" in stdout and "8 images each" in stdout
     ckpt = torch.load(tmp_path / "checkpoints" / "latest.pt", weights_only=False)
     assert ckpt["step"] == 3 and len(ckpt["rng"]) == 2 and ckpt["run"]["world_size"] == 2
 

@@ -1,5 +1,6 @@
 """python -m fpdm.train end to end: outputs, resume (exact), checkpoints, many processes, bad input."""
 
+import contextlib
 import json
 import os
 import signal
@@ -100,22 +101,40 @@ def test_killed_run_resumed_equals_an_uninterrupted_run(tmp_path):
 
 
 def test_two_processes_with_gloo(tmp_path):
-    """Two ranks under torchrun. On a timeout the whole process group is killed: torchrun's workers left behind
-    by a killed torchrun kept running and stalled the next run's rendezvous."""
+    """Two ranks under torchrun. Output goes to files (a hung rank holding a pipe cannot block the test), and on
+    a timeout torchrun's group and its workers (each in a session of its own) are killed: a rank left behind
+    by a killed run kept running and could stall later runs."""
+    out = tmp_path / "run"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "fpdm.train", "--steps", "3", "--out", str(tmp_path), *FAST, "--sample-steps", "0"]  # fmt: skip
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
-    try:
-        stdout, stderr = proc.communicate(timeout=300)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        stdout, stderr = proc.communicate()
-        pytest.fail(f"two ranks did not finish 3 steps in 300 s: {stderr[-2000:]}")
-    assert proc.returncode == 0, stderr[-3000:]
+           "-m", "fpdm.train", "--steps", "3", "--out", str(out), *FAST, "--sample-steps", "0"]  # fmt: skip
+    with open(tmp_path / "stdout", "w") as so, open(tmp_path / "stderr", "w") as se:
+        proc = subprocess.Popen(cmd, stdout=so, stderr=se, text=True, start_new_session=True,
+                                env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+        try:
+            proc.wait(timeout=300)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            for pid in _processes_mentioning(str(out)):  # the workers
+                with contextlib.suppress(ProcessLookupError):  # (one may have exited since)
+                    os.kill(pid, signal.SIGKILL)
+            proc.wait()
+    stdout, stderr = (tmp_path / "stdout").read_text(), (tmp_path / "stderr").read_text()
+    assert proc.returncode == 0, f"exit {proc.returncode} (-9: killed after 300 s): {stderr[-3000:]}"
     assert "2 process(es)" in stdout and "8 images each" in stdout
-    ckpt = torch.load(tmp_path / "checkpoints" / "latest.pt", weights_only=False)
+    ckpt = torch.load(out / "checkpoints" / "latest.pt", weights_only=False)
     assert ckpt["step"] == 3 and len(ckpt["rng"]) == 2 and ckpt["run"]["world_size"] == 2
+
+
+def _processes_mentioning(text: str) -> list[int]:
+    """PIDs (Linux /proc) whose command line contains ``text``: a killed torchrun's workers."""
+    pids = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if text in cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace"):
+                pids.append(int(cmdline.parent.name))
+        except OSError:
+            continue
+    return [pid for pid in pids if pid != os.getpid()]
 
 
 def test_corrupt_checkpoint_is_an_error_and_is_not_overwritten(tmp_path):

@@ -252,9 +252,8 @@ class FixedPoint(nn.Module):
 
     def _solve(self, solver: SolverFn, g: Callable[[Tensor], Tensor], z0: Tensor, inputs: tuple) -> Solution:
         """``solver`` on z = f(z, *inputs): f and its inputs apart where it takes ``args``, else on g, which
-        closes over them. In half precision,
-        a solver whose tolerance is a default (its own, or FixedPoint's default solver's) gets at least half
-        precision's (``half_tol``)."""
+        closes over them. In half precision, a solver whose tolerance is a default (its own, or FixedPoint's
+        default solver's) gets at least half precision's (``half_tol``)."""
         known = self._signatures.get(id(solver))
         if known is None or known[0] is not solver:  # reading a signature costs ~80 us: once per solver
             known = (solver, _takes_keyword(solver, "args", unknown=True), _default_tol(solver))

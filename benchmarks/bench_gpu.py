@@ -45,6 +45,7 @@ import torch
 import fixedpoint
 from fixedpoint import _graphs
 from fixedpoint._solvers import Anderson
+from fixedpoint.kernels.groups import AndersonState, BroydenState, BroydenStep
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU benchmarks need CUDA")
 
@@ -89,6 +90,9 @@ def _kernel_cases(dim: int, dtype: torch.dtype):
     def rand(*shape):
         return torch.randn(*shape, device=DEVICE, dtype=torch.float32).to(dtype)
 
+    def zeros(*shape, dtype=torch.float32):  # the states' fields the kernels timed here do not read
+        return torch.zeros(*shape, dtype=dtype, device=DEVICE)
+
     x, fx, g, dx, hg, frozen = (rand(BATCH, dim) for _ in range(6))
     F, G = rand(BATCH, M, dim), rand(BATCH, M, dim)
     U, V = rand(BATCH, N_BROYDEN, dim), rand(BATCH, N_BROYDEN, dim)
@@ -97,16 +101,27 @@ def _kernel_cases(dim: int, dtype: torch.dtype):
     alive = torch.ones(BATCH, N_BROYDEN, dtype=torch.bool, device=DEVICE)
     active = torch.rand(BATCH, device=DEVICE) < 0.9
     n = N_BROYDEN
+    # count 2: the history writes go to slot 2; Broyden's applies run over n slots with the state's hg
+    anderson = AndersonState(
+        F=F, G=G, gram=zeros(BATCH, M, M), valid=zeros(BATCH, M, dtype=torch.bool),
+        newest=zeros(BATCH, M, dtype=torch.bool), kept_gnorm=zeros(BATCH), restarts=zeros(BATCH, dtype=torch.int64),
+        row=zeros(BATCH, M), count=2, alpha=alpha,
+    )  # fmt: skip
+    gnorm = zeros(BATCH)
+    broyden = BroydenState(
+        U=U, V=V, alive=alive, restarts=zeros(BATCH, dtype=torch.int64), x=x, g=g, gnorm=gnorm, hg=hg, next_x=x, count=n
+    )
+    new = BroydenStep(x=x, g=g, gnorm=gnorm, dx=dx)  # dots and combine read its g and dx
     cases = [
         ("residual", 3, lambda k: k.residual(x, fx, g)),
         ("residual (g not kept)", 2, lambda k: k.residual(x, fx, None)),
         ("picard_step", 3, lambda k: k.picard_step(x, fx, 0.8, frozen, active)),
-        (f"anderson_write m={M}", M + 3, lambda k: k.anderson_write(F, G, 2, fx, g)),
-        (f"anderson_write m={M} (g in slot)", M + 2, lambda k: k.anderson_write(F, G, 2, fx, G[:, 2])),
-        (f"anderson_residual_write m={M}", M + 3, lambda k: k.anderson_residual_write(F, G, 2, x, fx)),
-        (f"anderson_mix m={M}", M + 1, lambda k: k.anderson_mix(F, G, alpha, 1.0, frozen, active)),
-        (f"broyden_dots n={n}", 2 * n + 2, lambda k: k.broyden_dots(U, V, n, g, dx)),
-        (f"broyden_combine n={n}", 2 * n + 5, lambda k: k.broyden_combine(U, V, n, coeff, alive, g, dx, hg)),
+        (f"anderson_write m={M}", M + 3, lambda k: k.anderson_write(anderson, fx, g)),
+        (f"anderson_write m={M} (g in slot)", M + 2, lambda k: k.anderson_write(anderson, fx, G[:, 2])),
+        (f"anderson_residual_write m={M}", M + 3, lambda k: k.anderson_residual_write(anderson, x, fx)),
+        (f"anderson_mix m={M}", M + 1, lambda k: k.anderson_mix(anderson, 1.0, frozen, active)),
+        (f"broyden_dots n={n}", 2 * n + 2, lambda k: k.broyden_dots(broyden, new)),
+        (f"broyden_combine n={n}", 2 * n + 5, lambda k: k.broyden_combine(broyden, new, coeff)),
     ]
     for name, passes, run in cases:
         yield (

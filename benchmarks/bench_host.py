@@ -21,6 +21,7 @@ pytest.importorskip("triton")
 
 from fixedpoint.kernels import reference  # noqa: E402
 from fixedpoint.kernels import triton_kernels as tk  # noqa: E402
+from fixedpoint.kernels.groups import AndersonState, BroydenState, BroydenStep, LoopBuffers, Pair  # noqa: E402
 
 TABLE = "host time per call around the launch (kernels not run; CPU tensors, batch 32 x 1152, bf16)"
 BATCH, FEATURES, M, N = 32, 1152, 5, 10
@@ -41,20 +42,41 @@ def _cases(module) -> dict:
     def new(*shape, dtype=torch.bfloat16):
         return torch.randn(*shape).to(dtype)
 
+    def zeros(*shape, dtype=torch.float32):  # the groups' fields the launchers timed here do not read
+        return torch.zeros(*shape, dtype=dtype)
+
     x, fx, g, dx, hg = (new(BATCH, FEATURES) for _ in range(5))
     F, G, U, V = new(BATCH, M, FEATURES), new(BATCH, M, FEATURES), new(BATCH, N, FEATURES), new(BATCH, N, FEATURES)
     active = torch.ones(BATCH, dtype=torch.bool)
     alpha, coeff = new(BATCH, M, dtype=torch.float32), new(BATCH, 2, N, dtype=torch.float32)
     alive = torch.ones(BATCH, N, dtype=torch.bool)
     take = torch.zeros(BATCH, dtype=torch.int8)
+    # the groups, built here (not timed): count 2 writes slot 2; Broyden's applies over N slots with hg
+    anderson = AndersonState(
+        F=F, G=G, gram=zeros(BATCH, M, M), valid=zeros(BATCH, M, dtype=torch.bool),
+        newest=zeros(BATCH, M, dtype=torch.bool), kept_gnorm=zeros(BATCH), restarts=zeros(BATCH, dtype=torch.int64),
+        row=zeros(BATCH, M), count=2, alpha=alpha,
+    )  # fmt: skip
+    gnorm = zeros(BATCH)
+    broyden = BroydenState(
+        U=U, V=V, alive=alive, restarts=zeros(BATCH, dtype=torch.int64), x=x, g=g, gnorm=gnorm, hg=hg, next_x=x, count=N
+    )
+    step = BroydenStep(x=x, g=g, gnorm=gnorm, dx=dx)  # dots and combine read its g and dx
+    # best_update reads and writes best_x, best_fx only
+    loop = LoopBuffers(
+        gnorm0=zeros(BATCH), status=zeros(BATCH, dtype=torch.int64), best_res=zeros(BATCH),
+        pending=zeros(BATCH, dtype=torch.bool), nsteps=zeros(BATCH, dtype=torch.int64), trace=zeros(2, BATCH),
+        done=zeros((), dtype=torch.int64), best_x=x, best_fx=fx,
+    )  # fmt: skip
+    pair, prev = Pair(x, fx), Pair(g, dx)
     return {
         "residual": lambda: module.residual(x, fx, None),
         "picard_step (damped)": lambda: module.picard_step(x, fx, 0.5, x, active),
-        f"anderson_residual_write m={M}": lambda: module.anderson_residual_write(F, G, 2, x, fx),
-        f"anderson_mix m={M}": lambda: module.anderson_mix(F, G, alpha, 1.0, x, active),
-        "best_update": lambda: module.best_update(x, fx, x, fx, g, dx, take),
-        f"broyden_dots n={N}": lambda: module.broyden_dots(U, V, N, g, dx),
-        f"broyden_combine n={N}": lambda: module.broyden_combine(U, V, N, coeff, alive, g, dx, hg),
+        f"anderson_residual_write m={M}": lambda: module.anderson_residual_write(anderson, x, fx),
+        f"anderson_mix m={M}": lambda: module.anderson_mix(anderson, 1.0, x, active),
+        "best_update": lambda: module.best_update(loop, pair, prev, take),
+        f"broyden_dots n={N}": lambda: module.broyden_dots(broyden, step),
+        f"broyden_combine n={N}": lambda: module.broyden_combine(broyden, step, coeff),
     }
 
 

@@ -19,7 +19,7 @@ import subprocess
 import sys
 import tempfile
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 os.environ.pop("TRITON_INTERPRET", None)  # the compiler, not the interpreter
 
@@ -30,6 +30,14 @@ from triton.compiler import ASTSource  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
 
 from fixedpoint.kernels import triton_kernels as tk  # noqa: E402
+from fixedpoint.kernels.groups import (  # noqa: E402
+    AndersonState,
+    BroydenApplies,
+    BroydenState,
+    BroydenStep,
+    LoopBuffers,
+    Pair,
+)
 
 BATCH, TOKENS, WIDTH, M, N = 32, 256, 1152, 5, 10
 REGISTERS_PER_SM, MAX_WARPS_PER_SM, SHARED_PER_SM = 65536, 64, 227 * 1024  # sm_90
@@ -146,18 +154,34 @@ def kernel_cases(dtype: torch.dtype, dim: int = TOKENS * WIDTH) -> dict[str, cal
     vec = torch.zeros(BATCH)
     active = torch.ones(BATCH, dtype=torch.bool)
     alive, restarts = torch.ones(BATCH, N, dtype=torch.int8), torch.zeros(BATCH, dtype=torch.int64)
+    # the groups (fields these launchers do not read: small zeros); count 2: the history write goes to slot 2
+    anderson = AndersonState(
+        F=F, G=G, gram=torch.zeros(BATCH, M, M), valid=torch.zeros(BATCH, M, dtype=torch.bool),
+        newest=torch.zeros(BATCH, M, dtype=torch.bool), kept_gnorm=vec, restarts=restarts, row=torch.zeros(BATCH, M),
+        count=2, alpha=torch.zeros(BATCH, M),
+    )  # fmt: skip
+    loop = LoopBuffers(
+        gnorm0=vec, status=restarts, best_res=vec, pending=active, nsteps=restarts, trace=torch.zeros(2, BATCH),
+        done=torch.zeros((), dtype=torch.int64), best_x=x, best_fx=fx,
+    )  # fmt: skip
+    # dots, combine: N slots, the state's hg = hg; finish: slot 0, the state's x, g, hg = fx, dx, dx, the step's dx = hg
+    broyden = BroydenState(U=U, V=V, alive=alive, restarts=restarts, x=fx, g=dx, gnorm=vec, hg=hg, next_x=x, count=N)
+    step = BroydenStep(x=x, g=g, gnorm=vec, dx=dx)
+    finish = (
+        replace(broyden, hg=dx, count=0),
+        BroydenStep(x=x, g=g, gnorm=vec, dx=hg),
+        BroydenApplies(h_g=v, v=g, sums=torch.zeros(BATCH, 4)),
+    )
     return {
         "residual": lambda: tk.residual(x, fx, None),
         "residual (writes g)": lambda: tk.residual(x, fx, g),
         "picard_step (damped)": lambda: tk.picard_step(x, fx, 0.5, x, active),
-        f"anderson_residual_write m={M}": lambda: tk.anderson_residual_write(F, G, 2, x, fx),
-        f"anderson_mix m={M}": lambda: tk.anderson_mix(F, G, torch.zeros(BATCH, M), 1.0, x, active),
-        "best_update": lambda: tk.best_update(x, fx, x, fx, g, dx, torch.zeros(BATCH, dtype=torch.int8)),
-        f"broyden_dots n={N}": lambda: tk.broyden_dots(U, V, N, g, dx),
-        f"broyden_combine n={N}": lambda: tk.broyden_combine(U, V, N, torch.zeros(BATCH, 2, N), alive, g, dx, hg),
-        "broyden_finish": lambda: tk.broyden_finish(
-            U, V, 0, x, fx, g, dx, hg, v, g, dx, torch.zeros(BATCH, 4), vec, vec, alive, restarts, 100.0
-        ),  # fmt: skip
+        f"anderson_residual_write m={M}": lambda: tk.anderson_residual_write(anderson, x, fx),
+        f"anderson_mix m={M}": lambda: tk.anderson_mix(anderson, 1.0, x, active),
+        "best_update": lambda: tk.best_update(loop, Pair(x, fx), Pair(g, dx), torch.zeros(BATCH, dtype=torch.int8)),
+        f"broyden_dots n={N}": lambda: tk.broyden_dots(broyden, step),
+        f"broyden_combine n={N}": lambda: tk.broyden_combine(broyden, step, torch.zeros(BATCH, 2, N)),
+        "broyden_finish": lambda: tk.broyden_finish(*finish, growth=100.0),
     }
 
 

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from fixedpoint.kernels import triton_kernels as tk
+from fixedpoint.kernels.groups import AndersonState, BroydenState, BroydenStep
 
 SIZES = {"fpdm-xl/2": 256 * 1152, "1e8": 3 * 2**20}  # D at batch 32 (both multiples of 16: one compile per config)
 BATCH, M, N = 32, 5, 10
@@ -43,19 +44,33 @@ def _case(kernel: str, dim: int, dtype: torch.dtype) -> tuple[str, int, Callable
         return torch.randn(*shape, device="cuda").to(dtype)
 
     x, fx, g, dx, hg = (rand(BATCH, dim) for _ in range(5))
+
+    def zeros(*shape, dtype=torch.float32):  # the states' fields the timed kernels do not read
+        return torch.zeros(*shape, dtype=dtype, device=x.device)
+
     if kernel == "residual":
         return "residual", 3, lambda: tk.residual(x, fx, g)
     if kernel in ("anderson_write", "anderson_residual_write"):
         F, G = rand(BATCH, M, dim), rand(BATCH, M, dim)
+        # count 2: the write goes to slot 2
+        state = AndersonState(
+            F=F, G=G, gram=zeros(BATCH, M, M), valid=zeros(BATCH, M, dtype=torch.bool),
+            newest=zeros(BATCH, M, dtype=torch.bool), kept_gnorm=zeros(BATCH),
+            restarts=zeros(BATCH, dtype=torch.int64), row=zeros(BATCH, M), count=2,
+        )  # fmt: skip
         if kernel == "anderson_write":
-            return f"anderson_write m={M}", M + 3, lambda: tk.anderson_write(F, G, 2, fx, g)
-        return f"anderson_residual_write m={M}", M + 3, lambda: tk.anderson_residual_write(F, G, 2, x, fx)
+            return f"anderson_write m={M}", M + 3, lambda: tk.anderson_write(state, fx, g)
+        return f"anderson_residual_write m={M}", M + 3, lambda: tk.anderson_residual_write(state, x, fx)
     U, V = rand(BATCH, N, dim), rand(BATCH, N, dim)
+    alive = torch.ones(BATCH, N, dtype=torch.bool, device=x.device)  # every term live
+    gnorm, restarts = zeros(BATCH), zeros(BATCH, dtype=torch.int64)
+    # the applies run over its N slots, with its hg
+    state = BroydenState(U=U, V=V, alive=alive, restarts=restarts, x=x, g=g, gnorm=gnorm, hg=hg, next_x=x, count=N)
+    new = BroydenStep(x=x, g=g, gnorm=gnorm, dx=dx)  # dots and combine read its g and dx
     if kernel == "broyden_dots":
-        return f"broyden_dots n={N}", 2 * N + 2, lambda: tk.broyden_dots(U, V, N, g, dx)
+        return f"broyden_dots n={N}", 2 * N + 2, lambda: tk.broyden_dots(state, new)
     coeff = torch.randn(BATCH, 2, N, device="cuda")
-    alive = torch.ones_like(coeff[:, 0], dtype=torch.bool)  # (BATCH, N), every term live
-    return f"broyden_combine n={N}", 2 * N + 5, lambda: tk.broyden_combine(U, V, N, coeff, alive, g, dx, hg)
+    return f"broyden_combine n={N}", 2 * N + 5, lambda: tk.broyden_combine(state, new, coeff)
 
 
 def _time(thunk: Callable[[], object], kernel: str, itemsize: int, setting: tk.LaunchSetting) -> float:

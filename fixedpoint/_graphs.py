@@ -18,10 +18,12 @@ from collections.abc import Callable
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field, fields, replace
 from functools import partial
-from typing import Any, ClassVar, NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
+
+from .kernels.groups import LoopBuffers, Pair
 
 __all__ = ["GRAPHS", "CudaGraphs", "SolverGraphs", "StaticBuffers", "clear_graph_cache", "solve"]
 
@@ -138,19 +140,15 @@ class SolverGraphs:
     any later solve with the same key (solver, shapes, options) starts in these buffers and replays the
     same graphs: no warm-up, no capture."""
 
-    buffers: dict[str, Tensor]  # the loop's in-place tensors (``BUFFERS``): a later solve's start goes here
+    buffers: LoopBuffers  # the loop's in-place tensors: a later solve's start goes here
     static: StaticBuffers  # the tensors carried from one replay to the next, and the next iterate to evaluate
     state: Any  # the solver's state over the static buffers where a replay starts (a later solve's ``reinit``)
     fx_buffers: tuple[Tensor, Tensor]  # f(x) of position j goes into fx_buffers[j % 2]
     period: int  # lcm(solver period, 2)
     capture: Callable[[int], Callable[[], None]]  # position -> its replay, capturing it (never refers to self)
-    outputs: list[tuple[Tensor, ...]]  # per captured position: x_{j+1}, counts, x_j, f(x_j)
+    outputs: list[tuple[Tensor, Tensor, Pair]]  # per captured position: x_{j+1}, counts, (x_j, f(x_j))
     replays: list[Callable[[], None]] = field(default_factory=list)  # captured positions, in order
     finished: Any = None  # CUDA: an event behind the last solve's work, which the next one waits for
-
-    BUFFERS: ClassVar[tuple[str, ...]] = (
-        "gnorm0", "status", "best_res", "pending", "nsteps", "trace", "done", "best_x", "best_fx"
-    )  # fmt: skip
 
     def wait(self, device: torch.device) -> None:
         """Before a later solve writes its start into the buffers: after the last solve's work (which may
@@ -184,7 +182,7 @@ class SolverGraphs:
             self.replays[j]()
             n_active = loop.check(n, self.outputs[j][1], n_active)
             n, j = n + 1, (j + 1) % self.period
-        loop.prev_x, loop.prev_fx = self.outputs[j - 1][2:]
+        loop.prev = self.outputs[j - 1][2]
         return n, n_active
 
 
@@ -287,7 +285,7 @@ def _state_tensors(state: Any) -> dict[str, Tensor]:
 def _carried(loop: Any) -> dict[str, Tensor]:
     """What one iteration hands the next, besides the tensors updated in place."""
     state_tensors = {f"state.{name}": value for name, value in _state_tensors(loop.state).items()}
-    return {"active": loop.active, "prev_x": loop.prev_x, "prev_fx": loop.prev_fx, **state_tensors}
+    return {"active": loop.active, "prev_x": loop.prev.x, "prev_fx": loop.prev.fx, **state_tensors}
 
 
 def _period_start(loop: Any) -> dict[str, Tensor]:
@@ -297,7 +295,7 @@ def _period_start(loop: Any) -> dict[str, Tensor]:
 
 def _bind(loop: Any, static: StaticBuffers) -> None:
     """Point the loop's carried tensors at their static buffers."""
-    loop.active, loop.prev_x, loop.prev_fx = static["active"], static["prev_x"], static["prev_fx"]
+    loop.active, loop.prev = static["active"], Pair(static["prev_x"], static["prev_fx"])
     loop.state = replace(loop.state, **{name: static[f"state.{name}"] for name in _state_tensors(loop.state)})
 
 
@@ -337,8 +335,7 @@ def _build(loop: Any) -> SolverGraphs:
         if j == period - 1:  # the period's results into the buffers its first position reads
             _store(loop, static, next_x=x_next)
             x_next = static["next_x"]
-        outputs[j : j + 1] = [(x_next, counts, loop.prev_x, loop.prev_fx)]
+        outputs[j : j + 1] = [(x_next, counts, loop.prev)]
 
-    buffers = {name: getattr(loop, name) for name in SolverGraphs.BUFFERS}
     capture_position = lambda j: _capture(loop, partial(body, j), pool)  # noqa: E731
-    return SolverGraphs(buffers, static, start_state, fx_buffers, period, capture_position, outputs)
+    return SolverGraphs(loop.buffers, static, start_state, fx_buffers, period, capture_position, outputs)

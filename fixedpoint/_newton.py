@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
@@ -116,7 +116,7 @@ def _jvp_reverse(fn: Map, x: Tensor) -> Callable[[Tensor], Tensor]:
     return product
 
 
-@dataclass
+@dataclass(frozen=True)
 class _NewtonState:
     x: Tensor  # (B, D) accepted iterate
     g: Tensor  # (B, D) f(x) - x there
@@ -160,7 +160,7 @@ class Newton(Solver):
                 max_restarts=self.max_restarts,
                 active=need,
             )
-            state.direction = torch.where(need[:, None], d.to(state.x.dtype), state.direction)
+            state = replace(state, direction=torch.where(need[:, None], d.to(state.x.dtype), state.direction))
         x_next = state.x + state.lam.to(state.x.dtype)[:, None] * state.direction
         return x_next, state
 

@@ -32,7 +32,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from types import ModuleType
 from typing import Any, ClassVar
@@ -52,6 +52,7 @@ from ._common import (
     stat_dtype,
 )
 from ._graphs import clear_graph_cache
+from .kernels.groups import LoopBuffers, Pair, StopRule
 
 __all__ = ["Solution", "Solver", "Status", "clear_graph_cache", "solve"]
 
@@ -304,8 +305,8 @@ class _LaggedCount:
 TRACE_ROWS = 64  # the eager loop's first trace rows (then doubled as iterations need them, up to max_iter)
 
 
-def _new_buffers(x: Tensor, max_iter: int, graph: bool | str) -> dict[str, Tensor]:
-    """The loop's in-place tensors (``KeptSession.BUFFERS``) for iterates like x (B, D), uninitialised:
+def _new_buffers(x: Tensor, max_iter: int, graph: bool | str) -> LoopBuffers:
+    """The loop's in-place tensors for iterates like x (B, D), uninitialised:
     ``_Loop.start`` fills them (a kept graph session brings its own instead). The trace has a row per
     iteration and a last, scratch row: the graph modes write it from the device at fixed addresses, so all
     max_iter + 1 rows are allocated (and checked against the memory available); the eager loop grows it."""
@@ -315,17 +316,17 @@ def _new_buffers(x: Tensor, max_iter: int, graph: bool | str) -> dict[str, Tenso
         nbytes = rows * batch * sdt.itemsize
         check_memory("max_iter", max_iter, nbytes, f"the static trace ({rows}, {batch}) of graph={graph!r}", device)
     vector = partial(torch.empty, batch, device=device)
-    return {
-        "gnorm0": vector(dtype=sdt),  # (B,) the start's ||f(x) - x||
-        "status": vector(dtype=torch.long),  # (B,) Status codes
-        "best_res": vector(dtype=sdt),  # (B,) the lowest residual so far
-        "pending": vector(dtype=torch.bool),  # (B,) the best pair is the newest, not copied yet
-        "nsteps": vector(dtype=torch.long),  # (B,)
-        "trace": torch.empty(rows, batch, dtype=sdt, device=device),  # (rows, B) last row: scratch
-        "done": torch.empty((), dtype=torch.long, device=device),  # iterations run, counted on the device (graph)
-        "best_x": torch.empty_like(x),  # (B, D)
-        "best_fx": torch.empty_like(x),  # (B, D)
-    }
+    return LoopBuffers(
+        gnorm0=vector(dtype=sdt),
+        status=vector(dtype=torch.long),
+        best_res=vector(dtype=sdt),
+        pending=vector(dtype=torch.bool),
+        nsteps=vector(dtype=torch.long),
+        trace=torch.empty(rows, batch, dtype=sdt, device=device),
+        done=torch.empty((), dtype=torch.long, device=device),
+        best_x=torch.empty_like(x),
+        best_fx=torch.empty_like(x),
+    )
 
 
 class _Loop:
@@ -339,45 +340,39 @@ class _Loop:
     """
 
     def __init__(
-        self, solver: Solver, fn: _CountedMap, buffers: dict[str, Tensor], *, tol: float, max_iter: int,
-        relative: bool, divergence: float, check_every: int, graph: bool | str, kernels: Any,
+        self, solver: Solver, fn: _CountedMap, buffers: LoopBuffers, rule: StopRule, *, check_every: int,
+        graph: bool | str, kernels: Any,
     ):  # fmt: skip
         self.solver, self.fn, self.kernels = solver, fn, kernels
-        self.tol, self.max_iter, self.relative, self.divergence = tol, max_iter, relative, divergence
+        self.buffers, self.rule, self.max_iter = buffers, rule, rule.max_iter
         self.check_every, self.graph = check_every, graph
-        self.gnorm0, self.status, self.best_res, self.pending, self.nsteps, self.trace, self.done = (
-            buffers[name] for name in ("gnorm0", "status", "best_res", "pending", "nsteps", "trace", "done")
-        )
-        self.best_x, self.best_fx = buffers["best_x"], buffers["best_fx"]
-        self.device = self.best_x.device
+        self.device = buffers.best_x.device
         self.lagged = _LaggedCount(self.device) if check_every > 1 else None
         # carried from one iteration to the next (rebound to static buffers by the graph modes)
         self.state: Any = None
         self.active: Tensor | None = None  # (B,) bool: samples still iterating
-        self.prev_x: Tensor | None = None  # (B, D) the last evaluated pair: best_update copies it when it was the best
-        self.prev_fx: Tensor | None = None
+        self.prev: Pair | None = None  # the last evaluated pair: best_update copies it when it was the best
 
     def start(self, x: Tensor, fx: Tensor, reuse: Any = None) -> int:
         """Take the start x and f(x) (B, D) through the same per-sample accounting as every iteration
         (status, best residual: NaN for a non-finite start), its residual into the trace's scratch row
         and its step into a throwaway count. ``reuse``: a kept session's solver state, re-initialised in
         place when the solver can (``reinit``). Returns the active count (a sync)."""
+        b = self.buffers
         g = torch.empty_like(x)
         gsq, fsq = self.kernels.residual(x, fx, g)  # (B,), (B,): one pass over (x, f(x)), g written
-        torch.sqrt(gsq, out=self.gnorm0)
-        self.status.fill_(Status.MAX_ITER)
-        self.best_res.fill_(math.nan)
-        self.trace.fill_(math.nan)
-        for count in (self.pending, self.nsteps, self.done):
+        torch.sqrt(gsq, out=b.gnorm0)
+        b.status.fill_(Status.MAX_ITER)
+        b.best_res.fill_(math.nan)
+        b.trace.fill_(math.nan)
+        for count in (b.pending, b.nsteps, b.done):
             count.zero_()
-        gnorm, self.active, _, counts = self.kernels.bookkeep(
-            gsq, fsq, self.gnorm0, self.status, torch.ones_like(self.pending), self.best_res,
-            torch.zeros_like(self.pending), torch.zeros_like(self.nsteps), self.trace, len(self.trace) - 1, self.done,
-            self.tol, self.divergence, self.relative, self.max_iter,
-        )  # fmt: skip
-        self.best_x.copy_(x)  # the start, also for samples that never improve on it
-        self.best_fx.copy_(fx)
-        self.prev_x, self.prev_fx = x, fx
+        throwaway = replace(b, pending=torch.zeros_like(b.pending), nsteps=torch.zeros_like(b.nsteps))
+        everyone, scratch_row = torch.ones_like(b.pending), len(b.trace) - 1
+        gnorm, self.active, _, counts = self.kernels.bookkeep(gsq, fsq, everyone, throwaway, self.rule, scratch_row)
+        b.best_x.copy_(x)  # the start, also for samples that never improve on it
+        b.best_fx.copy_(fx)
+        self.prev = Pair(x, fx)
         if reuse is not None:
             self.state = self.solver.reinit(reuse, x, fx, g, gnorm)
         else:
@@ -388,7 +383,7 @@ class _Loop:
         """The solver's next iterate (B, D) to evaluate; stopped samples sit at their best iterate
         (f always sees the whole batch). ``step_map``: the f a solver's step may call (default f)."""
         step_map = self.fn if step_map is None else step_map
-        frozen = None if all_active else self.best_x
+        frozen = None if all_active else self.buffers.best_x
         x, self.state = self.solver.step(step_map, self.state, self.active, frozen)
         if frozen is None or self.solver.freezes:
             return x
@@ -403,14 +398,12 @@ class _Loop:
         """
         g, gsq, fsq, self.state = self.solver.residual(self.state, x, fx)  # (B, D) or None, (B,), (B,): one pass
         # status, best residual, step counts, the trace row and what to copy as best, in one go
-        gnorm, self.active, take, counts = self.kernels.bookkeep(
-            gsq, fsq, self.gnorm0, self.status, self.active, self.best_res, self.pending, self.nsteps, self.trace,
-            n, self.done, self.tol, self.divergence, self.relative, self.max_iter,
-        )  # fmt: skip
+        gnorm, self.active, take, counts = self.kernels.bookkeep(gsq, fsq, self.active, self.buffers, self.rule, n)
         n_active, n_copies = counts.tolist() if sync else (None, -1)  # -1: unknown without a sync
+        new = Pair(x, fx)
         if n_copies:  # copies only samples whose best pair would otherwise be lost
-            self.kernels.best_update(self.best_x, self.best_fx, x, fx, self.prev_x, self.prev_fx, take)
-        self.prev_x, self.prev_fx = x, fx
+            self.kernels.best_update(self.buffers, new, self.prev, take)
+        self.prev = new
         self.state = self.solver.update(self.state, x, fx, g, gnorm)
         return n_active, counts
 
@@ -436,10 +429,10 @@ class _Loop:
         is asked for every check_every iterations and read one iteration later (``check``), and everything
         is masked on the device in between."""
         while n < self.max_iter and n_active:
-            if n == len(self.trace):
+            if n == len(self.buffers.trace):
                 self.grow_trace()
             if self.check_every == 1:
-                n_active, _ = self.iterate(n, sync=True, all_active=n_active == self.best_x.shape[0])
+                n_active, _ = self.iterate(n, sync=True, all_active=n_active == len(self.active))
             else:
                 _, counts = self.iterate(n, sync=False, all_active=False)
                 n_active = self.check(n, counts, n_active)
@@ -449,26 +442,25 @@ class _Loop:
     def grow_trace(self) -> None:
         """Twice the trace's rows (at most max_iter + 1), NaN where not written yet: the eager loop's trace
         follows the iterations run, not max_iter."""
-        rows, batch = self.trace.shape
-        trace = self.trace.new_full((min(2 * rows, self.max_iter + 1), batch), math.nan)  # (rows', B)
-        trace[:rows] = self.trace
-        self.trace = trace
+        rows, batch = self.buffers.trace.shape
+        trace = self.buffers.trace.new_full((min(2 * rows, self.max_iter + 1), batch), math.nan)  # (rows', B)
+        trace[:rows] = self.buffers.trace
+        self.buffers.trace = trace
 
     def finish(self, n: int, shape: torch.Size) -> Solution:
         """The Solution after n iterations, in the start's ``shape``: samples still iterating at the end
         whose last pair was their best take it (TAKE_NEW == 1)."""
-        self.kernels.best_update(
-            self.best_x, self.best_fx, self.prev_x, self.prev_fx, self.prev_x, self.prev_fx, self.pending.to(torch.int8)
-        )
+        b = self.buffers
+        self.kernels.best_update(b, self.prev, self.prev, b.pending.to(torch.int8))
         if self.check_every > 1 or self.graph:  # drop the rows run after every sample stopped
-            n = int(self.nsteps.max())
+            n = int(b.nsteps.max())
         return Solution(
-            x=self.best_x.view(shape),
-            fx=self.best_fx.view(shape),
-            residual=self.best_res,
-            nsteps=self.nsteps,
-            status=self.status,
-            trace=self.trace[:n],
+            x=b.best_x.view(shape),
+            fx=b.best_fx.view(shape),
+            residual=b.best_res,
+            nsteps=b.nsteps,
+            status=b.status,
+            trace=b.trace[:n],
             nfev=self.fn.calls,
         )
 
@@ -482,11 +474,9 @@ def _loop(
     fx = fn(x)  # before a kept session is taken: if f fails, it stays kept; a solve inside f may use it
     key = _graphs.session_key(graph, x0, (solver, kernels, tol, max_iter, stop, divergence))
     session = _graphs.take_graphs(key, x.device)
-    loop = _Loop(
-        solver, fn, _new_buffers(x, max_iter, graph) if session is None else session.buffers, tol=tol,
-        max_iter=max_iter, relative=stop == "rel", divergence=math.inf if divergence is None else divergence,
-        check_every=check_every, graph=graph, kernels=kernels,
-    )  # fmt: skip
+    rule = StopRule(tol, max_iter, relative=stop == "rel", divergence=math.inf if divergence is None else divergence)
+    buffers = _new_buffers(x, max_iter, graph) if session is None else session.buffers
+    loop = _Loop(solver, fn, buffers, rule, check_every=check_every, graph=graph, kernels=kernels)
     n_active = loop.start(x, fx, reuse=None if session is None else session.state)
     del x, fx  # from here on held as the last evaluated pair, which the graphs rebind to their buffers
     if graph:

@@ -17,6 +17,7 @@ from torch import Tensor
 from . import kernels as kernel_modules
 from ._common import check_int, check_interval, check_memory, check_positive, stat_dtype
 from ._solve import Solution, Solver, solve
+from .kernels.groups import AndersonState, BroydenState, BroydenStep
 
 __all__ = ["picard", "anderson", "broyden"]
 
@@ -77,7 +78,7 @@ def _kernels(impl: str, x0: Tensor) -> ModuleType:
 # ----------------------------------------------------------------------------- Picard
 
 
-@dataclass
+@dataclass(frozen=True)
 class _PicardState:
     x: Tensor  # (B, D)
     fx: Tensor  # (B, D) f(x)
@@ -137,20 +138,6 @@ def picard(
 # ----------------------------------------------------------------------------- Anderson
 
 
-@dataclass
-class _AndersonState:
-    F: Tensor  # (B, m, D) images f(x_i) of past iterates (ring buffer, slot = count % m)
-    G: Tensor  # (B, m, D) their residuals g_i = f(x_i) - x_i
-    gram: Tensor  # (B, m, m) G G^T in fp32/fp64, updated one row per iteration
-    valid: Tensor  # (B, m) bool: slot holds a pair of the current history
-    count: int  # pairs written so far
-    newest: Tensor  # (B, m) bool, one-hot: the slot of each sample's newest pair in its history
-    row: Tensor  # (B, m) the Gram row of the pair just written to the next slot (by ``residual``)
-    gnorm: Tensor  # (B,) ||g|| of that pair
-    restarts: Tensor  # (B,) history restarts per sample
-    alpha: Tensor | None = None  # (B, m) the next step's mixing weights (by ``update``, with the bookkeeping)
-
-
 @dataclass(frozen=True)
 class Anderson(Solver):
     """Type-II Anderson mixing over a ring of m pairs; its own residual pass writes into the history."""
@@ -174,52 +161,48 @@ class Anderson(Solver):
         sdt = stat_dtype(x.dtype)
         nbytes = batch * self.m * (2 * dim * x.element_size() + self.m * sdt.itemsize)  # F, G; the Gram matrix
         check_memory("m", self.m, nbytes, f"the ({batch}, m, {dim}) history and its Gram matrix", x.device)
-        state = _AndersonState(
+        state = AndersonState(
             F=x.new_empty(batch, self.m, dim),
             G=x.new_empty(batch, self.m, dim),
             gram=x.new_empty(batch, self.m, self.m, dtype=sdt),
             valid=torch.empty(batch, self.m, dtype=torch.bool, device=x.device),
-            count=0,
             newest=torch.empty(batch, self.m, dtype=torch.bool, device=x.device),
-            row=x.new_empty(batch, self.m, dtype=sdt),
-            gnorm=torch.empty_like(gnorm),
+            kept_gnorm=torch.empty_like(gnorm),
             restarts=torch.empty(batch, dtype=torch.long, device=x.device),
+            row=x.new_empty(batch, self.m, dtype=sdt),
         )
         return self.reinit(state, x, fx, g, gnorm)
 
-    def reinit(self, state: _AndersonState, x, fx, g, gnorm) -> _AndersonState:
+    def reinit(self, state: AndersonState, x, fx, g, gnorm) -> AndersonState:
         """``init`` into the tensors of ``state`` (a kept graph session's buffers): no new history.
 
         The history is zeroed, not just marked invalid: a slot the mixing weighs by 0 must not hold a
         NaN from an earlier solve (0 * NaN is NaN)."""
         for t in (state.F, state.G, state.gram, state.valid, state.newest, state.restarts):
             t.zero_()
-        state.gnorm.copy_(gnorm)  # the last kept ||g||, updated in place
-        row = self.kernels.anderson_write(state.F, state.G, 0, fx, g)  # the start pair into slot 0
-        state.row.copy_(row)
-        return self._absorb(replace(state, count=0), gnorm, growth=None)
+        state.kept_gnorm.copy_(gnorm)
+        state = replace(state, count=0)
+        state.row.copy_(self.kernels.anderson_write(state, fx, g))  # the start pair into slot 0
+        return self._absorb(state, gnorm, growth=None)
 
-    def _absorb(self, state: _AndersonState, gnorm, growth: float | None) -> _AndersonState:
+    def _absorb(self, state: AndersonState, gnorm, growth: float | None) -> AndersonState:
         """The pair just written to the next slot joins the history: its Gram row and column, and the
         bookkeeping in place (a step that multiplied ||g|| by more than ``growth`` restarts the history
         from the pair it came from; None: never); and the next step's mixing weights, in the same launch
         (ill-conditioned samples restart, in place: valid, restarts, with a damped step)."""
-        slot = state.count % self.m
         alpha = self.kernels.anderson_absorb(
-            state.gram, state.row, state.valid, state.newest, state.gnorm, gnorm, state.restarts, slot, growth,
-            self.ridge, self.max_coeff, self.graph_safe,
-        )  # fmt: skip
+            state, gnorm, growth=growth, ridge=self.ridge, max_coeff=self.max_coeff, graph_safe=self.graph_safe
+        )
         return replace(state, count=state.count + 1, alpha=alpha)
 
     def residual(self, state, x, fx):
         # one pass: g = f(x) - x straight into the next slot, f(x) beside it, the norms and the new Gram row
-        slot = state.count % self.m
-        gsq, fsq, row = self.kernels.anderson_residual_write(state.F, state.G, slot, x, fx)
-        return state.G[:, slot], gsq, fsq, replace(state, row=row)
+        gsq, fsq, row = self.kernels.anderson_residual_write(state, x, fx)
+        return state.G[:, state.slot], gsq, fsq, replace(state, row=row)
 
     def step(self, fn, state, active, frozen):
         # x = sum_i alpha_i (x_i + beta g_i) = sum_i alpha_i f(x_i) + (beta - 1) sum_i alpha_i g_i
-        return self.kernels.anderson_mix(state.F, state.G, state.alpha, self.beta, frozen, active), state
+        return self.kernels.anderson_mix(state, self.beta, frozen, active), state
 
     def update(self, state, x, fx, g, gnorm):
         # the pair is already in its slot (residual); a step that blew the residual up restarts from
@@ -281,20 +264,6 @@ def anderson(
 # ----------------------------------------------------------------------------- Broyden
 
 
-@dataclass
-class _BroydenState:
-    x: Tensor  # (B, D) current iterate
-    g: Tensor  # (B, D) f(x) - x
-    gnorm: Tensor  # (B,)
-    hg: Tensor  # (B, D) H g: the step is x <- x - H g
-    U: Tensor  # (B, m, D) inverse Jacobian of g: H = -I + sum_i alive_i u_i v_i^T
-    V: Tensor  # (B, m, D)
-    alive: Tensor  # (B, m) bool: the term belongs to this sample's current H
-    count: int  # slots in use (0..count-1)
-    restarts: Tensor  # (B,)
-    next_x: Tensor  # (B, D) x - H g: the next iterate
-
-
 def _reduce_rank(U: Tensor, V: Tensor, alive: Tensor, rank: int) -> None:
     """Replace sum_i alive_i u_i v_i^T, stored as (B, m, D) factors, by its best rank-``rank`` part, in place.
 
@@ -345,10 +314,11 @@ class Broyden(Solver):
         alive = torch.zeros(batch, self.m, dtype=torch.bool, device=x.device)
         restarts = torch.zeros(batch, dtype=torch.long, device=x.device)
         hg = -g  # H = -I
-        return _BroydenState(x, g, gnorm, hg, zeros, zeros.clone(), alive, 0, restarts, x - hg)
+        return BroydenState(U=zeros, V=zeros.clone(), alive=alive, restarts=restarts, x=x, g=g, gnorm=gnorm, hg=hg,
+                            next_x=x - hg)  # fmt: skip
 
     @staticmethod
-    def _apply(state: _BroydenState, y: Tensor, transpose: bool = False) -> Tensor:
+    def _apply(state: BroydenState, y: Tensor, transpose: bool = False) -> Tensor:
         """H y (or H^T y) for H = -I + sum_i alive_i u_i v_i^T: (B, D) -> (B, D), over used slots only."""
         n = state.count
         first, second = (state.U, state.V) if transpose else (state.V, state.U)
@@ -359,23 +329,18 @@ class Broyden(Solver):
         return state.next_x, state  # written by the update's last pass
 
     def update(self, state, x, fx, g, gnorm):
-        n = state.count
-        dx = x - state.x  # (B, D)
+        new = BroydenStep(x, g, gnorm, dx=x - state.x)
         # H g_new and H^T dx, and the dot products below, in two passes over U and V
-        coeff = self.kernels.broyden_dots(state.U, state.V, n, g, dx)  # (B, 2, n), of every term
-        h_g, v, sums = self.kernels.broyden_combine(state.U, state.V, n, coeff, state.alive, g, dx, state.hg)
+        coeff = self.kernels.broyden_dots(state, new)  # (B, 2, count), of every term
+        applies = self.kernels.broyden_combine(state, new, coeff)
         # u, v into the next slot; H' g_new = H g_new + u (v . g_new) without another pass over U, V;
         # a step that blew the residual up forgets the Jacobian and stays at the old iterate
-        x, g, gnorm, hg, next_x = self.kernels.broyden_finish(
-            state.U, state.V, n, x, state.x, g, state.g, dx, h_g, v, state.hg, sums, gnorm, state.gnorm,
-            state.alive, state.restarts, self.growth,
-        )  # fmt: skip
-        state = replace(state, x=x, g=g, gnorm=gnorm, hg=hg, count=n + 1, next_x=next_x)
+        state = self.kernels.broyden_finish(state, new, applies, growth=self.growth)
         if state.count == self.m:  # memory full: keep the dominant half of H + I
             _reduce_rank(state.U, state.V, state.alive, self.m // 2)
-            state.count = self.m // 2
-            state.hg = self._apply(state, state.g)
-            state.next_x = state.x - state.hg
+            state = replace(state, count=self.m // 2)
+            hg = self._apply(state, state.g)
+            state = replace(state, hg=hg, next_x=state.x - hg)
         return state
 
 

@@ -8,6 +8,7 @@ import torch
 import fixedpoint
 from fixedpoint import Status
 from fixedpoint.kernels import host, reference, resolve
+from fixedpoint.kernels.groups import LoopBuffers, Pair, StopRule
 
 
 def _bookkeep_inputs(batch: int, dtype: torch.dtype, seed: int):
@@ -46,8 +47,8 @@ def test_host_bookkeep_equals_the_twin_bit_for_bit(dtype, relative, divergence, 
         gsq, fsq, gnorm0, status, active, best, pending, nsteps, trace = (t.clone() for t in inputs)
         done = torch.tensor(2 if graph_row else 0)
         row = None if graph_row else 2
-        out = module.bookkeep(gsq, fsq, gnorm0, status, active, best, pending, nsteps, trace, row, done, 1e-2,
-                              divergence, relative, 5)  # fmt: skip
+        loop = LoopBuffers(gnorm0, status, best, pending, nsteps, trace, done, best_x=None, best_fx=None)
+        out = module.bookkeep(gsq, fsq, active, loop, StopRule(1e-2, 5, relative, divergence), row)
         results.append([*out, status, best, pending, nsteps, trace, done])
     for a, b in zip(*results, strict=True):
         assert a.dtype == b.dtype and a.shape == b.shape
@@ -65,10 +66,11 @@ def test_host_best_update_equals_the_twin(dtype):
     gen = torch.Generator().manual_seed(3)
     bx, bf, x, fx, px, pf = (torch.randn(4, 9, generator=gen).to(dtype) for _ in range(6))
     take = torch.tensor([0, 1, 2, 1], dtype=torch.int8)
-    for args in ((x, fx, px, pf), (px, pf, px, pf)):  # (finish: the last pair is both)
+    unused = dict.fromkeys(("gnorm0", "status", "best_res", "pending", "nsteps", "trace", "done"))
+    for new, prev in ((Pair(x, fx), Pair(px, pf)), (Pair(px, pf), Pair(px, pf))):  # (finish: the last pair is both)
         got, expected = (bx.clone(), bf.clone()), (bx.clone(), bf.clone())
-        host.best_update(*got, *args, take)
-        reference.best_update(*expected, *args, take)
+        host.best_update(LoopBuffers(**unused, best_x=got[0], best_fx=got[1]), new, prev, take)
+        reference.best_update(LoopBuffers(**unused, best_x=expected[0], best_fx=expected[1]), new, prev, take)
         assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
     assert torch.equal(got[0][1], px[1]) and torch.equal(got[0][0], bx[0])
 

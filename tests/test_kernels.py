@@ -1,6 +1,7 @@
 """Fused Triton kernels against their PyTorch twins (CPU: TRITON_INTERPRET=1, tiny shapes), and their use."""
 
 import os
+from functools import partial
 
 import pytest
 import torch
@@ -9,6 +10,15 @@ from problems import transient_growth
 import fixedpoint
 from fixedpoint import Status
 from fixedpoint.kernels import host, reference, resolve
+from fixedpoint.kernels.groups import (
+    AndersonState,
+    BroydenApplies,
+    BroydenState,
+    BroydenStep,
+    LoopBuffers,
+    Pair,
+    StopRule,
+)
 
 triton_kernels = pytest.importorskip("fixedpoint.kernels.triton_kernels", reason="triton is not installed")
 on_cpu_interpreter = not torch.cuda.is_available()
@@ -22,6 +32,38 @@ ULPS = {torch.float32: 1e-6, torch.float16: 2 * 2**-10, torch.bfloat16: 2 * 2**-
 
 def _close(a, b, dtype, scale=1.0):
     torch.testing.assert_close(a.float(), b.float(), rtol=ULPS[dtype], atol=ULPS[dtype] * scale)
+
+
+def _anderson(F, G, slot: int = 0, alpha=None, **buffers) -> AndersonState:
+    """An AndersonState over the history F, G (B, m, D) with ``slot`` next; the absorb's buffers (gram, valid,
+    newest, kept_gnorm, restarts, row) from ``buffers``, else zeros: kernels that read only F, G never see them."""
+    batch, m, _ = F.shape
+    zeros = partial(torch.zeros, batch, device=F.device)
+    unused = {"gram": zeros(m, m), "valid": zeros(m, dtype=torch.bool), "newest": zeros(m, dtype=torch.bool),
+              "kept_gnorm": zeros(), "restarts": zeros(dtype=torch.long), "row": zeros(m)}  # fmt: skip
+    return AndersonState(F=F, G=G, count=slot, alpha=alpha, **{**unused, **buffers})
+
+
+def _broyden(U, V, n: int, alive=None, **kept) -> BroydenState:
+    """A BroydenState over U, V (B, m, D) with n slots in use; alive (all by default), restarts and the kept
+    iterate (x, g, gnorm, hg) from the arguments, else zeros."""
+    batch, m, dim = U.shape
+    if alive is None:
+        alive = torch.ones(batch, m, dtype=torch.bool, device=U.device)
+    vector = torch.zeros(batch, dim, dtype=U.dtype, device=U.device)
+    defaults = {"x": vector, "g": vector, "hg": vector, "next_x": vector, "gnorm": torch.zeros(batch, device=U.device),
+                "restarts": torch.zeros(batch, dtype=torch.long, device=U.device)}  # fmt: skip
+    return BroydenState(U=U, V=V, alive=alive, count=n, **{**defaults, **kept})
+
+
+def _step(g, dx, x=None, gnorm=None) -> BroydenStep:
+    """The evaluated step as Broyden's dots and combine read it (g, dx; x and gnorm only for finish)."""
+    return BroydenStep(x, g, gnorm, dx)
+
+
+def _best(best_x, best_fx) -> LoopBuffers:
+    """The loop's buffers as best_update reads them: only best_x, best_fx."""
+    return LoopBuffers(**{**dict.fromkeys(LoopBuffers.__dataclass_fields__), "best_x": best_x, "best_fx": best_fx})
 
 
 def _padded(t, pad: int):
@@ -75,15 +117,15 @@ def test_anderson_write_kernel_equals_twin(dtype, slot):
     F, G = (torch.randn(2, 3, 21, generator=gen).to(dtype).to(DEVICE) for _ in range(2))
     fx, g = (torch.randn(2, 21, generator=gen).to(dtype).to(DEVICE) for _ in range(2))
     F2, G2 = F.clone(), G.clone()
-    row1 = triton_kernels.anderson_write(F, G, slot, fx, g)
-    row2 = reference.anderson_write(F2, G2, slot, fx, g)
+    row1 = triton_kernels.anderson_write(_anderson(F, G, slot), fx, g)
+    row2 = reference.anderson_write(_anderson(F2, G2, slot), fx, g)
     assert torch.equal(F, F2) and torch.equal(G, G2)  # the ring buffer holds exactly the new pair
     torch.testing.assert_close(row1, row2, rtol=1e-5, atol=1e-4)
     # g already in its slot (the residual pass wrote it there): the same row, nothing copied
     G[:, slot] = g.flip(1)
     G2 = G.clone()
-    row1 = triton_kernels.anderson_write(F, G, slot, fx, G[:, slot])
-    row2 = reference.anderson_write(F2, G2, slot, fx, G2[:, slot])
+    row1 = triton_kernels.anderson_write(_anderson(F, G, slot), fx, G[:, slot])
+    row2 = reference.anderson_write(_anderson(F2, G2, slot), fx, G2[:, slot])
     assert torch.equal(G, G2) and torch.equal(G[:, slot], g.flip(1))
     torch.testing.assert_close(row1, row2, rtol=1e-5, atol=1e-4)
 
@@ -97,11 +139,11 @@ def test_anderson_residual_write_kernel_equals_twin(dtype, slot, dim):
     F, G = (torch.randn(2, 3, dim, generator=gen).to(dtype).to(DEVICE) for _ in range(2))
     x, fx = (torch.randn(2, dim, generator=gen).to(dtype).to(DEVICE) for _ in range(2))
     F2, G2, F3, G3 = F.clone(), G.clone(), F.clone(), G.clone()
-    gsq1, fsq1, row1 = triton_kernels.anderson_residual_write(F, G, slot, x, fx)
-    gsq2, fsq2, row2 = reference.anderson_residual_write(F2, G2, slot, x, fx)
+    gsq1, fsq1, row1 = triton_kernels.anderson_residual_write(_anderson(F, G, slot), x, fx)
+    gsq2, fsq2, row2 = reference.anderson_residual_write(_anderson(F2, G2, slot), x, fx)
     g = torch.empty_like(x)
     gsq3, fsq3 = reference.residual(x, fx, g)  # the two passes apart
-    row3 = reference.anderson_write(F3, G3, slot, fx, g)
+    row3 = reference.anderson_write(_anderson(F3, G3, slot), fx, g)
     assert torch.equal(F, F2) and torch.equal(F, F3) and torch.equal(G2, G3)
     _close(G, G2, dtype, scale=4)  # g = f(x) - x rounded once: equal up to fp32 vs torch rounding order
     for gsq, fsq, row in ((gsq1, fsq1, row1), (gsq3, fsq3, row3)):
@@ -119,12 +161,12 @@ def test_anderson_mix_kernel_equals_twin_and_freezes(dtype, beta):
     alpha = torch.softmax(torch.randn(3, 4, generator=gen), dim=1).to(DEVICE)
     frozen = torch.randn(3, 19, generator=gen).to(dtype).to(DEVICE)
     active = torch.tensor([True, False, True], device=DEVICE)
-    out1 = triton_kernels.anderson_mix(F, G, alpha, beta, frozen, active)
-    out2 = reference.anderson_mix(F, G, alpha, beta, frozen, active)
+    out1 = triton_kernels.anderson_mix(_anderson(F, G, alpha=alpha), beta, frozen, active)
+    out2 = reference.anderson_mix(_anderson(F, G, alpha=alpha), beta, frozen, active)
     _close(out1, out2, dtype, scale=4)
     assert torch.equal(out1[1], frozen[1])  # a stopped sample keeps its iterate, bit for bit
-    all_active = triton_kernels.anderson_mix(F, G, alpha, beta, None, None)
-    _close(all_active, reference.anderson_mix(F, G, alpha, beta, None, None), dtype, scale=4)
+    all_active = triton_kernels.anderson_mix(_anderson(F, G, alpha=alpha), beta, None, None)
+    _close(all_active, reference.anderson_mix(_anderson(F, G, alpha=alpha), beta, None, None), dtype, scale=4)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -139,8 +181,8 @@ def test_freezing_kernels_with_every_sample_active_read_no_mask(dtype):
     F = torch.randn(3, 4, 37, generator=gen).to(dtype).to(DEVICE)
     F[:, 0] = 0  # the slot that stands in for frozen and active
     alpha = torch.tensor([[0.0, 0.5, 0.25, 0.25]] * 3, device=DEVICE)
-    mixed = triton_kernels.anderson_mix(F, F, alpha, 1.0, None, None)
-    _close(mixed, reference.anderson_mix(F, F, alpha, 1.0, None, None), dtype, scale=4)
+    mixed = triton_kernels.anderson_mix(_anderson(F, F, alpha=alpha), 1.0, None, None)
+    _close(mixed, reference.anderson_mix(_anderson(F, F, alpha=alpha), 1.0, None, None), dtype, scale=4)
     assert mixed.abs().max() > 0
 
 
@@ -156,8 +198,8 @@ def test_freezing_kernels_take_a_strided_bool_mask(dtype):
     assert torch.equal(stepped[1], frozen[1]) and not torch.equal(stepped[0], frozen[0])
     F = torch.randn(3, 2, 29, generator=gen).to(dtype).to(DEVICE)
     alpha = torch.tensor([[0.3, 0.7]] * 3, device=DEVICE)
-    mixed = triton_kernels.anderson_mix(F, F, alpha, 1.0, frozen, active)
-    _close(mixed, reference.anderson_mix(F, F, alpha, 1.0, frozen, active), dtype, scale=4)
+    mixed = triton_kernels.anderson_mix(_anderson(F, F, alpha=alpha), 1.0, frozen, active)
+    _close(mixed, reference.anderson_mix(_anderson(F, F, alpha=alpha), 1.0, frozen, active), dtype, scale=4)
     assert torch.equal(mixed[1], frozen[1]) and not torch.equal(mixed[0], frozen[0])
 
 
@@ -224,18 +266,22 @@ def test_streaming_kernels_equal_twins_at_every_row_alignment(dtype, dim, pad):
     _close(g_out, g_want, dtype, scale=8)
     stepped = [k.picard_step(x, fx, 0.6, frozen, active) for k in (triton_kernels, reference)]
     _close(*stepped, dtype)
-    mixed = [k.anderson_mix(F, G, alpha, 0.6, frozen, active) for k in (triton_kernels, reference)]
+    mixed = [k.anderson_mix(_anderson(F, G, alpha=alpha), 0.6, frozen, active) for k in (triton_kernels, reference)]
     _close(*mixed, dtype, scale=4)
     F2, G2 = F.clone(), G.clone()
-    got, want = (k.anderson_residual_write(*h, 1, x, fx) for k, h in ((triton_kernels, (F, G)), (reference, (F2, G2))))
+    got, want = (
+        k.anderson_residual_write(_anderson(*h, 1), x, fx) for k, h in ((triton_kernels, (F, G)), (reference, (F2, G2)))
+    )
     assert torch.equal(F, F2)
     _close(G, G2, dtype, scale=8)  # g = f - x rounded to storage (the interpreter truncates bf16)
     for a, b in zip(got, want):  # norms and the Gram row read that g: 1 ulp each, summed over 40
         torch.testing.assert_close(a, b, rtol=4 * ULPS[dtype] + 1e-5, atol=1e-3 + 4 * ULPS[dtype])
-    coeff = triton_kernels.broyden_dots(U, V, 3, g, dx)
-    torch.testing.assert_close(coeff, reference.broyden_dots(U, V, 3, g, dx), rtol=1e-5, atol=1e-3)
+    coeff = triton_kernels.broyden_dots(_broyden(U, V, 3), _step(g, dx))
+    torch.testing.assert_close(coeff, reference.broyden_dots(_broyden(U, V, 3), _step(g, dx)), rtol=1e-5, atol=1e-3)
     alive = torch.ones(U.shape[:2], dtype=torch.bool, device=U.device)
-    got, want = (k.broyden_combine(U, V, 3, coeff, alive, g, dx, hg) for k in (triton_kernels, reference))
+    got, want = (
+        k.broyden_combine(_broyden(U, V, 3, alive, hg=hg), _step(g, dx), coeff) for k in (triton_kernels, reference)
+    )
     _close(got[0], want[0], dtype, scale=8)
     _close(got[1], want[1], dtype, scale=8)
     torch.testing.assert_close(got[2], want[2], rtol=8 * ULPS[dtype] + 1e-5, atol=8 * ULPS[dtype] * dim)  # reads hg
@@ -319,19 +365,25 @@ def test_kernels_on_gpu_at_real_sizes(dtype):
         assert rel(a, b) < tol
     assert rel(triton_kernels.picard_step(x, fx, 0.7, g, active), reference.picard_step(x, fx, 0.7, g, active)) < tol
     F2, G2 = F.clone(), G.clone()
-    row = triton_kernels.anderson_write(F, G, 3, fx, g)
-    assert rel(row, reference.anderson_write(F2, G2, 3, fx, g)) < 1e-5 and torch.equal(F, F2) and torch.equal(G, G2)
+    row = triton_kernels.anderson_write(_anderson(F, G, 3), fx, g)
+    assert (
+        rel(row, reference.anderson_write(_anderson(F2, G2, 3), fx, g)) < 1e-5
+        and torch.equal(F, F2)
+        and torch.equal(G, G2)
+    )
     F3, G3 = F.clone(), G.clone()
-    fused = triton_kernels.anderson_residual_write(F, G, 1, x, fx)
-    for a, b in zip(fused, reference.anderson_residual_write(F3, G3, 1, x, fx)):
+    fused = triton_kernels.anderson_residual_write(_anderson(F, G, 1), x, fx)
+    for a, b in zip(fused, reference.anderson_residual_write(_anderson(F3, G3, 1), x, fx)):
         assert rel(a, b) < (1e-5 if dtype == torch.float32 else 1e-3)
     assert torch.equal(F, F3) and rel(G, G3) < tol
-    mix = triton_kernels.anderson_mix(F, G, alpha, 0.5, x, active)
-    assert rel(mix, reference.anderson_mix(F, G, alpha, 0.5, x, active)) < tol
-    coeff = triton_kernels.broyden_dots(U, V, 4, g, dx)
-    assert rel(coeff, reference.broyden_dots(U, V, 4, g, dx)) < 1e-5
+    mix = triton_kernels.anderson_mix(_anderson(F, G, alpha=alpha), 0.5, x, active)
+    assert rel(mix, reference.anderson_mix(_anderson(F, G, alpha=alpha), 0.5, x, active)) < tol
+    coeff = triton_kernels.broyden_dots(_broyden(U, V, 4), _step(g, dx))
+    assert rel(coeff, reference.broyden_dots(_broyden(U, V, 4), _step(g, dx))) < 1e-5
     alive = torch.rand(U.shape[:2], device=U.device) < 0.7
-    for a, b in zip(*(k.broyden_combine(U, V, 4, coeff, alive, g, dx, hg) for k in (triton_kernels, reference))):
+    for a, b in zip(
+        *(k.broyden_combine(_broyden(U, V, 4, alive, hg=hg), _step(g, dx), coeff) for k in (triton_kernels, reference))
+    ):
         assert rel(a, b) < tol
     sums = torch.rand(32, 4, device="cuda") + 0.1
     gnorm_old = torch.rand(32, device="cuda") + 0.5
@@ -343,14 +395,15 @@ def test_kernels_on_gpu_at_real_sizes(dtype):
             torch.ones(32, 5, dtype=torch.bool, device="cuda"),
             torch.zeros(32, dtype=torch.long, device="cuda"),
         )
-        args = (x, fx, g, dx, hg, g, dx, hg, sums, gnorm, gnorm_old, alive, restarts, 100.0)
-        outs.append([*module.broyden_finish(U2, V2, 2, *args), U2, alive, restarts])
+        state = _broyden(U2, V2, 2, alive, restarts=restarts, x=fx, g=dx, gnorm=gnorm_old, hg=hg)
+        out = module.broyden_finish(state, _step(g, hg, x, gnorm), BroydenApplies(g, dx, sums), growth=100.0)
+        outs.append([out.x, out.g, out.gnorm, out.hg, out.next_x, U2, alive, restarts])
     for a, b in zip(*outs):
         assert rel(a, b) < tol
     bx, bf, bx2, bf2 = x.clone(), fx.clone(), x.clone(), fx.clone()
     take = torch.randint(0, 3, (32,), device="cuda", dtype=torch.int8)
-    triton_kernels.best_update(bx, bf, g, dx, hg, x, take)
-    reference.best_update(bx2, bf2, g, dx, hg, x, take)
+    triton_kernels.best_update(_best(bx, bf), Pair(g, dx), Pair(hg, x), take)
+    reference.best_update(_best(bx2, bf2), Pair(g, dx), Pair(hg, x), take)
     assert torch.equal(bx, bx2) and torch.equal(bf, bf2)
 
 
@@ -374,12 +427,12 @@ def test_broyden_kernels_equal_twins(dtype, n):
     gen = torch.Generator().manual_seed(n)
     U, V = (torch.randn(2, 4, 29, generator=gen).to(dtype).to(DEVICE) for _ in range(2))
     g, dx, hg = (torch.randn(2, 29, generator=gen).to(dtype).to(DEVICE) for _ in range(3))
-    coeff = triton_kernels.broyden_dots(U, V, n, g, dx)
-    torch.testing.assert_close(coeff, reference.broyden_dots(U, V, n, g, dx), rtol=1e-5, atol=1e-4)
+    coeff = triton_kernels.broyden_dots(_broyden(U, V, n), _step(g, dx))
+    torch.testing.assert_close(coeff, reference.broyden_dots(_broyden(U, V, n), _step(g, dx)), rtol=1e-5, atol=1e-4)
     assert coeff.shape == (2, 2, n)
     alive = torch.tensor([[True, False, True, True], [True, True, True, False]], device=DEVICE)  # dead terms
-    h1, v1, sums1 = triton_kernels.broyden_combine(U, V, n, coeff, alive, g, dx, hg)
-    h2, v2, sums2 = reference.broyden_combine(U, V, n, coeff, alive, g, dx, hg)
+    h1, v1, sums1 = triton_kernels.broyden_combine(_broyden(U, V, n, alive, hg=hg), _step(g, dx), coeff)
+    h2, v2, sums2 = reference.broyden_combine(_broyden(U, V, n, alive, hg=hg), _step(g, dx), coeff)
     _close(h1, h2, dtype, scale=8)
     _close(v1, v2, dtype, scale=8)
     # H g = -g + sum_j coeff_j u_j over the live terms only
@@ -420,15 +473,19 @@ def test_streaming_kernels_over_several_steps_and_chunks(monkeypatch, dtype, min
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=4 * ULPS[dtype] + 1e-5, atol=1e-4)
     F2, G2 = F.clone(), G.clone()
-    got, want = (k.anderson_residual_write(*h, 1, x, fx) for k, h in ((triton_kernels, (F, G)), (reference, (F2, G2))))
+    got, want = (
+        k.anderson_residual_write(_anderson(*h, 1), x, fx) for k, h in ((triton_kernels, (F, G)), (reference, (F2, G2)))
+    )
     assert torch.equal(F, F2)
     _close(G, G2, dtype, scale=8)  # g written in every inner step (the interpreter truncates bf16)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=4 * ULPS[dtype] + 1e-5, atol=1e-3)
-    coeff = triton_kernels.broyden_dots(U, V, 3, g, dx)
-    torch.testing.assert_close(coeff, reference.broyden_dots(U, V, 3, g, dx), rtol=1e-5, atol=1e-3)
+    coeff = triton_kernels.broyden_dots(_broyden(U, V, 3), _step(g, dx))
+    torch.testing.assert_close(coeff, reference.broyden_dots(_broyden(U, V, 3), _step(g, dx)), rtol=1e-5, atol=1e-3)
     alive = torch.ones(U.shape[:2], dtype=torch.bool, device=U.device)
-    got, want = (k.broyden_combine(U, V, 3, coeff, alive, g, dx, hg) for k in (triton_kernels, reference))
+    got, want = (
+        k.broyden_combine(_broyden(U, V, 3, alive, hg=hg), _step(g, dx), coeff) for k in (triton_kernels, reference)
+    )
     _close(got[0], want[0], dtype, scale=8)
     _close(got[1], want[1], dtype, scale=8)
     torch.testing.assert_close(got[2], want[2], rtol=8 * ULPS[dtype] + 1e-5, atol=8 * ULPS[dtype] * dim)
@@ -478,7 +535,8 @@ def test_bookkeep_kernel_equals_twin(relative, graph_mode, batch):
         st, be, pe, ns, tr, dn = state = [t.clone().to(DEVICE) for t in (status, best, pending, nsteps, trace, done)]
         g, f, g0, act = (t.to(DEVICE) for t in (gsq, fsq, gnorm0, active))
         row = None if graph_mode else 2
-        out = module.bookkeep(g, f, g0, st, act, be, pe, ns, tr, row, dn, 0.3, 50.0, relative, 5)
+        loop = LoopBuffers(g0, st, be, pe, ns, tr, dn, best_x=None, best_fx=None)
+        out = module.bookkeep(g, f, act, loop, StopRule(0.3, 5, relative, divergence=50.0), row)
         results.append(list(out) + state)
     for a, b in zip(*results):
         assert a.dtype == b.dtype
@@ -512,7 +570,9 @@ def test_anderson_mixing_weights_kernel_equals_twin(m):
     for module in (triton_kernels, reference):
         v, r = valid.clone().to(DEVICE), torch.arange(batch).to(DEVICE)
         g, n, kept = gram.clone().to(DEVICE), newest.clone().to(DEVICE), torch.ones(batch, device=DEVICE)
-        alpha = module.anderson_absorb(g, g[:, m - 1].clone(), v, n, kept, kept, r, m - 1, None, 1e-6, 50.0, True)
+        state = _anderson(torch.zeros(batch, m, 1, device=DEVICE), None, m - 1, gram=g, row=g[:, m - 1].clone(),
+                          valid=v, newest=n, kept_gnorm=kept, restarts=r)  # fmt: skip
+        alpha = module.anderson_absorb(state, kept, growth=None, ridge=1e-6, max_coeff=50.0, graph_safe=True)
         assert torch.equal(g.nan_to_num(), gram.to(DEVICE).nan_to_num()) and torch.equal(n, newest.to(DEVICE))
         results.append((alpha, v, r))
     (a1, v1, r1), (a2, v2, r2) = results
@@ -533,8 +593,8 @@ def test_best_update_kernel_equals_twin(dtype, dim, pad):
     take = torch.tensor([0, 1, 2], dtype=torch.int8, device=DEVICE)  # keep, the new pair, the previous pair
     bx2, bf2 = bx.clone(), bf.clone()
     expected_x, expected_fx = torch.stack([bx[0], x[1], px[2]]), torch.stack([bf[0], fx[1], pf[2]])
-    triton_kernels.best_update(bx, bf, x, fx, px, pf, take)
-    reference.best_update(bx2, bf2, x, fx, px, pf, take)
+    triton_kernels.best_update(_best(bx, bf), Pair(x, fx), Pair(px, pf), take)
+    reference.best_update(_best(bx2, bf2), Pair(x, fx), Pair(px, pf), take)
     for got in ((bx, bf), (bx2, bf2)):
         assert torch.equal(got[0], expected_x) and torch.equal(got[1], expected_fx)
 
@@ -583,10 +643,12 @@ def test_anderson_absorb_kernel_equals_twin(growth):
     results, weights = [], []
     for module in (triton_kernels, reference):
         bufs = [t.clone().to(DEVICE) for t in (gram, valid, newest, kept, restarts)]
+        gram_b, valid_b, newest_b, kept_b, restarts_b = bufs
+        state = _anderson(torch.zeros(batch, m, 1, device=DEVICE), None, slot, gram=gram_b, row=row.to(DEVICE),
+                          valid=valid_b, newest=newest_b, kept_gnorm=kept_b, restarts=restarts_b)  # fmt: skip
         alpha = module.anderson_absorb(
-            bufs[0], row.to(DEVICE), bufs[1], bufs[2], bufs[3], gnorm.to(DEVICE), bufs[4], slot, growth, 1e-6, 1e4,
-            True,
-        )  # fmt: skip
+            state, gnorm.to(DEVICE), growth=growth, ridge=1e-6, max_coeff=1e4, graph_safe=True
+        )
         results.append(bufs)
         weights.append(alpha)
     for a, b in zip(*results):
@@ -619,9 +681,13 @@ def test_broyden_finish_kernel_equals_twin(dtype, dim, pad):
     results = []
     for module in (triton_kernels, reference):
         bufs = [_padded(U, pad), _padded(V, pad)] + [t.clone().to(DEVICE) for t in (alive, torch.arange(batch))]
-        vecs = [t.to(DEVICE) for t in (x, x_old, g, g_old, dx, h_g, v, hg_old, sums, gnorm, gnorm_old)]
-        out = module.broyden_finish(bufs[0], bufs[1], slot, *vecs, bufs[2], bufs[3], 100.0)
-        results.append(list(out) + bufs)
+        xd, xo, gd, go, dxd, hd, vd, ho, sd, nd, no = (
+            t.to(DEVICE) for t in (x, x_old, g, g_old, dx, h_g, v, hg_old, sums, gnorm, gnorm_old)
+        )
+        state = _broyden(bufs[0], bufs[1], slot, bufs[2], restarts=bufs[3], x=xo, g=go, gnorm=no, hg=ho)
+        out = module.broyden_finish(state, _step(gd, dxd, xd, nd), BroydenApplies(hd, vd, sd), growth=100.0)
+        assert out.count == slot + 1
+        results.append([out.x, out.g, out.gnorm, out.hg, out.next_x] + bufs)
     (x1, g1, n1, hg1, s1, U1, V1, a1, r1), (x2, g2, n2, hg2, s2, U2, V2, a2, r2) = results
     for a, b in ((x1, x2), (g1, g2), (V1, V2)):
         assert torch.equal(a, b)
@@ -688,17 +754,18 @@ def _launch_every_feature_kernel(batch: int, dim: int, dtype: torch.dtype) -> No
     active = torch.ones(batch, dtype=torch.bool, device="meta")
     triton_kernels.residual(x, x, x)
     triton_kernels.picard_step(x, x, 0.5, x, active)
-    triton_kernels.best_update(x, x, x, x, x, x, torch.ones(batch, dtype=torch.int8, device="meta"))
-    triton_kernels.anderson_write(F, F, 1, x, x)
-    triton_kernels.anderson_residual_write(F, F, 1, x, x)
-    triton_kernels.anderson_mix(F, F, new(batch, 3, dtype=torch.float32), 0.5, x, active)
-    triton_kernels.broyden_dots(U, U, 2, x, x)
+    triton_kernels.best_update(_best(x, x), Pair(x, x), Pair(x, x), torch.ones(batch, dtype=torch.int8, device="meta"))
+    triton_kernels.anderson_write(_anderson(F, F, 1), x, x)
+    triton_kernels.anderson_residual_write(_anderson(F, F, 1), x, x)
+    triton_kernels.anderson_mix(_anderson(F, F, alpha=new(batch, 3, dtype=torch.float32)), 0.5, x, active)
+    triton_kernels.broyden_dots(_broyden(U, U, 2), _step(x, x))
     alive = torch.ones(batch, 3, dtype=torch.bool, device="meta")
-    triton_kernels.broyden_combine(U, U, 2, new(batch, 2, 2, dtype=torch.float32), alive, x, x, x)
+    triton_kernels.broyden_combine(_broyden(U, U, 2, alive, hg=x), _step(x, x), new(batch, 2, 2, dtype=torch.float32))
     stats = new(batch, dtype=torch.float32)
     alive, restarts = new(batch, 3, dtype=torch.int8), new(batch, dtype=torch.int64)
-    triton_kernels.broyden_finish(U, U, 0, x, x, x, x, x, x, x, x, new(batch, 4, dtype=torch.float32), stats, stats,
-                                  alive, restarts, 100.0)  # fmt: skip
+    state = _broyden(U, U, 0, alive, restarts=restarts, x=x, g=x, gnorm=stats, hg=x)
+    applies = BroydenApplies(x, x, new(batch, 4, dtype=torch.float32))
+    triton_kernels.broyden_finish(state, _step(x, x, x, stats), applies, growth=100.0)
 
 
 def test_launch_grids_stay_within_cuda_limits(monkeypatch):
@@ -746,7 +813,7 @@ def test_each_launcher_takes_its_kernels_setting_for_its_element_size(monkeypatc
             assert (kwargs["STEPS"], kwargs["STAGES"]) == (setting.max_steps, setting.stages), name
     history = torch.empty(1, 3, 2**24, dtype=dtype, device="meta")
     row = torch.empty(1, 2**24, dtype=dtype, device="meta")
-    triton_kernels.anderson_write(history, history, 1, row, row)  # the start's write, without the residual
+    triton_kernels.anderson_write(_anderson(history, history, 1), row, row)  # the start's write, without the residual
     _, kwargs = launches["_anderson_write_kernel"]
     assert kwargs["BLOCK"] == settings["anderson_write"][itemsize].nbytes // (itemsize * 4)
     assert kwargs["num_warps"] == settings["anderson_write"][itemsize].warps

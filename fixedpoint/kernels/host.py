@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from . import reference
+from .groups import LoopBuffers, Pair, StopRule
 from .reference import (  # noqa: F401  (the rest of the kernel set, as reference has it)
     CONVERGED,
     DIVERGED,
@@ -50,29 +51,17 @@ _NUMPY_DATA = (torch.float16, torch.float32, torch.float64)  # dtypes .numpy() c
 
 
 def bookkeep(
-    gsq: Tensor,
-    fsq: Tensor,
-    gnorm0: Tensor,
-    status: Tensor,
-    active: Tensor,
-    best_res: Tensor,
-    pending: Tensor,
-    nsteps: Tensor,
-    trace: Tensor,
-    row: int | None,
-    done: Tensor,
-    tol: float,
-    divergence: float,
-    relative: bool,
-    max_iter: int,
+    gsq: Tensor, fsq: Tensor, active: Tensor, loop: LoopBuffers, rule: StopRule, row: int | None
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``reference.bookkeep`` (same arguments, results and in-place updates) on NumPy views: CPU tensors only."""
+    tol, divergence, max_iter, done = rule.tol, rule.divergence, rule.max_iter, loop.done
     gnorm_t = gsq.sqrt()  # PyTorch's rounding, as the twin
-    gnorm, fnorm, g0 = gnorm_t.numpy(), fsq.sqrt().numpy(), gnorm0.numpy()
-    st, act, best, pend, steps, tr = (t.numpy() for t in (status, active, best_res, pending, nsteps, trace))
+    gnorm, fnorm, g0 = gnorm_t.numpy(), fsq.sqrt().numpy(), loop.gnorm0.numpy()
+    buffers = (loop.status, active, loop.best_res, loop.pending, loop.nsteps, loop.trace)
+    st, act, best, pend, steps, tr = (t.numpy() for t in buffers)
     real = gnorm.dtype.type
     with np.errstate(all="ignore"):  # inf / inf and the like: NaN, as PyTorch gives, without a warning
-        if relative:  # near a fixed point at 0, relative to the start's residual instead (NaN-safe: compare)
+        if rule.relative:  # near a fixed point at 0, relative to the start's residual instead (NaN-safe: compare)
             floor = real(REL_FLOOR) * g0
             res = gnorm / np.maximum(np.where(floor > fnorm, floor, fnorm), np.finfo(real).tiny)
         else:
@@ -99,17 +88,15 @@ def bookkeep(
     return gnorm_t, torch.from_numpy(new_active), torch.from_numpy(take), torch.from_numpy(counts)
 
 
-def best_update(
-    best_x: Tensor, best_fx: Tensor, x: Tensor, fx: Tensor, prev_x: Tensor, prev_fx: Tensor, take: Tensor
-) -> None:
+def best_update(loop: LoopBuffers, new: Pair, prev: Pair, take: Tensor) -> None:
     """``reference.best_update`` with ``np.copyto`` where every tensor has a NumPy dtype (else the twin)."""
-    tensors = (best_x, best_fx, x, fx, prev_x, prev_fx)
+    tensors = (loop.best_x, loop.best_fx, *new, *prev)
     if any(t.dtype not in _NUMPY_DATA for t in tensors):
-        return reference.best_update(best_x, best_fx, x, fx, prev_x, prev_fx, take)
+        return reference.best_update(loop, new, prev, take)
     bx, bfx, nx, nfx, px, pfx = (t.detach().numpy() for t in tensors)  # f's outputs may be leaves that require grad
     codes = take.numpy()[:, None]  # (B, 1)
-    new, prev = codes == TAKE_NEW, codes == TAKE_PREV
-    np.copyto(bx, px, where=prev)  # prev first: a row is one or the other, and x may be prev_x (finish)
-    np.copyto(bfx, pfx, where=prev)
-    np.copyto(bx, nx, where=new)
-    np.copyto(bfx, nfx, where=new)
+    is_new, is_prev = codes == TAKE_NEW, codes == TAKE_PREV
+    np.copyto(bx, px, where=is_prev)  # prev first: a row is one or the other, and new may be prev (finish)
+    np.copyto(bfx, pfx, where=is_prev)
+    np.copyto(bx, nx, where=is_new)
+    np.copyto(bfx, nfx, where=is_new)

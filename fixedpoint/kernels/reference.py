@@ -7,11 +7,13 @@ in fp32 (fp64 for fp64 data), whatever the storage dtype.
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import torch
 from torch import Tensor
 
 from .._common import Status, stat_dtype
+from .groups import AndersonState, BroydenApplies, BroydenState, BroydenStep, LoopBuffers, Pair, StopRule
 
 __all__ = [
     "best_update",
@@ -50,11 +52,12 @@ def residual(x: Tensor, fx: Tensor, g_out: Tensor | None) -> tuple[Tensor, Tenso
     return norm(g, dim=1, dtype=acc).square(), norm(fx, dim=1, dtype=acc).square()
 
 
-def anderson_write(F: Tensor, G: Tensor, slot: int, fx: Tensor, g: Tensor) -> Tensor:
-    """Store f(x) and g in ring-buffer slot ``slot`` of F, G (in place); return the Gram row G g (B, m).
+def anderson_write(state: AndersonState, fx: Tensor, g: Tensor) -> Tensor:
+    """Store f(x) and g in the state's next ring slot (in place); return the Gram row G g (B, m).
 
     g may already be that slot of G (the residual pass wrote it there): then it is not copied.
     """
+    F, G, slot = state.F, state.G, state.slot
     F[:, slot] = fx
     if not is_slot(G, slot, g):
         G[:, slot] = g
@@ -62,11 +65,12 @@ def anderson_write(F: Tensor, G: Tensor, slot: int, fx: Tensor, g: Tensor) -> Te
     return torch.bmm(G.to(acc), g.to(acc).unsqueeze(2)).squeeze(2)
 
 
-def anderson_residual_write(F: Tensor, G: Tensor, slot: int, x: Tensor, fx: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """The residual pass and the history write in one: g = f(x) - x goes straight into slot ``slot``
+def anderson_residual_write(state: AndersonState, x: Tensor, fx: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The residual pass and the history write in one: g = f(x) - x goes straight into the state's next slot
     of G and f(x) into F (in place). Returns ||g||^2, ||f(x)||^2 (B,) and the Gram row G g (B, m)."""
-    gsq, fsq = residual(x, fx, G[:, slot])
-    return gsq, fsq, anderson_write(F, G, slot, fx, G[:, slot])
+    g = state.G[:, state.slot]
+    gsq, fsq = residual(x, fx, g)
+    return gsq, fsq, anderson_write(state, fx, g)
 
 
 def is_slot(history: Tensor, slot: int, t: Tensor) -> bool:
@@ -75,14 +79,13 @@ def is_slot(history: Tensor, slot: int, t: Tensor) -> bool:
     return t.data_ptr() == view.data_ptr() and t.shape == view.shape and t.stride() == view.stride()
 
 
-def anderson_mix(
-    F: Tensor, G: Tensor, alpha: Tensor, beta: float, frozen: Tensor | None, active: Tensor | None
-) -> Tensor:
-    """x = sum_i alpha_i (f(x_i) + (beta - 1) g_i) for active samples; stopped samples get ``frozen``.
+def anderson_mix(state: AndersonState, beta: float, frozen: Tensor | None, active: Tensor | None) -> Tensor:
+    """x = sum_i alpha_i (f(x_i) + (beta - 1) g_i) over the state's history with its weights ``alpha`` (B, m)
+    fp32/fp64, for active samples; stopped samples get ``frozen``.
 
-    alpha (B, m) fp32/fp64, frozen (B, D) or None (every sample active), active (B,) bool.
-    Returns (B, D) in F's dtype.
+    frozen (B, D) or None (every sample active), active (B,) bool. Returns (B, D) in F's dtype.
     """
+    F, G, alpha = state.F, state.G, state.alpha
     acc = alpha.dtype
     a = alpha.unsqueeze(1)  # (B, 1, m)
     x = torch.bmm(a, F.to(acc)).squeeze(1)
@@ -107,70 +110,56 @@ def picard_step(x: Tensor, fx: Tensor, beta: float, frozen: Tensor | None, activ
     return out if frozen is None else torch.where(active[:, None], out, frozen)
 
 
-def broyden_dots(U: Tensor, V: Tensor, n: int, g: Tensor, dx: Tensor) -> Tensor:
-    """The coefficients of Broyden's two applies, (B, 2, n) fp32/fp64: row 0 = V g, row 1 = U dx (first n slots)."""
-    acc = stat_dtype(g.dtype)
-    vg = torch.bmm(V[:, :n].to(acc), g.to(acc).unsqueeze(2)).squeeze(2)
-    udx = torch.bmm(U[:, :n].to(acc), dx.to(acc).unsqueeze(2)).squeeze(2)
+def broyden_dots(state: BroydenState, new: BroydenStep) -> Tensor:
+    """The coefficients of Broyden's two applies, (B, 2, n) fp32/fp64 over the state's n = count slots:
+    row 0 = V g, row 1 = U dx."""
+    n, acc = state.count, stat_dtype(new.g.dtype)
+    vg = torch.bmm(state.V[:, :n].to(acc), new.g.to(acc).unsqueeze(2)).squeeze(2)
+    udx = torch.bmm(state.U[:, :n].to(acc), new.dx.to(acc).unsqueeze(2)).squeeze(2)
     return torch.stack([vg, udx], dim=1)
 
 
-def broyden_combine(
-    U: Tensor, V: Tensor, n: int, coeff: Tensor, alive: Tensor, g: Tensor, dx: Tensor, hg: Tensor
-) -> tuple[Tensor, Tensor, Tensor]:
+def broyden_combine(state: BroydenState, new: BroydenStep, coeff: Tensor) -> BroydenApplies:
     """Broyden's two applies and the dot products of its update, in one pass.
 
-    With H = -I + sum_i alive_i u_i v_i^T over the first n slots (coeff (B, 2, n) from ``broyden_dots``,
-    alive (B, m) bool):
-    h_g = H g = -g + coeff[:, 0] U, v = H^T dx = -dx + coeff[:, 1] V, both (B, D) in g's dtype, and
-    sums (B, 4) fp32/fp64: [dx . (h_g - hg), ||dx||^2, ||h_g - hg||^2, v . g].
+    With H = -I + sum_i alive_i u_i v_i^T over the state's first n = count slots (coeff (B, 2, n) from
+    ``broyden_dots``): h_g = H g = -g + coeff[:, 0] U, v = H^T dx = -dx + coeff[:, 1] V, both (B, D) in
+    g's dtype, and sums (B, 4) fp32/fp64: [dx . (h_g - hg), ||dx||^2, ||h_g - hg||^2, v . g] with the
+    state's hg.
     """
+    n, g, dx = state.count, new.g, new.dx
     acc = stat_dtype(g.dtype)
-    c = coeff.to(acc) * alive[:, None, :n]
-    h_g = (torch.bmm(c[:, :1], U[:, :n].to(acc)).squeeze(1) - g.to(acc)).to(g.dtype)
-    v = (torch.bmm(c[:, 1:], V[:, :n].to(acc)).squeeze(1) - dx.to(acc)).to(g.dtype)
-    dxa, h_dg = dx.to(acc), h_g.to(acc) - hg.to(acc)
+    c = coeff.to(acc) * state.alive[:, None, :n]
+    h_g = (torch.bmm(c[:, :1], state.U[:, :n].to(acc)).squeeze(1) - g.to(acc)).to(g.dtype)
+    v = (torch.bmm(c[:, 1:], state.V[:, :n].to(acc)).squeeze(1) - dx.to(acc)).to(g.dtype)
+    dxa, h_dg = dx.to(acc), h_g.to(acc) - state.hg.to(acc)
     dots = [(dxa * h_dg).sum(1), dxa.square().sum(1), h_dg.square().sum(1), (v.to(acc) * g.to(acc)).sum(1)]
-    sums = torch.stack(dots, dim=1)
-    return h_g, v, sums
+    return BroydenApplies(h_g, v, torch.stack(dots, dim=1))
 
 
 def bookkeep(
-    gsq: Tensor,
-    fsq: Tensor,
-    gnorm0: Tensor,
-    status: Tensor,
-    active: Tensor,
-    best_res: Tensor,
-    pending: Tensor,
-    nsteps: Tensor,
-    trace: Tensor,
-    row: int | None,
-    done: Tensor,
-    tol: float,
-    divergence: float,
-    relative: bool,
-    max_iter: int,
+    gsq: Tensor, fsq: Tensor, active: Tensor, loop: LoopBuffers, rule: StopRule, row: int | None
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """One iteration's per-sample accounting after the residual pass (the solver loop's epilogue).
 
-    gsq, fsq (B,): ||f(x) - x||^2, ||f(x)||^2 (fp32/fp64); gnorm0 (B,): the start's ||f(x) - x||;
-    active (B,) bool: samples this iteration moved. In place: status (B,) int64 (Status codes) of
-    the active samples, best_res (B,) where they improved, nsteps (B,) += active, and one row of
-    trace (R, B): this iteration's residuals, NaN for inactive samples. That row is ``row``, or
-    with ``row`` None (CUDA graphs) min(done, max_iter), done += 1, and samples stop at max_iter.
-    divergence: stop a sample as DIVERGED when ||g|| > divergence * gnorm0 (inf: never).
-    relative: the residual is ||g|| / max(||f(x)||, REL_FLOOR * gnorm0), else ||g||.
+    gsq, fsq (B,): ||f(x) - x||^2, ||f(x)||^2 (fp32/fp64); active (B,) bool: samples this iteration moved.
+    In the ``loop``'s buffers, in place: status of the active samples (by ``rule``), best_res where they
+    improved, nsteps += active, and one row of trace: this iteration's residuals, NaN for inactive
+    samples. That row is ``row``, or with ``row`` None (CUDA graphs) min(done, max_iter), done += 1, and
+    samples stop at max_iter.
 
-    The best pair is copied lazily: ``pending`` (B,) bool, in place, marks samples whose best
-    pair is the newest evaluated one and not copied yet. ``take`` (B,) int8 says what
-    ``best_update`` copies: TAKE_NEW when a sample stopped at its best, TAKE_PREV when a
-    pending sample did not improve (its best is the previous pair), KEEP otherwise. So
-    nothing is copied while the residual keeps falling.
+    The best pair is copied lazily: ``pending`` marks samples whose best pair is the newest evaluated one
+    and not copied yet. ``take`` (B,) int8 says what ``best_update`` copies: TAKE_NEW when a sample
+    stopped at its best, TAKE_PREV when a pending sample did not improve (its best is the previous pair),
+    KEEP otherwise. So nothing is copied while the residual keeps falling.
     Returns ||g|| (B,), the new active (B,) bool, take (B,) int8 and counts (2,) [active, samples to copy].
     """
+    gnorm0, status, best_res, pending, nsteps, trace, done = (
+        loop.gnorm0, loop.status, loop.best_res, loop.pending, loop.nsteps, loop.trace, loop.done
+    )
+    tol, divergence, max_iter = rule.tol, rule.divergence, rule.max_iter
     gnorm, fnorm = gsq.sqrt(), fsq.sqrt()
-    if relative:  # near a fixed point at 0, relative to the start's residual instead (NaN-safe: compare)
+    if rule.relative:  # near a fixed point at 0, relative to the start's residual instead (NaN-safe: compare)
         floor = REL_FLOOR * gnorm0
         res = gnorm / torch.where(floor > fnorm, floor, fnorm).clamp_min(torch.finfo(gsq.dtype).tiny)
     else:
@@ -214,18 +203,17 @@ def solve_spd(a: Tensor, b: Tensor) -> Tensor:
     return y
 
 
-def anderson_coefficients(
-    gram: Tensor, valid: Tensor, newest: Tensor, restarts: Tensor, ridge: float, max_coeff: float, graph_safe: bool
-) -> Tensor:
-    """Anderson's mixing weights alpha (B, m) in gram's dtype: sum 1, minimising ||sum_i alpha_i g_i||.
+def anderson_coefficients(state: AndersonState, *, ridge: float, max_coeff: float, graph_safe: bool) -> Tensor:
+    """Anderson's mixing weights alpha (B, m) in the Gram matrix's dtype: sum 1, minimising
+    ||sum_i alpha_i g_i|| over the state's history.
 
-    gram (B, m, m) G G^T of the history's residuals; valid (B, m) bool: slots in the current
-    history; newest (B, m) bool one-hot. The Gram matrix is scaled to unit diagonal before the
-    ridge is added (so the ridge is relative), and solved in fp64 (``graph_safe``: by plain
-    elimination, else LAPACK/cuSOLVER without an error-check sync). A sample whose ||alpha||_1
-    is not finite or exceeds ``max_coeff`` restarts: alpha = newest, and in place its history
-    shrinks to the newest pair (valid) and restarts (B,) counts it.
+    From the state's gram (B, m, m) G G^T, valid (B, m) (slots in the current history) and newest
+    (B, m) one-hot. The Gram matrix is scaled to unit diagonal before the ridge is added (so the ridge
+    is relative), and solved in fp64 (``graph_safe``: by plain elimination, else LAPACK/cuSOLVER without
+    an error-check sync). A sample whose ||alpha||_1 is not finite or exceeds ``max_coeff`` restarts:
+    alpha = newest, and in place its history shrinks to the newest pair (valid) and restarts counts it.
     """
+    gram, valid, newest = state.gram, state.valid, state.newest
     g = gram.double()
     diag = torch.diagonal(g, dim1=1, dim2=2)  # (B, m)
     scale = torch.where(valid, diag.clamp_min(1e-300).rsqrt(), 0.0)  # (B, m)
@@ -237,83 +225,57 @@ def anderson_coefficients(
     coeff_size = alpha.abs().sum(dim=1)
     ill = ~torch.isfinite(coeff_size) | (coeff_size > max_coeff)  # (B,)
     valid &= ~ill[:, None] | newest
-    restarts += ill.long()
+    state.restarts.add_(ill.long())
     return torch.where(ill[:, None], newest.to(alpha.dtype), alpha)
 
 
-def best_update(
-    best_x: Tensor, best_fx: Tensor, x: Tensor, fx: Tensor, prev_x: Tensor, prev_fx: Tensor, take: Tensor
-) -> None:
-    """In place: best_x, best_fx (B, D) take (x, f(x)) where take == TAKE_NEW and (prev_x, prev_fx)
-    where take == TAKE_PREV; other samples are not touched (take (B,) int8, from ``bookkeep``)."""
-    new, prev = (take == TAKE_NEW)[:, None], (take == TAKE_PREV)[:, None]
-    torch.where(new, x, torch.where(prev, prev_x, best_x), out=best_x)
-    torch.where(new, fx, torch.where(prev, prev_fx, best_fx), out=best_fx)
+def best_update(loop: LoopBuffers, new: Pair, prev: Pair, take: Tensor) -> None:
+    """In place: the loop's best_x, best_fx (B, D) take the ``new`` pair where take == TAKE_NEW and the
+    ``prev`` pair where take == TAKE_PREV; other samples are not touched (take (B,) int8, from ``bookkeep``)."""
+    best_x, best_fx = loop.best_x, loop.best_fx
+    is_new, is_prev = (take == TAKE_NEW)[:, None], (take == TAKE_PREV)[:, None]
+    torch.where(is_new, new.x, torch.where(is_prev, prev.x, best_x), out=best_x)
+    torch.where(is_new, new.fx, torch.where(is_prev, prev.fx, best_fx), out=best_fx)
 
 
 def anderson_absorb(
-    gram: Tensor,
-    row: Tensor,
-    valid: Tensor,
-    newest: Tensor,
-    kept_gnorm: Tensor,
-    gnorm: Tensor,
-    restarts: Tensor,
-    slot: int,
-    growth: float | None,
-    ridge: float,
-    max_coeff: float,
-    graph_safe: bool,
+    state: AndersonState, gnorm: Tensor, *, growth: float | None, ridge: float, max_coeff: float, graph_safe: bool
 ) -> Tensor:
-    """Anderson's history bookkeeping after a write to ring slot ``slot``, in place, and the next step's
+    """Anderson's history bookkeeping after a write to the state's slot, in place, and the next step's
     mixing weights alpha (B, m) (``anderson_coefficients`` with ridge, max_coeff, graph_safe).
 
-    row (B, m): the new pair's Gram row, stored as row and column ``slot`` of gram (B, m, m).
+    The state's row (B, m), the new pair's Gram row, is stored as row and column ``slot`` of gram.
     A sample whose ||g|| (gnorm, (B,)) exceeds ``growth`` times the last kept one (kept_gnorm)
     blew up: its history shrinks to its newest pair, the new pair is not kept, restarts += 1.
     Otherwise the new pair joins the history (valid), becomes ``newest`` and kept_gnorm = gnorm.
     growth None: every new pair is kept.
     """
+    gram, valid, newest, kept_gnorm, slot = state.gram, state.valid, state.newest, state.kept_gnorm, state.slot
     blown = ~(gnorm <= growth * kept_gnorm) if growth is not None else torch.zeros_like(valid[:, 0])  # (B,)
     valid &= ~blown[:, None] | newest
-    gram[:, slot, :] = row.to(gram.dtype)
-    gram[:, :, slot] = row.to(gram.dtype)
+    gram[:, slot, :] = state.row.to(gram.dtype)
+    gram[:, :, slot] = state.row.to(gram.dtype)
     valid[:, slot] = ~blown
-    is_slot = torch.arange(valid.shape[1], device=valid.device) == slot  # (m,)
-    torch.where(blown[:, None], newest, is_slot, out=newest)
+    in_slot = torch.arange(valid.shape[1], device=valid.device) == slot  # (m,)
+    torch.where(blown[:, None], newest, in_slot, out=newest)
     torch.where(blown, kept_gnorm, gnorm, out=kept_gnorm)
-    restarts += blown
-    return anderson_coefficients(gram, valid, newest, restarts, ridge, max_coeff, graph_safe)
+    state.restarts.add_(blown)
+    return anderson_coefficients(state, ridge=ridge, max_coeff=max_coeff, graph_safe=graph_safe)
 
 
-def broyden_finish(
-    U: Tensor,
-    V: Tensor,
-    slot: int,
-    x: Tensor,
-    x_old: Tensor,
-    g: Tensor,
-    g_old: Tensor,
-    dx: Tensor,
-    h_g: Tensor,
-    v: Tensor,
-    hg_old: Tensor,
-    sums: Tensor,
-    gnorm: Tensor,
-    gnorm_old: Tensor,
-    alive: Tensor,
-    restarts: Tensor,
-    growth: float,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """The rest of a good-Broyden update after ``broyden_combine``, in one pass.
+def broyden_finish(state: BroydenState, new: BroydenStep, applies: BroydenApplies, *, growth: float) -> BroydenState:
+    """The rest of a good-Broyden update after ``broyden_combine``, in one pass; the next state.
 
-    u = (dx - H dg) / (dx . H dg) with H dg = h_g - hg_old (skipped, ok = False, when that
-    denominator is not finite or negligible); u and v go to slot ``slot`` of U, V; the next
-    step H' g = h_g + u (v . g). A sample whose ||g|| exceeds ``growth`` times its last one
-    blew up: its terms die (alive), it stays at (x_old, g_old) with H = -I, restarts += 1.
-    In place: U, V (slot), alive (B, m), restarts (B,). Returns x, g, ||g|| and H g to keep, and the
-    next iterate x - H g (from H g as stored).
+    u = (dx - H dg) / (dx . H dg) with H dg = h_g - hg (the state's) (skipped, ok = False, when that
+    denominator is not finite or negligible); u and v go to slot ``count`` of U, V; the next step
+    H' g = h_g + u (v . g). A sample whose ||g|| exceeds ``growth`` times the state's blew up: its
+    terms die (alive), it stays at the state's (x, g) with H = -I, restarts += 1.
+    In place: U, V (the slot), alive, restarts. The next state keeps x, g, ||g|| and H g, its next
+    iterate x - H g (from H g as stored), and count + 1.
     """
+    x, g, gnorm, dx = new
+    h_g, v, sums = applies
+    slot, x_old, g_old, hg_old, gnorm_old, alive = state.count, state.x, state.g, state.hg, state.gnorm, state.alive
     acc = stat_dtype(x.dtype)
     denom, dx_sq, h_dg_sq, v_g = sums.to(acc).unbind(1)  # (B,) each; denom = dx^T H dg
     ok = torch.isfinite(denom) & (denom.abs() > 1e-12 * dx_sq.sqrt() * h_dg_sq.sqrt())  # no fp32 overflow
@@ -321,11 +283,14 @@ def broyden_finish(
     hg = h_g.to(acc) + torch.where(ok, v_g, 0.0)[:, None] * u
     blown = ~(gnorm <= growth * gnorm_old)  # (B,)
     alive &= ~blown[:, None]
-    U[:, slot] = u.to(U.dtype)
-    V[:, slot] = v
+    state.U[:, slot] = u.to(state.U.dtype)
+    state.V[:, slot] = v
     alive[:, slot] = ok & ~blown
-    restarts += blown
+    state.restarts.add_(blown)
     keep = blown[:, None]
     x_keep, hg_keep = torch.where(keep, x_old, x), torch.where(keep, -g_old, hg.to(x.dtype))
     step = x_keep - hg_keep  # half precision: computed in fp32 and rounded once, as the kernel does
-    return x_keep, torch.where(keep, g_old, g), torch.where(blown, gnorm_old, gnorm), hg_keep, step
+    return replace(
+        state, x=x_keep, g=torch.where(keep, g_old, g), gnorm=torch.where(blown, gnorm_old, gnorm), hg=hg_keep,
+        next_x=step, count=slot + 1,
+    )  # fmt: skip

@@ -15,7 +15,7 @@ Runs on CUDA, and on CPU under TRITON_INTERPRET=1 (slowly: tests use tiny shapes
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import triton
@@ -23,6 +23,7 @@ import triton.language as tl
 from torch import Tensor
 
 from . import reference
+from .groups import AndersonState, BroydenApplies, BroydenState, BroydenStep, LoopBuffers, Pair, StopRule
 
 __all__ = [
     "LAUNCH_SETTINGS",
@@ -261,19 +262,21 @@ def _launch_anderson_write(F: Tensor, G: Tensor, slot: int, fx: Tensor, src: Ten
     return partials.sum(dim=0)
 
 
-def anderson_write(F: Tensor, G: Tensor, slot: int, fx: Tensor, g: Tensor) -> Tensor:
+def anderson_write(state: AndersonState, fx: Tensor, g: Tensor) -> Tensor:
     """Triton twin of reference.anderson_write."""
+    F, G = state.F, state.G
     _check("anderson_write", F, G, fx, g)
-    return _launch_anderson_write(F, G, slot, fx, g, from_x=False).view(F.shape[0], F.shape[1])
+    return _launch_anderson_write(F, G, state.slot, fx, g, from_x=False).view(F.shape[0], F.shape[1])
 
 
-def anderson_residual_write(F: Tensor, G: Tensor, slot: int, x: Tensor, fx: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def anderson_residual_write(state: AndersonState, x: Tensor, fx: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Triton twin of reference.anderson_residual_write."""
+    F, G = state.F, state.G
     _check("anderson_residual_write", F, G, x, fx)
     if G.dtype != x.dtype:
         raise ValueError(f"anderson_residual_write: G must have x's dtype {x.dtype}, got {G.dtype}")
     batch, m, _ = F.shape
-    sums = _launch_anderson_write(F, G, slot, fx, x, from_x=True)
+    sums = _launch_anderson_write(F, G, state.slot, fx, x, from_x=True)
     return sums[batch * m : batch * (m + 1)], sums[batch * (m + 1) :], sums[: batch * m].view(batch, m)
 
 
@@ -301,10 +304,9 @@ def _anderson_mix_kernel(F_ptr, G_ptr, a_ptr, frozen_ptr, active_ptr, out_ptr, D
         tl.store(out_ptr + b * so + idx, tl.load(frozen_ptr + b * sfz + idx, mask=mask, other=0.0), mask=mask)
 
 
-def anderson_mix(
-    F: Tensor, G: Tensor, alpha: Tensor, beta: float, frozen: Tensor | None, active: Tensor | None
-) -> Tensor:
+def anderson_mix(state: AndersonState, beta: float, frozen: Tensor | None, active: Tensor | None) -> Tensor:
     """Triton twin of reference.anderson_mix."""
+    F, G, alpha = state.F, state.G, state.alpha
     batch, m, dim = F.shape
     frozen, active8, all_active = _frozen_and_active(frozen, active, F[:, 0])
     _check("anderson_mix", F, G, frozen)
@@ -393,8 +395,9 @@ def _broyden_dots_kernel(U_ptr, V_ptr, g_ptr, dx_ptr, out_ptr, D, n, sUb, sUm, s
     tl.store(out + n + row, tl.sum(acc_u, axis=1), mask=row < n)
 
 
-def broyden_dots(U: Tensor, V: Tensor, n: int, g: Tensor, dx: Tensor) -> Tensor:
+def broyden_dots(state: BroydenState, new: BroydenStep) -> Tensor:
     """Triton twin of reference.broyden_dots."""
+    U, V, n, g, dx = state.U, state.V, state.count, new.g, new.dx
     _check("broyden_dots", U, V, g, dx)
     batch, m, dim = U.shape
     mp = _next_pow2(m)
@@ -457,10 +460,9 @@ def _broyden_combine_kernel(U_ptr, V_ptr, c_ptr, alive_ptr, g_ptr, dx_ptr, hg_pt
     tl.store(out + 3, tl.sum(acc_vg, axis=0))
 
 
-def broyden_combine(
-    U: Tensor, V: Tensor, n: int, coeff: Tensor, alive: Tensor, g: Tensor, dx: Tensor, hg: Tensor
-) -> tuple[Tensor, Tensor, Tensor]:
+def broyden_combine(state: BroydenState, new: BroydenStep, coeff: Tensor) -> BroydenApplies:
     """Triton twin of reference.broyden_combine."""
+    U, V, n, alive, hg, g, dx = state.U, state.V, state.count, state.alive, state.hg, new.g, new.dx
     _check("broyden_combine", U, V, g, dx, hg)
     batch, _, dim = U.shape
     setting, block, steps, chunks = _grid("broyden_combine", batch, dim, U.element_size())
@@ -476,7 +478,7 @@ def broyden_combine(
         BLOCK=block, STEPS=steps,
         STAGES=setting.stages, VEC=vec, num_warps=setting.warps, **COMPILE_OPTIONS,
     )  # fmt: skip
-    return h_g, v, partials.sum(dim=1)
+    return BroydenApplies(h_g, v, partials.sum(dim=1))
 
 
 @triton.jit
@@ -531,23 +533,12 @@ def _bookkeep_kernel(gsq_ptr, fsq_ptr, g0_ptr, status_ptr, active_ptr, best_ptr,
 
 
 def bookkeep(
-    gsq: Tensor,
-    fsq: Tensor,
-    gnorm0: Tensor,
-    status: Tensor,
-    active: Tensor,
-    best_res: Tensor,
-    pending: Tensor,
-    nsteps: Tensor,
-    trace: Tensor,
-    row: int | None,
-    done: Tensor,
-    tol: float,
-    divergence: float,
-    relative: bool,
-    max_iter: int,
+    gsq: Tensor, fsq: Tensor, active: Tensor, loop: LoopBuffers, rule: StopRule, row: int | None
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Triton twin of reference.bookkeep (fp32 statistics, contiguous (B,) vectors and trace rows)."""
+    gnorm0, status, best_res, pending, nsteps, trace, done = (
+        loop.gnorm0, loop.status, loop.best_res, loop.pending, loop.nsteps, loop.trace, loop.done
+    )
     batch = gsq.shape[0]
     for name, t in {"gsq": gsq, "fsq": fsq, "gnorm0": gnorm0, "best_res": best_res, "trace": trace}.items():
         if t.dtype != torch.float32 or not t.is_contiguous():
@@ -559,9 +550,9 @@ def bookkeep(
     block = min(1024, _next_pow2(max(batch, 16)))
     _bookkeep_kernel[(1,)](
         gsq, fsq, gnorm0, status, active.view(torch.uint8), best_res, pending.view(torch.uint8), nsteps, trace, done,
-        gnorm, new_active.view(torch.uint8), take, counts, batch, 0 if row is None else row, max_iter, float(tol),
-        float(divergence), reference.REL_FLOOR, RELATIVE=bool(relative), USE_DONE=row is None, BLOCK=block,
-        **COMPILE_OPTIONS,
+        gnorm, new_active.view(torch.uint8), take, counts, batch, 0 if row is None else row, rule.max_iter,
+        float(rule.tol), float(rule.divergence), reference.REL_FLOOR, RELATIVE=bool(rule.relative),
+        USE_DONE=row is None, BLOCK=block, **COMPILE_OPTIONS,
     )  # fmt: skip
     return gnorm, new_active, take, counts
 
@@ -582,14 +573,13 @@ def _best_update_kernel(bx_ptr, bf_ptr, x_ptr, fx_ptr, px_ptr, pf_ptr, take_ptr,
         tl.store(bf_ptr + b * sbf + idx, tl.load(pf_ptr + b * spf + idx, mask=mask), mask=mask)
 
 
-def best_update(
-    best_x: Tensor, best_fx: Tensor, x: Tensor, fx: Tensor, prev_x: Tensor, prev_fx: Tensor, take: Tensor
-) -> None:
+def best_update(loop: LoopBuffers, new: Pair, prev: Pair, take: Tensor) -> None:
     """Triton twin of reference.best_update."""
-    _check("best_update", best_x, best_fx, x, fx, prev_x, prev_fx)
+    pairs = (loop.best_x, loop.best_fx, *new, *prev)
+    _check("best_update", *pairs)
+    x = new.x
     batch, dim = x.shape
     setting, block, chunks = _stream_grid(dim, x.element_size())
-    pairs = (best_x, best_fx, x, fx, prev_x, prev_fx)
     vec, (D, *strides) = _aligned(x.element_size(), dim, *(t.stride(0) for t in pairs))
     _best_update_kernel[(batch * chunks,)](
         *pairs, take, D, *strides, chunks, BLOCK=block, VEC=vec, num_warps=setting.warps, **COMPILE_OPTIONS,
@@ -662,21 +652,13 @@ def _anderson_absorb_kernel(gram_ptr, row_ptr, valid_ptr, newest_ptr, kept_ptr, 
 
 
 def anderson_absorb(
-    gram: Tensor,
-    row: Tensor,
-    valid: Tensor,
-    newest: Tensor,
-    kept_gnorm: Tensor,
-    gnorm: Tensor,
-    restarts: Tensor,
-    slot: int,
-    growth: float | None,
-    ridge: float,
-    max_coeff: float,
-    graph_safe: bool,
+    state: AndersonState, gnorm: Tensor, *, growth: float | None, ridge: float, max_coeff: float, graph_safe: bool
 ) -> Tensor:
     """Triton twin of reference.anderson_absorb (fp32 Gram matrix and norms, contiguous buffers; always graph
     safe): one launch for the history's bookkeeping and the next mixing weights."""
+    gram, row, valid, newest, kept_gnorm, restarts = (
+        state.gram, state.row, state.valid, state.newest, state.kept_gnorm, state.restarts
+    )
     batch, m, _ = gram.shape
     for name, t in {"gram": gram, "row": row, "kept_gnorm": kept_gnorm, "gnorm": gnorm}.items():
         if t.dtype != torch.float32:
@@ -686,7 +668,7 @@ def anderson_absorb(
             raise ValueError(f"anderson_absorb: {name} must be contiguous, got strides {t.stride()}")
     alpha = torch.empty(batch, m, dtype=torch.float32, device=gram.device)
     _anderson_absorb_kernel[(batch,)](
-        gram, row, valid.view(torch.int8), newest.view(torch.int8), kept_gnorm, gnorm, restarts, alpha, slot,
+        gram, row, valid.view(torch.int8), newest.view(torch.int8), kept_gnorm, gnorm, restarts, alpha, state.slot,
         float(growth if growth is not None else 0.0), float(ridge), float(max_coeff), M=m,
         MP=_next_pow2(max(m, 2)), USE_GROWTH=growth is not None, **COMPILE_OPTIONS,
     )  # fmt: skip
@@ -742,26 +724,12 @@ def _broyden_finish_kernel(U_ptr, V_ptr, x_ptr, xo_ptr, g_ptr, go_ptr, dx_ptr, h
         tl.store(gn_out + b, tl.where(blown, gnorm_old, gnorm))
 
 
-def broyden_finish(
-    U: Tensor,
-    V: Tensor,
-    slot: int,
-    x: Tensor,
-    x_old: Tensor,
-    g: Tensor,
-    g_old: Tensor,
-    dx: Tensor,
-    h_g: Tensor,
-    v: Tensor,
-    hg_old: Tensor,
-    sums: Tensor,
-    gnorm: Tensor,
-    gnorm_old: Tensor,
-    alive: Tensor,
-    restarts: Tensor,
-    growth: float,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+def broyden_finish(state: BroydenState, new: BroydenStep, applies: BroydenApplies, *, growth: float) -> BroydenState:
     """Triton twin of reference.broyden_finish (contiguous (B, D) vectors, fp32 sums and norms)."""
+    x, g, gnorm, dx = new
+    h_g, v, sums = applies
+    U, V, slot, alive, restarts = state.U, state.V, state.count, state.alive, state.restarts
+    x_old, g_old, hg_old, gnorm_old = state.x, state.g, state.hg, state.gnorm
     _check("broyden_finish", U, V, x, x_old, g, g_old, dx, h_g, v, hg_old)
     vectors = {"x": x, "x_old": x_old, "g": g, "g_old": g_old, "dx": dx, "h_g": h_g, "v": v, "hg_old": hg_old}
     for name, t in vectors.items():
@@ -780,4 +748,4 @@ def broyden_finish(
         x_new, g_new, gnorm_new, hg_new, step, D, slot, float(growth), *strides, chunks, M=m,
         MP=_next_pow2(max(m, 2)), BLOCK=block, VEC=vec, num_warps=setting.warps, **COMPILE_OPTIONS,
     )  # fmt: skip
-    return x_new, g_new, gnorm_new, hg_new, step
+    return replace(state, x=x_new, g=g_new, gnorm=gnorm_new, hg=hg_new, next_x=step, count=slot + 1)

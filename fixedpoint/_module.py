@@ -35,6 +35,8 @@ DEFAULT_BACKWARD: BackwardFn = jfb
 # with an error 1.1-1.4x (bf16) and 1.2-1.5x (fp16) the floor.
 HALF_FORWARD_TOL = {torch.bfloat16: 3e-3, torch.float16: 5e-4}
 
+SIGNATURES_KEPT = 16  # solvers whose signature a layer remembers (per-call solvers are new objects each call)
+
 
 def _needs_grad(g: Callable[[Tensor], Tensor], x: Tensor, inputs: tuple, module: nn.Module) -> bool:
     """Whether f at x depends on anything that requires grad: an input, a parameter of the module (f's, when f
@@ -71,6 +73,22 @@ def _default_tol(solver: SolverFn) -> float | None:
     except (TypeError, ValueError, KeyError):
         return None
     return default if isinstance(default, float) else None
+
+
+def _check_backward(solver: SolverFn | None, backward: BackwardFn) -> None:
+    """A ValueError for a backward mode that starts at its z as if it were the fixed point, when no forward
+    solver runs (``solver=None``)."""
+    mode = backward.func if isinstance(backward, partial) else backward
+    if solver is None and mode in (implicit, jfb, phantom):
+        raise ValueError(
+            f"solver=None runs no forward solve, so backward must iterate from z0 itself (stochastic_jfb, "
+            f"unrolled); {mode.__name__} would start at z0 as if it were the fixed point"
+        )
+
+
+def _check_callable(name: str, fn: object) -> None:
+    if fn is not None and not callable(fn):
+        raise TypeError(f"{name} must be callable, got {type(fn).__name__}")
 
 
 def _shape_hint(state: tuple[int, ...] | None) -> str:
@@ -125,6 +143,7 @@ class FixedPoint(nn.Module):
             solver's own where ``functools.partial`` does not set it): None
             means 3e-3 for bf16, 5e-4 for fp16 (measured: what half precision
             reaches); a looser default stands. In fp32/fp64 the default stands.
+            0: no floor, every default stands in half precision too.
 
     Every path returns f applied at (an approximation of) the fixed point: in
     eval, ``Solution.fx`` of the best iterate, which the solver computed anyway.
@@ -148,8 +167,7 @@ class FixedPoint(nn.Module):
     ) -> None:
         super().__init__()
         for name, fn in (("f", f), ("solver", solver), ("eval_solver", eval_solver), ("backward", backward)):
-            if fn is not None and not callable(fn):
-                raise TypeError(f"{name} must be callable, got {type(fn).__name__}")
+            _check_callable(name, fn)
         if f is None:
             raise TypeError("f must be callable, got NoneType")
         if z0 is not None and not callable(z0):
@@ -161,13 +179,8 @@ class FixedPoint(nn.Module):
             raise ValueError("give z0 or state_shape, not both: z0 makes the start, state_shape only shapes zeros")
         self.state_shape = None if state_shape is None else _check_shape(state_shape)
         self.z0 = z0
-        self.half_tol = None if half_tol is None else check_positive("half_tol", half_tol)
-        mode = backward.func if isinstance(backward, partial) else backward
-        if solver is None and mode in (implicit, jfb, phantom):
-            raise ValueError(
-                f"solver=None runs no forward solve, so backward must iterate from z0 itself (stochastic_jfb, "
-                f"unrolled); {mode.__name__} would start at z0 as if it were the fixed point"
-            )
+        self.half_tol = None if half_tol is None else 0.0 if half_tol == 0 else check_positive("half_tol", half_tol)
+        _check_backward(solver, backward)
         self.f = f
         self.solver = solver
         self.eval_solver = eval_solver if eval_solver is not None else (solver or anderson)
@@ -181,16 +194,34 @@ class FixedPoint(nn.Module):
         self.last_info: GradInfo | None = None
 
     @torch.compiler.disable  # a compiled model runs the solve eagerly: one graph break, no recompiles
-    def forward(self, *inputs: Tensor, z0: Tensor | None = None) -> Tensor:
+    def forward(
+        self,
+        *inputs: Tensor,
+        z0: Tensor | None = None,
+        eval_solver: SolverFn | None = None,
+        backward: BackwardFn | None = None,
+    ) -> Tensor:
         """Solve from ``z0`` (default: the layer's start, see ``z0``/``state_shape``, else zeros shaped like
         ``inputs[0]``); returns z* (B, ...).
+
+        ``eval_solver`` and ``backward`` are this call's, used where the layer's own would be (None: the
+        layer's): a solver budget per call (a sampler's steps), or a backward mode with per-call options
+        (``partial(layer.backward, generator=g)``). The layer's attributes are left as they are, so nothing
+        of one call carries over to the next, even when it raises.
 
         Under ``torch.compile`` the layer is skipped (run eagerly; the solver's loop has per-sample stopping and
         host decisions a graph cannot hold): the model around it compiles, with a break here. Compile f itself
         (``FixedPoint(torch.compile(cell))``) to have its calls compiled too."""
+        _check_callable("eval_solver", eval_solver)
+        _check_callable("backward", backward)
+        if backward is not None:
+            _check_backward(self.solver, backward)
         z0, start = self._start(inputs, z0)
         try:
-            out = self._forward(inputs, z0)
+            out = self._forward(
+                inputs, z0, self.eval_solver if eval_solver is None else eval_solver,
+                self.backward if backward is None else backward,
+            )  # fmt: skip
         except ShapeChangeError as err:
             if err.input_shape != tuple(z0.shape):  # not this layer's state (a solve inside f)
                 raise
@@ -232,23 +263,23 @@ class FixedPoint(nn.Module):
         dtype = x.dtype if x.is_floating_point() else torch.get_default_dtype()
         return x.new_zeros((x.shape[0], *self.state_shape), dtype=dtype), f"zeros of state_shape {self.state_shape}"
 
-    def _forward(self, inputs: tuple, z0: Tensor) -> Tensor:
+    def _forward(self, inputs: tuple, z0: Tensor, eval_solver: SolverFn, backward: BackwardFn) -> Tensor:
         g = lambda z: self.f(z, *inputs)  # noqa: E731
         if not (self.training and torch.is_grad_enabled()):
-            self.last_solution = self._solve(self.eval_solver, g, z0, inputs)
+            self.last_solution = self._solve(eval_solver, g, z0, inputs)
             self.last_info = None
             if not (torch.is_grad_enabled() and _needs_grad(g, self.last_solution.x, inputs, self)):
                 return self.last_solution.fx  # f at the best iterate, as the training modes return
             # eval with autograd on (saliency maps, attacks): the backward mode at the eval solution; modes that
             # iterate from z0 themselves (no training solver) would not return it: implicit there
-            backward = self.backward if self.solver is not None else implicit
+            backward = backward if self.solver is not None else implicit
             return self._differentiate(backward, g, self.last_solution.x, self.last_solution)
         start = z0
         self.last_solution = None
         if self.solver is not None:
             self.last_solution = self._solve(self.solver, g, z0, inputs)
             start = self.last_solution.x
-        return self._differentiate(self.backward, g, start, self.last_solution)
+        return self._differentiate(backward, g, start, self.last_solution)
 
     def _solve(self, solver: SolverFn, g: Callable[[Tensor], Tensor], z0: Tensor, inputs: tuple) -> Solution:
         """``solver`` on z = f(z, *inputs): f and its inputs apart where it takes ``args``, else on g, which
@@ -257,6 +288,8 @@ class FixedPoint(nn.Module):
         known = self._signatures.get(id(solver))
         if known is None or known[0] is not solver:  # reading a signature costs ~80 us: once per solver
             known = (solver, _takes_keyword(solver, "args", unknown=True), _default_tol(solver))
+            if len(self._signatures) >= SIGNATURES_KEPT:  # per-call solvers: the oldest goes
+                del self._signatures[next(iter(self._signatures))]
             self._signatures[id(solver)] = known
         options = {}
         if known[2] is not None:
@@ -271,11 +304,15 @@ class FixedPoint(nn.Module):
         """``backward(g, z)``, recording its GradInfo in ``last_info`` where it takes one, and passing the
         forward Solution as ``status`` where it takes that (implicit's fallback for unconverged samples)."""
         self.last_info = GradInfo()
-        own = backward is self.backward
+        if backward is self.backward:  # read once, at construction
+            takes_info, takes_status = self._backward_takes_info, self._backward_takes_status
+        else:  # implicit in eval, or this call's
+            takes_info = _takes_keyword(backward, "info", unknown=False)
+            takes_status = _takes_keyword(backward, "status", unknown=False)
         options = {}
-        if self._backward_takes_info if own else backward is implicit:
+        if takes_info:
             options["info"] = self.last_info
-        if solution is not None and (self._backward_takes_status if own else backward is implicit):
+        if solution is not None and takes_status:
             options["status"] = solution
         return backward(g, z, **options)
 

@@ -5,9 +5,11 @@ official DiT checkpoints, the FPDM release's) without running code; ``create_mod
 """
 
 from .checkpoint import CheckpointError
+from .checks import InputError
 from .models import FPDM, DiT, ModelConfig, create_model
 from .weights import export_weights, load_model, read_weights
 
 __all__ = [
-    "CheckpointError", "DiT", "FPDM", "ModelConfig", "create_model", "export_weights", "load_model", "read_weights",
+    "CheckpointError", "DiT", "FPDM", "InputError", "ModelConfig", "create_model", "export_weights", "load_model",
+    "read_weights",
 ]  # fmt: skip

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from .checks import InputError
 from .files import WriteError, atomic_write
 
 __all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "check_settings", "read_file", "first_line"]
@@ -19,8 +20,7 @@ FORMAT = 1
 torch.serialization.add_safe_globals([argparse.Namespace])  # DiT's train.py stores its arguments as one
 
 
-class CheckpointError(ValueError):
-    """A checkpoint or weights file that cannot be used; the message says why in one line."""
+CheckpointError = InputError  # the old name (before 0.2 its own class): a file that cannot be used
 
 
 def first_line(err: BaseException) -> str:
@@ -31,11 +31,11 @@ def first_line(err: BaseException) -> str:
 def read_file(path: str | Path) -> object:
     """A .pt file's content through ``torch.load(weights_only=True)``, or a .safetensors file's tensors.
 
-    A CheckpointError for a missing, unreadable or unsafe file: one that needs code to load is refused
+    An InputError for a missing, unreadable or unsafe file: one that needs code to load is refused
     and nothing in it runs."""
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"{path} is unreadable (no such file)")
+        raise InputError(f"{path} is unreadable (no such file)")
     if path.suffix == ".safetensors":
         from safetensors import SafetensorError
         from safetensors.torch import load_file
@@ -43,19 +43,19 @@ def read_file(path: str | Path) -> object:
         try:
             return load_file(path)
         except (SafetensorError, OSError) as err:
-            raise CheckpointError(f"{path} is not a readable safetensors file ({first_line(err)})") from None
+            raise InputError(f"{path} is not a readable safetensors file ({first_line(err)})") from None
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:  # torch's weights-only unpickler: something other than data
         wanted = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(err))
         if wanted:  # a function or class to call: what a payload needs
-            raise CheckpointError(f"{path} is not a plain weights file (it asks for {wanted.group(1)}); refused: "
-                                  "nothing in it was run") from None  # fmt: skip
+            raise InputError(f"{path} is not a plain weights file (it asks for {wanted.group(1)}); refused: "
+                             "nothing in it was run") from None  # fmt: skip
         detail = re.search(r"WeightsUnpickler error: (.+)", str(err))
         reason = detail.group(1).strip() if detail and detail.group(1).strip() else "not a pickle of tensors"
-        raise CheckpointError(f"{path} is unreadable ({reason})") from None
+        raise InputError(f"{path} is unreadable ({reason})") from None
     except Exception as err:  # noqa: BLE001 (a damaged file fails in many ways; each is one answer to the user)
-        raise CheckpointError(f"{path} is unreadable ({first_line(err)})") from None
+        raise InputError(f"{path} is unreadable ({first_line(err)})") from None
 
 
 def save_checkpoint(path: Path, state: dict) -> None:
@@ -64,7 +64,7 @@ def save_checkpoint(path: Path, state: dict) -> None:
         atomic_write(path, lambda fh: torch.save({"format": FORMAT, **state}, fh))
     except WriteError as err:
         kept = f"{path} still holds the previous checkpoint" if Path(path).exists() else "no checkpoint was written"
-        raise CheckpointError(f"cannot write checkpoint {path} ({err.why}); {kept}") from None
+        raise InputError(f"cannot write checkpoint {path} ({err.why}); {kept}") from None
 
 
 def load_checkpoint(
@@ -78,19 +78,19 @@ def load_checkpoint(
     path = Path(path)
     try:
         state = read_file(path)
-    except CheckpointError as err:
+    except InputError as err:
         if "not a plain weights file" in str(err):
             raise
         hint = hint if hint is not None else "move it away to start over, or use another --out"
-        raise CheckpointError(f"checkpoint {err}; {hint}") from None
+        raise InputError(f"checkpoint {err}; {hint}") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
-        raise CheckpointError(f"{path} is not a checkpoint of this program (format {FORMAT})")
+        raise InputError(f"{path} is not a checkpoint of this program (format {FORMAT})")
     check_settings(path, state, run=run, config=config)
     return state
 
 
 def check_settings(path: Path, state: dict, **expected: dict | None) -> None:
-    """A CheckpointError unless each given dict's keys match what the checkpoint ``state`` was written with
+    """An InputError unless each given dict's keys match what the checkpoint ``state`` was written with
     under that name (a key the checkpoint lacks reads None)."""
     for name, wanted in expected.items():
         if wanted is None:
@@ -103,7 +103,7 @@ def check_settings(path: Path, state: dict, **expected: dict | None) -> None:
             if _show(saved.get(key)) != _show(wanted.get(key))
         ]
         if diff:
-            raise CheckpointError(
+            raise InputError(
                 f"checkpoint {path} was made with {', '.join(diff)}; use the same settings to resume, or another --out"
             )
 

@@ -1,4 +1,9 @@
-"""Command-line checks shared by the fpdm commands, run before any work: a bad value is one line naming it."""
+"""Command-line checks shared by the fpdm commands, run before any work: a bad value is one line naming it.
+
+One error class, :class:`InputError`, for everything a user can get wrong (a flag, a dataset, a checkpoint, a
+sampling plan); every command prints it as one line and exits 2. The argparse ``type=`` helpers live here too:
+argparse prefixes their message with the flag (``argument --steps: expected a positive integer, got '-1'``).
+"""
 
 from __future__ import annotations
 
@@ -13,11 +18,17 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["InputError", "Parser", "device", "memory", "number", "output_dir", "run_cli", "run_lock", "seed"]
+__all__ = [
+    "InputError", "Parser", "device", "memory", "number", "output_dir", "run_cli", "run_lock",
+    "seed", "positive_int", "int_range", "positive_ints", "names", "classes",
+]  # fmt: skip
 
 
 class InputError(ValueError):
-    """A command-line value that cannot work; the message names the flag and the value."""
+    """Input that cannot work: a command-line value, a dataset, a checkpoint or weights file, settings. The
+    message says what and why in one line (naming the flag and the value where there is one); the commands print
+    it and exit 2. ``CheckpointError``, ``DataError``, ``SampleError``, ``EvaluateError``, ``EncodeError`` and
+    ``UsageError`` are other names of this class."""
 
 
 class Parser(argparse.ArgumentParser):
@@ -29,12 +40,12 @@ class Parser(argparse.ArgumentParser):
 
 def run_cli(
     parser: argparse.ArgumentParser, argv: Sequence[str] | None, run: Callable[[argparse.Namespace], None],
-    errors: tuple[type[BaseException], ...],
+    errors: tuple[type[BaseException], ...] = (),
     interrupted: str | Callable[[argparse.Namespace], str] = "interrupted",
 ) -> int:  # fmt: skip
     """A command's entry point: parse, ``run``, and turn what a user can cause into one line on stderr, no
-    traceback: ``errors`` and InputError exit 2, a file that cannot be read or written (OSError) 1, Ctrl-C
-    130 with ``interrupted`` (a line, or a function of the arguments giving it)."""
+    traceback: InputError (and any other ``errors``) exit 2, a file that cannot be read or written (OSError) 1,
+    Ctrl-C 130 with ``interrupted`` (a line, or a function of the arguments giving it)."""
     args = parser.parse_args(argv)
     try:
         run(args)
@@ -94,6 +105,17 @@ def run_lock(out: Path, flag: str = "--out") -> Iterator[None]:
         os.close(fd)  # releases the lock
 
 
+# ----------------------------------------------------------------------------- argparse types
+
+
+def _integers(text: str, expected: str) -> list[int]:
+    """The comma-separated integers of ``text``, or an ArgumentTypeError: expected ``expected``, got text."""
+    try:
+        return [int(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+
+
 def seed(text: str) -> int:
     """An argparse type: a seed, an integer in [0, 2^32) (the range every generator and derived seed takes)."""
     try:
@@ -103,6 +125,43 @@ def seed(text: str) -> int:
     if not 0 <= value < 2**32:
         raise argparse.ArgumentTypeError(f"expected an integer in [0, 2^32), got {text!r}")
     return value
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def int_range(text: str) -> tuple[int, int]:
+    """An argparse type: ``LOW,HIGH``, two integers (an inclusive range; its bounds are the model's to check)."""
+    values = _integers(text, "LOW,HIGH (two integers)")
+    if len(values) != 2:
+        raise argparse.ArgumentTypeError(f"expected LOW,HIGH (two integers), got {text!r}")
+    return values[0], values[1]
+
+
+def positive_ints(text: str) -> list[int]:
+    """An argparse type: comma-separated integers >= 1, e.g. ``5,10,20``."""
+    values = _integers(text, "comma-separated integers")
+    if any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def names(text: str) -> list[str]:
+    """An argparse type: comma-separated names, e.g. ``uniform,reuse`` (which are valid is the command's to say)."""
+    return text.split(",")
+
+
+def classes(text: str) -> str | list[int]:
+    """An argparse type: ``random``, or comma-separated class labels (their range is the model's to check)."""
+    return text if text == "random" else _integers(text, "'random' or comma-separated integers")
 
 
 def device(name: str, flag: str = "--device") -> torch.device:

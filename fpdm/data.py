@@ -17,6 +17,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .checks import InputError
+
 __all__ = ["ImageData", "DataError", "load_dataset", "check_dataset", "DATASETS", "FASHION_MNIST_DIR"]
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -24,8 +26,7 @@ DATASETS = ("digits", "fashion-mnist", "folder:PATH", "latents:PATH")
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
 
-class DataError(ValueError):
-    """A dataset that cannot be loaded; the message says why and what to do, in one line."""
+DataError = InputError  # the old name (before 0.2 its own class): a dataset that cannot be loaded
 
 
 @dataclass
@@ -49,20 +50,20 @@ class ImageData:
 
 
 def check_dataset(name: str, data_dir: str | None = None) -> None:
-    """A DataError for a dataset name of no known form or a folder that does not exist: cheap, before any
+    """An InputError for a dataset name of no known form or a folder that does not exist: cheap, before any
     output is created."""
     if name in ("digits", "fashion-mnist"):
         return
     if name.startswith("folder:"):
         if not Path(name[len("folder:") :]).is_dir():
-            raise DataError(f"image folder {name[len('folder:'):]} does not exist")
+            raise InputError(f"image folder {name[len('folder:'):]} does not exist")
         return
     if name.startswith("latents:"):
         if not Path(name[len("latents:") :]).is_dir():
-            raise DataError(f"no latent shards (*.npz) at {name[len('latents:'):]}: no such folder; make them with "
-                            "`python -m fpdm.encode`")  # fmt: skip
+            raise InputError(f"no latent shards (*.npz) at {name[len('latents:'):]}: no such folder; make them with "
+                             "`python -m fpdm.encode`")  # fmt: skip
         return
-    raise DataError(f"unknown dataset {name!r}; valid: {', '.join(DATASETS)}")
+    raise InputError(f"unknown dataset {name!r}; valid: {', '.join(DATASETS)}")
 
 
 def load_dataset(
@@ -83,8 +84,8 @@ def load_dataset(
     finite = torch.isfinite(data.images.flatten(1)).all(dim=1)  # (N,)
     if not finite.all():
         first = int((~finite).nonzero()[0])
-        raise DataError(f"{name} holds non-finite values (NaN or Inf) in {int((~finite).sum())} of {len(data)} "
-                        f"images (the first: index {first}); fix or re-encode the data")  # fmt: skip
+        raise InputError(f"{name} holds non-finite values (NaN or Inf) in {int((~finite).sum())} of {len(data)} "
+                         f"images (the first: index {first}); fix or re-encode the data")  # fmt: skip
     return data
 
 
@@ -117,21 +118,21 @@ def _fashion_mnist(split: str, directory: Path) -> ImageData:
     labels_path = directory / f"{prefix}-labels-idx1-ubyte.gz"
     for path in (images_path, labels_path):
         if not path.is_file():
-            raise DataError(
+            raise InputError(
                 f"Fashion-MNIST file {path} not found: on Debian `apt-get install dataset-fashion-mnist`, "
                 "or pass --data-dir with the idx .gz files"
             )
     try:
         images, labels = _read_idx(images_path), _read_idx(labels_path)
     except (OSError, ValueError, IndexError, EOFError) as err:  # EOFError: a truncated .gz
-        raise DataError(f"cannot read Fashion-MNIST in {directory}: {err}") from None
+        raise InputError(f"cannot read Fashion-MNIST in {directory}: {err}") from None
     if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels) or not len(labels):
-        raise DataError(
+        raise InputError(
             f"Fashion-MNIST in {directory}: {images_path.name} holds images {images.shape} and {labels_path.name} "
             f"labels {labels.shape}; expected (N, 28, 28) and (N,) with N >= 1"
         )
     if labels.max() > 9:
-        raise DataError(f"Fashion-MNIST in {directory}: {labels_path.name} holds label {labels.max()}; expected 0-9")
+        raise InputError(f"Fashion-MNIST in {directory}: {labels_path.name} holds label {labels.max()}; expected 0-9")
     return ImageData(
         _to_unit_range(images[:, None], 255.0), torch.from_numpy(labels.copy()).long(), 10, "fashion-mnist"
     )
@@ -142,10 +143,10 @@ def _folder(root: Path, image_size: int | None) -> ImageData:
     from PIL import Image
 
     if not root.is_dir():
-        raise DataError(f"image folder {root} does not exist")
+        raise InputError(f"image folder {root} does not exist")
     classes = sorted(p.name for p in root.iterdir() if p.is_dir())
     if not classes:
-        raise DataError(f"image folder {root} has no class subfolders (expected {root}/CLASS/IMAGE.png)")
+        raise InputError(f"image folder {root} has no class subfolders (expected {root}/CLASS/IMAGE.png)")
     size = image_size or 32
     images, labels = [], []
     for index, cls in enumerate(classes):
@@ -159,11 +160,11 @@ def _folder(root: Path, image_size: int | None) -> ImageData:
                     left, top = (img.width - side) // 2, (img.height - side) // 2
                     img = img.crop((left, top, left + side, top + side)).resize((size, size), Image.BICUBIC)
             except (OSError, ValueError) as err:  # PIL's UnidentifiedImageError is an OSError
-                raise DataError(f"cannot read image {path}: {str(err).splitlines()[0]}") from None
+                raise InputError(f"cannot read image {path}: {str(err).splitlines()[0]}") from None
             images.append(np.asarray(img).transpose(2, 0, 1))
             labels.append(index)
     if not images:
-        raise DataError(f"image folder {root} has no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+        raise InputError(f"image folder {root} has no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
     return ImageData(_to_unit_range(np.stack(images), 255.0), torch.tensor(labels), len(classes), f"folder:{root}")
 
 
@@ -171,7 +172,7 @@ def _latents(root: Path) -> ImageData:
     """Shards ``*.npz`` with ``latents`` (N, C, h, w) and ``labels`` (N,), as written by ``python -m fpdm.encode``."""
     shards = sorted(root.glob("*.npz")) if root.is_dir() else [root]
     if not shards or not shards[0].is_file():
-        raise DataError(f"no latent shards (*.npz) at {root}; make them with `python -m fpdm.encode`")
+        raise InputError(f"no latent shards (*.npz) at {root}; make them with `python -m fpdm.encode`")
     latents, labels, num_classes = [], [], 0
     for shard in shards:
         try:
@@ -180,16 +181,16 @@ def _latents(root: Path) -> ImageData:
                 labels.append(data["labels"].astype(np.int64))
                 num_classes = max(num_classes, int(data["num_classes"]) if "num_classes" in data else 0)
         except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile) as err:
-            raise DataError(f"cannot read latent shard {shard}: {str(err).splitlines()[0]}") from None
+            raise InputError(f"cannot read latent shard {shard}: {str(err).splitlines()[0]}") from None
         if latents[-1].ndim != 4 or len(latents[-1]) == 0 or len(labels[-1]) != len(latents[-1]):
-            raise DataError(f"latent shard {shard} holds latents {latents[-1].shape} and labels {labels[-1].shape}; "
-                            "expected (N, C, h, w) and (N,) with N >= 1")  # fmt: skip
+            raise InputError(f"latent shard {shard} holds latents {latents[-1].shape} and labels {labels[-1].shape}; "
+                             "expected (N, C, h, w) and (N,) with N >= 1")  # fmt: skip
         if latents[-1].shape[1:] != latents[0].shape[1:]:
-            raise DataError(f"latent shard {shard} has latents of shape {latents[-1].shape[1:]}, "
-                            f"{shards[0]} of {latents[0].shape[1:]}: one encoding per folder")  # fmt: skip
+            raise InputError(f"latent shard {shard} has latents of shape {latents[-1].shape[1:]}, "
+                             f"{shards[0]} of {latents[0].shape[1:]}: one encoding per folder")  # fmt: skip
     y = torch.from_numpy(np.concatenate(labels))
     if int(y.min()) < 0:
-        raise DataError(f"latent shards at {root} hold label {int(y.min())}; labels are class indices >= 0")
+        raise InputError(f"latent shards at {root} hold label {int(y.min())}; labels are class indices >= 0")
     return ImageData(
         torch.from_numpy(np.concatenate(latents)), y, max(num_classes, int(y.max()) + 1), f"latents:{root}", True
     )

@@ -16,13 +16,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .checks import Parser, output_dir, run_cli, run_lock, seed
-from .data import DataError, load_dataset
+from .checks import InputError, Parser, output_dir, run_cli, run_lock, seed
+from .data import load_dataset
 from .files import atomic_write
 
-
-class EncodeError(Exception):
-    """Bad input: one line, exit status 2."""
+EncodeError = InputError  # the old name (before 0.2 its own class)
 
 
 def load_vae(path: str, device: torch.device):
@@ -30,11 +28,11 @@ def load_vae(path: str, device: torch.device):
     try:
         from diffusers import AutoencoderKL
     except ImportError:
-        raise EncodeError("the VAE needs diffusers: pip install 'fixedpoint[vae]'") from None
+        raise InputError("the VAE needs diffusers: pip install 'fixedpoint[vae]'") from None
     try:
         vae = AutoencoderKL.from_pretrained(path, local_files_only=True, low_cpu_mem_usage=False)
     except (OSError, ValueError) as err:
-        raise EncodeError(f"cannot load an AutoencoderKL from {path}: {str(err).splitlines()[0]}") from None
+        raise InputError(f"cannot load an AutoencoderKL from {path}: {str(err).splitlines()[0]}") from None
     return vae.to(device).eval().requires_grad_(False)
 
 
@@ -67,7 +65,7 @@ def main(args: argparse.Namespace) -> list[Path]:
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     data = load_dataset(args.dataset, split=args.split, data_dir=args.data_dir, image_size=args.image_size)
     if data.is_latent or data.channels != 3:
-        raise EncodeError(f"the VAE encodes RGB images; {data.name} has {data.channels} channel(s)")
+        raise InputError(f"the VAE encodes RGB images; {data.name} has {data.channels} channel(s)")
     vae = load_vae(args.vae, device)
 
     out = output_dir(args.out)
@@ -111,12 +109,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _run(args: argparse.Namespace) -> None:
     if args.batch_size < 1 or args.shard_size < 1 or args.image_size < 8:
-        raise EncodeError("--batch-size and --shard-size must be >= 1 and --image-size >= 8")
+        raise InputError("--batch-size and --shard-size must be >= 1 and --image-size >= 8")
     main(args)
 
 
 def cli(argv: list[str] | None = None) -> int:
-    return run_cli(build_parser(), argv, _run, (EncodeError, DataError))
+    return run_cli(build_parser(), argv, _run)
 
 
 if __name__ == "__main__":

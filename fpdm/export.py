@@ -11,7 +11,6 @@ import argparse
 import sys
 
 from . import checks
-from .checkpoint import CheckpointError
 from .weights import export_weights, read_weights
 
 
@@ -35,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cli(argv: list[str] | None = None) -> int:
-    return checks.run_cli(build_parser(), argv, _run, (CheckpointError,))
+    return checks.run_cli(build_parser(), argv, _run)
 
 
 if __name__ == "__main__":

@@ -6,15 +6,18 @@ null label for classifier-free guidance). Schedules, losses and samplers live
 in ``fpdm.diffusion`` and take the model as a callable.
 
 FPDM keeps ``pre_depth`` explicit blocks in front and ``post_depth`` behind;
-everything in between is one weight-tied fixed-point layer solved with
-``fixedpoint``: stochastic Jacobian-free backprop in training, any solver in
-eval (``model.eval_solver``), optionally from a warm start.
+everything in between is one weight-tied fixed-point layer, a
+``fixedpoint.FixedPoint`` (``model.fixed_point``): stochastic Jacobian-free
+backprop in training, any solver in eval (``model.eval_solver``, or
+``model(x, t, y, solver=...)`` for one call), optionally from a warm start.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
@@ -26,7 +29,7 @@ import torch.utils.checkpoint
 from torch import Tensor, nn
 
 import fixedpoint
-from fixedpoint import GradInfo, Solution
+from fixedpoint import FixedPoint, GradInfo, Solution
 
 __all__ = [
     "ModelConfig", "DiT", "FPDM", "MODEL_SIZES", "LEGACY_FIELDS", "create_model", "model_config", "build_model",
@@ -390,20 +393,30 @@ class DiT(nn.Module):
         return torch.einsum("nhwpqc->nchpwq", x).reshape(x.shape[0], c, h * p, w * p)
 
     def body(
-        self, tokens: Tensor, t_emb: Tensor, y_emb: Tensor, z0: Tensor | None, solver: Callable | None = None
-    ) -> Tensor:
+        self, tokens: Tensor, t_emb: Tensor, y_emb: Tensor, z0: Tensor | None, solver: Callable | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:  # fmt: skip
+        """The blocks: (N, T, D) -> (N, T, D); the fixed-point layer's options (FPDM's) are ignored."""
         c = t_emb + y_emb
         for block in self.blocks:
             tokens = self.run_block(block, tokens, c)
         return tokens
 
     def forward(
-        self, x: Tensor, t: Tensor, y: Tensor, *, z0: Tensor | None = None, solver: Callable | None = None
+        self,
+        x: Tensor,
+        t: Tensor,
+        y: Tensor,
+        *,
+        z0: Tensor | None = None,
+        solver: Callable[..., Solution] | None = None,
+        generator: torch.Generator | None = None,
     ) -> Tensor:
-        """x (N, C, H, W), t (N,), y (N,) -> (N, C_out, H, W). ``z0`` and ``solver`` are FPDM's (the
-        fixed-point layer's warm start, and its eval solver for this call); a DiT ignores them."""
+        """x (N, C, H, W), t (N,), y (N,) -> (N, C_out, H, W). The keywords are FPDM's fixed-point layer's, for
+        this call: ``z0`` its warm start, ``solver`` its eval solver, ``generator`` the source of its S-JFB
+        draws in training (reproducible runs); a DiT ignores them."""
         tokens, t_emb, y_emb = self.embed(x, t, y)
-        tokens = self.body(tokens, t_emb, y_emb, z0, solver)
+        tokens = self.body(tokens, t_emb, y_emb, z0, solver, generator)
         return self.unpatchify(self.final_layer(tokens, self.final_condition(t_emb, y_emb)))
 
     def final_condition(self, t_emb: Tensor, y_emb: Tensor) -> Tensor:
@@ -417,6 +430,26 @@ class DiT(nn.Module):
 
 
 # ----------------------------------------------------------------------------- FPDM
+
+
+class _WeakMethod:
+    """``getattr(model, name)`` called through a weak reference: the fixed-point layer's map and backward
+    without a model -> layer -> model cycle (a dropped model is freed at once, GPU memory included, not at
+    the next garbage collection). A deepcopy of the model rebinds it to the copy; pickling keeps the model."""
+
+    def __init__(self, model: nn.Module, name: str) -> None:
+        self.model, self.name = weakref.ref(model), name
+        self.__signature__ = inspect.signature(getattr(model, name))  # what FixedPoint reads (its keywords)
+
+    def __call__(self, *args, **kwargs):
+        return getattr(self.model(), self.name)(*args, **kwargs)
+
+    def __deepcopy__(self, memo: dict) -> _WeakMethod:
+        model = self.model()
+        return _WeakMethod(memo.get(id(model), model), self.name)  # the model's copy, made before its layer's
+
+    def __reduce__(self):
+        return _WeakMethod, (self.model(), self.name)
 
 
 @dataclass
@@ -440,9 +473,39 @@ class FPDM(DiT):
         self.projection = nn.Sequential(nn.Linear(2 * d, 2 * d), gelu, nn.Linear(2 * d, d))
         self.block_fixed_point = self.block()
         self.blocks_post = nn.ModuleList([self.block() for _ in range(cfg.post_depth)])
-        self.eval_solver: Callable[..., Solution] = fixed_iterations(cfg.eval_iters, self.picard_solver)
-        self.generator: torch.Generator | None = None  # S-JFB draws; set for reproducible training
+        # the layer: the map as a method of the model (its weights stay the model's: state_dict keys unchanged,
+        # and a deepcopy's layer calls the copy's), no training solve (S-JFB iterates from z0), the release's
+        # plain iteration in eval; half_tol=0: the solver's tolerance is the caller's in half precision too
+        self.fixed_point = FixedPoint(
+            _WeakMethod(self, "_layer_map"), solver=None, backward=_WeakMethod(self, "_stochastic_jfb"),
+            eval_solver=fixed_iterations(cfg.eval_iters, self.picard_solver), half_tol=0,
+        )  # fmt: skip
+        self.generator: torch.Generator | None = None  # S-JFB draws when forward gets none (the argument is better)
         self.last_fixed_point: FixedPointState | None = None
+
+    @property
+    def eval_solver(self) -> Callable[..., Solution]:
+        """The fixed-point layer's eval solver (``self.fixed_point.eval_solver``), called as
+        ``solver(f, z0, args=(x_inj, c))`` with f the block's map (``fixed_point_map``); settable. For one call:
+        ``model(x, t, y, solver=...)``."""
+        return self.fixed_point.eval_solver
+
+    @eval_solver.setter
+    def eval_solver(self, solver: Callable[..., Solution]) -> None:
+        if not callable(solver):
+            raise TypeError(f"eval_solver must be a solver function, got {type(solver).__name__}")
+        self.fixed_point.eval_solver = solver
+
+    def _stochastic_jfb(
+        self, f: Callable[[Tensor], Tensor], z0: Tensor, *, generator: torch.Generator | None = None,
+        info: GradInfo | None = None,
+    ) -> Tensor:  # fmt: skip
+        """The layer's training backward: ``fixedpoint.stochastic_jfb`` with the config's iteration ranges
+        (read at each call)."""
+        cfg = self.config
+        return fixedpoint.stochastic_jfb(
+            f, z0, no_grad=cfg.no_grad_iters, with_grad=cfg.grad_iters, generator=generator, info=info
+        )
 
     @property
     def picard_solver(self) -> Callable[..., Solution] | None:
@@ -455,6 +518,11 @@ class FPDM(DiT):
         """One iteration: z <- Block(Linear(GELU(Linear(concat[z, x_inj]))), c); all (N, T, D)."""
         return self.block_fixed_point(self.projection(torch.cat([z, x_inj], dim=-1)), c)
 
+    def _layer_map(self, z: Tensor, x_inj: Tensor, c: Tensor) -> Tensor:
+        """The layer's f: ``self.fixed_point_map``, looked up at each call, so that one set on the instance (a
+        compiled map, a spy) is the one solved."""
+        return self.fixed_point_map(z, x_inj, c)
+
     def outer_condition(self, t_emb: Tensor, y_emb: Tensor) -> Tensor:
         """The pre/post blocks' conditioning (N, D): the class alone unless ``timestep_in_pre_post``."""
         return t_emb + y_emb if self.config.timestep_in_pre_post else y_emb
@@ -466,34 +534,33 @@ class FPDM(DiT):
         return self.outer_condition(t_emb, y_emb)
 
     def body(
-        self, tokens: Tensor, t_emb: Tensor, y_emb: Tensor, z0: Tensor | None, solver: Callable | None = None
-    ) -> Tensor:
-        """The blocks: pre, the fixed-point layer (S-JFB in training; in eval ``solver``, default
-        ``self.eval_solver``, from ``z0`` or the pre blocks' tokens), post."""
+        self, tokens: Tensor, t_emb: Tensor, y_emb: Tensor, z0: Tensor | None, solver: Callable | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:  # fmt: skip
+        """The blocks: pre, the fixed-point layer (``self.fixed_point``: S-JFB in training, drawing from
+        ``generator``, default ``self.generator``; in eval ``solver``, default ``self.eval_solver``; from
+        ``z0`` or the pre blocks' tokens), post."""
         c_full = t_emb + y_emb
         c_outer = self.outer_condition(t_emb, y_emb)
         for block in self.blocks_pre:
             tokens = self.run_block(block, tokens, c_outer)
         x_inj = self.injection(tokens)  # (N, T, D), computed once
-        start = tokens if z0 is None else z0.to(tokens.dtype)
-        if self.training and torch.is_grad_enabled():
-            f = lambda z: self.fixed_point_map(z, x_inj, c_full)  # noqa: E731
-            info = GradInfo()
-            cfg = self.config
-            z = fixedpoint.stochastic_jfb(
-                f, start, no_grad=cfg.no_grad_iters, with_grad=cfg.grad_iters, generator=self.generator, info=info
-            )
-            state = FixedPointState(z.detach(), info.no_grad_steps + info.grad_steps, None, info)
-        else:
-            # f and its changing inputs apart (the solver's args)
-            solve = self.eval_solver if solver is None else solver
-            solution = solve(self.fixed_point_map, start.detach(), args=(x_inj, c_full))
-            z = solution.fx
-            state = FixedPointState(z.detach(), solution.nfev, solution)
-        self.last_fixed_point = state
+        start = (tokens if z0 is None else z0.to(tokens.dtype)).detach()
+        generator = self.generator if generator is None else generator
+        backward = None if generator is None else partial(self._stochastic_jfb, generator=generator)
+        # the block and its changing inputs apart (the solver's args)
+        z = self.fixed_point(x_inj, c_full, z0=start, eval_solver=solver, backward=backward)  # (N, T, D)
+        self.last_fixed_point = self._layer_state(z)
         for block in self.blocks_post:
             z = self.run_block(block, z, c_outer)
         return z
+
+    def _layer_state(self, z: Tensor) -> FixedPointState:
+        """What the fixed-point layer's last call did: its Solution in eval, its S-JFB draws in training."""
+        solution, info = self.fixed_point.last_solution, self.fixed_point.last_info
+        if solution is None:  # training: no solve ran, S-JFB drew its iterations
+            return FixedPointState(z.detach(), info.no_grad_steps + info.grad_steps, None, info)
+        return FixedPointState(z.detach(), solution.nfev, solution)
 
     @property
     def block_evaluations(self) -> int:

@@ -37,9 +37,9 @@ from torch import Tensor
 import fixedpoint
 
 from . import checks
-from .checkpoint import CheckpointError
+from .checks import InputError
 from .diffusion import Diffusion, guided
-from .encode import EncodeError, decode, load_vae
+from .encode import decode, load_vae
 from .files import json_writer, write_set
 from .images import grid_image, to_uint8
 from .models import FPDM, DiT, ModelConfig, fixed_iterations
@@ -60,8 +60,7 @@ SOLVERS = {"picard": fixedpoint.picard, "anderson": fixedpoint.anderson, "broyde
 GRAPH_FLAGS = {"off": False, "solver": "solver"}  # --graph: fixedpoint's graph option
 
 
-class SampleError(ValueError):
-    """Bad sampling settings or inputs: one line for the command line."""
+SampleError = InputError  # the old name (before 0.2 its own class)
 
 
 @dataclass
@@ -113,42 +112,42 @@ def plan_compute(
 ) -> ComputePlan:
     """The sampling plan for a model from any two of steps / iters / budget (DiT: steps or budget)."""
     if schedule not in SCHEDULES:
-        raise SampleError(f"unknown schedule {schedule!r}; valid: {', '.join(SCHEDULES)}")
+        raise InputError(f"unknown schedule {schedule!r}; valid: {', '.join(SCHEDULES)}")
     for name, value in (("steps", steps), ("iters", iters), ("budget", budget)):
         if value is not None and (not isinstance(value, int) or value < 1):
-            raise SampleError(f"--{name} must be a positive integer, got {value!r}")
+            raise InputError(f"--{name} must be a positive integer, got {value!r}")
     cost = _step_cost(config)
     if config.kind == "dit":
         if iters is not None or schedule != "uniform":
-            raise SampleError("--iters and --schedule apply to FPDM; a DiT step always costs its depth")
+            raise InputError("--iters and --schedule apply to FPDM; a DiT step always costs its depth")
         if steps is None and budget is None:
-            raise SampleError("give --steps or --budget")
+            raise InputError("give --steps or --budget")
         if steps is None:
             steps = budget // cost
             if steps < 1:
-                raise SampleError(f"--budget {budget} is less than one DiT step ({cost} blocks)")
+                raise InputError(f"--budget {budget} is less than one DiT step ({cost} blocks)")
         elif budget is not None and budget != steps * cost:
-            raise SampleError(f"a DiT with {steps} steps spends {steps * cost} blocks, not --budget {budget}")
+            raise InputError(f"a DiT with {steps} steps spends {steps * cost} blocks, not --budget {budget}")
         return ComputePlan(steps, None, steps * cost)
 
     given = sum(v is not None for v in (steps, iters, budget))
     if given != 2 and not (given == 1 and steps is not None):
-        raise SampleError("give two of --steps, --iters, --budget (or --steps alone for the model's default)")
+        raise InputError("give two of --steps, --iters, --budget (or --steps alone for the model's default)")
     if budget is None:
         iters = iters if iters is not None else config.eval_iters
         budget = steps * (cost + iters)
     elif steps is None:
         steps = budget // (cost + iters)
         if steps < 1:
-            raise SampleError(f"--budget {budget} is less than one step of {iters} calls ({cost + iters} blocks)")
+            raise InputError(f"--budget {budget} is less than one step of {iters} calls ({cost + iters} blocks)")
     total_calls = budget - steps * cost
     if total_calls < steps:
-        raise SampleError(
+        raise InputError(
             f"--budget {budget} cannot give {steps} steps a call each: it needs at least {steps * (cost + 1)} blocks"
         )
     if schedule == "adaptive":
         if tol is None or not (tol > 0 and math.isfinite(tol)):
-            raise SampleError(f"--schedule adaptive needs a positive finite --tol, got {tol}")
+            raise InputError(f"--schedule adaptive needs a positive finite --tol, got {tol}")
         return ComputePlan(steps, None, budget, schedule, tol)
     return ComputePlan(steps, _allocate(total_calls, _weights(steps, schedule)), budget, schedule)
 
@@ -219,7 +218,7 @@ def generate(
     frees them).
     """
     if solver not in SOLVERS:
-        raise SampleError(f"unknown solver {solver!r}; valid: {', '.join(SOLVERS)} (a budget bounds their calls)")
+        raise InputError(f"unknown solver {solver!r}; valid: {', '.join(SOLVERS)} (a budget bounds their calls)")
     check_graph(graph, solver, plan, model.config)
     step_solver = partial(SOLVERS[solver], graph=graph) if graph else SOLVERS[solver]
     model.eval()
@@ -243,8 +242,8 @@ def generate(
         fn = guided(fn, guidance, model.config.num_classes, channels=guidance_channels)
         out = diffusion.sample(fn, noise, y, method=method, eta=eta, clip=clip, generator=gen)
         if not torch.isfinite(out).all():
-            raise SampleError(f"sampling gave non-finite values (NaN/Inf) in the batch of samples {first}.."
-                              f"{first + len(y) - 1}: the weights or this plan diverge")  # fmt: skip
+            raise InputError(f"sampling gave non-finite values (NaN/Inf) in the batch of samples {first}.."
+                             f"{first + len(y) - 1}: the weights or this plan diverge")  # fmt: skip
         images.append(out.cpu())
         share = len(y) / len(labels)  # per-sample averages over the batches (they differ only when adaptive)
         stats.block_evaluations += share * batch_stats.block_evaluations
@@ -257,36 +256,33 @@ def generate(
 
 
 def check_graph(graph: bool | str, solver: str, plan: ComputePlan, config: ModelConfig) -> None:
-    """A SampleError unless the fixed-point solves can run in CUDA-graph mode ``graph`` (False: always). The
+    """An InputError unless the fixed-point solves can run in CUDA-graph mode ``graph`` (False: always). The
     graphs replay fixedpoint's picard (its best iterate), not the release's plain iteration (the last)."""
     kind = config.kind
     if graph is True:
-        raise SampleError("graph=True (--graph on) was removed with fixedpoint's graph=True: use graph='solver' "
-                          "(--graph solver), and torch.compile for the block")  # fmt: skip
+        raise InputError("graph=True (--graph on) was removed with fixedpoint's graph=True: use graph='solver' "
+                         "(--graph solver), and torch.compile for the block")  # fmt: skip
     if graph is not False and graph != "solver":
-        raise SampleError(f"graph must be False or 'solver', got {graph!r}")
+        raise InputError(f"graph must be False or 'solver', got {graph!r}")
     if not graph:
         return
     if kind != "fpdm":
-        raise SampleError(f"graph={graph!r} (--graph) applies to FPDM; a DiT has no fixed-point layer")
+        raise InputError(f"graph={graph!r} (--graph) applies to FPDM; a DiT has no fixed-point layer")
     if solver == "broyden":
-        raise SampleError(f"graph={graph!r} (--graph) works with the picard and anderson solvers, not broyden")
+        raise InputError(f"graph={graph!r} (--graph) works with the picard and anderson solvers, not broyden")
     if solver == "picard" and plan.calls is not None and config.eval_iterate == "last":
-        raise SampleError(f"graph={graph!r} (--graph) replays fixedpoint's picard, whose output is its best iterate; "
-                          "this model's fixed-point layer is the release's plain iteration (its last iterate): sample "
-                          "without --graph, or with --solver anderson")  # fmt: skip
+        raise InputError(f"graph={graph!r} (--graph) replays fixedpoint's picard, whose output is its best iterate; "
+                         "this model's fixed-point layer is the release's plain iteration (its last iterate): sample "
+                         "without --graph, or with --solver anderson")  # fmt: skip
 
 
-def _labels(spec: str, num: int, num_classes: int, seed: int) -> Tensor:
-    if spec == "random":
+def _labels(classes: str | list[int], num: int, num_classes: int, seed: int) -> Tensor:
+    """(num,) labels: --classes (``checks.classes``: "random" or class labels, repeated) for this model."""
+    if classes == "random":
         return torch.randint(num_classes, (num,), generator=torch.Generator().manual_seed(seed + 1))
-    try:
-        classes = [int(c) for c in spec.split(",")]
-    except ValueError:
-        raise SampleError(f"--classes must be 'random' or comma-separated integers, got {spec!r}") from None
     bad = [c for c in classes if not 0 <= c < num_classes]
     if bad:
-        raise SampleError(f"--classes {bad} outside 0..{num_classes - 1}")
+        raise InputError(f"--classes {bad} outside 0..{num_classes - 1}")
     return torch.tensor(classes).repeat(math.ceil(num / len(classes)))[:num]
 
 
@@ -294,9 +290,9 @@ def main(args: argparse.Namespace) -> dict:
     dev = checks.device(args.device)
     checks.number("--eta", args.eta, 0.0, 1.0)
     if args.tol is not None and args.schedule != "adaptive":
-        raise SampleError("--tol applies to --schedule adaptive")
+        raise InputError("--tol applies to --schedule adaptive")
     if args.graph != "off" and dev.type != "cuda":
-        raise SampleError(f"--graph {args.graph} replays CUDA graphs and needs a CUDA device, got {dev}")
+        raise InputError(f"--graph {args.graph} replays CUDA graphs and needs a CUDA device, got {dev}")
     loaded = read_weights(args.ckpt, weights=args.weights)
     run, cfg = loaded.run, loaded.config  # the model is built once every flag is checked
     defaults = loaded.sampling  # the training run's grid, or the field's sample.py for outside weights
@@ -308,23 +304,23 @@ def main(args: argparse.Namespace) -> dict:
         args.steps = defaults["steps"]
     checks.number("--guidance", args.guidance)
     if args.eta and args.method != "ddim":
-        raise SampleError("--eta applies to --method ddim (DDPM has no eta)")
+        raise InputError("--eta applies to --method ddim (DDPM has no eta)")
     if args.guidance != 1 and not cfg.null_class:
-        raise SampleError(f"--guidance {args.guidance} needs a null class, and this model has none (use 1)")
+        raise InputError(f"--guidance {args.guidance} needs a null class, and this model has none (use 1)")
     if args.guidance_channels is not None and not 1 <= args.guidance_channels <= cfg.in_channels:
-        raise SampleError(f"--guidance-channels must be in 1..{cfg.in_channels}, got {args.guidance_channels}")
+        raise InputError(f"--guidance-channels must be in 1..{cfg.in_channels}, got {args.guidance_channels}")
     if not args.quiet:
         channels = "all" if args.guidance_channels is None else f"the first {args.guidance_channels}"
         print(f"{loaded.source} weights: {args.method.upper()}, {args.steps or 'budgeted'} steps, guidance "
               f"{args.guidance:g} on {channels} channels", flush=True)  # fmt: skip
     if cfg.kind == "dit" and (args.reuse or args.solver != "picard" or args.graph != "off"):
-        raise SampleError("--reuse, --solver and --graph apply to FPDM checkpoints; a DiT has no fixed-point layer")
+        raise InputError("--reuse, --solver and --graph apply to FPDM checkpoints; a DiT has no fixed-point layer")
     plan = plan_compute(cfg, steps=args.steps, iters=args.iters, budget=args.budget, schedule=args.schedule,
                         tol=args.tol)  # fmt: skip
     check_graph(GRAPH_FLAGS[args.graph], args.solver, plan, cfg)
     num_timesteps = int(run.get("num_timesteps", 1000))  # the schedule the checkpoint was trained with
     if plan.steps > num_timesteps:
-        raise SampleError(f"{plan.steps} sampling steps > the {num_timesteps} diffusion timesteps of this checkpoint")
+        raise InputError(f"{plan.steps} sampling steps > the {num_timesteps} diffusion timesteps of this checkpoint")
     per_sample = 8 + cfg.in_channels * cfg.input_size**2 * 5  # its label, its float image and uint8 copy
     checks.memory("--num-samples", args.num_samples, args.num_samples * per_sample)
     batch = min(args.batch_size, args.num_samples) * (1 if args.guidance == 1 else 2)
@@ -335,7 +331,7 @@ def main(args: argparse.Namespace) -> dict:
     vae = None
     if is_latent:  # before sampling, which may take hours
         if not args.vae:
-            raise SampleError("this checkpoint generates VAE latents: pass --vae PATH to decode them")
+            raise InputError("this checkpoint generates VAE latents: pass --vae PATH to decode them")
         vae = load_vae(args.vae, dev)
     model = loaded.build(dev)  # weights that do not fit their config: one line, before --out is made
     out = checks.output_dir(args.out)
@@ -409,7 +405,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "training run's grid's; outside weights: 4, as their sample.py)")
     p.add_argument("--guidance-channels", type=int, default=None, help="guide only the first K channels of epsilon "
                    "(DiT's FID protocol on latents: 3; default: all, or 3 for outside weights)")
-    p.add_argument("--classes", default="random", help="'random' or comma-separated class labels")
+    p.add_argument("--classes", type=checks.classes, default="random", help="'random' or comma-separated class "
+                   "labels")  # fmt: skip
     p.add_argument("--seed", type=checks.seed, default=0, help="an integer in [0, 2^32)")
     p.add_argument("--batch-size", type=int, default=100)
     p.add_argument("--vae", default=None, help="latent checkpoints: local AutoencoderKL directory to decode")
@@ -420,12 +417,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _run(args: argparse.Namespace) -> None:
     if args.num_samples < 1 or args.batch_size < 1:
-        raise SampleError("--num-samples and --batch-size must be >= 1")
+        raise InputError("--num-samples and --batch-size must be >= 1")
     main(args)
 
 
 def cli(argv: list[str] | None = None) -> int:
-    return checks.run_cli(build_parser(), argv, _run, (SampleError, EncodeError, CheckpointError))
+    return checks.run_cli(build_parser(), argv, _run)
 
 
 if __name__ == "__main__":

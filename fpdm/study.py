@@ -25,10 +25,9 @@ from pathlib import Path
 import torch
 
 from . import checks
-from .checkpoint import CheckpointError
-from .evaluate import FPDM_VARIANTS, EvaluateError, check_variants, load_models, reference_for, sweep, write_reports
+from .checks import InputError
+from .evaluate import FPDM_VARIANTS, check_variants, load_models, reference_for, sweep, write_reports
 from .files import atomic_write, write_json, write_text
-from .sample import SampleError
 from .train import read_metrics
 from .weights import load_model
 
@@ -146,17 +145,6 @@ def main(args: argparse.Namespace) -> Path:
     return report
 
 
-def _integers(text: str) -> list[int]:
-    try:
-        return [int(v) for v in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-
-
-def _names(text: str) -> list[str]:
-    return text.split(",")
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = checks.Parser(prog="python -m fpdm.study", description=__doc__.split("\n\n")[0],
                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # fmt: skip
@@ -167,8 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dit-depth", type=int, default=8)
     p.add_argument("--steps", type=int, default=2000, help="training steps of each model")
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--dit-steps", type=_integers, default=[5, 10, 20, 50], help="comma-separated DiT step counts")
-    p.add_argument("--variants", type=_names, default=list(FPDM_VARIANTS), help="comma-separated FPDM variants")
+    p.add_argument("--dit-steps", type=checks.positive_ints, default=[5, 10, 20, 50],
+                   help="comma-separated DiT step counts")  # fmt: skip
+    p.add_argument("--variants", type=checks.names, default=list(FPDM_VARIANTS), help="comma-separated FPDM variants")
     p.add_argument("--num-samples", type=int, default=500)
     p.add_argument("--sample-batch", type=int, default=250)
     p.add_argument("--guidance", type=float, default=1.0)
@@ -178,13 +167,13 @@ def build_parser() -> argparse.ArgumentParser:
 def validate(args: argparse.Namespace) -> None:
     """Everything that would otherwise fail only after both models have trained."""
     check_variants(args.variants)
-    small = {flag: value for flag, value in (("--dit-steps", min(args.dit_steps)), ("--dit-depth", args.dit_depth),
-             ("--steps", args.steps), ("--batch-size", args.batch_size), ("--sample-batch", args.sample_batch),
-             ("--patch", args.patch)) if value < 1}  # fmt: skip
+    small = {flag: value for flag, value in (("--dit-depth", args.dit_depth), ("--steps", args.steps),
+             ("--batch-size", args.batch_size), ("--sample-batch", args.sample_batch), ("--patch", args.patch))
+             if value < 1}  # fmt: skip
     if small:
-        raise EvaluateError(", ".join(f"{flag} must be >= 1, got {value}" for flag, value in small.items()))
+        raise InputError(", ".join(f"{flag} must be >= 1, got {value}" for flag, value in small.items()))
     if args.num_samples < 2:
-        raise EvaluateError("--num-samples must be at least 2 (a covariance needs two samples)")
+        raise InputError("--num-samples must be at least 2 (a covariance needs two samples)")
     checks.number("--guidance", args.guidance)
     checks.output_dir(args.out)
 
@@ -197,7 +186,7 @@ def _run(args: argparse.Namespace) -> None:
 
 def cli(argv: list[str] | None = None) -> int:
     try:
-        return checks.run_cli(build_parser(), argv, _run, (EvaluateError, SampleError, CheckpointError))
+        return checks.run_cli(build_parser(), argv, _run)
     except subprocess.CalledProcessError as err:  # the training command said why, in one line: not again
         return err.returncode
 

@@ -21,6 +21,7 @@ import os
 import sys
 import time
 from contextlib import nullcontext
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -28,17 +29,16 @@ import torch.distributed as dist
 from torch import nn
 
 from . import checks
-from .checkpoint import CheckpointError, check_settings, load_checkpoint, save_checkpoint
-from .data import DataError, ImageData, check_dataset, load_dataset
+from .checkpoint import check_settings, load_checkpoint, save_checkpoint
+from .checks import InputError, int_range, positive_int
+from .data import ImageData, check_dataset, load_dataset
 from .diffusion import MIN_TIMESTEPS, Diffusion, guided
 from .files import write_json, write_text
 from .images import plot_loss_curve, save_grid
-from .models import LEGACY_FIELDS, ModelConfig, create_model, model_config, model_names
+from .models import FPDM, LEGACY_FIELDS, ModelConfig, create_model, model_config, model_names
 from .weights import initialise_from, read_weights
 
-
-class UsageError(Exception):
-    """Bad input from the command line: printed as one line, exit status 2."""
+UsageError = InputError  # the old name (before 0.2 its own class)
 
 
 # Arguments that define a run: resuming with any of them changed is refused (it would not be the same run).
@@ -56,7 +56,7 @@ def setup_distributed(device_arg: str) -> tuple[int, int, torch.device]:
     if device_arg == "auto":
         device_arg = "cuda" if torch.cuda.is_available() else "cpu"
     if device_arg == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda, but CUDA is not available")
+        raise InputError("--device cuda, but CUDA is not available")
     device = torch.device("cuda", local_rank) if device_arg == "cuda" else torch.device(device_arg)
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -150,7 +150,7 @@ def check_memory(args: argparse.Namespace, cfg: ModelConfig, local_batch: int, d
 def main(args: argparse.Namespace) -> None:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if args.batch_size % world:  # before any process group: every process says it and stops
-        raise UsageError(f"--batch-size {args.batch_size} is not divisible by the {world} processes")
+        raise InputError(f"--batch-size {args.batch_size} is not divisible by the {world} processes")
     check_dataset(args.dataset, args.data_dir)  # before --out and its lock exist
     rank, world, device = setup_distributed(args.device)
     out = checks.output_dir(out_dir(args))
@@ -185,7 +185,7 @@ def train(args: argparse.Namespace, rank: int, world: int, device: torch.device,
     ckpt, init_path = None, args.init
     if ckpt_path.exists():
         if init_path is not None and init_path != _recorded_init(out):
-            raise UsageError(f"--init {args.init}, but {out} holds a run to resume ({ckpt_path}) that did not start "
+            raise InputError(f"--init {args.init}, but {out} holds a run to resume ({ckpt_path}) that did not start "
                              "from it: resume comes first (drop --init), or use another --out")  # fmt: skip
         init_path = None  # the same command again resumes: its --init was applied at the start
         # depth is compared through the model's config: --depth 4 and a named size of depth 4 are one run
@@ -193,7 +193,7 @@ def train(args: argparse.Namespace, rank: int, world: int, device: torch.device,
         try:  # fields the checkpoint predates read as what it was trained with
             saved_config = ModelConfig.from_dict(ckpt.get("config"))
         except (TypeError, ValueError) as err:
-            raise UsageError(f"checkpoint {ckpt_path} has a damaged model config ({err}); move it away to start "
+            raise InputError(f"checkpoint {ckpt_path} has a damaged model config ({err}); move it away to start "
                              "over, or use another --out") from None  # fmt: skip
     init = read_weights(init_path) if init_path else None  # before any weights are built: a bad file is one line
 
@@ -204,7 +204,7 @@ def train(args: argparse.Namespace, rank: int, world: int, device: torch.device,
     overrides["learn_sigma"] = args.learn_sigma
     if args.depth is not None:
         if not args.model.startswith("DiT"):
-            raise UsageError("--depth applies to DiT models (FPDM has --pre-depth and --post-depth)")
+            raise InputError("--depth applies to DiT models (FPDM has --pre-depth and --post-depth)")
         overrides["depth"] = args.depth
     if args.model.startswith("FPDM"):
         overrides.update(pre_depth=args.pre_depth, post_depth=args.post_depth)
@@ -215,7 +215,7 @@ def train(args: argparse.Namespace, rank: int, world: int, device: torch.device,
         torch.manual_seed(args.seed)  # the same initial weights in every process and every run
         model = create_model(args.model, **overrides).to(device)
     except ValueError as err:
-        raise UsageError(str(err)) from None
+        raise InputError(str(err)) from None
     model.grad_checkpointing = args.grad_checkpointing
     if init is not None:
         initialise_from(model, init)
@@ -231,8 +231,6 @@ def train(args: argparse.Namespace, rank: int, world: int, device: torch.device,
     generators = {name: torch.Generator().manual_seed(args.seed * 7919 + rank * 104729 + i)
                   for i, name in enumerate(("data", "noise", "sjfb"))}  # fmt: skip
     torch.manual_seed(args.seed * 7919 + rank)  # label dropout draws from the global generator
-    if hasattr(model, "generator"):
-        model.generator = generators["sjfb"]
 
     start_step, window = 0, (0.0, 0)  # window: the loss sum and steps since the last metrics record
     sampling = {"method": "ddim", "steps": args.sample_steps or 50, "guidance": args.guidance,
@@ -252,7 +250,7 @@ def train(args: argparse.Namespace, rank: int, world: int, device: torch.device,
                 raise ValueError(f"its log_window is {ckpt.get('log_window')!r}")
         except (KeyError, IndexError, RuntimeError, TypeError, ValueError) as err:
             reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-            raise UsageError(
+            raise InputError(
                 f"checkpoint {ckpt_path} is incomplete or damaged ({type(err).__name__}: {reason}); move it away "
                 "to start over, or use another --out"
             ) from None
@@ -263,6 +261,7 @@ def train(args: argparse.Namespace, rank: int, world: int, device: torch.device,
         write_json(out / "config.json", {"run": run, "model": dataclasses.asdict(model.config), "init": args.init})
 
     net = nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    net = partial(net, generator=generators["sjfb"])  # FPDM's S-JFB draws (a DiT ignores the keyword)
     metrics_path = out / "metrics.jsonl"
     seen: list[dict] = []  # the records the checkpoint we start from had seen
     if is_main and metrics_path.exists():  # keep only those
@@ -303,13 +302,13 @@ def train(args: argparse.Namespace, rank: int, world: int, device: torch.device,
             if not math.isfinite(loss_value):  # stop before this step's weights reach a checkpoint
                 kept = (f"the last checkpoint, {ckpt_path}, holds step {saved_step} (its weights may already be "
                         "diverging)" if saved_step else "no checkpoint was written")  # fmt: skip
-                raise UsageError(
+                raise InputError(
                     f"the loss is {loss_value} at step {step + 1}: training diverged (lower --lr or raise --warmup); "
                     f"{kept}"
                 )
             window_loss += loss_value
             window_steps += 1
-            fp_state = getattr(model, "last_fixed_point", None)
+            fp_state = model.last_fixed_point if isinstance(model, FPDM) else None
             fp_iters = f"{fp_state.info.no_grad_steps}+{fp_state.info.grad_steps}" if fp_state else "-"
             if (step + 1) % args.log_every == 0 or step + 1 == args.steps:
                 speed = window_steps / (time.perf_counter() - tic)
@@ -350,51 +349,33 @@ def train(args: argparse.Namespace, rank: int, world: int, device: torch.device,
         dist.destroy_process_group()
 
 
-def _range(text: str) -> tuple[int, int]:
-    try:
-        lo, hi = (int(v) for v in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected LOW,HIGH (two integers), got {text!r}") from None
-    return lo, hi
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = checks.Parser(prog="python -m fpdm.train", description=__doc__.split("\n\n")[0],
                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # fmt: skip
     p.add_argument("--dataset", default="digits", help="digits | fashion-mnist | folder:PATH | latents:PATH")
     p.add_argument("--data-dir", default=None, help="directory of the Fashion-MNIST idx files")
-    p.add_argument("--image-size", type=_positive_int, default=None, help="resize folder:PATH images to this")
+    p.add_argument("--image-size", type=positive_int, default=None, help="resize folder:PATH images to this")
     p.add_argument("--model", default="FPDM-T/2", help="a named size: " + ", ".join(model_names()))
-    p.add_argument("--depth", type=_positive_int, default=None, help="DiT blocks (default: the named size's)")
+    p.add_argument("--depth", type=positive_int, default=None, help="DiT blocks (default: the named size's)")
     p.add_argument("--pre-depth", type=int, default=1, help="FPDM explicit blocks before the fixed-point layer")
     p.add_argument("--post-depth", type=int, default=1, help="FPDM explicit blocks after it")
-    p.add_argument("--steps", type=_positive_int, default=1000, help="optimisation steps in total")
-    p.add_argument("--batch-size", type=_positive_int, default=128, help="global batch (split over processes)")
+    p.add_argument("--steps", type=positive_int, default=1000, help="optimisation steps in total")
+    p.add_argument("--batch-size", type=positive_int, default=128, help="global batch (split over processes)")
     p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (the paper: 1e-4 at 256px)")
     p.add_argument("--warmup", type=int, default=100, help="linear learning-rate warmup steps")
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--ema-decay", type=float, default=0.999)
     p.add_argument("--learn-sigma", action=argparse.BooleanOptionalAction, default=True)
-    p.add_argument("--no-grad-iters", type=_range, default=(0, 10), help="FPDM S-JFB: LOW,HIGH iterations no grad")
-    p.add_argument("--grad-iters", type=_range, default=(1, 12), help="FPDM S-JFB: LOW,HIGH iterations with grad")
+    p.add_argument("--no-grad-iters", type=int_range, default=(0, 10), help="FPDM S-JFB: LOW,HIGH iterations no grad")
+    p.add_argument("--grad-iters", type=int_range, default=(1, 12), help="FPDM S-JFB: LOW,HIGH iterations with grad")
     p.add_argument("--grad-checkpointing", action="store_true", help="recompute blocks in backward (less memory)")
-    p.add_argument("--num-timesteps", type=_positive_int, default=1000, help="diffusion steps in training")
+    p.add_argument("--num-timesteps", type=positive_int, default=1000, help="diffusion steps in training")
     p.add_argument("--out", default=None, help="output directory (default runs/DATASET-MODEL)")
     p.add_argument("--init", default=None, help="start from these weights (any format load_model reads; an FPDM "
                    "from a DiT: see docs/fpdm.md); optimiser state starts fresh")
     p.add_argument("--seed", type=checks.seed, default=0, help="an integer in [0, 2^32)")
-    p.add_argument("--ckpt-every", type=_positive_int, default=250, help="checkpoint interval in steps")
-    p.add_argument("--log-every", type=_positive_int, default=10, help="metrics interval in steps")
+    p.add_argument("--ckpt-every", type=positive_int, default=250, help="checkpoint interval in steps")
+    p.add_argument("--log-every", type=positive_int, default=10, help="metrics interval in steps")
     p.add_argument("--sample-steps", type=int, default=50, help="DDIM steps for the final grid (0: no grid)")
     p.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale for the grid")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
@@ -423,7 +404,7 @@ def validate(args: argparse.Namespace) -> None:
     ]
     for ok, message in rules:
         if not ok:
-            raise UsageError(message)
+            raise InputError(message)
     checks.number("--guidance", args.guidance)
     checks.device(args.device)  # cuda where there is none: one line now, not a traceback later
     fpdm_only = {"--pre-depth": args.pre_depth != 1, "--post-depth": args.post_depth != 1,
@@ -431,9 +412,9 @@ def validate(args: argparse.Namespace) -> None:
                  "--grad-iters": tuple(args.grad_iters) != (1, 12)}  # fmt: skip
     given = [flag for flag, changed in fpdm_only.items() if changed]
     if given and not args.model.startswith("FPDM"):
-        raise UsageError(f"{', '.join(given)} apply to FPDM models, not {args.model}")
+        raise InputError(f"{', '.join(given)} apply to FPDM models, not {args.model}")
     if args.image_size is not None and not args.dataset.startswith("folder:"):
-        raise UsageError(f"--image-size resizes folder:PATH images; {args.dataset} has its own size")
+        raise InputError(f"--image-size resizes folder:PATH images; {args.dataset} has its own size")
 
 
 def _run(args: argparse.Namespace) -> None:
@@ -449,8 +430,7 @@ def _interrupted(args: argparse.Namespace) -> str:
 
 
 def cli(argv: list[str] | None = None) -> int:
-    errors = (UsageError, DataError, CheckpointError)
-    return checks.run_cli(build_parser(), argv, _run, errors, interrupted=_interrupted)
+    return checks.run_cli(build_parser(), argv, _run, interrupted=_interrupted)
 
 
 if __name__ == "__main__":

@@ -33,7 +33,8 @@ import torch
 from torch import Tensor, nn
 
 from .checkpoint import FORMAT as CHECKPOINT_FORMAT
-from .checkpoint import CheckpointError, first_line, read_file
+from .checkpoint import first_line, read_file
+from .checks import InputError
 from .files import json_writer, write_set
 from .models import FPDM, MODEL_SIZES, DiT, ModelConfig, build_model, sincos_pos_embed_2d
 
@@ -92,11 +93,11 @@ def read_weights(path: str | Path, *, weights: str = "ema", **overrides) -> Load
     ``overrides`` are ModelConfig fields that replace what the file says or implies (e.g. ``eval_iters``,
     ``num_heads`` of a width that is not a named size)."""
     if weights not in ("ema", "model"):
-        raise CheckpointError(f"weights must be 'ema' or 'model', got {weights!r}")
+        raise InputError(f"weights must be 'ema' or 'model', got {weights!r}")
     fields = {f.name for f in dataclasses.fields(ModelConfig)}
     unknown = sorted(set(overrides) - fields)
     if unknown:
-        raise CheckpointError(f"unknown model config field(s) {', '.join(unknown)}; valid: {', '.join(sorted(fields))}")
+        raise InputError(f"unknown model config field(s) {', '.join(unknown)}; valid: {', '.join(sorted(fields))}")
     path = Path(path)
     if path.is_dir() or path.suffix == ".safetensors":
         loaded = _read_export(path, overrides)
@@ -112,11 +113,11 @@ def read_weights(path: str | Path, *, weights: str = "ema", **overrides) -> Load
 
 
 def _check(loaded: LoadedWeights) -> None:
-    """A CheckpointError for non-finite weights or damaged settings (a file's fields are data, not trusted)."""
+    """An InputError for non-finite weights or damaged settings (a file's fields are data, not trusted)."""
     for key, value in loaded.state_dict.items():
         if value.is_floating_point() and not torch.isfinite(value).all():
-            raise CheckpointError(f"{loaded.path}: its weights hold NaN or Inf ({key}); refused, since every "
-                                  "sample would be too")  # fmt: skip
+            raise InputError(f"{loaded.path}: its weights hold NaN or Inf ({key}); refused, since every "
+                             "sample would be too")  # fmt: skip
     rules = {
         "run.num_timesteps": (loaded.run.get("num_timesteps", 1000), lambda v: type(v) is int and v >= 21),
         "run.dataset": (loaded.run.get("dataset", ""), lambda v: isinstance(v, str)),
@@ -129,7 +130,7 @@ def _check(loaded: LoadedWeights) -> None:
     }
     for name, (value, ok) in rules.items():
         if not ok(value):
-            raise CheckpointError(f"{loaded.path}: {name}={value!r} is damaged; refused")
+            raise InputError(f"{loaded.path}: {name}={value!r} is damaged; refused")
 
 
 def _read_outside(path: Path, content: object, weights: str, overrides: dict) -> LoadedWeights:
@@ -149,7 +150,7 @@ def _read_ours(path: Path, ckpt: dict, weights: str, overrides: dict) -> LoadedW
             raise TypeError("they are not all tensors")
     except (KeyError, TypeError, ValueError) as err:
         reason = f"no usable model config or {weights!r} weights ({first_line(err)})"
-        raise CheckpointError(f"checkpoint {path} has {reason}") from None
+        raise InputError(f"checkpoint {path} has {reason}") from None
     run, sampling = _section(path, ckpt, "run"), {**LEGACY_SAMPLING, **_section(path, ckpt, "sampling")}
     return LoadedWeights(config, state, "fpdm", run, sampling)
 
@@ -159,23 +160,23 @@ def _read_export(path: Path, overrides: dict) -> LoadedWeights:
     tensors = folder / "model.safetensors" if path.is_dir() else path
     meta_path = folder / "config.json"
     if not meta_path.is_file():
-        raise CheckpointError(f"{folder} has no config.json beside its safetensors weights (python -m fpdm.export)")
+        raise InputError(f"{folder} has no config.json beside its safetensors weights (python -m fpdm.export)")
     try:
         meta = json.loads(meta_path.read_text())
         if meta.get("format") != EXPORT_FORMAT:
             raise ValueError(f"format {meta.get('format')!r}, expected {EXPORT_FORMAT!r}")
         config = ModelConfig.from_dict({**meta["model"], **overrides})
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
-        raise CheckpointError(f"{meta_path} is not an export's config ({first_line(err)})") from None
+        raise InputError(f"{meta_path} is not an export's config ({first_line(err)})") from None
     sampling = {**LEGACY_SAMPLING, **_section(meta_path, meta, "sampling")}
     return LoadedWeights(config, read_file(tensors), "export", _section(meta_path, meta, "run"), sampling)
 
 
 def _section(path: Path, saved: dict, name: str) -> dict:
-    """``saved[name]``, a dict (empty when absent), or a CheckpointError naming the damage."""
+    """``saved[name]``, a dict (empty when absent), or an InputError naming the damage."""
     value = saved.get(name, {})
     if not isinstance(value, dict):
-        raise CheckpointError(f"{path}: its {name} is {type(value).__name__}, not a dict; it is damaged")
+        raise InputError(f"{path}: its {name} is {type(value).__name__}, not a dict; it is damaged")
     return value
 
 
@@ -190,11 +191,11 @@ def _outside_state(path: Path, content: object, weights: str) -> tuple[dict[str,
         args = vars(args)
     found = _describe(content)
     if not isinstance(state, dict) or not state or not all(isinstance(v, Tensor) for v in state.values()):
-        raise CheckpointError(f"{path} is no known weights format: found {found}")
+        raise InputError(f"{path} is no known weights format: found {found}")
     state = {_unwrap(k): v for k, v in state.items()}
     if "x_embedder.proj.weight" not in state or not ("blocks.0.attn.qkv.weight" in state or
                                                       "block_fixed_point.attn.qkv.weight" in state):  # fmt: skip
-        raise CheckpointError(f"{path} is no known weights format (DiT, FPDM release, fpdm): found {found}")
+        raise InputError(f"{path} is no known weights format (DiT, FPDM release, fpdm): found {found}")
     return state, args if isinstance(args, dict) else {}
 
 
@@ -220,17 +221,17 @@ def _count(state: Mapping[str, Tensor], prefix: str) -> int:
 
 def _infer_config(path: Path, state: dict[str, Tensor], args: dict, kind: str, overrides: dict) -> ModelConfig:
     """The architecture the tensors imply, then the saved arguments, the release's defaults, the overrides;
-    a missing or misshapen tensor or argument is a CheckpointError naming it."""
+    a missing or misshapen tensor or argument is an InputError naming it."""
     try:
         return _infer(path, state, args, kind, overrides)
-    except CheckpointError:
+    except InputError:
         raise
     except KeyError as err:
-        raise CheckpointError(f"{path}: it has no {err.args[0]} tensor or argument; it is damaged or no "
-                              "DiT/FPDM") from None  # fmt: skip
+        raise InputError(f"{path}: it has no {err.args[0]} tensor or argument; it is damaged or no "
+                         "DiT/FPDM") from None  # fmt: skip
     except (IndexError, TypeError, ValueError, AttributeError) as err:
         reason = first_line(err)
-        raise CheckpointError(f"{path}: its tensors or arguments are not a DiT's or FPDM's ({reason})") from None
+        raise InputError(f"{path}: its tensors or arguments are not a DiT's or FPDM's ({reason})") from None
 
 
 def _infer(path: Path, state: dict[str, Tensor], args: dict, kind: str, overrides: dict) -> ModelConfig:
@@ -240,7 +241,7 @@ def _infer(path: Path, state: dict[str, Tensor], args: dict, kind: str, override
     out = state["final_layer.linear.weight"].shape[0] // (patch * patch)
     rows = state["y_embedder.embedding_table.weight"].shape[0] if "y_embedder.embedding_table.weight" in state else 0
     if not rows:
-        raise CheckpointError(f"{path}: no y_embedder.embedding_table (continuous labels are not supported)")
+        raise InputError(f"{path}: no y_embedder.embedding_table (continuous labels are not supported)")
     found: dict = dict(
         kind="dit" if kind == "dit" else "fpdm", hidden_size=hidden, in_channels=in_channels, patch_size=patch,
         mlp_ratio=state[f"{block}.mlp.fc1.weight"].shape[0] / hidden, learn_sigma=out == 2 * in_channels,
@@ -260,8 +261,8 @@ def _infer(path: Path, state: dict[str, Tensor], args: dict, kind: str, override
     null = rows == classes + 1 if classes is not None else True  # the field trains with label dropout: a null row
     found.update(num_classes=rows - int(null), null_class=null, class_dropout_prob=0.1 if null else 0.0)
     if classes is not None and rows not in (classes, classes + 1):
-        raise CheckpointError(f"{path}: its class embedding has {rows} rows, which fits neither {classes} classes "
-                           "nor them and a null class")  # fmt: skip
+        raise InputError(f"{path}: its class embedding has {rows} rows, which fits neither {classes} classes "
+                         "nor them and a null class")  # fmt: skip
     if kind == "dit":
         found["depth"] = _count(state, "blocks")
     else:
@@ -278,18 +279,18 @@ def _infer(path: Path, state: dict[str, Tensor], args: dict, kind: str, override
     merged = {**found, **overrides}
     for name in ("input_size", "num_heads"):
         if name not in merged:
-            raise CheckpointError(f"{path}: its tensors do not say the model's {name}; give it (load_model(..., "
-                               f"{name}=...))")  # fmt: skip
+            raise InputError(f"{path}: its tensors do not say the model's {name}; give it (load_model(..., "
+                             f"{name}=...))")  # fmt: skip
     try:
         config = ModelConfig(**merged)
     except (TypeError, ValueError) as err:
-        raise CheckpointError(f"{path}: {first_line(err)}") from None
+        raise InputError(f"{path}: {first_line(err)}") from None
     if "pos_embed" in state:
         expected = torch.from_numpy(sincos_pos_embed_2d(hidden, config.input_size // patch)).float()
         if state["pos_embed"].shape[1:] != expected.shape or not torch.allclose(
             state["pos_embed"][0].float(), expected, atol=1e-5
         ):
-            raise CheckpointError(f"{path}: its pos_embed is not the fixed 2-D sin-cos embedding this model uses")
+            raise InputError(f"{path}: its pos_embed is not the fixed 2-D sin-cos embedding this model uses")
     return config
 
 
@@ -309,7 +310,7 @@ def _convert(state: dict[str, Tensor], kind: str) -> dict[str, Tensor]:
 
 
 def load_state(model: nn.Module, state: Mapping[str, Tensor], source: str = "the file") -> None:
-    """``model.load_state_dict(state)`` (strict), or a CheckpointError naming the tensors that do not fit."""
+    """``model.load_state_dict(state)`` (strict), or an InputError naming the tensors that do not fit."""
     own = model.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
@@ -319,7 +320,7 @@ def load_state(model: nn.Module, state: Mapping[str, Tensor], source: str = "the
                 for label, names in (("missing", missing), ("unexpected", unexpected), ("shape of", shapes))
                 if names]  # fmt: skip
     if problems:
-        raise CheckpointError(f"the weights of {source} do not match its model config: {'; '.join(problems)}")
+        raise InputError(f"the weights of {source} do not match its model config: {'; '.join(problems)}")
     model.load_state_dict(dict(state))
 
 
@@ -342,7 +343,7 @@ def initialise_from(model: DiT | FPDM, loaded: LoadedWeights) -> None:
     if isinstance(model, FPDM) and loaded.config.kind == "dit":
         pre, post, depth = model.config.pre_depth, model.config.post_depth, loaded.config.depth
         if depth < pre + post + 1:
-            raise CheckpointError(f"a DiT of depth {depth} cannot give {pre} pre, 1 fixed-point and {post} post blocks")
+            raise InputError(f"a DiT of depth {depth} cannot give {pre} pre, 1 fixed-point and {post} post blocks")
         blocks = {"blocks_pre": list(range(pre)), "block_fixed_point": [pre + (depth - pre - post) // 2],
                   "blocks_post": list(range(depth - post, depth))}  # fmt: skip
         state = {k: v for k, v in loaded.state_dict.items() if not k.startswith("blocks.")}
@@ -355,8 +356,8 @@ def initialise_from(model: DiT | FPDM, loaded: LoadedWeights) -> None:
         state.update({k: v for k, v in fresh.items() if k.startswith(("injection.", "projection."))})
         load_state(model, state, f"{source} (a DiT mapped onto an FPDM)")
     elif model.config.kind != loaded.config.kind:
-        raise CheckpointError(f"cannot start a {model.config.kind.upper()} from {source} weights of a "
-                           f"{loaded.config.kind.upper()}")  # fmt: skip
+        raise InputError(f"cannot start a {model.config.kind.upper()} from {source} weights of a "
+                         f"{loaded.config.kind.upper()}")  # fmt: skip
     else:
         load_state(model, loaded.state_dict, source)
 

@@ -320,3 +320,87 @@ def test_the_defaults_are_plain_iteration_to_1e_3_and_the_jfb_gradient():
     assert layer.last_info.backward is None  # no adjoint solve ran
     with torch.no_grad():
         torch.testing.assert_close(layer.eval()(deq.x), z)  # the eval solve is the same
+
+
+def test_a_per_call_eval_solver_is_used_for_that_call_only():
+    """Catches: forward's ``eval_solver`` stored on the layer (the next call, or every call after one that
+    raised, would solve with it), or ignored (the layer's own solving instead). Values: each call equals its
+    solver run directly."""
+    deq = PerSampleLinear([0.5, 0.8, 0.9])
+    f = lambda z: deq(z).detach()  # noqa: E731
+    own, brief = partial(fp.picard, tol=1e-10, max_iter=60), partial(fp.picard, tol=1e-30, max_iter=3)
+    layer = fp.FixedPoint(lambda z, x: deq(z), eval_solver=own).eval()
+    start = torch.zeros_like(deq.x)
+    with torch.no_grad():
+        short = layer(deq.x, eval_solver=brief)
+        assert layer.last_solution.nfev == brief(f, start).nfev == 4 and layer.eval_solver is own
+        torch.testing.assert_close(short, brief(f, start).fx, rtol=0, atol=0)
+        torch.testing.assert_close(layer(deq.x), own(f, start).fx, rtol=0, atol=0)  # the layer's own again
+        assert layer.last_solution.nfev == own(f, start).nfev > 4
+
+        def fails(*args, **kwargs):
+            raise RuntimeError("this solver fails")
+
+        with pytest.raises(RuntimeError, match="this solver fails"):
+            layer(deq.x, eval_solver=fails)
+        torch.testing.assert_close(layer(deq.x), own(f, start).fx, rtol=0, atol=0)
+    assert layer.eval_solver is own
+    with pytest.raises(TypeError, match="eval_solver must be callable, got int"):
+        layer(deq.x, eval_solver=3)
+
+
+def test_a_per_call_backward_gets_its_options_and_the_layer_keeps_its_own():
+    """Catches: forward's ``backward`` not used in training (a per-call generator ignored: the draws would come
+    from the global RNG), used without the layer's GradInfo, kept for later calls, or not checked as the
+    constructor checks it (solver=None with a mode that starts at z0 as if it were the fixed point)."""
+    cell = lambda z, x: torch.tanh(0.5 * z + x)  # noqa: E731
+    ranges = dict(no_grad=(0, 5), with_grad=(1, 6))
+    layer = fp.FixedPoint(cell, solver=None, backward=partial(fp.stochastic_jfb, **ranges))
+    x = torch.randn(4, 3, requires_grad=True)
+    draws = []
+    for seed in (3, 3, 4):
+        out = layer(x, backward=partial(layer.backward, generator=torch.Generator().manual_seed(seed)))
+        expected = torch.Generator().manual_seed(seed)
+        n_ng, n_g = int(torch.randint(0, 6, (), generator=expected)), int(torch.randint(1, 7, (), generator=expected))
+        assert (layer.last_info.no_grad_steps, layer.last_info.grad_steps) == (n_ng, n_g)
+        z = torch.zeros_like(x)
+        for _ in range(n_ng + n_g):
+            z = cell(z, x)
+        torch.testing.assert_close(out, z, rtol=0, atol=0)  # n_ng + n_g calls of f from the start
+        draws.append((n_ng, n_g))
+    assert draws[0] == draws[1] and layer.backward.keywords == ranges  # the layer's own is as it was
+    with pytest.raises(ValueError, match="solver=None runs no forward solve.*jfb would start at z0"):
+        layer(x, backward=fp.jfb)
+    with pytest.raises(TypeError, match="backward must be callable, got str"):
+        layer(x, backward="jfb")
+
+
+def test_half_tol_zero_keeps_the_solvers_own_tolerance_in_half_precision():
+    """Catches: half_tol=0 refused, or still raising a default tolerance to half precision's (a caller who
+    asked for the solver's own 1e-4 in bf16 would get 3e-3)."""
+    seen = []
+
+    def solver(f, z0, *, args=(), tol: float = 1e-4, max_iter: int = 40):
+        seen.append(tol)
+        return fp.picard(f, z0, args=args, tol=tol, max_iter=max_iter)
+
+    cell = lambda z, x: torch.tanh(0.5 * z + x)  # noqa: E731
+    x = torch.rand(3, 16, dtype=torch.bfloat16)
+    fp.FixedPoint(cell, solver=solver, half_tol=0)(x)
+    fp.FixedPoint(cell, solver=solver)(x)
+    assert seen == [1e-4, 3e-3]
+    with pytest.raises(ValueError, match="half_tol must be a positive finite number, got -1"):
+        fp.FixedPoint(cell, half_tol=-1)
+
+
+def test_solvers_given_per_call_do_not_pile_up_in_the_layer():
+    """Catches: a layer remembering the signature of every solver it was given (a sampler makes a new one per
+    step: thousands over a run), which kept them all alive."""
+    from fixedpoint._module import SIGNATURES_KEPT
+
+    layer = fp.FixedPoint(lambda z, x: torch.tanh(0.5 * z + x)).eval()
+    x = torch.rand(2, 4)
+    with torch.no_grad():
+        for n in range(3 * SIGNATURES_KEPT):
+            layer(x, eval_solver=partial(fp.picard, max_iter=n + 1))
+    assert len(layer._signatures) <= SIGNATURES_KEPT

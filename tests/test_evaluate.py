@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from fpdm.evaluate import Reference, feature_net_for, frechet_distance, reference_for, score
+from fpdm.evaluate import Reference, feature_net_for, frechet_distance, reference_for, score, trace_sqrt_product
 
 
 def test_frechet_of_a_set_with_itself_is_zero_and_grows_with_a_shift():
@@ -27,6 +27,24 @@ def test_frechet_matches_the_closed_form_for_diagonal_gaussians():
     # ||mu_a - mu_b||^2 + sum (s_a - s_b)^2 for diagonal covariances with standard deviations s
     expected = 1.0 + (1 - 2) ** 2 + 0 + (0.5 - 1.5) ** 2
     assert frechet_distance(a, b) == pytest.approx(expected, rel=0.03)
+
+
+@pytest.mark.parametrize("n", [6, 40])  # fewer samples than dimensions (rank-deficient), and more
+def test_both_ways_to_the_trace_of_the_covariance_product_agree_with_sqrtm(n):
+    """Tr((S_a S_b)^(1/2)) from the centred samples' singular values and from symmetric eigendecompositions
+    equals scipy.linalg.sqrtm's (what pytorch-fid computes). Catches: a wrong normalisation ((n - 1) vs n) in
+    the samples' form, S_a S_b's eigenvalues taken without the square root, a transposed product."""
+    import scipy.linalg
+
+    rng = np.random.default_rng(n)
+    a = rng.normal(size=(n, 12)) @ rng.normal(size=(12, 12))
+    b = rng.normal(size=(n + 3, 12)) @ rng.normal(size=(12, 12)) * 0.5 + 2.0
+    cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    expected = np.trace(scipy.linalg.sqrtm(cov_a @ cov_b).real)
+    centred = a - a.mean(0), b - b.mean(0)
+    for from_samples in (True, False):
+        got = trace_sqrt_product(*centred, cov_a, cov_b, from_samples=from_samples)
+        assert got == pytest.approx(expected, rel=1e-7), from_samples
 
 
 @pytest.fixture(scope="module")

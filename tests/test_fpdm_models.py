@@ -1,5 +1,7 @@
 """DiT and FPDM: sizes and parameter counts, initialisation, shapes, the fixed-point layer, overfitting."""
 
+from functools import partial
+
 import pytest
 import torch
 
@@ -233,3 +235,130 @@ def test_fpdm_overfits_a_tiny_batch():
         opt.step()
         losses.append(loss.item())
     assert sum(losses[-10:]) / 10 < 0.3 * sum(losses[:10]) / 10
+
+
+# ----------------------------------------------------------------------------- the fixed-point layer is a FixedPoint
+
+
+def _inputs():
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(3, 1, 8, 8, generator=g), torch.tensor([5, 500, 999]), torch.tensor([1, 2, 10])
+
+
+def _plain_reference(model, x, t, y, calls, z0=None):
+    """FPDM's forward written out: pre blocks, injection, ``calls`` plain iterations of the block (the last
+    iterate), post blocks, final layer."""
+    tokens, t_emb, y_emb = model.embed(x, t, y)
+    c_outer = model.outer_condition(t_emb, y_emb)
+    for block in model.blocks_pre:
+        tokens = block(tokens, c_outer)
+    x_inj = model.injection(tokens)
+    z = tokens if z0 is None else z0
+    for _ in range(calls):
+        z = model.block_fixed_point(model.projection(torch.cat([z, x_inj], dim=-1)), t_emb + y_emb)
+    for block in model.blocks_post:
+        z = block(z, c_outer)
+    return model.unpatchify(model.final_layer(z, model.final_condition(t_emb, y_emb)))
+
+
+def test_fpdm_layer_is_a_fixedpoint_with_the_same_weights_names_and_the_release_numbers():
+    """Catches: the map registered as a submodule of the layer (new state_dict keys: old checkpoints and the
+    official weights would no longer load), and an eval forward that is not the release's plain iteration."""
+    model = _tiny_fpdm().eval()
+    assert isinstance(model.fixed_point, fixedpoint.FixedPoint) and model.fixed_point.solver is None
+    keys = list(model.state_dict())
+    assert not any(k.startswith("fixed_point.") for k in keys) and len(keys) == 47
+    assert {k.split(".")[0] for k in keys} == {"x_embedder", "t_embedder", "y_embedder", "blocks_pre", "injection",
+                                               "projection", "block_fixed_point", "blocks_post", "final_layer"}
+    x, t, y = _inputs()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x, t, y), _plain_reference(model, x, t, y, 12), rtol=0, atol=0)
+        z0 = torch.randn(3, 16, 128, generator=torch.Generator().manual_seed(2))
+        out = model(x, t, y, z0=z0, solver=fixed_iterations(5))
+        torch.testing.assert_close(out, _plain_reference(model, x, t, y, 5, z0), rtol=0, atol=0)
+
+
+def test_a_deepcopy_of_fpdm_solves_with_its_own_weights():
+    """Catches: the layer's map bound to the original model (an EMA copy, copy.deepcopy(model), would solve
+    with the training weights in its fixed-point layer while its other blocks are the EMA's)."""
+    import copy
+
+    model = _tiny_fpdm().eval()
+    ema = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in ema.block_fixed_point.parameters():
+            p.mul_(0.5)
+    x, t, y = _inputs()
+    with torch.no_grad():
+        torch.testing.assert_close(ema(x, t, y), _plain_reference(ema, x, t, y, 12), rtol=0, atol=0)
+        torch.testing.assert_close(model(x, t, y), _plain_reference(model, x, t, y, 12), rtol=0, atol=0)
+        assert not torch.equal(ema(x, t, y), model(x, t, y))
+
+
+def test_fpdm_training_draws_come_from_the_generator_given():
+    """Catches: the S-JFB draws not taken from forward's ``generator`` (training would not be reproducible),
+    or the generator kept on the model. Values: the counts are what stochastic_jfb draws from that seed, and
+    the output is the block applied that many times."""
+    model = _tiny_fpdm(no_grad_iters=(0, 10), grad_iters=(1, 12), class_dropout_prob=0.0).train()
+    x, t, y = _inputs()
+    for seed in (0, 1, 2, 3):
+        out = model(x, t, y, generator=torch.Generator().manual_seed(seed))
+        expected = torch.Generator().manual_seed(seed)
+        n_ng = int(torch.randint(0, 11, (), generator=expected))
+        n_g = int(torch.randint(1, 13, (), generator=expected))
+        info = model.last_fixed_point.info
+        assert (info.no_grad_steps, info.grad_steps, model.last_fixed_point.calls) == (n_ng, n_g, n_ng + n_g)
+        torch.testing.assert_close(out, _plain_reference(model, x, t, y, n_ng + n_g), rtol=0, atol=0)
+    assert model.generator is None
+    model.generator = torch.Generator().manual_seed(3)  # the model's generator: for forwards given none
+    model(x, t, y)
+    assert (model.last_fixed_point.info.no_grad_steps, model.last_fixed_point.info.grad_steps) == (n_ng, n_g)
+
+
+def test_a_per_call_solver_does_not_leak_into_the_next_call_even_when_it_raises():
+    """Catches: the per-call solver stored on the model or its layer (a failed sampling run left its last step's
+    solver behind), and ``eval_solver`` no longer being the layer's (setting it would change nothing)."""
+    model = _tiny_fpdm().eval()
+    own = model.eval_solver
+    x, t, y = _inputs()
+
+    def fails(*args, **kwargs):
+        raise RuntimeError("a failing solver")
+
+    with torch.no_grad(), pytest.raises(RuntimeError, match="a failing solver"):
+        model(x, t, y, solver=fails)
+    assert model.eval_solver is own is model.fixed_point.eval_solver
+    with torch.no_grad():
+        out = model(x, t, y)
+    assert model.last_fixed_point.calls == 12
+    torch.testing.assert_close(out, _plain_reference(model, x, t, y, 12), rtol=0, atol=0)
+    model.eval_solver = fixed_iterations(4)  # the documented way to change the model's own
+    assert model.fixed_point.eval_solver is model.eval_solver
+    with torch.no_grad():
+        torch.testing.assert_close(model(x, t, y), _plain_reference(model, x, t, y, 4), rtol=0, atol=0)
+    with pytest.raises(TypeError, match="eval_solver must be a solver function, got NoneType"):
+        model.eval_solver = None
+
+
+def test_fpdm_in_eval_with_autograd_has_the_implicit_gradient_at_the_eval_solution():
+    """Catches: an eval forward with autograd on whose fixed-point layer passes no gradient (fixedpoint's solvers
+    run without autograd), or a wrong one. Values: the output equals the no-grad output, and at a converged
+    fixed point the implicit gradient equals backprop through many plain iterations (a contraction here)."""
+    model = _tiny_fpdm().eval()
+    with torch.no_grad():  # a contractive block: plain iteration converges, and unrolling it gives the exact gradient
+        model.projection[-1].weight.mul_(0.2)
+    x, t, y = _inputs()
+    solver = partial(fixedpoint.anderson, tol=1e-6, max_iter=200)
+    with torch.no_grad():
+        expected = model(x, t, y, solver=solver)
+    out = model(x, t, y, solver=solver)
+    assert model.last_fixed_point.solution.converged.all()
+    torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6)
+    (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+    implicit = model.injection.weight.grad.clone()
+    model.zero_grad()
+    reference = _plain_reference(model, x, t, y, 200)
+    torch.testing.assert_close(reference, expected, rtol=1e-4, atol=1e-5)
+    (reference * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+    assert implicit.abs().sum() > 0
+    torch.testing.assert_close(implicit, model.injection.weight.grad, rtol=1e-3, atol=1e-5)

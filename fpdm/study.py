@@ -37,7 +37,7 @@ def _train(kind: str, args: argparse.Namespace, out: Path) -> Path:
     model = f"{kind}-T/{args.patch}"
     cmd = [sys.executable, "-m", "fpdm.train", "--dataset", args.dataset, "--model", model,
            "--steps", str(args.steps), "--batch-size", str(args.batch_size), "--out", str(out),
-           "--ckpt-every", "250", "--sample-steps", "50", "--quiet"]  # fmt: skip
+           "--ckpt-every", "250", "--sample-steps", str(args.grid_steps), "--quiet"]  # fmt: skip
     if args.data_dir:
         cmd += ["--data-dir", args.data_dir]
     if kind == "DiT":
@@ -161,6 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-samples", type=int, default=500)
     p.add_argument("--sample-batch", type=int, default=250)
     p.add_argument("--guidance", type=float, default=1.0)
+    p.add_argument("--grid-steps", type=int, default=50,
+                   help="DDIM steps of each training run's own sample grid (samples.png; 0: none)")  # fmt: skip
     return p
 
 
@@ -172,6 +174,8 @@ def validate(args: argparse.Namespace) -> None:
              if value < 1}  # fmt: skip
     if small:
         raise InputError(", ".join(f"{flag} must be >= 1, got {value}" for flag, value in small.items()))
+    if args.grid_steps < 0:
+        raise InputError(f"--grid-steps must be >= 0 (0: no grid), got {args.grid_steps}")
     if args.num_samples < 2:
         raise InputError("--num-samples must be at least 2 (a covariance needs two samples)")
     checks.number("--guidance", args.guidance)

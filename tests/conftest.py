@@ -1,4 +1,5 @@
 import os
+import subprocess
 import sys
 
 import pytest
@@ -39,3 +40,31 @@ def cli(capfd):
         return code, captured.out, captured.err
 
     return run
+
+
+@pytest.fixture(scope="session")
+def trained_checkpoint(tmp_path_factory):
+    """``trained_checkpoint(model="FPDM-T/2", *extra) -> Path``: the checkpoint of one tiny training run on
+    digits (3 steps of 16 images, no sample grid, plus ``extra`` flags), made once per session for each
+    (model, extra) and shared by the command tests, which only read it (a test that changes one copies it)."""
+    made: dict[tuple, object] = {}
+
+    def get(model: str = "FPDM-T/2", *extra: str):
+        key = (model, *extra)
+        if key not in made:
+            out = tmp_path_factory.mktemp(model.replace("/", "-"))
+            cmd = [sys.executable, "-m", "fpdm.train", "--model", model, "--steps", "3", "--batch-size", "16",
+                   "--sample-steps", "0", "--quiet", "--out", str(out), *extra]  # fmt: skip
+            result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+            assert result.returncode == 0, result.stderr
+            made[key] = out / "checkpoints" / "latest.pt"
+        return made[key]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def feature_cache(tmp_path_factory):
+    """One feature-network cache for the session (``--cache-dir``, ``FPDM_CACHE``): the digits classifier is
+    trained once, by whichever test needs it first."""
+    return tmp_path_factory.mktemp("feature-cache")

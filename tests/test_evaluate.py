@@ -48,9 +48,9 @@ def test_both_ways_to_the_trace_of_the_covariance_product_agree_with_sqrtm(n):
 
 
 @pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-    """One feature-network cache for the module: the digits classifier is trained once."""
-    return tmp_path_factory.mktemp("cache")
+def cache_dir(feature_cache):
+    """The session's feature-network cache: the digits classifier is trained once."""
+    return feature_cache
 
 
 @pytest.fixture(scope="module")
@@ -113,16 +113,8 @@ def test_inception_fid_with_random_weights_of_the_same_architecture(tmp_path, di
         load_fid_inception(tmp_path / "bad.pth")
 
 
-def _checkpoint(tmp_path, model, extra=()):
-    out = tmp_path / model.replace("/", "-")
-    cmd = [sys.executable, "-m", "fpdm.train", "--model", model, "--steps", "3", "--batch-size", "16",
-           "--sample-steps", "0", "--quiet", "--out", str(out), *extra]  # fmt: skip
-    assert subprocess.run(cmd, capture_output=True, timeout=120).returncode == 0
-    return str(out / "checkpoints" / "latest.pt")
-
-
-def test_budget_sweep_command(tmp_path, cache_dir, digits_reference):
-    dit, fpdm = _checkpoint(tmp_path, "DiT-T/2"), _checkpoint(tmp_path, "FPDM-T/2")
+def test_budget_sweep_command(tmp_path, cache_dir, digits_reference, trained_checkpoint):
+    dit, fpdm = str(trained_checkpoint("DiT-T/2")), str(trained_checkpoint("FPDM-T/2"))
     out = tmp_path / "eval"
     cmd = [sys.executable, "-m", "fpdm.evaluate", "--ckpt", dit, "--ckpt", fpdm, "--dit-steps", "2,4",
            "--variants", "uniform,smoothing,reuse,anderson", "--num-samples", "40", "--cache-dir", str(cache_dir),
@@ -140,8 +132,8 @@ def test_budget_sweep_command(tmp_path, cache_dir, digits_reference):
     assert (out / "quality_vs_compute.png").is_file() and any((out / "grids").iterdir())
 
 
-def test_score_existing_samples_and_bad_input(tmp_path, cache_dir, digits_reference, cli):
-    ckpt = _checkpoint(tmp_path, "DiT-T/2")
+def test_score_existing_samples_and_bad_input(tmp_path, cache_dir, digits_reference, cli, trained_checkpoint):
+    ckpt = str(trained_checkpoint("DiT-T/2"))
     subprocess.run([sys.executable, "-m", "fpdm.sample", "--ckpt", ckpt, "--num-samples", "20", "--steps", "3",
                     "--out", str(tmp_path / "s"), "--quiet"], check=True, capture_output=True, timeout=120)  # fmt: skip
     base = [sys.executable, "-m", "fpdm.evaluate", "--cache-dir", str(cache_dir), "--quiet"]
@@ -185,12 +177,12 @@ def test_score_existing_samples_and_bad_input(tmp_path, cache_dir, digits_refere
         assert len(err.strip().splitlines()) == 1 and match in err
 
 
-def test_a_sweep_reads_each_checkpoint_once(tmp_path, cache_dir, digits_reference, monkeypatch):
+def test_a_sweep_reads_each_checkpoint_once(tmp_path, cache_dir, digits_reference, monkeypatch, trained_checkpoint):
     """Every checkpoint is read once, before the reference (whose feature network may have to train)."""
     import fpdm.evaluate
     import fpdm.weights
 
-    ckpt = _checkpoint(tmp_path, "FPDM-T/2")
+    ckpt = str(trained_checkpoint("FPDM-T/2"))
     reads, read, load = [], fpdm.weights.read_file, fpdm.evaluate.load_checkpoint
     monkeypatch.setattr(fpdm.weights, "read_file", lambda path: reads.append(str(path)) or read(path))
     # the evaluation also reads its cached feature network

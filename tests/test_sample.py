@@ -161,18 +161,10 @@ def test_anderson_at_sampling_time():
         _run(model, plan, solver="newton")
 
 
-def _train_checkpoint(tmp_path, *extra):
-    out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "fpdm.train", "--steps", "2", "--batch-size", "8", "--sample-steps", "0", "--quiet",
-           "--out", str(out), *extra]  # fmt: skip
-    assert subprocess.run(cmd, capture_output=True, timeout=120).returncode == 0
-    return out / "checkpoints" / "latest.pt"
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """One tiny training run's checkpoint, shared by the command tests (they never modify it)."""
-    return _train_checkpoint(tmp_path_factory.mktemp("trained"))
+@pytest.fixture
+def trained(trained_checkpoint):
+    """The session's tiny FPDM checkpoint, shared by the command tests (they never modify it)."""
+    return trained_checkpoint("FPDM-T/2")
 
 
 def test_sample_command_writes_grid_npz_and_stats(tmp_path, trained):
@@ -236,10 +228,10 @@ def test_sample_command_rejects_a_mismatched_checkpoint(tmp_path, trained, cli):
     assert len(err.strip().splitlines()) == 1
 
 
-def test_sample_command_uses_the_checkpoints_diffusion_timesteps(tmp_path, monkeypatch, cli):
+def test_sample_command_uses_the_checkpoints_diffusion_timesteps(tmp_path, monkeypatch, cli, trained_checkpoint):
     """A model trained on 100 timesteps is sampled on that schedule (it never saw t >= 100), and more sampling
     steps than timesteps is an error before any sampling."""
-    ckpt = _train_checkpoint(tmp_path, "--num-timesteps", "100")
+    ckpt = trained_checkpoint("FPDM-T/2", "--num-timesteps", "100")
     from fpdm import diffusion, sample
 
     created = []

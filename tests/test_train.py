@@ -80,7 +80,7 @@ def _losses(out: Path) -> list[tuple[int, float]]:
 def test_killed_run_resumed_equals_an_uninterrupted_run(tmp_path):
     """The weights bit for bit, and the loss records too (a record spanning the kill averages the same steps)."""
     whole, killed = tmp_path / "whole", tmp_path / "killed"
-    args = ["--steps", "60", "--ckpt-every", "5", *FAST, "--log-every", "3"]
+    args = ["--steps", "30", "--ckpt-every", "5", *FAST, "--log-every", "3"]
     assert run(*args, "--out", str(whole)).returncode == 0
     env = {**os.environ, "OMP_NUM_THREADS": "2"}
     proc = subprocess.Popen([sys.executable, "-m", "fpdm.train", *args, "--out", str(killed)],
@@ -92,7 +92,7 @@ def test_killed_run_resumed_equals_an_uninterrupted_run(tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     killed_at = torch.load(ckpt, weights_only=False)["step"]
-    assert killed_at < 60, "the run finished before it could be killed"
+    assert killed_at < 30, "the run finished before it could be killed"
     resumed = run(*args, "--out", str(killed))
     assert resumed.returncode == 0, resumed.stderr
     assert f"at step {killed_at}" in resumed.stdout
@@ -137,52 +137,65 @@ def _processes_mentioning(text: str) -> list[int]:
     return [pid for pid in pids if pid != os.getpid()]
 
 
-def test_corrupt_checkpoint_is_an_error_and_is_not_overwritten(tmp_path):
+def test_corrupt_checkpoint_is_an_error_and_is_not_overwritten(capsys, tmp_path):
+    from fpdm import train
+
     path = tmp_path / "checkpoints" / "latest.pt"
     path.parent.mkdir(parents=True)
     path.write_bytes(b"not a checkpoint")
-    _one_line_error(run("--steps", "2", "--out", str(tmp_path), *FAST), "is unreadable")
+    _cli_error(capsys, train, ["--steps", "2", "--out", str(tmp_path), *FAST], "is unreadable")
     assert path.read_bytes() == b"not a checkpoint"
 
 
-def test_mismatched_checkpoint_is_an_error_and_is_not_overwritten(tmp_path):
+def test_mismatched_checkpoint_is_an_error_and_is_not_overwritten(capsys, tmp_path):
+    from fpdm import train
+
     assert run("--steps", "2", "--out", str(tmp_path), *FAST).returncode == 0
     before = (tmp_path / "checkpoints" / "latest.pt").read_bytes()
-    _one_line_error(run("--steps", "4", "--out", str(tmp_path), *FAST, "--lr", "0.01"), "lr=0.001 (now 0.01)")
-    _one_line_error(run("--steps", "4", "--out", str(tmp_path), *FAST[2:], "--model", "FPDM-T/2"), "model=DiT-T/2")
+    out = ["--steps", "4", "--out", str(tmp_path)]
+    _cli_error(capsys, train, [*out, *FAST, "--lr", "0.01"], "lr=0.001 (now 0.01)")
+    _cli_error(capsys, train, [*out, *FAST[2:], "--model", "FPDM-T/2"], "model=DiT-T/2")
     assert (tmp_path / "checkpoints" / "latest.pt").read_bytes() == before
 
 
 @pytest.mark.parametrize(
-    "args,env,match",
+    "args,match",
     [
-        (["--dataset", "mnist"], None, "unknown dataset 'mnist'"),
-        (["--model", "DiT-Huge/2"], None, "unknown --model 'DiT-Huge/2'"),
-        (["--dataset", "fashion-mnist", "--data-dir", "/nonexistent"], None, "apt-get install dataset-fashion-mnist"),
-        (["--dataset", "folder:/nonexistent"], None, "image folder /nonexistent does not exist"),
-        (["--dataset", "latents:/nonexistent"], None, "no latent shards"),
-        (["--batch-size", "3"], {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0"}, "not divisible by the 2"),
-        (["--lr", "-1"], None, "--lr must be a positive finite number, got -1.0"),
-        (["--lr", "inf"], None, "--lr must be a positive finite number, got inf"),
-        (["--weight-decay", "-1"], None, "--weight-decay must be a finite number >= 0, got -1.0"),
-        (
-            ["--model", "DiT-T/2", "--pre-depth", "3", "--grad-iters", "2,4"],
-            None,
-            "--pre-depth, --grad-iters apply to FPDM models, not DiT-T/2",
-        ),
-        (["--image-size", "16"], None, "--image-size resizes folder:PATH images; digits has its own size"),
-        (["--device", "cuda"] if not torch.cuda.is_available() else ["--device", "tpu"], None, "--device"),
+        (["--dataset", "mnist"], "unknown dataset 'mnist'"),
+        (["--model", "DiT-Huge/2"], "unknown --model 'DiT-Huge/2'"),
+        (["--dataset", "fashion-mnist", "--data-dir", "/nonexistent"], "apt-get install dataset-fashion-mnist"),
+        (["--dataset", "folder:/nonexistent"], "image folder /nonexistent does not exist"),
+        (["--dataset", "latents:/nonexistent"], "no latent shards"),
+        (["--lr", "-1"], "--lr must be a positive finite number, got -1.0"),
+        (["--lr", "inf"], "--lr must be a positive finite number, got inf"),
+        (["--weight-decay", "-1"], "--weight-decay must be a finite number >= 0, got -1.0"),
+        (["--model", "DiT-T/2", "--pre-depth", "3", "--grad-iters", "2,4"],
+         "--pre-depth, --grad-iters apply to FPDM models, not DiT-T/2"),
+        (["--image-size", "16"], "--image-size resizes folder:PATH images; digits has its own size"),
+        (["--device", "cuda"] if not torch.cuda.is_available() else ["--device", "tpu"], "--device"),
     ],
-)
-def test_bad_input_is_one_line_and_nonzero(tmp_path, args, env, match):
-    result = run("--steps", "1", "--out", str(tmp_path), "--quiet", *args, env=env, timeout=60)
-    _one_line_error(result, match)
+)  # fmt: skip
+def test_bad_input_is_one_line_and_nonzero(capsys, tmp_path, args, match):
+    """In-process through ``cli(argv)``, the code path of ``python -m fpdm.train``."""
+    from fpdm import train
+
+    _cli_error(capsys, train, ["--steps", "1", "--out", str(tmp_path), "--quiet", *args], match)
+    assert not (tmp_path / "checkpoints").exists()
 
 
-def test_an_output_path_below_a_file_is_one_line(tmp_path):
+def test_a_batch_not_divisible_by_the_world_size_is_one_line(tmp_path):
+    """Under torchrun's environment (a process of its own: the check comes before any process group)."""
+    result = run("--steps", "1", "--out", str(tmp_path), "--quiet", "--batch-size", "3",
+                 env={"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0"}, timeout=60)  # fmt: skip
+    _one_line_error(result, "not divisible by the 2")
+
+
+def test_an_output_path_below_a_file_is_one_line(capsys, tmp_path):
+    from fpdm import train
+
     (tmp_path / "afile").write_text("keep me")
     for out in ("afile", "afile/sub"):
-        _one_line_error(run("--steps", "1", "--out", str(tmp_path / out), "--quiet", timeout=60), "is a file")
+        _cli_error(capsys, train, ["--steps", "1", "--out", str(tmp_path / out), "--quiet"], "is a file")
     assert (tmp_path / "afile").read_text() == "keep me"
 
 
@@ -198,9 +211,10 @@ def test_a_diverging_run_stops_with_one_line_and_keeps_the_last_checkpoint(tmp_p
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
 
 
-def test_bad_flag_values_exit_nonzero_without_traceback(tmp_path):
-    result = run("--steps", "zero", "--out", str(tmp_path), timeout=60)
-    assert result.returncode == 2 and "Traceback" not in result.stderr and "--steps" in result.stderr
+def test_bad_flag_values_exit_nonzero_without_traceback(capsys, tmp_path):
+    from fpdm import train
+
+    _cli_error(capsys, train, ["--steps", "zero", "--out", str(tmp_path)], "--steps")
 
 
 def test_checkpoint_write_is_atomic(tmp_path):
@@ -274,9 +288,11 @@ def test_a_second_run_on_the_same_out_is_refused(capsys, tmp_path):
         pass
 
 
-def test_a_damaged_checkpoint_is_one_line_and_the_same_model_resumes(tmp_path):
+def test_a_damaged_checkpoint_is_one_line_and_the_same_model_resumes(capsys, tmp_path):
     """A checkpoint that loads but lacks a part (or holds a bad step) is refused in one line and left as it was;
     --depth equal to the named size's depth is the same model, so it resumes."""
+    from fpdm import train
+
     assert run("--steps", "2", "--out", str(tmp_path), *FAST).returncode == 0
     path = tmp_path / "checkpoints" / "latest.pt"
     good = path.read_bytes()
@@ -287,7 +303,7 @@ def test_a_damaged_checkpoint_is_one_line_and_the_same_model_resumes(tmp_path):
         damage(ckpt)
         torch.save(ckpt, path)
         damaged = path.read_bytes()
-        _one_line_error(run("--steps", "3", "--out", str(tmp_path), *FAST), match)
+        _cli_error(capsys, train, ["--steps", "3", "--out", str(tmp_path), *FAST], match)
         assert path.read_bytes() == damaged
     path.write_bytes(good)
     resumed = run("--steps", "3", "--out", str(tmp_path), *FAST, "--depth", "4")  # DiT-T's depth
@@ -346,3 +362,60 @@ def test_an_unwritable_out_and_file_errors_are_one_line(capsys, tmp_path, monkey
     (tmp_path / "checkpoints").mkdir()
     (tmp_path / "checkpoints" / "latest.pt").write_bytes(b"")
     assert f"resume from {tmp_path / 'checkpoints' / 'latest.pt'}" in train._interrupted(args)
+
+
+def test_training_draws_its_sjfb_iterations_from_the_runs_generator(tmp_path):
+    """Catches: train.py not giving the model its saved S-JFB generator (the draws would come from the global
+    RNG, which label dropout also draws from: a resumed run would not be the same run). Values: each step's
+    recorded counts are the generator's draws, seeded as train.py seeds it (rank 0, third generator)."""
+    result = run("--steps", "5", "--out", str(tmp_path), "--model", "FPDM-T/2", "--batch-size", "8", "--seed", "3",
+                 "--sample-steps", "0", "--quiet", "--log-every", "1")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    g = torch.Generator().manual_seed(3 * 7919 + 2)
+    expected = [(int(torch.randint(0, 11, (), generator=g)), int(torch.randint(1, 13, (), generator=g)))
+                for _ in range(5)]  # fmt: skip
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["no_grad_iters"], r["grad_iters"]) for r in records] == expected
+
+
+@pytest.mark.parametrize(
+    "module_name,argv,match",
+    [
+        ("train", ["--grad-iters", "1,2,3"], "argument --grad-iters: expected LOW,HIGH (two integers), got '1,2,3'"),
+        ("train", ["--no-grad-iters", "a,1"], "argument --no-grad-iters: expected LOW,HIGH (two integers), got 'a,1'"),
+        ("train", ["--depth", "x"], "argument --depth: expected a positive integer, got 'x'"),
+        ("evaluate", ["--dit-steps", "5,0"], "argument --dit-steps: expected positive integers, got '5,0'"),
+        ("study", ["--dit-steps", "0"], "argument --dit-steps: expected positive integers, got '0'"),
+        ("study", ["--dit-steps", "2,a"], "argument --dit-steps: expected comma-separated integers, got '2,a'"),
+        ("sample", ["--ckpt", "c", "--out", "o", "--classes", "1,b"],
+         "argument --classes: expected 'random' or comma-separated integers, got '1,b'"),
+        ("encode", ["--dataset", "d", "--vae", "v", "--out", "o", "--seed", "-2"],
+         "argument --seed: expected an integer in [0, 2^32), got '-2'"),
+    ],
+)  # fmt: skip
+def test_every_commands_argument_types_name_the_flag_and_the_value(capsys, module_name, argv, match):
+    """The argparse types shared by the commands (fpdm.checks): a bad value is one line naming the flag and
+    the value, exit 2, before any work."""
+    import importlib
+
+    _cli_error(capsys, importlib.import_module(f"fpdm.{module_name}"), argv, match)
+
+
+def test_the_commands_errors_are_one_input_error():
+    """Catches: an error class of its own again in one command (its failures would print a traceback unless
+    every command listed it), or an old name gone (``except SampleError`` in users' code)."""
+    import fpdm
+    from fpdm import checkpoint, checks, data, encode, evaluate, sample, train
+
+    olds = (checkpoint.CheckpointError, data.DataError, encode.EncodeError, evaluate.EvaluateError,
+            sample.SampleError, train.UsageError, fpdm.CheckpointError)  # fmt: skip
+    assert all(cls is checks.InputError is fpdm.InputError for cls in olds)
+    assert issubclass(checks.InputError, ValueError)
+    with pytest.raises(sample.SampleError, match="image folder /no/such/dataset does not exist"):
+        data.load_dataset("folder:/no/such/dataset")
+    for error in olds:
+
+        def fails(args, error=error):
+            raise error("--flag value: why")
+
+        assert checks.run_cli(checks.Parser(prog="p"), [], fails) == 2

@@ -11,6 +11,7 @@ from ._backward import (
     unrolled,
 )
 from ._common import Status
+from ._diagnostics import spectral_radius
 from ._module import FixedPoint
 from ._newton import newton
 from ._solve import Solution, Solver, clear_graph_cache, solve
@@ -33,6 +34,7 @@ __all__ = [
     "phantom",
     "picard",
     "solve",
+    "spectral_radius",
     "stochastic_jfb",
     "unrolled",
 ]

@@ -81,8 +81,9 @@ def _least_squares(h: Tensor, rhs: Tensor) -> Tensor:
 _NO_FORWARD_AD = ("jvp function", "setup_context", "forward AD", "forward mode AD", "forward-mode AD")
 
 
-def _jvp_forward(fn: Map, x: Tensor) -> Callable[[Tensor], Tensor]:
-    """v -> J_f(x) v by forward-mode autograd (one call of f per product)."""
+def _jvp_forward(fn: Map, x: Tensor, caller: str = "newton") -> Callable[[Tensor], Tensor]:
+    """v -> J_f(x) v by forward-mode autograd (one call of f per product); ``caller`` names the function whose
+    ``jvp='forward'`` an error message blames."""
 
     def product(v: Tensor) -> Tensor:
         try:
@@ -92,7 +93,7 @@ def _jvp_forward(fn: Map, x: Tensor) -> Callable[[Tensor], Tensor]:
             if not any(marker in str(err) for marker in _NO_FORWARD_AD):
                 raise
             raise ValueError(
-                "newton(jvp='forward') takes Jacobian-vector products of f by forward-mode autograd "
+                f"{caller}(jvp='forward') takes Jacobian-vector products of f by forward-mode autograd "
                 "(torch.func.jvp), which f does not support (e.g. a torch.autograd.Function without a jvp "
                 "staticmethod): use jvp='reverse', which needs only f's backward; torch said: "
                 f"{type(err).__name__}: {err}"

@@ -57,6 +57,9 @@ from .kernels.groups import LoopBuffers, Pair, StopRule
 __all__ = ["Solution", "Solver", "Status", "clear_graph_cache", "solve"]
 
 
+RATE_WINDOW = 5  # Solution.rate: the iterations its geometric mean spans
+
+
 @dataclass
 class Solution:
     """What every solver returns. Per-sample fields have the batch as first dimension."""
@@ -73,6 +76,22 @@ class Solution:
     def converged(self) -> Tensor:
         """(B,) bool, status == CONVERGED."""
         return self.status == Status.CONVERGED
+
+    @property
+    def rate(self) -> Tensor:
+        """(B,) the observed linear convergence rate per sample: the geometric mean of the residual's factor per
+        iteration over the sample's last (up to) RATE_WINDOW traced iterations. Below 1: converging, the
+        residual shrinking by that factor per iteration; above 1: growing. NaN where fewer than two
+        iterations are traced (the trace keeps a row per iteration run; NaN once a sample has stopped) or
+        where a residual there is 0 or not finite."""
+        trace = self.trace  # (n, B)
+        if len(trace) < 2:
+            return trace.new_full((trace.shape[1],), math.nan)
+        last = torch.isfinite(trace).sum(dim=0) - 1  # (B,) a sample's residuals are a prefix of its column
+        first = (last - RATE_WINDOW).clamp_min(0)
+        ratio = trace.gather(0, last.clamp_min(0)[None])[0] / trace.gather(0, first[None])[0]
+        steps = (last - first).to(trace.dtype)
+        return torch.where(steps > 0, ratio ** (1 / steps.clamp_min(1)), math.nan)
 
     def statuses(self) -> list[Status]:
         """The per-sample status as a list of :class:`Status` members."""

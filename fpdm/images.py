@@ -11,7 +11,7 @@ from torch import Tensor
 
 from .files import atomic_write
 
-__all__ = ["to_uint8", "grid_image", "save_grid", "plot_loss_curve"]
+__all__ = ["to_uint8", "grid_image", "save_grid", "plot_loss_curve", "smooth_curve"]
 
 
 def to_uint8(images: Tensor) -> np.ndarray:
@@ -43,6 +43,28 @@ def save_grid(images: Tensor, path: Path, *, nrow: int, scale: int = 1, pad: int
     return atomic_write(path, lambda fh: image.save(fh, format="PNG"))
 
 
+def smoothing_half_width(n: int) -> int:
+    """The loss plot's smoothing half-width for n records: 2.5% of them on each side (a 5% window)."""
+    return n // 40
+
+
+def smooth_curve(values: list[float], half: int) -> np.ndarray:
+    """A centred moving average of log(values) over 2 * half + 1 records, back in value space (the curve is
+    plotted on a log scale): no lag, unlike an exponential average, which trails a falling loss by about
+    1 / (1 - decay) records. Near the ends the window shrinks to what is available on both sides, so the
+    first and last points are the raw ones. A loss that falls exponentially is followed exactly. Values that
+    are not all positive are averaged as they are."""
+    raw = np.asarray(values, dtype=np.float64)  # (n,)
+    positive = bool((raw > 0).all())
+    logs = np.log(raw) if positive else raw
+    n = len(logs)
+    sums = np.concatenate([[0.0], np.cumsum(logs)])
+    index = np.arange(n)
+    width = np.minimum(np.minimum(index, n - 1 - index), half)  # per point: the half-width that fits
+    mean = (sums[index + width + 1] - sums[index - width]) / (2 * width + 1)
+    return np.exp(mean) if positive else mean
+
+
 def plot_loss_curve(records: list[dict], png_path: Path, *, title: str = "training loss") -> Path:
     """Loss (raw and smoothed) vs step from metrics records ({"step": ..., "loss": ...}), as a PNG."""
     import matplotlib
@@ -58,11 +80,8 @@ def plot_loss_curve(records: list[dict], png_path: Path, *, title: str = "traini
     fig, ax = plt.subplots(figsize=(7, 4))
     ax.plot(steps, losses, lw=0.8, alpha=0.4, label="loss")
     if losses:
-        smooth, value = [], losses[0]
-        for loss in losses:
-            value = 0.95 * value + 0.05 * loss
-            smooth.append(value)
-        ax.plot(steps, smooth, lw=1.5, label="smoothed (EMA 0.95)")
+        half = smoothing_half_width(len(losses))
+        ax.plot(steps, smooth_curve(losses, half), lw=1.5, label=f"smoothed (centred, {2 * half + 1} records)")
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.set_yscale("log")

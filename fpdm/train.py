@@ -332,6 +332,10 @@ def train(args: argparse.Namespace, rank: int, world: int, device: torch.device,
                         "config": dataclasses.asdict(model.config), "sampling": sampling,
                     })  # fmt: skip
                 saved_step = step + 1
+            if is_main and args.sample_every and (step + 1) % args.sample_every == 0 and not data.is_latent:
+                # its own generator (args.seed): the training draws are untouched, so a run is the same run
+                sample_grid(ema, data, args, device, out / "grids" / f"step-{step + 1:07d}.png")
+                plot_loss_curve(read_metrics(metrics_path), out / "loss.png", title=f"{args.model} on {data.name}")
     if metrics:
         metrics.close()
 
@@ -377,6 +381,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ckpt-every", type=positive_int, default=250, help="checkpoint interval in steps")
     p.add_argument("--log-every", type=positive_int, default=10, help="metrics interval in steps")
     p.add_argument("--sample-steps", type=int, default=50, help="DDIM steps for the final grid (0: no grid)")
+    p.add_argument("--sample-every", type=int, default=0,
+                   help="also an EMA grid every K steps (grids/step-K.png, loss.png redrawn): a long run can be "
+                        "watched; 0: only the final grid")  # fmt: skip
     p.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale for the grid")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -393,6 +400,8 @@ def validate(args: argparse.Namespace) -> None:
         (0 <= args.ema_decay < 1, f"--ema-decay must be in [0, 1), got {args.ema_decay}"),
         (args.warmup >= 0, f"--warmup must be >= 0, got {args.warmup}"),
         (args.sample_steps >= 0, f"--sample-steps must be >= 0, got {args.sample_steps}"),
+        (args.sample_every >= 0, f"--sample-every must be >= 0, got {args.sample_every}"),
+        (not args.sample_every or args.sample_steps, "--sample-every needs --sample-steps > 0 (the grids' DDIM steps)"),
         (
             args.num_timesteps >= MIN_TIMESTEPS,
             f"--num-timesteps must be at least {MIN_TIMESTEPS} (the linear noise schedule's last beta, 20/T, must "

@@ -419,3 +419,25 @@ def test_the_commands_errors_are_one_input_error():
             raise error("--flag value: why")
 
         assert checks.run_cli(checks.Parser(prog="p"), [], fails) == 2
+
+
+def test_grids_during_training_leave_the_run_as_it_was(tmp_path):
+    """--sample-every K writes an EMA grid every K steps and redraws loss.png, and the run's weights are bit for
+    bit those of a run without it: the grids draw from their own generator. Catches: a grid drawing from the
+    training generators or the global RNG (label dropout), a grid left in train mode, a missing folder."""
+    from fpdm import train
+
+    base = ["--model", "DiT-T/2", "--steps", "4", "--batch-size", "8", "--sample-steps", "2", "--quiet"]
+    assert train.cli([*base, "--out", str(tmp_path / "plain")]) == 0
+    assert train.cli([*base, "--out", str(tmp_path / "watched"), "--sample-every", "2"]) == 0
+    _assert_same_weights(_weights(tmp_path / "plain"), _weights(tmp_path / "watched"))
+    grids = sorted(p.name for p in (tmp_path / "watched" / "grids").iterdir())
+    assert grids == ["step-0000002.png", "step-0000004.png"] and not (tmp_path / "plain" / "grids").exists()
+
+
+def test_sample_every_without_a_grid_is_one_line(capsys, tmp_path):
+    from fpdm import train
+
+    _cli_error(capsys, train, ["--out", str(tmp_path), "--sample-every", "5", "--sample-steps", "0"],
+               "--sample-every needs --sample-steps > 0")  # fmt: skip
+    _cli_error(capsys, train, ["--out", str(tmp_path), "--sample-every", "-1"], "--sample-every must be >= 0, got -1")

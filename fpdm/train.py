@@ -42,6 +42,7 @@ UsageError = InputError  # the old name (before 0.2 its own class)
 
 
 # Arguments that define a run: resuming with any of them changed is refused (it would not be the same run).
+COMPILE_MODES = ("off", "on", "reduce-overhead", "max-autotune")  # --compile: torch.compile's modes ("on": default)
 RUN_DEFINING = (
     "dataset", "model", "batch_size", "lr", "warmup", "weight_decay", "ema_decay", "seed", "learn_sigma",
     "no_grad_iters", "grad_iters", "image_size", "num_timesteps", "depth", "pre_depth", "post_depth",
@@ -153,6 +154,10 @@ def main(args: argparse.Namespace) -> None:
         raise InputError(f"--batch-size {args.batch_size} is not divisible by the {world} processes")
     check_dataset(args.dataset, args.data_dir)  # before --out and its lock exist
     rank, world, device = setup_distributed(args.device)
+    if args.tf32:
+        if device.type != "cuda":
+            raise InputError(f"--tf32 applies to CUDA matmuls and convolutions; the device is {device}")
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     out = checks.output_dir(out_dir(args))
     with checks.run_lock(out) if rank == 0 else nullcontext():  # one run per folder: its files are the run's
         train(args, rank, world, device, out)
@@ -261,6 +266,8 @@ def train(args: argparse.Namespace, rank: int, world: int, device: torch.device,
         write_json(out / "config.json", {"run": run, "model": dataclasses.asdict(model.config), "init": args.init})
 
     net = nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    if args.compile != "off":  # the forward only: checkpoints, the EMA and the grids use the model itself
+        net = torch.compile(net, mode=None if args.compile == "on" else args.compile)
     net = partial(net, generator=generators["sjfb"])  # FPDM's S-JFB draws (a DiT ignores the keyword)
     metrics_path = out / "metrics.jsonl"
     seen: list[dict] = []  # the records the checkpoint we start from had seen
@@ -386,6 +393,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "watched; 0: only the final grid")  # fmt: skip
     p.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale for the grid")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--compile", default="off", choices=COMPILE_MODES,
+                   help="torch.compile the model's forward (on: the default mode; FPDM's fixed-point solve stays "
+                        "eager, a graph break); a resumed run must compile as the first did to be the same run")
+    p.add_argument("--tf32", action="store_true", help="TF32 matmuls and convolutions on CUDA (faster, ~1e-3)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 

@@ -441,3 +441,37 @@ def test_sample_every_without_a_grid_is_one_line(capsys, tmp_path):
     _cli_error(capsys, train, ["--out", str(tmp_path), "--sample-every", "5", "--sample-steps", "0"],
                "--sample-every needs --sample-steps > 0")  # fmt: skip
     _cli_error(capsys, train, ["--out", str(tmp_path), "--sample-every", "-1"], "--sample-every must be >= 0, got -1")
+
+
+def test_a_compiled_run_trains_the_same_model(tmp_path, monkeypatch):
+    """--compile passes the forward through torch.compile (here its aot_eager backend: inductor's C++ builds
+    take a minute on a CPU) and trains the eager run's model to float tolerance, an FPDM included (its
+    fixed-point solve is a graph break); checkpoints hold the model's own keys, not the compiled wrapper's.
+    Catches: the compiled wrapper's state_dict ("_orig_mod." keys) saved, the S-JFB generator lost through
+    the wrapper, the EMA updated from a copy."""
+    from fpdm import train
+
+    compiled = []
+    real = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: compiled.append(kw) or real(model, backend="aot_eager"))
+    base = ["--model", "FPDM-T/2", "--steps", "2", "--batch-size", "8", "--sample-steps", "0", "--quiet"]
+    assert train.cli([*base, "--out", str(tmp_path / "eager")]) == 0
+    assert compiled == []
+    assert train.cli([*base, "--out", str(tmp_path / "compiled"), "--compile", "on"]) == 0
+    assert compiled == [{"mode": None}]
+    eager, fast = _weights(tmp_path / "eager"), _weights(tmp_path / "compiled")
+    assert eager.keys() == fast.keys()
+    for key in eager:
+        if key != "step":
+            torch.testing.assert_close(fast[key], eager[key], rtol=1e-4, atol=1e-6, msg=key)
+    records = [json.loads(line) for line in (tmp_path / "compiled" / "metrics.jsonl").read_text().splitlines()]
+    eager_records = [json.loads(line) for line in (tmp_path / "eager" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["grad_iters"] for r in records] == [r["grad_iters"] for r in eager_records]  # the same S-JFB draws
+
+
+def test_tf32_off_cuda_is_one_line(capsys, tmp_path):
+    from fpdm import train
+
+    if torch.cuda.is_available():
+        pytest.skip("CUDA present: --tf32 applies")
+    _cli_error(capsys, train, ["--out", str(tmp_path), "--tf32", "--device", "cpu"], "--tf32 applies to CUDA")

@@ -3,7 +3,9 @@
 Solvers return a fixed point without a graph. Each function here takes f and a
 point and returns a tensor equal to (an application of f at) the fixed point
 that carries a graph to everything f depends on: its parameters and the
-tensors it closes over (an injection, say). Shapes: z is (B, ...), like x0.
+tensors it closes over (an injection, say). Shapes: z is (B, ...), like x0, or a tuple / list / dict
+(nested) of such tensors sharing the batch: f gets and returns that structure, the mode runs on the
+leaves' concatenation (B, D) and returns its result in the structure (views of one tensor).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import sys
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -30,6 +33,7 @@ from ._common import (
 from ._newton import gmres, newton
 from ._solve import Solution, check_map_output
 from ._solvers import anderson
+from ._tree import flat_problem, is_structure
 
 __all__ = [
     "ConvergenceWarning",
@@ -59,7 +63,8 @@ class GradInfo:
     """Statistics a backward mode leaves for the caller (pass one in as ``info=``).
 
     implicit, filled during backward:
-        backward: the adjoint Solution of the samples whose adjoint was solved (None when none was).
+        backward: the adjoint Solution of the samples whose adjoint was solved (None when none was; its x
+            flat, (B, D), for a structured state).
         adjoint_samples: their indices in the batch (B,) when not every sample's adjoint was solved
             (samples whose forward did not converge are not solved under a fallback policy); None: all.
         fallback_forward: samples given the fallback gradient because their forward solve had not converged.
@@ -94,6 +99,12 @@ def _check_tensor(name: str, z) -> None:
         raise TypeError(f"{name} must be a floating-point torch.Tensor, got dtype {z.dtype}")
 
 
+def _on_flat(mode: Callable[..., Tensor], f: Map, z: Any, name: str, **options) -> Any:
+    """``mode`` on a structured state ``z``: run on the flat (B, D) problem, its result in z's structure."""
+    flat_f, flat_z, layout = flat_problem(f, z, name)
+    return layout.unflatten(mode(flat_f, flat_z, **options))
+
+
 def _apply(f: Map, z: Tensor) -> Tensor:
     """f(z), checked: a floating-point tensor of z's shape, on z's device."""
     return check_map_output(f(z), z.shape, z.device)
@@ -106,6 +117,8 @@ def jfb(f: Map, z: Tensor) -> Tensor:
     is cheap and often good enough for training (Fung et al., 2022).
     """
     _check_map(f)
+    if is_structure(z):
+        return _on_flat(jfb, f, z, "z")
     _check_tensor("z", z)
     return _apply(f, z.detach())
 
@@ -116,6 +129,8 @@ def phantom(f: Map, z: Tensor, *, k: int = 5, damping: float = 0.5) -> Tensor:
     (Geng et al., 2021.) k = 1, damping = 1 is :func:`jfb`.
     """
     _check_map(f)
+    if is_structure(z):
+        return _on_flat(phantom, f, z, "z", k=k, damping=damping)
     _check_tensor("z", z)
     k = check_int("k", k, 1)
     damping = check_interval("damping", damping, 0.0, 1.0)
@@ -132,6 +147,8 @@ def unrolled(f: Map, z0: Tensor, *, steps: int, damping: float = 1.0) -> Tensor:
     other modes and for short solves. z0 keeps its graph, if it has one.
     """
     _check_map(f)
+    if is_structure(z0):
+        return _on_flat(unrolled, f, z0, "z0", steps=steps, damping=damping)
     _check_tensor("z0", z0)
     steps = check_int("steps", steps, 1)
     damping = check_interval("damping", damping, 0.0, 1.0)
@@ -166,6 +183,9 @@ def stochastic_jfb(
     are left in ``info`` (a :class:`GradInfo`). Reproducible with ``generator``.
     """
     _check_map(f)
+    if is_structure(x0):
+        return _on_flat(stochastic_jfb, f, x0, "x0", no_grad=no_grad, with_grad=with_grad, generator=generator,
+                        info=info)  # fmt: skip
     _check_tensor("x0", x0)
     lo_ng, hi_ng = _check_range("no_grad", no_grad, 0)
     lo_g, hi_g = _check_range("with_grad", with_grad, 1)
@@ -272,6 +292,9 @@ def implicit(
     """
 
     _check_map(f)
+    layout = None
+    if is_structure(z):  # inline, not by _on_flat: the warnings point at implicit's caller's frame
+        f, z, layout = flat_problem(f, z, "z")
     _check_tensor("z", z)
     if not callable(solver):
         raise TypeError(f"solver must be a fixedpoint solver function, got {type(solver).__name__}")
@@ -311,7 +334,8 @@ def implicit(
     z = z.detach().requires_grad_(True)
     with torch.enable_grad():
         fz = _apply(f, z)
-        return _Adjoint.apply(fz, z, solve_adjoint)
+        out = _Adjoint.apply(fz, z, solve_adjoint)  # (B, ...), or (B, D) for a structured state
+    return out if layout is None else layout.unflatten(out)
 
 
 def _check_status(status, z: Tensor) -> Tensor | None:
@@ -495,6 +519,8 @@ def jacobian_penalty(f: Map, z: Tensor, *, samples: int = 1, generator: torch.Ge
     Returns (B,).
     """
     _check_map(f)
+    if is_structure(z):  # ||J||_F^2 / D of the whole state, D its features over all leaves
+        f, z, _ = flat_problem(f, z, "z")
     _check_tensor("z", z)
     samples = check_int("samples", samples, 1)
     z = z.detach().requires_grad_(True)

@@ -10,10 +10,12 @@ from functools import partial
 import torch
 from torch import Tensor, nn
 
+from . import _tree
 from ._backward import GradInfo, implicit, jfb, phantom
 from ._common import as_integer, autocast_dtype, check_positive
 from ._solve import ShapeChangeError, Solution
 from ._solvers import anderson, picard
+from ._tree import State
 
 SolverFn = Callable[..., Solution]  # solver(f, x0, args=...) -> Solution, e.g. functools.partial(anderson, m=5)
 BackwardFn = Callable[..., Tensor]  # backward(f, z, ...) -> Tensor, e.g. jfb or partial(implicit, tol=1e-6)
@@ -46,7 +48,8 @@ def _needs_grad(g: Callable[[Tensor], Tensor], x: Tensor, inputs: tuple, module:
     if any(p.requires_grad for p in module.parameters()):
         return True
     with torch.enable_grad():
-        return g(x.detach()).requires_grad
+        out = g(_tree.detach(x))
+    return any(t.requires_grad for t in _tree.leaves(out))
 
 
 def _sets_keyword(fn: Callable, name: str) -> bool:
@@ -134,6 +137,9 @@ class FixedPoint(nn.Module):
 
         z0: the start, ``z0(*inputs) -> Tensor`` (B, ...), when ``forward`` is
             given none; default: zeros shaped like ``inputs[0]``, or
+            A start that is a tuple / list / dict of tensors (a multi-resolution
+            DEQ's branches) makes the state that structure: f gets and returns
+            it, and so does the layer (docs/deq.md, "Structured states").
         state_shape: the state's shape per sample, e.g. ``(128,)``: the start is
             zeros of shape (B, *state_shape), with the first input's device
             and dtype. Needed when the state is not shaped like the first input.
@@ -197,12 +203,12 @@ class FixedPoint(nn.Module):
     def forward(
         self,
         *inputs: Tensor,
-        z0: Tensor | None = None,
+        z0: State | None = None,
         eval_solver: SolverFn | None = None,
         backward: BackwardFn | None = None,
-    ) -> Tensor:
+    ) -> State:
         """Solve from ``z0`` (default: the layer's start, see ``z0``/``state_shape``, else zeros shaped like
-        ``inputs[0]``); returns z* (B, ...).
+        ``inputs[0]``); returns z* (B, ...), in z0's structure when that is a tuple / list / dict of tensors.
 
         ``eval_solver`` and ``backward`` are this call's, used where the layer's own would be (None: the
         layer's): a solver budget per call (a sampler's steps), or a backward mode with per-call options
@@ -223,7 +229,8 @@ class FixedPoint(nn.Module):
                 self.backward if backward is None else backward,
             )  # fmt: skip
         except ShapeChangeError as err:
-            if err.input_shape != tuple(z0.shape):  # not this layer's state (a solve inside f)
+            # not this layer's state (a solve inside f; a structured state's leaves are checked by name)
+            if not isinstance(z0, Tensor) or err.input_shape != tuple(z0.shape):
                 raise
             raise ValueError(
                 f"f changed the shape: input {err.input_shape}, output {err.output_shape}; FixedPoint started "
@@ -245,7 +252,7 @@ class FixedPoint(nn.Module):
         self._started = True
         return out
 
-    def _start(self, inputs: tuple, z0: Tensor | None) -> tuple[Tensor, str]:
+    def _start(self, inputs: tuple, z0: State | None) -> tuple[State, str]:
         """The start and how it was made (for errors): forward's z0, the layer's z0(*inputs) or state_shape,
         or zeros like the first input."""
         if z0 is not None:
@@ -263,7 +270,7 @@ class FixedPoint(nn.Module):
         dtype = x.dtype if x.is_floating_point() else torch.get_default_dtype()
         return x.new_zeros((x.shape[0], *self.state_shape), dtype=dtype), f"zeros of state_shape {self.state_shape}"
 
-    def _forward(self, inputs: tuple, z0: Tensor, eval_solver: SolverFn, backward: BackwardFn) -> Tensor:
+    def _forward(self, inputs: tuple, z0: State, eval_solver: SolverFn, backward: BackwardFn) -> State:
         g = lambda z: self.f(z, *inputs)  # noqa: E731
         if not (self.training and torch.is_grad_enabled()):
             self.last_solution = self._solve(eval_solver, g, z0, inputs)
@@ -281,7 +288,7 @@ class FixedPoint(nn.Module):
             start = self.last_solution.x
         return self._differentiate(backward, g, start, self.last_solution)
 
-    def _solve(self, solver: SolverFn, g: Callable[[Tensor], Tensor], z0: Tensor, inputs: tuple) -> Solution:
+    def _solve(self, solver: SolverFn, g: Callable[[State], State], z0: State, inputs: tuple) -> Solution:
         """``solver`` on z = f(z, *inputs): f and its inputs apart where it takes ``args``, else on g, which
         closes over them. In half precision, a solver whose tolerance is a default (its own, or FixedPoint's
         default solver's) gets at least half precision's (``half_tol``)."""
@@ -293,14 +300,15 @@ class FixedPoint(nn.Module):
             self._signatures[id(solver)] = known
         options = {}
         if known[2] is not None:
-            tol = _half_tol((z0.dtype, autocast_dtype(z0.device.type)), self.half_tol)
+            like = z0 if isinstance(z0, Tensor) else _tree.Layout.of(z0, "z0")  # its dtype and device
+            tol = _half_tol((like.dtype, autocast_dtype(like.device.type)), self.half_tol)
             if tol is not None:
                 options["tol"] = max(tol, known[2])
         return solver(self.f, z0, args=inputs, **options) if known[1] else solver(g, z0, **options)
 
     def _differentiate(
-        self, backward: BackwardFn, g: Callable[[Tensor], Tensor], z: Tensor, solution: Solution | None
-    ) -> Tensor:
+        self, backward: BackwardFn, g: Callable[[State], State], z: State, solution: Solution | None
+    ) -> State:
         """``backward(g, z)``, recording its GradInfo in ``last_info`` where it takes one, and passing the
         forward Solution as ``status`` where it takes that (implicit's fallback for unconverged samples)."""
         self.last_info = GradInfo()

@@ -40,7 +40,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from . import _graphs
+from . import _graphs, _tree
 from . import kernels as kernel_modules
 from ._common import (
     Status,
@@ -100,8 +100,14 @@ class Solution:
     def __repr__(self) -> str:
         counts = {s.name: int((self.status == s).sum()) for s in Status}
         counts = {k: v for k, v in counts.items() if v}
+        if isinstance(self.x, Tensor):
+            x = f"{tuple(self.x.shape)} {self.x.dtype}"
+        else:  # a structured state: its leaves' shapes
+            leaves = _tree.leaves(self.x)
+            shapes = ", ".join(str(tuple(t.shape)) for t in leaves)
+            x = f"{type(self.x).__name__} of {len(leaves)} [{shapes}] {leaves[0].dtype}"
         return (
-            f"Solution(x={tuple(self.x.shape)} {self.x.dtype}, status={counts}, "
+            f"Solution(x={x}, status={counts}, "
             f"max residual={self.residual.max().item():.3g}, "
             f"max nsteps={int(self.nsteps.max())}, nfev={self.nfev})"
         )
@@ -230,7 +236,7 @@ class _CountedMap:
 def solve(
     solver: Solver,
     f: Callable[..., Tensor],
-    x0: Tensor,
+    x0: Tensor | Any,
     *,
     args: tuple | None = None,
     tol: float = 1e-4,
@@ -241,7 +247,9 @@ def solve(
     graph: bool | str = False,
 ) -> Solution:
     """Run ``solver`` (a :class:`Solver`) on z = f(z, *args) from ``x0`` (B, ...) and return the
-    :class:`Solution`. The options are the solvers' (``picard``'s docstring); this is how a new solver
+    :class:`Solution`. ``x0`` may be a tuple / list / dict (nested) of tensors sharing the batch dimension:
+    f gets and returns that structure, the loop iterates their concatenation (B, D), and the Solution's x and
+    fx come back in it. The options are the solvers' (``picard``'s docstring); this is how a new solver
     runs on the shared loop (docs/solvers.md, "Writing a solver")."""
     if not isinstance(solver, Solver):
         raise TypeError(f"solver must be a fixedpoint Solver (a subclass), got {type(solver).__name__}")
@@ -249,8 +257,13 @@ def solve(
         raise TypeError(f"f must be callable, got {type(f).__name__}")
     if args is not None and not isinstance(args, tuple):
         raise TypeError(f"args must be a tuple of f's further inputs (or None), got {type(args).__name__}")
-    if not isinstance(x0, Tensor):
-        raise TypeError(f"x0 must be a torch.Tensor, got {type(x0).__name__}")
+    layout = None
+    if not isinstance(x0, Tensor):  # a structured state: solved as one (B, D) tensor, returned in its structure
+        if not _tree.is_structure(x0):
+            raise TypeError(f"x0 must be a torch.Tensor or a tuple / list / dict of them, got {type(x0).__name__}")
+        layout = _tree.Layout.of(x0, "x0")
+        with torch.no_grad():
+            f, x0 = _tree.FlatMap(f, layout), layout.flatten(x0)
     if not x0.is_floating_point():
         raise TypeError(f"x0 must be a floating-point tensor, got dtype {x0.dtype}")
     if x0.ndim < 1 or x0.shape[0] == 0 or x0.numel() == 0:
@@ -288,8 +301,9 @@ def solve(
     f_autocast = autocast_dtype(x0.device.type)  # f runs under it; norms, Gram matrices, small solves never do
     own_precision = torch.autocast(x0.device.type, enabled=False) if f_autocast is not None else nullcontext()
     with torch.no_grad(), own_precision:
-        return _loop(solver, f, args, x0.detach(), tol=tol, max_iter=max_iter, stop=stop, divergence=divergence,
-                     check_every=check_every, graph=graph, kernels=kernels, f_autocast=f_autocast)  # fmt: skip
+        sol = _loop(solver, f, args, x0.detach(), tol=tol, max_iter=max_iter, stop=stop, divergence=divergence,
+                    check_every=check_every, graph=graph, kernels=kernels, f_autocast=f_autocast)  # fmt: skip
+    return sol if layout is None else layout.solution(sol)
 
 
 class _LaggedCount:

@@ -8,14 +8,16 @@ it checks its own options, builds the solver object and hands it to
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import suppress
 from dataclasses import dataclass, replace
 from types import ModuleType
 
 import torch
 from torch import Tensor
 
+from . import _tree
 from . import kernels as kernel_modules
-from ._common import check_int, check_interval, check_memory, check_positive, stat_dtype
+from ._common import check_int, check_interval, check_memory, check_positive, row_norms, stat_dtype
 from ._solve import Solution, Solver, solve
 from .kernels.groups import AndersonState, BroydenState, BroydenStep
 
@@ -67,8 +69,40 @@ def _common_doc(fn):
     return fn
 
 
+def _check_beta(name: str, value: float | str, high: float | None) -> float | str:
+    """``value`` as a float in (0, high] (None: any positive finite number), or "auto"; a ValueError
+    naming it otherwise."""
+    if isinstance(value, str):
+        if value != "auto":
+            raise ValueError(f"{name} must be a number or 'auto', got {value!r}")
+        return value
+    return check_positive(name, value) if high is None else check_interval(name, value, 0.0, high)
+
+
+def auto_beta(x: Tensor, gnorm: Tensor) -> Tensor:
+    """beta="auto": scipy's scale of the first step (scipy.optimize's anderson, broyden1), per sample.
+
+    0.5 max(||x0||, 1) / ||f(x0) - x0|| (B,) in gnorm's dtype, from the start x (B, D) and its residual's
+    norm gnorm (B,); 1 where that is not a positive finite number (a start at its fixed point, a
+    non-finite start). The step x + beta (f(x) - x) then moves each sample by at most half its own size.
+    """
+    beta = 0.5 * row_norms(x, gnorm.dtype).clamp_min(1.0) / gnorm
+    return torch.where(torch.isfinite(beta) & (beta > 0), beta, 1.0)
+
+
+def _damped(x: Tensor, fx: Tensor, beta: Tensor) -> Tensor:
+    """x + beta (f(x) - x) with a per-sample beta (B,), in fp32/fp64, stored in x's dtype."""
+    acc = beta.dtype
+    xa = x.to(acc)
+    return (xa + beta[:, None] * (fx.to(acc) - xa)).to(x.dtype)
+
+
 def _kernels(impl: str, x0: Tensor) -> ModuleType:
-    """The kernel module for ``impl``; bad x0 is left for the loop's own checks (a clearer error)."""
+    """The kernel module for ``impl`` and data like x0 (a structured state: its flat (B, D) form); bad x0 is left
+    for the loop's own checks (a clearer error)."""
+    if _tree.is_structure(x0):
+        with suppress(TypeError, ValueError):  # left for solve()'s message
+            x0 = _tree.Layout.of(x0, "x0").stand_in()
     if not isinstance(x0, Tensor) or not x0.is_floating_point():
         kernel_modules.check_impl(impl)
         return kernel_modules.reference
@@ -82,28 +116,34 @@ def _kernels(impl: str, x0: Tensor) -> ModuleType:
 class _PicardState:
     x: Tensor  # (B, D)
     fx: Tensor  # (B, D) f(x)
+    beta: Tensor | None = None  # (B,) per-sample beta (beta="auto", from the start), else the solver's scalar
 
 
 @dataclass(frozen=True)
 class Picard(Solver):
-    """x <- x + beta (f(x) - x), in one fused step that also keeps stopped samples (``freezes``)."""
+    """x <- x + beta (f(x) - x), in one fused step that also keeps stopped samples (``freezes``).
 
-    beta: float = 1.0
+    beta="auto": a per-sample beta from the start (``auto_beta``); the step kernel, which takes a scalar,
+    is given the damped image x + beta (f(x) - x) with beta 1."""
+
+    beta: float | str = 1.0
     kernels: ModuleType = kernel_modules.reference  # the fused damped step
     freezes = True  # the step kernel keeps stopped samples in the same pass
     period = 1  # iterations after which the solver's Python-side state repeats (graph capture)
 
     def init(self, x, fx, g, gnorm):
-        return _PicardState(x, fx)
+        return _PicardState(x, fx, auto_beta(x, gnorm) if self.beta == "auto" else None)
 
     def residual(self, state, x, fx):
         return (None, *self.kernels.residual(x, fx, None), state)  # g is never read: not written
 
     def step(self, fn, state, active, frozen):
-        return self.kernels.picard_step(state.x, state.fx, self.beta, frozen, active), state
+        if state.beta is None:
+            return self.kernels.picard_step(state.x, state.fx, self.beta, frozen, active), state
+        return self.kernels.picard_step(state.x, _damped(state.x, state.fx, state.beta), 1.0, frozen, active), state
 
     def update(self, state, x, fx, g, gnorm):
-        return _PicardState(x, fx)
+        return _PicardState(x, fx, state.beta)
 
 
 @_common_doc
@@ -118,7 +158,7 @@ def picard(
     divergence: float | None = 1e6,
     check_every: int = 1,
     graph: bool | str = False,
-    beta: float = 1.0,
+    beta: float | str = 1.0,
     impl: str = "auto",
 ) -> Solution:
     """Plain fixed-point iteration x <- (1 - beta) x + beta f(x).
@@ -126,10 +166,12 @@ def picard(
     Args:
         {common}
         {graph}
-        beta: damping in (0, 2]; 1 is undamped iteration.
+        beta: damping in (0, 2]; 1 is undamped iteration. "auto": per sample,
+            scipy's scale 0.5 max(||x0||, 1) / ||f(x0) - x0||, fixed for the
+            solve (for badly scaled maps x + F(x); it may exceed 2).
         {impl}
     """
-    beta = check_interval("beta", beta, 0.0, 2.0)
+    beta = _check_beta("beta", beta, 2.0)
     kern = _kernels(impl, x0)
     return solve(Picard(beta, kernels=kern), f, x0, args=args, tol=tol, max_iter=max_iter, stop=stop,
                  divergence=divergence, check_every=check_every, graph=graph)  # fmt: skip
@@ -143,7 +185,7 @@ class Anderson(Solver):
     """Type-II Anderson mixing over a ring of m pairs; its own residual pass writes into the history."""
 
     m: int = 5
-    beta: float = 1.0
+    beta: float | str = 1.0  # "auto": per sample, the history's images are x_i + beta g_i and the mixing's beta 1
     ridge: float = 1e-6
     max_coeff: float = 1e4
     growth: float = 1e2
@@ -170,6 +212,7 @@ class Anderson(Solver):
             kept_gnorm=torch.empty_like(gnorm),
             restarts=torch.empty(batch, dtype=torch.long, device=x.device),
             row=x.new_empty(batch, self.m, dtype=sdt),
+            beta=torch.empty_like(gnorm) if self.beta == "auto" else None,
         )
         return self.reinit(state, x, fx, g, gnorm)
 
@@ -181,9 +224,21 @@ class Anderson(Solver):
         for t in (state.F, state.G, state.gram, state.valid, state.newest, state.restarts):
             t.zero_()
         state.kept_gnorm.copy_(gnorm)
+        if state.beta is not None:
+            state.beta.copy_(auto_beta(x, gnorm))
         state = replace(state, count=0)
         state.row.copy_(self.kernels.anderson_write(state, fx, g))  # the start pair into slot 0
+        self._damp_image(state)
         return self._absorb(state, gnorm, growth=None)
+
+    @staticmethod
+    def _damp_image(state: AndersonState) -> None:
+        """With a per-sample beta: the image just written to the next slot, f(x) = x + g, becomes
+        x + beta g in place, so that the mixing kernel (a scalar beta, 1) gives sum_i alpha_i (x_i + beta g_i).
+        The weights do not change: they come from G alone."""
+        if state.beta is not None:
+            F, G, slot, acc = state.F, state.G, state.slot, state.beta.dtype
+            F[:, slot] = (F[:, slot].to(acc) + (state.beta - 1)[:, None] * G[:, slot].to(acc)).to(F.dtype)
 
     def _absorb(self, state: AndersonState, gnorm, growth: float | None) -> AndersonState:
         """The pair just written to the next slot joins the history: its Gram row and column, and the
@@ -198,11 +253,12 @@ class Anderson(Solver):
     def residual(self, state, x, fx):
         # one pass: g = f(x) - x straight into the next slot, f(x) beside it, the norms and the new Gram row
         gsq, fsq, row = self.kernels.anderson_residual_write(state, x, fx)
+        self._damp_image(state)
         return state.G[:, state.slot], gsq, fsq, replace(state, row=row)
 
     def step(self, fn, state, active, frozen):
         # x = sum_i alpha_i (x_i + beta g_i) = sum_i alpha_i f(x_i) + (beta - 1) sum_i alpha_i g_i
-        return self.kernels.anderson_mix(state, self.beta, frozen, active), state
+        return self.kernels.anderson_mix(state, 1.0 if state.beta is not None else self.beta, frozen, active), state
 
     def update(self, state, x, fx, g, gnorm):
         # the pair is already in its slot (residual); a step that blew the residual up restarts from
@@ -223,7 +279,7 @@ def anderson(
     check_every: int = 1,
     graph: bool | str = False,
     m: int = 5,
-    beta: float = 1.0,
+    beta: float | str = 1.0,
     ridge: float = 1e-6,
     max_coeff: float = 1e4,
     growth: float = 1e2,
@@ -240,6 +296,8 @@ def anderson(
         {graph}
         m: history size (pairs kept).
         beta: mixing/damping in (0, 2]; 1 mixes the images f(x_i) only.
+            "auto": per sample, scipy's scale 0.5 max(||x0||, 1) / ||f(x0) - x0||,
+            fixed for the solve (for badly scaled maps x + F(x); it may exceed 2).
         ridge: Tikhonov term added to the Gram matrix after scaling it to unit
             diagonal, i.e. relative to the residuals' size.
         max_coeff: restart a sample's history when ||alpha||_1 exceeds this
@@ -249,7 +307,7 @@ def anderson(
         {impl}
     """
     m = check_int("m", m, 1)
-    beta = check_interval("beta", beta, 0.0, 2.0)
+    beta = _check_beta("beta", beta, 2.0)
     ridge = check_positive("ridge", ridge)
     max_coeff = check_positive("max_coeff", max_coeff)
     growth = check_positive("growth", growth)
@@ -304,6 +362,7 @@ class Broyden(Solver):
 
     m: int = 20
     growth: float = 1e2
+    beta: float | str = 1.0  # H0 = -beta I ("auto": per sample), as Broyden on beta (f(x) - x) with H0 = -I
     kernels: ModuleType = kernel_modules.reference  # the two applies of an update in two fused passes
 
     def init(self, x, fx, g, gnorm):
@@ -313,9 +372,28 @@ class Broyden(Solver):
         zeros = x.new_zeros(batch, self.m, dim)
         alive = torch.zeros(batch, self.m, dtype=torch.bool, device=x.device)
         restarts = torch.zeros(batch, dtype=torch.long, device=x.device)
+        scale = None
+        if self.beta != 1.0:  # good Broyden on s g from H0 = -I takes the steps of Broyden on g from H0 = -s I
+            scale = auto_beta(x, gnorm) if self.beta == "auto" else torch.full_like(gnorm, self.beta)
+            g, gnorm = self._scaled(g, scale), gnorm * scale
         hg = -g  # H = -I
         return BroydenState(U=zeros, V=zeros.clone(), alive=alive, restarts=restarts, x=x, g=g, gnorm=gnorm, hg=hg,
-                            next_x=x - hg)  # fmt: skip
+                            next_x=x - hg, scale=scale)  # fmt: skip
+
+    @staticmethod
+    def _shrink(state: BroydenState, blown: Tensor) -> BroydenState:
+        """Samples whose step from H = -scale I blew up (``blown`` (B,) bool; broyden_finish put them back
+        at their last iterate with H = -scale I, so the same step would blow up again) restart with a
+        quarter of their scale: a backtracking of the first step, as scipy's line search would do."""
+        shrink = torch.where(blown, 0.25, 1.0).to(state.scale.dtype)
+        g, hg = Broyden._scaled(state.g, shrink), Broyden._scaled(state.hg, shrink)
+        next_x = torch.where(blown[:, None], state.x - hg, state.next_x)  # the others as the kernel rounded it
+        return replace(state, scale=state.scale * shrink, g=g, gnorm=state.gnorm * shrink, hg=hg, next_x=next_x)
+
+    @staticmethod
+    def _scaled(g: Tensor, scale: Tensor) -> Tensor:
+        """scale (B,) times g (B, D), in fp32/fp64, stored in g's dtype."""
+        return (g.to(scale.dtype) * scale[:, None]).to(g.dtype)
 
     @staticmethod
     def _apply(state: BroydenState, y: Tensor, transpose: bool = False) -> Tensor:
@@ -329,13 +407,19 @@ class Broyden(Solver):
         return state.next_x, state  # written by the update's last pass
 
     def update(self, state, x, fx, g, gnorm):
+        if state.scale is not None:
+            g, gnorm = self._scaled(g, state.scale), gnorm * state.scale
         new = BroydenStep(x, g, gnorm, dx=x - state.x)
         # H g_new and H^T dx, and the dot products below, in two passes over U and V
         coeff = self.kernels.broyden_dots(state, new)  # (B, 2, count), of every term
         applies = self.kernels.broyden_combine(state, new, coeff)
         # u, v into the next slot; H' g_new = H g_new + u (v . g_new) without another pass over U, V;
         # a step that blew the residual up forgets the Jacobian and stays at the old iterate
+        # a step from H = -scale I (no terms alive) that blew up would be taken again: as broyden_finish decides
+        blown = None if state.scale is None else ~(new.gnorm <= self.growth * state.gnorm) & ~state.alive.any(1)
         state = self.kernels.broyden_finish(state, new, applies, growth=self.growth)
+        if blown is not None:
+            state = self._shrink(state, blown)
         if state.count == self.m:  # memory full: keep the dominant half of H + I
             _reduce_rank(state.U, state.V, state.alive, self.m // 2)
             state = replace(state, count=self.m // 2)
@@ -357,12 +441,13 @@ def broyden(
     check_every: int = 1,
     m: int = 20,
     growth: float = 1e2,
+    beta: float | str = 1.0,
     impl: str = "auto",
 ) -> Solution:
     """Limited-memory "good" Broyden on g(x) = f(x) - x, per sample.
 
-    The inverse Jacobian of g starts at -I (the first step is a Picard step)
-    and receives one rank-one update per iteration. When ``m`` updates are
+    The inverse Jacobian of g starts at -beta I (the first step is a damped
+    Picard step x + beta g) and receives one rank-one update per iteration. When ``m`` updates are
     stored, they are replaced by their best rank-m/2 part (Broyden rank
     reduction, one small SVD: a host sync every m/2 iterations on GPUs), so
     memory is 2 m B D, whatever max_iter.
@@ -370,12 +455,16 @@ def broyden(
     Args:
         {common}
         m: rank-one updates kept, at least 2 (the rank reduction keeps m // 2).
-        growth: forget a sample's Jacobian (and stay at its last iterate) when
-            a step multiplies ||f(x) - x|| by more than this.
+        growth: forget a sample's Jacobian (back to -beta I, and stay at its
+            last iterate) when a step multiplies ||f(x) - x|| by more than this.
+        beta: the initial inverse Jacobian's scale, a positive number, or "auto":
+            per sample, scipy's 0.5 max(||x0||, 1) / ||f(x0) - x0|| (scipy's
+            broyden1 default; for badly scaled maps x + F(x)).
         {impl}
     """
     m = check_int("m", m, 2)
     growth = check_positive("growth", growth)
+    beta = _check_beta("beta", beta, None)
     kern = _kernels(impl, x0)
-    return solve(Broyden(m=m, growth=growth, kernels=kern), f, x0, args=args, tol=tol, max_iter=max_iter,
+    return solve(Broyden(m=m, growth=growth, beta=beta, kernels=kern), f, x0, args=args, tol=tol, max_iter=max_iter,
                  stop=stop, divergence=divergence, check_every=check_every)  # fmt: skip

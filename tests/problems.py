@@ -170,6 +170,79 @@ def problem_set() -> list[Problem]:
     ]
 
 
+@dataclass
+class Classic:
+    """A classic root problem F(x) = 0 from its published formula, posed as the fixed point of x + F(x)."""
+
+    name: str
+    F: Callable[[Tensor], Tensor]  # (B, n) -> (B, n), float64
+    x0: list[float]  # the published start
+    source: str
+
+    def f(self, z: Tensor) -> Tensor:
+        """The fixed-point map x + F(x): unscaled, so the solver's own scale (beta="auto") is what is tested."""
+        return z + self.F(z)
+
+    def F_numpy(self, v: np.ndarray) -> np.ndarray:
+        """F on one point, for scipy's solvers."""
+        return self.F(torch.as_tensor(v, dtype=torch.float64)[None])[0].numpy()
+
+    def root(self) -> np.ndarray:
+        """scipy.optimize.root (hybr) from x0 at tight tolerance."""
+        return _hybr(self.F_numpy, np.asarray(self.x0, dtype=np.float64))
+
+
+def _powell(z: Tensor) -> Tensor:
+    """Powell's badly scaled function: F1 = 1e4 x1 x2 - 1, F2 = exp(-x1) + exp(-x2) - 1.0001."""
+    x1, x2 = z[:, 0], z[:, 1]
+    return torch.stack([1e4 * x1 * x2 - 1, torch.exp(-x1) + torch.exp(-x2) - 1.0001], dim=1)
+
+
+def _pipes(q: Tensor) -> Tensor:
+    """Four parallel pipes (k = 0.5, total flow 4): P_i = k Q_i^2, F_i = P_i - P_0 (i = 1..3), F_3 = sum Q - 4."""
+    p = 0.5 * q**2
+    return torch.cat([p[:, 1:] - p[:, :1], q.sum(1, keepdim=True) - 4.0], dim=1)
+
+
+def _test_nonlin_F(z: Tensor) -> Tensor:
+    """F(x) = -d x - c (x.x) x with d = diag(3, 2, 1.5, 1, 0.5), c = 0.01."""
+    d = torch.tensor([3.0, 2.0, 1.5, 1.0, 0.5], dtype=z.dtype)
+    return -d * z - 0.01 * (z * z).sum(1, keepdim=True) * z
+
+
+def _test_nonlin_F3(z: Tensor) -> Tensor:
+    """F(x) = A x - b, A tridiagonal [1, -2, 1] (3 x 3), b = (1, 2, 3)."""
+    a = torch.tensor([[-2.0, 1, 0], [1, -2, 1], [0, 1, -2]], dtype=z.dtype)
+    return z @ a.T - torch.tensor([1.0, 2, 3], dtype=z.dtype)
+
+
+def _test_nonlin_F6(z: Tensor) -> Tensor:
+    """F(x) = -J0^-1 v(x), v = ((x1 + 3)(x2^5 - 7) + 18, sin(x2 exp(x1) - 1)), root (0, 1)."""
+    j0 = torch.tensor([[-4.256, 14.7], [0.8394989, 0.59964207]], dtype=z.dtype)
+    x1, x2 = z[:, 0], z[:, 1]
+    v = torch.stack([(x1 + 3) * (x2**5 - 7) + 18, torch.sin(x2 * torch.exp(x1) - 1)], dim=1)
+    return -torch.linalg.solve(j0, v.T).T
+
+
+_NONLIN = "scipy/optimize/tests/test_nonlin.py"
+_MGH = "More, Garbow, Hillstrom, ACM TOMS 7 (1981), problem 3"
+
+
+def classic_systems() -> list[Classic]:
+    """scipy's classic nonlinear systems (test_nonlin's F, F2, F2_lucky, F3, F4_powell, F5, F6), each from
+    its published start, posed as z = z + F(z) without a problem-specific step size."""
+    return [
+        Classic("powell(0,1)", _powell, [0.0, 1.0], _MGH + " (its standard start)"),
+        Classic("powell(-1,-2)", _powell, [-1.0, -2.0], _NONLIN + ": F4_powell"),
+        Classic("pipes", _pipes, [2.0, 0.0, 2.0, 0.0], _NONLIN + ": F5, test_minpack.pressure_network"),
+        Classic("F", _test_nonlin_F, [1.0] * 5, _NONLIN + ": F"),
+        Classic("F2", lambda z: z, [1.0, 2, 3, 4, 5, 6], _NONLIN + ": F2 (F(x) = x)"),
+        Classic("F2_lucky", lambda z: z, [0.0] * 6, _NONLIN + ": F2_lucky (the start is the root)"),
+        Classic("F3", _test_nonlin_F3, [1.0, 2, 3], _NONLIN + ": F3"),
+        Classic("F6", _test_nonlin_F6, [-0.5, 1.4], _NONLIN + ": F6"),
+    ]
+
+
 def transient_growth(
     batch: int = 6, seed: int = 0, device: torch.device | str = "cpu"
 ) -> tuple[Callable[[Tensor], Tensor], Tensor, Tensor]:

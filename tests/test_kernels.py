@@ -844,3 +844,26 @@ def test_every_launch_pins_fma_contraction(monkeypatch):
     fixedpoint.picard(f, x0, tol=1e-30, max_iter=3, divergence=None, impl="triton", beta=0.5)  # the damped step
     assert sorted(launched) == sorted(kernels)
     assert all(flags == [True] * len(flags) for flags in launched.values()), launched
+
+
+@pytest.mark.parametrize("solver", ["picard", "anderson", "broyden"])
+def test_per_sample_beta_gives_the_twins_solve(solver):
+    """beta="auto", a beta per sample, reaches the kernels folded into what they are given (Picard's step: the
+    damped image with beta 1; Anderson's mixing: images x_i + beta g_i; Broyden: beta (f(x) - x)), so the
+    Triton kernels take the twins' steps: the same iterates to rounding over 6 iterations, for samples with
+    betas from 0.2 to 0.9 and one frozen from the start (its fixed point). Catches: a per-sample beta
+    dropped on the Triton path (the unscaled image mixed, a scalar beta of 1 where the twin damps)."""
+    gen = torch.Generator().manual_seed(5)
+    w = torch.randn(16, 16, generator=gen)
+    w = 0.6 * w / torch.linalg.matrix_norm(w, ord=2)
+    b = torch.randn(5, 16, generator=gen) * torch.tensor([[0.2], [0.3], [0.4], [0.6], [0.0]])  # sample 4: f(0) = 0
+
+    def f(z):
+        return torch.tanh(z @ w.T.to(z.device)) + b.to(z.device)
+
+    x0 = torch.zeros(5, 16)
+    solve = partial(getattr(fixedpoint, solver), f, tol=1e-30, max_iter=6, beta="auto")
+    twin, kernels = solve(x0, impl="torch"), solve(x0.to(DEVICE), impl="triton")
+    assert twin.converged.tolist() == kernels.converged.tolist() == [False] * 4 + [True]
+    torch.testing.assert_close(kernels.x.cpu(), twin.x, rtol=1e-4, atol=1e-5)  # Anderson: fp32 vs fp64 weights
+    torch.testing.assert_close(kernels.trace.cpu(), twin.trace, rtol=1e-3, atol=1e-4, equal_nan=True)

@@ -56,7 +56,7 @@ class AndersonState:
     """Anderson's history: a ring of m pairs, slot ``count % m`` next."""
 
     # buffers, written in place
-    F: Tensor  # (B, m, D) images f(x_i) of past iterates
+    F: Tensor  # (B, m, D) images f(x_i) of past iterates (x_i + beta_i g_i with a per-sample ``beta``)
     G: Tensor  # (B, m, D) their residuals g_i = f(x_i) - x_i
     gram: Tensor  # (B, m, m) G G^T in fp32/fp64, one row and column per iteration
     valid: Tensor  # (B, m) bool: the slot holds a pair of the current history
@@ -67,6 +67,7 @@ class AndersonState:
     # replaced
     count: int = 0  # pairs written so far
     alpha: Tensor | None = None  # (B, m) the next step's mixing weights
+    beta: Tensor | None = None  # (B,) per-sample beta (beta="auto"; a buffer, written in place), else None
 
     @property
     def slot(self) -> int:
@@ -86,11 +87,12 @@ class BroydenState:
     restarts: Tensor  # (B,) int64
     # replaced
     x: Tensor  # (B, D) the iterate kept
-    g: Tensor  # (B, D) f(x) - x
-    gnorm: Tensor  # (B,)
+    g: Tensor  # (B, D) f(x) - x (times ``scale``)
+    gnorm: Tensor  # (B,) its norm
     hg: Tensor  # (B, D) H g: the step is x <- x - H g
     next_x: Tensor  # (B, D) x - H g: the next iterate to evaluate
     count: int = 0  # slots in use
+    scale: Tensor | None = None  # (B,) H0 = -scale I, as Broyden on scale (f(x) - x) with H0 = -I; None: 1
 
 
 class BroydenStep(NamedTuple):

@@ -128,7 +128,10 @@ class InceptionE(nn.Module):
 
 
 class FIDInceptionV3(nn.Module):
-    """Images (N, 3, H, W) in [-1, 1] -> (N, 2048) pool features (resized to 299 x 299 first)."""
+    """Images (N, 3, H, W) in [-1, 1] -> (N, 2048) pool features. Resized to 299 x 299 first as pytorch-fid
+    does (``F.interpolate(..., mode="bilinear", align_corners=False)``, on [0, 1] there: the same up to rounding,
+    bilinear weights summing to 1); TF's graph, which ADM's evaluator runs, resizes with TF1's bilinear
+    (no half-pixel centres) and scales by (x - 128) / 128 (docs/evaluation.md)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -148,7 +151,7 @@ class FIDInceptionV3(nn.Module):
         self.Mixed_7a = InceptionD(768)
         self.Mixed_7b = InceptionE(1280, pool="avg")
         self.Mixed_7c = InceptionE(2048, pool="max")
-        self.fc = nn.Linear(2048, 1008)  # in the weights file; not used for features
+        self.fc = nn.Linear(2048, 1008)  # in the weights file; its weight gives the Inception Score's logits
 
     def forward(self, x: Tensor) -> Tensor:
         if x.shape[1] == 1:
@@ -161,6 +164,12 @@ class FIDInceptionV3(nn.Module):
         for name in ("5b", "5c", "5d", "6a", "6b", "6c", "6d", "6e", "7a", "7b", "7c"):
             x = getattr(self, f"Mixed_{name}")(x)
         return F.adaptive_avg_pool2d(x, 1).flatten(1)  # (N, 2048)
+
+    def logits(self, features: Tensor) -> Tensor:
+        """The 1008 class logits of pool features (N, 2048), without the bias, as the Inception Score takes
+        them: ADM's evaluator multiplies by the weight of TF's ``softmax/logits/MatMul``, torch-fidelity
+        uses its ``logits_unbiased``."""
+        return features @ self.fc.weight.T.to(features.dtype)  # (N, 1008)
 
 
 def load_fid_inception(path: str | Path) -> FIDInceptionV3:

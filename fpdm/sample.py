@@ -369,7 +369,7 @@ def _sample_into(out: Path, args: argparse.Namespace, model: DiT | FPDM, cfg: Mo
     }  # fmt: skip
     grid = grid_image(images[:100], nrow=10, scale=max(1, 64 // images.shape[-1]))
     write_set(out, {  # all written before any replaces the last run's; stats.json, the manifest, last
-        "samples.npz": lambda fh: np.savez(fh, images=pixels, labels=labels.numpy()),
+        "samples.npz": lambda fh: np.savez(fh, arr_0=pixels, labels=labels.numpy()),
         "samples.png": lambda fh: grid.save(fh, format="PNG"),
         "stats.json": json_writer(summary),
     })  # fmt: skip

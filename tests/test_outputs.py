@@ -61,7 +61,7 @@ def test_a_sampler_writes_its_set_manifest_last_and_takes_the_folders_lock(train
     assert _sample(trained, out) == 0
     stats = json.loads((out / "stats.json").read_text())
     with np.load(out / "samples.npz") as data:
-        assert stats["num_samples"] == len(data["images"]) == 4 and data["images"].dtype == np.uint8
+        assert stats["num_samples"] == len(data["arr_0"]) == 4 and data["arr_0"].dtype == np.uint8
     assert stats["files"] == ["samples.npz", "samples.png"]
     capsys.readouterr()
     with checks.run_lock(out):  # another sampler holds the folder
@@ -155,7 +155,7 @@ def _npz(path: Path, **arrays) -> Path:
         (dict(images=np.zeros((4, 8, 8, 1), np.uint8), labels=np.arange(4.0)), "its labels are float64"),
         (dict(images=np.zeros((4, 8, 8, 1), np.uint8), labels=np.array([0, 1, 2, 99])), "labels 0..99"),
         (dict(images=np.zeros((4, 8, 8, 1), np.uint8), labels=np.array([-1, 1, 2, 3])), "labels -1..3"),
-        (dict(pictures=np.zeros((4, 8, 8, 1), np.uint8)), "cannot read samples"),
+        (dict(pictures=np.zeros((4, 8, 8, 1), np.uint8)), "no arr_0 or images; no labels or arr_1 in it (it holds pic"),
     ],
 )
 def test_evaluate_samples_accepts_uint8_nhwc_and_integer_labels_only(tmp_path, capsys, arrays, match):

@@ -176,7 +176,7 @@ def test_sample_command_writes_grid_npz_and_stats(tmp_path, trained):
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     data = np.load(out / "samples.npz")
-    assert data["images"].shape == (12, 8, 8, 1) and data["images"].dtype == np.uint8
+    assert data["arr_0"].shape == (12, 8, 8, 1) and data["arr_0"].dtype == np.uint8  # ADM's layout
     assert data["labels"].tolist() == [1, 2] * 6
     stats = json.loads((out / "stats.json").read_text())
     assert stats["block_evaluations_per_sample"] == 40 and stats["steps"] == 5 and stats["reuse"] is True

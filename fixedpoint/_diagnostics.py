@@ -9,6 +9,7 @@ from torch import Tensor
 
 from ._common import check_int, stat_dtype
 from ._newton import _jvp_forward, _jvp_reverse
+from ._tree import detach, flat_problem, is_structure
 
 __all__ = ["spectral_radius"]
 
@@ -23,6 +24,7 @@ def spectral_radius(
     generator: torch.Generator | None = None,
 ) -> Tensor:
     """Estimate the spectral radius of f's Jacobian at z, per sample: (B,), without forming the Jacobian.
+    z may be a structured state (a tuple / list / dict of tensors): the Jacobian of the whole map.
 
     Power iteration: from a random v, each step takes w = J v (one Jacobian-vector product), records
     the growth ||w|| / ||v|| per sample and normalises. The estimate is the geometric mean of the growth
@@ -46,6 +48,8 @@ def spectral_radius(
     """
     if not callable(f):
         raise TypeError(f"f must be callable, got {type(f).__name__}")
+    if is_structure(z):
+        f, z, _ = flat_problem(f, detach(z), "z")
     if not isinstance(z, Tensor) or not z.is_floating_point() or z.ndim < 1 or z.numel() == 0:
         shown = tuple(z.shape) if isinstance(z, Tensor) else type(z).__name__
         raise TypeError(f"z must be a non-empty floating-point tensor (B, ...), got {shown}")

@@ -12,7 +12,8 @@ from torch import Tensor, nn
 
 from . import _tree
 from ._backward import GradInfo, implicit, jfb, phantom
-from ._common import as_integer, autocast_dtype, check_positive
+from ._common import as_integer, autocast_dtype, check_int, check_positive
+from ._diagnostics import spectral_radius as estimate_spectral_radius
 from ._solve import ShapeChangeError, Solution
 from ._solvers import anderson, picard
 from ._tree import State
@@ -150,6 +151,12 @@ class FixedPoint(nn.Module):
             means 3e-3 for bf16, 5e-4 for fp16 (measured: what half precision
             reaches); a looser default stands. In fp32/fp64 the default stands.
             0: no floor, every default stands in half precision too.
+        spectral_radius: power-iteration steps for an estimate of the spectral
+            radius of f's Jacobian at each forward's solution (0, the default:
+            none; each step is one more call of f, by forward-mode autograd):
+            ``last_spectral_radius`` (B,) and ``convergence()["spectral_radius"]``
+            (the largest). Below 1 plain iteration converges near the solution;
+            a DEQ drifting towards 1 during training is becoming unstable.
 
     Every path returns f applied at (an approximation of) the fixed point: in
     eval, ``Solution.fx`` of the best iterate, which the solver computed anyway.
@@ -170,6 +177,7 @@ class FixedPoint(nn.Module):
         z0: Callable[..., Tensor] | None = None,
         state_shape: Sequence[int] | int | None = None,
         half_tol: float | None = None,
+        spectral_radius: int = 0,
     ) -> None:
         super().__init__()
         for name, fn in (("f", f), ("solver", solver), ("eval_solver", eval_solver), ("backward", backward)):
@@ -198,6 +206,8 @@ class FixedPoint(nn.Module):
         self._started = False  # a forward has run: f's failures are no longer blamed on the default start
         self.last_solution: Solution | None = None
         self.last_info: GradInfo | None = None
+        self.spectral_radius_iters = 0 if spectral_radius == 0 else check_int("spectral_radius", spectral_radius, 2)
+        self.last_spectral_radius: Tensor | None = None  # (B,) when spectral_radius > 0
 
     @torch.compiler.disable  # a compiled model runs the solve eagerly: one graph break, no recompiles
     def forward(
@@ -250,6 +260,11 @@ class FixedPoint(nn.Module):
                 f"if the state has another shape, {_shape_hint(None)}"
             ) from err
         self._started = True
+        if self.spectral_radius_iters:  # at the forward's solution; without a solve (S-JFB), at the output
+            at = self.last_solution.x if self.last_solution is not None else _tree.detach(out)
+            self.last_spectral_radius = estimate_spectral_radius(
+                self.f, at, args=inputs, iters=self.spectral_radius_iters
+            )
         return out
 
     def _start(self, inputs: tuple, z0: State | None) -> tuple[State, str]:
@@ -334,14 +349,16 @@ class FixedPoint(nn.Module):
         - ``fallbacks``: samples that took implicit's fallback gradient in the backward (the gradient spikes
           avoided), of which ``fallback_forward`` for an unconverged forward, ``fallback_adjoint`` for an
           unconverged adjoint;
-        - ``adjoint_iterations``: the adjoint solve's mean iteration count.
+        - ``adjoint_iterations``: the adjoint solve's mean iteration count;
+        - ``spectral_radius``: the largest estimate of the Jacobian's spectral radius at the solution
+          (``spectral_radius=`` steps > 0 only).
 
-        NaN where unknown: no forward solver ran (``solver=None``), or no implicit backward has run since the
-        last forward (call it after ``loss.backward()``).
+        NaN where unknown: no forward solver ran (``solver=None``), no implicit backward has run since the
+        last forward (call it after ``loss.backward()``), or no spectral radius is estimated.
         """
         values = dict.fromkeys(
             ("converged", "iterations", "max_iterations", "residual", "fallbacks", "fallback_forward",
-             "fallback_adjoint", "adjoint_iterations"),
+             "fallback_adjoint", "adjoint_iterations", "spectral_radius"),
             math.nan,
         )  # fmt: skip
         pending: dict[str, Tensor] = {}
@@ -357,6 +374,9 @@ class FixedPoint(nn.Module):
             if info.backward is not None:
                 adjoint = info.backward.nsteps.double().mean()
                 pending["adjoint_iterations"] = adjoint.to(sol.nsteps.device) if sol is not None else adjoint
+        if self.last_spectral_radius is not None:
+            radius = self.last_spectral_radius.double().max()
+            pending["spectral_radius"] = radius.to(sol.nsteps.device) if sol is not None else radius
         if pending:
             values.update(zip(pending, torch.stack(list(pending.values())).tolist()))
         return values

@@ -100,3 +100,47 @@ def test_rate_is_nan_without_two_traced_iterations():
     """Catches: an index error or a made-up rate when the trace has fewer than two rows."""
     sol = fixedpoint.picard(lambda z: 0.5 * z, torch.ones(3, 2), max_iter=1)
     assert sol.trace.shape[0] == 1 and torch.isnan(sol.rate).all()
+
+
+def test_fixedpoint_reports_the_spectral_radius_only_when_asked():
+    """A linear DEQ layer z = A z + x (A with a known spectrum): FixedPoint(spectral_radius=k) estimates
+    rho(A) at each forward's solution, in eval and in training, at k more calls of f; off by default (no
+    extra call, NaN in convergence()). Catches: the estimate taken at the start instead of the solution,
+    the layer's inputs not passed to f, the calls made when nobody asked."""
+    eigenvalues = torch.tensor([[0.7, 0.3, -0.2], [-0.85, 0.1, 0.4]], dtype=torch.float64)
+    a = _with_spectrum(eigenvalues)
+    calls = []
+
+    def f(z, x):
+        calls.append(1)
+        return torch.einsum("bij,bj->bi", a, z) + x
+
+    x = torch.randn(2, 3, dtype=torch.float64)
+    plain = fixedpoint.FixedPoint(f, solver=fixedpoint.anderson).eval()
+    plain(x)
+    assert plain.last_spectral_radius is None and math.isnan(plain.convergence()["spectral_radius"])
+    without = len(calls)
+    calls.clear()
+    layer = fixedpoint.FixedPoint(f, solver=fixedpoint.anderson, spectral_radius=60)
+    for training in (False, True):
+        layer.train(training)
+        calls.clear()
+        layer(x.clone().requires_grad_(training))
+        torch.testing.assert_close(layer.last_spectral_radius, torch.tensor([0.7, 0.85], dtype=torch.float64),
+                                   rtol=1e-6, atol=0)  # fmt: skip
+        assert layer.convergence()["spectral_radius"] == pytest.approx(0.85, rel=1e-6)
+        if not training:
+            assert len(calls) == without + 60
+    with pytest.raises(ValueError, match="spectral_radius"):
+        fixedpoint.FixedPoint(f, spectral_radius=1)
+
+
+def test_spectral_radius_of_a_structured_state_is_the_whole_maps():
+    """Two leaves updated by separate linear maps (radii 0.6 and 0.9): the whole map's radius is 0.9.
+    Catches: only the first leaf's Jacobian estimated, a structure refused."""
+    a1 = _with_spectrum(torch.tensor([[0.6, 0.2]], dtype=torch.float64))
+    a2 = _with_spectrum(torch.tensor([[-0.9, 0.5, 0.1]], dtype=torch.float64), seed=1)
+    f = lambda z: (torch.einsum("bij,bj->bi", a1, z[0]), torch.einsum("bij,bj->bi", a2, z[1]))  # noqa: E731
+    state = (torch.zeros(1, 2, dtype=torch.float64), torch.zeros(1, 3, dtype=torch.float64))
+    rho = spectral_radius(f, state, iters=80, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(rho, torch.tensor([0.9], dtype=torch.float64), rtol=1e-6, atol=0)

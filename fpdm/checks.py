@@ -24,6 +24,9 @@ __all__ = [
 ]  # fmt: skip
 
 
+COMPILE_MODES = ("off", "on", "reduce-overhead", "max-autotune")  # --compile: torch.compile's modes ("on": default)
+
+
 class InputError(ValueError):
     """Input that cannot work: a command-line value, a dataset, a checkpoint or weights file, settings. The
     message says what and why in one line (naming the flag and the value where there is one); the commands print

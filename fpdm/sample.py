@@ -334,9 +334,24 @@ def main(args: argparse.Namespace) -> dict:
             raise InputError("this checkpoint generates VAE latents: pass --vae PATH to decode them")
         vae = load_vae(args.vae, dev)
     model = loaded.build(dev)  # weights that do not fit their config: one line, before --out is made
+    if args.compile != "off":
+        compile_for_sampling(model, args.compile)
     out = checks.output_dir(args.out)
     with checks.run_lock(out):  # one sampler per folder: its files are one run's
         return _sample_into(out, args, model, cfg, plan, labels, num_timesteps, is_latent, vae)
+
+
+def compile_for_sampling(model: DiT | FPDM, mode: str) -> None:
+    """torch.compile where sampling spends its time, in place: FPDM's fixed-point block (called at every
+    iteration of every step; the solver's loop stays eager), a DiT's whole forward. ``mode``: "on"
+    (torch.compile's default), "reduce-overhead" (CUDA graph trees: the block's output is cloned, since the
+    next call overwrites it and the solver keeps earlier ones) or "max-autotune"."""
+    options = {"mode": None if mode == "on" else mode}
+    if isinstance(model, FPDM):
+        block = torch.compile(model.fixed_point_map, **options)
+        model.fixed_point_map = (lambda *a: block(*a).clone()) if mode == "reduce-overhead" else block
+    else:
+        model.forward = torch.compile(model.forward, **options)
 
 
 # float32 values a forward keeps per token and width at once (attention, MLP, the fixed-point state): a bound
@@ -411,6 +426,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=100)
     p.add_argument("--vae", default=None, help="latent checkpoints: local AutoencoderKL directory to decode")
     p.add_argument("--device", default="auto")
+    p.add_argument("--compile", default="off", choices=checks.COMPILE_MODES,
+                   help="torch.compile FPDM's fixed-point block (a DiT: its forward) in this mode (on: the default)")
     p.add_argument("--quiet", action="store_true")
     return p
 

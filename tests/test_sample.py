@@ -328,3 +328,26 @@ def test_graph_true_and_other_modes_are_sample_errors(runs):
             run(value)
     run(False)
     check_graph("solver", "anderson", plan, model.config)  # allowed (CUDA is checked by the command)
+
+
+@pytest.mark.parametrize("model_name", ["FPDM-T/2", "DiT-T/2"])
+def test_a_compiled_sampler_gives_the_eager_images(tmp_path, monkeypatch, cli, trained_checkpoint, model_name):
+    """--compile compiles FPDM's fixed-point block (a DiT's forward) and samples the eager images to float
+    tolerance with the same block count (torch.compile's aot_eager backend: inductor's C++ builds take a
+    minute on a CPU). Catches: the compiled block not the one solved (FPDM looks its map up per call), a
+    reduce-overhead output not cloned (the solver keeps earlier outputs: an error), flags lost."""
+    compiled = []
+    real = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: compiled.append(kw) or real(fn, backend="aot_eager"))
+    ckpt = trained_checkpoint(model_name)
+    runs = {}
+    for mode in ("off", "reduce-overhead"):
+        out = tmp_path / mode
+        code, _, err = cli("fpdm.sample", ["--ckpt", ckpt, "--num-samples", "4", "--steps", "3", "--out", out,
+                                           "--quiet", "--compile", mode])  # fmt: skip
+        assert code == 0, err
+        runs[mode] = (np.load(out / "samples.npz")["arr_0"], json.loads((out / "stats.json").read_text()))
+    assert compiled == [{"mode": "reduce-overhead"}]
+    eager, fast = runs["off"], runs["reduce-overhead"]
+    assert np.abs(eager[0].astype(int) - fast[0].astype(int)).max() <= 1  # uint8: at most a level apart
+    assert eager[1]["block_evaluations_per_sample"] == fast[1]["block_evaluations_per_sample"]

@@ -27,11 +27,12 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.utils.data import Dataset
 
 from . import checks
 from .checkpoint import check_settings, load_checkpoint, save_checkpoint
 from .checks import InputError, int_range, positive_int
-from .data import ImageData, check_dataset, load_dataset
+from .data import ImageData, StepIndices, batch_loader, check_dataset, open_dataset, step_flips, step_indices
 from .diffusion import MIN_TIMESTEPS, Diffusion, guided
 from .files import write_json, write_text
 from .images import plot_loss_curve, save_grid
@@ -104,16 +105,18 @@ def gather_rng_states(generators: dict[str, torch.Generator], world: int) -> lis
     return states
 
 
-def restore_rng_states(state: dict, generators: dict[str, torch.Generator]) -> None:
+def restore_rng_states(state: dict, generators: dict[str, torch.Generator], shared: dict | None = None) -> None:
+    """A rank's saved states into ``generators``; the generators every rank shares (the data's) from ``shared``
+    (rank 0's states: a run saved before they were shared resumes with one global batch too)."""
     for name, g in generators.items():
-        g.set_state(state[name])
+        g.set_state((shared if shared is not None and name in SHARED_GENERATORS else state)[name])
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
 
 
 @torch.no_grad()
-def sample_grid(model: nn.Module, data: ImageData, args, device: torch.device, path: Path) -> Path:
+def sample_grid(model: nn.Module, data: ImageData | Dataset, args, device: torch.device, path: Path) -> Path:
     """A grid of EMA samples: one row per class (up to 10), DDIM with guidance."""
     classes = min(data.num_classes, 10)
     per_class = 10
@@ -129,6 +132,19 @@ def sample_grid(model: nn.Module, data: ImageData, args, device: torch.device, p
 def out_dir(args: argparse.Namespace) -> Path:
     """The run's folder: --out, or runs/DATASET-MODEL."""
     return Path(args.out or f"runs/{args.dataset.split(':')[0]}-{args.model.replace('/', '-')}")
+
+
+# generators seeded alike in every process: the step's global batch and its flips are one draw, each rank takes its
+# slice (runs of any world size see the same global batch); the others differ by rank
+SHARED_GENERATORS = ("data", "flip")
+
+
+def default_workers(device: torch.device) -> int:
+    """--workers' default: none on a CPU (the training process reads; tests stay cheap), on a GPU the CPUs shared
+    among the node's processes, at most 8."""
+    if device.type != "cuda":
+        return 0
+    return min(8, max(1, (os.cpu_count() or 2) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
 
 
 # float32 values a training step keeps per token and width for each block it runs (forward activations for the
@@ -179,14 +195,18 @@ def train(args: argparse.Namespace, rank: int, world: int, device: torch.device,
     ckpt_path = out / "checkpoints" / "latest.pt"
 
     # ---------------------------------------------------------------- data
-    data = load_dataset(args.dataset, data_dir=args.data_dir, image_size=args.image_size)
-    images, labels = data.images.to(device), data.labels.to(device)
+    data = open_dataset(args.dataset, data_dir=args.data_dir, image_size=args.image_size)  # read as it is used
+    if args.flip and data.is_latent:
+        raise InputError(f"--flip flips images; {data.name} holds latents (encode flipped copies with "
+                         "`python -m fpdm.encode --flip`)")  # fmt: skip
+    workers = default_workers(device) if args.workers is None else args.workers
     log(f"data: {data.name}, {len(data)} images {data.channels}x{data.image_size}x{data.image_size}, "
-        f"{data.num_classes} classes")  # fmt: skip
+        f"{data.num_classes} classes; {workers} loader worker(s)")  # fmt: skip
 
     # ---------------------------------------------------------------- a run to resume, or weights to start from
     run = {k: getattr(args, k) for k in RUN_DEFINING}
     run["world_size"] = world
+    run["flip"] = args.flip
     ckpt, init_path = None, args.init
     if ckpt_path.exists():
         if init_path is not None and init_path != _recorded_init(out):
@@ -194,7 +214,12 @@ def train(args: argparse.Namespace, rank: int, world: int, device: torch.device,
                              "from it: resume comes first (drop --init), or use another --out")  # fmt: skip
         init_path = None  # the same command again resumes: its --init was applied at the start
         # depth is compared through the model's config: --depth 4 and a named size of depth 4 are one run
-        ckpt = load_checkpoint(ckpt_path, run={k: v for k, v in run.items() if k != "depth"})
+        ckpt = load_checkpoint(ckpt_path, run={k: v for k, v in run.items() if k not in ("depth", "flip")})
+        saved_run = ckpt.get("run") if isinstance(ckpt.get("run"), dict) else {}
+        saved_flip = bool(saved_run.get("flip", False))  # a run from before --flip had none
+        if saved_flip != args.flip:
+            raise InputError(f"checkpoint {ckpt_path} was made with flip={saved_flip} (now {args.flip}); use the "
+                             "same settings to resume, or another --out")  # fmt: skip
         try:  # fields the checkpoint predates read as what it was trained with
             saved_config = ModelConfig.from_dict(ckpt.get("config"))
         except (TypeError, ValueError) as err:
@@ -233,8 +258,9 @@ def train(args: argparse.Namespace, rank: int, world: int, device: torch.device,
         f"{world} process(es) on {device}, {local_batch} images each per step")  # fmt: skip
 
     # every random draw comes from a generator saved in checkpoints, so a resumed run is the same run
-    generators = {name: torch.Generator().manual_seed(args.seed * 7919 + rank * 104729 + i)
-                  for i, name in enumerate(("data", "noise", "sjfb"))}  # fmt: skip
+    names = ("data", "noise", "sjfb", "flip") if args.flip else ("data", "noise", "sjfb")
+    generators = {name: torch.Generator().manual_seed(args.seed * 7919 + rank * 104729 * (name not in
+                  SHARED_GENERATORS) + i) for i, name in enumerate(names)}  # fmt: skip
     torch.manual_seed(args.seed * 7919 + rank)  # label dropout draws from the global generator
 
     start_step, window = 0, (0.0, 0)  # window: the loss sum and steps since the last metrics record
@@ -246,7 +272,7 @@ def train(args: argparse.Namespace, rank: int, world: int, device: torch.device,
             model.load_state_dict(ckpt["model"])
             ema.load_state_dict(ckpt["ema"])
             optimizer.load_state_dict(ckpt["optimizer"])
-            restore_rng_states(ckpt["rng"][rank], generators)
+            restore_rng_states(ckpt["rng"][rank], generators, shared=ckpt["rng"][0])
             start_step = ckpt["step"]
             if not isinstance(start_step, int) or start_step < 0:
                 raise ValueError(f"its step is {start_step!r}")
@@ -288,11 +314,21 @@ def train(args: argparse.Namespace, rank: int, world: int, device: torch.device,
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     tic, (window_loss, window_steps) = time.perf_counter(), window
     saved_step = start_step  # the step the checkpoint on disk holds (0: none)
+    batches = batch_loader(
+        data, StepIndices(generators["data"], len(data), args.batch_size, args.steps - start_step, rank, world),
+        workers=workers, pin_memory=device.type == "cuda",
+    )  # fmt: skip
     with progress:
         task = progress.add_task("train", total=args.steps, completed=start_step, loss=last_loss, speed=0.0, fp="-")
         for step in range(start_step, args.steps):
-            idx = torch.randint(len(data), (local_batch,), generator=generators["data"]).to(device)
-            x, y = images[idx], labels[idx]
+            idx = step_indices(generators["data"], len(data), args.batch_size, rank, world)  # the checkpointed draw
+            x, y, read = next(batches)  # the loader's, read ahead from the same draws
+            if not torch.equal(read, idx):
+                raise RuntimeError(f"the loader read other indices than step {step + 1} drew")
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            if args.flip:
+                flips = step_flips(generators["flip"], args.batch_size, rank, world).to(device)
+                x = torch.where(flips[:, None, None, None], x.flip(-1), x)
             t = torch.randint(diffusion.num_timesteps, (local_batch,), generator=generators["noise"]).to(device)
             noise = torch.randn(x.shape, generator=generators["noise"]).to(device)
             lr = args.lr * min(1.0, (step + 1) / max(args.warmup, 1))
@@ -343,6 +379,7 @@ def train(args: argparse.Namespace, rank: int, world: int, device: torch.device,
                 # its own generator (args.seed): the training draws are untouched, so a run is the same run
                 sample_grid(ema, data, args, device, out / "grids" / f"step-{step + 1:07d}.png")
                 plot_loss_curve(read_metrics(metrics_path), out / "loss.png", title=f"{args.model} on {data.name}")
+    batches.close()  # its workers end
     if metrics:
         metrics.close()
 
@@ -366,6 +403,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", default="digits", help="digits | fashion-mnist | folder:PATH | latents:PATH")
     p.add_argument("--data-dir", default=None, help="directory of the Fashion-MNIST idx files")
     p.add_argument("--image-size", type=positive_int, default=None, help="resize folder:PATH images to this")
+    p.add_argument("--workers", type=int, default=None,
+                   help="data loader processes (default: 0 on a CPU; on a GPU the node's CPUs per process, <= 8)")
+    p.add_argument("--flip", action="store_true",
+                   help="random horizontal flips of the images (drawn from a checkpointed generator)")
     p.add_argument("--model", default="FPDM-T/2", help="a named size: " + ", ".join(model_names()))
     p.add_argument("--depth", type=positive_int, default=None, help="DiT blocks (default: the named size's)")
     p.add_argument("--pre-depth", type=int, default=1, help="FPDM explicit blocks before the fixed-point layer")
@@ -410,6 +451,7 @@ def validate(args: argparse.Namespace) -> None:
         ),
         (0 <= args.ema_decay < 1, f"--ema-decay must be in [0, 1), got {args.ema_decay}"),
         (args.warmup >= 0, f"--warmup must be >= 0, got {args.warmup}"),
+        (args.workers is None or args.workers >= 0, f"--workers must be >= 0, got {args.workers}"),
         (args.sample_steps >= 0, f"--sample-steps must be >= 0, got {args.sample_steps}"),
         (args.sample_every >= 0, f"--sample-every must be >= 0, got {args.sample_every}"),
         (not args.sample_every or args.sample_steps, "--sample-every needs --sample-steps > 0 (the grids' DDIM steps)"),

@@ -475,3 +475,75 @@ def test_tf32_off_cuda_is_one_line(capsys, tmp_path):
     if torch.cuda.is_available():
         pytest.skip("CUDA present: --tf32 applies")
     _cli_error(capsys, train, ["--out", str(tmp_path), "--tf32", "--device", "cpu"], "--tf32 applies to CUDA")
+
+
+def _spy_batches(monkeypatch) -> list[tuple]:
+    """Every training step's (x, y, t) as the loss sees them, and torch's global RNG state (label dropout's), recorded
+    in this process."""
+    from fpdm.diffusion import Diffusion
+
+    seen, real = [], Diffusion.training_losses
+
+    def spy(self, net, x, t, y, noise, *args, **kwargs):
+        seen.append((x.detach().clone(), y.clone(), t.clone(), torch.get_rng_state()))
+        return real(self, net, x, t, y, noise, *args, **kwargs)
+
+    monkeypatch.setattr(Diffusion, "training_losses", spy)
+    return seen
+
+
+def test_the_default_runs_batches_are_those_it_drew_before_streaming(tmp_path, monkeypatch):
+    """The default run's first batches, pinned against values computed with the code that held the data set on
+    the device (before the DataLoader, 0.2.0): catches a loader that draws other indices, reorders, converts or
+    rounds the pixels, or draws from torch's global RNG (a DataLoader takes its seed from it unless given a
+    generator: label dropout would change), which would make a run checkpointed before resume to other weights."""
+    import hashlib
+
+    from fpdm import train
+
+    seen = _spy_batches(monkeypatch)
+    assert train.cli(["--steps", "3", "--out", str(tmp_path), "--sample-steps", "0", "--quiet"]) == 0
+    g = torch.Generator().manual_seed(0)
+    indices = [torch.randint(1437, (128,), generator=g) for _ in range(3)]
+    pinned = [  # first 8 indices, their sum, sha256 of the pixels (first 16 hex), pixel sum, |pixel| sum, label sum
+        ([515, 636, 977, 1011, 58, 1011, 337, 529], 95943, "5d27c3c405a67487", -3188.0, 6492.75, 637),
+        ([1132, 1045, 871, 1075, 1174, 727, 644, 208], 86883, "9ed520e73f1477fe", -3212.375, 6444.375, 559),
+        ([22, 1260, 596, 524, 60, 1395, 424, 897], 90391, "09b84ede75b37fc8", -3163.625, 6481.125, 616),
+    ]
+    global_rng = ["1ccf17250133dec5", "9f518ac42a01429a", "e86fa11858b5ff4a"]  # sha256 of its state, first 16 hex
+    for (x, y, _, rng), idx, (first, total, digest, pixels, magnitude, labels), state in zip(
+        seen, indices, pinned, global_rng, strict=True
+    ):
+        assert hashlib.sha256(rng.numpy().tobytes()).hexdigest()[:16] == state
+        assert idx[:8].tolist() == first and int(idx.sum()) == total
+        assert hashlib.sha256(x.contiguous().numpy().tobytes()).hexdigest()[:16] == digest
+        assert x.double().sum().item() == pixels and x.double().abs().sum().item() == magnitude
+        assert int(y.sum()) == labels and x.dtype == torch.float32 and x.shape == (128, 1, 8, 8)
+
+
+def test_flip_mirrors_the_images_its_generator_draws_and_must_match_on_resume(tmp_path, monkeypatch, capsys):
+    """--flip: catches flips that are not horizontal, not the checkpointed generator's draws (a resumed run would
+    differ), a resume that silently drops or adds flips, and flips of latents (the encoder's job)."""
+    import numpy as np
+
+    from fpdm import train
+    from fpdm.data import load_dataset, step_flips
+
+    seen = _spy_batches(monkeypatch)
+    args = ["--steps", "2", "--out", str(tmp_path / "run"), *FAST, "--flip", "--ckpt-every", "1"]
+    assert train.cli(args) == 0
+    images = load_dataset("digits").images
+    data_g, flip_g = torch.Generator().manual_seed(0), torch.Generator().manual_seed(3)
+    for x, *_ in seen:
+        idx = torch.randint(len(images), (16,), generator=data_g)
+        flips = step_flips(flip_g, 16)
+        assert 0 < int(flips.sum()) < 16
+        assert torch.equal(x, torch.where(flips[:, None, None, None], images[idx].flip(-1), images[idx]))
+    capsys.readouterr()
+    assert train.cli([a for a in args if a != "--flip"]) == 2
+    assert "was made with flip=True (now False)" in capsys.readouterr().err
+    latents = tmp_path / "z"
+    latents.mkdir()
+    np.savez(latents / "a.npz", latents=np.zeros((4, 4, 2, 2), np.float16), labels=np.zeros(4, int), num_classes=2)
+    assert train.cli(["--dataset", f"latents:{latents}", "--out", str(tmp_path / "l"), *FAST, "--flip"]) == 2
+    assert "encode flipped copies with `python -m fpdm.encode --flip`" in capsys.readouterr().err

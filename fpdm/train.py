@@ -43,7 +43,6 @@ UsageError = InputError  # the old name (before 0.2 its own class)
 
 
 # Arguments that define a run: resuming with any of them changed is refused (it would not be the same run).
-COMPILE_MODES = ("off", "on", "reduce-overhead", "max-autotune")  # --compile: torch.compile's modes ("on": default)
 RUN_DEFINING = (
     "dataset", "model", "batch_size", "lr", "warmup", "weight_decay", "ema_decay", "seed", "learn_sigma",
     "no_grad_iters", "grad_iters", "image_size", "num_timesteps", "depth", "pre_depth", "post_depth",
@@ -434,7 +433,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "watched; 0: only the final grid")  # fmt: skip
     p.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale for the grid")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    p.add_argument("--compile", default="off", choices=COMPILE_MODES,
+    p.add_argument("--compile", default="off", choices=checks.COMPILE_MODES,
                    help="torch.compile the model's forward (on: the default mode; FPDM's fixed-point solve stays "
                         "eager, a graph break); a resumed run must compile as the first did to be the same run")
     p.add_argument("--tf32", action="store_true", help="TF32 matmuls and convolutions on CUDA (faster, ~1e-3)")

@@ -22,16 +22,24 @@ with the loop) was removed with fixedpoint's graph=True.
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import math
+import os
+import shutil
 import sys
 import time
-from collections.abc import Callable
+import zipfile
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 import fixedpoint
@@ -40,15 +48,20 @@ from . import checks
 from .checks import InputError
 from .diffusion import Diffusion, guided
 from .encode import decode, load_vae
-from .files import json_writer, write_set
+from .files import atomic_write, json_writer, write_set
 from .images import grid_image, to_uint8
 from .models import FPDM, DiT, ModelConfig, fixed_iterations
+from .train import setup_distributed
 from .weights import read_weights
 
 __all__ = [
     "ComputePlan",
     "plan_compute",
     "generate",
+    "sample_batches",
+    "batch_seed",
+    "combine_stats",
+    "ShardJob",
     "check_graph",
     "SampleStats",
     "SCHEDULES",
@@ -188,13 +201,29 @@ class _FixedPointDriver:
         return out
 
 
+def batch_seed(seed: int, index: int) -> int:
+    """The generator seed of batch ``index`` of a run seeded ``seed``: murmur3's 32-bit finaliser (a bijection) of
+    ``seed`` XOR the finalised ``index + 1``. A batch's noise so depends on (seed, index) alone, never on which
+    process samples it or which batches came before; for one seed every batch below 2^32 gets its own seed.
+    32 bits because a CPU ``torch.Generator`` keeps only a seed's low 32 bits."""
+    return _fmix32(seed ^ _fmix32(index + 1))
+
+
+def _fmix32(x: int) -> int:
+    x &= 0xFFFFFFFF
+    x = ((x ^ (x >> 16)) * 0x85EBCA6B) & 0xFFFFFFFF
+    x = ((x ^ (x >> 13)) * 0xC2B2AE35) & 0xFFFFFFFF
+    return x ^ (x >> 16)
+
+
 @torch.no_grad()
-def generate(
+def sample_batches(
     model: DiT | FPDM,
     labels: Tensor,
     plan: ComputePlan,
     *,
     image_shape: tuple[int, int, int],
+    indices: Iterable[int] | None = None,
     method: str = "ddim",
     eta: float = 0.0,
     guidance: float = 1.0,
@@ -207,8 +236,11 @@ def generate(
     batch_size: int = 100,
     num_timesteps: int = 1000,
     progress: bool = True,
-) -> tuple[Tensor, SampleStats]:
-    """Sample ``len(labels)`` images (N, C, H, W) in batches; returns them and the compute used.
+) -> Iterator[tuple[int, Tensor, SampleStats]]:
+    """Sample batches ``indices`` (default: all) of ``labels``, batch i being samples i*batch_size.. of it, one at
+    a time: yields (i, its images (n, C, H, W) on the CPU, its SampleStats). Batch i draws its noise (and DDPM's
+    or DDIM-eta's) from a generator of its own, ``batch_seed(seed, i)``: any split of the batches over processes
+    samples the same images.
 
     ``guidance_channels``: guide only the first k channels of epsilon (DiT's published protocol: 3; None: all).
     ``solver``: "picard" is the release's plain iteration for a fixed number of calls (fixedpoint's picard, with
@@ -224,35 +256,58 @@ def generate(
     model.eval()
     device = next(model.parameters()).device
     diffusion = Diffusion.create(num_timesteps, learn_sigma=model.config.learn_sigma, steps=plan.steps)
-    gen = torch.Generator().manual_seed(seed)
-    stats = SampleStats(steps=plan.steps)
-    images, batches = [], range(0, len(labels), batch_size)
+    indices = list(range(math.ceil(len(labels) / batch_size)) if indices is None else indices)
     from rich.progress import track
 
-    start = time.perf_counter()
-    for first in track(batches, description="sampling", disable=not progress or len(batches) < 2):
+    for index in track(indices, description="sampling", disable=not progress or len(indices) < 2):
+        start = time.perf_counter()
+        first = index * batch_size
         y = labels[first : first + batch_size].to(device)
+        gen = torch.Generator().manual_seed(batch_seed(seed, index))
         noise = torch.randn(len(y), *image_shape, generator=gen).to(device)
-        batch_stats = SampleStats(steps=plan.steps)
+        stats = SampleStats(steps=plan.steps)
         if isinstance(model, FPDM):
-            fn = _FixedPointDriver(model, plan, step_solver, reuse, batch_stats)
+            fn = _FixedPointDriver(model, plan, step_solver, reuse, stats)
         else:
             fn = model
-            batch_stats.block_evaluations = plan.steps * model.config.depth
+            stats.block_evaluations = plan.steps * model.config.depth
         fn = guided(fn, guidance, model.config.num_classes, channels=guidance_channels)
         out = diffusion.sample(fn, noise, y, method=method, eta=eta, clip=clip, generator=gen)
         if not torch.isfinite(out).all():
             raise InputError(f"sampling gave non-finite values (NaN/Inf) in the batch of samples {first}.."
                              f"{first + len(y) - 1}: the weights or this plan diverge")  # fmt: skip
-        images.append(out.cpu())
-        share = len(y) / len(labels)  # per-sample averages over the batches (they differ only when adaptive)
-        stats.block_evaluations += share * batch_stats.block_evaluations
-        if batch_stats.calls_per_step:
-            calls = torch.tensor(batch_stats.calls_per_step, dtype=torch.float64) * share
+        out = out.cpu()
+        stats.seconds = time.perf_counter() - start
+        yield index, out, stats
+
+
+def combine_stats(batches: Iterable[tuple[int, SampleStats]], steps: int) -> SampleStats:
+    """The per-sample statistics of a run from its batches' (size, SampleStats), first batch first: averages
+    weighted by the batch sizes (they differ only when adaptive), summed in batch order whichever processes
+    sampled them, so that the result is the same to the bit; seconds: the batches' sum."""
+    batches = list(batches)
+    total = sum(n for n, _ in batches)
+    stats = SampleStats(steps=steps)
+    for n, batch in batches:
+        share = n / total
+        stats.block_evaluations += share * batch.block_evaluations
+        stats.seconds += batch.seconds
+        if batch.calls_per_step:
+            calls = torch.tensor(batch.calls_per_step, dtype=torch.float64) * share
             so_far = torch.tensor(stats.calls_per_step or [0.0] * len(calls), dtype=torch.float64)
             stats.calls_per_step = (so_far + calls).tolist()
-    stats.seconds = time.perf_counter() - start
-    return torch.cat(images), stats
+    return stats
+
+
+def generate(model: DiT | FPDM, labels: Tensor, plan: ComputePlan, **options) -> tuple[Tensor, SampleStats]:
+    """Sample ``len(labels)`` images (N, C, H, W) in batches, all in memory; returns them and the compute used
+    (``combine_stats``). ``options``: those of ``sample_batches`` (image_shape, method, eta, guidance,
+    guidance_channels, solver, reuse, graph, clip, seed, batch_size, num_timesteps, progress)."""
+    images, parts = [], []
+    for _, out, stats in sample_batches(model, labels, plan, **options):
+        images.append(out)
+        parts.append((len(out), stats))
+    return torch.cat(images), combine_stats(parts, plan.steps)
 
 
 def check_graph(graph: bool | str, solver: str, plan: ComputePlan, config: ModelConfig) -> None:
@@ -287,7 +342,21 @@ def _labels(classes: str | list[int], num: int, num_classes: int, seed: int) -> 
 
 
 def main(args: argparse.Namespace) -> dict:
+    """The command: under torchrun (WORLD_SIZE > 1) each of the processes samples its share of the batches (gloo
+    on a CPU, nccl on CUDA) and rank 0 writes the set; returns stats.json's content (rank 0; {} elsewhere)."""
     dev = checks.device(args.device)
+    rank, world = 0, int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        rank, world, dev = setup_distributed(args.device)
+    try:
+        return run_job(prepare(args, dev, rank), rank, world)
+    finally:
+        if world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def prepare(args: argparse.Namespace, dev: torch.device, rank: int = 0) -> ShardJob:
+    """Every check on the arguments and the checkpoint, then the model: the run as a ShardJob (nothing written)."""
     checks.number("--eta", args.eta, 0.0, 1.0)
     if args.tol is not None and args.schedule != "adaptive":
         raise InputError("--tol applies to --schedule adaptive")
@@ -309,7 +378,7 @@ def main(args: argparse.Namespace) -> dict:
         raise InputError(f"--guidance {args.guidance} needs a null class, and this model has none (use 1)")
     if args.guidance_channels is not None and not 1 <= args.guidance_channels <= cfg.in_channels:
         raise InputError(f"--guidance-channels must be in 1..{cfg.in_channels}, got {args.guidance_channels}")
-    if not args.quiet:
+    if not args.quiet and rank == 0:
         channels = "all" if args.guidance_channels is None else f"the first {args.guidance_channels}"
         print(f"{loaded.source} weights: {args.method.upper()}, {args.steps or 'budgeted'} steps, guidance "
               f"{args.guidance:g} on {channels} channels", flush=True)  # fmt: skip
@@ -321,8 +390,7 @@ def main(args: argparse.Namespace) -> dict:
     num_timesteps = int(run.get("num_timesteps", 1000))  # the schedule the checkpoint was trained with
     if plan.steps > num_timesteps:
         raise InputError(f"{plan.steps} sampling steps > the {num_timesteps} diffusion timesteps of this checkpoint")
-    per_sample = 8 + cfg.in_channels * cfg.input_size**2 * 5  # its label, its float image and uint8 copy
-    checks.memory("--num-samples", args.num_samples, args.num_samples * per_sample)
+    checks.memory("--num-samples", args.num_samples, args.num_samples * 16)  # the labels (a batch at a time else)
     batch = min(args.batch_size, args.num_samples) * (1 if args.guidance == 1 else 2)
     checks.memory("--batch-size", args.batch_size, batch * cfg.num_tokens * cfg.hidden_size * 4 * ACTIVATIONS_PER_TOKEN,
                   dev)  # fmt: skip
@@ -336,9 +404,33 @@ def main(args: argparse.Namespace) -> dict:
     model = loaded.build(dev)  # weights that do not fit their config: one line, before --out is made
     if args.compile != "off":
         compile_for_sampling(model, args.compile)
-    out = checks.output_dir(args.out)
-    with checks.run_lock(out):  # one sampler per folder: its files are one run's
-        return _sample_into(out, args, model, cfg, plan, labels, num_timesteps, is_latent, vae)
+    options = dict(image_shape=(cfg.in_channels, cfg.input_size, cfg.input_size), method=args.method, eta=args.eta,
+                   guidance=args.guidance, guidance_channels=args.guidance_channels, solver=args.solver,
+                   reuse=args.reuse, graph=GRAPH_FLAGS[args.graph], clip=not is_latent, seed=args.seed,
+                   batch_size=args.batch_size, num_timesteps=num_timesteps)  # fmt: skip
+    summary = {
+        "checkpoint": str(args.ckpt), "num_samples": len(labels), "method": args.method, "steps": plan.steps,
+        "schedule": plan.schedule, "solver": args.solver if cfg.kind == "fpdm" else None, "reuse": args.reuse,
+        "graph": args.graph, "guidance": args.guidance, "guidance_channels": args.guidance_channels,
+        "budget": plan.budget, "num_timesteps": num_timesteps,
+    }  # fmt: skip
+    settings = {  # all that makes a batch's images what they are (not the number of processes, nor paths)
+        **{k: v for k, v in summary.items() if k != "checkpoint"}, "seed": args.seed, "batch_size": args.batch_size,
+        "eta": args.eta, "calls": plan.calls, "tol": plan.tol, "weights": args.weights, "compile": args.compile,
+        "vae": str(args.vae) if vae else None, "device": dev.type,
+        "weights_hash": _digest(loaded.state_dict.items()), "labels_hash": _digest([("labels", labels)]),
+    }  # fmt: skip
+    return ShardJob(Path(args.out), model, labels, plan, options, json.loads(json.dumps(settings)), summary, vae,
+                    progress=not args.quiet and rank == 0, quiet=args.quiet or rank > 0)  # fmt: skip
+
+
+def _digest(tensors: Iterable[tuple[str, Tensor]]) -> str:
+    """A hash of named tensors' names, dtypes, shapes and bytes (the weights a run samples, its labels)."""
+    h = hashlib.blake2b(digest_size=16)
+    for name, t in tensors:
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
 
 
 def compile_for_sampling(model: DiT | FPDM, mode: str) -> None:
@@ -359,40 +451,168 @@ def compile_for_sampling(model: DiT | FPDM, mode: str) -> None:
 ACTIVATIONS_PER_TOKEN = 16
 
 
-def _sample_into(out: Path, args: argparse.Namespace, model: DiT | FPDM, cfg: ModelConfig, plan: ComputePlan,
-                 labels: Tensor, num_timesteps: int, is_latent: bool, vae) -> dict:  # fmt: skip
-    """Sample, then write samples.npz, samples.png and last stats.json (the manifest of a complete set)."""
-    images, stats = generate(
-        model, labels, plan, image_shape=(cfg.in_channels, cfg.input_size, cfg.input_size), method=args.method,
-        eta=args.eta, guidance=args.guidance, guidance_channels=args.guidance_channels, solver=args.solver,
-        reuse=args.reuse, graph=GRAPH_FLAGS[args.graph],
-        clip=not is_latent,
-        seed=args.seed, batch_size=args.batch_size, num_timesteps=num_timesteps, progress=not args.quiet,
-    )  # fmt: skip
-    if vae is not None:
-        images = decode(vae, images)
-    pixels = to_uint8(images)  # (N, H, W, C) uint8: ADM's layout
+SHARDS = "shards"  # --out's folder of finished batches: removed once the set is written
+
+
+@dataclass
+class ShardJob:
+    """A run of the command as its processes share it: what to sample, how, where, and the settings that make a
+    batch's images what they are (a shard of other settings is refused, never mixed in)."""
+
+    out: Path
+    model: DiT | FPDM
+    labels: Tensor  # all N, computed once from the seed (a process samples its batches' slices)
+    plan: ComputePlan
+    options: dict  # sample_batches' keyword arguments but indices and progress
+    settings: dict  # JSON values; a shard records them
+    summary: dict  # stats.json's fields besides the statistics
+    vae: object = None  # latent checkpoints: decoded batch by batch
+    progress: bool = True
+    quiet: bool = False
+
+    @property
+    def shards(self) -> Path:
+        return self.out / SHARDS
+
+    @property
+    def batches(self) -> range:
+        return range(math.ceil(len(self.labels) / self.options["batch_size"]))
+
+    def span(self, index: int) -> tuple[int, int]:
+        """Batch ``index``'s samples, first and stop."""
+        first = index * self.options["batch_size"]
+        return first, min(first + self.options["batch_size"], len(self.labels))
+
+    def shard(self, index: int) -> Path:
+        """Batch ``index``'s file: named by its samples, first to last."""
+        first, stop = self.span(index)
+        return self.shards / f"samples-{first:09d}-{stop - 1:09d}.npz"
+
+
+def run_job(job: ShardJob, rank: int = 0, world: int = 1) -> dict:
+    """Rank 0 makes --out, takes its lock and finds the batches its shards lack (refusing shards of other
+    settings), every rank samples its share of those, then rank 0 writes the set (``assemble``)."""
+    error, todo = None, []
+    with ExitStack() as stack:
+        if rank == 0:
+            try:
+                checks.output_dir(job.out)
+                stack.enter_context(checks.run_lock(job.out))  # one sampler per folder: its files are one run's
+                todo = unfinished(job)
+            except InputError as err:
+                error = str(err)
+        if world > 1:
+            shared = [error, todo]
+            dist.broadcast_object_list(shared, src=0)  # every rank fails alike, or shares the work
+            error, todo = shared
+        if error is not None:
+            raise InputError(error)
+        if not job.quiet and len(todo) < len(job.batches):
+            print(f"resuming: {len(job.batches) - len(todo)} of {len(job.batches)} batches were sampled before "
+                  f"({job.shards}); sampling the remaining {len(todo)}", flush=True)  # fmt: skip
+        sample_shards(job, todo, rank, world)
+        if world > 1:
+            dist.barrier()
+        return assemble(job) if rank == 0 else {}
+
+
+def unfinished(job: ShardJob) -> list[int]:
+    """The batches without a shard in ``job.shards``, first first; an InputError (one line) naming a setting where
+    a shard there was sampled with other settings. An unreadable shard (damaged on disk) is removed: sampled again."""
+    done = set()
+    for path in sorted(job.shards.glob("samples-*.npz")):
+        meta = _shard_meta(path)
+        if meta is None:
+            path.unlink(missing_ok=True)
+            continue
+        theirs = meta.get("settings", {})
+        if theirs != job.settings:
+            key = next(k for k in [*job.settings, *theirs] if job.settings.get(k) != theirs.get(k))
+            raise InputError(f"{job.shards} holds batches sampled with other settings ({key}: {theirs.get(key)!r} "
+                             f"there, {job.settings.get(key)!r} now): rerun with those to resume them, or remove "
+                             f"{job.shards}")  # fmt: skip
+        done.add(meta["index"])
+    return [i for i in job.batches if i not in done]
+
+
+def sample_shards(job: ShardJob, batches: list[int], rank: int = 0, world: int = 1) -> None:
+    """Process ``rank`` of ``world``: sample its share of ``batches`` (every world-th, from its rank on) and write
+    each as a shard, atomically, as it is done (uint8 NHWC pixels, labels, and its settings and statistics)."""
+    mine = batches[rank::world]
+    for index, images, stats in sample_batches(job.model, job.labels, job.plan, indices=mine,
+                                               progress=job.progress, **job.options):  # fmt: skip
+        if job.vae is not None:
+            images = decode(job.vae, images)
+        first, stop = job.span(index)
+        meta = {"settings": job.settings, "index": index, "first": first, "stop": stop,
+                "block_evaluations": stats.block_evaluations, "calls_per_step": stats.calls_per_step,
+                "seconds": stats.seconds}  # fmt: skip
+        pixels, labels = to_uint8(images), job.labels[first:stop].numpy()
+        atomic_write(job.shard(index), partial(_write_shard, pixels=pixels, labels=labels, meta=json.dumps(meta)))
+
+
+def _write_shard(fh: BinaryIO, pixels: np.ndarray, labels: np.ndarray, meta: str) -> None:
+    np.savez(fh, arr_0=pixels, labels=labels, meta=np.array(meta))
+
+
+def _shard_meta(path: Path) -> dict | None:
+    """A shard's metadata; None when it cannot be read."""
+    try:
+        with np.load(path) as shard:
+            return json.loads(shard["meta"].item())
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile):
+        return None
+
+
+def assemble(job: ShardJob) -> dict:
+    """Rank 0, every shard written: samples.npz (streamed from the shards: one in memory at a time), samples.png
+    (the first 100), and last stats.json (the manifest of a complete set, with the statistics combined as one
+    process combines them); then the shards are removed."""
+    paths = [job.shard(i) for i in job.batches]
+    metas = [_shard_meta(p) for p in paths]
+    lost = [str(p) for p, m in zip(paths, metas, strict=True) if m is None]
+    if lost:
+        raise InputError(f"{len(lost)} shard(s) are missing or unreadable after sampling, e.g. {lost[0]}: rerun")
+    stats = combine_stats([(m["stop"] - m["first"], SampleStats(m["block_evaluations"], m["calls_per_step"],
+                                                                m["seconds"], job.plan.steps)) for m in metas],
+                          job.plan.steps)  # fmt: skip
+    first = []
+    for path in paths:
+        with np.load(path) as shard:
+            first.append(shard["arr_0"][: 100 - sum(len(p) for p in first)])
+        if sum(len(p) for p in first) == min(100, len(job.labels)):
+            break
+    shown = torch.from_numpy(np.concatenate(first)).permute(0, 3, 1, 2).float() / 127.5 - 1  # to_uint8's inverse
+    grid = grid_image(shown, nrow=10, scale=max(1, 64 // shown.shape[-1]))
     summary = {
-        "checkpoint": str(args.ckpt), "num_samples": len(labels), "method": args.method, "steps": plan.steps,
-        "schedule": plan.schedule, "solver": args.solver if cfg.kind == "fpdm" else None, "reuse": args.reuse,
-        "graph": args.graph,
-        "guidance": args.guidance, "guidance_channels": args.guidance_channels, "budget": plan.budget,
-        "num_timesteps": num_timesteps,
-        "block_evaluations_per_sample": round(stats.block_evaluations, 6),
+        **job.summary, "block_evaluations_per_sample": round(stats.block_evaluations, 6),
         "calls_per_step": [round(c, 6) for c in stats.calls_per_step], "seconds": stats.seconds,
         "files": ["samples.npz", "samples.png"],
     }  # fmt: skip
-    grid = grid_image(images[:100], nrow=10, scale=max(1, 64 // images.shape[-1]))
-    write_set(out, {  # all written before any replaces the last run's; stats.json, the manifest, last
-        "samples.npz": lambda fh: np.savez(fh, arr_0=pixels, labels=labels.numpy()),
+    write_set(job.out, {  # all written before any replaces the last run's; stats.json, the manifest, last
+        "samples.npz": partial(_write_npz, shards=paths, labels=job.labels.numpy()),
         "samples.png": lambda fh: grid.save(fh, format="PNG"),
         "stats.json": json_writer(summary),
     })  # fmt: skip
-    print(
-        f"{len(labels)} samples in {stats.seconds:.1f} s, {plan.steps} steps, "
-        f"{stats.block_evaluations:g} block evaluations per sample; wrote {out}/samples.png, samples.npz"
-    )
+    shutil.rmtree(job.shards, ignore_errors=True)
+    print(f"{len(job.labels)} samples in {stats.seconds:.1f} s, {job.plan.steps} steps, {stats.block_evaluations:g} "
+          f"block evaluations per sample; wrote {job.out}/samples.png, samples.npz")  # fmt: skip
     return summary
+
+
+def _write_npz(fh: BinaryIO, shards: list[Path], labels: np.ndarray) -> None:
+    """np.savez(fh, arr_0=<the shards' pixels, in order>, labels=labels), streamed: arr_0.npy's header, then each
+    shard's bytes in turn (an npz is a zip of .npy files, stored uncompressed as np.savez stores them)."""
+    with np.load(shards[0]) as shard:
+        shape = (len(labels), *shard["arr_0"].shape[1:])
+    with zipfile.ZipFile(fh, "w", compression=zipfile.ZIP_STORED) as npz:
+        with npz.open("arr_0.npy", "w", force_zip64=True) as member:
+            np.lib.format.write_array_header_1_0(member, {"descr": "|u1", "fortran_order": False, "shape": shape})
+            for path in shards:
+                with np.load(path) as shard:
+                    member.write(np.ascontiguousarray(shard["arr_0"], dtype=np.uint8).data)
+        with npz.open("labels.npy", "w") as member:
+            np.lib.format.write_array(member, labels)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -439,7 +659,8 @@ def _run(args: argparse.Namespace) -> None:
 
 
 def cli(argv: list[str] | None = None) -> int:
-    return checks.run_cli(build_parser(), argv, _run)
+    return checks.run_cli(build_parser(), argv, _run, interrupted=lambda args: f"interrupted; the finished batches "
+                          f"are kept in {Path(args.out) / SHARDS}: the same command resumes")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -40,7 +40,8 @@ def _sample(ckpt, out, *extra):
 
 
 def test_a_full_disk_during_sampling_keeps_the_previous_complete_set(trained, tmp_path, capsys, monkeypatch):
-    """Bug: samples.npz written in place: a full disk left a 4 KB unreadable npz beside an old stats.json."""
+    """Bug: samples.npz written in place: a full disk left a 4 KB unreadable npz beside an old stats.json. The
+    finished batches (shards) stay for the rerun, which writes the set."""
     out = tmp_path / "s"
     assert _sample(trained, out) == 0
     before = {name: (out / name).read_bytes() for name in ("samples.npz", "samples.png", "stats.json")}
@@ -49,9 +50,12 @@ def test_a_full_disk_during_sampling_keeps_the_previous_complete_set(trained, tm
         fh.write(b"PK\x03\x04 partial")
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(np, "savez", full_disk)
+    monkeypatch.setattr(sample, "_write_npz", full_disk)
     _one_line(capsys, 1, _sample(trained, out, "--seed", "3"), "no space left on the device")
     assert {name: (out / name).read_bytes() for name in before} == before  # the whole earlier set, untouched
+    assert sorted(p.name for p in out.iterdir()) == [".lock", "samples.npz", "samples.png", "shards", "stats.json"]
+    monkeypatch.undo()
+    assert _sample(trained, out, "--seed", "3") == 0
     assert sorted(p.name for p in out.iterdir()) == [".lock", "samples.npz", "samples.png", "stats.json"]
 
 

@@ -51,7 +51,7 @@ from .encode import decode, load_vae
 from .files import atomic_write, json_writer, write_set
 from .images import grid_image, to_uint8
 from .models import FPDM, DiT, ModelConfig, fixed_iterations
-from .train import setup_distributed
+from .train import close_distributed, setup_distributed
 from .weights import read_weights
 
 __all__ = [
@@ -349,10 +349,14 @@ def main(args: argparse.Namespace) -> dict:
     if world > 1:
         rank, world, dev = setup_distributed(args.device)
     try:
-        return run_job(prepare(args, dev, rank), rank, world)
-    finally:
+        result = run_job(prepare(args, dev, rank), rank, world)
+    except BaseException:  # no barrier: the other ranks may not get there
         if world > 1 and dist.is_initialized():
             dist.destroy_process_group()
+        raise
+    if world > 1:
+        close_distributed()
+    return result
 
 
 def prepare(args: argparse.Namespace, dev: torch.device, rank: int = 0) -> ShardJob:

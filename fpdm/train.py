@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import gc
 import json
 import math
 import os
@@ -64,6 +65,19 @@ def setup_distributed(device_arg: str) -> tuple[int, int, torch.device]:
     if world > 1:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return rank, world, device
+
+
+def close_distributed() -> None:
+    """End the process group without gloo's teardown deadlock. A gloo worker thread releases each finished
+    collective itself, and one that holds Python tensors (all_gather_object's) needs the GIL to do it; the
+    group's destructor joins those threads. Destroyed while the main thread holds the GIL (in the dealloc of
+    DDP's reducer, its last holder once the group is unregistered) the two wait for each other forever: a
+    rank hung after training, now and then. So the caller drops its DDP wrapper first; then a barrier (every
+    rank's collectives done, released while the main thread waits without the GIL), the reducer collected
+    while the group is still registered, and the group destroyed."""
+    dist.barrier()
+    gc.collect()  # DDP's reducer, through any reference cycle, while the group is registered
+    dist.destroy_process_group()
 
 
 def read_metrics(path: Path) -> list[dict]:
@@ -393,7 +407,8 @@ def train(args: argparse.Namespace, rank: int, world: int, device: torch.device,
             log(f"samples: {grid} (EMA weights, DDIM {args.sample_steps} steps, guidance {args.guidance})")
         log(f"loss curve: {out / 'loss.png'}; metrics: {metrics_path}; checkpoint: {ckpt_path}")
     if world > 1:
-        dist.destroy_process_group()
+        net = None  # the DDP wrapper and its reducer: released before the group (close_distributed)
+        close_distributed()
 
 
 def build_parser() -> argparse.ArgumentParser:

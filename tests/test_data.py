@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from fpdm.data import DataError, load_dataset
+from fpdm.testing import save_tiny_vae
 
 
 def test_digits_train_and_test_split():
@@ -99,16 +100,7 @@ def test_unreadable_images_and_latent_shards_are_one_line_errors(tmp_path):
 
 
 def _tiny_vae(path):
-    from diffusers import AutoencoderKL
-
-    torch.manual_seed(0)
-    vae = AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8), layers_per_block=1,
-        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=4,
-        sample_size=16,
-    )  # fmt: skip
-    vae.save_pretrained(path)
-    return vae
+    return save_tiny_vae(path)
 
 
 def _image_folder(root, sizes=((16, 16),) * 3, classes=("a", "b")):

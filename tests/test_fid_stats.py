@@ -20,25 +20,15 @@ from fpdm.evaluate import (
     read_inception_stats,
     read_samples,
 )  # fmt: skip
-from fpdm.inception import FIDInceptionV3, load_fid_inception
+from fpdm.inception import load_fid_inception
+from fpdm.testing import save_random_fid_inception
 
 
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory):
-    """pytorch-fid's file layout with random weights and a nonzero fc bias. The batch-norm statistics are those
-    of a batch of random images (one forward in training mode), so that features vary with the image at O(1)
-    rather than collapsing to a constant as with arbitrary statistics."""
-    torch.manual_seed(0)
-    net = FIDInceptionV3()
-    for module in net.modules():
-        if isinstance(module, torch.nn.BatchNorm2d):
-            module.momentum = None  # the running statistics become this batch's
-    with torch.no_grad():
-        net.train()(torch.rand(4, 3, 8, 8) * 2 - 1)
-    torch.nn.init.normal_(net.fc.bias, std=1.0)
-    path = tmp_path_factory.mktemp("inception") / "pt_inception.pth"
-    torch.save(net.state_dict(), path)
-    return path
+    """pytorch-fid's file layout with random weights (``fpdm.testing.save_random_fid_inception``: features vary
+    with the image at O(1), a nonzero fc bias)."""
+    return save_random_fid_inception(tmp_path_factory.mktemp("inception") / "pt_inception.pth")
 
 
 @pytest.fixture(scope="module")

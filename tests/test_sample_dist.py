@@ -1,9 +1,6 @@
 """Sampling at scale: torchrun processes sample the 1-process run's images, shards resume, settings are checked."""
 
-import contextlib
 import json
-import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from processes import launch
 
 from fpdm import checks, sample
 
@@ -31,22 +29,8 @@ def _read(out: Path) -> tuple[np.ndarray, np.ndarray, dict]:
 
 
 def _launch(cmd: list[str], tmp_path: Path, name: str, marker: str) -> subprocess.CompletedProcess:
-    """Run ``cmd`` with its output in files (a hung rank holding a pipe cannot block the test); on a timeout kill
-    its process group and every process whose command line holds ``marker`` (torchrun's workers)."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # the same threads in every process: bit-for-bit sums on a CPU
-    with open(tmp_path / f"{name}.out", "w") as so, open(tmp_path / f"{name}.err", "w") as se:
-        proc = subprocess.Popen(cmd, stdout=so, stderr=se, text=True, start_new_session=True, env=env)
-        try:
-            proc.wait(timeout=300)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
-                with contextlib.suppress(OSError, ValueError):
-                    if marker in cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace"):
-                        os.kill(int(cmdline.parent.name), signal.SIGKILL)
-            proc.wait()
-    return subprocess.CompletedProcess(cmd, proc.returncode, (tmp_path / f"{name}.out").read_text(),
-                                       (tmp_path / f"{name}.err").read_text())  # fmt: skip
+    """``cmd`` with its output in files, killed with its ranks on a timeout (``processes.launch``)."""
+    return launch(cmd, tmp_path, name, marker)
 
 
 def test_two_ranks_with_gloo_sample_the_one_process_images_bit_for_bit(tmp_path, ckpt):

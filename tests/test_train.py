@@ -1,6 +1,5 @@
 """python -m fpdm.train end to end: outputs, resume (exact), checkpoints, many processes, bad input."""
 
-import contextlib
 import json
 import os
 import signal
@@ -11,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from processes import launch
 
 FAST = ["--model", "DiT-T/2", "--batch-size", "16", "--sample-steps", "2", "--quiet", "--log-every", "1"]
 
@@ -107,34 +107,12 @@ def test_two_processes_with_gloo(tmp_path):
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "fpdm.train", "--steps", "3", "--out", str(out), *FAST, "--sample-steps", "0"]  # fmt: skip
-    with open(tmp_path / "stdout", "w") as so, open(tmp_path / "stderr", "w") as se:
-        proc = subprocess.Popen(cmd, stdout=so, stderr=se, text=True, start_new_session=True,
-                                env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
-        try:
-            proc.wait(timeout=300)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            for pid in _processes_mentioning(str(out)):  # the workers
-                with contextlib.suppress(ProcessLookupError):  # (one may have exited since)
-                    os.kill(pid, signal.SIGKILL)
-            proc.wait()
-    stdout, stderr = (tmp_path / "stdout").read_text(), (tmp_path / "stderr").read_text()
-    assert proc.returncode == 0, f"exit {proc.returncode} (-9: killed after 300 s): {stderr[-3000:]}"
+    result = launch(cmd, tmp_path, "run", str(out))
+    stdout, stderr = result.stdout, result.stderr
+    assert result.returncode == 0, f"exit {result.returncode} (-9: killed after 300 s): {stderr[-3000:]}"
     assert "2 process(es)" in stdout and "8 images each" in stdout
     ckpt = torch.load(out / "checkpoints" / "latest.pt", weights_only=False)
     assert ckpt["step"] == 3 and len(ckpt["rng"]) == 2 and ckpt["run"]["world_size"] == 2
-
-
-def _processes_mentioning(text: str) -> list[int]:
-    """PIDs (Linux /proc) whose command line contains ``text``: a killed torchrun's workers."""
-    pids = []
-    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
-        try:
-            if text in cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace"):
-                pids.append(int(cmdline.parent.name))
-        except OSError:
-            continue
-    return [pid for pid in pids if pid != os.getpid()]
 
 
 def test_corrupt_checkpoint_is_an_error_and_is_not_overwritten(capsys, tmp_path):

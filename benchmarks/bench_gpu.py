@@ -45,7 +45,8 @@ import torch
 import fixedpoint
 from fixedpoint import _graphs
 from fixedpoint._solvers import Anderson
-from fixedpoint.kernels.groups import AndersonState, BroydenState, BroydenStep
+from fixedpoint.kernels.groups import BroydenStep
+from fixedpoint.testing import anderson_state, broyden_state
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU benchmarks need CUDA")
 
@@ -90,9 +91,6 @@ def _kernel_cases(dim: int, dtype: torch.dtype):
     def rand(*shape):
         return torch.randn(*shape, device=DEVICE, dtype=torch.float32).to(dtype)
 
-    def zeros(*shape, dtype=torch.float32):  # the states' fields the kernels timed here do not read
-        return torch.zeros(*shape, dtype=dtype, device=DEVICE)
-
     x, fx, g, dx, hg, frozen = (rand(BATCH, dim) for _ in range(6))
     F, G = rand(BATCH, M, dim), rand(BATCH, M, dim)
     U, V = rand(BATCH, N_BROYDEN, dim), rand(BATCH, N_BROYDEN, dim)
@@ -102,15 +100,9 @@ def _kernel_cases(dim: int, dtype: torch.dtype):
     active = torch.rand(BATCH, device=DEVICE) < 0.9
     n = N_BROYDEN
     # count 2: the history writes go to slot 2; Broyden's applies run over n slots with the state's hg
-    anderson = AndersonState(
-        F=F, G=G, gram=zeros(BATCH, M, M), valid=zeros(BATCH, M, dtype=torch.bool),
-        newest=zeros(BATCH, M, dtype=torch.bool), kept_gnorm=zeros(BATCH), restarts=zeros(BATCH, dtype=torch.int64),
-        row=zeros(BATCH, M), count=2, alpha=alpha,
-    )  # fmt: skip
-    gnorm = zeros(BATCH)
-    broyden = BroydenState(
-        U=U, V=V, alive=alive, restarts=zeros(BATCH, dtype=torch.int64), x=x, g=g, gnorm=gnorm, hg=hg, next_x=x, count=n
-    )
+    anderson = anderson_state(F, G, slot=2, alpha=alpha)
+    gnorm = torch.zeros(BATCH, device=DEVICE)  # the states' field the kernels timed here do not read
+    broyden = broyden_state(U, V, n, alive, x=x, g=g, gnorm=gnorm, hg=hg, next_x=x)
     new = BroydenStep(x=x, g=g, gnorm=gnorm, dx=dx)  # dots and combine read its g and dx
     cases = [
         ("residual", 3, lambda k: k.residual(x, fx, g)),

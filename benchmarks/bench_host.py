@@ -21,7 +21,8 @@ pytest.importorskip("triton")
 
 from fixedpoint.kernels import reference  # noqa: E402
 from fixedpoint.kernels import triton_kernels as tk  # noqa: E402
-from fixedpoint.kernels.groups import AndersonState, BroydenState, BroydenStep, LoopBuffers, Pair  # noqa: E402
+from fixedpoint.kernels.groups import BroydenStep, Pair  # noqa: E402
+from fixedpoint.testing import anderson_state, broyden_state, loop_buffers  # noqa: E402
 
 TABLE = "host time per call around the launch (kernels not run; CPU tensors, batch 32 x 1152, bf16)"
 BATCH, FEATURES, M, N = 32, 1152, 5, 10
@@ -42,9 +43,6 @@ def _cases(module) -> dict:
     def new(*shape, dtype=torch.bfloat16):
         return torch.randn(*shape).to(dtype)
 
-    def zeros(*shape, dtype=torch.float32):  # the groups' fields the launchers timed here do not read
-        return torch.zeros(*shape, dtype=dtype)
-
     x, fx, g, dx, hg = (new(BATCH, FEATURES) for _ in range(5))
     F, G, U, V = new(BATCH, M, FEATURES), new(BATCH, M, FEATURES), new(BATCH, N, FEATURES), new(BATCH, N, FEATURES)
     active = torch.ones(BATCH, dtype=torch.bool)
@@ -52,22 +50,12 @@ def _cases(module) -> dict:
     alive = torch.ones(BATCH, N, dtype=torch.bool)
     take = torch.zeros(BATCH, dtype=torch.int8)
     # the groups, built here (not timed): count 2 writes slot 2; Broyden's applies over N slots with hg
-    anderson = AndersonState(
-        F=F, G=G, gram=zeros(BATCH, M, M), valid=zeros(BATCH, M, dtype=torch.bool),
-        newest=zeros(BATCH, M, dtype=torch.bool), kept_gnorm=zeros(BATCH), restarts=zeros(BATCH, dtype=torch.int64),
-        row=zeros(BATCH, M), count=2, alpha=alpha,
-    )  # fmt: skip
-    gnorm = zeros(BATCH)
-    broyden = BroydenState(
-        U=U, V=V, alive=alive, restarts=zeros(BATCH, dtype=torch.int64), x=x, g=g, gnorm=gnorm, hg=hg, next_x=x, count=N
-    )
+    anderson = anderson_state(F, G, slot=2, alpha=alpha)
+    gnorm = torch.zeros(BATCH)  # the groups' field the launchers timed here do not read
+    broyden = broyden_state(U, V, N, alive, x=x, g=g, gnorm=gnorm, hg=hg, next_x=x)
     step = BroydenStep(x=x, g=g, gnorm=gnorm, dx=dx)  # dots and combine read its g and dx
     # best_update reads and writes best_x, best_fx only
-    loop = LoopBuffers(
-        gnorm0=zeros(BATCH), status=zeros(BATCH, dtype=torch.int64), best_res=zeros(BATCH),
-        pending=zeros(BATCH, dtype=torch.bool), nsteps=zeros(BATCH, dtype=torch.int64), trace=zeros(2, BATCH),
-        done=zeros((), dtype=torch.int64), best_x=x, best_fx=fx,
-    )  # fmt: skip
+    loop = loop_buffers(best_x=x, best_fx=fx)
     pair, prev = Pair(x, fx), Pair(g, dx)
     return {
         "residual": lambda: module.residual(x, fx, None),

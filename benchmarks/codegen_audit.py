@@ -31,13 +31,11 @@ from triton.runtime.jit import JITFunction  # noqa: E402
 
 from fixedpoint.kernels import triton_kernels as tk  # noqa: E402
 from fixedpoint.kernels.groups import (  # noqa: E402
-    AndersonState,
     BroydenApplies,
-    BroydenState,
     BroydenStep,
-    LoopBuffers,
     Pair,
 )
+from fixedpoint.testing import anderson_state, broyden_state, loop_buffers  # noqa: E402
 
 BATCH, TOKENS, WIDTH, M, N = 32, 256, 1152, 5, 10
 REGISTERS_PER_SM, MAX_WARPS_PER_SM, SHARED_PER_SM = 65536, 64, 227 * 1024  # sm_90
@@ -155,17 +153,10 @@ def kernel_cases(dtype: torch.dtype, dim: int = TOKENS * WIDTH) -> dict[str, cal
     active = torch.ones(BATCH, dtype=torch.bool)
     alive, restarts = torch.ones(BATCH, N, dtype=torch.int8), torch.zeros(BATCH, dtype=torch.int64)
     # the groups (fields these launchers do not read: small zeros); count 2: the history write goes to slot 2
-    anderson = AndersonState(
-        F=F, G=G, gram=torch.zeros(BATCH, M, M), valid=torch.zeros(BATCH, M, dtype=torch.bool),
-        newest=torch.zeros(BATCH, M, dtype=torch.bool), kept_gnorm=vec, restarts=restarts, row=torch.zeros(BATCH, M),
-        count=2, alpha=torch.zeros(BATCH, M),
-    )  # fmt: skip
-    loop = LoopBuffers(
-        gnorm0=vec, status=restarts, best_res=vec, pending=active, nsteps=restarts, trace=torch.zeros(2, BATCH),
-        done=torch.zeros((), dtype=torch.int64), best_x=x, best_fx=fx,
-    )  # fmt: skip
+    anderson = anderson_state(F, G, slot=2, alpha=torch.zeros(BATCH, M))
+    loop = loop_buffers(best_x=x, best_fx=fx)
     # dots, combine: N slots, the state's hg = hg; finish: slot 0, the state's x, g, hg = fx, dx, dx, the step's dx = hg
-    broyden = BroydenState(U=U, V=V, alive=alive, restarts=restarts, x=fx, g=dx, gnorm=vec, hg=hg, next_x=x, count=N)
+    broyden = broyden_state(U, V, N, alive, restarts=restarts, x=fx, g=dx, gnorm=vec, hg=hg, next_x=x)
     step = BroydenStep(x=x, g=g, gnorm=vec, dx=dx)
     finish = (
         replace(broyden, hg=dx, count=0),

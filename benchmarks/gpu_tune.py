@@ -24,7 +24,8 @@ from pathlib import Path
 import torch
 
 from fixedpoint.kernels import triton_kernels as tk
-from fixedpoint.kernels.groups import AndersonState, BroydenState, BroydenStep
+from fixedpoint.kernels.groups import BroydenStep
+from fixedpoint.testing import anderson_state, broyden_state
 
 SIZES = {"fpdm-xl/2": 256 * 1152, "1e8": 3 * 2**20}  # D at batch 32 (both multiples of 16: one compile per config)
 BATCH, M, N = 32, 5, 10
@@ -53,11 +54,7 @@ def _case(kernel: str, dim: int, dtype: torch.dtype) -> tuple[str, int, Callable
     if kernel in ("anderson_write", "anderson_residual_write"):
         F, G = rand(BATCH, M, dim), rand(BATCH, M, dim)
         # count 2: the write goes to slot 2
-        state = AndersonState(
-            F=F, G=G, gram=zeros(BATCH, M, M), valid=zeros(BATCH, M, dtype=torch.bool),
-            newest=zeros(BATCH, M, dtype=torch.bool), kept_gnorm=zeros(BATCH),
-            restarts=zeros(BATCH, dtype=torch.int64), row=zeros(BATCH, M), count=2,
-        )  # fmt: skip
+        state = anderson_state(F, G, slot=2)
         if kernel == "anderson_write":
             return f"anderson_write m={M}", M + 3, lambda: tk.anderson_write(state, fx, g)
         return f"anderson_residual_write m={M}", M + 3, lambda: tk.anderson_residual_write(state, x, fx)
@@ -65,7 +62,7 @@ def _case(kernel: str, dim: int, dtype: torch.dtype) -> tuple[str, int, Callable
     alive = torch.ones(BATCH, N, dtype=torch.bool, device=x.device)  # every term live
     gnorm, restarts = zeros(BATCH), zeros(BATCH, dtype=torch.int64)
     # the applies run over its N slots, with its hg
-    state = BroydenState(U=U, V=V, alive=alive, restarts=restarts, x=x, g=g, gnorm=gnorm, hg=hg, next_x=x, count=N)
+    state = broyden_state(U, V, N, alive, restarts=restarts, x=x, g=g, gnorm=gnorm, hg=hg, next_x=x)
     new = BroydenStep(x=x, g=g, gnorm=gnorm, dx=dx)  # dots and combine read its g and dx
     if kernel == "broyden_dots":
         return f"broyden_dots n={N}", 2 * N + 2, lambda: tk.broyden_dots(state, new)

@@ -1,10 +1,12 @@
-"""Problems with known fixed points, shared by the demo, the benchmarks and the tests, and two stand-ins
-for CUDA graphs that run graph="solver"'s logic on any device."""
+"""Problems with known fixed points, shared by the demo, the benchmarks and the tests; two stand-ins
+for CUDA graphs that run graph="solver"'s logic on any device; and the kernels' groups built from the
+tensors a kernel check cares about (the rest zeros)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from contextlib import nullcontext
+from functools import partial
 from typing import Any
 
 import torch
@@ -12,7 +14,12 @@ from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-__all__ = ["symmetric_matrix", "linear_deq", "EagerGraphs", "ReplayedGraphs"]
+from .kernels.groups import AndersonState, BroydenState, LoopBuffers
+
+__all__ = [
+    "symmetric_matrix", "linear_deq", "EagerGraphs", "ReplayedGraphs", "anderson_state", "broyden_state",
+    "loop_buffers",
+]  # fmt: skip
 
 
 def symmetric_matrix(dim: int, low: float, high: float, *, seed: int = 0, dtype=torch.float64) -> Tensor:
@@ -136,3 +143,37 @@ class ReplayedGraphs(EagerGraphs):
                         captured.copy_(new)
 
         return rerun
+
+
+# ----------------------------------------------------------------------------- kernel groups for checks
+
+
+def anderson_state(
+    F: Tensor, G: Tensor, slot: int = 0, alpha: Tensor | None = None, **buffers: Tensor
+) -> AndersonState:
+    """An AndersonState over the history F, G (B, m, D) with ``slot`` next and mixing weights ``alpha``; the
+    absorb's buffers (gram, valid, newest, kept_gnorm, restarts, row) from ``buffers``, else zeros (kernels
+    that read only F, G never see them)."""
+    batch, m, _ = F.shape
+    zeros = partial(torch.zeros, batch, device=F.device)
+    unused = {"gram": zeros(m, m), "valid": zeros(m, dtype=torch.bool), "newest": zeros(m, dtype=torch.bool),
+              "kept_gnorm": zeros(), "restarts": zeros(dtype=torch.long), "row": zeros(m)}  # fmt: skip
+    return AndersonState(F=F, G=G, count=slot, alpha=alpha, **{**unused, **buffers})
+
+
+def broyden_state(U: Tensor, V: Tensor, n: int, alive: Tensor | None = None, **kept: Tensor) -> BroydenState:
+    """A BroydenState over U, V (B, m, D) with n slots in use; alive (every term by default), restarts and the
+    kept iterate (x, g, gnorm, hg, next_x) from the arguments, else zeros."""
+    batch, m, dim = U.shape
+    if alive is None:
+        alive = torch.ones(batch, m, dtype=torch.bool, device=U.device)
+    missing = {"x", "g", "hg", "next_x"} - kept.keys()  # (B, D) zeros only where none is given: sizes may be large
+    vector = torch.zeros(batch, dim, dtype=U.dtype, device=U.device) if missing else None
+    defaults = {**dict.fromkeys(missing, vector), "gnorm": torch.zeros(batch, device=U.device),
+                "restarts": torch.zeros(batch, dtype=torch.long, device=U.device)}  # fmt: skip
+    return BroydenState(U=U, V=V, alive=alive, count=n, **{**defaults, **kept})
+
+
+def loop_buffers(**buffers: Tensor) -> LoopBuffers:
+    """The loop's buffers with those a kernel check reads (``best_update``: best_x, best_fx); the others None."""
+    return LoopBuffers(**{**dict.fromkeys(LoopBuffers.__dataclass_fields__), **buffers})

@@ -11,14 +11,15 @@ import fixedpoint
 from fixedpoint import Status
 from fixedpoint.kernels import host, reference, resolve
 from fixedpoint.kernels.groups import (
-    AndersonState,
     BroydenApplies,
-    BroydenState,
     BroydenStep,
     LoopBuffers,
     Pair,
     StopRule,
 )
+from fixedpoint.testing import anderson_state as _anderson  # the state over (F, G), other buffers zero
+from fixedpoint.testing import broyden_state as _broyden
+from fixedpoint.testing import loop_buffers
 
 triton_kernels = pytest.importorskip("fixedpoint.kernels.triton_kernels", reason="triton is not installed")
 on_cpu_interpreter = not torch.cuda.is_available()
@@ -34,28 +35,6 @@ def _close(a, b, dtype, scale=1.0):
     torch.testing.assert_close(a.float(), b.float(), rtol=ULPS[dtype], atol=ULPS[dtype] * scale)
 
 
-def _anderson(F, G, slot: int = 0, alpha=None, **buffers) -> AndersonState:
-    """An AndersonState over the history F, G (B, m, D) with ``slot`` next; the absorb's buffers (gram, valid,
-    newest, kept_gnorm, restarts, row) from ``buffers``, else zeros: kernels that read only F, G never see them."""
-    batch, m, _ = F.shape
-    zeros = partial(torch.zeros, batch, device=F.device)
-    unused = {"gram": zeros(m, m), "valid": zeros(m, dtype=torch.bool), "newest": zeros(m, dtype=torch.bool),
-              "kept_gnorm": zeros(), "restarts": zeros(dtype=torch.long), "row": zeros(m)}  # fmt: skip
-    return AndersonState(F=F, G=G, count=slot, alpha=alpha, **{**unused, **buffers})
-
-
-def _broyden(U, V, n: int, alive=None, **kept) -> BroydenState:
-    """A BroydenState over U, V (B, m, D) with n slots in use; alive (all by default), restarts and the kept
-    iterate (x, g, gnorm, hg) from the arguments, else zeros."""
-    batch, m, dim = U.shape
-    if alive is None:
-        alive = torch.ones(batch, m, dtype=torch.bool, device=U.device)
-    vector = torch.zeros(batch, dim, dtype=U.dtype, device=U.device)
-    defaults = {"x": vector, "g": vector, "hg": vector, "next_x": vector, "gnorm": torch.zeros(batch, device=U.device),
-                "restarts": torch.zeros(batch, dtype=torch.long, device=U.device)}  # fmt: skip
-    return BroydenState(U=U, V=V, alive=alive, count=n, **{**defaults, **kept})
-
-
 def _step(g, dx, x=None, gnorm=None) -> BroydenStep:
     """The evaluated step as Broyden's dots and combine read it (g, dx; x and gnorm only for finish)."""
     return BroydenStep(x, g, gnorm, dx)
@@ -63,7 +42,7 @@ def _step(g, dx, x=None, gnorm=None) -> BroydenStep:
 
 def _best(best_x, best_fx) -> LoopBuffers:
     """The loop's buffers as best_update reads them: only best_x, best_fx."""
-    return LoopBuffers(**{**dict.fromkeys(LoopBuffers.__dataclass_fields__), "best_x": best_x, "best_fx": best_fx})
+    return loop_buffers(best_x=best_x, best_fx=best_fx)
 
 
 def _padded(t, pad: int):

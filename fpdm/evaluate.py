@@ -35,23 +35,49 @@ import json
 import os
 import sys
 import time
-import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import checks
-from .checkpoint import first_line, load_checkpoint, save_checkpoint
+from .checkpoint import load_checkpoint, save_checkpoint
 from .checks import InputError
 from .data import ImageData, load_dataset
+from .fid import (  # noqa: F401 (fpdm.evaluate's names before fpdm.fid)
+    IMAGE_KEYS,
+    LABEL_KEYS,
+    InceptionFeatures,
+    InceptionReference,
+    from_uint8,
+    inception_features,
+    inception_outputs,
+    inception_scores,
+    load_inception,
+    quantize,
+    read_images,
+    read_inception_reference,
+    read_inception_stats,
+    read_samples,
+    save_inception_stats,
+)  # fmt: skip
 from .files import atomic_write, write_json, write_text
-from .images import to_uint8
+from .images import to_uint8  # noqa: F401 (evaluate.to_uint8, an old name)
+from .inception import INPUTS
+from .metrics import (  # noqa: F401 (fpdm.evaluate's names before fpdm.metrics)
+    FeatureStats,
+    feature_stats,
+    frechet_distance,
+    frechet_from_moments,
+    inception_score,
+    precision_recall,
+    trace_sqrt_product,
+)  # fmt: skip
 from .models import FPDM, DiT
 from .sample import SampleError, generate, plan_compute  # noqa: F401 (evaluate.SampleError, an old name)
 from .weights import read_weights
@@ -92,8 +118,9 @@ class FeatureNet(nn.Module):
 
 
 @torch.no_grad()
-def _batched(fn, images: Tensor, batch_size: int = 500) -> Tensor:
-    return torch.cat([fn(images[i : i + batch_size]) for i in range(0, len(images), batch_size)])
+def _batched(fn, images: Tensor, batch_size: int = 500, device: torch.device | None = None) -> Tensor:
+    """fn over images (N, ...) in batches on ``device`` (default: where they are); the result on the CPU."""
+    return torch.cat([fn(images[i : i + batch_size].to(device)).cpu() for i in range(0, len(images), batch_size)])
 
 
 def train_feature_net(train: ImageData, test: ImageData, *, epochs: int, seed: int = 0, progress: bool = True):
@@ -159,272 +186,68 @@ def feature_net_for(
 # ----------------------------------------------------------------------------- scores
 
 
-IMAGE_KEYS = ("arr_0", "images")  # ADM's layout, which python -m fpdm.sample writes since 0.2; ours before it
-LABEL_KEYS = ("labels", "arr_1")  # ours; ADM's sample scripts save class labels as arr_1
-
-
-def _npz_arrays(path: str | Path, what: str, roles) -> dict[str, np.ndarray]:
-    """For each role, the array under the first of its keys that the npz archive ``path`` holds. ``roles``:
-    {role: keys}, or a function of the archive's keys giving it. A missing file, something else than an npz
-    archive, or a role without any of its keys is an InputError naming ``what``, the keys missing and those
-    found."""
-    try:
-        data = np.load(path)
-        if not isinstance(data, np.lib.npyio.NpzFile):
-            raise ValueError(f"a single {type(data).__name__}, not an npz archive")
-        with data:
-            wanted = roles(data.files) if callable(roles) else roles
-            missing = [" or ".join(keys) for keys in wanted.values() if not set(keys) & set(data.files)]
-            if missing:
-                raise InputError(f"{what}: no {'; no '.join(missing)} in it (it holds "
-                                 f"{', '.join(data.files) or 'nothing'})")  # fmt: skip
-            return {role: data[next(k for k in keys if k in data.files)] for role, keys in wanted.items()}
-    except InputError:
-        raise
-    except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile) as err:
-        raise InputError(f"cannot read {what}: {first_line(err)}") from None
-
-
-def _check_pixels(pixels: np.ndarray, what: str) -> np.ndarray:
-    if pixels.dtype != np.uint8 or pixels.ndim != 4 or pixels.shape[-1] not in (1, 3):
-        raise InputError(f"{what}: its images are {pixels.dtype} of shape {pixels.shape}")
-    if len(pixels) < 2:
-        raise InputError(f"{what}: {len(pixels)} image(s); scoring needs at least 2 (a covariance)")
-    return pixels
-
-
-def read_images(path: str | Path) -> np.ndarray:
-    """The uint8 images (N, H, W, C) of an npz under ``arr_0`` (ADM's layout) or ``images`` (ours before 0.2);
-    labels are not needed. Anything else is an InputError naming the file and what was found."""
-    what = f"images {path} (uint8 (N, H, W, C) under arr_0 or images)"
-    return _check_pixels(_npz_arrays(path, what, {"images": IMAGE_KEYS})["images"], what)
-
-
-def read_samples(path: str | Path) -> tuple[Tensor, Tensor]:
-    """Images (N, C, H, W) in [-1, 1] and labels (N,) from a samples npz: uint8 images (N, H, W, C) under
-    ``arr_0`` (ADM's layout, python -m fpdm.sample's) or ``images`` (ours before 0.2), integer labels under
-    ``labels`` (or ADM's ``arr_1``). Anything else is an InputError naming the file and what was found."""
-    what = f"samples {path} (uint8 images (N, H, W, C) and integer labels, as python -m fpdm.sample writes)"
-    arrays = _npz_arrays(path, what, {"images": IMAGE_KEYS, "labels": LABEL_KEYS})
-    pixels, labels = _check_pixels(arrays["images"], what), arrays["labels"]
-    if labels.dtype.kind not in "iu" or labels.shape != pixels.shape[:1]:
-        raise InputError(f"{what}: its labels are {labels.dtype} of shape {labels.shape} for {len(pixels)} images")
-    return from_uint8(pixels), torch.from_numpy(labels.astype(np.int64))
-
-
-def from_uint8(pixels: np.ndarray | Tensor) -> Tensor:
-    """uint8 images (N, H, W, C) -> (N, C, H, W) float32 in [-1, 1] (0 -> -1, 255 -> 1)."""
-    return torch.as_tensor(pixels).permute(0, 3, 1, 2).float() / 127.5 - 1
-
-
-def quantize(images: Tensor) -> Tensor:
-    """Images (N, C, H, W) in [-1, 1] on the 256 levels of uint8, as a saved PNG or samples file holds them."""
-    return from_uint8(to_uint8(images))
-
-
-class FeatureStats(NamedTuple):
-    """The moments of a set of features: ``mu`` (d,) and ``sigma`` (d, d), float64 (pytorch-fid's npz keys)."""
-
-    mu: np.ndarray
-    sigma: np.ndarray
-
-
-def feature_stats(features: np.ndarray | Tensor) -> FeatureStats:
-    """Mean and covariance (N - 1 normalised, as ADM's evaluator and pytorch-fid: np.cov) of features (N, d)."""
-    feats = np.asarray(features, dtype=np.float64)
-    feats = feats.reshape(len(feats), -1)
-    return FeatureStats(feats.mean(0), np.atleast_2d(np.cov(feats, rowvar=False)))
-
-
-def _check_finite(feats: np.ndarray, name: str) -> None:
-    if not np.isfinite(feats).all():
-        raise InputError(f"the {name} set's features hold NaN or Inf (non-finite images?): no Frechet distance")
-
-
-def frechet_distance(a: np.ndarray | Tensor, b: np.ndarray | Tensor) -> float:
-    """||mu_a - mu_b||^2 + Tr(S_a + S_b - 2 (S_a S_b)^(1/2)) between two sets of features (N, d), in float64.
-    With fewer samples than dimensions Tr((S_a S_b)^(1/2)) comes from the samples (exact, cheap); otherwise
-    this is ``frechet_from_moments`` of their moments."""
-    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-    _check_finite(a, "first")
-    _check_finite(b, "second")
-    a, b = a.reshape(len(a), -1), b.reshape(len(b), -1)
-    (mu_a, cov_a), (mu_b, cov_b) = feature_stats(a), feature_stats(b)
-    if min(len(a), len(b)) < a.shape[1]:
-        cross = trace_sqrt_product(a - mu_a, b - mu_b, cov_a, cov_b, from_samples=True)
-        return _frechet(mu_a, cov_a, mu_b, cov_b, cross)
-    return frechet_from_moments(mu_a, cov_a, mu_b, cov_b)
-
-
-def frechet_from_moments(mu_a: np.ndarray, cov_a: np.ndarray, mu_b: np.ndarray, cov_b: np.ndarray) -> float:
-    """The Frechet distance between Gaussians N(mu_a, cov_a) and N(mu_b, cov_b), in float64: FID from
-    statistics (an ADM reference batch's or pytorch-fid's ``mu``, ``sigma``). Moments of different dimensions
-    or holding NaN/Inf are an InputError."""
-    mu_a, mu_b = (np.atleast_1d(np.asarray(m, dtype=np.float64)) for m in (mu_a, mu_b))
-    cov_a, cov_b = (np.atleast_2d(np.asarray(c, dtype=np.float64)) for c in (cov_a, cov_b))
-    d = mu_a.shape[0]
-    if mu_a.shape != (d,) or mu_b.shape != (d,) or cov_a.shape != (d, d) or cov_b.shape != (d, d):
-        raise InputError(f"statistics of different dimensions: mu {mu_a.shape} and {mu_b.shape}, sigma "
-                         f"{cov_a.shape} and {cov_b.shape}")  # fmt: skip
-    for name, (mu, cov) in (("first", (mu_a, cov_a)), ("second", (mu_b, cov_b))):
-        if not (np.isfinite(mu).all() and np.isfinite(cov).all()):
-            raise InputError(f"the {name} set's statistics hold NaN or Inf: no Frechet distance")
-    return _frechet(mu_a, cov_a, mu_b, cov_b, trace_sqrt_product(None, None, cov_a, cov_b, from_samples=False))
-
-
-def _frechet(mu_a, cov_a, mu_b, cov_b, cross: float) -> float:
-    return float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a) + np.trace(cov_b) - 2 * cross)
-
-
-def trace_sqrt_product(
-    a: np.ndarray | None, b: np.ndarray | None, cov_a: np.ndarray, cov_b: np.ndarray, *, from_samples: bool
-) -> float:
-    """Tr((S_a S_b)^(1/2)) for covariances S_a, S_b (d, d) of the centred samples a (N_a, d), b (N_b, d)
-    (needed only ``from_samples``).
-
-    It is the sum of the square roots of S_a S_b's eigenvalues, which are those of the symmetric PSD
-    S_a^(1/2) S_b S_a^(1/2): real and >= 0 (rounding's negatives are clipped), by two symmetric
-    eigendecompositions (~1 s at d = 2048, where scipy.linalg.sqrtm of the product takes ~20 s and needs
-    pytorch-fid's regularisation when it is singular). ``from_samples`` (fewer samples than dimensions):
-    S_a S_b's nonzero eigenvalues are the squared singular values of a b^T / sqrt((N_a - 1)(N_b - 1)), an
-    (N_a, N_b) matrix, so a few images cost microseconds. Both are exact; tests compare them with each
-    other and with closed forms."""
-    if from_samples:
-        scale = np.sqrt((len(a) - 1) * (len(b) - 1))
-        return float(np.linalg.svd(a @ b.T, compute_uv=False).sum() / scale)
-    w, v = np.linalg.eigh(cov_a)
-    root = (v * np.sqrt(np.clip(w, 0, None))) @ v.T  # S_a^(1/2)
-    return float(np.sqrt(np.clip(np.linalg.eigvalsh(root @ cov_b @ root), 0, None)).sum())
-
-
-# ----------------------------------------------------------------------------- Inception FID, IS, statistics
-
-
-def load_inception(path: str | Path) -> nn.Module:
-    """The FID Inception with pytorch-fid's weights file at ``path``; an InputError when it does not load."""
-    from .inception import load_fid_inception
-
-    try:
-        return load_fid_inception(path)
-    except ValueError as err:
-        raise InputError(str(err)) from None
-
-
-@torch.no_grad()
-def inception_features(net: nn.Module, images: Tensor | np.ndarray, batch_size: int = 50) -> np.ndarray:
-    """Pool features (N, 2048), float64, of images (N, C, H, W) in [-1, 1] or uint8 (N, H, W, C). Float
-    images are quantised to uint8 first (``quantize``): what a PNG or samples file holds, and what ADM's
-    evaluator and pytorch-fid read. uint8 batches are converted one batch at a time (50,000 images at
-    256 x 256 are 10 GB as uint8, 39 GB as float)."""
-    if isinstance(images, np.ndarray) and images.dtype != np.uint8:
-        raise InputError(f"images for Inception are uint8 (N, H, W, C) or float tensors, not {images.dtype}")
-    prepare = from_uint8 if isinstance(images, np.ndarray) else quantize
-    out = [net(prepare(images[i : i + batch_size])) for i in range(0, len(images), batch_size)]
-    return torch.cat(out).double().numpy()
-
-
-def inception_score(logits: np.ndarray | Tensor, split_size: int = 5000) -> float:
-    """exp(E_x KL(p(y|x) || p(y))) from Inception logits (N, 1008), as ADM's evaluator computes it: softmax
-    of the unbiased logits, consecutive splits of ``split_size`` images, the mean of their scores (in float64).
-    torch-fidelity shuffles first and uses 10 splits: the same for N <= split_size up to the split."""
-    logits = torch.as_tensor(logits, dtype=torch.float64).detach()
-    scores = []
-    for part in logits.split(split_size):
-        log_p = part.log_softmax(1)
-        log_marginal = torch.logsumexp(log_p, 0) - np.log(len(part))  # log of the mean of p(y|x) over x
-        scores.append((log_p.exp() * (log_p - log_marginal)).sum(1).mean().exp())
-    return float(torch.stack(scores).mean())
-
-
-def inception_scores(net: nn.Module, features: np.ndarray, reference: FeatureStats | None) -> dict:
-    """``inception_fid`` of pool features (N, 2048) against the reference statistics (when given) and their
-    ``inception_score``."""
-    out = {}
-    if reference is not None:
-        out["inception_fid"] = frechet_from_moments(*feature_stats(features), *reference)
-    out["inception_score"] = inception_score(net.logits(torch.from_numpy(features)))
-    return out
-
-
-def read_inception_stats(path: str | Path, net: nn.Module | None = None) -> FeatureStats:
-    """Inception statistics from an npz: ``mu`` and ``sigma`` (ADM's reference batches, pytorch-fid's and
-    ``save_inception_stats``'s files; preferred, as ADM's evaluator does, when images are there too), or uint8
-    images (N, H, W, C) under ``arr_0`` (or ``images``), whose statistics ``net`` computes. Anything else is an
-    InputError naming the file, the keys missing and those found."""
-    what = f"reference statistics {path} (mu and sigma, or uint8 images arr_0)"
-    arrays = _npz_arrays(path, what, lambda keys: {"mu": ("mu",), "sigma": ("sigma",)}
-                         if "mu" in keys or "sigma" in keys else {"images": IMAGE_KEYS})  # fmt: skip
-    if "images" in arrays:
-        if net is None:
-            raise InputError(f"{what}: it holds images, whose statistics need the Inception network (--inception)")
-        return feature_stats(inception_features(net, _check_pixels(arrays["images"], what)))
-    mu, sigma = arrays["mu"], arrays["sigma"]
-    d = mu.shape[0] if mu.ndim == 1 else -1
-    if d < 1 or sigma.shape != (d, d) or mu.dtype.kind != "f" or sigma.dtype.kind != "f":
-        raise InputError(f"{what}: mu is {mu.dtype} {mu.shape} and sigma {sigma.dtype} {sigma.shape}, not a mean "
-                         "(d,) and a covariance (d, d)")  # fmt: skip
-    dims = net.fc.in_features if net is not None else d
-    if d != dims:  # before any image goes through the network
-        raise InputError(f"{what}: statistics of {d} features; the Inception network's are {dims}")
-    return FeatureStats(mu.astype(np.float64), sigma.astype(np.float64))
-
-
-def save_inception_stats(path: str | Path, stats: FeatureStats) -> Path:
-    """``mu`` and ``sigma`` (float64) in an npz, atomically: what pytorch-fid reads (``fid_score.py PATH STATS``)
-    and what ``read_inception_stats`` and ``--ref-stats`` read."""
-    mu, sigma = (np.asarray(x, dtype=np.float64) for x in stats)
-    return atomic_write(path, lambda fh: np.savez(fh, mu=mu, sigma=sigma))
-
-
-def dataset_inception_stats(net: nn.Module, dataset: str, *, data_dir: str | None = None) -> FeatureStats:
-    """The Inception statistics of a dataset's test images (quantised to uint8, as samples are)."""
-    test = load_dataset(dataset, split="test", data_dir=data_dir)
-    if test.is_latent:
-        raise InputError(f"{dataset} holds latents, not images: no Inception statistics")
-    return feature_stats(inception_features(net, test.images))
-
-
 @dataclass
 class Reference:
     """What generated images are compared with: the feature network and the real test set's features, and
-    with ``--inception`` the Inception network and the reference statistics (the test set's, or a file's)."""
+    with ``--inception`` the Inception network and its reference (the test set's, or a file's)."""
 
     net: FeatureNet
     real_features: np.ndarray
     record: dict
     real_images: Tensor
     inception: nn.Module | None = None
-    real_inception: FeatureStats | None = None
+    real_inception: InceptionReference | None = None
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.net.parameters()).device
+
+
+def dataset_inception_reference(net: nn.Module, dataset: str, *, data_dir: str | None = None,
+                                progress: bool = False) -> InceptionReference:  # fmt: skip
+    """The Inception reference of a dataset's test images (quantised to uint8, as samples are): statistics for
+    FID and sFID, features for precision and recall."""
+    test = load_dataset(dataset, split="test", data_dir=data_dir)
+    if test.is_latent:
+        raise InputError(f"{dataset} holds latents, not images: no Inception statistics")
+    return InceptionReference.of(inception_outputs(net, test.images, progress=progress))
+
+
+def dataset_inception_stats(net: nn.Module, dataset: str, *, data_dir: str | None = None) -> FeatureStats:
+    """The pool statistics (FID's) of ``dataset_inception_reference``."""
+    return dataset_inception_reference(net, dataset, data_dir=data_dir).pool
 
 
 def reference_for(dataset: str, *, data_dir=None, cache_dir=None, inception: str | None = None,
-                  ref_stats: str | None = None, progress=True) -> Reference:  # fmt: skip
-    """The Reference of a dataset; ``inception``: pytorch-fid's weights file, ``ref_stats``: an npz that
-    ``read_inception_stats`` reads (default: the dataset's test images' statistics). Both are read first."""
-    net = load_inception(inception) if inception else None
-    stats = read_inception_stats(ref_stats, net) if net is not None and ref_stats else None
+                  ref_stats: str | None = None, inception_input: str = "tf1", device: str | torch.device = "cpu",
+                  progress=True) -> Reference:  # fmt: skip
+    """The Reference of a dataset on ``device``; ``inception``: the FID Inception's weights file, ``ref_stats``:
+    an npz that ``read_inception_reference`` reads (default: the dataset's test images). Both are read first."""
+    net = load_inception(inception, inception_input).to(device) if inception else None
+    real = read_inception_reference(ref_stats, net, progress=progress) if net is not None and ref_stats else None
     feature_net, record = feature_net_for(dataset, data_dir=data_dir, cache_dir=cache_dir, progress=progress)
+    feature_net = feature_net.to(device)
     test = load_dataset(dataset, split="test", data_dir=data_dir)
-    ref = Reference(feature_net, _batched(feature_net.features, test.images).numpy(), record, test.images, net)
-    if net is not None:
-        ref.real_inception = stats if stats is not None else dataset_inception_stats(net, dataset, data_dir=data_dir)
-    return ref
+    real_features = _batched(feature_net.features, test.images, device=device).numpy()
+    if net is not None and real is None:
+        real = dataset_inception_reference(net, dataset, data_dir=data_dir, progress=progress)
+    return Reference(feature_net, real_features, record, test.images, net, real)
 
 
 def score(images: Tensor, labels: Tensor, ref: Reference) -> dict:
     """Frechet distance and conditional accuracy of images (N, C, H, W) in [-1, 1] conditioned on labels;
-    with an Inception network, Inception FID and Inception Score too."""
+    with an Inception network, Inception FID, sFID, precision, recall and Inception Score too."""
     if images.shape[1:] != ref.real_images.shape[1:]:
         raise InputError(f"generated images {tuple(images.shape[1:])} do not match the dataset's "
                          f"{tuple(ref.real_images.shape[1:])}")  # fmt: skip
-    feats = _batched(ref.net.features, images)
-    logits = ref.net.head(feats)
+    feats = _batched(ref.net.features, images, device=ref.device)
+    logits = ref.net.head(feats.to(ref.device)).cpu()
     out = {
         "frechet": frechet_distance(feats.numpy(), ref.real_features),
         "cond_accuracy": float((logits.argmax(1) == labels).float().mean()),
     }
     if ref.inception is not None:
-        out.update(inception_scores(ref.inception, inception_features(ref.inception, images), ref.real_inception))
+        out.update(inception_scores(ref.inception, inception_outputs(ref.inception, images), ref.real_inception))
     return out
 
 
@@ -588,10 +411,11 @@ def write_reports(rows: list[dict], out: Path, *, title: str) -> None:
 # ----------------------------------------------------------------------------- command line
 
 
-def evaluate_images(args: argparse.Namespace, *, progress: bool) -> dict:
-    """``--samples`` (scored against ``--dataset`` and/or Inception reference statistics) and ``--save-stats``
-    (the Inception statistics of ``--samples``' images, or of ``--dataset``'s test images). Every file is read
-    and checked before a network runs; the Inception network's reference before the feature network."""
+def evaluate_images(args: argparse.Namespace, *, device: torch.device, progress: bool, rank: int = 0) -> dict:
+    """``--samples`` (scored against ``--dataset`` and/or an Inception reference) and ``--save-stats`` (the
+    Inception statistics of ``--samples``' images, or of ``--dataset``'s test images). Every file is read and
+    checked before a network runs; the Inception network's reference before the feature network. Under
+    torchrun every rank extracts its share of the Inception features; rank 0 scores, writes and prints."""
     if args.samples and not args.dataset and not (args.ref_stats or args.save_stats):
         raise InputError("--samples needs --dataset (the data the samples imitate), or --inception with "
                          "--ref-stats or --save-stats")  # fmt: skip
@@ -607,31 +431,71 @@ def evaluate_images(args: argparse.Namespace, *, progress: bool) -> dict:
                              f"{args.dataset} has classes 0..{classes - 1}")  # fmt: skip
     elif args.samples:
         images = read_images(args.samples)  # uint8: no labels needed, converted batch by batch
-    net = load_inception(args.inception) if args.inception else None
-    stats = read_inception_stats(args.ref_stats, net) if args.ref_stats else None
-    if images is not None and args.dataset:
-        ref = reference_for(args.dataset, data_dir=args.data_dir, cache_dir=args.cache_dir, progress=progress)
+    net = load_inception(args.inception, args.inception_input).to(device) if args.inception else None
+    real = read_inception_reference(args.ref_stats, net, progress=progress) if args.ref_stats else None
+    if images is not None and args.dataset and rank == 0:  # the small feature network: no collectives
+        ref = reference_for(args.dataset, data_dir=args.data_dir, cache_dir=args.cache_dir, device=device,
+                            progress=progress)  # fmt: skip
         result.update(score(images, labels, ref), feature_net_test_accuracy=ref.record["test_accuracy"])
     if net is not None:
         if images is None:  # --save-stats of a dataset
-            own = dataset_inception_stats(net, args.dataset, data_dir=args.data_dir)
+            own = dataset_inception_reference(net, args.dataset, data_dir=args.data_dir, progress=progress)
         else:
-            features = inception_features(net, images)
-            own = feature_stats(features)
-            if stats is None and args.dataset:
-                stats = dataset_inception_stats(net, args.dataset, data_dir=args.data_dir)
-            result.update(inception_scores(net, features, stats))
-        if args.save_stats:
-            save_inception_stats(args.save_stats, own)
+            features = inception_outputs(net, images, progress=progress)
+            own = InceptionReference.of(features)
+            if real is None and args.dataset:
+                real = dataset_inception_reference(net, args.dataset, data_dir=args.data_dir, progress=progress)
+            if rank == 0:
+                result.update(inception_scores(net, features, real))
+                if args.cross_check:
+                    result["torch_fidelity"] = _cross_check(args, images, features, real)
+        if args.save_stats and rank == 0:
+            save_inception_stats(args.save_stats, own, input=net.input)
             result["saved_stats"] = str(args.save_stats)
-    print(json.dumps(result, indent=2))
+    if rank == 0:
+        print(json.dumps(result, indent=2))
+    return result if rank == 0 else {}
+
+
+def _cross_check(args: argparse.Namespace, images, features: InceptionFeatures, real: InceptionReference | None):
+    """torch-fidelity's numbers on the same images and weights (``fpdm.fidelity``)."""
+    from .fidelity import torch_fidelity_check
+
+    if real is None or real.features is None:
+        raise InputError("--cross-check needs reference images: --ref-stats with arr_0 images, or --dataset")
+    pixels = images if isinstance(images, np.ndarray) else to_uint8(images)
+    if args.ref_stats:
+        reference = read_images(args.ref_stats)
+    else:
+        reference = to_uint8(load_dataset(args.dataset, split="test", data_dir=args.data_dir).images)
+    return torch_fidelity_check(args.inception, pixels, reference, features.pool, real.features)
+
+
+def _distributed_images(args: argparse.Namespace, progress: bool) -> dict:
+    """evaluate_images under torchrun (gloo on a CPU, nccl on CUDA): the Inception features over the ranks."""
+    from .train import close_distributed, setup_distributed
+
+    rank, _, device = setup_distributed(args.device)
+    try:
+        result = evaluate_images(args, device=device, progress=progress, rank=rank)
+    except BaseException:  # no barrier: the other ranks may not get there
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        raise
+    close_distributed()
     return result
 
 
 def main(args: argparse.Namespace) -> dict | list[dict]:
     progress = not args.quiet
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        if not (args.samples or args.save_stats):
+            raise InputError("under torchrun fpdm.evaluate shares the Inception features of --samples or "
+                             "--save-stats over the ranks; a budget sweep (--ckpt) runs in one process")  # fmt: skip
+        return _distributed_images(args, progress)
+    device = checks.device(args.device)
     if args.samples or args.save_stats:
-        return evaluate_images(args, progress=progress)
+        return evaluate_images(args, device=device, progress=progress)
     if not args.ckpt:
         raise InputError("give --samples FILE or at least one --ckpt")
     check_variants(args.variants)  # before the reference, which may train a feature network
@@ -640,9 +504,11 @@ def main(args: argparse.Namespace) -> dict | list[dict]:
     if len(shapes) > 1:
         raise InputError(f"the checkpoints generate different shapes ({', '.join(sorted(shapes))}): "
                          "evaluate the models of one dataset together")  # fmt: skip
+    models = [(ckpt, model.to(device), run) for ckpt, model, run in models]
     dataset = args.dataset or models[0][2].get("dataset")
     ref = reference_for(dataset, data_dir=args.data_dir, cache_dir=args.cache_dir, inception=args.inception,
-                        ref_stats=args.ref_stats, progress=progress)  # fmt: skip
+                        ref_stats=args.ref_stats, inception_input=args.inception_input, device=device,
+                        progress=progress)  # fmt: skip
     out = Path(args.out)  # checked by cli before any work
     start = time.perf_counter()
     rows = sweep(models, dit_steps=args.dit_steps, dit_depth=args.dit_depth, variants=args.variants,
@@ -665,7 +531,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", default=None, help="the real data (default: the first checkpoint's)")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--cache-dir", type=Path, default=None, help="feature networks (default ~/.cache/fpdm)")
-    p.add_argument("--inception", default=None, help="pytorch-fid Inception weights file for Inception FID and IS")
+    p.add_argument("--inception", default=None, help="the FID Inception's weights file (pytorch-fid's or "
+                   "torch-fidelity's) for Inception FID, sFID, IS, precision and recall")  # fmt: skip
+    p.add_argument(
+        "--inception-input",
+        default="tf1",
+        choices=list(INPUTS),
+        help="how pixels enter the Inception: tf1 (ADM's evaluator, torch-fidelity) or pytorch-fid",
+    )
     p.add_argument("--ref-stats", default=None,
                    help="Inception FID against this npz: mu and sigma (ADM reference batch, pytorch-fid) or arr_0 "
                         "uint8 images (default: --dataset's test images)")  # fmt: skip
@@ -681,6 +554,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=250)
     p.add_argument("--seed", type=checks.seed, default=0, help="an integer in [0, 2^32)")
     p.add_argument("--out", default="runs/evaluate")
+    p.add_argument("--cross-check", action="store_true", help="also compute torch-fidelity's features, FID, precision "
+                   "and recall on the same images and weights (needs the fid extra and --inception-input tf1)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (under torchrun: each rank's GPU)")
     p.add_argument("--quiet", action="store_true")
     return p
 
@@ -691,6 +567,9 @@ def _run(args: argparse.Namespace) -> None:
     if args.batch_size < 1 or (args.dit_depth is not None and args.dit_depth < 1):
         raise InputError("--batch-size and --dit-depth must be >= 1")
     checks.number("--guidance", args.guidance)
+    if args.cross_check and not (args.inception and args.samples and args.inception_input == "tf1"):
+        raise InputError("--cross-check compares Inception numbers of --samples: it needs --inception and "
+                         "--inception-input tf1 (torch-fidelity's resize)")  # fmt: skip
     for flag, value in (("--ref-stats", args.ref_stats), ("--save-stats", args.save_stats)):
         if value and not args.inception:
             raise InputError(f"{flag} needs --inception (the network of the statistics)")

@@ -31,6 +31,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from . import checks
+from .board import check_tensorboard, open_board, write_grid, write_record
 from .checkpoint import check_settings, load_checkpoint, save_checkpoint
 from .checks import InputError, int_range, positive_int
 from .data import ImageData, StepIndices, batch_loader, check_dataset, open_dataset, step_flips, step_indices
@@ -315,6 +316,7 @@ def train(args: argparse.Namespace, rank: int, world: int, device: torch.device,
         write_text(metrics_path, "".join(json.dumps(r) + "\n" for r in seen))  # atomic: a kill keeps the old file
     last_loss = seen[-1].get("loss", float("nan")) if seen else float("nan")  # the bar's loss until the next log
     metrics = open(metrics_path, "a") if is_main else None  # noqa: SIM115 (kept open for the loop)
+    board = open_board(out, start_step) if is_main and args.tensorboard else None
 
     # ---------------------------------------------------------------- training loop
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
@@ -374,6 +376,8 @@ def train(args: argparse.Namespace, rank: int, world: int, device: torch.device,
                 if metrics:
                     metrics.write(json.dumps(record) + "\n")
                     metrics.flush()
+                if board:
+                    write_record(board, record)
                 progress.update(task, loss=record["loss"], speed=speed, fp=fp_iters)
                 tic, window_loss, window_steps = time.perf_counter(), 0.0, 0
             progress.update(task, completed=step + 1)
@@ -390,11 +394,15 @@ def train(args: argparse.Namespace, rank: int, world: int, device: torch.device,
                 saved_step = step + 1
             if is_main and args.sample_every and (step + 1) % args.sample_every == 0 and not data.is_latent:
                 # its own generator (args.seed): the training draws are untouched, so a run is the same run
-                sample_grid(ema, data, args, device, out / "grids" / f"step-{step + 1:07d}.png")
+                grid = sample_grid(ema, data, args, device, out / "grids" / f"step-{step + 1:07d}.png")
+                if board:
+                    write_grid(board, grid, step + 1)
                 plot_loss_curve(read_metrics(metrics_path), out / "loss.png", title=f"{args.model} on {data.name}")
     batches.close()  # its workers end
     if metrics:
         metrics.close()
+    if board:
+        board.close()
 
     # ---------------------------------------------------------------- pictures
     if is_main:
@@ -452,6 +460,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch.compile the model's forward (on: the default mode; FPDM's fixed-point solve stays "
                         "eager, a graph break); a resumed run must compile as the first did to be the same run")
     p.add_argument("--tf32", action="store_true", help="TF32 matmuls and convolutions on CUDA (faster, ~1e-3)")
+    p.add_argument("--tensorboard", action="store_true",
+                   help="also log the metrics and grids as TensorBoard events in --out/tensorboard (needs tensorboard)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
@@ -491,6 +501,8 @@ def validate(args: argparse.Namespace) -> None:
         raise InputError(f"{', '.join(given)} apply to FPDM models, not {args.model}")
     if args.image_size is not None and not args.dataset.startswith("folder:"):
         raise InputError(f"--image-size resizes folder:PATH images; {args.dataset} has its own size")
+    if args.tensorboard:
+        check_tensorboard()
 
 
 def _run(args: argparse.Namespace) -> None:

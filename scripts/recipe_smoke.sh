@@ -42,9 +42,9 @@ step "4/5 reference statistics of the real images (--save-stats; at full scale A
 "$PYTHON" -m fpdm.evaluate --samples "$DIR/reference.npz" --inception "$DIR/pt_inception.pth" \
     --save-stats "$DIR/ref_stats.npz" --quiet > "$DIR/ref_stats.json"
 
-step "5/5 Inception FID and IS of the samples against the reference statistics"
-"$PYTHON" -m fpdm.evaluate --samples "$DIR/samples/samples.npz" --inception "$DIR/pt_inception.pth" \
-    --ref-stats "$DIR/ref_stats.npz" --quiet > "$DIR/evaluate.json"
+step "5/5 Inception FID, sFID and IS of the samples against the reference statistics, features on 2 processes"
+"${TORCHRUN[@]}" -m fpdm.evaluate --samples "$DIR/samples/samples.npz" --inception "$DIR/pt_inception.pth" \
+    --ref-stats "$DIR/ref_stats.npz" --device cpu --quiet > "$DIR/evaluate.json"
 cat "$DIR/evaluate.json"
 
 step "done: everything is in $DIR"

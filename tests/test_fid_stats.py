@@ -65,7 +65,7 @@ def test_saved_statistics_give_exactly_the_fid_of_the_images_themselves(tmp_path
     assert against_stats["inception_fid"] == against_images["inception_fid"] > 0  # bit for bit
     assert against_stats["inception_score"] == against_images["inception_score"] > 1 - 1e-9
     with np.load(tmp_path / "stats.npz") as saved:  # what pytorch-fid reads: f["mu"][:], f["sigma"][:]
-        assert sorted(saved.files) == ["mu", "sigma"]
+        assert sorted(saved.files) == ["input", "mu", "mu_s", "sigma", "sigma_s"]  # + sFID's, as ADM's files
         mu, sigma = saved["mu"][:], saved["sigma"][:]
     assert mu.dtype == sigma.dtype == np.float64 and mu.shape == (2048,) and sigma.shape == (2048, 2048)
     assert not list(tmp_path.glob(".stats.npz.tmp-*"))  # written atomically, nothing left behind

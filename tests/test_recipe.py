@@ -39,6 +39,7 @@ def test_the_recipe_runs_end_to_end(tmp_path):
         assert ref["mu"].shape == (2048,) and ref["sigma"].shape == (2048, 2048)
     result = json.loads((out / "evaluate.json").read_text())
     assert math.isfinite(result["inception_fid"]) and math.isfinite(result["inception_score"])
+    assert math.isfinite(result["sfid"])  # the reference statistics carry sFID's mu_s, sigma_s
 
 
 def _rows(latents: Path) -> list[int]:

@@ -525,3 +525,49 @@ def test_flip_mirrors_the_images_its_generator_draws_and_must_match_on_resume(tm
     np.savez(latents / "a.npz", latents=np.zeros((4, 4, 2, 2), np.float16), labels=np.zeros(4, int), num_classes=2)
     assert train.cli(["--dataset", f"latents:{latents}", "--out", str(tmp_path / "l"), *FAST, "--flip"]) == 2
     assert "encode flipped copies with `python -m fpdm.encode --flip`" in capsys.readouterr().err
+
+
+def _board_scalars(out: Path, tag: str) -> list[tuple[int, float]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    return [(e.step, e.value) for e in events.Scalars(tag)]
+
+
+def test_tensorboard_events_are_the_metrics_records_and_a_resume_shows_each_step_once(tmp_path, monkeypatch):
+    """--tensorboard logs what metrics.jsonl records (train/loss, train/lr, ... at their steps) and the grids;
+    a run that died after logging steps its checkpoint does not hold resumes without showing them twice.
+    Catches: events at other steps or with other values than the records, a missing flush (the dead run's
+    events lost), a resumed run whose steps show twice (purge_step, and TensorBoard's reader, drop the dead
+    run's events from step 3 on), no grid image."""
+    pytest.importorskip("tensorboard")
+    import fpdm.train as train
+    from fpdm.train import read_metrics
+
+    out = tmp_path / "run"
+    args = ["--model", "DiT-T/2", "--steps", "4", "--batch-size", "8", "--log-every", "1", "--ckpt-every", "2",
+            "--sample-steps", "2", "--sample-every", "2", "--quiet", "--tensorboard", "--out", str(out)]  # fmt: skip
+    real_save, saves = train.save_checkpoint, []
+
+    def dies_at_the_second_save(path, state):
+        saves.append(state["step"])
+        if len(saves) == 2:
+            raise KeyboardInterrupt  # killed while writing step 4's checkpoint: steps 3, 4 already logged
+        real_save(path, state)
+
+    monkeypatch.setattr(train, "save_checkpoint", dies_at_the_second_save)
+    assert train.cli(args) != 0  # "interrupted: run the same command again to resume"
+    assert [s for s, _ in _board_scalars(out, "train/loss")] == [1, 2, 3, 4]
+    monkeypatch.setattr(train, "save_checkpoint", real_save)
+    assert train.cli(args) == 0
+    records = read_metrics(out / "metrics.jsonl")
+    for name in ("loss", "lr", "steps_per_s"):
+        logged = _board_scalars(out, f"train/{name}")
+        assert [s for s, _ in logged] == [1, 2, 3, 4]  # each step once: the dead run's 3 and 4 purged
+        assert [v for _, v in logged] == pytest.approx([r[name] for r in records], rel=1e-6)  # float32 events
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(out / "tensorboard"), size_guidance={"images": 0})
+    events.Reload()
+    assert [e.step for e in events.Images("samples/ema")][-1] == 4

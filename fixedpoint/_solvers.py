@@ -97,6 +97,35 @@ def _damped(x: Tensor, fx: Tensor, beta: Tensor) -> Tensor:
     return (xa + beta[:, None] * (fx.to(acc) - xa)).to(x.dtype)
 
 
+def _flat_dtype(x0: object) -> torch.dtype | None:
+    """The dtype the loop will iterate in (a structured state: its leaves'), or None for x0 that solve() refuses."""
+    if _tree.is_structure(x0):
+        with suppress(TypeError, ValueError):  # left for solve()'s message
+            x0 = _tree.Layout.of(x0, "x0").stand_in()
+    return x0.dtype if isinstance(x0, Tensor) and x0.is_floating_point() else None
+
+
+def check_history_dtype(history_dtype: object, dtype: torch.dtype | None) -> torch.dtype | None:
+    """history_dtype for iterates of ``dtype``: None where it is None or ``dtype`` itself (the history in the
+    iterate's dtype), else a floating dtype narrower than ``dtype`` (fp32 under fp64; fp16 and bf16 under
+    either). A TypeError for a non-dtype, a ValueError naming it for any other dtype (an integer dtype, one
+    as wide as the iterate's or wider)."""
+    if history_dtype is None:
+        return None
+    if not isinstance(history_dtype, torch.dtype):
+        raise TypeError(f"history_dtype must be a torch.dtype or None, got {history_dtype!r} "
+                        f"({type(history_dtype).__name__})")  # fmt: skip
+    if not history_dtype.is_floating_point:
+        raise ValueError(f"history_dtype must be a floating-point dtype (torch.bfloat16, torch.float16), "
+                         f"got {history_dtype}")  # fmt: skip
+    if dtype is None or history_dtype == dtype:
+        return None
+    if history_dtype.itemsize >= dtype.itemsize:
+        raise ValueError(f"history_dtype must be narrower than the iterate's dtype {dtype} (or None), got "
+                         f"{history_dtype}: it is meant to save memory traffic")  # fmt: skip
+    return history_dtype
+
+
 def _kernels(impl: str, x0: Tensor) -> ModuleType:
     """The kernel module for ``impl`` and data like x0 (a structured state: its flat (B, D) form); bad x0 is left
     for the loop's own checks (a clearer error)."""
@@ -191,28 +220,50 @@ class Anderson(Solver):
     growth: float = 1e2
     kernels: ModuleType = kernel_modules.reference  # residual + history write + Gram row in one pass, fused mixing
     graph_safe: bool = False  # small solves by plain tensor ops (no library call that could sync): graph capture
+    history_dtype: torch.dtype | None = None  # narrower than the iterates: the difference form (check_history_dtype)
     freezes = True  # the mixing kernel keeps stopped samples in the same pass
+
+    @property
+    def relative(self) -> bool:
+        """The difference form: m - 1 differences in history_dtype beside the newest kept pair (m = 1: no history)."""
+        return self.history_dtype is not None and self.m > 1
+
+    @property
+    def slots(self) -> int:
+        """The history's ring slots: m pairs, or relative m - 1 differences of consecutive pairs."""
+        return self.m - 1 if self.relative else self.m
 
     @property
     def period(self) -> int:
         """Iterations after which the Python-side state (the ring slot) repeats: graph capture replays this many."""
-        return self.m
+        return self.slots
 
     def init(self, x, fx, g, gnorm):
         batch, dim = x.shape
-        sdt = stat_dtype(x.dtype)
-        nbytes = batch * self.m * (2 * dim * x.element_size() + self.m * sdt.itemsize)  # F, G; the Gram matrix
+        sdt, m = stat_dtype(x.dtype), self.slots
+        hdt = self.history_dtype if self.relative else x.dtype
+        if self.relative:
+            check_history_dtype(hdt, x.dtype)  # a Solver built by hand: the same rule as anderson()'s
+            if self.beta == "auto":
+                raise ValueError("beta='auto' is not supported with a history_dtype narrower than x0's dtype")
+        kept = 2 * dim * x.element_size() if self.relative else 0  # the kept pair
+        nbytes = batch * (m * (2 * dim * hdt.itemsize + m * sdt.itemsize) + kept)  # F, G; the Gram matrix
         check_memory("m", self.m, nbytes, f"the ({batch}, m, {dim}) history and its Gram matrix", x.device)
+        vectors = {}
+        if self.relative:
+            took = torch.empty(batch, dtype=torch.bool, device=x.device)
+            vectors = dict(x_kept=torch.empty_like(x), f_kept=torch.empty_like(x), took=took)
         state = AndersonState(
-            F=x.new_empty(batch, self.m, dim),
-            G=x.new_empty(batch, self.m, dim),
-            gram=x.new_empty(batch, self.m, self.m, dtype=sdt),
-            valid=torch.empty(batch, self.m, dtype=torch.bool, device=x.device),
-            newest=torch.empty(batch, self.m, dtype=torch.bool, device=x.device),
+            F=x.new_empty(batch, m, dim, dtype=hdt),
+            G=x.new_empty(batch, m, dim, dtype=hdt),
+            gram=x.new_empty(batch, m, m, dtype=sdt),
+            valid=torch.empty(batch, m, dtype=torch.bool, device=x.device),
+            newest=torch.empty(batch, m, dtype=torch.bool, device=x.device),
             kept_gnorm=torch.empty_like(gnorm),
             restarts=torch.empty(batch, dtype=torch.long, device=x.device),
-            row=x.new_empty(batch, self.m, dtype=sdt),
+            row=x.new_empty(batch, 2, m, dtype=sdt) if self.relative else x.new_empty(batch, m, dtype=sdt),
             beta=torch.empty_like(gnorm) if self.beta == "auto" else None,
+            **vectors,
         )
         return self.reinit(state, x, fx, g, gnorm)
 
@@ -220,10 +271,17 @@ class Anderson(Solver):
         """``init`` into the tensors of ``state`` (a kept graph session's buffers): no new history.
 
         The history is zeroed, not just marked invalid: a slot the mixing weighs by 0 must not hold a
-        NaN from an earlier solve (0 * NaN is NaN)."""
+        NaN from an earlier solve (0 * NaN is NaN). Relative: the start is the kept pair, no difference
+        yet, weights 0 (the first step is x + beta g)."""
         for t in (state.F, state.G, state.gram, state.valid, state.newest, state.restarts):
             t.zero_()
         state.kept_gnorm.copy_(gnorm)
+        if state.relative:
+            state.x_kept.copy_(x)
+            state.f_kept.copy_(fx)
+            state.took.zero_()
+            alpha = state.row.new_zeros(state.row.shape[0], state.row.shape[2])
+            return replace(state, count=0, alpha=alpha, x_new=x, f_new=fx)
         if state.beta is not None:
             state.beta.copy_(auto_beta(x, gnorm))
         state = replace(state, count=0)
@@ -236,7 +294,7 @@ class Anderson(Solver):
         """With a per-sample beta: the image just written to the next slot, f(x) = x + g, becomes
         x + beta g in place, so that the mixing kernel (a scalar beta, 1) gives sum_i alpha_i (x_i + beta g_i).
         The weights do not change: they come from G alone."""
-        if state.beta is not None:
+        if state.beta is not None:  # (not with a relative state: refused)
             F, G, slot, acc = state.F, state.G, state.slot, state.beta.dtype
             F[:, slot] = (F[:, slot].to(acc) + (state.beta - 1)[:, None] * G[:, slot].to(acc)).to(F.dtype)
 
@@ -254,7 +312,8 @@ class Anderson(Solver):
         # one pass: g = f(x) - x straight into the next slot, f(x) beside it, the norms and the new Gram row
         gsq, fsq, row = self.kernels.anderson_residual_write(state, x, fx)
         self._damp_image(state)
-        return state.G[:, state.slot], gsq, fsq, replace(state, row=row)
+        g = None if state.relative else state.G[:, state.slot]  # relative: the slot holds a difference; unread
+        return g, gsq, fsq, replace(state, row=row)
 
     def step(self, fn, state, active, frozen):
         # x = sum_i alpha_i (x_i + beta g_i) = sum_i alpha_i f(x_i) + (beta - 1) sum_i alpha_i g_i
@@ -262,7 +321,9 @@ class Anderson(Solver):
 
     def update(self, state, x, fx, g, gnorm):
         # the pair is already in its slot (residual); a step that blew the residual up restarts from
-        # the pair it came from (needs m > 1)
+        # the pair it came from (needs m > 1). Relative: the mixing makes (x, f(x)) the kept pair unless so.
+        if state.relative:
+            state = replace(state, x_new=x, f_new=fx)
         return self._absorb(state, gnorm, growth=self.growth if self.m > 1 else None)
 
 
@@ -283,6 +344,7 @@ def anderson(
     ridge: float = 1e-6,
     max_coeff: float = 1e4,
     growth: float = 1e2,
+    history_dtype: torch.dtype | None = None,
     impl: str = "auto",
 ) -> Solution:
     """Anderson acceleration (type II) with a relative ridge and restarts.
@@ -304,6 +366,12 @@ def anderson(
             (the small system is ill-conditioned).
         growth: restart a sample's history when a step multiplies ||f(x) - x||
             by more than this.
+        history_dtype: None (the iterate's dtype), or a narrower one (torch.bfloat16,
+            torch.float16; fp32 under fp64) to store the history in: then it holds
+            the m - 1 differences of consecutive pairs, which shrink as the solve
+            converges, beside the newest pair in x0's dtype, and every sum
+            accumulates in fp32 (docs/solvers.md, "Low-precision history"). Not with
+            beta="auto".
         {impl}
     """
     m = check_int("m", m, 1)
@@ -311,10 +379,12 @@ def anderson(
     ridge = check_positive("ridge", ridge)
     max_coeff = check_positive("max_coeff", max_coeff)
     growth = check_positive("growth", growth)
+    history_dtype = check_history_dtype(history_dtype, _flat_dtype(x0))
+    if history_dtype is not None and beta == "auto" and m > 1:
+        raise ValueError(f"beta='auto' is not supported with history_dtype={history_dtype}; give a number")
     kern = _kernels(impl, x0)
-    solver = Anderson(
-        m=m, beta=beta, ridge=ridge, max_coeff=max_coeff, growth=growth, kernels=kern, graph_safe=bool(graph)
-    )
+    solver = Anderson(m=m, beta=beta, ridge=ridge, max_coeff=max_coeff, growth=growth, kernels=kern,
+                      graph_safe=bool(graph), history_dtype=history_dtype)  # fmt: skip
     return solve(solver, f, x0, args=args, tol=tol, max_iter=max_iter, stop=stop, divergence=divergence,
                  check_every=check_every, graph=graph)  # fmt: skip
 
@@ -364,12 +434,14 @@ class Broyden(Solver):
     growth: float = 1e2
     beta: float | str = 1.0  # H0 = -beta I ("auto": per sample), as Broyden on beta (f(x) - x) with H0 = -I
     kernels: ModuleType = kernel_modules.reference  # the two applies of an update in two fused passes
+    history_dtype: torch.dtype | None = None  # U, V's dtype if narrower than the iterates (check_history_dtype)
 
     def init(self, x, fx, g, gnorm):
         batch, dim = x.shape
-        check_memory("m", self.m, 2 * batch * self.m * dim * x.element_size(), f"the ({batch}, m, {dim}) factors U, V",
+        hdt = check_history_dtype(self.history_dtype, x.dtype) or x.dtype
+        check_memory("m", self.m, 2 * batch * self.m * dim * hdt.itemsize, f"the ({batch}, m, {dim}) factors U, V",
                      x.device)  # fmt: skip
-        zeros = x.new_zeros(batch, self.m, dim)
+        zeros = x.new_zeros(batch, self.m, dim, dtype=hdt)
         alive = torch.zeros(batch, self.m, dtype=torch.bool, device=x.device)
         restarts = torch.zeros(batch, dtype=torch.long, device=x.device)
         scale = None
@@ -400,8 +472,9 @@ class Broyden(Solver):
         """H y (or H^T y) for H = -I + sum_i alive_i u_i v_i^T: (B, D) -> (B, D), over used slots only."""
         n = state.count
         first, second = (state.U, state.V) if transpose else (state.V, state.U)
-        coeff = torch.bmm(first[:, :n], y.unsqueeze(2)).squeeze(2) * state.alive[:, :n]  # (B, n)
-        return torch.baddbmm(-y.unsqueeze(1), coeff.unsqueeze(1), second[:, :n]).squeeze(1)
+        first, second = first[:, :n].to(y.dtype), second[:, :n].to(y.dtype)  # a narrower history: in y's dtype
+        coeff = torch.bmm(first, y.unsqueeze(2)).squeeze(2) * state.alive[:, :n]  # (B, n)
+        return torch.baddbmm(-y.unsqueeze(1), coeff.unsqueeze(1), second).squeeze(1)
 
     def step(self, fn, state, active, frozen):
         return state.next_x, state  # written by the update's last pass
@@ -442,6 +515,7 @@ def broyden(
     m: int = 20,
     growth: float = 1e2,
     beta: float | str = 1.0,
+    history_dtype: torch.dtype | None = None,
     impl: str = "auto",
 ) -> Solution:
     """Limited-memory "good" Broyden on g(x) = f(x) - x, per sample.
@@ -460,11 +534,17 @@ def broyden(
         beta: the initial inverse Jacobian's scale, a positive number, or "auto":
             per sample, scipy's 0.5 max(||x0||, 1) / ||f(x0) - x0|| (scipy's
             broyden1 default; for badly scaled maps x + F(x)).
+        history_dtype: None (the iterate's dtype), or a narrower one (torch.bfloat16,
+            torch.float16; fp32 under fp64) to store the rank-one factors U, V in;
+            each term is stored balanced, (s u, v / s), and every product
+            accumulates in fp32 (docs/solvers.md, "Low-precision history").
         {impl}
     """
     m = check_int("m", m, 2)
     growth = check_positive("growth", growth)
     beta = _check_beta("beta", beta, None)
+    history_dtype = check_history_dtype(history_dtype, _flat_dtype(x0))
     kern = _kernels(impl, x0)
-    return solve(Broyden(m=m, growth=growth, beta=beta, kernels=kern), f, x0, args=args, tol=tol, max_iter=max_iter,
-                 stop=stop, divergence=divergence, check_every=check_every)  # fmt: skip
+    solver = Broyden(m=m, growth=growth, beta=beta, kernels=kern, history_dtype=history_dtype)
+    return solve(solver, f, x0, args=args, tol=tol, max_iter=max_iter, stop=stop, divergence=divergence,
+                 check_every=check_every)  # fmt: skip

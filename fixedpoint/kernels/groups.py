@@ -53,26 +53,41 @@ class Pair(NamedTuple):
 
 @dataclass(frozen=True)
 class AndersonState:
-    """Anderson's history: a ring of m pairs, slot ``count % m`` next."""
+    """Anderson's history: a ring of m pairs, slot ``count % m`` next.
+
+    With a history narrower than the iterate (``history_dtype``) it is in difference form (``relative``):
+    the ring holds the m - 1 differences of consecutive kept pairs, which shrink as the solve converges,
+    and the newest kept pair stays in the iterate's dtype (x_kept, f_kept)."""
 
     # buffers, written in place
-    F: Tensor  # (B, m, D) images f(x_i) of past iterates (x_i + beta_i g_i with a per-sample ``beta``)
-    G: Tensor  # (B, m, D) their residuals g_i = f(x_i) - x_i
+    F: Tensor  # (B, m, D) images f(x_i) of past iterates (x_i + beta g_i, per-sample beta); relative: f_{i+1} - f_i
+    G: Tensor  # (B, m, D) their residuals g_i = f(x_i) - x_i; relative: g_{i+1} - g_i
     gram: Tensor  # (B, m, m) G G^T in fp32/fp64, one row and column per iteration
-    valid: Tensor  # (B, m) bool: the slot holds a pair of the current history
-    newest: Tensor  # (B, m) bool, one-hot: the slot of each sample's newest pair in its history
+    valid: Tensor  # (B, m) bool: the slot holds a pair (relative: a difference) of the current history
+    newest: Tensor  # (B, m) bool, one-hot: the slot of each sample's newest pair in its history (not relative)
     kept_gnorm: Tensor  # (B,) ||g|| of the newest pair kept (a blown-up pair is not)
     restarts: Tensor  # (B,) int64 history restarts per sample
-    row: Tensor  # (B, m) the Gram row of the pair just written (copied into at a re-start)
+    row: Tensor  # (B, m) the Gram row of the pair just written (copied into at a re-start); relative: (B, 2, m),
+    # the new difference's Gram row and the projections G g of the new residual
+    x_kept: Tensor | None = None  # relative: (B, D) the newest kept iterate, in x's dtype (written by the mixing)
+    f_kept: Tensor | None = None  # relative: (B, D) f at it
+    took: Tensor | None = None  # relative: (B,) bool, the last evaluated pair is kept (not blown up)
     # replaced
-    count: int = 0  # pairs written so far
-    alpha: Tensor | None = None  # (B, m) the next step's mixing weights
+    count: int = 0  # pairs (relative: differences) written so far
+    alpha: Tensor | None = None  # (B, m) the next step's mixing weights (relative: -gamma, the differences' weights)
     beta: Tensor | None = None  # (B,) per-sample beta (beta="auto"; a buffer, written in place), else None
+    x_new: Tensor | None = None  # relative: (B, D) the last evaluated iterate (the mixing keeps it where ``took``)
+    f_new: Tensor | None = None  # relative: (B, D) f at it
 
     @property
     def slot(self) -> int:
         """The ring slot the next pair goes to."""
         return self.count % self.F.shape[1]
+
+    @property
+    def relative(self) -> bool:
+        """The difference form: a low-precision history (differences) beside the newest kept pair."""
+        return self.x_kept is not None
 
 
 @dataclass(frozen=True)
@@ -109,4 +124,5 @@ class BroydenApplies(NamedTuple):
 
     h_g: Tensor  # (B, D) H g (the H before the update)
     v: Tensor  # (B, D) H^T dx
-    sums: Tensor  # (B, 4) fp32/fp64: dx . (h_g - hg), ||dx||^2, ||h_g - hg||^2, v . g
+    sums: Tensor  # (B, 4) fp32/fp64: dx . (h_g - hg), ||dx||^2, ||h_g - hg||^2, v . g; a narrower history (B, 6):
+    # also ||v||^2 and ||dx - (h_g - hg)||^2

@@ -30,6 +30,7 @@ __all__ = [
     "broyden_dots",
     "broyden_combine",
     "broyden_finish",
+    "balance",
 ]
 
 CONVERGED, MAX_ITER, DIVERGED, NONFINITE = Status.CONVERGED, Status.MAX_ITER, Status.DIVERGED, Status.NONFINITE
@@ -67,10 +68,23 @@ def anderson_write(state: AndersonState, fx: Tensor, g: Tensor) -> Tensor:
 
 def anderson_residual_write(state: AndersonState, x: Tensor, fx: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """The residual pass and the history write in one: g = f(x) - x goes straight into the state's next slot
-    of G and f(x) into F (in place). Returns ||g||^2, ||f(x)||^2 (B,) and the Gram row G g (B, m)."""
-    g = state.G[:, state.slot]
+    of G and f(x) into F (in place). Returns ||g||^2, ||f(x)||^2 (B,) and the Gram row G g (B, m).
+
+    Relative (a low-precision history in difference form): the slot receives the differences from the
+    state's kept pair, g - g_kept into G and f(x) - f_kept into F (g and g_kept = f_kept - x_kept in x's
+    dtype), and the row is (B, 2, m): G dg with dg as stored, and G g."""
+    if not state.relative:
+        g = state.G[:, state.slot]
+        gsq, fsq = residual(x, fx, g)
+        return gsq, fsq, anderson_write(state, fx, g)
+    F, G, slot, acc = state.F, state.G, state.slot, stat_dtype(x.dtype)
+    g = torch.empty_like(x)
     gsq, fsq = residual(x, fx, g)
-    return gsq, fsq, anderson_write(state, fx, g)
+    G[:, slot] = g - (state.f_kept - state.x_kept)
+    F[:, slot] = fx - state.f_kept
+    history = G.to(acc)
+    rows = torch.bmm(history, torch.stack([history[:, slot], g.to(acc)], dim=2))  # (B, m, 2)
+    return gsq, fsq, rows.transpose(1, 2)
 
 
 def is_slot(history: Tensor, slot: int, t: Tensor) -> bool:
@@ -84,6 +98,9 @@ def anderson_mix(state: AndersonState, beta: float, frozen: Tensor | None, activ
     fp32/fp64, for active samples; stopped samples get ``frozen``.
 
     frozen (B, D) or None (every sample active), active (B,) bool. Returns (B, D) in F's dtype.
+
+    Relative: first the kept pair takes the last evaluated one where ``took`` (active samples, in place),
+    then x = f_kept + (beta - 1) g_kept + the same sums over the differences; (B, D) in x_kept's dtype.
     """
     F, G, alpha = state.F, state.G, state.alpha
     acc = alpha.dtype
@@ -91,7 +108,14 @@ def anderson_mix(state: AndersonState, beta: float, frozen: Tensor | None, activ
     x = torch.bmm(a, F.to(acc)).squeeze(1)
     if beta != 1.0:
         x = x + (beta - 1.0) * torch.bmm(a, G.to(acc)).squeeze(1)
-    x = x.to(F.dtype)
+    if state.relative:
+        take = state.took if frozen is None else state.took & active
+        torch.where(take[:, None], state.x_new, state.x_kept, out=state.x_kept)
+        torch.where(take[:, None], state.f_new, state.f_kept, out=state.f_kept)
+        xk, fk = state.x_kept.to(acc), state.f_kept.to(acc)
+        x = (fk + (beta - 1.0) * (fk - xk) + x).to(state.x_kept.dtype)
+    else:
+        x = x.to(F.dtype)
     return x if frozen is None else torch.where(active[:, None], x, frozen)
 
 
@@ -125,7 +149,8 @@ def broyden_combine(state: BroydenState, new: BroydenStep, coeff: Tensor) -> Bro
     With H = -I + sum_i alive_i u_i v_i^T over the state's first n = count slots (coeff (B, 2, n) from
     ``broyden_dots``): h_g = H g = -g + coeff[:, 0] U, v = H^T dx = -dx + coeff[:, 1] V, both (B, D) in
     g's dtype, and sums (B, 4) fp32/fp64: [dx . (h_g - hg), ||dx||^2, ||h_g - hg||^2, v . g] with the
-    state's hg.
+    state's hg; with U, V narrower than g (a low-precision history) (B, 6): also ||v||^2 and
+    ||dx - (h_g - hg)||^2, the norms ``balance`` needs.
     """
     n, g, dx = state.count, new.g, new.dx
     acc = stat_dtype(g.dtype)
@@ -134,6 +159,8 @@ def broyden_combine(state: BroydenState, new: BroydenStep, coeff: Tensor) -> Bro
     v = (torch.bmm(c[:, 1:], state.V[:, :n].to(acc)).squeeze(1) - dx.to(acc)).to(g.dtype)
     dxa, h_dg = dx.to(acc), h_g.to(acc) - state.hg.to(acc)
     dots = [(dxa * h_dg).sum(1), dxa.square().sum(1), h_dg.square().sum(1), (v.to(acc) * g.to(acc)).sum(1)]
+    if state.U.dtype != g.dtype:
+        dots += [v.to(acc).square().sum(1), (dxa - h_dg).square().sum(1)]
     return BroydenApplies(h_g, v, torch.stack(dots, dim=1))
 
 
@@ -212,6 +239,11 @@ def anderson_coefficients(state: AndersonState, *, ridge: float, max_coeff: floa
     is relative), and solved in fp64 (``graph_safe``: by plain elimination, else LAPACK/cuSOLVER without
     an error-check sync). A sample whose ||alpha||_1 is not finite or exceeds ``max_coeff`` restarts:
     alpha = newest, and in place its history shrinks to the newest pair (valid) and restarts counts it.
+
+    Relative (difference form): gamma minimises ||g_kept - sum_i gamma_i dg_i|| (right-hand side: the
+    row's projections, state.row[:, 1]) and the weights are -gamma, not normalised; the weights of the pairs
+    they stand for have ||alpha||_1 <= 1 + 2 ||gamma||_1, which is what ``max_coeff`` bounds. An ill sample
+    drops every difference (its newest pair is the kept one, outside the history) and gets weights 0.
     """
     gram, valid, newest = state.gram, state.valid, state.newest
     g = gram.double()
@@ -219,10 +251,16 @@ def anderson_coefficients(state: AndersonState, *, ridge: float, max_coeff: floa
     scale = torch.where(valid, diag.clamp_min(1e-300).rsqrt(), 0.0)  # (B, m)
     normed = scale[:, :, None] * g * scale[:, None, :]
     normed.diagonal(dim1=1, dim2=2).add_(torch.where(valid, ridge, 1.0))  # unused slots: alpha 0
-    y = solve_spd(normed, scale) if graph_safe else torch.linalg.solve_ex(normed, scale)[0]
+    rhs = scale * state.row[:, 1].double() if state.relative else scale
+    y = solve_spd(normed, rhs) if graph_safe else torch.linalg.solve_ex(normed, rhs)[0]
     w = scale * y
-    alpha = (w / w.sum(dim=1, keepdim=True)).to(gram.dtype)
-    coeff_size = alpha.abs().sum(dim=1)
+    if state.relative:
+        alpha = (-w).to(gram.dtype)
+        coeff_size = 1 + 2 * alpha.abs().sum(dim=1)
+        newest = torch.zeros_like(newest)  # what a restart keeps in the history: nothing
+    else:
+        alpha = (w / w.sum(dim=1, keepdim=True)).to(gram.dtype)
+        coeff_size = alpha.abs().sum(dim=1)
     ill = ~torch.isfinite(coeff_size) | (coeff_size > max_coeff)  # (B,)
     valid &= ~ill[:, None] | newest
     state.restarts.add_(ill.long())
@@ -249,18 +287,36 @@ def anderson_absorb(
     blew up: its history shrinks to its newest pair, the new pair is not kept, restarts += 1.
     Otherwise the new pair joins the history (valid), becomes ``newest`` and kept_gnorm = gnorm.
     growth None: every new pair is kept.
+
+    Relative: the row is state.row[:, 0]; a blown-up sample drops every difference (its kept pair stays),
+    and ``took`` says per sample whether the new pair is the kept one from now on (``anderson_mix`` moves it).
     """
     gram, valid, newest, kept_gnorm, slot = state.gram, state.valid, state.newest, state.kept_gnorm, state.slot
     blown = ~(gnorm <= growth * kept_gnorm) if growth is not None else torch.zeros_like(valid[:, 0])  # (B,)
-    valid &= ~blown[:, None] | newest
-    gram[:, slot, :] = state.row.to(gram.dtype)
-    gram[:, :, slot] = state.row.to(gram.dtype)
+    row, kept = (state.row[:, 0], torch.zeros_like(newest)) if state.relative else (state.row, newest)
+    valid &= ~blown[:, None] | kept  # a blown-up sample keeps its newest pair (relative: the kept pair, outside)
+    gram[:, slot, :] = row.to(gram.dtype)
+    gram[:, :, slot] = row.to(gram.dtype)
     valid[:, slot] = ~blown
     in_slot = torch.arange(valid.shape[1], device=valid.device) == slot  # (m,)
     torch.where(blown[:, None], newest, in_slot, out=newest)
     torch.where(blown, kept_gnorm, gnorm, out=kept_gnorm)
+    if state.relative:
+        torch.logical_not(blown, out=state.took)
     state.restarts.add_(blown)
     return anderson_coefficients(state, ridge=ridge, max_coeff=max_coeff, graph_safe=graph_safe)
+
+
+def balance(denom: Tensor, v_sq: Tensor, r_sq: Tensor, ok: Tensor) -> Tensor:
+    """The scale s (B,) with which a history narrower than the iterate stores a Broyden term u v^T: (s u, v / s).
+
+    The two factors drift apart: u = r / (dx . H dg) with r = dx - H dg, v = H^T dx; on the benchmark ||v||
+    reached 1e4 and overflowed fp16 (65504) within 35 iterations while ||u|| stayed below 1. From the
+    update's sums ||v||^2 and ||r||^2: s = sqrt(||v|| |dx . H dg| / ||r||) makes ||s u|| = ||v / s||.
+    1 where the term is not kept (``ok`` False), r = 0 (u = 0) or s is not a positive finite number.
+    """
+    s = (v_sq.sqrt() * denom.abs() / torch.where(r_sq > 0, r_sq, 1.0).sqrt()).sqrt()
+    return torch.where(ok & (r_sq > 0) & (s > 0) & torch.isfinite(s), s, 1.0)
 
 
 def broyden_finish(state: BroydenState, new: BroydenStep, applies: BroydenApplies, *, growth: float) -> BroydenState:
@@ -277,14 +333,19 @@ def broyden_finish(state: BroydenState, new: BroydenStep, applies: BroydenApplie
     h_g, v, sums = applies
     slot, x_old, g_old, hg_old, gnorm_old, alive = state.count, state.x, state.g, state.hg, state.gnorm, state.alive
     acc = stat_dtype(x.dtype)
-    denom, dx_sq, h_dg_sq, v_g = sums.to(acc).unbind(1)  # (B,) each; denom = dx^T H dg
+    denom, dx_sq, h_dg_sq, v_g = sums.to(acc).unbind(1)[:4]  # (B,) each; denom = dx^T H dg
     ok = torch.isfinite(denom) & (denom.abs() > 1e-12 * dx_sq.sqrt() * h_dg_sq.sqrt())  # no fp32 overflow
     u = (dx.to(acc) - (h_g.to(acc) - hg_old.to(acc))) / torch.where(ok, denom, 1.0)[:, None]
     hg = h_g.to(acc) + torch.where(ok, v_g, 0.0)[:, None] * u
     blown = ~(gnorm <= growth * gnorm_old)  # (B,)
     alive &= ~blown[:, None]
-    state.U[:, slot] = u.to(state.U.dtype)
-    state.V[:, slot] = v
+    if state.U.dtype == x.dtype:
+        state.U[:, slot] = u.to(state.U.dtype)
+        state.V[:, slot] = v
+    else:  # a narrower history stores s u and v / s, of about the same size (fp16's range)
+        s = balance(denom, sums[:, 4].to(acc), sums[:, 5].to(acc), ok)[:, None]
+        state.U[:, slot] = (u * s).to(state.U.dtype)
+        state.V[:, slot] = (v.to(acc) / s).to(state.V.dtype)
     alive[:, slot] = ok & ~blown
     state.restarts.add_(blown)
     keep = blown[:, None]

@@ -201,19 +201,24 @@ def residual(x: Tensor, fx: Tensor, g_out: Tensor | None) -> tuple[Tensor, Tenso
 
 
 @triton.jit
-def _anderson_write_kernel(F_ptr, G_ptr, fx_ptr, src_ptr, out_ptr, D, slot, sFb, sFm, sGb, sGm, sf, ss,
-                           n_chunks, B, width, M: tl.constexpr, MP: tl.constexpr, BLOCK: tl.constexpr,
+def _anderson_write_kernel(F_ptr, G_ptr, fx_ptr, src_ptr, xk_ptr, fk_ptr, out_ptr, D, slot, sFb, sFm, sGb, sGm, sf,
+                           ss, sxk, sfk, n_chunks, B, width, M: tl.constexpr, MP: tl.constexpr, BLOCK: tl.constexpr,
                            STEPS: tl.constexpr, STAGES: tl.constexpr, STORE_G: tl.constexpr,
-                           FROM_X: tl.constexpr, VEC: tl.constexpr):  # fmt: skip
+                           FROM_X: tl.constexpr, DIFF: tl.constexpr, VEC: tl.constexpr):  # fmt: skip
     # Each step loads the whole (m, BLOCK) history tile at once (many bytes in flight) and g once.
     # src is g; with FROM_X it is x: g = f(x) - x is formed here (the residual pass fused in), stored in
     # the slot, and ||g||^2, ||f(x)||^2 are summed too. Partials (chunks, width): per chunk, every sample's
     # Gram row (B * M), then with FROM_X every sample's ||g||^2 (B) and ||f(x)||^2 (B); one torch sum over
     # chunks gives all three, contiguous.
+    # DIFF (with FROM_X; a low-precision history in difference form): the slot gets g - g_kept and
+    # f(x) - f_kept (the kept pair xk, fk), the Gram row is that of the stored difference, and each
+    # sample's projections G g follow its Gram row ((B, 2, M) in all).
     D, sFb, sFm, sGb, sGm, sf, ss = D * VEC, sFb * VEC, sFm * VEC, sGb * VEC, sGm * VEC, sf * VEC, ss * VEC
+    sxk, sfk = sxk * VEC, sfk * VEC
     b, c = _sample_and_chunk(n_chunks)
     j = tl.arange(0, MP)[:, None].to(tl.int64)  # (MP, 1) history slots (64-bit: m * D may pass 2**31)
     acc = tl.zeros([MP, BLOCK], dtype=tl.float32)
+    acc_p = tl.zeros([MP, BLOCK], dtype=tl.float32)  # DIFF: G g
     acc_g = tl.zeros([BLOCK], dtype=tl.float32)
     acc_f = tl.zeros([BLOCK], dtype=tl.float32)
     for i in tl.range(STEPS, num_stages=STAGES):
@@ -221,43 +226,69 @@ def _anderson_write_kernel(F_ptr, G_ptr, fx_ptr, src_ptr, out_ptr, D, slot, sFb,
         mask = idx < D
         src = tl.load(src_ptr + b * ss + idx, mask=mask, other=0.0)
         f = tl.load(fx_ptr + b * sf + idx, mask=mask, other=0.0)
-        if FROM_X:
+        if DIFF:  # x, f(x) and the kept pair in fp32 (x's dtype): g unrounded
+            g = f.to(tl.float32) - src.to(tl.float32)
+            fk = tl.load(fk_ptr + b * sfk + idx, mask=mask, other=0.0).to(tl.float32)
+            gk = fk - tl.load(xk_ptr + b * sxk + idx, mask=mask, other=0.0).to(tl.float32)
+            stored = (g - gk).to(G_ptr.dtype.element_ty)
+            f_stored = (f.to(tl.float32) - fk).to(F_ptr.dtype.element_ty)
+            acc_g += g * g
+            acc_f += f.to(tl.float32) * f.to(tl.float32)
+            dg = stored.to(tl.float32)
+        elif FROM_X:
             stored = (f.to(tl.float32) - src.to(tl.float32)).to(G_ptr.dtype.element_ty)
+            f_stored = f.to(F_ptr.dtype.element_ty)
             g = stored.to(tl.float32)
             acc_g += g * g
             acc_f += f.to(tl.float32) * f.to(tl.float32)
+            dg = g
         else:
             stored = src.to(G_ptr.dtype.element_ty)
+            f_stored = f.to(F_ptr.dtype.element_ty)
             g = src.to(tl.float32)
-        tl.store(F_ptr + b * sFb + tl.cast(slot, tl.int64) * sFm + idx, f.to(F_ptr.dtype.element_ty), mask=mask)
+            dg = g
+        tl.store(F_ptr + b * sFb + tl.cast(slot, tl.int64) * sFm + idx, f_stored, mask=mask)
         if STORE_G:  # else g is that slot already
             tl.store(G_ptr + b * sGb + tl.cast(slot, tl.int64) * sGm + idx, stored, mask=mask)
         others = (j < M) & (j != slot) & mask[None, :]  # the new slot is not read back: its entry is g . g
         h = tl.load(G_ptr + b * sGb + j * sGm + idx[None, :], mask=others, other=0.0).to(tl.float32)
         h = tl.where(j == slot, stored.to(tl.float32)[None, :], h)
-        acc += h * g[None, :]
+        acc += h * dg[None, :]
+        if DIFF:
+            acc_p += h * g[None, :]
     row = tl.arange(0, MP)
     out = out_ptr + tl.cast(c, tl.int64) * width  # this chunk's partials (64-bit: chunks * width may pass 2**31)
-    tl.store(out + b * M + row, tl.sum(acc, axis=1), mask=row < M)
+    if DIFF:  # (B, 2, M): each sample's Gram row, then its projections
+        tl.store(out + b * 2 * M + row, tl.sum(acc, axis=1), mask=row < M)
+        tl.store(out + b * 2 * M + M + row, tl.sum(acc_p, axis=1), mask=row < M)
+        rows = 2 * B * M
+    else:
+        tl.store(out + b * M + row, tl.sum(acc, axis=1), mask=row < M)
+        rows = B * M
     if FROM_X:
-        tl.store(out + B * M + b, tl.sum(acc_g, axis=0))
-        tl.store(out + B * M + B + b, tl.sum(acc_f, axis=0))
+        tl.store(out + rows + b, tl.sum(acc_g, axis=0))
+        tl.store(out + rows + B + b, tl.sum(acc_f, axis=0))
 
 
-def _launch_anderson_write(F: Tensor, G: Tensor, slot: int, fx: Tensor, src: Tensor, from_x: bool) -> Tensor:
-    """The history write's launch: its partials summed over chunks, (B * m [+ 2B],): every sample's Gram row,
-    then with ``from_x`` every sample's ||g||^2 and ||f(x)||^2 (one torch launch for all three)."""
+def _launch_anderson_write(
+    F: Tensor, G: Tensor, slot: int, fx: Tensor, src: Tensor, from_x: bool, kept: Pair | None = None
+) -> Tensor:
+    """The history write's launch: its partials summed over chunks, (B * m [+ B * m] [+ 2B],): every sample's
+    Gram row, with ``kept`` (the difference form) every sample's projections, then with ``from_x`` every sample's
+    ||g||^2 and ||f(x)||^2 (one torch launch for all of them)."""
     batch, m, dim = F.shape
     mp = _next_pow2(m)
     kernel = "anderson_residual_write" if from_x else "anderson_write"
     setting, block, steps, chunks = _grid(kernel, batch, dim, F.element_size(), mp)
-    width = batch * (m + 2 if from_x else m)
+    width = batch * ((2 if kept is not None else 1) * m + (2 if from_x else 0))
     partials = torch.empty(chunks, width, dtype=torch.float32, device=F.device)
-    vec, (D, *strides) = _aligned(F.element_size(), dim, *F.stride()[:2], *G.stride()[:2], fx.stride(0), src.stride(0))
+    xk, fk = kept if kept is not None else (src, fx)  # never read without kept
+    sizes = (dim, *F.stride()[:2], *G.stride()[:2], fx.stride(0), src.stride(0), xk.stride(0), fk.stride(0))
+    vec, (D, *strides) = _aligned(F.element_size(), *sizes)
     _anderson_write_kernel[(batch * chunks,)](
-        F, G, fx, src, partials, D, slot, *strides, chunks, batch, width, M=m, MP=mp, BLOCK=block, STEPS=steps,
-        STAGES=setting.stages, STORE_G=from_x or not reference.is_slot(G, slot, src), FROM_X=from_x, VEC=vec,
-        num_warps=setting.warps, **COMPILE_OPTIONS,
+        F, G, fx, src, xk, fk, partials, D, slot, *strides, chunks, batch, width, M=m, MP=mp, BLOCK=block,
+        STEPS=steps, STAGES=setting.stages, STORE_G=from_x or not reference.is_slot(G, slot, src), FROM_X=from_x,
+        DIFF=kept is not None, VEC=vec, num_warps=setting.warps, **COMPILE_OPTIONS,
     )  # fmt: skip
     return partials.sum(dim=0)
 
@@ -273,18 +304,27 @@ def anderson_residual_write(state: AndersonState, x: Tensor, fx: Tensor) -> tupl
     """Triton twin of reference.anderson_residual_write."""
     F, G = state.F, state.G
     _check("anderson_residual_write", F, G, x, fx)
+    batch, m, _ = F.shape
+    if state.relative:
+        _check("anderson_residual_write", state.x_kept, state.f_kept)
+        sums = _launch_anderson_write(F, G, state.slot, fx, x, from_x=True, kept=Pair(state.x_kept, state.f_kept))
+        rows = 2 * batch * m
+        return sums[rows : rows + batch], sums[rows + batch :], sums[:rows].view(batch, 2, m)
     if G.dtype != x.dtype:
         raise ValueError(f"anderson_residual_write: G must have x's dtype {x.dtype}, got {G.dtype}")
-    batch, m, _ = F.shape
     sums = _launch_anderson_write(F, G, state.slot, fx, x, from_x=True)
     return sums[batch * m : batch * (m + 1)], sums[batch * (m + 1) :], sums[: batch * m].view(batch, m)
 
 
 @triton.jit
-def _anderson_mix_kernel(F_ptr, G_ptr, a_ptr, frozen_ptr, active_ptr, out_ptr, D, beta_m1, sFb, sFm, sGb, sGm,
-                         sfz, so, n_chunks, M: tl.constexpr, BLOCK: tl.constexpr, USE_G: tl.constexpr,
-                         ALL_ACTIVE: tl.constexpr, VEC: tl.constexpr):  # fmt: skip
+def _anderson_mix_kernel(F_ptr, G_ptr, a_ptr, frozen_ptr, active_ptr, xk_ptr, fk_ptr, xn_ptr, fn_ptr, took_ptr,
+                         out_ptr, D, beta_m1, sFb, sFm, sGb, sGm, sfz, so, sk, sn, n_chunks, M: tl.constexpr,
+                         BLOCK: tl.constexpr, USE_G: tl.constexpr, ALL_ACTIVE: tl.constexpr, DIFF: tl.constexpr,
+                         VEC: tl.constexpr):  # fmt: skip
+    # DIFF (difference form): the kept pair (xk, fk) first takes the last evaluated one (xn, fn) where ``took``,
+    # and the sums start from f_kept + (beta - 1) g_kept. The kept pair's rows and the new pair's: strides sk, sn.
     D, sFb, sFm, sGb, sGm, sfz, so = D * VEC, sFb * VEC, sFm * VEC, sGb * VEC, sGm * VEC, sfz * VEC, so * VEC
+    sk, sn = sk * VEC, sn * VEC
     b, c = _sample_and_chunk(n_chunks)
     idx = c * BLOCK + tl.arange(0, BLOCK)
     mask = idx < D
@@ -293,6 +333,17 @@ def _anderson_mix_kernel(F_ptr, G_ptr, a_ptr, frozen_ptr, active_ptr, out_ptr, D
         active = tl.load(active_ptr + b)
     if active != 0:
         acc = tl.zeros([BLOCK], dtype=tl.float32)
+        if DIFF:
+            if tl.load(took_ptr + b) != 0:  # the new pair is the kept one from now on
+                xk = tl.load(xn_ptr + b * sn + idx, mask=mask, other=0.0)
+                fk = tl.load(fn_ptr + b * sn + idx, mask=mask, other=0.0)
+                tl.store(xk_ptr + b * sk + idx, xk, mask=mask)
+                tl.store(fk_ptr + b * sk + idx, fk, mask=mask)
+            else:
+                xk = tl.load(xk_ptr + b * sk + idx, mask=mask, other=0.0)
+                fk = tl.load(fk_ptr + b * sk + idx, mask=mask, other=0.0)
+            fk32 = fk.to(tl.float32)
+            acc = fk32 + beta_m1 * (fk32 - xk.to(tl.float32))
         for j in tl.static_range(M):
             a = tl.load(a_ptr + b * M + j)
             acc += a * tl.load(F_ptr + b * sFb + tl.cast(j, tl.int64) * sFm + idx, mask=mask, other=0.0).to(tl.float32)
@@ -308,15 +359,21 @@ def anderson_mix(state: AndersonState, beta: float, frozen: Tensor | None, activ
     """Triton twin of reference.anderson_mix."""
     F, G, alpha = state.F, state.G, state.alpha
     batch, m, dim = F.shape
-    frozen, active8, all_active = _frozen_and_active(frozen, active, F[:, 0])
-    _check("anderson_mix", F, G, frozen)
-    out = torch.empty(batch, dim, dtype=F.dtype, device=F.device)
+    xk, fk, xn, fn = (state.x_kept, state.f_kept, state.x_new, state.f_new) if state.relative else (F[:, 0],) * 4
+    took = state.took.view(torch.int8) if state.relative else alpha  # never read unless relative
+    frozen, active8, all_active = _frozen_and_active(frozen, active, xk if state.relative else F[:, 0])
+    _check("anderson_mix", F, G, frozen, xk, fk, xn, fn)
+    if state.relative and (xk.stride(0) != fk.stride(0) or xn.stride(0) != fn.stride(0)):
+        raise ValueError("anderson_mix: the kept pair's rows (and the new pair's) must have one stride")
+    out = torch.empty(batch, dim, dtype=xk.dtype if state.relative else F.dtype, device=F.device)
     setting, block, chunks = _stream_grid(dim, F.element_size())
     alpha32 = alpha.to(torch.float32).contiguous()
-    vec, (D, *strides) = _aligned(F.element_size(), dim, *F.stride()[:2], *G.stride()[:2], frozen.stride(0), dim)
+    sizes = (dim, *F.stride()[:2], *G.stride()[:2], frozen.stride(0), dim, xk.stride(0), xn.stride(0))
+    vec, (D, *strides) = _aligned(F.element_size(), *sizes)
     _anderson_mix_kernel[(batch * chunks,)](
-        F, G, alpha32, frozen, active8, out, D, float(beta - 1.0), *strides, chunks, M=m, BLOCK=block,
-        USE_G=beta != 1.0, ALL_ACTIVE=all_active, VEC=vec, num_warps=setting.warps, **COMPILE_OPTIONS,
+        F, G, alpha32, frozen, active8, xk, fk, xn, fn, took, out, D, float(beta - 1.0), *strides, chunks, M=m,
+        BLOCK=block, USE_G=beta != 1.0, ALL_ACTIVE=all_active, DIFF=state.relative, VEC=vec,
+        num_warps=setting.warps, **COMPILE_OPTIONS,
     )  # fmt: skip
     return out
 
@@ -416,8 +473,9 @@ def broyden_dots(state: BroydenState, new: BroydenStep) -> Tensor:
 @triton.jit
 def _broyden_combine_kernel(U_ptr, V_ptr, c_ptr, alive_ptr, g_ptr, dx_ptr, hg_ptr, hgo_ptr, v_ptr, out_ptr, D, n,
                             s_alive, sUb, sUm, sVb, sVm, sg, sdx, shg, shgo, sv, n_chunks,
-                            BLOCK: tl.constexpr, STEPS: tl.constexpr, STAGES: tl.constexpr,
+                            BLOCK: tl.constexpr, STEPS: tl.constexpr, STAGES: tl.constexpr, NORMS: tl.constexpr,
                             VEC: tl.constexpr):  # fmt: skip
+    # NORMS (a narrower history): 6 sums per sample, also ||v||^2 and ||dx - (h_g - hg)||^2 (reference.balance)
     D, sUb, sUm, sVb, sVm = D * VEC, sUb * VEC, sUm * VEC, sVb * VEC, sVm * VEC
     sg, sdx, shg, shgo, sv = sg * VEC, sdx * VEC, shg * VEC, shgo * VEC, sv * VEC
     b, c = _sample_and_chunk(n_chunks)
@@ -425,6 +483,8 @@ def _broyden_combine_kernel(U_ptr, V_ptr, c_ptr, alive_ptr, g_ptr, dx_ptr, hg_pt
     acc_dx = tl.zeros([BLOCK], dtype=tl.float32)
     acc_h = tl.zeros([BLOCK], dtype=tl.float32)
     acc_vg = tl.zeros([BLOCK], dtype=tl.float32)
+    acc_vv = tl.zeros([BLOCK], dtype=tl.float32)
+    acc_r = tl.zeros([BLOCK], dtype=tl.float32)
     for i in tl.range(STEPS, num_stages=STAGES):
         idx = (c * STEPS + i) * BLOCK + tl.arange(0, BLOCK)
         mask = idx < D
@@ -453,11 +513,17 @@ def _broyden_combine_kernel(U_ptr, V_ptr, c_ptr, alive_ptr, g_ptr, dx_ptr, hg_pt
         acc_dx += dx * dx
         acc_h += h_dg * h_dg
         acc_vg += v.to(tl.float32) * g
-    out = out_ptr + (b * n_chunks + c) * 4
+        if NORMS:
+            acc_vv += v.to(tl.float32) * v.to(tl.float32)
+            acc_r += (dx - h_dg) * (dx - h_dg)
+    out = out_ptr + (b * n_chunks + c) * (6 if NORMS else 4)
     tl.store(out, tl.sum(acc, axis=0))
     tl.store(out + 1, tl.sum(acc_dx, axis=0))
     tl.store(out + 2, tl.sum(acc_h, axis=0))
     tl.store(out + 3, tl.sum(acc_vg, axis=0))
+    if NORMS:
+        tl.store(out + 4, tl.sum(acc_vv, axis=0))
+        tl.store(out + 5, tl.sum(acc_r, axis=0))
 
 
 def broyden_combine(state: BroydenState, new: BroydenStep, coeff: Tensor) -> BroydenApplies:
@@ -467,7 +533,8 @@ def broyden_combine(state: BroydenState, new: BroydenStep, coeff: Tensor) -> Bro
     batch, _, dim = U.shape
     setting, block, steps, chunks = _grid("broyden_combine", batch, dim, U.element_size())
     h_g, v = torch.empty_like(g), torch.empty_like(g)
-    partials = torch.empty(batch, chunks, 4, dtype=torch.float32, device=U.device)
+    norms = U.dtype != g.dtype  # a narrower history: the norms of its balanced terms too
+    partials = torch.empty(batch, chunks, 6 if norms else 4, dtype=torch.float32, device=U.device)
     coeff32 = coeff.to(torch.float32).contiguous()
     sizes = (dim, *U.stride()[:2], *V.stride()[:2], *(t.stride(0) for t in (g, dx, h_g, hg, v)))
     vec, (D, *strides) = _aligned(U.element_size(), *sizes)
@@ -476,7 +543,7 @@ def broyden_combine(state: BroydenState, new: BroydenStep, coeff: Tensor) -> Bro
     _broyden_combine_kernel[(batch * chunks,)](
         U, V, coeff32, alive.view(torch.int8), g, dx, h_g, hg, v, partials, D, n, alive.stride(0), *strides, chunks,
         BLOCK=block, STEPS=steps,
-        STAGES=setting.stages, VEC=vec, num_warps=setting.warps, **COMPILE_OPTIONS,
+        STAGES=setting.stages, NORMS=norms, VEC=vec, num_warps=setting.warps, **COMPILE_OPTIONS,
     )  # fmt: skip
     return BroydenApplies(h_g, v, partials.sum(dim=1))
 
@@ -587,10 +654,13 @@ def best_update(loop: LoopBuffers, new: Pair, prev: Pair, take: Tensor) -> None:
 
 
 @triton.jit
-def _mixing_weights(gram, valid, newest, ridge, max_coeff, M: tl.constexpr, MP: tl.constexpr):
+def _mixing_weights(gram, valid, newest, proj, ridge, max_coeff, M: tl.constexpr, MP: tl.constexpr,
+                    DIFF: tl.constexpr):  # fmt: skip
     """One sample's Anderson weights from its (MP, MP) fp32 Gram tile: scale to unit diagonal, add the ridge,
     solve by elimination in fp64 registers (SPD: no pivoting), normalise. Returns (alpha, ill): a sample whose
-    weights are not finite or too large is ill and gets alpha = newest."""
+    weights are not finite or too large is ill and gets alpha = newest (pass none with DIFF).
+    DIFF (difference form): the right-hand side is the projections ``proj`` (MP,), and the weights are
+    -gamma, not normalised, their size 1 + 2 ||gamma||_1 (reference.anderson_coefficients)."""
     i = tl.arange(0, MP)
     rows, cols = i[:, None], i[None, :]
     gram = gram.to(tl.float64)
@@ -598,7 +668,7 @@ def _mixing_weights(gram, valid, newest, ridge, max_coeff, M: tl.constexpr, MP: 
     scale = tl.where(valid, 1.0 / tl.sqrt(tl.maximum(diag, 1e-300)), 0.0)
     a = scale[:, None] * gram * scale[None, :]
     a = tl.where(rows == cols, a + tl.where(valid, ridge, 1.0)[:, None], a)  # unused (and padded) slots: 1
-    rhs = scale
+    rhs = scale * proj.to(tl.float64) if DIFF else scale
     for k in tl.static_range(M - 1):  # forward elimination
         pivot_row = tl.sum(tl.where(rows == k, a, 0.0), axis=0)  # (MP,) over columns
         pivot = tl.sum(tl.where(i == k, pivot_row, 0.0), axis=0)
@@ -613,18 +683,24 @@ def _mixing_weights(gram, valid, newest, ridge, max_coeff, M: tl.constexpr, MP: 
         rest = tl.sum(tl.where(i > k, row * y, 0.0), axis=0)
         y = tl.where(i == k, (tl.sum(tl.where(i == k, rhs, 0.0), axis=0) - rest) / akk, y)
     w = scale * y
-    alpha = (w / tl.sum(w, axis=0)).to(tl.float32)
-    size = tl.sum(tl.abs(alpha), axis=0)
+    if DIFF:
+        alpha = (-w).to(tl.float32)
+        size = 1 + 2 * tl.sum(tl.abs(alpha), axis=0)
+    else:
+        alpha = (w / tl.sum(w, axis=0)).to(tl.float32)
+        size = tl.sum(tl.abs(alpha), axis=0)
     ill = (size != size) | (size > max_coeff)  # NaN (inf - inf, 0 / 0) or too large; +inf > max_coeff
     return tl.where(ill, tl.where(newest, 1.0, 0.0), alpha), ill
 
 
 @triton.jit
 def _anderson_absorb_kernel(gram_ptr, row_ptr, valid_ptr, newest_ptr, kept_ptr, gnorm_ptr, restarts_ptr, alpha_ptr,
-                            slot, growth, ridge, max_coeff, M: tl.constexpr, MP: tl.constexpr,
-                            USE_GROWTH: tl.constexpr):  # fmt: skip
+                            took_ptr, slot, growth, ridge, max_coeff, M: tl.constexpr, MP: tl.constexpr,
+                            USE_GROWTH: tl.constexpr, DIFF: tl.constexpr):  # fmt: skip
     # One program per sample: the new pair's Gram row and column, the history's validity, the newest slot and
     # the blow-up restart; then the next mixing weights from the updated Gram matrix, still in registers.
+    # DIFF (difference form): rows (B, 2, M), the Gram row then the projections; a restart keeps no slot
+    # (the newest pair is the kept one, outside the history), and ``took`` says whether the new pair is kept.
     b = tl.program_id(0).to(tl.int64)  # 64-bit offsets: B * m * D may pass 2**31
     i = tl.arange(0, MP)
     rows, cols = i[:, None], i[None, :]
@@ -634,8 +710,15 @@ def _anderson_absorb_kernel(gram_ptr, row_ptr, valid_ptr, newest_ptr, kept_ptr, 
     blown = ((gnorm <= growth * kept) == 0) if USE_GROWTH else gnorm < 0.0  # else never (NaN < 0 is False)
     valid = tl.load(valid_ptr + b * M + i, mask=inside, other=0) != 0
     newest = tl.load(newest_ptr + b * M + i, mask=inside, other=0) != 0
-    valid = valid & ((blown == 0) | newest)
-    row = tl.load(row_ptr + b * M + i, mask=inside, other=0.0)
+    none = i < 0  # DIFF: no slot survives a restart (the newest pair is the kept one, outside the history)
+    if DIFF:
+        row = tl.load(row_ptr + b * 2 * M + i, mask=inside, other=0.0)
+        proj = tl.load(row_ptr + b * 2 * M + M + i, mask=inside, other=0.0)
+        tl.store(took_ptr + b, (blown == 0).to(tl.int8))
+    else:
+        row = tl.load(row_ptr + b * M + i, mask=inside, other=0.0)
+        proj = row  # not read
+    valid = valid & ((blown == 0) | (none if DIFF else newest))
     gram = tl.load(gram_ptr + b * M * M + rows * M + cols, mask=(rows < M) & (cols < M), other=0.0)
     gram = tl.where(rows == slot, row[None, :], gram)
     gram = tl.where(cols == slot, row[:, None], gram)
@@ -643,9 +726,10 @@ def _anderson_absorb_kernel(gram_ptr, row_ptr, valid_ptr, newest_ptr, kept_ptr, 
     tl.store(gram_ptr + b * M * M + i * M + slot, row, mask=inside)
     valid = tl.where(i == slot, blown == 0, valid)
     newest = tl.where(blown, newest, i == slot)
-    alpha, ill = _mixing_weights(gram, valid, newest, ridge, max_coeff, M, MP)
+    keep = none if DIFF else newest
+    alpha, ill = _mixing_weights(gram, valid, keep, proj, ridge, max_coeff, M, MP, DIFF)
     tl.store(alpha_ptr + b * M + i, alpha, mask=inside)
-    tl.store(valid_ptr + b * M + i, (valid & ((ill == 0) | newest)).to(tl.int8), mask=inside)
+    tl.store(valid_ptr + b * M + i, (valid & ((ill == 0) | keep)).to(tl.int8), mask=inside)
     tl.store(newest_ptr + b * M + i, newest.to(tl.int8), mask=inside)
     tl.store(kept_ptr + b, tl.where(blown, kept, gnorm))
     tl.store(restarts_ptr + b, tl.load(restarts_ptr + b) + blown.to(tl.int64) + ill.to(tl.int64))
@@ -667,10 +751,11 @@ def anderson_absorb(
         if not t.is_contiguous():
             raise ValueError(f"anderson_absorb: {name} must be contiguous, got strides {t.stride()}")
     alpha = torch.empty(batch, m, dtype=torch.float32, device=gram.device)
+    took = state.took.view(torch.int8) if state.relative else valid.view(torch.int8)  # never written unless relative
     _anderson_absorb_kernel[(batch,)](
-        gram, row, valid.view(torch.int8), newest.view(torch.int8), kept_gnorm, gnorm, restarts, alpha, state.slot,
-        float(growth if growth is not None else 0.0), float(ridge), float(max_coeff), M=m,
-        MP=_next_pow2(max(m, 2)), USE_GROWTH=growth is not None, **COMPILE_OPTIONS,
+        gram, row, valid.view(torch.int8), newest.view(torch.int8), kept_gnorm, gnorm, restarts, alpha, took,
+        state.slot, float(growth if growth is not None else 0.0), float(ridge), float(max_coeff), M=m,
+        MP=_next_pow2(max(m, 2)), USE_GROWTH=growth is not None, DIFF=state.relative, **COMPILE_OPTIONS,
     )  # fmt: skip
     return alpha
 
@@ -678,15 +763,16 @@ def anderson_absorb(
 @triton.jit
 def _broyden_finish_kernel(U_ptr, V_ptr, x_ptr, xo_ptr, g_ptr, go_ptr, dx_ptr, hg_ptr, v_ptr, hgo_ptr, sums_ptr,
                            gn_ptr, gno_ptr, alive_ptr, restarts_ptr, x_out, g_out, gn_out, hg_out, step_out, D, slot,
-                           growth,
+                           growth, s_sums,
                            sUb, sUm, sVb, sVm, n_chunks, M: tl.constexpr, MP: tl.constexpr,
-                           BLOCK: tl.constexpr, VEC: tl.constexpr):  # fmt: skip
+                           BLOCK: tl.constexpr, BALANCE: tl.constexpr, VEC: tl.constexpr):  # fmt: skip
+    # BALANCE (a history narrower than the iterate): the term is stored as (s u, v / s), reference.balance
     D, sUb, sUm, sVb, sVm = D * VEC, sUb * VEC, sUm * VEC, sVb * VEC, sVm * VEC  # the vectors: contiguous rows of D
     b, c = _sample_and_chunk(n_chunks)
-    denom = tl.load(sums_ptr + b * 4)
-    dx_sq = tl.load(sums_ptr + b * 4 + 1)
-    h_dg_sq = tl.load(sums_ptr + b * 4 + 2)
-    v_g = tl.load(sums_ptr + b * 4 + 3)
+    denom = tl.load(sums_ptr + b * s_sums)
+    dx_sq = tl.load(sums_ptr + b * s_sums + 1)
+    h_dg_sq = tl.load(sums_ptr + b * s_sums + 2)
+    v_g = tl.load(sums_ptr + b * s_sums + 3)
     finite = (denom == denom) & (tl.abs(denom) < float("inf"))
     ok = finite & (tl.abs(denom) > 1e-12 * tl.sqrt_rn(dx_sq) * tl.sqrt_rn(h_dg_sq))  # no fp32 overflow
     gnorm = tl.load(gn_ptr + b)
@@ -698,10 +784,18 @@ def _broyden_finish_kernel(U_ptr, V_ptr, x_ptr, xo_ptr, g_ptr, go_ptr, dx_ptr, h
     dx = tl.load(dx_ptr + row, mask=mask, other=0.0).to(tl.float32)
     h_g = tl.load(hg_ptr + row, mask=mask, other=0.0).to(tl.float32)
     u = tl.div_rn(dx - (h_g - tl.load(hgo_ptr + row, mask=mask, other=0.0).to(tl.float32)), tl.where(ok, denom, 1.0))
-    tl.store(U_ptr + b * sUb + tl.cast(slot, tl.int64) * sUm + idx, u.to(U_ptr.dtype.element_ty), mask=mask)
-    tl.store(
-        V_ptr + b * sVb + tl.cast(slot, tl.int64) * sVm + idx, tl.load(v_ptr + row, mask=mask, other=0.0), mask=mask
-    )
+    v = tl.load(v_ptr + row, mask=mask, other=0.0)
+    if BALANCE:
+        v_norm = tl.sqrt_rn(tl.load(sums_ptr + b * s_sums + 4))
+        r_sq = tl.load(sums_ptr + b * s_sums + 5)
+        s = tl.sqrt_rn(tl.div_rn(v_norm * tl.abs(denom), tl.sqrt_rn(tl.where(r_sq > 0, r_sq, 1.0))))
+        s = tl.where(ok & (r_sq > 0) & (s > 0) & (s < float("inf")), s, 1.0)
+        tl.store(U_ptr + b * sUb + tl.cast(slot, tl.int64) * sUm + idx, (u * s).to(U_ptr.dtype.element_ty), mask=mask)
+        v_stored = tl.div_rn(v.to(tl.float32), s).to(V_ptr.dtype.element_ty)
+    else:
+        tl.store(U_ptr + b * sUb + tl.cast(slot, tl.int64) * sUm + idx, u.to(U_ptr.dtype.element_ty), mask=mask)
+        v_stored = v
+    tl.store(V_ptr + b * sVb + tl.cast(slot, tl.int64) * sVm + idx, v_stored, mask=mask)
     g_old = tl.load(go_ptr + row, mask=mask, other=0.0)
     if blown:  # stay at the old iterate with H = -I
         x_keep = tl.load(xo_ptr + row, mask=mask, other=0.0)
@@ -738,6 +832,8 @@ def broyden_finish(state: BroydenState, new: BroydenStep, applies: BroydenApplie
     for name, t in {"sums": sums, "gnorm": gnorm, "gnorm_old": gnorm_old}.items():
         if t.dtype != torch.float32 or not t.is_contiguous():
             raise ValueError(f"broyden_finish: {name} must be contiguous fp32, got {t.dtype}, strides {t.stride()}")
+    if U.dtype != x.dtype and sums.shape[1] != 6:
+        raise ValueError(f"broyden_finish: a history narrower than x needs 6 sums per sample, got {sums.shape[1]}")
     batch, m, dim = U.shape
     x_new, g_new, hg_new, step = torch.empty_like(x), torch.empty_like(g), torch.empty_like(g), torch.empty_like(x)
     gnorm_new = torch.empty_like(gnorm)
@@ -745,7 +841,8 @@ def broyden_finish(state: BroydenState, new: BroydenStep, applies: BroydenApplie
     vec, (D, *strides) = _aligned(x.element_size(), dim, *U.stride()[:2], *V.stride()[:2])
     _broyden_finish_kernel[(batch * chunks,)](
         U, V, x, x_old, g, g_old, dx, h_g, v, hg_old, sums, gnorm, gnorm_old, alive.view(torch.int8), restarts,
-        x_new, g_new, gnorm_new, hg_new, step, D, slot, float(growth), *strides, chunks, M=m,
-        MP=_next_pow2(max(m, 2)), BLOCK=block, VEC=vec, num_warps=setting.warps, **COMPILE_OPTIONS,
+        x_new, g_new, gnorm_new, hg_new, step, D, slot, float(growth), sums.shape[1], *strides, chunks, M=m,
+        MP=_next_pow2(max(m, 2)), BLOCK=block, BALANCE=U.dtype != x.dtype, VEC=vec, num_warps=setting.warps,
+        **COMPILE_OPTIONS,
     )  # fmt: skip
     return replace(state, x=x_new, g=g_new, gnorm=gnorm_new, hg=hg_new, next_x=step, count=slot + 1)

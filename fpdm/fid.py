@@ -18,7 +18,7 @@ from .checkpoint import first_line
 from .checks import InputError
 from .files import atomic_write
 from .images import to_uint8
-from .inception import FIDInceptionV3
+from .inception import SPATIAL_FEATURES, FIDInceptionV3
 from .metrics import FeatureStats, feature_stats, frechet_to_moments, inception_score, precision_recall
 
 __all__ = [
@@ -149,9 +149,9 @@ def inception_outputs(
     parts = []
     for i in track(batches, description="Inception features", disable=not progress or rank != 0 or len(batches) < 2):
         pool, spatial = net.pixel_features(_pixels(images[i * batch_size : (i + 1) * batch_size]).to(device))
-        parts.append(torch.cat([pool, spatial], 1).double())  # (n, 2048 + 2023)
+        parts.append(torch.cat([pool, spatial], 1).double())  # (n, 2048 + SPATIAL_FEATURES)
     dims = net.fc.in_features
-    mine = torch.cat(parts) if parts else torch.empty(0, dims + 2023, dtype=torch.float64, device=device)
+    mine = torch.cat(parts) if parts else torch.empty(0, dims + SPATIAL_FEATURES, dtype=torch.float64, device=device)
     rows = _gathered(mine, len(images), batch_size, world) if world > 1 else mine
     rows = rows.cpu().numpy()
     return InceptionFeatures(rows[:, :dims], rows[:, dims:])

@@ -26,7 +26,8 @@ from torch import Tensor, nn
 __all__ = ["FIDInceptionV3", "INPUTS", "load_fid_inception", "resize_bilinear_tf1"]
 
 INPUTS = ("tf1", "pytorch-fid")  # how pixels enter the network (module docstring)
-SPATIAL_CHANNELS = 7  # sFID: the first 7 channels of TF's mixed_6/conv (Mixed_6d.branch1x1), 17 x 17 x 7 = 2023
+SPATIAL_CHANNELS = 7  # sFID: the first 7 channels of TF's mixed_6/conv (Mixed_6d.branch1x1)
+SPATIAL_FEATURES = 17 * 17 * SPATIAL_CHANNELS  # 2023
 
 
 class BasicConv2d(nn.Module):

@@ -50,6 +50,18 @@ def timed(benchmark, fn, *, rounds: int = 3):
     return result, seconds
 
 
+def interleaved(runs: dict, rounds: int) -> dict:
+    """Best seconds per call of each of ``runs`` (name -> fn), the runs alternating within every round (a shared
+    machine's load moves them alike; take ratios between them)."""
+    best = dict.fromkeys(runs, float("inf"))
+    for _ in range(rounds):
+        for name, fn in runs.items():
+            start = time.perf_counter()
+            fn()
+            best[name] = min(best[name], time.perf_counter() - start)
+    return best
+
+
 def _format(value) -> str:
     if isinstance(value, float):
         return f"{value:.3g}"

@@ -253,9 +253,11 @@ class Anderson(Solver):
         if self.relative:
             took = torch.empty(batch, dtype=torch.bool, device=x.device)
             vectors = dict(x_kept=torch.empty_like(x), f_kept=torch.empty_like(x), took=took)
+        # a fresh history: zeros only for kernels that read the slots not written yet (Triton's; the twins do not)
+        history = x.new_zeros if getattr(self.kernels, "READS_UNWRITTEN_SLOTS", True) else x.new_empty
         state = AndersonState(
-            F=x.new_empty(batch, m, dim, dtype=hdt),
-            G=x.new_empty(batch, m, dim, dtype=hdt),
+            F=history(batch, m, dim, dtype=hdt),
+            G=history(batch, m, dim, dtype=hdt),
             gram=x.new_empty(batch, m, m, dtype=sdt),
             valid=torch.empty(batch, m, dtype=torch.bool, device=x.device),
             newest=torch.empty(batch, m, dtype=torch.bool, device=x.device),
@@ -265,15 +267,21 @@ class Anderson(Solver):
             beta=torch.empty_like(gnorm) if self.beta == "auto" else None,
             **vectors,
         )
-        return self.reinit(state, x, fx, g, gnorm)
+        return self._start(state, x, fx, g, gnorm)
 
     def reinit(self, state: AndersonState, x, fx, g, gnorm) -> AndersonState:
         """``init`` into the tensors of ``state`` (a kept graph session's buffers): no new history.
 
-        The history is zeroed, not just marked invalid: a slot the mixing weighs by 0 must not hold a
-        NaN from an earlier solve (0 * NaN is NaN). Relative: the start is the kept pair, no difference
-        yet, weights 0 (the first step is x + beta g)."""
-        for t in (state.F, state.G, state.gram, state.valid, state.newest, state.restarts):
+        The history is zeroed, not just marked invalid: the session's graphs read every slot, and a slot the
+        mixing weighs by 0 must not hold a NaN from an earlier solve (0 * NaN is NaN)."""
+        state.F.zero_()
+        state.G.zero_()
+        return self._start(state, x, fx, g, gnorm)
+
+    def _start(self, state: AndersonState, x, fx, g, gnorm) -> AndersonState:
+        """The state's bookkeeping reset and the start pair taken (its history zeroed or never read before it is
+        written). Relative: the start is the kept pair, no difference yet, weights 0 (the first step is x + beta g)."""
+        for t in (state.gram, state.valid, state.newest, state.restarts):
             t.zero_()
         state.kept_gnorm.copy_(gnorm)
         if state.relative:

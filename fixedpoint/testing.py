@@ -151,14 +151,14 @@ class ReplayedGraphs(EagerGraphs):
 def anderson_state(
     F: Tensor, G: Tensor, slot: int = 0, alpha: Tensor | None = None, **buffers: Tensor
 ) -> AndersonState:
-    """An AndersonState over the history F, G (B, m, D) with ``slot`` next and mixing weights ``alpha``; the
-    absorb's buffers (gram, valid, newest, kept_gnorm, restarts, row) from ``buffers``, else zeros (kernels
-    that read only F, G never see them)."""
+    """An AndersonState over the history F, G (B, m, D), a full ring (every slot written, so read), ``slot`` next,
+    mixing weights ``alpha``; the absorb's buffers (gram, valid, newest, kept_gnorm, restarts, row) from
+    ``buffers``, else zeros (kernels that read only F, G never see them)."""
     batch, m, _ = F.shape
     zeros = partial(torch.zeros, batch, device=F.device)
     unused = {"gram": zeros(m, m), "valid": zeros(m, dtype=torch.bool), "newest": zeros(m, dtype=torch.bool),
               "kept_gnorm": zeros(), "restarts": zeros(dtype=torch.long), "row": zeros(m)}  # fmt: skip
-    return AndersonState(F=F, G=G, count=slot, alpha=alpha, **{**unused, **buffers})
+    return AndersonState(F=F, G=G, count=slot + m, alpha=alpha, **{**unused, **buffers})
 
 
 def broyden_state(U: Tensor, V: Tensor, n: int, alive: Tensor | None = None, **kept: Tensor) -> BroydenState:

@@ -1,6 +1,8 @@
-"""The CPU path's NumPy bookkeeping (fixedpoint.kernels.host) against the pure PyTorch twins: bit for bit."""
+"""The CPU path's NumPy bookkeeping (fixedpoint.kernels.host) against the pure PyTorch twins: bit for bit; and
+what the twins read of Anderson's history (only the slots written)."""
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -9,6 +11,7 @@ import fixedpoint
 from fixedpoint import Status
 from fixedpoint.kernels import host, reference, resolve
 from fixedpoint.kernels.groups import LoopBuffers, Pair, StopRule
+from fixedpoint.testing import anderson_state
 
 
 def _bookkeep_inputs(batch: int, dtype: torch.dtype, seed: int):
@@ -101,3 +104,119 @@ def test_cpu_solves_with_the_host_path_equal_the_pure_pytorch_ones(solver):
             torch.testing.assert_close(getattr(a, name), getattr(t, name), rtol=0, atol=0, equal_nan=True)
     sol = solutions[0]
     assert sol.statuses()[4] == Status.NONFINITE and (sol.status[:4] == Status.CONVERGED).all()
+
+
+def _absorb_state(batch: int, m: int, dtype: torch.dtype, relative: bool, seed: int):
+    """An Anderson state after a write to slot 2, with every case absorb meets: a blown-up sample, a nearly
+    dependent history (weights ~1e3: a restart at max_coeff 50), a NaN Gram entry, slots not in the history."""
+    gen = torch.Generator().manual_seed(seed)
+    residuals = torch.randn(batch, m, 30, generator=gen, dtype=torch.float64)
+    residuals[3, 1] = residuals[3, 0] * (1 + 1e-3)
+    gram = (residuals @ residuals.transpose(1, 2)).to(dtype)
+    gram[4, 0, 0] = math.nan
+    valid = torch.rand(batch, m, generator=gen) < 0.8
+    valid[:, :2] = True
+    newest = torch.zeros(batch, m, dtype=torch.bool)
+    newest[:, 1] = True
+    kept = torch.rand(batch, generator=gen, dtype=dtype)
+    gnorm = kept * 2
+    gnorm[5] = kept[5] * 500  # blown up (growth 100)
+    row = gram[:, 2].clone()
+    buffers = dict(gram=gram, valid=valid, newest=newest, kept_gnorm=kept, restarts=torch.arange(batch), row=row)
+    if relative:  # the row is (B, 2, m): the new difference's Gram row and the projections of g
+        projections = torch.randn(batch, m, generator=gen, dtype=dtype)
+        buffers.update(row=torch.stack([row, projections], dim=1), x_kept=torch.zeros(batch, 1),
+                       f_kept=torch.zeros(batch, 1), took=torch.zeros(batch, dtype=torch.bool))  # fmt: skip
+    F = torch.zeros(batch, m, 1)
+    return anderson_state(F, F, 2, **buffers), gnorm
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("relative", [False, True])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_host_anderson_absorb_equals_the_twin_bit_for_bit(dtype, relative, threads):
+    """Catches: NumPy sums in another order than PyTorch's (the weights' normalisation and ||alpha||_1 differ
+    in the last bit), the ridge added in fp64 where the twin's torch.where of two Python scalars rounds it to
+    fp32, a restart (blown up, ill-conditioned, NaN) or a relative sample handled otherwise, the in-place
+    buffers (gram, valid, newest, kept_gnorm, restarts, took) not written through the views, and the thread
+    count not restored after the one-thread solve."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        results = []
+        for module in (reference, host):
+            state, gnorm = _absorb_state(8, 5, dtype, relative, seed=4)
+            alpha = module.anderson_absorb(state, gnorm, growth=100.0, ridge=1e-6, max_coeff=50.0, graph_safe=False)
+            results.append([alpha, state.gram, state.valid, state.newest, state.kept_gnorm, state.restarts, state.took])
+            assert torch.get_num_threads() == threads
+    finally:
+        torch.set_num_threads(saved)
+    for a, b in zip(*results, strict=True):
+        if a is None:
+            assert b is None
+            continue
+        assert a.dtype == b.dtype and a.shape == b.shape
+        torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
+    restarts = results[1][5] - torch.arange(8)
+    assert restarts[5] == 1 and restarts[4] == 1  # blown up; NaN Gram entry
+    assert relative or restarts[3] == 1  # nearly dependent pairs: ||alpha||_1 > 50
+
+
+def test_history_slots_not_written_yet_are_never_read():
+    """Catches: the twins reading ring slots not written in this solve (a fresh history is not zero-filled on
+    the CPU path, so such a slot may hold NaN: 0 * NaN in the Gram row or the mixing would poison the sample)."""
+    gen = torch.Generator().manual_seed(5)
+    batch, m, dim = 3, 4, 7
+    for relative in (False, True):
+        F, G = (torch.full((batch, m, dim), math.nan) for _ in range(2))  # uninitialised memory, at worst
+        extra = dict(x_kept=torch.zeros(batch, dim), f_kept=torch.zeros(batch, dim), x_new=torch.zeros(batch, dim),
+                     f_new=torch.zeros(batch, dim), took=torch.zeros(batch, dtype=torch.bool),
+                     row=torch.zeros(batch, 2, m)) if relative else {}  # fmt: skip
+        state = replace(anderson_state(F, G, **extra), count=1)  # slot 0 written, slot 1 next
+        F[:, 0], G[:, 0] = torch.randn(batch, dim, generator=gen), torch.randn(batch, dim, generator=gen)
+        x, fx = torch.randn(batch, dim, generator=gen), torch.randn(batch, dim, generator=gen)
+        gsq, fsq, row = reference.anderson_residual_write(state, x, fx)
+        assert torch.isfinite(row).all() and (row[..., 2:] == 0).all()  # slots 2, 3: not written, rows 0
+        alpha = torch.zeros(batch, m)
+        alpha[:, :2] = 0.5
+        mixed = reference.anderson_mix(replace(state, count=2, alpha=alpha), 1.0, None, None)
+        assert torch.isfinite(mixed).all()
+
+
+def test_fresh_cpu_history_is_not_zero_filled_and_the_solve_is_unchanged():
+    """Catches: the CPU path zero-filling a fresh (B, m, D) history (14 MB per solve at DiT-S size) that it never
+    reads before writing, or a solve that changes when that memory holds garbage (the Triton kernels, which read
+    every slot, keep the zero fill: READS_UNWRITTEN_SLOTS)."""
+    assert not host.READS_UNWRITTEN_SLOTS and not reference.READS_UNWRITTEN_SLOTS
+    gen = torch.Generator().manual_seed(6)
+    w = torch.randn(16, 16, generator=gen)
+    w *= 0.9 / torch.linalg.matrix_norm(w, ord=2)
+    b = torch.randn(4, 16, generator=gen)
+    f = lambda z: torch.tanh(z @ w.T + b)  # noqa: E731
+    garbage = torch.Tensor.new_empty
+
+    def poisoned(self, *size, **kwargs):  # every fresh allocation from new_empty filled with NaN
+        return garbage(self, *size, **kwargs).fill_(math.nan)
+
+    clean = fixedpoint.anderson(f, torch.zeros(4, 16), m=5, tol=1e-6)
+    torch.Tensor.new_empty = poisoned
+    try:
+        dirty = fixedpoint.anderson(f, torch.zeros(4, 16), m=5, tol=1e-6)
+    finally:
+        torch.Tensor.new_empty = garbage
+    assert clean.converged.all()
+    for name in ("x", "residual", "nsteps", "status", "trace"):
+        torch.testing.assert_close(getattr(dirty, name), getattr(clean, name), rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("dim", [64, 9408])
+def test_gram_row_is_as_accurate_as_fp32_allows(dim):
+    """The Gram row as (1, D) x (D, m) per sample (on a CPU 14x faster than the (m, D) x (D, 1) product at
+    32 x 6 x 9408). Catches: a row further from the fp64 products than fp32 accumulation allows."""
+    gen = torch.Generator().manual_seed(7)
+    F, G = torch.randn(4, 6, dim, generator=gen), torch.randn(4, 6, dim, generator=gen)
+    state = anderson_state(F, G, 2)
+    row = reference.anderson_write(state, F[:, 2], G[:, 2])
+    exact = (G.double() @ G[:, 2].double()[:, :, None])[..., 0]
+    bound = dim * 2**-24 * (G.double().abs() @ G[:, 2].double().abs()[:, :, None])[..., 0]
+    assert ((row.double() - exact).abs() <= bound).all()

@@ -19,6 +19,7 @@ __all__ = [
     "best_update",
     "bookkeep",
     "is_slot",
+    "written_slots",
     "residual",
     "picard_step",
     "anderson_write",
@@ -36,6 +37,7 @@ __all__ = [
 CONVERGED, MAX_ITER, DIVERGED, NONFINITE = Status.CONVERGED, Status.MAX_ITER, Status.DIVERGED, Status.NONFINITE
 KEEP, TAKE_NEW, TAKE_PREV = 0, 1, 2  # what best_update does per sample (bookkeep's ``take``)
 REL_FLOOR = 1e-3  # stop="rel" divides by max(||f(x)||, REL_FLOOR * ||g(x0)||): a fixed point at 0 converges too
+READS_UNWRITTEN_SLOTS = False  # Anderson's kernels read only the ring slots written so far (``written_slots``)
 
 
 def residual(x: Tensor, fx: Tensor, g_out: Tensor | None) -> tuple[Tensor, Tensor]:
@@ -45,10 +47,12 @@ def residual(x: Tensor, fx: Tensor, g_out: Tensor | None) -> tuple[Tensor, Tenso
     in its own dtype, or None when nobody reads g (nothing is written).
     """
     acc = stat_dtype(x.dtype)
-    g = fx - x
-    if g_out is not None:
-        g_out.copy_(g)
-        g = g_out  # the norm of g as stored
+    if g_out is None:
+        g = fx - x
+    elif g_out.dtype == fx.dtype:  # straight into the buffer: no (B, D) temporary and copy
+        g = torch.sub(fx, x, out=g_out)
+    else:
+        g = g_out.copy_(fx - x)  # the norm of g as stored
     norm = torch.linalg.vector_norm
     return norm(g, dim=1, dtype=acc).square(), norm(fx, dim=1, dtype=acc).square()
 
@@ -62,8 +66,9 @@ def anderson_write(state: AndersonState, fx: Tensor, g: Tensor) -> Tensor:
     F[:, slot] = fx
     if not is_slot(G, slot, g):
         G[:, slot] = g
-    acc = stat_dtype(g.dtype)
-    return torch.bmm(G.to(acc), g.to(acc).unsqueeze(2)).squeeze(2)
+    acc, n = stat_dtype(g.dtype), written_slots(state, 1)
+    # as (1, D) x (D, n) per sample: on a CPU 14x faster than G g (32 x 6 x 9408) and closer to the fp64 products
+    return _padded(torch.bmm(g.to(acc).unsqueeze(1), G[:, :n].to(acc).transpose(1, 2)).squeeze(1), G.shape[1])
 
 
 def anderson_residual_write(state: AndersonState, x: Tensor, fx: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -82,9 +87,21 @@ def anderson_residual_write(state: AndersonState, x: Tensor, fx: Tensor) -> tupl
     gsq, fsq = residual(x, fx, g)
     G[:, slot] = g - (state.f_kept - state.x_kept)
     F[:, slot] = fx - state.f_kept
-    history = G.to(acc)
-    rows = torch.bmm(history, torch.stack([history[:, slot], g.to(acc)], dim=2))  # (B, m, 2)
-    return gsq, fsq, rows.transpose(1, 2)
+    history = G[:, : written_slots(state, 1)].to(acc)  # (B, n, D)
+    rows = torch.bmm(torch.stack([history[:, slot], g.to(acc)], dim=1), history.transpose(1, 2))  # (B, 2, n)
+    return gsq, fsq, _padded(rows, G.shape[1])
+
+
+def written_slots(state: AndersonState, new: int = 0) -> int:
+    """How many ring slots hold this solve's pairs (relative: differences), ``new`` being written now included:
+    the ring fills in order from slot 0, so they are the first ones. The twins read only those, so a fresh
+    history needs no zero fill (``READS_UNWRITTEN_SLOTS``) and the first m iterations read fewer slots."""
+    return min(state.count + new, state.F.shape[1])
+
+
+def _padded(rows: Tensor, m: int) -> Tensor:
+    """Gram rows (..., n) over the written slots as (..., m), zeros for the slots not written yet."""
+    return rows if rows.shape[-1] == m else torch.nn.functional.pad(rows, (0, m - rows.shape[-1]))
 
 
 def is_slot(history: Tensor, slot: int, t: Tensor) -> bool:
@@ -102,9 +119,10 @@ def anderson_mix(state: AndersonState, beta: float, frozen: Tensor | None, activ
     Relative: first the kept pair takes the last evaluated one where ``took`` (active samples, in place),
     then x = f_kept + (beta - 1) g_kept + the same sums over the differences; (B, D) in x_kept's dtype.
     """
-    F, G, alpha = state.F, state.G, state.alpha
+    n = written_slots(state)  # the weights of the others are 0
+    F, G, alpha = state.F[:, :n], state.G[:, :n], state.alpha
     acc = alpha.dtype
-    a = alpha.unsqueeze(1)  # (B, 1, m)
+    a = alpha[:, :n].unsqueeze(1)  # (B, 1, n)
     x = torch.bmm(a, F.to(acc)).squeeze(1)
     if beta != 1.0:
         x = x + (beta - 1.0) * torch.bmm(a, G.to(acc)).squeeze(1)

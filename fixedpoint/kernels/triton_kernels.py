@@ -42,6 +42,8 @@ __all__ = [
     "residual",
 ]
 
+READS_UNWRITTEN_SLOTS = True  # Anderson's kernels read all m ring slots: a fresh history is zero-filled
+
 
 @dataclass(frozen=True)
 class LaunchSetting:

@@ -244,7 +244,7 @@ def test_two_ranks_extract_the_one_process_features_bit_for_bit(tmp_path, weight
     args = ["-m", "fpdm.evaluate", "--samples", str(tmp_path / "gen.npz"), "--inception", str(weights),
             "--ref-stats", str(tmp_path / "ref.npz"), "--quiet", "--device", "cpu"]  # fmt: skip
     one = launch([sys.executable, *args, "--save-stats", str(tmp_path / "one.npz")], tmp_path, "one", "fpdm.evaluate")
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29533"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
     two = launch([*torchrun, *args, "--save-stats", str(tmp_path / "two.npz")], tmp_path, "two", "fpdm.evaluate")
     assert one.returncode == 0 and two.returncode == 0, (one.stderr, two.stderr)
     assert two.stdout.count("inception_fid") == 1  # rank 0 prints

@@ -12,13 +12,12 @@ three alike). The cuda rows run where a GPU is (impl="auto": the Triton kernels)
 
 from __future__ import annotations
 
-import math
-import time
 from collections.abc import Callable
 from functools import partial
 
 import pytest
 import torch
+from conftest import interleaved
 
 import fixedpoint
 from fixedpoint.testing import linear_deq
@@ -35,18 +34,8 @@ PER_ITER = "low-precision history: ms per iteration on a free map at DiT-block s
 ROUNDS = 5
 
 
-def _interleaved(runs: dict, device: str, rounds: int = ROUNDS) -> dict:
-    """Best seconds per call of each of ``runs`` (name -> fn), the runs alternating within every round."""
-    best = dict.fromkeys(runs, math.inf)
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    for _ in range(rounds):
-        for name, fn in runs.items():
-            sync()
-            start = time.perf_counter()
-            fn()
-            sync()
-            best[name] = min(best[name], time.perf_counter() - start)
-    return best
+def _interleaved(runs: dict, device: str) -> dict:
+    return interleaved(runs, ROUNDS, sync=torch.cuda.synchronize if device == "cuda" else lambda: None)
 
 
 def _problem(kind: str, device: str) -> tuple[Callable, torch.Tensor]:

@@ -50,14 +50,17 @@ def timed(benchmark, fn, *, rounds: int = 3):
     return result, seconds
 
 
-def interleaved(runs: dict, rounds: int) -> dict:
+def interleaved(runs: dict, rounds: int, sync=lambda: None) -> dict:
     """Best seconds per call of each of ``runs`` (name -> fn), the runs alternating within every round (a shared
-    machine's load moves them alike; take ratios between them)."""
+    machine's load moves them alike; take ratios between them). ``sync``: called before and after each call
+    (``torch.cuda.synchronize`` on a GPU)."""
     best = dict.fromkeys(runs, float("inf"))
     for _ in range(rounds):
         for name, fn in runs.items():
+            sync()
             start = time.perf_counter()
             fn()
+            sync()
             best[name] = min(best[name], time.perf_counter() - start)
     return best
 

@@ -97,11 +97,18 @@ def _damped(x: Tensor, fx: Tensor, beta: Tensor) -> Tensor:
     return (xa + beta[:, None] * (fx.to(acc) - xa)).to(x.dtype)
 
 
+def _flat(x0: object) -> object:
+    """x0 as the loop will see it: a structured state's flat (B, D) stand-in (its leaves' dtype and device);
+    anything else as it is (bad x0 is left for solve()'s own, clearer, message)."""
+    if _tree.is_structure(x0):
+        with suppress(TypeError, ValueError):
+            return _tree.Layout.of(x0, "x0").stand_in()
+    return x0
+
+
 def _flat_dtype(x0: object) -> torch.dtype | None:
     """The dtype the loop will iterate in (a structured state: its leaves'), or None for x0 that solve() refuses."""
-    if _tree.is_structure(x0):
-        with suppress(TypeError, ValueError):  # left for solve()'s message
-            x0 = _tree.Layout.of(x0, "x0").stand_in()
+    x0 = _flat(x0)
     return x0.dtype if isinstance(x0, Tensor) and x0.is_floating_point() else None
 
 
@@ -129,9 +136,7 @@ def check_history_dtype(history_dtype: object, dtype: torch.dtype | None) -> tor
 def _kernels(impl: str, x0: Tensor) -> ModuleType:
     """The kernel module for ``impl`` and data like x0 (a structured state: its flat (B, D) form); bad x0 is left
     for the loop's own checks (a clearer error)."""
-    if _tree.is_structure(x0):
-        with suppress(TypeError, ValueError):  # left for solve()'s message
-            x0 = _tree.Layout.of(x0, "x0").stand_in()
+    x0 = _flat(x0)
     if not isinstance(x0, Tensor) or not x0.is_floating_point():
         kernel_modules.check_impl(impl)
         return kernel_modules.reference

@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from .checkpoint import first_line
 from .checks import InputError
 
 __all__ = [
@@ -211,7 +212,7 @@ def decode_image(path: str | Path, size: int) -> np.ndarray:
         with Image.open(path) as img:
             arr = center_crop(img.convert("RGB"), size)
     except (OSError, ValueError) as err:  # PIL's UnidentifiedImageError is an OSError
-        raise InputError(f"cannot read image {path}: {str(err).splitlines()[0]}") from None
+        raise InputError(f"cannot read image {path}: {first_line(err)}") from None
     return arr.transpose(2, 0, 1)
 
 
@@ -364,7 +365,7 @@ def read_manifest(root: Path) -> dict | None:
         if type(manifest["shards_total"]) is not int or type(manifest["num_classes"]) is not int:
             raise ValueError("shards_total and num_classes must be integers")
     except (OSError, ValueError, KeyError, TypeError) as err:
-        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        reason = first_line(err)
         raise InputError(f"latent manifest {path} is damaged ({reason}); move it away (shards it listed are "
                          "encoded again) or re-encode") from None  # fmt: skip
     return manifest
@@ -405,7 +406,7 @@ class LatentShards(Dataset):
                 with np.load(shard) as data:
                     num_classes = max(num_classes, int(data["num_classes"]) if "num_classes" in data else 0)
             except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile) as err:
-                reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+                reason = first_line(err)
                 raise InputError(f"cannot read latent shard {shard}: {reason}") from None
             if len(latents.shape) != 4 or len(latents) == 0 or len(labels[-1]) != len(latents):
                 raise InputError(f"latent shard {shard} holds latents {latents.shape} and labels "

@@ -41,7 +41,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -473,27 +472,20 @@ def _cross_check(args: argparse.Namespace, images, features: InceptionFeatures, 
 
 def _distributed_images(args: argparse.Namespace, progress: bool) -> dict:
     """evaluate_images under torchrun (gloo on a CPU, nccl on CUDA): the Inception features over the ranks."""
-    from .train import close_distributed, setup_distributed
+    from .train import process_group
 
-    rank, _, device = setup_distributed(args.device)
-    try:
-        result = evaluate_images(args, device=device, progress=progress, rank=rank)
-    except BaseException:  # no barrier: the other ranks may not get there
-        if dist.is_initialized():
-            dist.destroy_process_group()
-        raise
-    close_distributed()
-    return result
+    with process_group(args.device) as (rank, _, device):
+        return evaluate_images(args, device=device, progress=progress, rank=rank)
 
 
 def main(args: argparse.Namespace) -> dict | list[dict]:
     progress = not args.quiet
+    device = checks.device(args.device)  # a bad --device is one line in every process, before a group forms
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         if not (args.samples or args.save_stats):
             raise InputError("under torchrun fpdm.evaluate shares the Inception features of --samples or "
                              "--save-stats over the ranks; a budget sweep (--ckpt) runs in one process")  # fmt: skip
         return _distributed_images(args, progress)
-    device = checks.device(args.device)
     if args.samples or args.save_stats:
         return evaluate_images(args, device=device, progress=progress)
     if not args.ckpt:

@@ -17,7 +17,7 @@ from torch import Tensor
 from .checkpoint import first_line
 from .checks import InputError
 from .files import atomic_write
-from .images import to_uint8
+from .images import from_uint8, to_uint8
 from .inception import SPATIAL_FEATURES, FIDInceptionV3
 from .metrics import FeatureStats, feature_stats, frechet_to_moments, inception_score, precision_recall
 
@@ -33,13 +33,6 @@ __all__ = [
 
 IMAGE_KEYS = ("arr_0", "images")  # ADM's layout, which python -m fpdm.sample writes since 0.2; ours before it
 LABEL_KEYS = ("labels", "arr_1")  # ours; ADM's sample scripts save class labels as arr_1
-
-
-def _npz_keys(path: str | Path, what: str) -> set[str]:
-    """The keys of the npz archive ``path``; an InputError naming ``what`` when it is not one."""
-    found: list[str] = []
-    _npz_arrays(path, what, lambda keys: found.extend(keys) or {})
-    return set(found)
 
 
 def _npz_arrays(path: str | Path, what: str, roles) -> dict[str, np.ndarray]:
@@ -89,11 +82,6 @@ def read_samples(path: str | Path) -> tuple[Tensor, Tensor]:
     if labels.dtype.kind not in "iu" or labels.shape != pixels.shape[:1]:
         raise InputError(f"{what}: its labels are {labels.dtype} of shape {labels.shape} for {len(pixels)} images")
     return from_uint8(pixels), torch.from_numpy(labels.astype(np.int64))
-
-
-def from_uint8(pixels: np.ndarray | Tensor) -> Tensor:
-    """uint8 images (N, H, W, C) -> (N, C, H, W) float32 in [-1, 1] (0 -> -1, 255 -> 1)."""
-    return torch.as_tensor(pixels).permute(0, 3, 1, 2).float() / 127.5 - 1
 
 
 def quantize(images: Tensor) -> Tensor:
@@ -221,12 +209,15 @@ def read_inception_reference(
     ``net``. A file whose ``input`` (how its pixels entered the network) differs from ``net``'s is refused.
     Anything else is an InputError naming the file, the keys missing and those found."""
     what = f"reference statistics {path} (mu and sigma, or uint8 images arr_0)"
-    keys = _npz_keys(path, what)
-    wanted = {"mu": ("mu",), "sigma": ("sigma",)} if {"mu", "sigma"} & keys else {}
-    wanted.update({k: (k,) for k in ("mu_s", "sigma_s", "input") if k in keys})
-    if "mu" not in wanted or (images and net is not None and set(IMAGE_KEYS) & keys):
-        wanted["images"] = IMAGE_KEYS
-    arrays = _npz_arrays(path, what, wanted)
+
+    def roles(keys: list[str]) -> dict[str, tuple[str, ...]]:  # what to read, from what the file holds
+        wanted = {"mu": ("mu",), "sigma": ("sigma",)} if {"mu", "sigma"} & set(keys) else {}
+        wanted.update({k: (k,) for k in ("mu_s", "sigma_s", "input") if k in keys})
+        if "mu" not in wanted or (images and net is not None and set(IMAGE_KEYS) & set(keys)):
+            wanted["images"] = IMAGE_KEYS
+        return wanted
+
+    arrays = _npz_arrays(path, what, roles)
     if net is not None and "input" in arrays and str(arrays["input"]) != net.input:
         raise InputError(f"{what}: its statistics are of the {arrays['input']} input; this network's is "
                          f"{net.input} (--inception-input)")  # fmt: skip

@@ -11,13 +11,19 @@ from torch import Tensor
 
 from .files import atomic_write
 
-__all__ = ["to_uint8", "grid_image", "save_grid", "plot_loss_curve", "smooth_curve"]
+__all__ = ["to_uint8", "from_uint8", "grid_image", "save_grid", "plot_loss_curve", "smooth_curve"]
 
 
 def to_uint8(images: Tensor) -> np.ndarray:
     """(N, C, H, W) in [-1, 1] -> (N, H, W, C) uint8."""
     pixels = ((images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
     return pixels.permute(0, 2, 3, 1).numpy()
+
+
+def from_uint8(pixels: np.ndarray | Tensor) -> Tensor:
+    """uint8 images (N, H, W, C) -> (N, C, H, W) float32 in [-1, 1] (0 -> -1, 255 -> 1): ``to_uint8``'s inverse
+    on its 256 levels."""
+    return torch.as_tensor(pixels).permute(0, 3, 1, 2).float() / 127.5 - 1
 
 
 def grid_image(images: Tensor, *, nrow: int, scale: int = 1, pad: int = 1):

@@ -90,11 +90,15 @@ class InceptionC(nn.Module):
         self.branch_pool = BasicConv2d(cin, 192, kernel_size=1)
 
     def forward(self, x: Tensor) -> Tensor:
+        return torch.cat(self.branches(x), 1)
+
+    def branches(self, x: Tensor) -> list[Tensor]:
+        """The four branches' outputs, 1x1 first (sFID reads Mixed_6d's)."""
         b7 = self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x)))
         d = self.branch7x7dbl_1(x)
         for layer in (self.branch7x7dbl_2, self.branch7x7dbl_3, self.branch7x7dbl_4, self.branch7x7dbl_5):
             d = layer(d)
-        return torch.cat([self.branch1x1(x), b7, d, self.branch_pool(_avg_pool_tf(x))], 1)
+        return [self.branch1x1(x), b7, d, self.branch_pool(_avg_pool_tf(x))]
 
 
 class InceptionD(nn.Module):
@@ -219,8 +223,11 @@ class FIDInceptionV3(nn.Module):
         for name in ("5b", "5c", "5d", "6a", "6b", "6c", "6d", "6e", "7a", "7b", "7c"):
             block = getattr(self, f"Mixed_{name}")
             if name == "6d":
-                spatial = block.branch1x1(x)[:, :SPATIAL_CHANNELS].permute(0, 2, 3, 1).flatten(1)  # (N, 17*17*7)
-            x = block(x)
+                parts = block.branches(x)
+                spatial = parts[0][:, :SPATIAL_CHANNELS].permute(0, 2, 3, 1).flatten(1)  # (N, 17*17*7)
+                x = torch.cat(parts, 1)
+            else:
+                x = block(x)
         return F.adaptive_avg_pool2d(x, 1).flatten(1), spatial  # (N, 2048), (N, 2023)
 
     def logits(self, features: Tensor) -> Tensor:

@@ -49,9 +49,9 @@ from .checks import InputError
 from .diffusion import Diffusion, guided
 from .encode import decode, load_vae
 from .files import atomic_write, json_writer, write_set
-from .images import grid_image, to_uint8
+from .images import from_uint8, grid_image, to_uint8
 from .models import FPDM, DiT, ModelConfig, fixed_iterations
-from .train import close_distributed, setup_distributed
+from .train import process_group
 from .weights import read_weights
 
 __all__ = [
@@ -344,19 +344,11 @@ def _labels(classes: str | list[int], num: int, num_classes: int, seed: int) -> 
 def main(args: argparse.Namespace) -> dict:
     """The command: under torchrun (WORLD_SIZE > 1) each of the processes samples its share of the batches (gloo
     on a CPU, nccl on CUDA) and rank 0 writes the set; returns stats.json's content (rank 0; {} elsewhere)."""
-    dev = checks.device(args.device)
-    rank, world = 0, int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1:
-        rank, world, dev = setup_distributed(args.device)
-    try:
-        result = run_job(prepare(args, dev, rank), rank, world)
-    except BaseException:  # no barrier: the other ranks may not get there
-        if world > 1 and dist.is_initialized():
-            dist.destroy_process_group()
-        raise
-    if world > 1:
-        close_distributed()
-    return result
+    dev = checks.device(args.device)  # a bad --device is one line in every process, before a group forms
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return run_job(prepare(args, dev))
+    with process_group(args.device) as (rank, world, dev):
+        return run_job(prepare(args, dev, rank), rank, world)
 
 
 def prepare(args: argparse.Namespace, dev: torch.device, rank: int = 0) -> ShardJob:
@@ -586,7 +578,7 @@ def assemble(job: ShardJob) -> dict:
             first.append(shard["arr_0"][: 100 - sum(len(p) for p in first)])
         if sum(len(p) for p in first) == min(100, len(job.labels)):
             break
-    shown = torch.from_numpy(np.concatenate(first)).permute(0, 3, 1, 2).float() / 127.5 - 1  # to_uint8's inverse
+    shown = from_uint8(np.concatenate(first))
     grid = grid_image(shown, nrow=10, scale=max(1, 64 // shown.shape[-1]))
     summary = {
         **job.summary, "block_evaluations_per_sample": round(stats.block_evaluations, 6),

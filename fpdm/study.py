@@ -36,7 +36,7 @@ from . import checks
 from .checkpoint import load_checkpoint
 from .checks import InputError
 from .data import check_dataset, load_dataset
-from .evaluate import FPDM_VARIANTS, _fpdm_plan, check_variants, frechet_distance, reference_for, score
+from .evaluate import FPDM_VARIANTS, _batched, _fpdm_plan, check_variants, frechet_distance, reference_for, score
 from .files import write_text
 from .sample import generate, plan_compute
 from .study_cost import computed_memory, measured_memory
@@ -169,10 +169,12 @@ def plan_for(cfg, variant: str, dit_steps: int, budget: int):
     return _fpdm_plan(cfg, dit_steps, budget, FPDM_VARIANTS[variant])
 
 
-def train_all(specs: list[ModelSpec], args, out: Path, cells: Cells, ref) -> dict[str, Path]:
+def train_all(specs: list[ModelSpec], args, out: Path, cells: Cells, ref) -> tuple[dict[str, Path], list[dict]]:
     """Every model trained in stages, each stage's checkpoint scored once (unguided, ``--probe-steps``,
-    the first seed); init models after the DiT they start from. Returns each model's final checkpoint."""
+    the first seed); init models after the DiT they start from. Returns each model's final checkpoint and this
+    run's stage records (not those of earlier runs with other settings, which cells.jsonl keeps too)."""
     final: dict[str, Path] = {}
+    keys = []
     budget = args.probe_steps * args.budget_depth
     for spec in sorted(specs, key=lambda s: s.init):
         init = final[args.init_from] if spec.init else None
@@ -180,6 +182,7 @@ def train_all(specs: list[ModelSpec], args, out: Path, cells: Cells, ref) -> dic
         for step in stage_steps(total, args.stages):
             key = Cells.key(kind="stage", model=spec.name, step=step, budget=budget, seed=args.seeds[0],
                             num_samples=args.num_samples, batch=args.sample_batch)  # fmt: skip
+            keys.append(key)
             if key in cells.done:
                 continue
             ckpt = _train(spec, step, args, out / spec.name, init, final=step == total)
@@ -196,7 +199,7 @@ def train_all(specs: list[ModelSpec], args, out: Path, cells: Cells, ref) -> dic
             cells.add(key, {"kind": "stage", "model": spec.name, "step": step, "budget": budget,
                             "seconds": stats.seconds, **score(images, labels, ref)})  # fmt: skip
         final[spec.name] = out / spec.name / "checkpoints" / "latest.pt"
-    return final
+    return final, [cells.done[key] for key in keys]
 
 
 def training_costs(specs: list[ModelSpec], checkpoints: dict[str, Path], args, out: Path, cells: Cells) -> dict:
@@ -226,10 +229,9 @@ def held_out_split(args) -> tuple[torch.Tensor, str]:
     return train.images[first:].clone(), what
 
 
-@torch.no_grad()
-def _features(net, images: torch.Tensor, batch: int = 500) -> np.ndarray:
+def _features(net, images: torch.Tensor) -> np.ndarray:
     """The feature network's features (N, d) of images (N, C, H, W), in batches."""
-    return torch.cat([net.features(images[i : i + batch]) for i in range(0, len(images), batch)]).numpy()
+    return _batched(net.features, images).numpy()
 
 
 def select_guidance(specs, models: dict, args, cells: Cells, net, held_out: torch.Tensor) -> dict:
@@ -320,7 +322,7 @@ def main(args: argparse.Namespace) -> dict:
     ref = reference_for(args.dataset, data_dir=args.data_dir, cache_dir=args.cache_dir, inception=args.inception,
                         progress=True)  # fmt: skip
     held_out, held_out_what = held_out_split(args)  # before any training: a bad --select-images is one line
-    checkpoints = train_all(specs, args, out, cells, ref)
+    checkpoints, stages = train_all(specs, args, out, cells, ref)
     costs = training_costs(specs, checkpoints, args, out, cells)
     models = {}
     for spec in specs:
@@ -329,7 +331,6 @@ def main(args: argparse.Namespace) -> dict:
     guidance = select_guidance(specs, models, args, cells, ref.net, held_out)
     guidance["held_out"] = held_out_what
     rows = sweep_cells(specs, models, args, [1.0, guidance["best"]], cells, ref)
-    stages = [r for r in cells.done.values() if r["kind"] == "stage"]
     write_report(out, specs=specs, args=args, rows=rows, stages=stages, costs=costs, guidance=guidance,
                  feature_accuracy=ref.record["test_accuracy"])  # fmt: skip
     summary = {"computed": cells.computed, "kept": kept, "seconds": time.perf_counter() - start}

@@ -106,16 +106,15 @@ def measured_memory(config_json: Path, batch: int) -> dict:
 
 def training_seconds(records: list[dict], step: int) -> float | None:
     """Seconds of training up to ``step`` from metrics records (step, steps_per_s); None before any record."""
-    seconds, last, reached = 0.0, 0, False
+    seconds, last = 0.0, 0
     for record in records:
         if "steps_per_s" not in record or not record["steps_per_s"]:
             continue
         seconds += (min(record["step"], step) - last) / record["steps_per_s"]
         last = record["step"]
-        reached = reached or last >= step
         if last >= step:
             break
-    return seconds if reached else None
+    return seconds if last >= step else None
 
 
 if __name__ == "__main__":  # python -m fpdm.study_cost CONFIG.json BATCH: one measurement, as one JSON line

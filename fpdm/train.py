@@ -21,7 +21,8 @@ import math
 import os
 import sys
 import time
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from functools import partial
 from pathlib import Path
 
@@ -79,6 +80,22 @@ def close_distributed() -> None:
     dist.barrier()
     gc.collect()  # DDP's reducer, through any reference cycle, while the group is registered
     dist.destroy_process_group()
+
+
+@contextmanager
+def process_group(device_arg: str) -> Iterator[tuple[int, int, torch.device]]:
+    """``setup_distributed`` for a command's work under torchrun: (rank, world, device) inside; closed after
+    it with ``close_distributed``, or on an error destroyed at once (no barrier: the other ranks may not get
+    there)."""
+    rank, world, device = setup_distributed(device_arg)
+    try:
+        yield rank, world, device
+    except BaseException:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        raise
+    if dist.is_initialized():
+        close_distributed()
 
 
 def read_metrics(path: Path) -> list[dict]:

@@ -197,15 +197,40 @@ def test_bad_history_dtypes_are_refused():
         fixedpoint.solve(Broyden(history_dtype=torch.float64), f, x0)
 
 
-def test_fixed_point_layer_forwards_the_history_dtype():
+def _recorded_history_dtypes(monkeypatch) -> list:
+    """The dtype of every history the Anderson and Broyden solvers allocate from now on."""
+    seen = []
+    for cls, history in ((Anderson, "F"), (Broyden, "U")):
+        def init(self, *args, _init=cls.init, _history=history):
+            state = _init(self, *args)
+            seen.append(getattr(state, _history).dtype)
+            return state
+
+        monkeypatch.setattr(cls, "init", init)
+    return seen
+
+
+@pytest.mark.parametrize("solver", ["anderson", "broyden"])
+def test_the_solver_functions_pass_the_history_dtype_on(solver, monkeypatch):
+    """Catches: anderson() or broyden() checking history_dtype and then building their solver without it (the
+    solve still converges, in fp32: only the history's dtype tells)."""
+    seen = _recorded_history_dtypes(monkeypatch)
+    f, x0 = lambda z: 0.5 * torch.tanh(z) + 1, torch.zeros(2, 16)
+    assert getattr(fixedpoint, solver)(f, x0, history_dtype=torch.float16).converged.all()
+    assert seen == [torch.float16]
+
+
+def test_fixed_point_layer_forwards_the_history_dtype(monkeypatch):
     """FixedPoint takes solver options through functools.partial, history_dtype too. Catches: a solver option that a
-    layer cannot reach."""
+    layer cannot reach (its solve would still be a fixed point: the history's dtype is checked)."""
+    seen = _recorded_history_dtypes(monkeypatch)
     w = torch.randn(8, 8, generator=torch.Generator().manual_seed(10)) * 0.3
     solver = partial(fixedpoint.anderson, tol=1e-6, history_dtype=torch.bfloat16)
     layer = fixedpoint.FixedPoint(lambda z, x: torch.tanh(z @ w.T + x), solver=solver)
     x = torch.randn(3, 8, generator=torch.Generator().manual_seed(11))
     z = layer(x)
     torch.testing.assert_close(z, torch.tanh(z @ w.T + x), rtol=0, atol=1e-5)
+    assert seen and set(seen) == {torch.bfloat16}
 
 
 # ----------------------------------------------------------------------------- Triton kernels against the twins

@@ -183,7 +183,7 @@ def test_history_slots_not_written_yet_are_never_read():
         assert torch.isfinite(mixed).all()
 
 
-def test_fresh_cpu_history_is_not_zero_filled_and_the_solve_is_unchanged():
+def test_fresh_cpu_history_is_not_zero_filled_and_the_solve_is_unchanged(monkeypatch):
     """Catches: the CPU path zero-filling a fresh (B, m, D) history (14 MB per solve at DiT-S size) that it never
     reads before writing, or a solve that changes when that memory holds garbage (the Triton kernels, which read
     every slot, keep the zero fill: READS_UNWRITTEN_SLOTS)."""
@@ -193,17 +193,17 @@ def test_fresh_cpu_history_is_not_zero_filled_and_the_solve_is_unchanged():
     w *= 0.9 / torch.linalg.matrix_norm(w, ord=2)
     b = torch.randn(4, 16, generator=gen)
     f = lambda z: torch.tanh(z @ w.T + b)  # noqa: E731
-    garbage = torch.Tensor.new_empty
+    garbage, sizes = torch.Tensor.new_empty, []
 
     def poisoned(self, *size, **kwargs):  # every fresh allocation from new_empty filled with NaN
+        sizes.append(tuple(size[0]) if len(size) == 1 and not isinstance(size[0], int) else size)
         return garbage(self, *size, **kwargs).fill_(math.nan)
 
     clean = fixedpoint.anderson(f, torch.zeros(4, 16), m=5, tol=1e-6)
-    torch.Tensor.new_empty = poisoned
-    try:
-        dirty = fixedpoint.anderson(f, torch.zeros(4, 16), m=5, tol=1e-6)
-    finally:
-        torch.Tensor.new_empty = garbage
+    monkeypatch.setattr(torch.Tensor, "new_empty", poisoned)
+    dirty = fixedpoint.anderson(f, torch.zeros(4, 16), m=5, tol=1e-6)
+    monkeypatch.undo()
+    assert sizes.count((4, 5, 16)) == 2  # F and G came from new_empty, NaN-filled: no zero fill
     assert clean.converged.all()
     for name in ("x", "residual", "nsteps", "status", "trace"):
         torch.testing.assert_close(getattr(dirty, name), getattr(clean, name), rtol=0, atol=0, equal_nan=True)

@@ -260,22 +260,16 @@ def test_inception_outputs_gathers_any_split_over_ranks_in_order(net, monkeypatc
     the collective replaced by each rank's own computation (what all_gather would deliver)."""
     import fpdm.fid as fid
 
-    pixels = _pixels(10, n=7)
-    whole = inception_outputs(net, pixels, batch_size=2)
+    whole = inception_outputs(net, _pixels(10, n=7), batch_size=2)
+    rows = torch.from_numpy(np.concatenate([whole.pool, whole.spatial], 1))  # (7, 2048 + 2023): 4 batches of 2
     for world in (2, 3, 5):
-        shares = []
-        for rank in range(world):
-            monkeypatch.setattr(fid.dist, "is_initialized", lambda: False)
-            rows = [np.concatenate([whole.pool, whole.spatial], 1)[b * 2 : (b + 1) * 2]
-                    for b in range(rank, 4, world)]  # fmt: skip
-            shares.append(torch.from_numpy(np.concatenate(rows)) if rows else torch.empty(0, 2048 + 2023,
-                          dtype=torch.float64))  # fmt: skip
+        shares = [torch.cat([rows[b * 2 : (b + 1) * 2] for b in range(rank, 4, world)] or [rows[:0]])
+                  for rank in range(world)]  # rank r: batches r, r + world, ... (rank 4 of 5: none)  # fmt: skip
 
         def all_gather(parts, padded, shares=shares):
-            for i, s in enumerate(shares):
-                parts[i].copy_(torch.cat([s, s.new_zeros(len(padded) - len(s), s.shape[1])]))
+            for part, share in zip(parts, shares):
+                part.copy_(torch.cat([share, share.new_zeros(len(padded) - len(share), share.shape[1])]))
 
         monkeypatch.setattr(fid.dist, "all_gather", all_gather)
-        gathered = fid._gathered(shares[0], 7, 2, world)
-        assert torch.equal(gathered, torch.from_numpy(np.concatenate([whole.pool, whole.spatial], 1)))
+        assert torch.equal(fid._gathered(shares[0], 7, 2, world), rows)
     assert isinstance(whole, InceptionFeatures)

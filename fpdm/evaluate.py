@@ -65,8 +65,8 @@ from .fid import (  # noqa: F401 (fpdm.evaluate's names before fpdm.fid)
     read_samples,
     save_inception_stats,
 )  # fmt: skip
-from .files import atomic_write, write_json, write_text
-from .images import to_uint8  # noqa: F401 (evaluate.to_uint8, an old name)
+from .files import write_json, write_text
+from .images import pyplot, save_figure, to_uint8  # noqa: F401 (evaluate.to_uint8, an old name)
 from .inception import INPUTS
 from .metrics import (  # noqa: F401 (fpdm.evaluate's names before fpdm.metrics)
     FeatureStats,
@@ -377,12 +377,7 @@ def write_reports(rows: list[dict], out: Path, *, title: str) -> None:
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     write_text(out / "results.md", f"# {title}\n\n" + "\n".join(lines) + "\n")
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, (left, right) = pyplot().subplots(1, 2, figsize=(11, 4.2))
     series = sorted({(r["model"], r["variant"]) for r in rows})
     for model, variant in series:
         points = sorted((r["block_evaluations"], r["frechet"], r["cond_accuracy"]) for r in rows
@@ -401,10 +396,7 @@ def write_reports(rows: list[dict], out: Path, *, title: str) -> None:
     right.legend(fontsize=8)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    try:
-        atomic_write(out / "quality_vs_compute.png", lambda fh: fig.savefig(fh, format="png", dpi=110))
-    finally:
-        plt.close(fig)
+    save_figure(fig, out / "quality_vs_compute.png")
 
 
 # ----------------------------------------------------------------------------- command line

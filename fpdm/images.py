@@ -71,13 +71,27 @@ def smooth_curve(values: list[float], half: int) -> np.ndarray:
     return np.exp(mean) if positive else mean
 
 
-def plot_loss_curve(records: list[dict], png_path: Path, *, title: str = "training loss") -> Path:
-    """Loss (raw and smoothed) vs step from metrics records ({"step": ..., "loss": ...}), as a PNG."""
+def pyplot():
+    """matplotlib.pyplot on the Agg backend (files only, no display), imported when a figure is made."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def save_figure(fig, png_path: Path) -> Path:
+    """``fig`` written to ``png_path`` as a PNG atomically (a kill leaves the old file or none), then closed."""
+    try:
+        return atomic_write(png_path, lambda fh: fig.savefig(fh, format="png", dpi=110))
+    finally:
+        pyplot().close(fig)
+
+
+def plot_loss_curve(records: list[dict], png_path: Path, *, title: str = "training loss") -> Path:
+    """Loss (raw and smoothed) vs step from metrics records ({"step": ..., "loss": ...}), as a PNG."""
+    plt = pyplot()
     steps, losses = [], []
     for record in records:
         if "loss" in record:
@@ -95,7 +109,4 @@ def plot_loss_curve(records: list[dict], png_path: Path, *, title: str = "traini
     ax.legend()
     ax.set_title(title, fontsize=10)
     fig.tight_layout()
-    try:
-        return atomic_write(png_path, lambda fh: fig.savefig(fh, format="png", dpi=110))
-    finally:
-        plt.close(fig)
+    return save_figure(fig, png_path)

@@ -264,46 +264,73 @@ def select_guidance(specs, models: dict, args, cells: Cells, net, held_out: torc
 # ----------------------------------------------------------------------------- the sweep
 
 
+def ablation_model(specs: list[ModelSpec], name: str | None) -> ModelSpec | None:
+    """The model of ``--ablation``: the named FPDM, None for 'none', and by default the first FPDM of --models
+    trained from scratch (else the first FPDM; None without one). An InputError if the name is not an FPDM."""
+    fpdms = [s for s in specs if s.kind == "fpdm"]
+    if name is None:
+        return next((s for s in fpdms if not s.init), fpdms[0] if fpdms else None)
+    if name == "none":
+        return None
+    found = next((s for s in fpdms if s.name == name), None)
+    if found is None:
+        raise InputError(f"--ablation {name} is not an FPDM of --models ('none': no ablation)")
+    return found
+
+
+def sweep_settings(specs: list[ModelSpec], args) -> list[tuple[ModelSpec, int, str]]:
+    """(model, reference steps, variant) of every sweep setting: each model's ``--variants`` (a DiT: its steps) at
+    every ``--dit-steps``, then the ``--ablation`` model's ``--ablation-variants`` and ``uniform`` (what they are
+    compared with) at ``--ablation-steps``, each setting once."""
+    settings = [(spec, dit_steps, variant) for spec in specs for dit_steps in args.dit_steps
+                for variant in (["dit"] if spec.kind == "dit" else args.variants)]  # fmt: skip
+    ablated = ablation_model(specs, args.ablation)
+    if ablated is not None:
+        extra = ["uniform", *args.ablation_variants]
+        settings += [(ablated, dit_steps, v) for dit_steps in args.ablation_steps for v in dict.fromkeys(extra)
+                     if (ablated, dit_steps, v) not in settings]  # fmt: skip
+    return settings
+
+
 def sweep_cells(specs, models: dict, args, guidances: list[float], cells: Cells, ref) -> list[dict]:
-    """Every (model, variant, budget, guidance, seed) cell of this run's settings: kept ones read, missing ones
-    sampled and scored (and appended at once); a budget a model cannot afford is a ``skipped`` record."""
+    """Every (model, variant, budget, guidance, seed) cell of this run's settings (``sweep_settings``): kept ones
+    read, missing ones sampled and scored (and appended at once); a budget a model cannot afford is a
+    ``skipped`` record."""
     wanted = []
-    for spec in specs:
+    for spec, dit_steps, variant in sweep_settings(specs, args):
         model, run, step = models[spec.name]
-        for dit_steps in args.dit_steps:
-            budget = dit_steps * args.budget_depth
-            for variant in ["dit"] if spec.kind == "dit" else args.variants:
-                plan = plan_for(model.config, variant, dit_steps, budget)
-                if plan is None:
-                    key = Cells.key(kind="skip", model=spec.name, variant=variant, budget=budget)
-                    if key not in cells.done:
-                        cells.add(key, {"kind": "skip", "model": spec.name, "variant": variant, "budget": budget,
-                                        "dit_steps": dit_steps, "reason": f"one step costs at least {spec.step_cost} "
-                                        f"blocks, more than the budget"})  # fmt: skip
-                    wanted.append(key)
+        budget = dit_steps * args.budget_depth
+        plan = plan_for(model.config, variant, dit_steps, budget)
+        if plan is None:
+            key = Cells.key(kind="skip", model=spec.name, variant=variant, budget=budget)
+            if key not in cells.done:
+                cells.add(key, {"kind": "skip", "model": spec.name, "variant": variant, "budget": budget,
+                                "dit_steps": dit_steps, "reason": f"one step costs at least {spec.step_cost} "
+                                f"blocks, more than the budget"})  # fmt: skip
+            wanted.append(key)
+            continue
+        if plan.steps > int(run.get("num_timesteps", 1000)):
+            raise InputError(f"{spec.name} {variant} at {budget} blocks samples {plan.steps} steps, more "
+                             "than its diffusion timesteps")  # fmt: skip
+        for guidance in guidances:
+            for seed in args.seeds:
+                key = Cells.key(kind="sweep", model=spec.name, step=step, variant=variant, budget=budget,
+                                guidance=guidance, seed=seed, num_samples=args.num_samples,
+                                batch=args.sample_batch, inception=bool(args.inception))  # fmt: skip
+                wanted.append(key)
+                if key in cells.done:
                     continue
-                if plan.steps > int(run.get("num_timesteps", 1000)):
-                    raise InputError(f"{spec.name} {variant} at {budget} blocks samples {plan.steps} steps, more "
-                                     "than its diffusion timesteps")  # fmt: skip
-                for guidance in guidances:
-                    for seed in args.seeds:
-                        key = Cells.key(kind="sweep", model=spec.name, step=step, variant=variant, budget=budget,
-                                        guidance=guidance, seed=seed, num_samples=args.num_samples,
-                                        batch=args.sample_batch, inception=bool(args.inception))  # fmt: skip
-                        wanted.append(key)
-                        if key in cells.done:
-                            continue
-                        labels = _labels(args.num_samples, model.config.num_classes)
-                        images, stats = _sample(model, run, plan, variant=variant, labels=labels, guidance=guidance,
-                                                seed=seed, batch=args.sample_batch)  # fmt: skip
-                        record = cells.add(key, {
-                            "kind": "sweep", "model": spec.name, "variant": variant, "dit_steps": dit_steps,
-                            "budget": budget, "guidance": guidance, "seed": seed, "steps": plan.steps,
-                            "block_evaluations": stats.block_evaluations, "seconds": stats.seconds,
-                            **score(images, labels, ref),
-                        })  # fmt: skip
-                        print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in record.items()
-                                          if k != "key"}), flush=True)  # fmt: skip
+                labels = _labels(args.num_samples, model.config.num_classes)
+                images, stats = _sample(model, run, plan, variant=variant, labels=labels, guidance=guidance,
+                                        seed=seed, batch=args.sample_batch)  # fmt: skip
+                record = cells.add(key, {
+                    "kind": "sweep", "model": spec.name, "variant": variant, "dit_steps": dit_steps,
+                    "budget": budget, "guidance": guidance, "seed": seed, "steps": plan.steps,
+                    "block_evaluations": stats.block_evaluations, "seconds": stats.seconds,
+                    **score(images, labels, ref),
+                })  # fmt: skip
+                print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in record.items()
+                                  if k != "key"}), flush=True)  # fmt: skip
     return [cells.done[key] for key in wanted]
 
 
@@ -331,8 +358,9 @@ def main(args: argparse.Namespace) -> dict:
     guidance = select_guidance(specs, models, args, cells, ref.net, held_out)
     guidance["held_out"] = held_out_what
     rows = sweep_cells(specs, models, args, [1.0, guidance["best"]], cells, ref)
-    write_report(out, specs=specs, args=args, rows=rows, stages=stages, costs=costs, guidance=guidance,
-                 feature_accuracy=ref.record["test_accuracy"])  # fmt: skip
+    ablated = ablation_model(specs, args.ablation)
+    write_report(out, specs=specs, ablation=ablated.name if ablated else None, args=args, rows=rows, stages=stages,
+                 costs=costs, guidance=guidance, feature_accuracy=ref.record["test_accuracy"])  # fmt: skip
     summary = {"computed": cells.computed, "kept": kept, "seconds": time.perf_counter() - start}
     print(f"{cells.computed} cells computed, {kept} kept from before; wrote {out / 'report.md'}")
     return summary
@@ -376,6 +404,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="budgets, as steps of a DiT of --budget-depth blocks")  # fmt: skip
     p.add_argument("--variants", type=checks.names, default="uniform,reuse,smoothing+reuse",
                    help=f"FPDM variants: {', '.join(FPDM_VARIANTS)}")  # fmt: skip
+    p.add_argument("--ablation", default=None,
+                   help="the FPDM of --models whose other sampling variants are measured too (default: the first "
+                   "FPDM trained from scratch; 'none': no ablation)")  # fmt: skip
+    p.add_argument("--ablation-variants", type=checks.names, default="smoothing,realloc-high,realloc-low,anderson",
+                   help="the --ablation model's further variants, each compared with its uniform")  # fmt: skip
+    p.add_argument("--ablation-steps", type=checks.positive_ints, default="1,2,3,5",
+                   help="budgets of the ablation, as --dit-steps (default: the paper's regime)")  # fmt: skip
     p.add_argument("--seeds", type=_seeds, default="0,1,2", help="sampling seeds (at least 3)")
     p.add_argument("--num-samples", type=int, default=200, help="samples per cell")
     p.add_argument("--sample-batch", type=checks.positive_int, default=250)
@@ -395,6 +430,8 @@ def validate(args: argparse.Namespace) -> None:
     """Everything that would otherwise fail only after the models have trained: one line each."""
     specs = parse_models(args.models)
     check_variants(args.variants)
+    check_variants(args.ablation_variants)
+    ablation_model(specs, args.ablation)
     check_dataset(args.dataset, args.data_dir)
     if len(set(args.seeds)) < 3:
         seeds = ",".join(map(str, args.seeds))

@@ -4,12 +4,13 @@ quality-vs-compute figure, one table per regime, training cost and the loss curv
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
-from .files import atomic_write, write_json, write_text
-from .images import smooth_curve, smoothing_half_width
+from .files import write_json, write_text
+from .images import pyplot, save_figure, smooth_curve, smoothing_half_width
 from .study_cost import training_seconds
 from .train import read_metrics
 
@@ -82,23 +83,31 @@ def _label(model: str, variant: str) -> str:
     return model if variant == "dit" else f"{model} {variant}"
 
 
-def _cell(group: dict | None, dit: dict | None) -> str:
+def _cell(group: dict | None, baseline: dict | None) -> str:
     if group is None:
         return "—"
     text = " / ".join(f"{group[f'{m}_mean']:{spec}} [{group[f'{m}_min']:{spec}}–{group[f'{m}_max']:{spec}}]"
                       for m, spec in (("frechet", ".2f"), ("cond_accuracy", ".3f")))  # fmt: skip
     if "inception_fid_mean" in group:
         text += f" / FID {group['inception_fid_mean']:.1f}"
-    if group["variant"] != "dit" and dit is not None and dit is not group:
+    if group["variant"] != "dit" and baseline is not None and baseline is not group:
         marks = {"better": "▲", "worse": "▼", "within spread": "≈"}
-        text += f" {marks[versus(group, dit, 'frechet')]}{marks[versus(group, dit, 'cond_accuracy')]}"
+        text += f" {marks[versus(group, baseline, 'frechet')]}{marks[versus(group, baseline, 'cond_accuracy')]}"
     return text + f" ({group['steps']:g} st)"
 
 
+def same_model_uniform(groups: list[dict]) -> Callable[[dict], dict | None]:
+    """The comparison of the ablation table: a group's own model's ``uniform`` at its budget and guidance."""
+    index = {(g["model"], g["variant"], g["budget"], g["guidance"]): g for g in groups}
+    return lambda g: index.get((g["model"], "uniform", g["budget"], g["guidance"]))
+
+
 def regime_table(groups: list[dict], skipped: list[dict], budgets: list[int], guidances: list[float],
-                 models: list[str]) -> list[str]:  # fmt: skip
+                 models: list[str], baseline: Callable[[dict], dict | None] | None = None) -> list[str]:  # fmt: skip
     """Rows (model/variant, guidance) x columns (budgets): mean [min–max] of Frechet / conditional accuracy;
-    rows in the order of ``models``."""
+    rows in the order of ``models``; an FPDM marked against ``baseline(group)`` (default: the best DiT)."""
+    if baseline is None:
+        baseline = lambda g: best_dit(groups, g["budget"], g["guidance"])  # noqa: E731
     series = sorted({(g["model"], g["variant"]) for g in groups} | {(s["model"], s["variant"]) for s in skipped},
                     key=lambda s: (models.index(s[0]), s[1]))  # fmt: skip
     steps = {g["budget"]: g["dit_steps"] for g in groups} | {s["budget"]: s["dit_steps"] for s in skipped}
@@ -113,31 +122,88 @@ def regime_table(groups: list[dict], skipped: list[dict], budgets: list[int], gu
                     cells.append("no cell: cannot afford one step")
                 else:
                     group = index.get((model, variant, budget, guidance))
-                    cells.append(_cell(group, best_dit(groups, budget, guidance)))
+                    cells.append(_cell(group, None if group is None else baseline(group)))
             lines.append(f"| {_label(model, variant)} | {guidance:g} | " + " | ".join(cells) + " |")
     return lines
 
 
-def _plt():
-    import matplotlib
+def compare(pairs: list[tuple[dict, dict]]) -> dict:
+    """What pairs (a group, its baseline) say: in how many a's seed range lies wholly on the better / worse side
+    of its baseline's (Frechet distance and accuracy), and a's change: Frechet relative (a / b - 1), accuracy
+    in points (a - b), median [min, max] over the pairs."""
+    out: dict = {"cells": len(pairs)}
+    for metric, change in (("frechet", lambda a, b: a / b - 1), ("cond_accuracy", lambda a, b: a - b)):
+        verdicts = [versus(a, b, metric) for a, b in pairs]
+        changes = [change(a[f"{metric}_mean"], b[f"{metric}_mean"]) for a, b in pairs]
+        out[metric] = {"better": verdicts.count("better"), "worse": verdicts.count("worse"),
+                       "within": verdicts.count("within spread"),
+                       "median": float(np.median(changes)) if changes else None,
+                       "min": min(changes, default=None), "max": max(changes, default=None)}  # fmt: skip
+    return out
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    return plt
+def claim_pairs(groups: list[dict], *, regime_budget: int, variants: list[str], ablation: str | None,
+                reference_dit: str) -> dict[str, list[tuple[dict, dict]]]:  # fmt: skip
+    """The comparisons behind each claim, as (group, baseline) pairs at the same budget and guidance.
+    ``variants``: the FPDM variants every FPDM ran; ``ablation``: the model that ran the others;
+    ``reference_dit``: the DiT a deeper one is compared with."""
+    index = {(g["model"], g["variant"], g["budget"], g["guidance"]): g for g in groups}
+
+    def at(model: str | Callable[[dict], str], variant: str | None) -> Callable[[dict], dict | None]:
+        """The group of ``model`` (a name, or a function of the group) in ``variant`` (None: the group's own)."""
+        return lambda g: index.get((model(g) if callable(model) else model, variant or g["variant"], g["budget"],
+                                    g["guidance"]))  # fmt: skip
+
+    def pairs(select: Callable[[dict], bool], baseline: Callable[[dict], dict | None]) -> list[tuple[dict, dict]]:
+        return [(g, b) for g in groups if select(g) and (b := baseline(g)) is not None and b is not g]
+
+    def own(variant: str) -> Callable[[dict], dict | None]:  # the group's own model, another variant
+        return at(lambda g: g["model"], variant)
+
+    fpdm = lambda g: g["variant"] in variants and g["variant"] != "dit"  # noqa: E731
+    best = lambda g: best_dit(groups, g["budget"], g["guidance"])  # noqa: E731
+    ablated = lambda variant: lambda g: g["model"] == ablation and g["variant"] == variant  # noqa: E731
+    claims = {
+        "FPDM (every model, variant) vs the best DiT, the paper's regime":
+            pairs(lambda g: fpdm(g) and g["budget"] <= regime_budget, best),
+        "FPDM (every model, variant) vs the best DiT, longer budgets":
+            pairs(lambda g: fpdm(g) and g["budget"] > regime_budget, best),
+        "reuse vs uniform (each FPDM)": pairs(lambda g: g["variant"] == "reuse", own("uniform")),
+        "smoothing with reuse vs reuse (each FPDM)": pairs(lambda g: g["variant"] == "smoothing+reuse", own("reuse")),
+        "FPDM from the trained DiT (-init) vs from scratch": pairs(
+            lambda g: g["model"].endswith("-init"), at(lambda g: g["model"].removesuffix("-init"), None)),
+        f"a deeper DiT vs {reference_dit}": pairs(
+            lambda g: g["variant"] == "dit" and g["model"] != reference_dit, at(reference_dit, "dit")),
+    }  # fmt: skip
+    for variant in ("smoothing", "realloc-high", "realloc-low", "anderson"):
+        if ablation is not None:
+            claims[f"{variant} vs uniform ({ablation})"] = pairs(ablated(variant), own("uniform"))
+    return {name: found for name, found in claims.items() if found}
 
 
-def _save(fig, path: Path) -> Path:
-    try:
-        return atomic_write(path, lambda fh: fig.savefig(fh, format="png", dpi=110))
-    finally:
-        _plt().close(fig)
+def claims_table(groups: list[dict], guidances: list[float], **kwargs) -> tuple[list[str], list[dict]]:
+    """The verdict table (one row per claim and guidance: ``compare`` of ``claim_pairs``) and its records."""
+    lines = ["| claim | guidance | cells | Frechet: better / worse / within spread | Frechet change, median "
+             "[min, max] | accuracy: better / worse / within | accuracy change (points), median [min, max] |",
+             "|---|---|---|---|---|---|---|"]  # fmt: skip
+    records = []
+    for guidance in guidances:
+        chosen = [g for g in groups if g["guidance"] == guidance]
+        for claim, found in claim_pairs(chosen, **kwargs).items():
+            result = {"claim": claim, "guidance": guidance, **compare(found)}
+            records.append(result)
+            fr, acc = result["frechet"], result["cond_accuracy"]
+            lines.append(f"| {claim} | {guidance:g} | {result['cells']} | {fr['better']} / {fr['worse']} / "
+                         f"{fr['within']} | {fr['median']:+.1%} [{fr['min']:+.1%}, {fr['max']:+.1%}] | "
+                         f"{acc['better']} / {acc['worse']} / {acc['within']} | {100 * acc['median']:+.1f} "
+                         f"[{100 * acc['min']:+.1f}, {100 * acc['max']:+.1f}] |")  # fmt: skip
+    return lines, records
 
 
 def plot_quality(groups: list[dict], guidances: list[float], models: list[str], path: Path, title: str) -> Path:
     """Frechet distance and conditional accuracy vs block evaluations per sample, one row per guidance: the
     mean over seeds as a line, their range as a band, one colour per model, one line style per variant."""
-    plt = _plt()
+    plt = pyplot()
     fig, axes = plt.subplots(len(guidances), 2, figsize=(12, 4.2 * len(guidances)), squeeze=False)
     variants = sorted({g["variant"] for g in groups})
     colours = {m: plt.cm.tab10(i % 10) for i, m in enumerate(models)}
@@ -164,12 +230,12 @@ def plot_quality(groups: list[dict], guidances: list[float], models: list[str], 
     axes[0, 1].legend(fontsize=7, ncol=2)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_training(curves: dict[str, list[dict]], stages: list[dict], target: float | None, path: Path) -> Path:
     """Every model's loss curve (smoothed) and its scored stages' Frechet distance, vs training step."""
-    plt = _plt()
+    plt = pyplot()
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.2))
     for i, (model, records) in enumerate(curves.items()):
         colour = plt.cm.tab10(i % 10)
@@ -188,13 +254,17 @@ def plot_training(curves: dict[str, list[dict]], stages: list[dict], target: flo
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
-def write_report(out: Path, *, specs, args: argparse.Namespace, rows: list[dict], stages: list[dict], costs: dict,
-                 guidance: dict, feature_accuracy: float) -> Path:  # fmt: skip
-    """summary.json, quality_vs_compute.png, training.png and report.md in ``out``."""
-    groups = aggregate(rows)
+def write_report(out: Path, *, specs, ablation: str | None, args: argparse.Namespace, rows: list[dict],
+                 stages: list[dict], costs: dict, guidance: dict, feature_accuracy: float) -> Path:  # fmt: skip
+    """summary.json, quality_vs_compute.png, training.png and report.md in ``out``; ``ablation``: the model that
+    ran the further sampling variants (None: none)."""
+    every = aggregate(rows)
+    main_variants = {"dit", *args.variants}
+    groups = [g for g in every if g["variant"] in main_variants]  # what every model ran: the figure, the tables
+    ablated = [g for g in every if g["model"] == ablation and g["dit_steps"] in args.ablation_steps]
     skipped = [r for r in rows if r["kind"] == "skip"]
     guidances = [1.0, guidance["best"]]
     names = [s.name for s in specs]
@@ -223,6 +293,20 @@ def write_report(out: Path, *, specs, args: argparse.Namespace, rows: list[dict]
             ("Longer budgets", [b for b in budgets if b > PAPER_REGIME * args.budget_depth])):  # fmt: skip
         if chosen:
             lines += [f"## {heading}", "", *regime_table(groups, skipped, chosen, guidances, names), ""]
+    if ablation is not None:
+        chosen = sorted({g["budget"] for g in ablated})
+        lines += [f"## Sampling variants of {ablation}", "",
+                  f"Each variant of {ablation} against its own `uniform` at the same budget and guidance (markers as "
+                  "above).", "", *regime_table(ablated, [s for s in skipped if s["model"] == ablation], chosen,
+                                              guidances, [ablation], same_model_uniform(ablated)), ""]  # fmt: skip
+    verdict, verdict_records = claims_table(every, guidances, regime_budget=PAPER_REGIME * args.budget_depth,
+                                            variants=args.variants, ablation=ablation,
+                                            reference_dit=args.init_from)  # fmt: skip
+    lines += ["## The claims, cell by cell", "",
+              "Each claim's comparisons at the same budget and guidance: in how many cells the first setting's "
+              "range over seeds lies wholly below (better) or above (worse) the second's, or overlaps it; its "
+              "Frechet distance's relative change and its accuracy's change, median [min, max] over the cells.",
+              "", *verdict, ""]  # fmt: skip
     geo = ", ".join(f"{s:g}: {v:.2f}" for s, v in sorted(guidance["geometric_mean_frechet"].items()))
     lines += ["## Guidance", "",
               f"Chosen scale: **{guidance['best']:g}**, the same for every model. Rule: every model samples "
@@ -270,6 +354,7 @@ def write_report(out: Path, *, specs, args: argparse.Namespace, rows: list[dict]
     if skipped:
         lines += ["", "## Budgets a model cannot afford", ""]
         lines += [f"- {_label(s['model'], s['variant'])} at {s['budget']} blocks: {s['reason']}" for s in skipped]
-    write_json(out / "summary.json", {"groups": groups, "skipped": skipped, "costs": summary_costs,
-                                      "guidance": guidance, "target_frechet": target})  # fmt: skip
+    write_json(out / "summary.json", {"groups": every, "skipped": skipped, "costs": summary_costs,
+                                      "guidance": guidance, "target_frechet": target,
+                                      "claims": verdict_records})  # fmt: skip
     return write_text(out / "report.md", "\n".join(lines) + "\n")

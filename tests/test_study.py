@@ -14,12 +14,13 @@ from fpdm.data import load_dataset
 from fpdm.evaluate import feature_net_for
 from fpdm.models import model_config
 from fpdm.study_cost import measured_memory, training_seconds
-from fpdm.study_report import aggregate, best_dit, versus
+from fpdm.study_report import aggregate, best_dit, claim_pairs, compare, versus
 
 TOY = ["--dataset", "digits", "--patch", "2", "--models", "dit4,dit6,fpdm1+1-init", "--init-from", "dit4",
        "--steps", "4", "--init-steps", "2", "--stages", "2", "--batch-size", "16", "--budget-depth", "4",
        "--dit-steps", "1,2", "--variants", "uniform", "--num-samples", "20", "--guidance-grid", "2,3",
-       "--probe-steps", "2", "--select-images", "100", "--grid-steps", "0"]  # fmt: skip
+       "--probe-steps", "2", "--select-images", "100", "--grid-steps", "0", "--ablation", "fpdm1+1-init",
+       "--ablation-variants", "anderson", "--ablation-steps", "1"]  # fmt: skip
 INTERRUPT_AT = 5  # the sweep's 5th sample is interrupted (Ctrl-C)
 
 
@@ -149,6 +150,10 @@ def test_study_writes_report_figures_and_costs(toy_study):
     report = (out / "report.md").read_text()
     assert "## The paper's regime" in report and "quality_vs_compute.png" in report and "training.png" in report
     assert "| dit4 | 1 |" in report and "| fpdm1+1-init uniform | 1 |" in report and "## Training cost" in report
+    # the ablation: its own table (against the model's uniform), not in the main tables; and the claims
+    main, ablation = report.split("## Sampling variants of fpdm1+1-init")
+    assert "anderson" not in main.split("## The claims")[0] and "| fpdm1+1-init anderson | 1 |" in ablation
+    assert "| anderson vs uniform (fpdm1+1-init) | 1 | 1 |" in report
     for name in ("quality_vs_compute.png", "training.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     summary = json.loads((out / "summary.json").read_text())
@@ -182,6 +187,47 @@ def test_spread_is_mean_and_range_over_seeds():
     assert versus(dit, fpdm, "frechet") == "worse"
     assert versus(fpdm, dit, "cond_accuracy") == "within spread"  # 0.45..0.55 overlaps 0.4..0.6
     assert best_dit(aggregate(rows), 8, 1.0)["model"] == "dit8" and best_dit(aggregate(rows), 16, 1.0) is None
+
+
+def _group(model, variant, budget, frechet, accuracy=0.5, guidance=1.0):
+    """One aggregated cell with a seed range of +-1 around ``frechet`` and +-0.01 around ``accuracy``."""
+    return {"model": model, "variant": variant, "budget": budget, "guidance": guidance, "frechet_mean": frechet,
+            "frechet_min": frechet - 1, "frechet_max": frechet + 1, "cond_accuracy_mean": accuracy,
+            "cond_accuracy_min": accuracy - 0.01, "cond_accuracy_max": accuracy + 0.01}  # fmt: skip
+
+
+def test_claims_pair_each_setting_with_its_baseline():
+    """Bug caught: an FPDM compared with a DiT at another budget or guidance, or with the worse DiT; the ablation's
+    variants counted as 'every FPDM'; an -init model paired with another variant of its scratch twin; a change
+    reported as b / a instead of a / b; counts that do not add up."""
+    groups = [_group("dit8", "dit", 8, 20.0), _group("dit12", "dit", 16, 30.0), _group("dit8", "dit", 16, 10.0),
+              _group("fpdm1+1", "uniform", 8, 15.0, 0.6), _group("fpdm1+1", "reuse", 8, 14.5),
+              _group("fpdm1+1", "uniform", 16, 12.0), _group("fpdm1+1", "anderson", 8, 25.0),
+              _group("fpdm1+1-init", "uniform", 8, 10.0), _group("fpdm1+1-init", "reuse", 8, 30.0),
+              _group("fpdm1+1", "uniform", 8, 1.0, guidance=3.0)]  # fmt: skip
+    claims = claim_pairs(groups, regime_budget=8, variants=["uniform", "reuse"], ablation="fpdm1+1",
+                         reference_dit="dit8")  # fmt: skip
+    pairs = {name: [(a["model"], a["variant"], a["budget"], b["model"], b["variant"], b["budget"]) for a, b in found]
+             for name, found in claims.items()}  # fmt: skip
+    low = "FPDM (every model, variant) vs the best DiT, the paper's regime"
+    assert sorted(pairs[low]) == sorted([("fpdm1+1", "uniform", 8, "dit8", "dit", 8),
+                                         ("fpdm1+1", "reuse", 8, "dit8", "dit", 8),
+                                         ("fpdm1+1-init", "uniform", 8, "dit8", "dit", 8),
+                                         ("fpdm1+1-init", "reuse", 8, "dit8", "dit", 8)])  # fmt: skip
+    # at 16 blocks the better DiT (dit8, 2 steps) is the baseline, not the deeper one
+    assert pairs["FPDM (every model, variant) vs the best DiT, longer budgets"] == [
+        ("fpdm1+1", "uniform", 16, "dit8", "dit", 16)]  # fmt: skip
+    assert pairs["FPDM from the trained DiT (-init) vs from scratch"] == [
+        ("fpdm1+1-init", "uniform", 8, "fpdm1+1", "uniform", 8), ("fpdm1+1-init", "reuse", 8, "fpdm1+1", "reuse", 8)]
+    assert pairs["anderson vs uniform (fpdm1+1)"] == [("fpdm1+1", "anderson", 8, "fpdm1+1", "uniform", 8)]
+    assert pairs["a deeper DiT vs dit8"] == [("dit12", "dit", 16, "dit8", "dit", 16)]
+    assert "realloc-high vs uniform (fpdm1+1)" not in claims  # no such cells: no row
+    result = compare(claims[low])
+    fr, acc = result["frechet"], result["cond_accuracy"]
+    assert result["cells"] == 4 and (fr["better"], fr["worse"], fr["within"]) == (3, 1, 0)
+    assert fr["median"] == pytest.approx(np.median([15 / 20 - 1, 14.5 / 20 - 1, 10 / 20 - 1, 30 / 20 - 1]))
+    assert (fr["min"], fr["max"]) == (pytest.approx(-0.5), pytest.approx(0.5))
+    assert (acc["better"], acc["worse"], acc["within"]) == (1, 0, 3) and acc["max"] == pytest.approx(0.1)
 
 
 def test_training_seconds_from_metrics():
@@ -228,6 +274,8 @@ def test_cells_file_drops_a_torn_line(tmp_path):
         (["--dit-steps", "a"], "expected comma-separated integers, got 'a'"),
         (["--dataset", "nope"], "unknown dataset 'nope'"),
         (["--num-samples", "1"], "--num-samples must be at least 2"),
+        (["--ablation", "dit8"], "--ablation dit8 is not an FPDM of --models ('none': no ablation)"),
+        (["--ablation-variants", "smoothing,x"], "unknown variant(s) x"),
     ],
 )
 def test_study_bad_input_is_one_line(tmp_path, cli, args, match):

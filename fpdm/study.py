@@ -280,8 +280,9 @@ def ablation_model(specs: list[ModelSpec], name: str | None) -> ModelSpec | None
 
 def sweep_settings(specs: list[ModelSpec], args) -> list[tuple[ModelSpec, int, str]]:
     """(model, reference steps, variant) of every sweep setting: each model's ``--variants`` (a DiT: its steps) at
-    every ``--dit-steps``, then the ``--ablation`` model's ``--ablation-variants`` and ``uniform`` (what they are
-    compared with) at ``--ablation-steps``, each setting once."""
+    every ``--dit-steps``, and the ``--ablation`` model's ``--ablation-variants`` and ``uniform`` (what they are
+    compared with) at ``--ablation-steps``, each setting once; in order of budget, the smallest first (the
+    paper's regime, a small part of the compute, is complete first)."""
     settings = [(spec, dit_steps, variant) for spec in specs for dit_steps in args.dit_steps
                 for variant in (["dit"] if spec.kind == "dit" else args.variants)]  # fmt: skip
     ablated = ablation_model(specs, args.ablation)
@@ -289,7 +290,7 @@ def sweep_settings(specs: list[ModelSpec], args) -> list[tuple[ModelSpec, int, s
         extra = ["uniform", *args.ablation_variants]
         settings += [(ablated, dit_steps, v) for dit_steps in args.ablation_steps for v in dict.fromkeys(extra)
                      if (ablated, dit_steps, v) not in settings]  # fmt: skip
-    return settings
+    return sorted(settings, key=lambda setting: setting[1])  # stable: models and variants in order per budget
 
 
 def sweep_cells(specs, models: dict, args, guidances: list[float], cells: Cells, ref) -> list[dict]:

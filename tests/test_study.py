@@ -189,6 +189,24 @@ def test_spread_is_mean_and_range_over_seeds():
     assert best_dit(aggregate(rows), 8, 1.0)["model"] == "dit8" and best_dit(aggregate(rows), 16, 1.0) is None
 
 
+def test_sweep_settings_cover_the_ablation_once_smallest_budget_first():
+    """Bug caught: the ablation's uniform sampled twice (or missing where the main variants lack it), its variants
+    run at every budget or on another model, or the sweep ordered by model so that an interrupted study has the
+    long budgets of one model and none of the paper's regime of the others."""
+    args = study.build_parser().parse_args(["--dit-steps", "1,5,50", "--variants", "reuse",
+                                            "--ablation-steps", "1,5", "--ablation-variants", "anderson"])  # fmt: skip
+    specs = study.parse_models(["dit8", "fpdm1+1", "fpdm2+2"])
+    settings = [(spec.name, steps, variant) for spec, steps, variant in study.sweep_settings(specs, args)]
+    assert len(settings) == len(set(settings))
+    assert [steps for _, steps, _ in settings] == sorted(steps for _, steps, _ in settings)
+    assert {s for s in settings if s[0] == "fpdm1+1"} == {("fpdm1+1", n, v) for n in (1, 5, 50) for v in ["reuse"]} | {
+        ("fpdm1+1", n, v) for n in (1, 5) for v in ("uniform", "anderson")}  # fmt: skip
+    assert {v for name, _, v in settings if name == "fpdm2+2"} == {"reuse"}
+    assert study.ablation_model(specs, None).name == "fpdm1+1" and study.ablation_model(specs, "none") is None
+    assert study.ablation_model(study.parse_models(["dit8", "fpdm1+1-init"]), None).name == "fpdm1+1-init"
+    assert study.ablation_model(study.parse_models(["dit8"]), None) is None
+
+
 def _group(model, variant, budget, frechet, accuracy=0.5, guidance=1.0):
     """One aggregated cell with a seed range of +-1 around ``frechet`` and +-0.01 around ``accuracy``."""
     return {"model": model, "variant": variant, "budget": budget, "guidance": guidance, "frechet_mean": frechet,

@@ -96,10 +96,10 @@ def _cell(group: dict | None, baseline: dict | None) -> str:
     return text + f" ({group['steps']:g} st)"
 
 
-def same_model_uniform(groups: list[dict]) -> Callable[[dict], dict | None]:
-    """The comparison of the ablation table: a group's own model's ``uniform`` at its budget and guidance."""
+def same_model(groups: list[dict], variant: str) -> Callable[[dict], dict | None]:
+    """A group's own model in ``variant`` at its budget and guidance (the ablation table's comparison: uniform)."""
     index = {(g["model"], g["variant"], g["budget"], g["guidance"]): g for g in groups}
-    return lambda g: index.get((g["model"], "uniform", g["budget"], g["guidance"]))
+    return lambda g: index.get((g["model"], variant, g["budget"], g["guidance"]))
 
 
 def regime_table(groups: list[dict], skipped: list[dict], budgets: list[int], guidances: list[float],
@@ -157,9 +157,6 @@ def claim_pairs(groups: list[dict], *, regime_budget: int, variants: list[str], 
     def pairs(select: Callable[[dict], bool], baseline: Callable[[dict], dict | None]) -> list[tuple[dict, dict]]:
         return [(g, b) for g in groups if select(g) and (b := baseline(g)) is not None and b is not g]
 
-    def own(variant: str) -> Callable[[dict], dict | None]:  # the group's own model, another variant
-        return at(lambda g: g["model"], variant)
-
     fpdm = lambda g: g["variant"] in variants and g["variant"] != "dit"  # noqa: E731
     best = lambda g: best_dit(groups, g["budget"], g["guidance"])  # noqa: E731
     ablated = lambda variant: lambda g: g["model"] == ablation and g["variant"] == variant  # noqa: E731
@@ -168,16 +165,17 @@ def claim_pairs(groups: list[dict], *, regime_budget: int, variants: list[str], 
             pairs(lambda g: fpdm(g) and g["budget"] <= regime_budget, best),
         "FPDM (every model, variant) vs the best DiT, longer budgets":
             pairs(lambda g: fpdm(g) and g["budget"] > regime_budget, best),
-        "reuse vs uniform (each FPDM)": pairs(lambda g: g["variant"] == "reuse", own("uniform")),
-        "smoothing with reuse vs reuse (each FPDM)": pairs(lambda g: g["variant"] == "smoothing+reuse", own("reuse")),
+        "reuse vs uniform (each FPDM)": pairs(lambda g: g["variant"] == "reuse", same_model(groups, "uniform")),
+        "smoothing with reuse vs reuse (each FPDM)":
+            pairs(lambda g: g["variant"] == "smoothing+reuse", same_model(groups, "reuse")),
         "FPDM from the trained DiT (-init) vs from scratch": pairs(
             lambda g: g["model"].endswith("-init"), at(lambda g: g["model"].removesuffix("-init"), None)),
         f"a deeper DiT vs {reference_dit}": pairs(
             lambda g: g["variant"] == "dit" and g["model"] != reference_dit, at(reference_dit, "dit")),
     }  # fmt: skip
-    for variant in ("smoothing", "realloc-high", "realloc-low", "anderson"):
-        if ablation is not None:
-            claims[f"{variant} vs uniform ({ablation})"] = pairs(ablated(variant), own("uniform"))
+    if ablation is not None:
+        for variant in ("smoothing", "realloc-high", "realloc-low", "anderson"):
+            claims[f"{variant} vs uniform ({ablation})"] = pairs(ablated(variant), same_model(groups, "uniform"))
     return {name: found for name, found in claims.items() if found}
 
 
@@ -298,7 +296,7 @@ def write_report(out: Path, *, specs, ablation: str | None, args: argparse.Names
         lines += [f"## Sampling variants of {ablation}", "",
                   f"Each variant of {ablation} against its own `uniform` at the same budget and guidance (markers as "
                   "above).", "", *regime_table(ablated, [s for s in skipped if s["model"] == ablation], chosen,
-                                              guidances, [ablation], same_model_uniform(ablated)), ""]  # fmt: skip
+                                              guidances, [ablation], same_model(ablated, "uniform")), ""]  # fmt: skip
     verdict, verdict_records = claims_table(every, guidances, regime_budget=PAPER_REGIME * args.budget_depth,
                                             variants=args.variants, ablation=ablation,
                                             reference_dit=args.init_from)  # fmt: skip

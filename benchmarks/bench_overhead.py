@@ -207,14 +207,21 @@ class MLPBlock(nn.Module):
         return x + 1.5 * self.mlp(self.norm(z))  # (B, T, D)
 
 
-def dits_runs() -> tuple[dict, dict]:
-    """The DiT-S-sized case: thunks (name -> a call of f or a whole solve) and each solve's calls of f."""
+DITS_OPTIONS = dict(tol=1e-4, max_iter=50)
+
+
+def dits_map() -> tuple:
+    """The DiT-S-sized map f (an MLP block with its injection) and the start z0 = 0."""
     torch.manual_seed(0)
     block = MLPBlock(DITS_SHAPE[-1]).eval()
     x = torch.randn(DITS_SHAPE)
-    z0 = torch.zeros_like(x)
-    f = partial(block, x=x)
-    options = dict(tol=1e-4, max_iter=50)
+    return partial(block, x=x), torch.zeros_like(x)
+
+
+def dits_runs() -> tuple[dict, dict]:
+    """The DiT-S-sized case: thunks (name -> a call of f or a whole solve) and each solve's calls of f."""
+    f, z0 = dits_map()
+    options = DITS_OPTIONS
     runs = {
         ("fixedpoint", "anderson m=6"): partial(fixedpoint.anderson, f, z0, m=6, **options),
         ("fixedpoint", "anderson m=6, bf16 history"): partial(
@@ -266,3 +273,70 @@ def bench_dits_solve(benchmark, report):
         ">= 20% faster than TorchDEQ's, overhead <= 0.5",
     )
     assert all(seconds > 0 for seconds in best.values()) and min(calls.values()) >= 2
+
+
+# ---------------------------------------------------------------- the same solve alone in a process: the C allocator
+
+ALONE = "DiT-S-sized anderson m=6 alone in a fresh process (as a user runs it): the C allocator's page faults"
+ALONE_SOLVES = 10
+NO_TRIM = {"MALLOC_TRIM_THRESHOLD_": "1000000000", "MALLOC_MMAP_THRESHOLD_": "1000000000"}  # glibc keeps freed memory
+ALONE_SCRIPT = """
+import json, resource, statistics, sys, time
+import torch
+sys.path.insert(0, {benchmarks!r})
+from bench_overhead import DITS_OPTIONS, dits_map
+f, z0 = dits_map()
+if {library!r} == "fixedpoint":
+    import fixedpoint
+    run = lambda: fixedpoint.anderson(f, z0, m=6, **DITS_OPTIONS)
+else:
+    from torchdeq.solver import get_solver
+    run = lambda: get_solver("anderson")(f, z0, m=6, stop_mode="rel", **DITS_OPTIONS)
+times = []
+with torch.no_grad():
+    for _ in range(2):
+        run()
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range({solves}):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
+print(json.dumps([statistics.median(times), faults / {solves}]))
+"""
+
+
+@pytest.mark.parametrize("allocator", ["glibc defaults", "glibc, no trim or mmap"])
+def bench_dits_solve_alone(report, allocator):
+    """Each library's DiT-S-sized solve alone in a fresh process, with glibc's defaults and with freed memory
+    kept in the process (docs/solvers.md, "The C allocator decides the DiT-S comparison"): median time and
+    minor page faults per solve. Interleaved in one process (bench_dits_solve) both share one heap."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("torchdeq.solver")
+    env = {**os.environ, **(NO_TRIM if allocator != "glibc defaults" else {})}
+    if allocator == "glibc defaults":
+        for name in NO_TRIM:
+            env.pop(name, None)
+    here = str(Path(__file__).resolve().parent)
+    results = {}
+    for library in ("fixedpoint", "torchdeq"):
+        script = ALONE_SCRIPT.format(benchmarks=here, library=library, solves=ALONE_SOLVES)
+        out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)
+        results[library] = json.loads(out.stdout.strip().splitlines()[-1])
+    for library, (seconds, faults) in results.items():
+        report.add(
+            ALONE,
+            allocator=allocator,
+            library=library,
+            solve_ms=seconds * 1e3,
+            faults_per_solve=round(faults),
+            vs_torchdeq=f"{seconds / results['torchdeq'][0]:.2f}x",
+        )
+    report.note(ALONE, f"median of {ALONE_SOLVES} solves after 2 warm-ups, one process per row; "
+                       "no trim or mmap: MALLOC_TRIM_THRESHOLD_ = MALLOC_MMAP_THRESHOLD_ = 1e9")  # fmt: skip
+    assert all(seconds > 0 for seconds, _ in results.values())

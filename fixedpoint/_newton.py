@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -11,6 +11,7 @@ from torch import Tensor
 from ._common import check_int, check_interval, check_memory, row_norms, stat_dtype
 from ._solve import Solution, Solver, solve
 from ._solvers import Map, _common_doc
+from .kernels.groups import evolve
 
 __all__ = ["newton", "gmres"]
 
@@ -161,7 +162,7 @@ class Newton(Solver):
                 max_restarts=self.max_restarts,
                 active=need,
             )
-            state = replace(state, direction=torch.where(need[:, None], d.to(state.x.dtype), state.direction))
+            state = evolve(state, direction=torch.where(need[:, None], d.to(state.x.dtype), state.direction))
         x_next = state.x + state.lam.to(state.x.dtype)[:, None] * state.direction
         return x_next, state
 

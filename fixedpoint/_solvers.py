@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from contextlib import suppress
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from types import ModuleType
 
 import torch
@@ -19,7 +19,7 @@ from . import _tree
 from . import kernels as kernel_modules
 from ._common import check_int, check_interval, check_memory, check_positive, row_norms, stat_dtype
 from ._solve import Solution, Solver, solve
-from .kernels.groups import AndersonState, BroydenState, BroydenStep
+from .kernels.groups import AndersonState, BroydenState, BroydenStep, evolve
 
 __all__ = ["picard", "anderson", "broyden"]
 
@@ -294,10 +294,10 @@ class Anderson(Solver):
             state.f_kept.copy_(fx)
             state.took.zero_()
             alpha = state.row.new_zeros(state.row.shape[0], state.row.shape[2])
-            return replace(state, count=0, alpha=alpha, x_new=x, f_new=fx)
+            return evolve(state, count=0, alpha=alpha, x_new=x, f_new=fx)
         if state.beta is not None:
             state.beta.copy_(auto_beta(x, gnorm))
-        state = replace(state, count=0)
+        state = evolve(state, count=0)
         state.row.copy_(self.kernels.anderson_write(state, fx, g))  # the start pair into slot 0
         self._damp_image(state)
         return self._absorb(state, gnorm, growth=None)
@@ -319,14 +319,14 @@ class Anderson(Solver):
         alpha = self.kernels.anderson_absorb(
             state, gnorm, growth=growth, ridge=self.ridge, max_coeff=self.max_coeff, graph_safe=self.graph_safe
         )
-        return replace(state, count=state.count + 1, alpha=alpha)
+        return evolve(state, count=state.count + 1, alpha=alpha)
 
     def residual(self, state, x, fx):
         # one pass: g = f(x) - x straight into the next slot, f(x) beside it, the norms and the new Gram row
         gsq, fsq, row = self.kernels.anderson_residual_write(state, x, fx)
         self._damp_image(state)
         g = None if state.relative else state.G[:, state.slot]  # relative: the slot holds a difference; unread
-        return g, gsq, fsq, replace(state, row=row)
+        return g, gsq, fsq, evolve(state, row=row)
 
     def step(self, fn, state, active, frozen):
         # x = sum_i alpha_i (x_i + beta g_i) = sum_i alpha_i f(x_i) + (beta - 1) sum_i alpha_i g_i
@@ -336,7 +336,7 @@ class Anderson(Solver):
         # the pair is already in its slot (residual); a step that blew the residual up restarts from
         # the pair it came from (needs m > 1). Relative: the mixing makes (x, f(x)) the kept pair unless so.
         if state.relative:
-            state = replace(state, x_new=x, f_new=fx)
+            state = evolve(state, x_new=x, f_new=fx)
         return self._absorb(state, gnorm, growth=self.growth if self.m > 1 else None)
 
 
@@ -473,7 +473,7 @@ class Broyden(Solver):
         shrink = torch.where(blown, 0.25, 1.0).to(state.scale.dtype)
         g, hg = Broyden._scaled(state.g, shrink), Broyden._scaled(state.hg, shrink)
         next_x = torch.where(blown[:, None], state.x - hg, state.next_x)  # the others as the kernel rounded it
-        return replace(state, scale=state.scale * shrink, g=g, gnorm=state.gnorm * shrink, hg=hg, next_x=next_x)
+        return evolve(state, scale=state.scale * shrink, g=g, gnorm=state.gnorm * shrink, hg=hg, next_x=next_x)
 
     @staticmethod
     def _scaled(g: Tensor, scale: Tensor) -> Tensor:
@@ -508,9 +508,9 @@ class Broyden(Solver):
             state = self._shrink(state, blown)
         if state.count == self.m:  # memory full: keep the dominant half of H + I
             _reduce_rank(state.U, state.V, state.alive, self.m // 2)
-            state = replace(state, count=self.m // 2)
+            state = evolve(state, count=self.m // 2)
             hg = self._apply(state, state.g)
-            state = replace(state, hg=hg, next_x=state.x - hg)
+            state = evolve(state, hg=hg, next_x=state.x - hg)
         return state
 
 

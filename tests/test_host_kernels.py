@@ -1,8 +1,9 @@
 """The CPU path's NumPy bookkeeping (fixedpoint.kernels.host) against the pure PyTorch twins: bit for bit; and
 what the twins read of Anderson's history (only the slots written)."""
 
+import dataclasses
 import math
-from dataclasses import replace
+from dataclasses import fields, replace
 
 import pytest
 import torch
@@ -10,7 +11,7 @@ import torch
 import fixedpoint
 from fixedpoint import Status
 from fixedpoint.kernels import host, reference, resolve
-from fixedpoint.kernels.groups import LoopBuffers, Pair, StopRule
+from fixedpoint.kernels.groups import AndersonState, BroydenStep, LoopBuffers, Pair, StopRule, evolve
 from fixedpoint.testing import anderson_state
 
 
@@ -220,3 +221,25 @@ def test_gram_row_is_as_accurate_as_fp32_allows(dim):
     exact = (G.double() @ G[:, 2].double()[:, :, None])[..., 0]
     bound = dim * 2**-24 * (G.double().abs() @ G[:, 2].double().abs()[:, :, None])[..., 0]
     assert ((row.double() - exact).abs() <= bound).all()
+
+
+def test_evolve_is_dataclasses_replace_for_the_groups():
+    """``evolve`` (the solvers' per-iteration state update, replace without its __init__ call). Catches: the copy
+    sharing the original's field dict (a later evolve or count changing a state the graphs kept), a field that is
+    not carried over, a class other than the original's, and a misspelt field silently added (replace raises)."""
+    gen = torch.Generator().manual_seed(7)
+    F, G = torch.randn(2, 3, 4, generator=gen), torch.randn(2, 3, 4, generator=gen)
+    state = replace(anderson_state(F, G), count=2, alpha=torch.ones(2, 3))
+    alpha = torch.zeros(2, 3)
+    evolved, replaced = evolve(state, count=3, alpha=alpha), replace(state, count=3, alpha=alpha)
+    assert type(evolved) is AndersonState and evolved is not state
+    for field in fields(AndersonState):
+        assert getattr(evolved, field.name) is getattr(replaced, field.name), field.name
+    assert state.count == 2 and state.alpha.eq(1).all() and evolved.slot == 0  # the original untouched
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        evolved.count = 4
+    with pytest.raises(TypeError, match="cuont"):
+        evolve(state, cuont=3)
+    pair = BroydenStep(F[:, 0], G[:, 0], torch.ones(2), F[:, 1])  # a NamedTuple group is not a dataclass
+    with pytest.raises(TypeError):
+        evolve(pair, x=F[:, 2])

@@ -56,6 +56,8 @@ from .reference import (  # noqa: F401  (the rest of the kernel set, as referenc
 __all__ = list(reference.__all__)
 
 _NUMPY_DATA = (torch.float16, torch.float32, torch.float64)  # dtypes .numpy() can view
+# the status codes as NumPy scalars: NumPy converting the IntEnum members costs ~1 us each (enum attribute lookups)
+_CONVERGED, _MAX_ITER, _DIVERGED, _NONFINITE = (np.int64(code) for code in (CONVERGED, MAX_ITER, DIVERGED, NONFINITE))
 
 
 def bookkeep(
@@ -75,14 +77,14 @@ def bookkeep(
         else:
             res = gnorm
         finite = np.isfinite(gnorm + fnorm)
-        now = np.where(gnorm > real(divergence) * g0, DIVERGED, MAX_ITER) if divergence < math.inf else MAX_ITER
-        now = np.where(finite, np.where(res <= real(tol), CONVERGED, now), NONFINITE)
+        now = np.where(gnorm > real(divergence) * g0, _DIVERGED, _MAX_ITER) if divergence < math.inf else _MAX_ITER
+        now = np.where(finite, np.where(res <= real(tol), _CONVERGED, now), _NONFINITE)
         improved = act & finite & ~(res >= best)  # also true where best is NaN
         np.copyto(st, now, where=act)
         np.copyto(best, res, where=improved)
         steps += act
         residuals = np.where(act, res, real(math.nan))
-        new_active = st == MAX_ITER
+        new_active = st == _MAX_ITER
         if row is None:  # CUDA graphs only; kept for the same signature
             count = int(done)
             tr[min(count, max_iter)] = residuals
@@ -160,9 +162,8 @@ def anderson_absorb(
         g = gram.astype(np.float64)
         scale = np.where(valid, 1.0 / np.sqrt(np.maximum(np.diagonal(g, axis1=1, axis2=2), 1e-300)), 0.0)  # (B, m)
         normed = scale[:, :, None] * g * scale[:, None, :]
-        diagonal = np.arange(m)
         # unused slots: alpha 0; the ridge rounded to fp32 first, as the twin's torch.where of two scalars has it
-        normed[:, diagonal, diagonal] += np.where(valid, np.float32(ridge), np.float32(1.0))
+        normed.reshape(batch, m * m)[:, :: m + 1] += np.where(valid, np.float32(ridge), np.float32(1.0))  # diagonal
         rhs = scale * state.row.numpy()[:, 1] if relative else scale
         with _one_thread():  # the twin's LAPACK call, bit for bit; on one thread (see the module's docstring)
             y = torch.linalg.solve_ex(torch.from_numpy(normed), torch.from_numpy(rhs))[0].numpy()

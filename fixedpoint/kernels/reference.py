@@ -7,13 +7,12 @@ in fp32 (fp64 for fp64 data), whatever the storage dtype.
 from __future__ import annotations
 
 import math
-from dataclasses import replace
 
 import torch
 from torch import Tensor
 
 from .._common import Status, stat_dtype
-from .groups import AndersonState, BroydenApplies, BroydenState, BroydenStep, LoopBuffers, Pair, StopRule
+from .groups import AndersonState, BroydenApplies, BroydenState, BroydenStep, LoopBuffers, Pair, StopRule, evolve
 
 __all__ = [
     "best_update",
@@ -369,7 +368,7 @@ def broyden_finish(state: BroydenState, new: BroydenStep, applies: BroydenApplie
     keep = blown[:, None]
     x_keep, hg_keep = torch.where(keep, x_old, x), torch.where(keep, -g_old, hg.to(x.dtype))
     step = x_keep - hg_keep  # half precision: computed in fp32 and rounded once, as the kernel does
-    return replace(
+    return evolve(
         state, x=x_keep, g=torch.where(keep, g_old, g), gnorm=torch.where(blown, gnorm_old, gnorm), hg=hg_keep,
         next_x=step, count=slot + 1,
     )  # fmt: skip

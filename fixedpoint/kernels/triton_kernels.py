@@ -15,7 +15,7 @@ Runs on CUDA, and on CPU under TRITON_INTERPRET=1 (slowly: tests use tiny shapes
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -23,7 +23,7 @@ import triton.language as tl
 from torch import Tensor
 
 from . import reference
-from .groups import AndersonState, BroydenApplies, BroydenState, BroydenStep, LoopBuffers, Pair, StopRule
+from .groups import AndersonState, BroydenApplies, BroydenState, BroydenStep, LoopBuffers, Pair, StopRule, evolve
 
 __all__ = [
     "LAUNCH_SETTINGS",
@@ -847,4 +847,4 @@ def broyden_finish(state: BroydenState, new: BroydenStep, applies: BroydenApplie
         MP=_next_pow2(max(m, 2)), BLOCK=block, BALANCE=U.dtype != x.dtype, VEC=vec, num_warps=setting.warps,
         **COMPILE_OPTIONS,
     )  # fmt: skip
-    return replace(state, x=x_new, g=g_new, gnorm=gnorm_new, hg=hg_new, next_x=step, count=slot + 1)
+    return evolve(state, x=x_new, g=g_new, gnorm=gnorm_new, hg=hg_new, next_x=step, count=slot + 1)

@@ -163,7 +163,8 @@ def anderson_absorb(
         scale = np.where(valid, 1.0 / np.sqrt(np.maximum(np.diagonal(g, axis1=1, axis2=2), 1e-300)), 0.0)  # (B, m)
         normed = scale[:, :, None] * g * scale[:, None, :]
         # unused slots: alpha 0; the ridge rounded to fp32 first, as the twin's torch.where of two scalars has it
-        normed.reshape(batch, m * m)[:, :: m + 1] += np.where(valid, np.float32(ridge), np.float32(1.0))  # diagonal
+        # (normed is a new C-contiguous product: the reshape is a view, and [:, ::m + 1] its diagonal)
+        normed.reshape(batch, m * m)[:, :: m + 1] += np.where(valid, np.float32(ridge), np.float32(1.0))
         rhs = scale * state.row.numpy()[:, 1] if relative else scale
         with _one_thread():  # the twin's LAPACK call, bit for bit; on one thread (see the module's docstring)
             y = torch.linalg.solve_ex(torch.from_numpy(normed), torch.from_numpy(rhs))[0].numpy()

@@ -15,8 +15,13 @@ MLP block with an injection, Anderson m = 6 to rel. tol 1e-4 in 9 calls of f), t
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 import time
 from functools import partial
+from pathlib import Path
 
 import pytest
 import torch
@@ -218,19 +223,26 @@ def dits_map() -> tuple:
     return partial(block, x=x), torch.zeros_like(x)
 
 
+def dits_solve(library: str, name: str, f, z0, **options):
+    """One DiT-S-sized solve as a thunk: fixedpoint's solver function ``name`` or TorchDEQ's solver ``name``
+    (stop_mode "rel"), with DITS_OPTIONS and ``options``."""
+    if library == "fixedpoint":
+        return partial(getattr(fixedpoint, name), f, z0, **DITS_OPTIONS, **options)
+    solver = pytest.importorskip("torchdeq.solver").get_solver(name)
+    return partial(solver, f, z0, stop_mode="rel", **DITS_OPTIONS, **options)
+
+
 def dits_runs() -> tuple[dict, dict]:
     """The DiT-S-sized case: thunks (name -> a call of f or a whole solve) and each solve's calls of f."""
     f, z0 = dits_map()
-    options = DITS_OPTIONS
     runs = {
-        ("fixedpoint", "anderson m=6"): partial(fixedpoint.anderson, f, z0, m=6, **options),
-        ("fixedpoint", "anderson m=6, bf16 history"): partial(
-            fixedpoint.anderson, f, z0, m=6, history_dtype=torch.bfloat16, **options
+        ("fixedpoint", "anderson m=6"): dits_solve("fixedpoint", "anderson", f, z0, m=6),
+        ("fixedpoint", "anderson m=6, bf16 history"): dits_solve(
+            "fixedpoint", "anderson", f, z0, m=6, history_dtype=torch.bfloat16
         ),
-        ("fixedpoint", "picard"): partial(fixedpoint.picard, f, z0, **options),
+        ("fixedpoint", "picard"): dits_solve("fixedpoint", "picard", f, z0),
     }
     calls = {name: run().nfev for name, run in runs.items()}
-    solvers = pytest.importorskip("torchdeq.solver")
     for name, label, extra in (("anderson", "anderson m=6", {"m": 6}), ("fixed_point_iter", "fixed_point_iter", {})):
         counted = [0]
 
@@ -238,10 +250,9 @@ def dits_runs() -> tuple[dict, dict]:
             counted[0] += 1
             return f(z)
 
-        solver = solvers.get_solver(name)
-        solver(g, z0, stop_mode="rel", **options, **extra)
+        dits_solve("torchdeq", name, g, z0, **extra)()
         calls["torchdeq", label] = counted[0]
-        runs["torchdeq", label] = partial(solver, f, z0, stop_mode="rel", **options, **extra)
+        runs["torchdeq", label] = dits_solve("torchdeq", name, f, z0, **extra)
     runs["f", ""] = partial(f, z0)
     return runs, calls
 
@@ -284,14 +295,8 @@ ALONE_SCRIPT = """
 import json, resource, statistics, sys, time
 import torch
 sys.path.insert(0, {benchmarks!r})
-from bench_overhead import DITS_OPTIONS, dits_map
-f, z0 = dits_map()
-if {library!r} == "fixedpoint":
-    import fixedpoint
-    run = lambda: fixedpoint.anderson(f, z0, m=6, **DITS_OPTIONS)
-else:
-    from torchdeq.solver import get_solver
-    run = lambda: get_solver("anderson")(f, z0, m=6, stop_mode="rel", **DITS_OPTIONS)
+from bench_overhead import dits_map, dits_solve
+run = dits_solve({library!r}, "anderson", *dits_map(), m=6)
 times = []
 with torch.no_grad():
     for _ in range(2):
@@ -311,17 +316,10 @@ def bench_dits_solve_alone(report, allocator):
     """Each library's DiT-S-sized solve alone in a fresh process, with glibc's defaults and with freed memory
     kept in the process (docs/solvers.md, "The C allocator decides the DiT-S comparison"): median time and
     minor page faults per solve. Interleaved in one process (bench_dits_solve) both share one heap."""
-    import json
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
     pytest.importorskip("torchdeq.solver")
-    env = {**os.environ, **(NO_TRIM if allocator != "glibc defaults" else {})}
-    if allocator == "glibc defaults":
-        for name in NO_TRIM:
-            env.pop(name, None)
+    env = {name: value for name, value in os.environ.items() if name not in NO_TRIM}
+    if allocator != "glibc defaults":
+        env.update(NO_TRIM)
     here = str(Path(__file__).resolve().parent)
     results = {}
     for library in ("fixedpoint", "torchdeq"):

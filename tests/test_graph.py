@@ -17,8 +17,23 @@ from torch.utils._pytree import tree_leaves
 
 import fixedpoint
 from fixedpoint import Status, _graphs, _solve
+from fixedpoint import kernels as kernel_modules
 from fixedpoint.kernels.reference import solve_spd
 from fixedpoint.testing import EagerGraphs, ReplayedGraphs
+
+
+@pytest.fixture(autouse=True)
+def _eager_solves_on_the_twins(monkeypatch):
+    """The graphs replay the PyTorch twins; an eager CPU solve's default is the host path (NumPy's ops, equal to
+    the twins up to rounding, which a sample without a fixed point amplifies over 40 iterations). So the eager
+    solves the graphs are compared with run on the twins too: the comparison is of the graph machinery alone."""
+    resolve = kernel_modules.resolve
+
+    def twins_for_host(impl, x):
+        module = resolve(impl, x)
+        return kernel_modules.reference if module is kernel_modules.host else module
+
+    monkeypatch.setattr(kernel_modules, "resolve", twins_for_host)
 
 
 def _contraction_map(seed, dim=12, batch=5, nan_after=None, shift=True, rate=0.9):
@@ -86,6 +101,20 @@ def test_solver_graphs_give_the_default_loop_result(monkeypatch, solver, options
     torch.testing.assert_close(captured.x, reference.x, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(captured.residual, reference.residual, rtol=1e-4, atol=1e-9, equal_nan=True)
     torch.testing.assert_close(captured.trace, reference.trace, rtol=1e-4, atol=1e-9, equal_nan=True)
+
+
+def test_cpu_graphs_capture_the_twins_not_the_host_path(monkeypatch):
+    """On a CPU "auto" takes the host path, whose Anderson passes are NumPy's: a graph would run them once, at
+    capture, and replay nothing of them. Catches: a graph solve with the default impl capturing the host
+    kernels (its replays would skip the history write and the mixing: the solve stalls at MAX_ITER)."""
+    monkeypatch.undo()  # the real resolve, not this module's fixture
+    monkeypatch.setattr(_graphs, "GRAPHS", ReplayedGraphs())
+    (f, x0, _), (g, _, _) = _problem(), _problem()  # (each map turns sample 2 NaN at its own 6th call)
+    graphed = fixedpoint.anderson(f, x0, tol=1e-6, max_iter=40, m=3, graph="solver")
+    eager = fixedpoint.anderson(g, x0, tol=1e-6, max_iter=40, m=3, impl="torch")
+    assert graphed.status.tolist() == eager.status.tolist() and graphed.converged.sum() == 3
+    assert graphed.nsteps.tolist() == eager.nsteps.tolist()
+    torch.testing.assert_close(graphed.x[:4], eager.x[:4], rtol=1e-5, atol=1e-6, equal_nan=True)
 
 
 @pytest.mark.parametrize("max_iter", [5, 11])

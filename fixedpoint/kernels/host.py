@@ -1,27 +1,30 @@
-"""The CPU path: the PyTorch twins, with the per-iteration bookkeeping on NumPy views of the same memory.
+"""The CPU path: the PyTorch twins, with the per-iteration bookkeeping and Anderson's small passes on NumPy
+views of the same memory.
 
 On a CPU the loop's per-sample accounting is some 30 small ops on (B,) vectors every iteration, and
-each PyTorch op costs 2-4 us of dispatch against NumPy's 0.5-1 us: ``bookkeep`` takes ~80 us as
-PyTorch ops and ~35 us here (B = 64), a fifth of a small DEQ's iteration. ``best_update`` copies rows
-with ``np.copyto`` where the data has a NumPy dtype (fp16/32/64; bf16 stays with PyTorch).
+each PyTorch op costs 2-4 us of dispatch against NumPy's 0.5-1 us (inside a solve, beside the rest of the
+iteration, 3-5x that): ``bookkeep`` takes ~80 us as PyTorch ops and ~35 us here (B = 64), a fifth of a
+small DEQ's iteration. ``best_update`` copies rows with ``np.copyto`` where the data has a NumPy dtype
+(fp16/32/64; bf16 stays with PyTorch). These two are bit for bit the twins' (tests/test_host_kernels.py
+compares them on NaN, inf, zero and both stopping measures): the square roots are PyTorch's (its float32
+sqrt rounds differently from NumPy's in the last bit), everything after them is IEEE arithmetic and
+comparisons, which agree.
 
-Results are bit for bit the twins' (tests/test_kernels.py compares them on NaN, inf, zero and both
-stopping measures): the square roots are PyTorch's (its float32 sqrt rounds differently from NumPy's
-in the last bit), everything after them is IEEE arithmetic and comparisons, which agree.
-
-``anderson_absorb`` (Anderson's history bookkeeping and its (B, m, m) fp64 coefficient solve, ~45 small
-ops) runs here too, around the twin's own LAPACK call (``torch.linalg.solve_ex``, so the weights are bit
-for bit the twin's), which it runs on one thread: with two threads on a loaded 2-core machine, the batched
-LU of 32 6 x 6 systems took 0.06-12 ms (its threads wait for each other), on one thread ~20 us.
-Every other kernel is reference's. ``resolve("auto", x)`` picks this module for CPU tensors; ``impl="torch"``
-keeps the pure PyTorch twins.
+Anderson's ``anderson_absorb`` (its history bookkeeping and the (B, m, m) fp64 coefficient solve) runs here
+on every CPU solve, the solve by NumPy's LAPACK call: PyTorch's ``linalg.solve_ex`` took ~45 us of a tiny
+problem's iteration inside a solve, NumPy's ~20 (and it loops over the batch on one thread, where two
+PyTorch threads on a loaded 2-core machine made the batched LU of 32 6 x 6 systems take 0.06-12 ms).
+``anderson_residual_write`` and ``anderson_mix`` run here on small fp32/fp64 data (B x D <= SMALL_ELEMENTS),
+where their dozen PyTorch ops cost more than their arithmetic; on larger data the twins' threaded ops.
+These three give the twins' results up to rounding (other sums' orders, another LAPACK build): the weights
+agree to ~1e-12 relative in fp64 (one fp32 ulp), every flag and count exactly. Together they took a tiny
+Anderson iteration (B = 8, D = 64) from 330 to ~230 us. Every other kernel is reference's.
+``resolve("auto", x)`` picks this module for CPU tensors; ``impl="torch"`` keeps the pure PyTorch twins.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -40,8 +43,6 @@ from .reference import (  # noqa: F401  (the rest of the kernel set, as referenc
     TAKE_NEW,
     TAKE_PREV,
     anderson_coefficients,
-    anderson_mix,
-    anderson_residual_write,
     anderson_write,
     broyden_combine,
     broyden_dots,
@@ -56,6 +57,9 @@ from .reference import (  # noqa: F401  (the rest of the kernel set, as referenc
 __all__ = list(reference.__all__)
 
 _NUMPY_DATA = (torch.float16, torch.float32, torch.float64)  # dtypes .numpy() can view
+_NUMPY_HISTORY = (torch.float32, torch.float64)  # Anderson's data and weights in one dtype (their own stat dtype)
+SMALL_ELEMENTS = 1 << 16  # (B, D) up to which Anderson's passes run on NumPy: below, a PyTorch op's dispatch and
+# its in-context cost (~5 us each) outweigh the arithmetic; above, PyTorch's threaded ops
 # the status codes as NumPy scalars: NumPy converting the IntEnum members costs ~1 us each (enum attribute lookups)
 _CONVERGED, _MAX_ITER, _DIVERGED, _NONFINITE = (np.int64(code) for code in (CONVERGED, MAX_ITER, DIVERGED, NONFINITE))
 
@@ -112,29 +116,59 @@ def best_update(loop: LoopBuffers, new: Pair, prev: Pair, take: Tensor) -> None:
     np.copyto(bfx, nfx, where=is_new)
 
 
-def _row_sums(a: np.ndarray) -> np.ndarray:
-    """The row sums (B,) of a (B, m), added as PyTorch adds them (NumPy's order differs: other roundings)."""
-    return torch.from_numpy(a).sum(dim=1).numpy()
+def _numpy_history(state: AndersonState, x: Tensor) -> bool:
+    """Whether Anderson's passes over the history run on NumPy here: a small (B, D) (at most SMALL_ELEMENTS),
+    fp32/fp64 data, a history in the same dtype (not the difference form) and weights in it (their stat dtype)."""
+    return x.numel() <= SMALL_ELEMENTS and x.dtype in _NUMPY_HISTORY and state.G.dtype == x.dtype and not state.relative
 
 
-@contextmanager
-def _one_thread() -> Iterator[None]:
-    """PyTorch's intra-op threads set to 1 inside (a no-op where it is 1 already)."""
-    threads = torch.get_num_threads()
-    if threads > 1:
-        torch.set_num_threads(1)
+def anderson_residual_write(state: AndersonState, x: Tensor, fx: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``reference.anderson_residual_write`` (g = f(x) - x into the next slot of G, f(x) into F; ||g||^2,
+    ||f(x)||^2 and the Gram row (B, m)) by NumPy on small data (``_numpy_history``), else the twin's."""
+    if not _numpy_history(state, x):
+        return reference.anderson_residual_write(state, x, fx)
+    F, G, slot = state.F.numpy(), state.G.numpy(), state.slot
+    xs, fxs = x.detach().numpy(), fx.detach().numpy()  # (B, D); f's outputs may be leaves that require grad
+    g = np.subtract(fxs, xs, out=G[:, slot])  # (B, D), the slot's view
+    F[:, slot] = fxs
+    n = written_slots(state, 1)
+    row = np.zeros(G.shape[:2], dtype=G.dtype)  # (B, m): 0 for the slots not written yet
+    row[:, :n] = np.matmul(G[:, :n], g[:, :, None])[:, :, 0]
+    gsq, fsq = np.einsum("ij,ij->i", g, g), np.einsum("ij,ij->i", fxs, fxs)  # (B,) each, in the data's dtype
+    return torch.from_numpy(gsq), torch.from_numpy(fsq), torch.from_numpy(row)
+
+
+def anderson_mix(state: AndersonState, beta: float, frozen: Tensor | None, active: Tensor | None) -> Tensor:
+    """``reference.anderson_mix`` (x = sum_i alpha_i (f(x_i) + (beta - 1) g_i) for active samples, ``frozen``
+    for the others) by NumPy on small data (``_numpy_history``), else the twin's."""
+    if not _numpy_history(state, state.F[:, 0]) or state.alpha.dtype != state.F.dtype:
+        return reference.anderson_mix(state, beta, frozen, active)
+    n = written_slots(state)  # the weights of the others are 0
+    alpha = state.alpha.numpy()[:, None, :n]  # (B, 1, n)
+    x = np.matmul(alpha, state.F.numpy()[:, :n])[:, 0]  # (B, D), rows at stride 1
+    if beta != 1.0:
+        x += (beta - 1.0) * np.matmul(alpha, state.G.numpy()[:, :n])[:, 0]
+    if frozen is not None:
+        x = np.where(active.numpy()[:, None], x, frozen.numpy())
+    return torch.from_numpy(x)
+
+
+def _solve(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """y (B, m) with a y = b for a (B, m, m), b (B, m) in fp64: NumPy's LAPACK call (its loop over the batch
+    runs on one thread); where it refuses an exactly singular matrix (a NaN pivot, a ridge below fp64's
+    resolution), PyTorch's, which gives such samples non-finite weights (a restart) instead of raising."""
     try:
-        yield
-    finally:
-        if threads > 1:
-            torch.set_num_threads(threads)
+        return np.linalg.solve(a, b[:, :, None])[:, :, 0]
+    except np.linalg.LinAlgError:
+        return torch.linalg.solve_ex(torch.from_numpy(a), torch.from_numpy(b))[0].numpy()
 
 
 def anderson_absorb(
     state: AndersonState, gnorm: Tensor, *, growth: float | None, ridge: float, max_coeff: float, graph_safe: bool
 ) -> Tensor:
-    """``reference.anderson_absorb`` (same arguments, in-place updates and weights alpha (B, m), bit for bit) on
-    NumPy views, around the twin's own LAPACK call run on one thread. CPU tensors only."""
+    """``reference.anderson_absorb`` (same arguments, in-place updates and weights alpha (B, m)) on NumPy views,
+    the small fp64 systems by NumPy's LAPACK call (``_solve``): the weights equal the twin's up to rounding,
+    every flag and count exactly. CPU tensors only."""
     if graph_safe:  # plain-op elimination, for graph capture: the twin's
         return reference.anderson_absorb(
             state, gnorm, growth=growth, ridge=ridge, max_coeff=max_coeff, graph_safe=graph_safe
@@ -145,18 +179,25 @@ def anderson_absorb(
     gn, slot, relative = gnorm.numpy(), state.slot, state.relative
     real = gn.dtype.type
     batch, m = valid.shape
-    blown = ~(gn <= real(growth) * kept_gnorm) if growth is not None else np.zeros(batch, dtype=bool)  # (B,)
     row = state.row.numpy()[:, 0] if relative else state.row.numpy()  # (B, m)
     kept = np.zeros_like(newest) if relative else newest  # what a restart keeps in the history
-    valid &= ~blown[:, None] | kept
     gram[:, slot, :] = row
     gram[:, :, slot] = row
-    valid[:, slot] = ~blown
-    newest[:] = np.where(blown[:, None], newest, np.arange(m) == slot)
-    np.copyto(kept_gnorm, gn, where=~blown)
-    if relative:
-        np.logical_not(blown, out=state.took.numpy())
-    restarts += blown
+    blown = ~(gn <= real(growth) * kept_gnorm) if growth is not None else None  # (B,)
+    if blown is None or not blown.any():  # every new pair joins its history
+        valid[:, slot] = True
+        newest[:] = np.arange(m) == slot
+        kept_gnorm[:] = gn
+        if relative:
+            state.took.numpy()[:] = True
+    else:
+        valid &= ~blown[:, None] | kept
+        valid[:, slot] = ~blown
+        newest[:] = np.where(blown[:, None], newest, np.arange(m) == slot)
+        np.copyto(kept_gnorm, gn, where=~blown)
+        if relative:
+            np.logical_not(blown, out=state.took.numpy())
+        restarts += blown
     # the weights, as reference.anderson_coefficients
     with np.errstate(all="ignore"):  # non-finite samples: NaN weights, a restart, as the twin gives
         g = gram.astype(np.float64)
@@ -165,19 +206,16 @@ def anderson_absorb(
         # unused slots: alpha 0; the ridge rounded to fp32 first, as the twin's torch.where of two scalars has it
         # (normed is a new C-contiguous product: the reshape is a view, and [:, ::m + 1] its diagonal)
         normed.reshape(batch, m * m)[:, :: m + 1] += np.where(valid, np.float32(ridge), np.float32(1.0))
-        rhs = scale * state.row.numpy()[:, 1] if relative else scale
-        with _one_thread():  # the twin's LAPACK call, bit for bit; on one thread (see the module's docstring)
-            y = torch.linalg.solve_ex(torch.from_numpy(normed), torch.from_numpy(rhs))[0].numpy()
-        w = scale * y
+        w = scale * _solve(normed, scale * state.row.numpy()[:, 1] if relative else scale)
         if relative:
             alpha = (-w).astype(gram.dtype)
-            coeff_size = 1 + 2 * _row_sums(np.abs(alpha))
-            kept = np.zeros_like(newest)
+            coeff_size = 1 + 2 * np.abs(alpha).sum(axis=1)
         else:
-            alpha = (w / _row_sums(w)[:, None]).astype(gram.dtype)
-            coeff_size = _row_sums(np.abs(alpha))
-            kept = newest
+            alpha = (w / w.sum(axis=1, keepdims=True)).astype(gram.dtype)
+            coeff_size = np.abs(alpha).sum(axis=1)
         ill = ~np.isfinite(coeff_size) | (coeff_size > max_coeff)  # (B,)
-    valid &= ~ill[:, None] | kept
-    restarts += ill
-    return torch.from_numpy(np.where(ill[:, None], kept.astype(alpha.dtype), alpha))
+    if ill.any():
+        valid &= ~ill[:, None] | kept
+        restarts += ill
+        alpha = np.where(ill[:, None], kept.astype(alpha.dtype), alpha)
+    return torch.from_numpy(alpha)

@@ -11,13 +11,14 @@ sqrt rounds differently from NumPy's in the last bit), everything after them is 
 comparisons, which agree.
 
 Anderson's ``anderson_absorb`` (its history bookkeeping and the (B, m, m) fp64 coefficient solve) runs here
-on every CPU solve, the solve by NumPy's LAPACK call: PyTorch's ``linalg.solve_ex`` took ~45 us of a tiny
-problem's iteration inside a solve, NumPy's ~20 (and it loops over the batch on one thread, where two
-PyTorch threads on a loaded 2-core machine made the batched LU of 32 6 x 6 systems take 0.06-12 ms).
+on every eager CPU solve (graph capture takes the twins), the solve by NumPy's LAPACK call: PyTorch's
+``linalg.solve_ex`` took ~45 us of a tiny problem's iteration inside a solve, NumPy's ~20 (and it loops over
+the batch on one thread, where two PyTorch threads on a loaded 2-core machine made the batched LU of 32
+6 x 6 systems take 0.06-12 ms).
 ``anderson_residual_write`` and ``anderson_mix`` run here on small fp32/fp64 data (B x D <= SMALL_ELEMENTS),
 where their dozen PyTorch ops cost more than their arithmetic; on larger data the twins' threaded ops.
 These three give the twins' results up to rounding (other sums' orders, another LAPACK build): the weights
-agree to ~1e-12 relative in fp64 (one fp32 ulp), every flag and count exactly. Together they took a tiny
+agree to ~1e-13 relative in fp64 (at most an fp32 ulp), every flag and count exactly. Together they took a tiny
 Anderson iteration (B = 8, D = 64) from 330 to ~230 us. Every other kernel is reference's.
 ``resolve("auto", x)`` picks this module for CPU tensors; ``impl="torch"`` keeps the pure PyTorch twins.
 """

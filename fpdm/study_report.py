@@ -143,10 +143,10 @@ def compare(pairs: list[tuple[dict, dict]]) -> dict:
 
 
 def claim_pairs(groups: list[dict], *, regime_budget: int, variants: list[str], ablation: str | None,
-                reference_dit: str) -> dict[str, list[tuple[dict, dict]]]:  # fmt: skip
+                ablation_variants: list[str], reference_dit: str) -> dict[str, list[tuple[dict, dict]]]:  # fmt: skip
     """The comparisons behind each claim, as (group, baseline) pairs at the same budget and guidance.
-    ``variants``: the FPDM variants every FPDM ran; ``ablation``: the model that ran the others;
-    ``reference_dit``: the DiT a deeper one is compared with."""
+    ``variants``: the FPDM variants every FPDM ran; ``ablation``: the model that ran ``ablation_variants``
+    (each compared with its uniform); ``reference_dit``: the DiT a deeper one is compared with."""
     index = {(g["model"], g["variant"], g["budget"], g["guidance"]): g for g in groups}
 
     def at(model: str | Callable[[dict], str], variant: str | None) -> Callable[[dict], dict | None]:
@@ -174,7 +174,7 @@ def claim_pairs(groups: list[dict], *, regime_budget: int, variants: list[str], 
             lambda g: g["variant"] == "dit" and g["model"] != reference_dit, at(reference_dit, "dit")),
     }  # fmt: skip
     if ablation is not None:
-        for variant in ("smoothing", "realloc-high", "realloc-low", "anderson"):
+        for variant in (v for v in ablation_variants if v != "uniform"):
             claims[f"{variant} vs uniform ({ablation})"] = pairs(ablated(variant), same_model(groups, "uniform"))
     return {name: found for name, found in claims.items() if found}
 
@@ -299,6 +299,7 @@ def write_report(out: Path, *, specs, ablation: str | None, args: argparse.Names
                                               guidances, [ablation], same_model(ablated, "uniform")), ""]  # fmt: skip
     verdict, verdict_records = claims_table(every, guidances, regime_budget=PAPER_REGIME * args.budget_depth,
                                             variants=args.variants, ablation=ablation,
+                                            ablation_variants=args.ablation_variants,
                                             reference_dit=args.init_from)  # fmt: skip
     lines += ["## The claims, cell by cell", "",
               "Each claim's comparisons at the same budget and guidance: in how many cells the first setting's "

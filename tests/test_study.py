@@ -216,15 +216,16 @@ def _group(model, variant, budget, frechet, accuracy=0.5, guidance=1.0):
 
 def test_claims_pair_each_setting_with_its_baseline():
     """Bug caught: an FPDM compared with a DiT at another budget or guidance, or with the worse DiT; the ablation's
-    variants counted as 'every FPDM'; an -init model paired with another variant of its scratch twin; a change
-    reported as b / a instead of a / b; counts that do not add up."""
+    variants counted as 'every FPDM', or a fixed list of them reported instead of the ones it ran; an -init model
+    paired with another variant of its scratch twin; a change reported as b / a instead of a / b; counts that do
+    not add up."""
     groups = [_group("dit8", "dit", 8, 20.0), _group("dit12", "dit", 16, 30.0), _group("dit8", "dit", 16, 10.0),
               _group("fpdm1+1", "uniform", 8, 15.0, 0.6), _group("fpdm1+1", "reuse", 8, 14.5),
               _group("fpdm1+1", "uniform", 16, 12.0), _group("fpdm1+1", "anderson", 8, 25.0),
               _group("fpdm1+1-init", "uniform", 8, 10.0), _group("fpdm1+1-init", "reuse", 8, 30.0),
               _group("fpdm1+1", "uniform", 8, 1.0, guidance=3.0)]  # fmt: skip
     claims = claim_pairs(groups, regime_budget=8, variants=["uniform", "reuse"], ablation="fpdm1+1",
-                         reference_dit="dit8")  # fmt: skip
+                         ablation_variants=["uniform", "anderson", "realloc-high"], reference_dit="dit8")  # fmt: skip
     pairs = {name: [(a["model"], a["variant"], a["budget"], b["model"], b["variant"], b["budget"]) for a, b in found]
              for name, found in claims.items()}  # fmt: skip
     low = "FPDM (every model, variant) vs the best DiT, the paper's regime"
@@ -240,6 +241,10 @@ def test_claims_pair_each_setting_with_its_baseline():
     assert pairs["anderson vs uniform (fpdm1+1)"] == [("fpdm1+1", "anderson", 8, "fpdm1+1", "uniform", 8)]
     assert pairs["a deeper DiT vs dit8"] == [("dit12", "dit", 16, "dit8", "dit", 16)]
     assert "realloc-high vs uniform (fpdm1+1)" not in claims  # no such cells: no row
+    assert "uniform vs uniform (fpdm1+1)" not in claims  # the baseline is not compared with itself
+    only_realloc = claim_pairs(groups, regime_budget=8, variants=["uniform", "reuse"], ablation="fpdm1+1",
+                               ablation_variants=["realloc-high"], reference_dit="dit8")  # fmt: skip
+    assert "anderson vs uniform (fpdm1+1)" not in only_realloc  # a variant not asked for: no row
     result = compare(claims[low])
     fr, acc = result["frechet"], result["cond_accuracy"]
     assert result["cells"] == 4 and (fr["better"], fr["worse"], fr["within"]) == (3, 1, 0)

@@ -119,7 +119,7 @@ def best_update(loop: LoopBuffers, new: Pair, prev: Pair, take: Tensor) -> None:
 
 def _numpy_history(state: AndersonState, x: Tensor) -> bool:
     """Whether Anderson's passes over the history run on NumPy here: a small (B, D) (at most SMALL_ELEMENTS),
-    fp32/fp64 data, a history in the same dtype (not the difference form) and weights in it (their stat dtype)."""
+    fp32/fp64 data and a history in the same dtype (not the difference form)."""
     return x.numel() <= SMALL_ELEMENTS and x.dtype in _NUMPY_HISTORY and state.G.dtype == x.dtype and not state.relative
 
 
@@ -156,8 +156,8 @@ def anderson_mix(state: AndersonState, beta: float, frozen: Tensor | None, activ
 
 def _solve(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """y (B, m) with a y = b for a (B, m, m), b (B, m) in fp64: NumPy's LAPACK call (its loop over the batch
-    runs on one thread); where it refuses an exactly singular matrix (a NaN pivot, a ridge below fp64's
-    resolution), PyTorch's, which gives such samples non-finite weights (a restart) instead of raising."""
+    runs on one thread); where it refuses an exactly singular matrix (equal pairs with a ridge too small to
+    register, a NaN pivot), PyTorch's, which gives such samples non-finite weights (a restart) instead of raising."""
     try:
         return np.linalg.solve(a, b[:, :, None])[:, :, 0]
     except np.linalg.LinAlgError:

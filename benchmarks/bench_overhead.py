@@ -151,6 +151,7 @@ def _small_deq(batch: int = 64, width: int = 128):
 SMALL_SOLVERS = {  # name: (fixedpoint, torchdeq name and options)
     "plain iteration": (fixedpoint.picard, ("fixed_point_iter", {})),
     "anderson m=5": (fixedpoint.anderson, ("anderson", {"m": 5})),
+    "broyden": (fixedpoint.broyden, ("broyden", {})),
 }
 
 

@@ -12,7 +12,7 @@ import fixedpoint
 from fixedpoint import Status
 from fixedpoint.kernels import host, reference, resolve
 from fixedpoint.kernels.groups import AndersonState, BroydenStep, LoopBuffers, Pair, StopRule, evolve
-from fixedpoint.testing import anderson_state
+from fixedpoint.testing import anderson_state, broyden_state
 
 
 def _bookkeep_inputs(batch: int, dtype: torch.dtype, seed: int):
@@ -82,8 +82,8 @@ def test_host_best_update_equals_the_twin(dtype):
 @pytest.mark.parametrize("solver", ["picard", "anderson", "broyden", "newton"])
 def test_cpu_solves_with_the_host_path_equal_the_pure_pytorch_ones(solver):
     """Catches: the host path changing any solve on a CPU (iterates, statuses, trace) against impl='torch':
-    bit for bit where only the bookkeeping is NumPy's, up to rounding for Anderson (NumPy's sums and LAPACK
-    call), with the same statuses and step counts; and 'auto' not picking it for CPU tensors (nor for Newton,
+    bit for bit where only the bookkeeping is NumPy's, up to rounding for Anderson and Broyden (NumPy's sums and
+    LAPACK call), with the same statuses and step counts; and 'auto' not picking it for CPU tensors (nor for Newton,
     which has no impl option)."""
     assert resolve("auto", torch.zeros(2, 3)) is host and resolve("torch", torch.zeros(2, 3)) is reference
     gen = torch.Generator().manual_seed(0)
@@ -103,7 +103,7 @@ def test_cpu_solves_with_the_host_path_equal_the_pure_pytorch_ones(solver):
         solutions = [run(f, torch.zeros(5, 12, dtype=torch.float64), tol=1e-9, max_iter=40, impl=impl)
                      for impl in ("auto", "torch")]  # fmt: skip
         a, t = solutions
-        close = dict(rtol=1e-6, atol=1e-13) if solver == "anderson" else dict(rtol=0, atol=0)
+        close = dict(rtol=1e-6, atol=1e-13) if solver in ("anderson", "broyden") else dict(rtol=0, atol=0)
         for name in ("x", "fx", "residual", "trace"):
             torch.testing.assert_close(getattr(a, name), getattr(t, name), **close, equal_nan=True)
         assert torch.equal(a.nsteps, t.nsteps) and torch.equal(a.status, t.status)
@@ -339,3 +339,67 @@ def test_host_anderson_passes_leave_large_or_narrow_data_to_the_twins(case, monk
     host.anderson_residual_write(state, x, fx)
     host.anderson_mix(state, 1.0, None, None)
     assert calls == ["anderson_residual_write", "anderson_mix"]
+
+
+def _broyden_case(dtype: torch.dtype, seed: int):
+    """A Broyden state with 3 of 5 slots used (one term dead) and an evaluated step whose update meets every case
+    finish meets: sample 1 blows up (its ||g|| x 500), sample 2 has dx = 0 (denominator 0: no term kept),
+    sample 3 is NaN."""
+    gen = torch.Generator().manual_seed(seed)
+    U, V = (torch.randn(6, 5, 40, generator=gen, dtype=dtype) for _ in range(2))
+    x, g, dx, hg, x_old, g_old = (torch.randn(6, 40, generator=gen, dtype=dtype) for _ in range(6))
+    dx[2] = 0.0
+    g[3] = math.nan
+    alive = torch.ones(6, 5, dtype=torch.bool)
+    alive[0, 1] = False
+    gnorm_old = torch.rand(6, generator=gen, dtype=dtype) + 0.5
+    gnorm = gnorm_old * 1.5
+    gnorm[1] = gnorm_old[1] * 500
+    state = broyden_state(U, V, 3, alive, x=x_old, g=g_old, gnorm=gnorm_old, hg=hg, restarts=torch.arange(6))
+    return state, BroydenStep(x, g, gnorm, dx)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_host_broyden_kernels_equal_the_twins(dtype):
+    """Broyden's three passes by NumPy (small fp32/fp64 data). Catches: V g and U dx swapped or over the wrong
+    slots, a dead term weighed in the applies, sums in another order than [dx . H dg, ||dx||^2, ||H dg||^2,
+    v . g], u or v written to another slot, a blown-up sample not put back at the state's iterate with H = -I
+    (its terms dead, restarts + 1), a zero or NaN denominator keeping a term, and the fast path (no sample blew
+    up) returning other iterates than the general one."""
+    rtol = 1e-12 if dtype == torch.float64 else 1e-5
+    for blow_up in (True, False):
+        results = []
+        for module in (reference, host):
+            state, new = _broyden_case(dtype, seed=12)
+            if not blow_up:
+                new = new._replace(gnorm=state.gnorm * 1.5)
+            coeff = module.broyden_dots(state, new)
+            applies = module.broyden_combine(state, new, coeff)
+            out = module.broyden_finish(state, new, applies, growth=100.0)
+            results.append([coeff, *applies, out.x, out.g, out.gnorm, out.hg, out.next_x, state.U, state.V,
+                            state.alive, state.restarts])  # fmt: skip
+            assert out.count == 4
+        for a, b in zip(*results, strict=True):
+            assert a.dtype == b.dtype and a.shape == b.shape
+            exact = not a.is_floating_point()
+            torch.testing.assert_close(a, b, rtol=0 if exact else rtol, atol=0 if exact else rtol, equal_nan=True)
+        alive, restarts = results[1][-2], results[1][-1] - torch.arange(6)
+        assert restarts.tolist() == ([0, 1, 0, 0, 0, 0] if blow_up else [0] * 6)
+        assert not alive[2, 3] and not alive[3, 3] and alive[0, 3] and alive[0, 1] == False  # noqa: E712
+        assert alive[1].any() != blow_up  # a blown-up sample's terms all die
+
+
+def test_host_broyden_kernels_leave_a_narrower_history_to_the_twins(monkeypatch):
+    """U, V in bf16 under fp32 iterates: the twins (they balance each stored term); NumPy cannot hold bf16. Catches:
+    the host path taking a narrower history."""
+    calls = []
+    for name in ("broyden_dots", "broyden_combine", "broyden_finish"):
+        original = getattr(reference, name)
+        monkeypatch.setattr(
+            reference, name, lambda *a, original=original, name=name, **k: calls.append(name) or original(*a, **k)
+        )
+    state, new = _broyden_case(torch.float32, seed=13)
+    state = replace(state, U=state.U.bfloat16(), V=state.V.bfloat16())
+    applies = host.broyden_combine(state, new, host.broyden_dots(state, new))
+    host.broyden_finish(state, new, applies, growth=100.0)
+    assert calls == ["broyden_dots", "broyden_combine", "broyden_finish"]

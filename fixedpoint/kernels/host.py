@@ -1,4 +1,4 @@
-"""The CPU path: the PyTorch twins, with the per-iteration bookkeeping and Anderson's small passes on NumPy
+"""The CPU path: the PyTorch twins, with the per-iteration bookkeeping and the solvers' small passes on NumPy
 views of the same memory.
 
 On a CPU the loop's per-sample accounting is some 30 small ops on (B,) vectors every iteration, and
@@ -17,9 +17,12 @@ the batch on one thread, where two PyTorch threads on a loaded 2-core machine ma
 6 x 6 systems take 0.06-12 ms).
 ``anderson_residual_write`` and ``anderson_mix`` run here on small fp32/fp64 data (B x D <= SMALL_ELEMENTS),
 where their dozen PyTorch ops cost more than their arithmetic; on larger data the twins' threaded ops.
-These three give the twins' results up to rounding (other sums' orders, another LAPACK build): the weights
-agree to ~1e-13 relative in fp64 (at most an fp32 ulp), every flag and count exactly. Together they took a tiny
-Anderson iteration (B = 8, D = 64) from 330 to ~230 us. Every other kernel is reference's.
+Broyden's ``broyden_dots``, ``broyden_combine`` and ``broyden_finish`` run here on small data too (factors in
+the data's dtype; a narrower history keeps the twins, which balance its terms).
+These give the twins' results up to rounding (other sums' orders, another LAPACK build): Anderson's weights
+agree to ~1e-13 relative in fp64 (at most an fp32 ulp), every flag and count exactly. They took a tiny
+iteration (B = 8, D = 64) from 330 to ~230 us (Anderson) and from 480 to ~355 us (Broyden). Every other
+kernel is reference's.
 ``resolve("auto", x)`` picks this module for CPU tensors; ``impl="torch"`` keeps the pure PyTorch twins.
 """
 
@@ -32,7 +35,7 @@ import torch
 from torch import Tensor
 
 from . import reference
-from .groups import AndersonState, LoopBuffers, Pair, StopRule
+from .groups import AndersonState, BroydenApplies, BroydenState, BroydenStep, LoopBuffers, Pair, StopRule, evolve
 from .reference import (  # noqa: F401  (the rest of the kernel set, as reference has it)
     CONVERGED,
     DIVERGED,
@@ -45,9 +48,6 @@ from .reference import (  # noqa: F401  (the rest of the kernel set, as referenc
     TAKE_PREV,
     anderson_coefficients,
     anderson_write,
-    broyden_combine,
-    broyden_dots,
-    broyden_finish,
     is_slot,
     picard_step,
     residual,
@@ -220,3 +220,68 @@ def anderson_absorb(
         restarts += ill
         alpha = np.where(ill[:, None], kept.astype(alpha.dtype), alpha)
     return torch.from_numpy(alpha)
+
+
+def _numpy_broyden(state: BroydenState, x: Tensor) -> bool:
+    """Whether Broyden's passes run on NumPy here: a small (B, D) (at most SMALL_ELEMENTS), fp32/fp64 data and
+    factors U, V in the same dtype (a narrower history keeps the twins, with their balancing)."""
+    return x.numel() <= SMALL_ELEMENTS and x.dtype in _NUMPY_HISTORY and state.U.dtype == x.dtype
+
+
+def broyden_dots(state: BroydenState, new: BroydenStep) -> Tensor:
+    """``reference.broyden_dots`` (V g and U dx, (B, 2, n) over the state's n = count slots) by NumPy on small
+    data (``_numpy_broyden``), else the twin's."""
+    if not _numpy_broyden(state, new.g):
+        return reference.broyden_dots(state, new)
+    n = state.count
+    g, dx = new.g.detach().numpy(), new.dx.detach().numpy()  # (B, D)
+    coeff = np.empty((g.shape[0], 2, n), dtype=g.dtype)  # (B, 2, n)
+    np.matmul(state.V.numpy()[:, :n], g[:, :, None], out=coeff[:, 0, :, None])
+    np.matmul(state.U.numpy()[:, :n], dx[:, :, None], out=coeff[:, 1, :, None])
+    return torch.from_numpy(coeff)
+
+
+def broyden_combine(state: BroydenState, new: BroydenStep, coeff: Tensor) -> BroydenApplies:
+    """``reference.broyden_combine`` (h_g = H g, v = H^T dx (B, D) and the update's sums (B, 4)) by NumPy on
+    small data (``_numpy_broyden``), else the twin's."""
+    if not _numpy_broyden(state, new.g):
+        return reference.broyden_combine(state, new, coeff)
+    n = state.count
+    g, dx, hg = new.g.detach().numpy(), new.dx.detach().numpy(), state.hg.numpy()  # (B, D)
+    c = coeff.numpy() * state.alive.numpy()[:, None, :n]  # (B, 2, n): dead terms weigh 0
+    h_g = np.matmul(c[:, :1], state.U.numpy()[:, :n])[:, 0] - g  # (B, D)
+    v = np.matmul(c[:, 1:], state.V.numpy()[:, :n])[:, 0] - dx
+    h_dg = h_g - hg
+    sums = np.stack([np.einsum("ij,ij->i", a, b) for a, b in ((dx, h_dg), (dx, dx), (h_dg, h_dg), (v, g))], axis=1)
+    return BroydenApplies(torch.from_numpy(h_g), torch.from_numpy(v), torch.from_numpy(sums))
+
+
+def broyden_finish(state: BroydenState, new: BroydenStep, applies: BroydenApplies, *, growth: float) -> BroydenState:
+    """``reference.broyden_finish`` (u, v into slot ``count``, H' g, a blown-up sample back at the state's
+    iterate with H = -I; U, V, alive, restarts in place; the next state) by NumPy on small data
+    (``_numpy_broyden``), else the twin's."""
+    if not _numpy_broyden(state, new.x):
+        return reference.broyden_finish(state, new, applies, growth=growth)
+    x, g, gnorm, dx = (t.detach().numpy() for t in new)
+    h_g, v, sums = (t.numpy() for t in applies)
+    slot, alive = state.count, state.alive.numpy()
+    x_old, g_old, hg_old, gnorm_old = (t.numpy() for t in (state.x, state.g, state.hg, state.gnorm))
+    denom, dx_sq, h_dg_sq, v_g = sums[:, :4].T  # (B,) each; denom = dx^T H dg
+    with np.errstate(all="ignore"):  # non-finite samples: not ok, as the twin has them
+        ok = np.isfinite(denom) & (np.abs(denom) > 1e-12 * np.sqrt(dx_sq) * np.sqrt(h_dg_sq))
+        u = (dx - (h_g - hg_old)) / np.where(ok, denom, 1)[:, None]  # (B, D)
+        hg = h_g + np.where(ok, v_g, 0)[:, None] * u
+        blown = ~(gnorm <= gnorm.dtype.type(growth) * gnorm_old)  # (B,)
+    state.U.numpy()[:, slot] = u
+    state.V.numpy()[:, slot] = v
+    if blown.any():  # back at the state's iterate, with H = -I
+        alive &= ~blown[:, None]
+        state.restarts.numpy()[:] += blown
+        keep = blown[:, None]
+        x, g, gnorm, hg = (np.where(keep, x_old, x), np.where(keep, g_old, g), np.where(blown, gnorm_old, gnorm),
+                           np.where(keep, -g_old, hg))  # fmt: skip
+    alive[:, slot] = ok & ~blown
+    return evolve(
+        state, x=torch.from_numpy(x), g=torch.from_numpy(g), gnorm=torch.from_numpy(gnorm), hg=torch.from_numpy(hg),
+        next_x=torch.from_numpy(x - hg), count=slot + 1,
+    )  # fmt: skip

@@ -155,8 +155,9 @@ def broyden_dots(state: BroydenState, new: BroydenStep) -> Tensor:
     """The coefficients of Broyden's two applies, (B, 2, n) fp32/fp64 over the state's n = count slots:
     row 0 = V g, row 1 = U dx."""
     n, acc = state.count, stat_dtype(new.g.dtype)
-    vg = torch.bmm(state.V[:, :n].to(acc), new.g.to(acc).unsqueeze(2)).squeeze(2)
-    udx = torch.bmm(state.U[:, :n].to(acc), new.dx.to(acc).unsqueeze(2)).squeeze(2)
+    # as (1, D) x (D, n) per sample, as Anderson's Gram row: on a CPU 10x faster than V g at (64, 20, 128)
+    vg = torch.bmm(new.g.to(acc).unsqueeze(1), state.V[:, :n].to(acc).transpose(1, 2)).squeeze(1)
+    udx = torch.bmm(new.dx.to(acc).unsqueeze(1), state.U[:, :n].to(acc).transpose(1, 2)).squeeze(1)
     return torch.stack([vg, udx], dim=1)
 
 

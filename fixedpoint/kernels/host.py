@@ -58,9 +58,10 @@ from .reference import (  # noqa: F401  (the rest of the kernel set, as referenc
 __all__ = list(reference.__all__)
 
 _NUMPY_DATA = (torch.float16, torch.float32, torch.float64)  # dtypes .numpy() can view
-_NUMPY_HISTORY = (torch.float32, torch.float64)  # Anderson's data and weights in one dtype (their own stat dtype)
-SMALL_ELEMENTS = 1 << 16  # (B, D) up to which Anderson's passes run on NumPy: below, a PyTorch op's dispatch and
-# its in-context cost (~5 us each) outweigh the arithmetic; above, PyTorch's threaded ops
+_NUMPY_HISTORY = (torch.float32, torch.float64)  # data whose stat dtype is its own: one dtype for data and sums
+SMALL_ELEMENTS = 1 << 15  # (B, D) up to which the solvers' passes run on NumPy: below, a PyTorch op's dispatch
+# and its in-context cost (~5 us each) outweigh the arithmetic; with 2 threads PyTorch's ops catch up by 1 << 16
+# (docs/solvers.md, "Third pass"). Above, the twins.
 # the status codes as NumPy scalars: NumPy converting the IntEnum members costs ~1 us each (enum attribute lookups)
 _CONVERGED, _MAX_ITER, _DIVERGED, _NONFINITE = (np.int64(code) for code in (CONVERGED, MAX_ITER, DIVERGED, NONFINITE))
 

@@ -32,7 +32,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, is_dataclass, replace
 from functools import partial
 from types import ModuleType
 from typing import Any, ClassVar
@@ -296,8 +296,10 @@ def solve(
         raise ValueError(f"graph={graph!r} is not supported by {type(solver).__name__} (it syncs with the host)")
 
     kernels = solver.kernels or kernel_modules.default_for(x0)
-    if graph and kernels is kernel_modules.host:  # its NumPy views are host work: graphs capture the twins
+    if graph and kernels is kernel_modules.host:  # NumPy's work would run once, at capture: graphs take the twins
         kernels = kernel_modules.reference
+        if solver.kernels is kernel_modules.host and is_dataclass(solver):  # the solver's own kernels too
+            solver = replace(solver, kernels=kernels)
     f_autocast = autocast_dtype(x0.device.type)  # f runs under it; norms, Gram matrices, small solves never do
     own_precision = torch.autocast(x0.device.type, enabled=False) if f_autocast is not None else nullcontext()
     with torch.no_grad(), own_precision:

@@ -133,16 +133,14 @@ def check_history_dtype(history_dtype: object, dtype: torch.dtype | None) -> tor
     return history_dtype
 
 
-def _kernels(impl: str, x0: Tensor, graph: bool | str = False) -> ModuleType:
-    """The kernel module for ``impl`` and data like x0 (a structured state: its flat (B, D) form); with ``graph``
-    the twins where that is the CPU host path (a graph replays PyTorch ops; NumPy's would run once, at capture).
-    Bad x0 is left for the loop's own checks (a clearer error)."""
+def _kernels(impl: str, x0: Tensor) -> ModuleType:
+    """The kernel module for ``impl`` and data like x0 (a structured state: its flat (B, D) form); bad x0 is left
+    for the loop's own checks (a clearer error). (With graphs, ``solve`` swaps the CPU host path for the twins.)"""
     x0 = _flat(x0)
     if not isinstance(x0, Tensor) or not x0.is_floating_point():
         kernel_modules.check_impl(impl)
         return kernel_modules.reference
-    module = kernel_modules.resolve(impl, x0)
-    return kernel_modules.reference if graph and module is kernel_modules.host else module
+    return kernel_modules.resolve(impl, x0)
 
 
 # ----------------------------------------------------------------------------- Picard
@@ -208,7 +206,7 @@ def picard(
         {impl}
     """
     beta = _check_beta("beta", beta, 2.0)
-    kern = _kernels(impl, x0, graph)
+    kern = _kernels(impl, x0)
     return solve(Picard(beta, kernels=kern), f, x0, args=args, tol=tol, max_iter=max_iter, stop=stop,
                  divergence=divergence, check_every=check_every, graph=graph)  # fmt: skip
 
@@ -397,7 +395,7 @@ def anderson(
     history_dtype = check_history_dtype(history_dtype, _flat_dtype(x0))
     if history_dtype is not None and beta == "auto" and m > 1:
         raise ValueError(f"beta='auto' is not supported with history_dtype={history_dtype}; give a number")
-    kern = _kernels(impl, x0, graph)
+    kern = _kernels(impl, x0)
     solver = Anderson(m=m, beta=beta, ridge=ridge, max_coeff=max_coeff, growth=growth, kernels=kern,
                       graph_safe=bool(graph), history_dtype=history_dtype)  # fmt: skip
     return solve(solver, f, x0, args=args, tol=tol, max_iter=max_iter, stop=stop, divergence=divergence,

@@ -384,7 +384,7 @@ def test_fixed_point_module_passes_its_inputs_as_args_so_a_graph_is_kept(monkeyp
         for seed in range(3):
             x = torch.randn(3, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
             inputs.append(x)
-            # two solves to tol 1e-10 (the graphs' small solve by elimination, the eager one by LAPACK)
+            # two solves to tol 1e-10, on the twins (graphs) and on the CPU host path (NumPy's sums and LAPACK)
             torch.testing.assert_close(layer(x), eager(x), rtol=0, atol=1e-9)
             assert layer.last_solution.converged.all()
             captures.append(graphs.captures)

@@ -18,6 +18,7 @@ from torch.utils._pytree import tree_leaves
 import fixedpoint
 from fixedpoint import Status, _graphs, _solve
 from fixedpoint import kernels as kernel_modules
+from fixedpoint._solvers import Anderson
 from fixedpoint.kernels.reference import solve_spd
 from fixedpoint.testing import EagerGraphs, ReplayedGraphs
 
@@ -103,14 +104,20 @@ def test_solver_graphs_give_the_default_loop_result(monkeypatch, solver, options
     torch.testing.assert_close(captured.trace, reference.trace, rtol=1e-4, atol=1e-9, equal_nan=True)
 
 
-def test_cpu_graphs_capture_the_twins_not_the_host_path(monkeypatch):
+@pytest.mark.parametrize("built", ["anderson()", "Anderson(kernels=host)"])
+def test_cpu_graphs_capture_the_twins_not_the_host_path(monkeypatch, built):
     """On a CPU "auto" takes the host path, whose Anderson passes are NumPy's: a graph would run them once, at
-    capture, and replay nothing of them. Catches: a graph solve with the default impl capturing the host
-    kernels (its replays would skip the history write and the mixing: the solve stalls at MAX_ITER)."""
+    capture, and replay nothing of them. Catches: a graph solve capturing the host kernels, with the default
+    impl or a solver built by hand with them (its replays would skip the history write and the mixing: the
+    solve stalls at MAX_ITER)."""
     monkeypatch.undo()  # the real resolve, not this module's fixture
     monkeypatch.setattr(_graphs, "GRAPHS", ReplayedGraphs())
     (f, x0, _), (g, _, _) = _problem(), _problem()  # (each map turns sample 2 NaN at its own 6th call)
-    graphed = fixedpoint.anderson(f, x0, tol=1e-6, max_iter=40, m=3, graph="solver")
+    if built == "anderson()":
+        graphed = fixedpoint.anderson(f, x0, tol=1e-6, max_iter=40, m=3, graph="solver")
+    else:
+        solver = Anderson(m=3, kernels=kernel_modules.host, graph_safe=True)
+        graphed = fixedpoint.solve(solver, f, x0, tol=1e-6, max_iter=40, graph="solver")
     eager = fixedpoint.anderson(g, x0, tol=1e-6, max_iter=40, m=3, impl="torch")
     assert graphed.status.tolist() == eager.status.tolist() and graphed.converged.sum() == 3
     assert graphed.nsteps.tolist() == eager.nsteps.tolist()

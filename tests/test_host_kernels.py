@@ -1,5 +1,6 @@
-"""The CPU path's NumPy bookkeeping (fixedpoint.kernels.host) against the pure PyTorch twins: bit for bit; and
-what the twins read of Anderson's history (only the slots written)."""
+"""The CPU path (fixedpoint.kernels.host) against the pure PyTorch twins: the loop's bookkeeping bit for bit,
+Anderson's and Broyden's passes up to rounding (flags and counts exactly); when the host path leaves data to the
+twins; and what the twins read of Anderson's history (only the slots written)."""
 
 import dataclasses
 import math
@@ -139,25 +140,26 @@ def _absorb_state(batch: int, m: int, dtype: torch.dtype, relative: bool, seed: 
     return anderson_state(F, F, 2, **buffers), gnorm
 
 
-def _absorb_both(dtype: torch.dtype, relative: bool, **options) -> list[list]:
+def _absorb_both(dtype: torch.dtype, relative: bool, growth: float | None = 100.0, **options) -> list[list]:
     """The twin's and the host's absorb on the same state: [alpha and the in-place buffers] for each."""
     results = []
     for module in (reference, host):
         state, gnorm = _absorb_state(8, 5, dtype, relative, seed=4)
-        alpha = module.anderson_absorb(state, gnorm, growth=100.0, max_coeff=50.0, graph_safe=False, **options)
+        alpha = module.anderson_absorb(state, gnorm, growth=growth, max_coeff=50.0, graph_safe=False, **options)
         results.append([alpha, state.gram, state.valid, state.newest, state.kept_gnorm, state.restarts, state.took])
     return results
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("relative", [False, True])
-def test_host_anderson_absorb_equals_the_twin(dtype, relative):
+@pytest.mark.parametrize("growth", [100.0, 1e4, None])  # sample 5 blows up (x 500) only at 100: else the fast path
+def test_host_anderson_absorb_equals_the_twin(dtype, relative, growth):
     """Catches: a restart (blown up, ill-conditioned, NaN) or a relative sample handled otherwise than the twin
-    (the flags and counts must agree exactly), the fast path for a step where no sample blew up writing other
-    flags than the general one, weights further from the twin's than rounding (the ridge added in fp64 where
-    the twin rounds it to fp32, a wrong normalisation), and the in-place buffers (gram, valid, newest,
-    kept_gnorm, restarts, took) not written through the views."""
-    twin, ours = _absorb_both(dtype, relative, ridge=1e-6)
+    (the flags and counts must agree exactly), the fast path for a step where no sample blew up (and for growth
+    None) writing other flags than the general one, weights further from the twin's than rounding (the ridge
+    added in fp64 where the twin rounds it to fp32, a wrong normalisation), and the in-place buffers (gram,
+    valid, newest, kept_gnorm, restarts, took) not written through the views."""
+    twin, ours = _absorb_both(dtype, relative, growth, ridge=1e-6)
     for a, b in zip(ours, twin, strict=True):
         if a is None:
             assert b is None
@@ -167,7 +169,7 @@ def test_host_anderson_absorb_equals_the_twin(dtype, relative):
         close = dict(rtol=0, atol=0) if exact else dict(rtol=1e-9 if dtype == torch.float64 else 3e-7, atol=1e-12)
         torch.testing.assert_close(a, b, **close, equal_nan=True)
     restarts = ours[5] - torch.arange(8)
-    assert restarts[5] == 1 and restarts[4] == 1  # blown up; NaN Gram entry
+    assert restarts[5] == (growth == 100.0) and restarts[4] == 1  # blown up; NaN Gram entry
     assert relative or restarts[3] == 1  # nearly dependent pairs: ||alpha||_1 > 50
     assert (restarts[[0, 1, 2, 6, 7]] == 0).all()  # the well-posed samples keep their histories
 
@@ -311,14 +313,15 @@ def test_host_anderson_residual_write_and_mix_equal_the_twins(dtype, count):
     assert torch.equal(mixed[1][~active], frozen[~active])
 
 
-@pytest.mark.parametrize("case", ["large", "bf16 history", "fp16 data"])
+@pytest.mark.parametrize("case", ["at the bound", "above the bound", "bf16 history", "fp16 data", "fp64 weights"])
 def test_host_anderson_passes_leave_large_or_narrow_data_to_the_twins(case, monkeypatch):
-    """Above SMALL_ELEMENTS (PyTorch's threaded ops win), in the difference form (a narrower history) and for
-    dtypes NumPy cannot hold or weights in another dtype than the data, the twins run. Catches: NumPy taking
-    data it would slow down or cannot represent (bf16), or the size test reading the wrong tensor."""
+    """NumPy up to SMALL_ELEMENTS (B x D) inclusive; above it (PyTorch's threaded ops win), in the difference
+    form (a narrower history), for dtypes NumPy cannot hold and for weights in another dtype than the history
+    (NumPy's product would come out in theirs), the twins run. Catches: NumPy taking data it would slow down or
+    cannot represent (bf16), an off-by-one at the bound, or the bound compared with another size than B x D."""
     dtype, dim = torch.float32, 40
-    if case == "large":
-        monkeypatch.setattr(host, "SMALL_ELEMENTS", 6 * dim - 1)
+    if case in ("at the bound", "above the bound"):  # B x D = 240; F and G hold 5 x 240
+        monkeypatch.setattr(host, "SMALL_ELEMENTS", 6 * dim - (case == "above the bound"))
     if case == "fp16 data":
         dtype = torch.float16
     calls = []
@@ -335,10 +338,12 @@ def test_host_anderson_passes_leave_large_or_narrow_data_to_the_twins(case, monk
         state = replace(anderson_state(F, G, **kept), count=2, alpha=torch.rand(6, 4, generator=gen), x_new=x, f_new=fx)
     else:
         state = _history_state(6, 5, dim, dtype, 2, seed=11)
-        state = replace(state, alpha=state.alpha.float())
+        state = replace(state, alpha=state.alpha.double() if case == "fp64 weights" else state.alpha.float())
     host.anderson_residual_write(state, x, fx)
-    host.anderson_mix(state, 1.0, None, None)
-    assert calls == ["anderson_residual_write", "anderson_mix"]
+    mixed = host.anderson_mix(state, 1.0, None, None)
+    both = ["anderson_residual_write", "anderson_mix"]
+    twins = {"at the bound": [], "fp64 weights": ["anderson_mix"]}.get(case, both)
+    assert calls == twins and mixed.dtype == x.dtype
 
 
 def _broyden_case(dtype: torch.dtype, seed: int):

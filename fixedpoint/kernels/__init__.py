@@ -2,7 +2,8 @@
 
 ``resolve(impl, tensor)`` picks the implementation: ``"auto"`` takes Triton for
 CUDA tensors when it imports (fp32/fp16/bf16 data, under 2**31 features per sample), the host path for
-CPU tensors (the twins, with the per-iteration bookkeeping in NumPy: ``host``), PyTorch otherwise
+CPU tensors (the twins, with the per-iteration bookkeeping and the solvers' small passes in NumPy: ``host``),
+PyTorch otherwise
 (never the slow CPU interpreter);
 ``"triton"`` insists and says why when it cannot run; ``"torch"`` is the twin.
 """

@@ -20,7 +20,8 @@ where their dozen PyTorch ops cost more than their arithmetic; on larger data th
 Broyden's ``broyden_dots``, ``broyden_combine`` and ``broyden_finish`` run here on small data too (factors in
 the data's dtype; a narrower history keeps the twins, which balance its terms).
 These give the twins' results up to rounding (other sums' orders, another LAPACK build): Anderson's weights
-agree to ~1e-13 relative in fp64 (at most an fp32 ulp), every flag and count exactly. They took a tiny
+agree to ~1e-13 relative in fp64 (at most an fp32 ulp), every flag and count exactly (but at a tie: a
+coefficient sum or a Broyden denominator exactly at its bound may fall the other way). They took a tiny
 iteration (B = 8, D = 64) from 330 to ~230 us (Anderson) and from 480 to ~355 us (Broyden). Every other
 kernel is reference's.
 ``resolve("auto", x)`` picks this module for CPU tensors; ``impl="torch"`` keeps the pure PyTorch twins.
@@ -157,8 +158,10 @@ def anderson_mix(state: AndersonState, beta: float, frozen: Tensor | None, activ
 
 def _solve(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """y (B, m) with a y = b for a (B, m, m), b (B, m) in fp64: NumPy's LAPACK call (its loop over the batch
-    runs on one thread); where it refuses an exactly singular matrix (equal pairs with a ridge too small to
-    register, a NaN pivot), PyTorch's, which gives such samples non-finite weights (a restart) instead of raising."""
+    runs on one thread); where it refuses a batch with an exactly singular matrix (equal pairs with a ridge too
+    small to register: an exact zero pivot; NaN input gives NaN, no refusal), PyTorch's for the whole batch, which
+    gives such samples non-finite weights (a restart) instead of raising (rare: the others' weights then come
+    from PyTorch's LAPACK call, equal up to rounding)."""
     try:
         return np.linalg.solve(a, b[:, :, None])[:, :, 0]
     except np.linalg.LinAlgError:

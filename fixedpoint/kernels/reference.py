@@ -1,4 +1,4 @@
-"""Pure-PyTorch twins of the fused kernels: same signatures, same results (the CPU path and the reference).
+"""Pure-PyTorch twins of the fused kernels: same signatures, same results (the reference; ``impl="torch"``).
 
 Shapes: iterates (B, D); Anderson and Broyden histories (B, m, D). Accumulation
 in fp32 (fp64 for fp64 data), whatever the storage dtype.

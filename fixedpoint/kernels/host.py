@@ -119,16 +119,18 @@ def best_update(loop: LoopBuffers, new: Pair, prev: Pair, take: Tensor) -> None:
     np.copyto(bfx, nfx, where=is_new)
 
 
-def _numpy_history(state: AndersonState, x: Tensor) -> bool:
-    """Whether Anderson's passes over the history run on NumPy here: a small (B, D) (at most SMALL_ELEMENTS),
-    fp32/fp64 data and a history in the same dtype (not the difference form)."""
-    return x.numel() <= SMALL_ELEMENTS and x.dtype in _NUMPY_HISTORY and state.G.dtype == x.dtype and not state.relative
+def _numpy_pass(history: Tensor, dtype: torch.dtype) -> bool:
+    """Whether a solver's pass over ``history`` (B, m, D) with data (or weights) of ``dtype`` runs on NumPy here:
+    a small (B, D) (at most SMALL_ELEMENTS), fp32/fp64, the history in that same dtype (a narrower one, Anderson's
+    difference form or Broyden's balanced terms, keeps the twins)."""
+    batch, _, dim = history.shape
+    return batch * dim <= SMALL_ELEMENTS and dtype in _NUMPY_HISTORY and history.dtype == dtype
 
 
 def anderson_residual_write(state: AndersonState, x: Tensor, fx: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """``reference.anderson_residual_write`` (g = f(x) - x into the next slot of G, f(x) into F; ||g||^2,
-    ||f(x)||^2 and the Gram row (B, m)) by NumPy on small data (``_numpy_history``), else the twin's."""
-    if not _numpy_history(state, x):
+    ||f(x)||^2 and the Gram row (B, m)) by NumPy on small data (``_numpy_pass``), else the twin's."""
+    if not _numpy_pass(state.G, x.dtype):
         return reference.anderson_residual_write(state, x, fx)
     F, G, slot = state.F.numpy(), state.G.numpy(), state.slot
     xs, fxs = x.detach().numpy(), fx.detach().numpy()  # (B, D); f's outputs may be leaves that require grad
@@ -143,8 +145,8 @@ def anderson_residual_write(state: AndersonState, x: Tensor, fx: Tensor) -> tupl
 
 def anderson_mix(state: AndersonState, beta: float, frozen: Tensor | None, active: Tensor | None) -> Tensor:
     """``reference.anderson_mix`` (x = sum_i alpha_i (f(x_i) + (beta - 1) g_i) for active samples, ``frozen``
-    for the others) by NumPy on small data (``_numpy_history``), else the twin's."""
-    if not _numpy_history(state, state.F[:, 0]) or state.alpha.dtype != state.F.dtype:
+    for the others) by NumPy on small data with weights in the history's dtype (``_numpy_pass``), else the twin's."""
+    if not _numpy_pass(state.F, state.alpha.dtype):
         return reference.anderson_mix(state, beta, frozen, active)
     n = written_slots(state)  # the weights of the others are 0
     alpha = state.alpha.numpy()[:, None, :n]  # (B, 1, n)
@@ -173,7 +175,7 @@ def anderson_absorb(
 ) -> Tensor:
     """``reference.anderson_absorb`` (same arguments, in-place updates and weights alpha (B, m)) on NumPy views,
     the small fp64 systems by NumPy's LAPACK call (``_solve``): the weights equal the twin's up to rounding,
-    every flag and count exactly. CPU tensors only."""
+    every flag and count exactly but at ties with max_coeff. CPU tensors only."""
     if graph_safe:  # plain-op elimination, for graph capture: the twin's
         return reference.anderson_absorb(
             state, gnorm, growth=growth, ridge=ridge, max_coeff=max_coeff, graph_safe=graph_safe
@@ -226,16 +228,10 @@ def anderson_absorb(
     return torch.from_numpy(alpha)
 
 
-def _numpy_broyden(state: BroydenState, x: Tensor) -> bool:
-    """Whether Broyden's passes run on NumPy here: a small (B, D) (at most SMALL_ELEMENTS), fp32/fp64 data and
-    factors U, V in the same dtype (a narrower history keeps the twins, with their balancing)."""
-    return x.numel() <= SMALL_ELEMENTS and x.dtype in _NUMPY_HISTORY and state.U.dtype == x.dtype
-
-
 def broyden_dots(state: BroydenState, new: BroydenStep) -> Tensor:
     """``reference.broyden_dots`` (V g and U dx, (B, 2, n) over the state's n = count slots) by NumPy on small
-    data (``_numpy_broyden``), else the twin's."""
-    if not _numpy_broyden(state, new.g):
+    data (``_numpy_pass``), else the twin's."""
+    if not _numpy_pass(state.U, new.g.dtype):
         return reference.broyden_dots(state, new)
     n = state.count
     g, dx = new.g.detach().numpy(), new.dx.detach().numpy()  # (B, D)
@@ -247,8 +243,8 @@ def broyden_dots(state: BroydenState, new: BroydenStep) -> Tensor:
 
 def broyden_combine(state: BroydenState, new: BroydenStep, coeff: Tensor) -> BroydenApplies:
     """``reference.broyden_combine`` (h_g = H g, v = H^T dx (B, D) and the update's sums (B, 4)) by NumPy on
-    small data (``_numpy_broyden``), else the twin's."""
-    if not _numpy_broyden(state, new.g):
+    small data (``_numpy_pass``), else the twin's."""
+    if not _numpy_pass(state.U, new.g.dtype):
         return reference.broyden_combine(state, new, coeff)
     n = state.count
     g, dx, hg = new.g.detach().numpy(), new.dx.detach().numpy(), state.hg.numpy()  # (B, D)
@@ -263,8 +259,8 @@ def broyden_combine(state: BroydenState, new: BroydenStep, coeff: Tensor) -> Bro
 def broyden_finish(state: BroydenState, new: BroydenStep, applies: BroydenApplies, *, growth: float) -> BroydenState:
     """``reference.broyden_finish`` (u, v into slot ``count``, H' g, a blown-up sample back at the state's
     iterate with H = -I; U, V, alive, restarts in place; the next state) by NumPy on small data
-    (``_numpy_broyden``), else the twin's."""
-    if not _numpy_broyden(state, new.x):
+    (``_numpy_pass``), else the twin's."""
+    if not _numpy_pass(state.U, new.x.dtype):
         return reference.broyden_finish(state, new, applies, growth=growth)
     x, g, gnorm, dx = (t.detach().numpy() for t in new)
     h_g, v, sums = (t.numpy() for t in applies)
